@@ -1,0 +1,86 @@
+"""Listening sockets and the accept loop."""
+
+import errno
+import socket
+
+import trio
+
+from relay import fastpath
+from relay.config import DEFAULT_PORT, ConfigError
+from relay.logs import RateLimited
+from relay.net.sockets import format_address
+
+DEFAULT_LISTEN = [("0.0.0.0", DEFAULT_PORT), ("::", DEFAULT_PORT)]
+BACKLOG = 1024
+# Out of fds or memory: accept() would fail again at once, so pause instead of spinning.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE = 0.1
+# The client gave up between its SYN and our accept(): nothing to serve, nothing wrong with us.
+CLIENT_GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
+
+
+async def open_listener(host: str, port: int, transparent: bool) -> trio.socket.SocketType:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 gets its own socket
+        if transparent:
+            try:
+                fastpath.impl.set_transparent(sock)
+            except PermissionError:
+                raise ConfigError(
+                    "--mode tproxy needs CAP_NET_ADMIN (run as root, or grant the capability)"
+                ) from None
+        await sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {format_address((host, port))}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def open_listeners(addresses: list[tuple[str, int]], transparent: bool) -> list[trio.socket.SocketType]:
+    if not addresses:
+        addresses = [a for a in DEFAULT_LISTEN if ":" not in a[0] or ipv6_available()]
+    listeners = []
+    try:
+        for host, port in addresses:
+            listeners.append(await open_listener(host, port, transparent))
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+async def accept_loop(listener, handle, nursery, warnings: RateLimited) -> None:
+    """Accept forever, handing each connection to ``handle(conn, peer)`` in ``nursery``."""
+    while True:
+        try:
+            conn, peer = await listener.accept()
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                warnings.warning(
+                    "accept-" + errno.errorcode[exc.errno],
+                    f"accept() failed: {exc.strerror}; pausing {ACCEPT_PAUSE:g} s (raise the fd limit?)",
+                )
+                await trio.sleep(ACCEPT_PAUSE)
+                continue
+            if exc.errno in CLIENT_GONE_ERRNOS:
+                continue
+            raise
+        nursery.start_soon(handle, conn, peer)

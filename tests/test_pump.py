@@ -1,0 +1,137 @@
+"""The pump over real loopback TCP connections, on both fast-path implementations."""
+
+import errno
+import hashlib
+import os
+import socket
+
+import pytest
+import trio
+
+from relay.net.pump import pump
+from tests.sockpairs import hard_close, tcp_pair
+
+
+def trio_pair():
+    a, b = tcp_pair()
+    return trio.socket.from_stdlib_socket(a), trio.socket.from_stdlib_socket(b)
+
+
+@pytest.fixture
+async def wires():
+    """app_client <-> relay_client ==pump== relay_upstream <-> app_server."""
+    app_client, relay_client = trio_pair()
+    relay_upstream, app_server = trio_pair()
+    yield app_client, relay_client, relay_upstream, app_server
+    for s in (app_client, relay_client, relay_upstream, app_server):
+        s.close()
+
+
+async def send_then_eof(sock, data):
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view[:65536]) :]
+    sock.shutdown(socket.SHUT_WR)
+
+
+async def read_to_eof(sock, out: list):
+    digest, count = hashlib.sha256(), 0
+    while data := await sock.recv(65536):
+        digest.update(data)
+        count += len(data)
+    out.extend([count, digest.hexdigest()])
+
+
+async def test_both_directions_at_once_with_early_bytes(impl, wires):
+    app_client, relay_client, relay_upstream, app_server = wires
+    up, down = os.urandom(8 << 20), os.urandom(8 << 20)
+    early_up, early_down = b"sniffed-first", b"banner-from-handshake"
+    got_at_server, got_at_client = [], []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_then_eof, app_client, up)
+            nursery.start_soon(send_then_eof, app_server, down)
+            nursery.start_soon(read_to_eof, app_server, got_at_server)
+            nursery.start_soon(read_to_eof, app_client, got_at_client)
+            result = await pump(
+                relay_client, relay_upstream, to_upstream_first=early_up, to_client_first=early_down, impl=impl
+            )
+    assert result.ended == "closed"
+    assert result.sent_up == len(early_up) + len(up) and result.sent_down == len(early_down) + len(down)
+    assert got_at_server == [len(early_up) + len(up), hashlib.sha256(early_up + up).hexdigest()]
+    assert got_at_client == [len(early_down) + len(down), hashlib.sha256(early_down + down).hexdigest()]
+
+
+@pytest.mark.parametrize("first_to_finish", ["client", "server"])
+async def test_half_close_keeps_the_other_direction(impl, wires, first_to_finish):
+    app_client, relay_client, relay_upstream, app_server = wires
+    quitter, stayer = (app_client, app_server) if first_to_finish == "client" else (app_server, app_client)
+    late = os.urandom(1 << 20)
+
+    async def conversation():
+        await send_then_eof(quitter, b"request, then FIN")
+        got = []
+        await read_to_eof(stayer, got)  # the FIN arrived as EOF on the other side...
+        assert got[0] == len(b"request, then FIN")
+        await trio.sleep(0.2)  # ...and the quitter's side is still open the other way
+        await send_then_eof(stayer, late)
+        back = []
+        await read_to_eof(quitter, back)
+        assert back == [len(late), hashlib.sha256(late).hexdigest()]
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conversation)
+            result = await pump(relay_client, relay_upstream, impl=impl)
+    assert result.ended == "closed"
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+async def test_reset_is_propagated(impl, wires, who):
+    app_client, relay_client, relay_upstream, app_server = wires
+    culprit, victim = (app_client, app_server) if who == "client" else (app_server, app_client)
+    await culprit.send(b"some bytes before the crash")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def crash():
+                await trio.sleep(0.1)
+                hard_close(culprit)
+
+            nursery.start_soon(crash)
+            result = await pump(relay_client, relay_upstream, impl=impl)
+    assert result.ended == ("client-reset" if who == "client" else "upstream-reset")
+    with pytest.raises(ConnectionResetError):
+        with trio.fail_after(5):
+            while await victim.recv(65536):
+                pass
+
+
+async def test_idle_timeout_resets_both(impl, wires, autojump_clock):
+    app_client, relay_client, relay_upstream, app_server = wires
+    result = await pump(relay_client, relay_upstream, idle_timeout=30, impl=impl)
+    assert result.ended == "idle-timeout"
+    for peer in (app_client, app_server):
+        with pytest.raises(OSError) as caught:
+            with trio.fail_after(5):
+                await peer.recv(10)
+        assert caught.value.errno == errno.ECONNRESET
+
+
+async def test_activity_postpones_idle_timeout(impl, wires):
+    app_client, relay_client, relay_upstream, app_server = wires
+
+    async def chatter():
+        for _ in range(8):
+            await app_client.send(b"ping")
+            assert await app_server.recv(10) == b"ping"
+            await trio.sleep(0.4)
+        app_client.shutdown(socket.SHUT_WR)
+        app_server.shutdown(socket.SHUT_WR)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chatter)
+            result = await pump(relay_client, relay_upstream, idle_timeout=1.5, impl=impl)
+    # 8 x 0.4 s is longer than the idle timeout; only the traffic kept it alive.
+    assert result.ended == "closed" and result.sent_up == 32
