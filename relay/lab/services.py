@@ -1,0 +1,335 @@
+"""The real Debian daemons (squid, danted, sshd, ssh) running inside a :class:`Lab`.
+
+Each ``start_*`` function writes its configuration under ``lab.tmpdir``, starts
+the daemon in the foreground inside a namespace, waits until it accepts TCP
+connections and returns a handle; the lab stops it at teardown.
+
+``start_dante`` with ``auth`` creates or updates a local Unix user (named
+``relaylab...``) with the given password: it modifies /etc/passwd and
+/etc/shadow of the machine running the tests.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence, Union
+
+from relay.lab.netns import ADDR, Lab, LabError
+
+Endpoint = tuple[str, int]
+# One (address, port) or several.
+Endpoints = Union[Endpoint, Sequence[Endpoint]]
+
+START_TIMEOUT_SECONDS = 15.0
+LAB_USER_PREFIX = "relaylab"
+
+# How the hosts on the client's side reach each host: the address on its
+# interface toward the client (for far: the one the router can reach).
+HOST_ADDRESS4 = {"client": ADDR.client4, "router": ADDR.router_lan4, "far": ADDR.far4, "server": ADDR.server4}
+
+
+def _endpoints(listen: Endpoints) -> list[Endpoint]:
+    if len(listen) == 2 and isinstance(listen[0], str):
+        return [listen]  # type: ignore[list-item]
+    return list(listen)  # type: ignore[arg-type]
+
+
+def _bracketed(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+@dataclass
+class Service:
+    """A daemon the lab started; it can be stopped, killed and started again."""
+
+    lab: Lab
+    host: str
+    name: str
+    argv: list[str]
+    ready: Endpoint  # where it accepts connections once it is up, seen from ``host``
+
+    def start(self) -> None:
+        self.lab.spawn(self.host, self.argv, name=self.name)
+        try:
+            self.lab.wait_tcp(self.host, *self.ready, timeout=START_TIMEOUT_SECONDS, name=self.name)
+        except BaseException:
+            self.kill()  # so that start() can be tried again
+            raise
+
+    def stop(self) -> None:
+        """Ask it to exit (SIGTERM), SIGKILL after 3 s."""
+        self.lab.stop(self.name)
+
+    def kill(self) -> None:
+        """SIGKILL it and its process group: an abrupt failure."""
+        self.lab.kill(self.name)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.lab.process(self.name).poll() is None
+
+    def log_text(self) -> str:
+        return self.lab.log_text(self.name)
+
+
+def _service_dir(lab: Lab, name: str) -> Path:
+    if lab.tmpdir is None:
+        raise LabError("the lab is not running")
+    directory = lab.tmpdir / name
+    directory.mkdir()
+    return directory
+
+
+# -- squid ---------------------------------------------------------------------
+
+
+class SquidLogEntry(NamedTuple):
+    client: str  # the address squid saw the request come from
+    result: str  # e.g. "TCP_TUNNEL/200", "TCP_DENIED/403"
+    method: str  # e.g. "CONNECT"
+    url: str  # for CONNECT: "host:port"
+    peer: str  # e.g. "HIER_DIRECT/10.77.3.2"; "HIER_NONE/-" if it never connected
+
+
+@dataclass(kw_only=True)
+class Squid(Service):
+    listen: list[Endpoint]
+    access_log_path: Path
+
+    def access_log(self) -> list[SquidLogEntry]:
+        """Finished transactions so far (squid logs a CONNECT when the tunnel closes)."""
+        if not self.access_log_path.exists():
+            return []
+        entries = []
+        for line in self.access_log_path.read_text(errors="replace").splitlines():
+            # native format: time elapsed client result bytes method url user peer type
+            fields = line.split()
+            if len(fields) >= 9:
+                entries.append(SquidLogEntry(fields[2], fields[3], fields[5], fields[6], fields[8]))
+        return entries
+
+    def connect_targets(self) -> list[str]:
+        """The "host:port" of every CONNECT that squid actually opened."""
+        return [entry.url for entry in self.access_log()
+                if entry.method == "CONNECT" and not entry.peer.startswith("HIER_NONE")]
+
+
+def _squid_own_conf(listen: list[Endpoint]) -> str:
+    return "\n".join([
+        *(f"http_port {_bracketed(address)}:{port}" for address, port in listen),
+        "http_access allow all",
+        "cache deny all",
+        "pinger_enable off",  # no ICMP helper process
+        # Without DNS in the namespace squid cannot look up a name for itself.
+        "visible_hostname relaylab",
+        "",
+    ])
+
+
+def _squid_debian_conf(listen: list[Endpoint]) -> str:
+    """/etc/squid/squid.conf unchanged but for the port it listens on."""
+    lines = []
+    for line in Path("/etc/squid/squid.conf").read_text().splitlines():
+        if re.match(r"\s*http_port\s", line):
+            lines.extend(f"http_port {_bracketed(address)}:{port}" for address, port in listen)
+        elif not re.match(r"\s*coredump_dir\s", line):  # set below, to a private directory
+            lines.append(line)
+    lines += ["visible_hostname relaylab", ""]
+    return "\n".join(lines)
+
+
+def start_squid(lab: Lab, host: str = "far", listen: Endpoints = (("127.0.0.1", 3128),),
+                debian_default_conf: bool = False, name: str = "squid") -> Squid:
+    """Squid 5 (``squid -N``) on ``listen``.
+
+    By default with its own permissive config (any CONNECT allowed, no cache).
+    ``debian_default_conf=True`` keeps Debian's rules instead, i.e. only
+    localhost may use it and CONNECT is refused except to port 443.
+    """
+    endpoints = _endpoints(listen)
+    directory = _service_dir(lab, name)
+    shutil.chown(directory, "proxy", "proxy")  # squid writes its logs after dropping to "proxy"
+    rules = _squid_debian_conf(endpoints) if debian_default_conf else _squid_own_conf(endpoints)
+    access_log = directory / "access.log"
+    conf = directory / "squid.conf"
+    conf.write_text(rules + "\n".join([
+        # Private files, so that labs (and squids in one lab) never share state.
+        f"pid_filename {directory}/squid.pid",
+        f"access_log stdio:{access_log}",
+        f"cache_log {directory}/cache.log",
+        f"coredump_dir {directory}",
+        "netdb_filename none",
+        # Keep any lookup inside the namespace instead of the host's resolvers.
+        "dns_nameservers 127.0.0.1",
+        "shutdown_lifetime 0 seconds",
+        "",
+    ]))
+    squid = Squid(
+        lab, host, name,
+        # -n: the service name (letters and digits only) prefixes squid's
+        # shared memory segments in /dev/shm; the lab removes them at teardown.
+        ["squid", "-N", "-d1", "-n", re.sub(r"[^A-Za-z0-9]", "", lab.prefix + name), "-f", str(conf)],
+        ready=endpoints[0], listen=endpoints, access_log_path=access_log,
+    )
+    squid.start()
+    return squid
+
+
+# -- dante ---------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Dante(Service):
+    listen: list[Endpoint]
+    auth: tuple[str, str] | None
+
+
+def ensure_lab_user(user: str, password: str) -> None:
+    """Create (if needed) a login-less local user and set its password.
+
+    Only ``relaylab*`` names are accepted so a typo can never reset a real account.
+    """
+    if not re.fullmatch(LAB_USER_PREFIX + r"[a-z0-9_-]*", user):
+        raise ValueError(f"lab users must be named {LAB_USER_PREFIX}..., got {user!r}")
+    if subprocess.run(["id", "-u", user], capture_output=True, timeout=10).returncode != 0:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
+                       check=True, capture_output=True, timeout=30)
+    subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True,
+                   check=True, capture_output=True, timeout=30)
+
+
+def start_dante(lab: Lab, host: str = "far",
+                listen: Endpoints = ((ADDR.far4, 1080), (ADDR.far6, 1080)),
+                external: str | Sequence[str] = (ADDR.far_server_side4, ADDR.far_server_side6),
+                auth: tuple[str, str] | None = None, name: str = "dante") -> Dante:
+    """Dante's danted SOCKS server, allowing everything (the lab is a closed network).
+
+    ``auth=(user, password)`` requires RFC 1929 username/password checked
+    against the system password database (see :func:`ensure_lab_user`).
+    """
+    endpoints = _endpoints(listen)
+    externals = [external] if isinstance(external, str) else list(external)
+    if auth is not None:
+        ensure_lab_user(*auth)
+    directory = _service_dir(lab, name)
+    conf = directory / "danted.conf"
+    conf.write_text("\n".join([
+        "logoutput: stderr",
+        *(f"internal: {address} port = {port}" for address, port in endpoints),
+        *(f"external: {address}" for address in externals),
+        "clientmethod: none",
+        f"socksmethod: {'username' if auth else 'none'}",
+        # root reads /etc/shadow to check passwords; everything else runs as nobody.
+        "user.privileged: root",
+        "user.unprivileged: nobody",
+        "client pass { from: 0/0 to: 0/0 }",
+        "socks pass { from: 0/0 to: 0/0 }",
+        "",
+    ]))
+    dante = Dante(lab, host, name, ["danted", "-f", str(conf), "-p", str(directory / "danted.pid")],
+                  ready=endpoints[0], listen=endpoints, auth=auth)
+    dante.start()
+    return dante
+
+
+# -- sshd and ssh tunnels ----------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Sshd(Service):
+    address: str  # where ssh clients on the router side connect
+    port: int
+    client_key: Path  # private key that logs in as root
+
+
+def _generate_key(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "relaylab", "-f", str(path)],
+                   check=True, capture_output=True, timeout=30)
+
+
+def start_sshd(lab: Lab, host: str = "far", port: int = 22, name: str = "sshd") -> Sshd:
+    """OpenSSH sshd accepting root by a key made for this lab, forwarding allowed."""
+    directory = _service_dir(lab, name)
+    host_key = directory / "ssh_host_ed25519_key"
+    client_key = directory / "client_ed25519"
+    _generate_key(host_key)
+    _generate_key(client_key)
+    authorized_keys = directory / "authorized_keys"
+    shutil.copy(client_key.with_suffix(".pub"), authorized_keys)
+    conf = directory / "sshd_config"
+    conf.write_text("\n".join([
+        f"Port {port}",
+        f"HostKey {host_key}",
+        f"PidFile {directory}/sshd.pid",
+        f"AuthorizedKeysFile {authorized_keys}",
+        "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        # No PAM session in the namespace; tmpdir files are not root-only as StrictModes wants.
+        "UsePAM no",
+        "StrictModes no",
+        "AllowTcpForwarding yes",
+        "UseDNS no",
+        "PrintMotd no",
+        "",
+    ]))
+    # Privilege separation directory, normally made by the systemd unit.
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    address = HOST_ADDRESS4[host]
+    sshd = Sshd(lab, host, name, ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
+                ready=(address, port), address=address, port=port, client_key=client_key)
+    sshd.start()
+    return sshd
+
+
+@dataclass(kw_only=True)
+class SshTunnel(Service):
+    sshd: Sshd
+    forwards: list[str]
+
+
+def _first_forward_listener(forwards: Sequence[str]) -> Endpoint:
+    """Where ``-L [bind:]port:...`` or ``-D [bind:]port`` listens (ssh binds loopback by default)."""
+    for option, spec in zip(forwards, forwards[1:]):
+        if option in ("-L", "-D"):
+            match = re.match(r"^(?:\[(?P<v6>[^\]]+)\]:|(?P<v4>[^:\[]+):)?(?P<port>\d+)(?::|$)", spec)
+            if match:
+                return (match["v6"] or match["v4"] or "127.0.0.1", int(match["port"]))
+    raise ValueError(f"cannot tell where {list(forwards)} listens; pass wait=(address, port)")
+
+
+def start_ssh_tunnel(lab: Lab, sshd: Sshd, host: str = "router",
+                     forwards: Sequence[str] = ("-L", "127.0.0.1:3128:127.0.0.1:3128"),
+                     wait: Endpoint | None = None, name: str = "ssh-tunnel") -> SshTunnel:
+    """``ssh -N`` from ``host`` to ``sshd`` with the given -L/-D/-R options.
+
+    Waits until ``wait`` (by default the first -L/-D listener) accepts.
+    """
+    argv = [
+        "ssh", "-N", "-F", "/dev/null", "-i", str(sshd.client_key), "-p", str(sshd.port),
+        "-o", "IdentitiesOnly=yes",
+        "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR",  # no "Permanently added ..." on every start
+        "-o", "BatchMode=yes",
+        "-o", "ConnectTimeout=5",
+        "-o", "ExitOnForwardFailure=yes",
+        # Notice a dead far end within ~6 s and exit, as a real tunnel would.
+        "-o", "ServerAliveInterval=2",
+        "-o", "ServerAliveCountMax=3",
+        *forwards,
+        f"root@{sshd.address}",
+    ]
+    tunnel = SshTunnel(lab, host, name, argv, ready=wait or _first_forward_listener(forwards),
+                       sshd=sshd, forwards=list(forwards))
+    tunnel.start()
+    return tunnel
