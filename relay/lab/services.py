@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence, Union
@@ -333,3 +335,80 @@ def start_ssh_tunnel(lab: Lab, sshd: Sshd, host: str = "router",
                        sshd=sshd, forwards=list(forwards))
     tunnel.start()
     return tunnel
+
+
+# -- relay itself ----------------------------------------------------------------
+
+_CONN_FIELD = re.compile(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+@dataclass(kw_only=True)
+class RelayProcess(Service):
+    """``python -m relay`` in the lab; ready once it logs that it is listening."""
+
+    log_offset: int = 0  # where this run's output starts in the (appended) log
+
+    def start(self) -> None:
+        try:
+            self.log_offset = len(self.lab.log_text(self.name))
+        except KeyError:  # first run under this name
+            self.log_offset = 0
+        self.lab.spawn(self.host, self.argv, name=self.name)
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while "listening on" not in self.log_text():
+            if not self.running or time.monotonic() > deadline:
+                self.kill()
+                raise LabError(f"relay did not start; its log ends with:\n{self.lab.log_tail(self.name)}")
+            time.sleep(0.05)
+
+    def log_text(self) -> str:
+        """What this run of the relay has logged."""
+        return self.lab.log_text(self.name)[self.log_offset :]
+
+    def connections(self, at_least: int = 0, timeout: float = 5.0) -> list[dict[str, str]]:
+        """The per-connection log lines (``-v``) so far, as dicts of their key=value fields.
+
+        With ``at_least``, wait up to ``timeout`` for that many: a line is
+        written after its connection closed, so it may trail what a client saw.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [
+                {key: value.strip("'\"") for key, value in _CONN_FIELD.findall(line)}
+                for line in self.log_text().splitlines()
+                if " relay: conn " in line
+            ]
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
+
+
+def start_relay(lab: Lab, args: Sequence[str], host: str = "router", name: str = "relay",
+                pure: bool = False) -> RelayProcess:
+    """Run the relay from this checkout with ``args`` (plus -v); ``pure`` forces the Python fast path."""
+    argv = ["env", f"RELAY_NO_EXTENSIONS={int(pure)}", sys.executable, "-m", "relay", "-v", *args]
+    relay = RelayProcess(lab=lab, host=host, name=name, argv=argv, ready=("", 0))
+    relay.start()
+    return relay
+
+
+def intercept(lab: Lab, mode: str, port: int, host: str = "router", iface: str = ADDR.router_lan_if) -> None:
+    """Send every TCP connection arriving on ``iface`` to ``port``, by REDIRECT or TPROXY, v4 and v6."""
+    for tables, family in (("iptables", "-4"), ("ip6tables", "-6")):
+        if mode == "redirect":
+            lab.run(host, [tables, "-w", "-t", "nat", "-A", "PREROUTING", "-i", iface, "-p", "tcp",
+                           "-j", "REDIRECT", "--to-ports", str(port)])
+        else:
+            lab.run(host, [tables, "-w", "-t", "mangle", "-A", "PREROUTING", "-i", iface, "-p", "tcp",
+                           "-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", "0x1/0x1"])
+            lab.run(host, ["ip", family, "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"])
+            lab.run(host, ["ip", family, "route", "add", "local", "default", "dev", "lo", "table", "100"])
+
+
+def clear_interception(lab: Lab, host: str = "router") -> None:
+    for tables in ("iptables", "ip6tables"):
+        for table in ("nat", "mangle"):
+            lab.run(host, [tables, "-w", "-t", table, "-F"])
+    for family in ("-4", "-6"):
+        lab.run(host, ["ip", family, "rule", "del", "fwmark", "0x1/0x1", "lookup", "100"], check=False)
+        lab.run(host, ["ip", family, "route", "flush", "table", "100"], check=False)

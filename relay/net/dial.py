@@ -43,15 +43,24 @@ def apply_mark(sock, mark: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
 
-async def connect(host: str, port: int, *, mark: int | None, timeout: float) -> trio.socket.SocketType:
-    """A connected TCP socket to host:port, trying each resolved address in turn."""
-    where = format_address((host, port))
+def address_family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+async def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
+    """(family, sockaddr) for each address of host:port; raises OSError."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeout: float) -> trio.socket.SocketType:
+    """A connected TCP socket to the first of ``addresses`` that answers, within ``timeout`` in all."""
+    where = format_address(addresses[0][1])
     last_error = None
     try:
         with trio.fail_after(timeout):
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            for family, type_, proto, _, address in infos:
-                sock = trio.socket.socket(family, type_, proto)
+            for family, address in addresses:
+                sock = trio.socket.socket(family, socket.SOCK_STREAM)
                 try:
                     if mark is not None:
                         apply_mark(sock, mark)
@@ -66,12 +75,9 @@ async def connect(host: str, port: int, *, mark: int | None, timeout: float) -> 
                     raise
     except trio.TooSlowError:
         raise UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout") from None
-    except OSError as exc:  # resolution failed
-        raise UpstreamError(f"cannot resolve {host}: {exc.strerror or exc}", "resolve-failed") from None
-    assert last_error is not None  # getaddrinfo never returns an empty list
-    raise UpstreamError(
-        f"connecting to {where} failed: {last_error.strerror}", "connect-" + _errno_word(last_error)
-    )
+    except OSError as exc:  # socket() itself failed: out of fds or memory
+        last_error = exc
+    raise UpstreamError(f"connecting to {where} failed: {last_error.strerror}", "connect-" + _errno_word(last_error))
 
 
 async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -> bytes:
@@ -80,7 +86,10 @@ async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -
         with trio.fail_after(timeout):
             await send_all(sock, machine.data_to_send())
             while not machine.established:
-                machine.receive_data(await sock.recv(RECV_SIZE))
+                data = await sock.recv(RECV_SIZE)
+                if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
+                    raise UpstreamError("the proxy closed the connection during the handshake", "proxy-closed")
+                machine.receive_data(data)
                 reply = machine.data_to_send()
                 if reply:
                     await send_all(sock, reply)
@@ -97,21 +106,23 @@ async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -
 
 async def open_upstream(
     upstream: Upstream,
+    proxy_addresses: list[tuple[int, tuple]],
     destination: tuple[str, int],
     *,
     mark: int | None,
     connect_timeout: float,
     handshake_timeout: float,
 ) -> tuple[trio.socket.SocketType, bytes]:
-    """A socket whose other end is ``destination`` (through the proxy), and bytes already received from it."""
+    """A socket whose other end is ``destination`` (through the proxy at ``proxy_addresses``,
+    resolved once at start), and the bytes already received from it."""
     host, port = destination
     if upstream.scheme == "direct":
-        return await connect(host, port, mark=mark, timeout=connect_timeout), b""
+        return await connect([(address_family(host), destination)], mark=mark, timeout=connect_timeout), b""
     try:
         machine = handshake_for(upstream, host, port)
     except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
         raise UpstreamError(str(exc), "unsupported-destination") from None
-    sock = await connect(upstream.host, upstream.port, mark=mark, timeout=connect_timeout)
+    sock = await connect(proxy_addresses, mark=mark, timeout=connect_timeout)
     try:
         return sock, await run_handshake(sock, machine, handshake_timeout)
     except BaseException:

@@ -6,6 +6,7 @@ only for the readiness it reports. A FIN is forwarded as shutdown(SHUT_WR)
 while the other direction keeps going; a reset on either side resets both.
 """
 
+import errno
 import socket
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ SIDE_NAMES = ("client", "upstream")
 class PumpResult:
     sent_up: int  # client -> upstream
     sent_down: int  # upstream -> client
-    ended: str  # "closed", "client-reset", "upstream-reset", "idle-timeout" or "cancelled"
+    # "closed", "client-reset", "upstream-reset", "idle-timeout", "cancelled",
+    # or "relay-<errno>" when the relay itself ran out of something (e.g. relay-emfile)
+    ended: str
 
 
 class _Pump:
@@ -48,6 +51,11 @@ class _Pump:
         if now - self.last_bump >= IDLE_GRANULARITY:
             self.last_bump = now
             self.idle_scope.deadline = now + self.idle_timeout
+
+    def fail_local(self, exc: OSError):
+        if self.ended is None:
+            self.ended = "relay-" + errno.errorcode.get(exc.errno, "error").lower()
+        self.nursery.cancel_scope.cancel()
 
     def fail(self, side: int):
         if self.ended is None:
@@ -79,6 +87,9 @@ class _Pump:
                     status, moved = flow.step(src_fd, dst_fd, STEP_BUDGET)
                 except FlowError as exc:
                     self.fail(src_side if exc.reading else dst_side)
+                    return
+                except OSError as exc:  # no pipe or buffer: out of fds or memory
+                    self.fail_local(exc)
                     return
                 if moved:
                     self.moved[dst_side] += moved

@@ -10,7 +10,7 @@ import trio
 from relay import fastpath
 from relay.config import Config, ConfigError
 from relay.logs import RateLimited, conn_log, log
-from relay.net.dial import UpstreamError, apply_mark, open_upstream
+from relay.net.dial import UpstreamError, apply_mark, open_upstream, resolve
 from relay.net.listener import accept_loop, open_listeners
 from relay.net.pump import pump
 from relay.net.sockets import format_address, is_local_address, reset
@@ -23,7 +23,7 @@ class Server:
         self.config = config
         self.listeners: list[trio.socket.SocketType] = []
         self.listening: set[tuple[str, int]] = set()
-        self.upstream_addresses: set[tuple[str, int]] = set()
+        self.proxy_addresses: list[tuple[int, tuple]] = []  # resolved once, at start
         # Local addresses of our open upstream sockets: a client coming *from* one is our own traffic looped back.
         self.own_sources: set[tuple[str, int]] = set()
         self.warnings = RateLimited()
@@ -40,10 +40,9 @@ class Server:
         upstream = config.upstream
         if upstream.scheme != "direct":
             try:
-                infos = await trio.socket.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+                self.proxy_addresses = await resolve(upstream.host, upstream.port)
             except OSError as exc:
                 raise ConfigError(f"cannot resolve upstream host {upstream.host!r}: {exc.strerror}") from None
-            self.upstream_addresses = {info[4][:2] for info in infos}
         self.listeners = await open_listeners(config.listen, transparent=config.mode == "tproxy")
         self.listening = {sock.getsockname()[:2] for sock in self.listeners}
 
@@ -61,7 +60,7 @@ class Server:
         """Why this connection must not be relayed, if it is a loop or aimed at the relay itself."""
         if peer in self.own_sources:
             return "it comes from the relay's own upstream connection (a routing loop: exempt --mark traffic)"
-        if dst in self.upstream_addresses:
+        if any(dst == address[:2] for _, address in self.proxy_addresses):
             return "its destination is the upstream proxy itself (a routing loop: exempt --mark traffic)"
         for host, port in self.listening:
             if dst[1] == port and (dst[0] == host or (host in WILDCARDS and is_local_address(dst[0]))):
@@ -86,6 +85,7 @@ class Server:
             try:
                 upstream, early = await open_upstream(
                     config.upstream,
+                    self.proxy_addresses,
                     dst,
                     mark=config.mark,
                     connect_timeout=config.connect_timeout,
@@ -110,7 +110,11 @@ class Server:
             self._log_connection(peer, dst, started, result.sent_up, result.sent_down, result.ended)
         except OSError as exc:
             reset(conn)
-            log.warning("connection from %s failed: %s", format_address(peer), exc)
+            self.warnings.warning(f"conn-{exc.errno}", f"connection from {format_address(peer)} failed: {exc}")
+        except Exception:
+            # A bug must cost one connection, not the relay and every other connection.
+            reset(conn)
+            log.exception("internal error while relaying %s -> %s", format_address(peer), dst and format_address(dst))
         except BaseException:
             reset(conn)  # cancelled (shutdown): the client must not see a clean end of data
             raise

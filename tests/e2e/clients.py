@@ -1,0 +1,49 @@
+"""Client-side helpers: connections from the lab's client host, through the router."""
+
+import hashlib
+import socket
+import time
+
+from relay.lab import ADDR
+from relay.lab.servers import CHUNK, pattern_sha256
+
+TRAFFIC_PORT = 7000
+
+
+def connect(lab, address=ADDR.server4, port=TRAFFIC_PORT, timeout=30.0) -> socket.socket:
+    return lab.connect("client", address, port, timeout=timeout)
+
+
+def read_all(sock) -> tuple[int, str]:
+    digest, count = hashlib.sha256(), 0
+    while data := sock.recv(CHUNK):
+        digest.update(data)
+        count += len(data)
+    return count, digest.hexdigest()
+
+
+def download(lab, size, seed=1, address=ADDR.server4):
+    with connect(lab, address) as sock:
+        sock.sendall(f"DOWN {size} {seed}\n".encode())
+        assert read_all(sock) == (size, pattern_sha256(size, seed))
+
+
+def upload(lab, data: bytes, address=ADDR.server4):
+    with connect(lab, address) as sock:
+        sock.sendall(f"UP {len(data)}\n".encode())
+        sock.sendall(data)
+        assert sock.recv(100).strip().decode() == hashlib.sha256(data).hexdigest()
+
+
+def expect_reset(sock, within: float) -> float:
+    """Wait for the connection to be reset; returns how long it took."""
+    started = time.monotonic()
+    sock.settimeout(within)
+    try:
+        while sock.recv(CHUNK):
+            pass
+    except ConnectionResetError:
+        return time.monotonic() - started
+    except socket.timeout:
+        raise AssertionError(f"no reset within {within} s") from None
+    raise AssertionError("the connection ended with a FIN, not a reset")

@@ -1,0 +1,76 @@
+"""One lab for the whole end-to-end session: far host with sshd, squid and two
+danted; ssh -L and ssh -D tunnels from the router; servers on the server host.
+Each test starts its own relay on the router with the interception it needs."""
+
+import os
+
+import pytest
+
+from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
+from relay.lab.servers import BannerServer, TrafficServer
+from relay.lab.services import clear_interception, intercept, start_relay
+
+RELAY_PORT = 12345
+TRAFFIC_PORT = 7000
+BANNER_PORT = 7001
+CLOSED_PORT = 7009
+DANTE_USER, DANTE_PASSWORD = "relaylab", "Lab-pass-42"
+
+UPSTREAMS = {
+    "squid-via-ssh-L": "127.0.0.1:3128",
+    "dante": f"socks5://{ADDR.far4}:1080",
+    "dante-auth": f"socks5://{DANTE_USER}:{DANTE_PASSWORD}@{ADDR.far4}:1082",
+    "ssh-D-socks5": "socks5://127.0.0.1:1081",
+    "ssh-D-socks4": "socks4://127.0.0.1:1081",
+    "ssh-D-socks4a": "socks4a://127.0.0.1:1081",
+}
+# squid closes a CONNECT tunnel both ways on the first FIN: half-close needs the others.
+HALF_CLOSE_UPSTREAMS = [name for name in UPSTREAMS if not name.startswith("squid")]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("end-to-end tests need root, and CI must run them")
+        pytest.skip("end-to-end tests need root (network namespaces, iptables)")
+    with Lab() as lab:
+        sshd = start_sshd(lab)
+        lab.squid = start_squid(lab, listen=[("127.0.0.1", 3128), (ADDR.far4, 3128)])
+        start_dante(lab)
+        start_dante(lab, listen=[(ADDR.far4, 1082)], auth=(DANTE_USER, DANTE_PASSWORD), name="dante-auth")
+        start_ssh_tunnel(lab, sshd, forwards=("-L", "127.0.0.1:3128:127.0.0.1:3128"), name="ssh-L")
+        start_ssh_tunnel(lab, sshd, forwards=("-D", "127.0.0.1:1081"), name="ssh-D")
+        lab.traffic = TrafficServer(lab, "server", "::", TRAFFIC_PORT)
+        BannerServer(lab, "server", "::", BANNER_PORT)
+        yield lab
+
+
+@pytest.fixture
+def run_relay(lab):
+    """Start a relay on the router: run_relay(upstream, *extra_args, mode=..., pure=...)."""
+    started = []
+
+    def start(upstream, *extra, mode="redirect", pure=False, intercept_port=RELAY_PORT):
+        clear_interception(lab)
+        intercept(lab, mode, intercept_port)
+        args = ["--upstream", upstream, "--mode", mode, *extra]
+        if "--listen" not in extra:
+            args += ["--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"]
+        relay = start_relay(lab, args, pure=pure)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        if relay.running:
+            relay.stop()
+            assert lab.process(relay.name).returncode == 0, lab.log_tail(relay.name)
+        assert "Traceback" not in relay.log_text(), relay.log_text()
+    clear_interception(lab)
