@@ -1,0 +1,110 @@
+"""The command line, as users run it: exit codes, one-line errors, start and stop."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+RELAY = [sys.executable, "-m", "relay"]
+needs_root = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root")
+
+
+def run(args, env=None, timeout=20, prefix=()):
+    return subprocess.run([*prefix, *RELAY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_version_names_the_active_fast_path():
+    assert "fast path: cython extension" in run(["--version"]).stdout
+    pure = run(["--version"], env={"RELAY_NO_EXTENSIONS": "1"}).stdout
+    assert pure.startswith("relay ") and "pure python, forced by RELAY_NO_EXTENSIONS" in pure
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "--upstream is required"),
+        (["--upstream", "gopher://h:70"], "unknown scheme"),
+        (["--upstream", "h:99999"], "out of range"),
+        (["--upstream", "http://u:hunter2@h"], "a port is required"),
+        (["--upstream", "h:1", "--mode", "bridge"], "invalid choice"),
+        (["--upstream", "h:1", "--listen", "nowhere"], "invalid listen address"),
+        (["--upstream", "h:1", "--mark", "-3"], "between 1 and"),
+        (["--upstream", "h:1", "--idle-timeout", "0"], "must be more than 0"),
+        (["--upstream", "h:1", "--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_status_2(args, message):
+    result = run(args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("relay: error:") and message in lines[0], result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def _start_and_stop(prefix, args):
+    process = subprocess.Popen([*prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        output = ""
+        while "listening on" not in output:
+            assert time.monotonic() < deadline and process.poll() is None, output
+            output += process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        output += process.communicate(timeout=10)[0]
+    finally:
+        process.kill()
+    return process.returncode, output
+
+
+@needs_root
+def test_upstream_exactly_as_written_in_the_docs():
+    """`relay --upstream 127.0.0.1:3128`, in a fresh network namespace so port 12345 is ours."""
+    command = os.path.join(os.path.dirname(sys.executable), "relay")
+    assert os.access(command, os.X_OK), "the console script 'relay' is not installed beside python"
+    code, output = _start_and_stop(["unshare", "--net", "--"], [command, "--upstream", "127.0.0.1:3128"])
+    assert code == 0, output
+    assert "listening on 0.0.0.0:12345, [::]:12345 (redirect)" in output or "listening on 0.0.0.0:12345 (redirect)" in output
+    assert "SIGTERM: stopping" in output
+
+
+def test_python_dash_m_starts_and_stops_on_sigint(unused_port):
+    code, output = _start_and_stop([], [*RELAY, "--upstream", "127.0.0.1:3128", "--listen", f"127.0.0.1:{unused_port}"])
+    assert code == 0 and f"127.0.0.1:{unused_port}" in output
+
+
+def test_port_in_use_is_a_clear_error(unused_port):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", unused_port))
+        taken.listen()
+        result = run(["--upstream", "127.0.0.1:3128", "--listen", f"127.0.0.1:{unused_port}"])
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"cannot listen on 127.0.0.1:{unused_port}: Address already in use")
+    assert "Traceback" not in result.stderr
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--mode", "tproxy"], "--mode tproxy needs CAP_NET_ADMIN"), (["--mark", "1"], "--mark needs CAP_NET_ADMIN")],
+)
+def test_missing_capability_is_a_clear_error(unused_port, args, message):
+    """Run without CAP_NET_ADMIN and CAP_NET_RAW (either lets IP_TRANSPARENT through): one line, status 2."""
+    drop = ["setpriv", "--bounding-set=-net_admin,-net_raw", "--inh-caps=-net_admin,-net_raw"]
+    result = run(["--upstream", "127.0.0.1:3128", "--listen", f"127.0.0.1:{unused_port}", *args], prefix=drop)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"relay: error: {message} (run as root, or grant the capability)"]
+
+
+@pytest.fixture
+def unused_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

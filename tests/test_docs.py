@@ -1,0 +1,22 @@
+"""README promises two commands; CI must run the test one verbatim."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def readme_commands() -> list[str]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("## The two commands (fresh Debian machine, as root, from a checkout)")
+    return [line.strip() for line in lines[start:] if line.startswith("    ")][:2]
+
+
+def test_readme_names_setup_plus_demo_then_tests():
+    demo, tests = readme_commands()
+    assert demo.startswith("scripts/setup && ") and demo.endswith("relay demo")
+    assert tests.startswith("scripts/setup && ") and "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert readme_commands()[1] in ci
