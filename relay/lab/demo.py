@@ -1,0 +1,304 @@
+"""``relay demo``: the real deployment built in network namespaces, with traffic through it.
+
+The client has no proxy settings; the router intercepts its connections
+(iptables REDIRECT) into the relay, which reaches squid on the far host only
+through an ``ssh -L`` tunnel, and squid opens the connection to the server.
+Needs root. Everything is torn down at the end, also after an error, Ctrl-C or
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+from relay.lab import ADDR, Lab, LabError, Squid, SquidLogEntry, start_squid, start_ssh_tunnel, start_sshd
+from relay.lab.servers import TrafficServer, pattern_sha256
+from relay.lab.services import RelayProcess, intercept, start_relay
+
+RELAY_PORT = 12345
+PROXY = ("127.0.0.1", 3128)  # squid on far's loopback, and the tunnel's end on the router
+HTTP_PORT = 80
+TRAFFIC_PORT = 7000
+HTTP_FILE_SIZE = 32 << 20
+IPV6_SIZE = 1 << 20
+BULK_SEED, IPV6_SEED = 1, 2
+# Per transfer; generous so that --pure on a slow machine still finishes.
+TRANSFER_TIMEOUT = 60.0
+# The relay and squid log a connection only once it has closed, so their lines may trail.
+LOG_TIMEOUT = 10.0
+RECV_SIZE = 1 << 20
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_NOT_ROOT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass
+class Transfer:
+    label: str
+    dst: str  # as the relay and squid write it, e.g. "10.77.3.2:80" or "[fd77:3::2]:7000"
+    size: int  # bytes the client received
+    seconds: float
+    sha256_ok: bool
+
+
+def _progress(message: str) -> None:
+    print(f"relay demo: {message}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM unwinds the same way as Ctrl-C, so the lab's `with` block tears everything down.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+# -- the server host's HTTP server ----------------------------------------------
+
+
+class _FileHandler(BaseHTTPRequestHandler):
+    timeout = TRANSFER_TIMEOUT  # a stuck client must not keep a handler thread forever
+
+    def do_GET(self) -> None:
+        if self.path != "/file":
+            self.send_error(404)
+            return
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the report shows the relay's and squid's view instead
+
+
+class _FileServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, listener: socket.socket, body: bytes):
+        super().__init__(listener.getsockname(), _FileHandler, bind_and_activate=False)
+        # The base class made its socket in our own namespace; it must live in the server host's.
+        self.socket.close()
+        self.socket = listener
+        self.body = body
+        self.server_activate()
+
+
+@contextmanager
+def _serving_file(lab: Lab, body: bytes) -> Iterator[None]:
+    listener = lab.socket("server")
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Bound here rather than by server_bind(), which would look up a host name for the address.
+    listener.bind((ADDR.server4, HTTP_PORT))
+    server = _FileServer(listener, body)
+    threading.Thread(target=server.serve_forever, name="demo-http", daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- traffic from the client ----------------------------------------------------
+
+
+def _http_download(lab: Lab, body: bytes) -> Transfer:
+    assert lab.tmpdir is not None
+    path = lab.tmpdir / "downloaded-file"
+    url = f"http://{ADDR.server4}/file"
+    # -q ignores any ~/.curlrc and --noproxy any proxy variables: the client must not know of a proxy.
+    result = lab.run("client", ["curl", "-q", "--noproxy", "*", "-sS", "--max-time", str(int(TRANSFER_TIMEOUT)),
+                                "-o", str(path), "-w", "%{http_code} %{size_download} %{time_total}", url],
+                     timeout=TRANSFER_TIMEOUT + 5)
+    status, size, seconds = result.stdout.split()
+    if status != "200":
+        raise LabError(f"curl {url}: HTTP status {status}")
+    sha256_ok = hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(body).digest()
+    path.unlink()
+    return Transfer(f"curl {url}", _endpoint(ADDR.server4, HTTP_PORT), int(size), float(seconds), sha256_ok)
+
+
+def _traffic_download(lab: Lab, address: str, size: int, seed: int, label: str) -> Transfer:
+    digest, received = hashlib.sha256(), 0
+    with lab.connect("client", address, TRAFFIC_PORT) as sock:
+        sock.settimeout(TRANSFER_TIMEOUT)
+        started = time.monotonic()
+        sock.sendall(f"DOWN {size} {seed}\n".encode())
+        while data := sock.recv(RECV_SIZE):
+            digest.update(data)
+            received += len(data)
+        seconds = time.monotonic() - started
+    sha256_ok = received == size and digest.hexdigest() == pattern_sha256(size, seed)
+    return Transfer(label, _endpoint(address, TRAFFIC_PORT), received, seconds, sha256_ok)
+
+
+def _squid_connects(squid: Squid, targets: set[str]) -> list[SquidLogEntry]:
+    """squid's CONNECT log entries, once every target is among them or LOG_TIMEOUT has passed."""
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while True:
+        entries = [entry for entry in squid.access_log() if entry.method == "CONNECT"]
+        if targets <= {entry.url for entry in entries} or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
+
+
+# -- the report ---------------------------------------------------------------
+
+
+def _size_text(size: int) -> str:
+    for unit, name in ((1 << 20, "MiB"), (1 << 10, "KiB")):
+        if size >= unit:
+            return f"{size / unit:.1f}".removesuffix(".0") + f" {name}"
+    return f"{size} B"
+
+
+def _rate_text(size: int, seconds: float) -> str:
+    bits_per_second = size * 8 / max(seconds, 1e-6)
+    if bits_per_second >= 1e9:
+        return f"{bits_per_second / 1e9:.2f} Gbit/s"
+    return f"{bits_per_second / 8e6:.1f} MB/s"
+
+
+def _report(lab: Lab, transfers: list[Transfer], connections: list[dict[str, str]], fast_path: str,
+            squid_entries: list[SquidLogEntry], failures: list[str]) -> str:
+    lines = [
+        f"topology (namespaces {lab.prefix}-*):",
+        f"  client {ADDR.client4} [{ADDR.client6}]  no proxy settings",
+        f"  -> router  iptables REDIRECT (IPv4+IPv6) -> relay :{RELAY_PORT} -> ssh -L {_endpoint(*PROXY)}"
+        " (no route to the server)",
+        f"  -> far {ADDR.far4}  sshd, squid on its own {_endpoint(*PROXY)}",
+        f"  -> server {ADDR.server4} [{ADDR.server6}]  HTTP :{HTTP_PORT}, traffic server :{TRAFFIC_PORT}",
+        "",
+        f"{'transfer from the client':<40} {'size':>10} {'time':>8} {'throughput':>13}  sha256",
+    ]
+    for transfer in transfers:
+        lines.append(f"  {transfer.label:<38} {_size_text(transfer.size):>10} {transfer.seconds:>7.3f}s "
+                     f"{_rate_text(transfer.size, transfer.seconds):>13}  {'OK' if transfer.sha256_ok else 'MISMATCH'}")
+    lines += ["", f"relay on the router (fast path: {fast_path}), one line per connection:",
+              f"  {'client':<22} {'dst':<20} {'via':<22} {'up':>8} {'down':>10} {'time':>8}  end"]
+    for conn in connections:
+        lines.append(f"  {conn.get('client', '?'):<22} {conn.get('dst', '?'):<20} {conn.get('via', '?'):<22} "
+                     f"{_size_text(int(conn.get('up', 0))):>8} {_size_text(int(conn.get('down', 0))):>10} "
+                     f"{conn.get('time', '?'):>8}  {conn.get('end', '?')}")
+    lines += ["", f"squid on far ({_endpoint(*PROXY)}) access log, CONNECTs:"]
+    for entry in squid_entries:
+        lines.append(f"  from {entry.client:<10} CONNECT {entry.url:<20} {entry.result:<15} {entry.peer}")
+    lines.append("")
+    if failures:
+        lines += [f"FAILED: {failure}" for failure in failures]
+    else:
+        lines.append(f"all checks passed: sha256 of {len(transfers)} transfers, each relayed, "
+                     "each seen by squid as coming through the ssh tunnel (127.0.0.1)")
+    return "\n".join(lines)
+
+
+def _failures(transfers: list[Transfer], connections: list[dict[str, str]],
+              squid_entries: list[SquidLogEntry]) -> list[str]:
+    failures = []
+    for transfer in transfers:
+        if not transfer.sha256_ok:
+            failures.append(f"{transfer.label}: sha256 does not match what the server sent")
+        if not any(conn.get("dst") == transfer.dst and int(conn.get("down", 0)) >= transfer.size
+                   for conn in connections):
+            failures.append(f"{transfer.label}: the relay logged no connection to {transfer.dst} carrying it")
+        if not any(entry.url == transfer.dst and entry.client == PROXY[0] for entry in squid_entries):
+            failures.append(f"{transfer.label}: squid logged no CONNECT {transfer.dst} from {PROXY[0]} (the tunnel)")
+    return failures
+
+
+# -- putting it together --------------------------------------------------------
+
+
+def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess]:
+    _progress("starting sshd and squid on far")
+    sshd = start_sshd(lab)
+    squid = start_squid(lab, listen=[PROXY])
+    _progress(f"starting the ssh -L tunnel and the relay on the router{' (pure Python)' if pure else ''}")
+    start_ssh_tunnel(lab, sshd, forwards=("-L", f"{_endpoint(*PROXY)}:{_endpoint(*PROXY)}"))
+    relay = start_relay(lab, ["--upstream", _endpoint(*PROXY),
+                              "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"], pure=pure)
+    intercept(lab, "redirect", RELAY_PORT)
+    return squid, relay
+
+
+def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
+    """Build the deployment, send the traffic; returns the report and the failed checks."""
+    _progress(f"lab {lab.prefix} is up, files in {lab.tmpdir}")
+    squid, relay = _start_deployment(lab, pure)
+    fast_path = re.search(r"fast path: (.+)$", relay.log_text(), re.MULTILINE)
+    _progress(f"relay is up on the router :{RELAY_PORT}")
+    body = os.urandom(HTTP_FILE_SIZE)
+    TrafficServer(lab, "server", "::", TRAFFIC_PORT)
+    with _serving_file(lab, body):
+        _progress(f"client: curl of a {_size_text(HTTP_FILE_SIZE)} file")
+        transfers = [_http_download(lab, body)]
+        _progress(f"client: DOWN {_size_text(bulk_size)} from the traffic server, then one over IPv6")
+        transfers.append(_traffic_download(lab, ADDR.server4, bulk_size, BULK_SEED, f"DOWN {_size_text(bulk_size)}"))
+        transfers.append(_traffic_download(lab, ADDR.server6, IPV6_SIZE, IPV6_SEED,
+                                           f"DOWN {_size_text(IPV6_SIZE)} over IPv6"))
+    connections = relay.connections(at_least=len(transfers), timeout=LOG_TIMEOUT)
+    squid_entries = _squid_connects(squid, {transfer.dst for transfer in transfers})
+    failures = _failures(transfers, connections, squid_entries)
+    report = _report(lab, transfers, connections, fast_path[1] if fast_path else "not logged",
+                     squid_entries, failures)
+    return report, failures
+
+
+def _mib(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of MiB")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay demo",
+        description="Build client -- router -- far -- server in network namespaces (root), with the relay "
+        "and an ssh tunnel on the router and squid on far, send traffic through it and report.",
+        epilog="Exit status: 0 all checks passed, 1 a check or step failed, 2 not root or bad usage, "
+        "130 interrupted.",
+    )
+    parser.add_argument("--size-mib", type=_mib, default=256, metavar="N",
+                        help="size of the bulk transfer in MiB (default: 256)")
+    parser.add_argument("--pure", action="store_true",
+                        help="run the relay with its pure-Python fast path (RELAY_NO_EXTENSIONS=1)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if os.geteuid() != 0:
+        print("relay demo: needs root (network namespaces, iptables)", file=sys.stderr)
+        return EXIT_NOT_ROOT
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with Lab() as lab:
+            report, failures = _run(lab, args.size_mib << 20, args.pure)
+            print(report, flush=True)
+            _progress("tearing the lab down")
+    except KeyboardInterrupt:
+        _progress("interrupted; the lab has been torn down")
+        return EXIT_INTERRUPTED
+    except (LabError, OSError, subprocess.SubprocessError) as error:
+        _progress(f"failed: {error}")
+        return EXIT_CHECK_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    for failure in failures:
+        _progress(f"check failed: {failure}")
+    return EXIT_CHECK_FAILED if failures else EXIT_OK
