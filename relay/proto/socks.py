@@ -1,124 +1,55 @@
 """Client side of the SOCKS4, SOCKS4a and SOCKS5 (RFC 1928 + RFC 1929) handshakes.
 
-Each client is a sans-IO state machine: ``data_to_send()`` yields the bytes to
-write to the proxy, ``receive_data()`` takes whatever was read from it, in any
-fragmentation, and ``established`` turns true once the tunnel is open.
+Each client is a sans-IO ``Handshake`` (see ``relay.proto.handshake``).
 """
 
 import enum
 import ipaddress
 import struct
 
-from relay.proto.errors import (
-    LocalProtocolError,
-    ProtocolError,
-    ProxyRefused,
-    RemoteProtocolError,
+from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
+from relay.proto.handshake import (
+    MAX_HOSTNAME_SIZE as MAX_HOSTNAME_SIZE,  # still importable from here
+    Handshake,
+    encode_hostname,
+    parse_ip_literal,
 )
 
-MAX_HOSTNAME_SIZE = 255
 MAX_CREDENTIAL_SIZE = 255
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-
-def _validate_port(port: int) -> None:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise LocalProtocolError(f"port must be an integer in 1..65535, got {port!r}")
-
-
-def _parse_ip_literal(host: str) -> IPAddress | None:
-    """The address when ``host`` is an IP literal, None when it is a hostname."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        # The zone names one of *our* interfaces; it means nothing to the proxy.
-        raise LocalProtocolError(f"cannot send the scoped IPv6 address {host!r} to a proxy")
-    return address
-
-
-def _encode_hostname(host: str) -> bytes:
-    try:
-        encoded = host.encode("ascii")
-    except UnicodeEncodeError:
-        raise LocalProtocolError(
-            f"hostname {host!r} is not ASCII (IDNA-encode it first)"
-        ) from None
-    if not 1 <= len(encoded) <= MAX_HOSTNAME_SIZE:
-        raise LocalProtocolError(
-            f"hostname must be 1..{MAX_HOSTNAME_SIZE} bytes, got {len(encoded)}"
-        )
+def _encode_socks_hostname(host: str) -> bytes:
+    encoded = encode_hostname(host)
     if b"\0" in encoded:
         raise LocalProtocolError(f"hostname {host!r} contains a NUL byte")
     return encoded
 
 
-def _format_target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+class _SocksHandshake(Handshake):
+    """A SOCKS client buffers the proxy's bytes in ``_incoming`` until a reply is whole.
 
-
-class _SocksHandshake:
-    """What every SOCKS client shares: buffers, the EOF rule and the dead-after-error rule.
-
-    Subclasses queue their first message in ``__init__`` and implement
-    ``_advance()``, which consumes complete replies from ``_incoming``.
+    Subclasses implement ``_advance()``, which consumes complete replies from
+    ``_incoming`` and leaves an incomplete one there for the next feed.
     """
 
+    _CLOSED_EARLY_MESSAGE = "proxy closed the connection during the SOCKS handshake for {target}"
+
     def __init__(self, host: str, port: int) -> None:
-        self._target = _format_target(host, port)
-        self._outgoing = bytearray()
+        super().__init__(host, port)
         self._incoming = bytearray()
-        self._established = False
-        self._error: ProtocolError | None = None
 
-    @property
-    def established(self) -> bool:
-        return self._established
-
-    @property
-    def trailing_data(self) -> bytes:
-        # Before success the buffer holds an unfinished reply, not tunnel data.
-        return bytes(self._incoming) if self._established else b""
-
-    def data_to_send(self) -> bytes:
-        self._raise_if_failed()
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
-
-    def receive_data(self, data: bytes) -> None:
-        self._raise_if_failed()
-        if self._established:
-            self._incoming += data
-            return
-        try:
-            if not data:
-                raise RemoteProtocolError(
-                    f"proxy closed the connection during the SOCKS handshake for {self._target}"
-                )
-            self._incoming += data
-            self._advance()
-        except ProtocolError as exc:
-            self._error = exc
-            raise
+    def _receive(self, data: bytes) -> None:
+        self._incoming += data
+        self._advance()
 
     def _advance(self) -> None:
         raise NotImplementedError
 
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def __repr__(self) -> str:
-        if self._error is not None:
-            state = "failed"
-        elif self._established:
-            state = "established"
-        else:
-            state = "handshaking"
-        return f"<{type(self).__name__} target={self._target!r} {state}>"
+    def _establish_after_reply(self, reply_size: int) -> None:
+        """The success reply fills the first ``reply_size`` bytes of ``_incoming``."""
+        tunnel_data = bytes(self._incoming[reply_size:])
+        self._incoming.clear()
+        self._establish(tunnel_data)
 
 
 # --- SOCKS4 / SOCKS4a -------------------------------------------------------
@@ -142,12 +73,11 @@ class Socks4Client(_SocksHandshake):
     """SOCKS4 CONNECT, or SOCKS4a when ``use_4a`` and ``host`` is a hostname."""
 
     def __init__(self, host: str, port: int, user_id: str = "", use_4a: bool = False) -> None:
-        _validate_port(port)
         super().__init__(host, port)
         encoded_user_id = user_id.encode("utf-8")
         if b"\0" in encoded_user_id:
             raise LocalProtocolError("SOCKS4 user id must not contain a NUL byte")
-        address = _parse_ip_literal(host)
+        address = parse_ip_literal(host)
         if isinstance(address, ipaddress.IPv6Address):
             raise LocalProtocolError(f"SOCKS4 cannot carry the IPv6 address {host!r}")
         if address is None and not use_4a:
@@ -161,7 +91,7 @@ class Socks4Client(_SocksHandshake):
         )
         request += encoded_user_id + b"\0"
         if address is None:
-            request += _encode_hostname(host) + b"\0"
+            request += _encode_socks_hostname(host) + b"\0"
         self._outgoing += request
 
     def _advance(self) -> None:
@@ -182,8 +112,7 @@ class Socks4Client(_SocksHandshake):
             raise RemoteProtocolError(f"proxy sent the unknown SOCKS4 reply code {code}")
         if len(self._incoming) < SOCKS4_REPLY_SIZE:
             return
-        del self._incoming[:SOCKS4_REPLY_SIZE]
-        self._established = True
+        self._establish_after_reply(SOCKS4_REPLY_SIZE)
 
 
 # --- SOCKS5 -----------------------------------------------------------------
@@ -231,7 +160,6 @@ class Socks5Client(_SocksHandshake):
         username: str | None = None,
         password: str | None = None,
     ) -> None:
-        _validate_port(port)
         super().__init__(host, port)
         if (username is None) != (password is None):
             raise LocalProtocolError("username and password must be given together")
@@ -253,13 +181,13 @@ class Socks5Client(_SocksHandshake):
 
     @staticmethod
     def _build_connect_request(host: str, port: int) -> bytes:
-        address = _parse_ip_literal(host)
+        address = parse_ip_literal(host)
         if isinstance(address, ipaddress.IPv4Address):
             destination = bytes([ATYP_IPV4]) + address.packed
         elif isinstance(address, ipaddress.IPv6Address):
             destination = bytes([ATYP_IPV6]) + address.packed
         else:
-            hostname = _encode_hostname(host)
+            hostname = _encode_socks_hostname(host)
             destination = bytes([ATYP_DOMAIN, len(hostname)]) + hostname
         return bytes([SOCKS5_VERSION, SOCKS5_CONNECT, 0]) + destination + struct.pack("!H", port)
 
@@ -371,9 +299,8 @@ class Socks5Client(_SocksHandshake):
         else:
             bound_host = str(ipaddress.ip_address(raw_address))
         (bound_port,) = struct.unpack_from("!H", reply, port_offset)
-        del reply[:reply_size]
         self._bound_address = (bound_host, bound_port)
-        self._established = True
+        self._establish_after_reply(reply_size)
 
     def _refusal(self, code: int) -> ProxyRefused:
         word, description = _SOCKS5_REFUSALS.get(code, (f"error-{code}", "unknown error"))

@@ -9,27 +9,19 @@ from relay.proto.errors import (
     RemoteProtocolError,
 )
 from relay.proto.http_connect import MAX_REPLY_HEAD_SIZE, HttpConnectClient
-
-PASSWORD = "s3cret-Pa55"
-OK_REPLY = b"HTTP/1.1 200 Connection established\r\n\r\n"
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    """``data`` cut at the given offsets, without empty pieces (b"" means EOF)."""
-    points = sorted(set(cuts))
-    bounds = zip([0, *points], [*points, len(data)])
-    return [data[start:end] for start, end in bounds if end > start]
-
-
-def feed(machine: HttpConnectClient, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        machine.receive_data(chunk)
+from tests.proto.support import (
+    OK_REPLY,
+    PASSWORD,
+    assert_no_secret,
+    feed,
+    outcome,
+    split_at,
+    started,
+)
 
 
 def client() -> HttpConnectClient:
-    machine = HttpConnectClient("example.com", 443)
-    machine.data_to_send()
-    return machine
+    return started(HttpConnectClient("example.com", 443))
 
 
 # --- the request -------------------------------------------------------------
@@ -102,46 +94,6 @@ def test_bad_credentials_are_local_error(credentials):
 
 
 # --- success -----------------------------------------------------------------
-
-
-def test_success_fed_whole():
-    machine = client()
-    machine.receive_data(OK_REPLY)
-    assert machine.established
-    assert machine.trailing_data == b""
-    assert machine.data_to_send() == b""
-
-
-def test_success_fed_one_byte_at_a_time():
-    machine = client()
-    for index in range(len(OK_REPLY)):
-        assert not machine.established
-        machine.receive_data(OK_REPLY[index : index + 1])
-    assert machine.established
-    assert machine.trailing_data == b""
-
-
-def test_trailing_data_in_the_same_feed():
-    machine = client()
-    machine.receive_data(OK_REPLY + b"SSH-2.0-OpenSSH\r\n")
-    assert machine.established
-    assert machine.trailing_data == b"SSH-2.0-OpenSSH\r\n"
-
-
-def test_trailing_data_fed_later_is_appended():
-    machine = client()
-    machine.receive_data(OK_REPLY + b"one")
-    machine.receive_data(b"two")
-    machine.receive_data(b"")
-    machine.receive_data(b"three")
-    assert machine.trailing_data == b"onetwothree"
-
-
-def test_trailing_data_is_empty_before_success():
-    machine = client()
-    machine.receive_data(b"HTTP/1.1 200 OK\r\n")
-    assert not machine.established
-    assert machine.trailing_data == b""
 
 
 def test_content_length_on_2xx_does_not_swallow_tunnel_data():
@@ -262,12 +214,6 @@ def test_h11_error_is_chained():
     assert info.value.__cause__ is not None
 
 
-def test_eof_before_any_reply():
-    machine = client()
-    with pytest.raises(RemoteProtocolError, match="closed"):
-        machine.receive_data(b"")
-
-
 def test_eof_before_end_of_head():
     machine = client()
     machine.receive_data(b"HTTP/1.1 200 OK\r\nVia: proxy\r\n")
@@ -304,68 +250,12 @@ def test_many_small_informational_heads_are_not_oversized():
     assert machine.established
 
 
-# --- a failed machine stays failed -------------------------------------------------
-
-
-def test_after_refusal_every_call_raises_again():
-    machine = client()
-    with pytest.raises(ProxyRefused):
-        machine.receive_data(b"HTTP/1.1 403 Forbidden\r\n\r\n")
-    with pytest.raises(ProxyRefused):
-        machine.receive_data(OK_REPLY)
-    with pytest.raises(ProxyRefused):
-        machine.data_to_send()
-    assert not machine.established
-
-
-def test_after_malformed_reply_every_call_raises_again():
-    machine = client()
-    with pytest.raises(RemoteProtocolError):
-        machine.receive_data(b"garbage\r\n\r\n")
-    with pytest.raises(RemoteProtocolError):
-        machine.receive_data(b"")
-    with pytest.raises(RemoteProtocolError):
-        machine.data_to_send()
-
-
 # --- credentials never leak ------------------------------------------------------
 
 
-def secret_bearing_client() -> HttpConnectClient:
-    return HttpConnectClient("example.com", 443, username="alice", password=PASSWORD)
-
-
-def assert_no_secret(text: str) -> None:
-    assert PASSWORD not in text
-    assert "Proxy-Authorization" not in text
-    assert "YWxpY2U6" not in text  # start of base64("alice:...")
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n",
-     b"HTTP/1.1 403 Forbidden\r\n\r\n",
-     b"HTTP/1.1 2000 OK\r\n\r\n",
-     b"x" * (MAX_REPLY_HEAD_SIZE + 1),
-     b""],
-)
-def test_errors_and_repr_never_show_credentials(reply):
-    machine = secret_bearing_client()
-    assert_no_secret(repr(machine))
-    assert PASSWORD.encode() not in machine.data_to_send()  # only base64 goes out
-    with pytest.raises(ProtocolError) as info:
-        machine.receive_data(reply)
-    assert_no_secret(str(info.value))
-    assert_no_secret(repr(info.value))
-    assert_no_secret(repr(machine))
-    assert_no_secret(str(machine))
-
-
-def test_established_repr_never_shows_credentials():
-    machine = secret_bearing_client()
-    machine.receive_data(OK_REPLY)
-    assert_no_secret(repr(machine))
-    assert "established" in repr(machine)
+def test_password_goes_out_only_in_base64():
+    machine = HttpConnectClient("example.com", 443, username="alice", password=PASSWORD)
+    assert PASSWORD.encode() not in machine.data_to_send()
 
 
 def test_local_errors_never_show_credentials():
@@ -375,17 +265,6 @@ def test_local_errors_never_show_credentials():
 
 
 # --- properties ----------------------------------------------------------------------
-
-
-def outcome(chunks: list[bytes]):
-    machine = client()
-    try:
-        feed(machine, chunks)
-    except ProxyRefused as exc:
-        return ("refused", exc.reason)
-    except RemoteProtocolError:
-        return ("malformed",)
-    return ("done", machine.established, machine.trailing_data)
 
 
 replies = st.sampled_from(
@@ -405,22 +284,7 @@ replies = st.sampled_from(
 def test_any_split_gives_the_whole_feed_result(reply, trailing, data):
     message = reply + trailing
     cuts = data.draw(st.lists(st.integers(0, len(message)), max_size=len(message)))
-    assert outcome(split_at(message, cuts)) == outcome(split_at(message, []))
-
-
-@settings(max_examples=200, deadline=None)
-@given(garbage=st.binary(max_size=300), eof=st.booleans(), data=st.data())
-def test_garbage_never_raises_foreign_exceptions(garbage, eof, data):
-    cuts = data.draw(st.lists(st.integers(0, len(garbage)), max_size=20))
-    machine = client()
-    try:
-        feed(machine, split_at(garbage, cuts) + ([b""] if eof else []))
-    except ProtocolError:
-        return
-    # Whatever the machine keeps as tunnel data came from the end of the input.
-    assert garbage.endswith(machine.trailing_data)
-    if not machine.established:
-        assert machine.trailing_data == b""
+    assert outcome(client(), split_at(message, cuts)) == outcome(client(), split_at(message, []))
 
 
 @settings(max_examples=200, deadline=None)
@@ -441,4 +305,4 @@ def test_http_like_garbage_never_raises_foreign_exceptions(garbage, data):
         feed(machine, [*chunks, b""])
     except ProtocolError:
         pass
-    assert outcome(chunks) == outcome(split_at(garbage, []))
+    assert outcome(client(), chunks) == outcome(client(), split_at(garbage, []))

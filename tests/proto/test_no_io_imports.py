@@ -43,7 +43,7 @@ def test_the_checker_sees_every_import_form():
 
 def test_the_handshake_modules_are_checked():
     names = {path.name for path in PROTO_SOURCES}
-    assert {"__init__.py", "errors.py", "http_connect.py", "socks.py"} <= names
+    assert {"__init__.py", "errors.py", "handshake.py", "http_connect.py", "socks.py"} <= names
 
 
 @pytest.mark.parametrize("path", PROTO_SOURCES, ids=lambda path: path.name)
