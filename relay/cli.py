@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect-timeout", type=_positive_float, default=5.0, metavar="S", help="upstream TCP connect (default: 5)")
     parser.add_argument("--handshake-timeout", type=_positive_float, default=10.0, metavar="S", help="proxy handshake (default: 10)")
     parser.add_argument("--idle-timeout", type=_positive_float, default=600.0, metavar="S", help="close connections idle this long (default: 600)")
+    parser.add_argument(
+        "--sniff",
+        choices=("on", "off"),
+        default="on",
+        help="ask the proxy for the hostname from TLS SNI or the HTTP Host header, so the far side resolves it (default: on)",
+    )
+    parser.add_argument("--sniff-timeout", type=_positive_float, default=0.3, metavar="S", help="wait this long for the client's first bytes before connecting by IP (default: 0.3)")
+    parser.add_argument(
+        "--http-mode",
+        choices=("forward", "connect"),
+        default="forward",
+        help="plain HTTP through an HTTP proxy: 'forward' sends requests in absolute form, 'connect' tunnels them (default: forward)",
+    )
     parser.add_argument("--pipe-size", type=_size, default=0, metavar="BYTES", help="splice pipe size (default: the kernel's)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: one line per connection; -vv: debug")
     return parser
@@ -98,6 +111,9 @@ def config_from_args(args) -> Config:
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
         pipe_size=args.pipe_size,
+        sniff=args.sniff == "on",
+        sniff_timeout=args.sniff_timeout,
+        http_mode=args.http_mode,
         verbose=args.verbose,
     )
 

@@ -96,6 +96,10 @@ def parse_upstream(text: str) -> Upstream:
         raise ConfigError(f"invalid upstream {shown!r}: only SCHEME://[user:pass@]HOST:PORT is allowed")
     username = urllib.parse.unquote(parts.username) if parts.username is not None else None
     password = Secret(urllib.parse.unquote(parts.password)) if parts.password is not None else None
+    if scheme in ("http", "socks5") and username is not None and password is None:
+        raise ConfigError(f"invalid upstream {shown!r}: give the password too (user:password@)")
+    if scheme == "http" and username is not None and ":" in username:
+        raise ConfigError(f"invalid upstream {shown!r}: an HTTP Basic user name cannot contain ':'")
     if password is not None and scheme in ("socks4", "socks4a"):
         raise ConfigError(f"invalid upstream {shown!r}: SOCKS4 has no passwords (only a user id)")
     return Upstream(scheme, parts.hostname, port, username, password)
@@ -129,4 +133,7 @@ class Config:
     handshake_timeout: float = 10.0
     idle_timeout: float = 600.0
     pipe_size: int = 0  # 0: the kernel's default
+    sniff: bool = True  # ask the proxy for the SNI/Host name instead of the IP
+    sniff_timeout: float = 0.3  # how long to wait for the client's first bytes
+    http_mode: str = "forward"  # plain HTTP through an HTTP proxy: "forward" (absolute-form) or "connect"
     verbose: int = 0

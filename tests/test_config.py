@@ -41,6 +41,9 @@ def test_credentials_are_percent_decoded_and_hidden():
         ("http://h:1?q=1", "only SCHEME://"),
         ("http://:1", "no host"),
         ("socks4://u:pw@h:1", "SOCKS4 has no passwords"),
+        ("http://user@h:1", "give the password too"),
+        ("socks5://user@h:1", "give the password too"),
+        ("http://us%3Aer:pw@h:1", "cannot contain ':'"),
         ("http://[::1:3128", "invalid upstream"),
     ],
 )

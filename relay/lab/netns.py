@@ -32,6 +32,7 @@ from typing import Callable, Sequence, TypeVar
 HOSTS = ("client", "router", "far", "server")
 
 NETNS_DIR = Path("/run/netns")
+ETC_NETNS_DIR = Path("/etc/netns")  # per-namespace files that "ip netns exec" mounts over /etc
 # rl<pid>x<counter>-<host>: the pid says whether the lab that made it still runs.
 _NETNS_NAME = re.compile(r"^rl(?P<pid>\d+)x\d+-(?:" + "|".join(HOSTS) + r")$")
 _TMPDIR_NAME = re.compile(r"^relaylab-rl(?P<pid>\d+)x\d+-")
@@ -149,6 +150,7 @@ def _delete_netns(netns: str, timeout: float = 5.0) -> None:
         _kill_pids(pids)
         time.sleep(0.02)
     subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=10)
+    shutil.rmtree(ETC_NETNS_DIR / netns, ignore_errors=True)
 
 
 def remove_stale_labs() -> None:
@@ -391,6 +393,20 @@ class Lab:
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         return "\n".join(self.log_text(name).splitlines()[-lines:])
+
+    # -- name resolution -------------------------------------------------------
+
+    def set_hosts(self, host: str, entries: dict[str, str]) -> None:
+        """Give ``host`` its own /etc/hosts (name -> address), as ``ip netns exec`` mounts it,
+        and a resolv.conf naming 127.0.0.1, so no lookup ever leaves the lab.
+
+        Only processes started afterwards see them; they are removed with the namespace.
+        """
+        directory = ETC_NETNS_DIR / self.ns(host)
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost"] + [f"{address} {name}" for name, address in entries.items()]
+        (directory / "hosts").write_text("\n".join(lines) + "\n")
+        (directory / "resolv.conf").write_text("nameserver 127.0.0.1\n")
 
     # -- sockets -------------------------------------------------------------
 

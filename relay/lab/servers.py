@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import ssl
 import threading
+
+import h11
 
 from relay.lab.netns import Lab
 
@@ -140,3 +143,91 @@ class BannerServer(_ThreadedServer):
         conn.sendall(self.banner)
         while data := conn.recv(CHUNK):
             conn.sendall(data)
+
+
+class HttpServer(_ThreadedServer):
+    """HTTP/1.1 with keep-alive (h11), optionally over TLS. Paths:
+
+    ``GET /blob/SIZE/SEED``  pattern(SIZE, SEED) with a Content-Length.
+    ``GET /hello``           a short text.
+    ``PUT|POST /sha256``     the sha256 of the request body, whatever its framing.
+    ``GET /echo`` with ``Upgrade: echo``  101, then echoes raw bytes (a WebSocket stand-in).
+    ``requests`` records (method, target, host header) of every request served.
+    """
+
+    def __init__(self, lab: Lab, host: str, address: str, port: int, tls: ssl.SSLContext | None = None):
+        self.tls = tls
+        self.requests: list[tuple[str, str, str]] = []
+        super().__init__(lab, host, address, port)
+
+    def handle(self, conn: socket.socket):
+        if self.tls is not None:
+            conn = self.tls.wrap_socket(conn, server_side=True)
+        http = h11.Connection(h11.SERVER)
+        while True:
+            request = self._next(http, conn)
+            if not isinstance(request, h11.Request):
+                return
+            host = dict(request.headers).get(b"host", b"").decode()
+            self.requests.append((request.method.decode(), request.target.decode(), host))
+            body = hashlib.sha256()
+            while isinstance(event := self._next(http, conn), h11.Data):
+                body.update(event.data)
+            if not isinstance(event, h11.EndOfMessage):
+                return
+            if dict(request.headers).get(b"upgrade") == b"echo":
+                conn.sendall(http.send(h11.InformationalResponse(status_code=101, headers=[("Upgrade", "echo"), ("Connection", "Upgrade")])))
+                while data := conn.recv(CHUNK):
+                    conn.sendall(data)
+                return
+            self._respond(http, conn, request, body.hexdigest())
+            if http.our_state is h11.MUST_CLOSE:
+                return
+            http.start_next_cycle()
+
+    @staticmethod
+    def _next(http: h11.Connection, conn: socket.socket):
+        while (event := http.next_event()) is h11.NEED_DATA:
+            http.receive_data(conn.recv(CHUNK))
+        return event
+
+    def _respond(self, http, conn, request, body_sha256):
+        target = request.target.decode()
+        if target.startswith("/blob/"):
+            size, seed = map(int, target.split("/")[2:4])
+            conn.sendall(http.send(h11.Response(status_code=200, headers=[("Content-Length", str(size))])))
+            if request.method != b"HEAD":
+                for chunk in pattern(size, seed):
+                    conn.sendall(http.send(h11.Data(data=chunk)))
+        else:
+            text = body_sha256 if target == "/sha256" else "hello from the lab server" if target == "/hello" else None
+            status, body = (200, f"{text}\n".encode()) if text else (404, b"no such path\n")
+            conn.sendall(http.send(h11.Response(status_code=status, headers=[("Content-Length", str(len(body)))])))
+            if request.method != b"HEAD":
+                conn.sendall(http.send(h11.Data(data=body)))
+        conn.sendall(http.send(h11.EndOfMessage()))
+
+
+class NxdomainDns:
+    """A DNS server on UDP port 53 that knows no name: every query gets NXDOMAIN at once.
+
+    Daemons on a lab host then fail a lookup immediately, as with a real
+    resolver, instead of waiting out their DNS timeouts.
+    """
+
+    def __init__(self, lab: Lab, host: str, address: str = "127.0.0.1"):
+        self.sock = lab.socket(host, socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 53))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                query, client = self.sock.recvfrom(4096)
+            except OSError:
+                return  # closed at teardown
+            if len(query) < 12:
+                continue
+            # Same id and question; QR=1, RD copied, RA=1, RCODE=3 (NXDOMAIN); no answers.
+            flags = bytes([0x80 | (query[2] & 0x01), 0x83])
+            self.sock.sendto(query[:2] + flags + query[4:6] + b"\0\0\0\0\0\0" + query[12:], client)

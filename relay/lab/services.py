@@ -339,7 +339,7 @@ def start_ssh_tunnel(lab: Lab, sshd: Sshd, host: str = "router",
 
 # -- relay itself ----------------------------------------------------------------
 
-_CONN_FIELD = re.compile(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)")
+_CONN_FIELD = re.compile(r"([\w-]+)=('[^']*'|\"[^\"]*\"|\S+)")
 
 
 @dataclass(kw_only=True)
@@ -364,6 +364,15 @@ class RelayProcess(Service):
     def log_text(self) -> str:
         """What this run of the relay has logged."""
         return self.lab.log_text(self.name)[self.log_offset :]
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> bool:
+        """Whether ``text`` appears in this run's log within ``timeout`` (lines trail what clients see)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def connections(self, at_least: int = 0, timeout: float = 5.0) -> list[dict[str, str]]:
         """The per-connection log lines (``-v``) so far, as dicts of their key=value fields.

@@ -16,11 +16,22 @@ RECV_SIZE = 16384  # handshake reads; the machines bound the total
 
 
 class UpstreamError(Exception):
-    """The tunnel could not be opened. ``reason`` is one short word for logs and metrics."""
+    """The tunnel could not be opened. ``reason`` is one short word for logs and metrics.
 
-    def __init__(self, message: str, reason: str):
+    ``about_target`` is true when the proxy answered but could not reach or
+    resolve what we asked for: asked for a hostname, asking by IP may still work.
+    """
+
+    def __init__(self, message: str, reason: str, about_target: bool = False):
         super().__init__(message)
         self.reason = reason
+        self.about_target = about_target
+
+
+def _about_target(refusal: ProxyRefused) -> bool:
+    if refusal.reason.startswith("http-"):
+        return refusal.reason != "http-407"  # a missing password is not fixed by an address
+    return refusal.host_unreachable or refusal.reason == "socks5-general-failure"
 
 
 def _errno_word(exc: OSError) -> str:
@@ -88,7 +99,9 @@ async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -
             while not machine.established:
                 data = await sock.recv(RECV_SIZE)
                 if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
-                    raise UpstreamError("the proxy closed the connection during the handshake", "proxy-closed")
+                    raise UpstreamError(
+                        "the proxy closed the connection during the handshake", "proxy-closed", about_target=True
+                    )
                 machine.receive_data(data)
                 reply = machine.data_to_send()
                 if reply:
@@ -96,7 +109,7 @@ async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -
     except trio.TooSlowError:
         raise UpstreamError(f"proxy handshake timed out after {timeout:g} s", "handshake-timeout") from None
     except ProxyRefused as exc:
-        raise UpstreamError(str(exc), exc.reason) from None
+        raise UpstreamError(str(exc), exc.reason, _about_target(exc)) from None
     except RemoteProtocolError as exc:
         raise UpstreamError(f"malformed reply from the proxy: {exc}", "proxy-protocol-error") from None
     except OSError as exc:

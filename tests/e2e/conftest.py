@@ -36,10 +36,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def lab():
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("end-to-end tests need root, and CI must run them")
-        pytest.skip("end-to-end tests need root (network namespaces, iptables)")
+    require_root()
     with Lab() as lab:
         sshd = start_sshd(lab)
         lab.squid = start_squid(lab, listen=[("127.0.0.1", 3128), (ADDR.far4, 3128)])
@@ -52,14 +49,14 @@ def lab():
         yield lab
 
 
-@pytest.fixture
-def run_relay(lab):
-    """Start a relay on the router: run_relay(upstream, *extra_args, mode=..., pure=...)."""
+def relay_starter(lab):
+    """start(upstream, *extra_args, mode=..., pure=...) runs a relay on the router with interception,
+    and a finish() that stops them all and checks they exited cleanly."""
     started = []
 
-    def start(upstream, *extra, mode="redirect", pure=False, intercept_port=RELAY_PORT):
+    def start(upstream, *extra, mode="redirect", pure=False):
         clear_interception(lab)
-        intercept(lab, mode, intercept_port)
+        intercept(lab, mode, RELAY_PORT)
         args = ["--upstream", upstream, "--mode", mode, *extra]
         if "--listen" not in extra:
             args += ["--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"]
@@ -67,10 +64,27 @@ def run_relay(lab):
         started.append(relay)
         return relay
 
+    def finish():
+        for relay in started:
+            if relay.running:
+                relay.stop()
+                assert lab.process(relay.name).returncode == 0, lab.log_tail(relay.name)
+            assert "Traceback" not in relay.log_text(), relay.log_text()
+        clear_interception(lab)
+
+    return start, finish
+
+
+def require_root():
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("end-to-end tests need root, and CI must run them")
+        pytest.skip("end-to-end tests need root (network namespaces, iptables)")
+
+
+@pytest.fixture
+def run_relay(lab):
+    """Start a relay on the router: run_relay(upstream, *extra_args, mode=..., pure=...)."""
+    start, finish = relay_starter(lab)
     yield start
-    for relay in started:
-        if relay.running:
-            relay.stop()
-            assert lab.process(relay.name).returncode == 0, lab.log_tail(relay.name)
-        assert "Traceback" not in relay.log_text(), relay.log_text()
-    clear_interception(lab)
+    finish()

@@ -1,0 +1,195 @@
+"""Plain HTTP through an HTTP proxy, request by request, in absolute form.
+
+h11 parses both sides: the client's requests (we are its server) and the
+proxy's responses (we are its client). Bodies stream through in events of at
+most READ_SIZE bytes, and a side is only read when the next event is needed,
+so memory stays bounded and a slow reader slows the sender. The request body
+and the response run concurrently, which is what ``Expect: 100-continue`` and
+early error responses need.
+"""
+
+import h11
+import trio
+
+from relay.net.sockets import send_all
+from relay.proto.http_forward import absolute_form, authority, forwarded_response, needs_tunnel
+from relay.proto.sniff import MAX_SNIFF_BYTES, hostname_from_authority
+
+READ_SIZE = 65536
+MAX_HEAD = 16384
+
+
+class NeedsTunnel(Exception):
+    """The first request cannot go in absolute form: tunnel ``data`` (all bytes read so far) instead."""
+
+    def __init__(self, data: bytes):
+        super().__init__("request needs a CONNECT tunnel")
+        self.data = data
+
+
+class ForwardFailed(Exception):
+    """The exchange broke off; ``ended`` says how, as in the per-connection log line."""
+
+    def __init__(self, ended: str):
+        super().__init__(ended)
+        self.ended = ended
+
+
+class HttpForwarder:
+    """Serves one client connection. ``open_proxy`` is an async callable that returns a
+    connected socket to the proxy (or raises UpstreamError)."""
+
+    def __init__(self, client, first: bytes, dst, open_proxy, *, use_names: bool, proxy_authorization, idle_timeout):
+        self.client = client
+        self.dst = dst
+        self.open_proxy = open_proxy
+        self.use_names = use_names
+        self.proxy_authorization = proxy_authorization
+        self.idle_timeout = idle_timeout
+        self.from_client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if first:  # b"" would mean EOF to h11
+            self.from_client.receive_data(first)
+        self.unparsed = bytearray(first)  # until the first request is accepted: replayed if we must tunnel
+        self.proxy = None
+        self.to_proxy = None
+        self.sent_up = 0
+        self.sent_down = 0
+        self.requests = 0
+        self.idle = trio.CancelScope()
+
+    def touch(self):
+        self.idle.deadline = trio.current_time() + self.idle_timeout
+
+    async def client_event(self):
+        while True:
+            event = self.from_client.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.client.recv(READ_SIZE)
+            except OSError:
+                raise ForwardFailed("client-reset") from None
+            self.touch()
+            if self.unparsed is not None and len(self.unparsed) <= MAX_SNIFF_BYTES:
+                self.unparsed += data
+            self.from_client.receive_data(data)
+
+    async def proxy_event(self):
+        while True:
+            event = self.to_proxy.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.proxy.recv(READ_SIZE)
+            except OSError:
+                raise ForwardFailed("upstream-reset") from None
+            self.touch()
+            self.to_proxy.receive_data(data)
+
+    async def to_client(self, event):
+        data = self.from_client.send(event)
+        if data:
+            try:
+                await send_all(self.client, data)
+            except OSError:
+                raise ForwardFailed("client-reset") from None
+            self.sent_down += len(data)
+
+    async def to_upstream(self, event):
+        data = self.to_proxy.send(event)
+        if data:
+            try:
+                await send_all(self.proxy, data)
+            except OSError:
+                raise ForwardFailed("upstream-reset") from None
+            self.sent_up += len(data)
+
+    def target_authority(self, request: h11.Request) -> bytes:
+        host = None
+        if self.use_names:
+            for name, value in request.headers:
+                if name == b"host":
+                    host = hostname_from_authority(value.decode("ascii", "replace"))
+        return authority(host or self.dst[0], self.dst[1])
+
+    async def run(self) -> str:
+        """Forward requests until the client is done; returns how it ended (for the log line)."""
+        self.touch()
+        try:
+            with self.idle:
+                return await self._exchanges()
+            raise ForwardFailed("idle-timeout")
+        finally:
+            if self.proxy is not None:
+                self.proxy.close()
+
+    async def _exchanges(self) -> str:
+        while True:
+            try:
+                request = await self.client_event()
+            except h11.RemoteProtocolError:
+                if self.unparsed is not None:
+                    raise NeedsTunnel(bytes(self.unparsed)) from None
+                raise ForwardFailed("client-protocol-error") from None
+            if isinstance(request, h11.ConnectionClosed):
+                return "closed"
+            if needs_tunnel(request):
+                if self.unparsed is not None:
+                    raise NeedsTunnel(bytes(self.unparsed))
+                raise ForwardFailed("client-upgrade-after-requests")  # cannot switch to a tunnel mid-connection
+            self.unparsed = None
+            await self._exchange(request)
+            if not self._next_cycle():
+                return "closed"
+
+    async def _exchange(self, request: h11.Request) -> None:
+        if self.to_proxy is None or self.to_proxy.our_state is not h11.IDLE:
+            await self._reconnect()
+        self.requests += 1
+        await self.to_upstream(absolute_form(request, self.target_authority(request), self.proxy_authorization))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._request_body)
+            await self._response()
+            # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
+            nursery.cancel_scope.cancel()
+
+    async def _reconnect(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+        self.proxy = await self.open_proxy()
+        self.to_proxy = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+
+    async def _request_body(self) -> None:
+        while True:
+            event = await self.client_event()
+            if isinstance(event, h11.ConnectionClosed):
+                raise ForwardFailed("client-closed-mid-request")
+            await self.to_upstream(event)
+            if isinstance(event, h11.EndOfMessage):
+                return
+
+    async def _response(self) -> None:
+        while True:
+            try:
+                event = await self.proxy_event()
+            except h11.RemoteProtocolError:
+                raise ForwardFailed("proxy-protocol-error") from None
+            if isinstance(event, h11.ConnectionClosed):
+                raise ForwardFailed("proxy-closed")
+            if isinstance(event, (h11.InformationalResponse, h11.Response)):
+                event = forwarded_response(event)
+            await self.to_client(event)
+            if isinstance(event, h11.EndOfMessage):
+                return
+
+    def _next_cycle(self) -> bool:
+        """Ready both sides for the next request; False if the client connection must end."""
+        if self.to_proxy.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
+            self.proxy.close()
+            self.proxy = self.to_proxy = None
+        else:
+            self.to_proxy.start_next_cycle()
+        if self.from_client.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
+            return False
+        self.from_client.start_next_cycle()
+        return True

@@ -1,0 +1,67 @@
+"""Rewriting plain HTTP/1.x requests for a forward proxy (absolute form), on h11 events.
+
+Through an HTTP proxy, plain HTTP goes as ``GET http://host/path HTTP/1.1``
+rather than inside a CONNECT tunnel: stock squid refuses CONNECT to port 80,
+and the proxy then resolves ``host`` itself. Hop-by-hop headers (RFC 9110
+7.6.1) are dropped on the way in both directions; framing headers
+(Content-Length, Transfer-Encoding) stay, because h11 frames the forwarded
+body by them.
+"""
+
+import h11
+
+# Hop-by-hop fields, plus the ones the client meant for a proxy it does not know it has.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate", b"te", b"trailer", b"upgrade"}
+)
+
+
+def end_to_end_headers(headers) -> list[tuple[bytes, bytes]]:
+    """``headers`` without hop-by-hop fields, including those the Connection header names."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named]
+
+
+def needs_tunnel(request: h11.Request) -> bool:
+    """Requests that absolute form cannot carry: upgrades (WebSocket), CONNECT, OPTIONS *."""
+    if request.method == b"CONNECT" or not request.target.startswith(b"/"):
+        return True
+    return any(name == b"upgrade" for name, _ in request.headers) or any(
+        name == b"connection" and b"upgrade" in value.lower() for name, value in request.headers
+    )
+
+
+def authority(host: str, port: int) -> bytes:
+    """``host[:port]`` for an absolute-form URL (port 80 is implied by http://)."""
+    shown = f"[{host}]" if ":" in host else host
+    return (shown if port == 80 else f"{shown}:{port}").encode("ascii")
+
+
+def absolute_form(request: h11.Request, target_authority: bytes, proxy_authorization: bytes | None) -> h11.Request:
+    """The request as sent to a forward proxy."""
+    headers = end_to_end_headers(request.headers)
+    if not any(name == b"host" for name, _ in headers):  # HTTP/1.0 clients may omit it; h11 speaks 1.1
+        headers.insert(0, (b"host", target_authority))
+    if proxy_authorization is not None:
+        headers.append((b"proxy-authorization", proxy_authorization))
+    return h11.Request(
+        method=request.method,
+        target=b"http://" + target_authority + request.target,
+        headers=headers,
+        http_version=request.http_version,
+    )
+
+
+def forwarded_response(response):
+    """A proxy's (informational or final) response as sent on to the client."""
+    return type(response)(
+        status_code=response.status_code,
+        headers=end_to_end_headers(response.headers),
+        reason=response.reason,
+        http_version=response.http_version,
+    )

@@ -1,0 +1,142 @@
+"""Sniffed hostnames and plain HTTP in absolute form, against Debian's stock squid.conf.
+
+The client's resolver (its own /etc/hosts) maps the server's name to a wrong
+address; the far host's maps it to the right one. Only a relay that asks the
+proxy for the *name* gets the client to the server.
+"""
+
+import hashlib
+import os
+import ssl
+
+import pytest
+import trustme
+
+from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
+from relay.lab.servers import HttpServer, NxdomainDns, pattern_sha256
+from tests.e2e.conftest import relay_starter, require_root
+
+NAME = "cdn.relaylab.test"
+FAR_UNKNOWN = "elsewhere.relaylab.test"  # right address on the client, unknown on the far side
+WRONG_ADDRESS = ADDR.far_server_side4  # "the CDN node for another region": nothing listens on 80/443 there
+STOCK_SQUID = "127.0.0.1:3128"  # Debian's squid.conf, through ssh -L
+OPEN_SQUID = "127.0.0.1:3129"  # allows CONNECT to any port, through ssh -L
+DANTE = f"socks5://{ADDR.far4}:1080"
+
+
+@pytest.fixture(scope="module")
+def names_lab():
+    require_root()
+    with Lab() as lab:
+        lab.set_hosts("client", {NAME: WRONG_ADDRESS, FAR_UNKNOWN: ADDR.server4})
+        lab.set_hosts("far", {NAME: ADDR.server4})
+        NxdomainDns(lab, "far")
+        sshd = start_sshd(lab)
+        lab.stock_squid = start_squid(lab, listen=[("127.0.0.1", 3128)], debian_default_conf=True)
+        start_squid(lab, listen=[("127.0.0.1", 3129)], name="open-squid")
+        start_ssh_tunnel(lab, sshd, forwards=("-L", "127.0.0.1:3128:127.0.0.1:3128", "-L", "127.0.0.1:3129:127.0.0.1:3129"))
+        start_dante(lab)
+        ca = trustme.CA()
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(NAME, FAR_UNKNOWN).configure_cert(tls)
+        lab.ca_file = str(lab.tmpdir / "ca.pem")
+        ca.cert_pem.write_to_path(lab.ca_file)
+        lab.http = HttpServer(lab, "server", "::", 80)
+        lab.https = HttpServer(lab, "server", "::", 443, tls=tls)
+        yield lab
+
+
+@pytest.fixture
+def run_relay(names_lab):
+    start, finish = relay_starter(names_lab)
+    yield start
+    finish()
+
+
+def curl(lab, *args, check=True):
+    result = lab.run("client", ["curl", "-sS", "--max-time", "60", "--cacert", lab.ca_file, *args], check=False, timeout=90)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_https_reaches_the_server_by_its_sniffed_name(run_relay, names_lab):
+    relay = run_relay(STOCK_SQUID)
+    assert curl(names_lab, f"https://{NAME}/hello").stdout == "hello from the lab server\n"
+    [line] = relay.connections(at_least=1)
+    assert line["dst"] == f"{WRONG_ADDRESS}:443" and line["name"] == NAME and line["end"] == "closed"
+    assert f"{NAME}:443" in names_lab.stock_squid.connect_targets()
+
+
+def test_without_sniffing_https_fails_as_without_relay_support(run_relay, names_lab):
+    relay = run_relay(STOCK_SQUID, "--sniff", "off")
+    assert curl(names_lab, f"https://{NAME}/hello", check=False).returncode != 0
+    [line] = relay.connections(at_least=1)
+    assert "name" not in line and line["end"] == "refused:http-503"
+
+
+def test_plain_http_keep_alive_in_absolute_form_through_stock_squid(run_relay, names_lab):
+    relay = run_relay(STOCK_SQUID)
+    seen = len(names_lab.http.requests)
+    result = curl(names_lab, f"http://{NAME}/hello", f"http://{NAME}/hello", "-w", "connects=%{num_connects}\n")
+    assert result.stdout == "hello from the lab server\nconnects=1\nhello from the lab server\nconnects=0\n"
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "closed" and line["http-requests"] == "2" and line["name"] == NAME
+    assert names_lab.http.requests[seen:] == [("GET", "/hello", NAME)] * 2
+
+
+def test_chunked_upload_with_expect_100_continue(run_relay, names_lab):
+    run_relay(STOCK_SQUID)
+    body = os.urandom(3 << 20)
+    path = names_lab.tmpdir / "upload.bin"
+    path.write_bytes(body)
+    result = curl(names_lab, "-T", str(path), "-H", "Transfer-Encoding: chunked", "-H", "Expect: 100-continue",
+                  f"http://{NAME}/sha256")
+    assert result.stdout.strip() == hashlib.sha256(body).hexdigest()
+
+
+def test_100_mib_download_and_head(run_relay, names_lab):
+    relay = run_relay(STOCK_SQUID)
+    size, path = 100 << 20, names_lab.tmpdir / "download.bin"
+    curl(names_lab, "-o", str(path), f"http://{NAME}/blob/{size}/9")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == pattern_sha256(size, 9)
+    head = curl(names_lab, "-I", f"http://{NAME}/blob/1000/1", "-o", "/dev/null", "-w", "%{http_code} %{size_download}")
+    assert head.stdout == "200 0"
+    lines = relay.connections(at_least=2)
+    assert int(lines[0]["down"]) > size
+
+
+@pytest.mark.parametrize("upstream,refusal", [(STOCK_SQUID, "http-5"), (DANTE, "socks5-")])
+def test_name_the_far_side_cannot_resolve_is_retried_by_address(run_relay, names_lab, upstream, refusal):
+    relay = run_relay(upstream)
+    assert curl(names_lab, f"https://{FAR_UNKNOWN}/hello").stdout == "hello from the lab server\n"
+    [line] = relay.connections(at_least=1)
+    assert line["name"] == FAR_UNKNOWN and line["retried-by-ip"].startswith(refusal) and line["end"] == "closed"
+
+
+def test_socks5_asks_for_the_name(run_relay, names_lab):
+    relay = run_relay(DANTE)
+    assert curl(names_lab, f"https://{NAME}/hello").stdout == "hello from the lab server\n"
+    assert curl(names_lab, f"http://{NAME}/hello").stdout == "hello from the lab server\n"
+    assert [line["name"] for line in relay.connections(at_least=2)] == [NAME, NAME]
+
+
+def test_upgrade_falls_back_to_a_tunnel(run_relay, names_lab):
+    relay = run_relay(OPEN_SQUID)
+    with names_lab.connect("client", ADDR.server4, 80, timeout=10) as sock:
+        sock.sendall(f"GET /echo HTTP/1.1\r\nHost: {NAME}\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101")
+        sock.sendall(b"raw bytes after the upgrade")
+        assert sock.recv(100) == b"raw bytes after the upgrade"
+    [line] = relay.connections(at_least=1)
+    assert "http-requests" not in line and line["name"] == NAME
+
+
+def test_connect_mode_shows_why_forward_mode_exists(run_relay, names_lab):
+    """Stock squid refuses CONNECT to port 80: with --http-mode connect plain HTTP fails."""
+    relay = run_relay(STOCK_SQUID, "--http-mode", "connect")
+    assert curl(names_lab, f"http://{NAME}/hello", check=False).returncode != 0
+    assert relay.connections(at_least=1)[0]["end"] == "refused:http-403"

@@ -1,0 +1,94 @@
+"""Absolute-form rewriting: what goes to the proxy is the client's request, minus hop-by-hop."""
+
+import h11
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.proto.http_forward import absolute_form, authority, end_to_end_headers, forwarded_response, needs_tunnel
+
+token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
+value = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ;=/.,", max_size=30).map(str.strip)
+path = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/-._~%?=&", max_size=40).map(lambda p: "/" + p)
+
+
+def parse_request(raw: bytes):
+    """What a proxy (or server) makes of these bytes: the request and its body."""
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(raw)
+    request, body = server.next_event(), b""
+    while isinstance(event := server.next_event(), h11.Data):
+        body += event.data
+    assert isinstance(event, h11.EndOfMessage)
+    return request, body
+
+
+def client_bytes(request: h11.Request, body: bytes) -> bytes:
+    client = h11.Connection(h11.CLIENT)
+    return client.send(request) + (client.send(h11.Data(data=body)) if body else b"") + client.send(h11.EndOfMessage())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+    target=path,
+    headers=st.lists(st.tuples(token.filter(lambda n: n.encode() not in (b"host", b"content-length", b"transfer-encoding", b"connection", b"te", b"trailer", b"upgrade", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate")), value), max_size=6),
+    body=st.binary(max_size=300),
+    chunked=st.booleans(),
+)
+def test_rewrite_keeps_method_path_headers_and_body(method, target, headers, body, chunked):
+    framing = [("Transfer-Encoding", "chunked")] if chunked else [("Content-Length", str(len(body)))]
+    original = h11.Request(method=method, target=target, headers=[("Host", "mirror.example"), *headers, *framing])
+    received, received_body = parse_request(client_bytes(original, body))
+    forwarded = absolute_form(received, b"mirror.example", b"Basic abc")
+    proxied, proxied_body = parse_request(client_bytes(forwarded, received_body))
+    assert proxied.method == method.encode()
+    assert proxied.target == b"http://mirror.example" + target.encode()
+    assert proxied_body == body
+    expected = [(b"host", b"mirror.example"), *((n.encode(), v.encode()) for n, v in headers)]
+    assert [h for h in proxied.headers if h[0] not in (b"content-length", b"transfer-encoding", b"proxy-authorization")] == expected
+    assert (b"proxy-authorization", b"Basic abc") in proxied.headers
+
+
+def test_hop_by_hop_and_connection_named_headers_are_dropped():
+    headers = [
+        (b"host", b"h"),
+        (b"connection", b"keep-alive, X-Secret-Hop"),
+        (b"keep-alive", b"timeout=5"),
+        (b"x-secret-hop", b"1"),
+        (b"proxy-authorization", b"Basic client-guess"),
+        (b"te", b"trailers"),
+        (b"x-kept", b"yes"),
+        (b"content-length", b"3"),
+    ]
+    assert end_to_end_headers(headers) == [(b"host", b"h"), (b"x-kept", b"yes"), (b"content-length", b"3")]
+
+
+def test_http_10_request_without_host_gets_one():
+    request = h11.Request(method="GET", target="/", headers=[], http_version="1.0")
+    assert (b"host", b"10.0.0.1:8080") in absolute_form(request, authority("10.0.0.1", 8080), None).headers
+
+
+def test_authority():
+    assert authority("example.org", 80) == b"example.org"
+    assert authority("example.org", 8080) == b"example.org:8080"
+    assert authority("2001:db8::1", 80) == b"[2001:db8::1]"
+
+
+def test_what_needs_a_tunnel():
+    def request(method="GET", target="/", headers=()):
+        return h11.Request(method=method, target=target, headers=[("Host", "h"), *headers])
+
+    assert needs_tunnel(request(headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")]))
+    assert needs_tunnel(request(headers=[("Connection", "keep-alive, Upgrade")]))
+    assert needs_tunnel(request(method="OPTIONS", target="*"))
+    assert needs_tunnel(request(method="CONNECT", target="h:443"))
+    assert not needs_tunnel(request(headers=[("Connection", "keep-alive")]))
+
+
+def test_responses_lose_hop_by_hop_headers_but_keep_status():
+    response = h11.Response(status_code=404, reason=b"Nope", headers=[("Connection", "close"), ("Content-Length", "0"), ("Via", "squid")])
+    forwarded = forwarded_response(response)
+    assert (forwarded.status_code, forwarded.reason) == (404, b"Nope")
+    assert forwarded.headers == [(b"content-length", b"0"), (b"via", b"squid")]
+    informational = forwarded_response(h11.InformationalResponse(status_code=100, headers=[]))
+    assert isinstance(informational, h11.InformationalResponse)
