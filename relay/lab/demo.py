@@ -3,6 +3,11 @@
 The client has no proxy settings; the router intercepts its connections
 (iptables REDIRECT) into the relay, which reaches squid on the far host only
 through an ``ssh -L`` tunnel, and squid opens the connection to the server.
+
+The client's own DNS (its /etc/hosts) maps the web server's name to a wrong
+address, as a resolver may hand out the CDN node for another region. The relay
+sniffs the name from the client's first bytes (HTTP Host, TLS SNI) and asks
+squid for the name, so it is resolved on the far side, where it is right.
 Needs root. Everything is torn down at the end, also after an error, Ctrl-C or
 SIGTERM.
 """
@@ -15,6 +20,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,13 +31,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
 from relay.lab import ADDR, Lab, LabError, Squid, SquidLogEntry, start_squid, start_ssh_tunnel, start_sshd
-from relay.lab.servers import TrafficServer, pattern_sha256
+from relay.lab.servers import HttpServer, NxdomainDns, TrafficServer, pattern_sha256
 from relay.lab.services import RelayProcess, intercept, start_relay
 
 RELAY_PORT = 12345
 PROXY = ("127.0.0.1", 3128)  # squid on far's loopback, and the tunnel's end on the router
 HTTP_PORT = 80
+HTTPS_PORT = 443
 TRAFFIC_PORT = 7000
+NAME = "mirror.relaylab.test"
+# What the client's DNS says: far's leg on the server network, where no web server listens.
+WRONG_ADDRESS = ADDR.far_server_side4
+HELLO = b"hello from the lab server\n"  # what HttpServer answers on /hello
 HTTP_FILE_SIZE = 32 << 20
 IPV6_SIZE = 1 << 20
 BULK_SEED, IPV6_SEED = 1, 2
@@ -47,7 +58,10 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_NOT_ROOT, EXIT_INTERRUPTED = 0, 1, 2, 130
 @dataclass
 class Transfer:
     label: str
-    dst: str  # as the relay and squid write it, e.g. "10.77.3.2:80" or "[fd77:3::2]:7000"
+    dst: str  # where the client connected, as the relay writes it: "10.77.3.1:80", "[fd77:3::2]:7000"
+    name: str | None  # the name the relay should have asked squid for; None: by address
+    squid_request: tuple[str, str]  # (method, url) squid should log: ("GET", "http://..."), ("CONNECT", dst)
+    server: str  # the address squid should have connected to
     size: int  # bytes the client received
     seconds: float
     sha256_ok: bool
@@ -117,20 +131,48 @@ def _serving_file(lab: Lab, body: bytes) -> Iterator[None]:
 # -- traffic from the client ----------------------------------------------------
 
 
-def _http_download(lab: Lab, body: bytes) -> Transfer:
+def _curl(lab: Lab, url: str, expected: bytes, *options: str) -> tuple[int, float, bool]:
+    """Fetch ``url`` with curl on the client; returns size, seconds and whether the body is ``expected``."""
     assert lab.tmpdir is not None
     path = lab.tmpdir / "downloaded-file"
-    url = f"http://{ADDR.server4}/file"
     # -q ignores any ~/.curlrc and --noproxy any proxy variables: the client must not know of a proxy.
     result = lab.run("client", ["curl", "-q", "--noproxy", "*", "-sS", "--max-time", str(int(TRANSFER_TIMEOUT)),
-                                "-o", str(path), "-w", "%{http_code} %{size_download} %{time_total}", url],
+                                *options, "-o", str(path), "-w", "%{http_code} %{size_download} %{time_total}", url],
                      timeout=TRANSFER_TIMEOUT + 5)
     status, size, seconds = result.stdout.split()
     if status != "200":
         raise LabError(f"curl {url}: HTTP status {status}")
-    sha256_ok = hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(body).digest()
+    sha256_ok = hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(expected).digest()
     path.unlink()
-    return Transfer(f"curl {url}", _endpoint(ADDR.server4, HTTP_PORT), int(size), float(seconds), sha256_ok)
+    return int(size), float(seconds), sha256_ok
+
+
+def _http_download(lab: Lab, body: bytes) -> Transfer:
+    url = f"http://{NAME}/file"
+    return Transfer(f"curl {url}", _endpoint(WRONG_ADDRESS, HTTP_PORT), NAME, ("GET", url), ADDR.server4,
+                    *_curl(lab, url, body))
+
+
+def _https_fetch(lab: Lab, ca_file: str) -> Transfer:
+    url = f"https://{NAME}/hello"
+    return Transfer(f"curl {url}", _endpoint(WRONG_ADDRESS, HTTPS_PORT), NAME, ("CONNECT", f"{NAME}:{HTTPS_PORT}"),
+                    ADDR.server4, *_curl(lab, url, HELLO, "--cacert", ca_file))
+
+
+def _serve_https(lab: Lab) -> str | None:
+    """An HTTPS server for NAME on the server host; returns the CA file for curl, None without trustme."""
+    try:
+        import trustme  # a test dependency: without it the demo skips its HTTPS fetch
+    except ImportError:
+        return None
+    assert lab.tmpdir is not None
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(NAME).configure_cert(tls)
+    ca_file = str(lab.tmpdir / "ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    HttpServer(lab, "server", "::", HTTPS_PORT, tls=tls)
+    return ca_file
 
 
 def _traffic_download(lab: Lab, address: str, size: int, seed: int, label: str) -> Transfer:
@@ -144,15 +186,16 @@ def _traffic_download(lab: Lab, address: str, size: int, seed: int, label: str) 
             received += len(data)
         seconds = time.monotonic() - started
     sha256_ok = received == size and digest.hexdigest() == pattern_sha256(size, seed)
-    return Transfer(label, _endpoint(address, TRAFFIC_PORT), received, seconds, sha256_ok)
+    dst = _endpoint(address, TRAFFIC_PORT)
+    return Transfer(label, dst, None, ("CONNECT", dst), address, received, seconds, sha256_ok)
 
 
-def _squid_connects(squid: Squid, targets: set[str]) -> list[SquidLogEntry]:
-    """squid's CONNECT log entries, once every target is among them or LOG_TIMEOUT has passed."""
+def _squid_entries(squid: Squid, wanted: set[tuple[str, str]]) -> list[SquidLogEntry]:
+    """squid's CONNECT and GET log entries, once every wanted (method, url) is among them or LOG_TIMEOUT passed."""
     deadline = time.monotonic() + LOG_TIMEOUT
     while True:
-        entries = [entry for entry in squid.access_log() if entry.method == "CONNECT"]
-        if targets <= {entry.url for entry in entries} or time.monotonic() > deadline:
+        entries = [entry for entry in squid.access_log() if entry.method in ("CONNECT", "GET")]
+        if wanted <= {(entry.method, entry.url) for entry in entries} or time.monotonic() > deadline:
             return entries
         time.sleep(0.05)
 
@@ -171,39 +214,62 @@ def _rate_text(size: int, seconds: float) -> str:
     bits_per_second = size * 8 / max(seconds, 1e-6)
     if bits_per_second >= 1e9:
         return f"{bits_per_second / 1e9:.2f} Gbit/s"
-    return f"{bits_per_second / 8e6:.1f} MB/s"
+    if bits_per_second >= 8e6:
+        return f"{bits_per_second / 8e6:.1f} MB/s"
+    return f"{bits_per_second / 8e3:.1f} kB/s"
+
+
+def _relay_end(conn: dict[str, str]) -> str:
+    extras = [f"{key}={conn[key]}" for key in ("http-requests", "retried-by-ip") if key in conn]
+    return " ".join([conn.get("end", "?"), *extras])
+
+
+def _squid_peer(squid_entries: list[SquidLogEntry], request: tuple[str, str]) -> str | None:
+    """The address squid connected to for ``request``, from its HIER_DIRECT/ADDRESS peer field."""
+    for entry in squid_entries:
+        if (entry.method, entry.url) == request and entry.client == PROXY[0] and entry.peer.startswith("HIER_DIRECT/"):
+            return entry.peer.removeprefix("HIER_DIRECT/")
+    return None
 
 
 def _report(lab: Lab, transfers: list[Transfer], connections: list[dict[str, str]], fast_path: str,
-            squid_entries: list[SquidLogEntry], failures: list[str]) -> str:
+            squid_entries: list[SquidLogEntry], https_note: str, failures: list[str]) -> str:
+    vias = ", ".join(sorted({conn.get("via", "?") for conn in connections})) or "-"
     lines = [
         f"topology (namespaces {lab.prefix}-*):",
-        f"  client {ADDR.client4} [{ADDR.client6}]  no proxy settings",
+        f"  client {ADDR.client4} [{ADDR.client6}]  no proxy settings; its /etc/hosts: {NAME} = {WRONG_ADDRESS}",
         f"  -> router  iptables REDIRECT (IPv4+IPv6) -> relay :{RELAY_PORT} -> ssh -L {_endpoint(*PROXY)}"
         " (no route to the server)",
-        f"  -> far {ADDR.far4}  sshd, squid on its own {_endpoint(*PROXY)}",
-        f"  -> server {ADDR.server4} [{ADDR.server6}]  HTTP :{HTTP_PORT}, traffic server :{TRAFFIC_PORT}",
+        f"  -> far {ADDR.far4}  sshd, squid on its own {_endpoint(*PROXY)}; its /etc/hosts: {NAME} = {ADDR.server4}",
+        f"  -> server {ADDR.server4} [{ADDR.server6}]  HTTP :{HTTP_PORT}, HTTPS :{HTTPS_PORT}{https_note}, "
+        f"traffic server :{TRAFFIC_PORT}",
         "",
-        f"{'transfer from the client':<40} {'size':>10} {'time':>8} {'throughput':>13}  sha256",
+        f"{'transfer from the client':<42} {'size':>10} {'time':>8} {'throughput':>13}  sha256",
     ]
     for transfer in transfers:
-        lines.append(f"  {transfer.label:<38} {_size_text(transfer.size):>10} {transfer.seconds:>7.3f}s "
+        lines.append(f"  {transfer.label:<40} {_size_text(transfer.size):>10} {transfer.seconds:>7.3f}s "
                      f"{_rate_text(transfer.size, transfer.seconds):>13}  {'OK' if transfer.sha256_ok else 'MISMATCH'}")
-    lines += ["", f"relay on the router (fast path: {fast_path}), one line per connection:",
-              f"  {'client':<22} {'dst':<20} {'via':<22} {'up':>8} {'down':>10} {'time':>8}  end"]
+    lines += ["", f"relay on the router (fast path: {fast_path}; via {vias}), one line per connection:",
+              f"  {'client':<22} {'dst':<20} {'name':<21} {'up':>8} {'down':>10} {'time':>8}  end"]
     for conn in connections:
-        lines.append(f"  {conn.get('client', '?'):<22} {conn.get('dst', '?'):<20} {conn.get('via', '?'):<22} "
+        lines.append(f"  {conn.get('client', '?'):<22} {conn.get('dst', '?'):<20} {conn.get('name', '-'):<21} "
                      f"{_size_text(int(conn.get('up', 0))):>8} {_size_text(int(conn.get('down', 0))):>10} "
-                     f"{conn.get('time', '?'):>8}  {conn.get('end', '?')}")
-    lines += ["", f"squid on far ({_endpoint(*PROXY)}) access log, CONNECTs:"]
+                     f"{conn.get('time', '?'):>8}  {_relay_end(conn)}")
+    lines += ["", f"squid on far ({_endpoint(*PROXY)}) access log:"]
     for entry in squid_entries:
-        lines.append(f"  from {entry.client:<10} CONNECT {entry.url:<20} {entry.result:<15} {entry.peer}")
+        lines.append(f"  from {entry.client:<10} {entry.method:<7} {entry.url:<34} {entry.result:<15} {entry.peer}")
+    named = next((transfer for transfer in transfers if transfer.name), None)
+    if named is not None:
+        resolved = _squid_peer(squid_entries, named.squid_request) or "nothing (no such squid log entry)"
+        lines += ["", f"names: the client's DNS says {NAME} = {WRONG_ADDRESS} (wrong: no web server there);",
+                  f"       the relay asked squid for the name, and squid resolved it on the far side to {resolved}"]
     lines.append("")
     if failures:
         lines += [f"FAILED: {failure}" for failure in failures]
     else:
-        lines.append(f"all checks passed: sha256 of {len(transfers)} transfers, each relayed, "
-                     "each seen by squid as coming through the ssh tunnel (127.0.0.1)")
+        lines += [f"all checks passed: sha256 of {len(transfers)} transfers, each relayed (by name where the client "
+                  "used one),", "  each seen by squid as coming through the ssh tunnel (127.0.0.1) and connecting to "
+                  "the server"]
     return "\n".join(lines)
 
 
@@ -213,11 +279,21 @@ def _failures(transfers: list[Transfer], connections: list[dict[str, str]],
     for transfer in transfers:
         if not transfer.sha256_ok:
             failures.append(f"{transfer.label}: sha256 does not match what the server sent")
-        if not any(conn.get("dst") == transfer.dst and int(conn.get("down", 0)) >= transfer.size
-                   for conn in connections):
+        carrying = [conn for conn in connections
+                    if conn.get("dst") == transfer.dst and int(conn.get("down", 0)) >= transfer.size]
+        if not carrying:
             failures.append(f"{transfer.label}: the relay logged no connection to {transfer.dst} carrying it")
-        if not any(entry.url == transfer.dst and entry.client == PROXY[0] for entry in squid_entries):
-            failures.append(f"{transfer.label}: squid logged no CONNECT {transfer.dst} from {PROXY[0]} (the tunnel)")
+        elif transfer.name and not any(conn.get("name") == transfer.name and "retried-by-ip" not in conn
+                                       for conn in carrying):
+            failures.append(f"{transfer.label}: the relay did not get it through by the name {transfer.name}")
+        elif transfer.name is None and any("name" in conn for conn in carrying):
+            failures.append(f"{transfer.label}: the relay used a name for a connection by address")
+        method, url = transfer.squid_request
+        peer = _squid_peer(squid_entries, transfer.squid_request)
+        if peer is None:
+            failures.append(f"{transfer.label}: squid logged no {method} {url} from {PROXY[0]} (the tunnel)")
+        elif peer != transfer.server:
+            failures.append(f"{transfer.label}: squid connected to {peer}, not the server {transfer.server}")
     return failures
 
 
@@ -225,6 +301,10 @@ def _failures(transfers: list[Transfer], connections: list[dict[str, str]],
 
 
 def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess]:
+    # Before any daemon or client starts: only processes started afterwards see these files.
+    lab.set_hosts("client", {NAME: WRONG_ADDRESS})
+    lab.set_hosts("far", {NAME: ADDR.server4})
+    NxdomainDns(lab, "far")  # squid's lookups of other names fail at once instead of timing out
     _progress("starting sshd and squid on far")
     sshd = start_sshd(lab)
     squid = start_squid(lab, listen=[PROXY])
@@ -244,18 +324,22 @@ def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
     _progress(f"relay is up on the router :{RELAY_PORT}")
     body = os.urandom(HTTP_FILE_SIZE)
     TrafficServer(lab, "server", "::", TRAFFIC_PORT)
+    ca_file = _serve_https(lab)
     with _serving_file(lab, body):
-        _progress(f"client: curl of a {_size_text(HTTP_FILE_SIZE)} file")
+        _progress(f"client: curl of a {_size_text(HTTP_FILE_SIZE)} file from http://{NAME}"
+                  f"{', then https://' + NAME + '/hello' if ca_file else ''}")
         transfers = [_http_download(lab, body)]
+        if ca_file:
+            transfers.append(_https_fetch(lab, ca_file))
         _progress(f"client: DOWN {_size_text(bulk_size)} from the traffic server, then one over IPv6")
         transfers.append(_traffic_download(lab, ADDR.server4, bulk_size, BULK_SEED, f"DOWN {_size_text(bulk_size)}"))
         transfers.append(_traffic_download(lab, ADDR.server6, IPV6_SIZE, IPV6_SEED,
                                            f"DOWN {_size_text(IPV6_SIZE)} over IPv6"))
     connections = relay.connections(at_least=len(transfers), timeout=LOG_TIMEOUT)
-    squid_entries = _squid_connects(squid, {transfer.dst for transfer in transfers})
+    squid_entries = _squid_entries(squid, {transfer.squid_request for transfer in transfers})
     failures = _failures(transfers, connections, squid_entries)
-    report = _report(lab, transfers, connections, fast_path[1] if fast_path else "not logged",
-                     squid_entries, failures)
+    report = _report(lab, transfers, connections, fast_path[1] if fast_path else "not logged", squid_entries,
+                     "" if ca_file else " (not fetched: trustme not installed)", failures)
     return report, failures
 
 

@@ -79,12 +79,27 @@ def test_demo_reports_every_transfer_intact_and_cleans_up(require_root):
     result = subprocess.run([*DEMO, "--size-mib", "16"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     report = result.stdout
-    for transfer in (rf"curl http://{re.escape(ADDR.server4)}/file", "DOWN 16 MiB", "DOWN 1 MiB over IPv6"):
+    name, wrong, server = re.escape(demo.NAME), re.escape(ADDR.far_server_side4), re.escape(ADDR.server4)
+    for transfer in (rf"curl http://{name}/file", rf"curl https://{name}/hello", "DOWN 16 MiB",
+                     "DOWN 1 MiB over IPv6"):
         assert re.search(rf"^\s*{transfer}\s.*\sOK$", report, re.MULTILINE), report
-    for target in (f"{ADDR.server4}:80", f"{ADDR.server4}:7000", f"[{ADDR.server6}]:7000"):
-        assert re.search(rf"from 127\.0\.0\.1\s+CONNECT {re.escape(target)}\s+TCP_TUNNEL/200", report), report
+    # The client's DNS sent it to the wrong address; the relay asked squid for the name instead.
+    for port, end in ((80, r"closed http-requests=1"), (443, r"closed")):
+        assert re.search(rf"^\s*{re.escape(ADDR.client4)}:\d+\s+{wrong}:{port}\s+{name}\s.*\s{end}$",
+                         report, re.MULTILINE), report
+    for target in (f"{ADDR.server4}:7000", f"[{ADDR.server6}]:7000"):  # by address: no name
+        assert re.search(rf"\s{re.escape(target)}\s+-\s.*\sclosed$", report, re.MULTILINE), report
+    # squid resolved the name on the far side, to the server.
+    assert re.search(rf"from 127\.0\.0\.1\s+GET\s+http://{name}/file\s+TCP_\w+/200\s+HIER_DIRECT/{server}$",
+                     report, re.MULTILINE), report
+    for target, peer in ((f"{demo.NAME}:443", ADDR.server4), (f"{ADDR.server4}:7000", ADDR.server4),
+                         (f"[{ADDR.server6}]:7000", ADDR.server6)):
+        assert re.search(rf"from 127\.0\.0\.1\s+CONNECT {re.escape(target)}\s+TCP_TUNNEL/200\s+"
+                         rf"HIER_DIRECT/{re.escape(peer)}$", report, re.MULTILINE), report
+    assert re.search(rf"squid resolved it on the far side to {server}$", report, re.MULTILINE), report
     assert re.search(r"fast path: \w", report), report
     assert "all checks passed" in report and "FAILED" not in report
+    assert 25 <= len(report.splitlines()) <= 35, report
     lab = _lab_line(result.stderr)
     assert _leftovers(lab["prefix"], lab["tmpdir"]) == []
 
