@@ -5,6 +5,7 @@ for one line on stderr, and no password ever reaches a message or a repr.
 """
 
 import ipaddress
+import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -123,17 +124,213 @@ def parse_host_port(text: str, what: str = "address") -> tuple[str, int]:
     return str(ip), int(port_text)
 
 
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"invalid CIDR {text!r}") from None
+
+
+def parse_domain_suffix(text: str) -> str:
+    suffix = text.lower().strip(".")
+    if not suffix or any(not label or not label.replace("-", "").replace("_", "").isalnum() for label in suffix.split(".")):
+        raise ConfigError(f"invalid domain suffix {text!r}")
+    return suffix
+
+
+def parse_seconds(value, allow_zero: bool = False) -> float:
+    try:
+        seconds = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        seconds = None
+    if seconds is None or not (seconds > 0 or (allow_zero and seconds == 0)):
+        raise ConfigError(f"{value!r} is not a number of seconds {'of at least' if allow_zero else 'above'} 0")
+    return seconds
+
+
+def parse_count(value, minimum: int = 0) -> int:
+    try:
+        count = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        count = None
+    if count is None or count < minimum:
+        raise ConfigError(f"{value!r} is not a whole number of at least {minimum}")
+    return count
+
+
+def parse_mark(value) -> int:
+    try:
+        mark = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value), 0)
+    except ValueError:
+        mark = None
+    if mark is None or not 0 < mark <= 0xFFFFFFFF:
+        raise ConfigError(f"{value!r} is not a mark between 1 and 0xffffffff")
+    return mark
+
+
+def parse_switch(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("on", "true", "yes", "1"):
+        return True
+    if str(value).lower() in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(f"{value!r} is not on or off")
+
+
+def one_of(*choices):
+    def parse(value):
+        if value not in choices:
+            raise ConfigError(f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def parse_option_pair(text: str) -> tuple[str, str]:
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.isalnum():
+        raise ConfigError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _text(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{value!r} is not a non-empty string")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting, the same in the config file (``key = value``) and on the command line (``--key``)."""
+
+    key: str
+    parse: object  # str or TOML value -> the value Config holds
+    default: object = None
+    repeatable: bool = False
+    metavar: str | None = None
+    help: str = ""
+    attribute: str | None = None  # the Config field, when not the key with underscores
+
+    @property
+    def field(self) -> str:
+        return self.attribute or self.key.replace("-", "_")
+
+
+SETTINGS = [
+    Setting("upstream", parse_upstream, [], True, "URL",
+            "HOST:PORT or http://[user:pass@]HOST:PORT (HTTP CONNECT), socks5://[user:pass@]HOST:PORT, "
+            "socks4://HOST:PORT, socks4a://HOST:PORT, or 'direct'; repeatable (failover in order)", "upstreams"),
+    Setting("upstream-strategy", one_of("failover", "round-robin"), "failover", False, "failover|round-robin",
+            "how new connections pick among healthy upstreams (default: failover)"),
+    Setting("mode", one_of("redirect", "tproxy"), "redirect", False, "redirect|tproxy",
+            "how connections are intercepted (default: redirect)"),
+    Setting("listen", lambda v: parse_host_port(v, "listen address"), [], True, "HOST:PORT",
+            "address to listen on, repeatable (default: 0.0.0.0:12345 and [::]:12345)"),
+    Setting("mark", parse_mark, None, False, "N", "SO_MARK for upstream sockets, so firewall rules can exempt them"),
+    Setting("connect-timeout", parse_seconds, 5.0, False, "S", "upstream TCP connect (default: 5)"),
+    Setting("handshake-timeout", parse_seconds, 10.0, False, "S", "proxy handshake (default: 10)"),
+    Setting("idle-timeout", parse_seconds, 600.0, False, "S", "reset connections idle this long (default: 600)"),
+    Setting("sniff", parse_switch, True, False, "on|off",
+            "ask the proxy for the hostname from TLS SNI or the HTTP Host header, so the far side resolves it (default: on)"),
+    Setting("sniff-timeout", parse_seconds, 0.3, False, "S",
+            "wait this long for the client's first bytes before connecting by address (default: 0.3)"),
+    Setting("http-mode", one_of("forward", "connect"), "forward", False, "forward|connect",
+            "plain HTTP through an HTTP proxy: 'forward' sends requests in absolute form, 'connect' tunnels them (default: forward)"),
+    Setting("bypass", parse_cidr, [], True, "CIDR", "connect to these destinations directly, not through the upstream; repeatable"),
+    Setting("bypass-domain", parse_domain_suffix, [], True, "SUFFIX",
+            "connect directly when the sniffed hostname ends with SUFFIX; repeatable"),
+    Setting("health-interval", parse_seconds, 10.0, False, "S", "active upstream health checks this often (default: 10)"),
+    Setting("health-target", lambda v: parse_host_port(v, "health target"), None, False, "HOST:PORT",
+            "active checks do a full proxy handshake to this destination (default: only connect to the proxy)"),
+    Setting("health-failures", lambda v: parse_count(v, 1), 3, False, "N",
+            "an upstream is unhealthy after N failures in a row (default: 3)"),
+    Setting("drain-time", lambda v: parse_seconds(v, allow_zero=True), 30.0, False, "S",
+            "on SIGTERM, let open connections finish for this long (default: 30)"),
+    Setting("metrics", lambda v: parse_host_port(v, "metrics address"), None, False, "HOST:PORT",
+            "serve Prometheus metrics on http://HOST:PORT/metrics"),
+    Setting("log-format", one_of("text", "json"), "text", False, "text|json", "log line format (default: text)"),
+    Setting("ssh", _text, None, False, "[USER@]HOST[:PORT]",
+            "start and supervise ssh to this host: -L to each HTTP/SOCKS4 upstream, -D for SOCKS5; upstream addresses are as seen from there"),
+    Setting("ssh-identity", _text, None, False, "FILE", "ssh identity file"),
+    Setting("ssh-option", parse_option_pair, [], True, "KEY=VALUE", "extra ssh -o option; repeatable"),
+    Setting("user", _text, None, False, "NAME", "after binding, run as this user, keeping only CAP_NET_ADMIN"),
+    Setting("workers", lambda v: parse_count(v, 1), 1, False, "N", "worker processes sharing the listeners (SO_REUSEPORT)"),
+    Setting("pipe-size", parse_count, 0, False, "BYTES", "splice pipe size (default: the kernel's)"),
+    Setting("lan-iface", _text, [], True, "IFACE", "for 'relay rules': LAN interface whose TCP is intercepted; repeatable"),
+    Setting("verbose", parse_count, 0, False, None, "1: one line per connection; 2: debug"),
+]
+SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+
 @dataclass
 class Config:
-    upstream: Upstream
-    mode: str = "redirect"  # or "tproxy"
+    upstreams: list[Upstream]
+    upstream_strategy: str = "failover"
+    mode: str = "redirect"
     listen: list[tuple[str, int]] = field(default_factory=list)  # empty: the defaults
     mark: int | None = None
     connect_timeout: float = 5.0
     handshake_timeout: float = 10.0
     idle_timeout: float = 600.0
-    pipe_size: int = 0  # 0: the kernel's default
     sniff: bool = True  # ask the proxy for the SNI/Host name instead of the IP
     sniff_timeout: float = 0.3  # how long to wait for the client's first bytes
-    http_mode: str = "forward"  # plain HTTP through an HTTP proxy: "forward" (absolute-form) or "connect"
+    http_mode: str = "forward"  # plain HTTP through an HTTP proxy: "forward" (absolute form) or "connect"
+    bypass: list = field(default_factory=list)
+    bypass_domain: list[str] = field(default_factory=list)
+    health_interval: float = 10.0
+    health_target: tuple[str, int] | None = None
+    health_failures: int = 3
+    drain_time: float = 30.0
+    metrics: tuple[str, int] | None = None
+    log_format: str = "text"
+    ssh: str | None = None
+    ssh_identity: str | None = None
+    ssh_option: list[tuple[str, str]] = field(default_factory=list)
+    user: str | None = None
+    workers: int = 1
+    pipe_size: int = 0  # 0: the kernel's default
+    lan_iface: list[str] = field(default_factory=list)
     verbose: int = 0
+
+    @property
+    def upstream(self) -> Upstream:
+        """The first (preferred) upstream."""
+        return self.upstreams[0]
+
+    @classmethod
+    def from_values(cls, values: dict, source: str = "", complete: bool = True, key_prefix: str = "") -> "Config | None":
+        """Validate raw values (strings from the command line, TOML values from a file) keyed by setting.
+
+        With ``complete=False`` only the values given are checked (a file that
+        command-line options will complete), and nothing is returned.
+        """
+        fields = {}
+        for key, raw in values.items():
+            setting = SETTINGS_BY_KEY.get(key)
+            if setting is None:
+                raise ConfigError(f"{source}unknown setting {key_prefix}{key!r}")
+            try:
+                if setting.repeatable:
+                    items = raw if isinstance(raw, list) else [raw]
+                    fields[setting.field] = [setting.parse(item) for item in items]
+                else:
+                    fields[setting.field] = setting.parse(raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}{key_prefix}{key}: {exc}") from None
+        if not complete:
+            return None
+        if not fields.get("upstreams"):
+            raise ConfigError("an upstream is required (for example: --upstream 127.0.0.1:3128)")
+        return cls(**fields)
+
+
+def load_file(path: str) -> dict:
+    """The settings in a TOML config file, keyed like the command-line options."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None

@@ -1,5 +1,6 @@
 """Logging set-up and a rate limiter for messages that can repeat thousands of times."""
 
+import json
 import logging
 import sys
 import time
@@ -8,9 +9,25 @@ log = logging.getLogger("relay")
 conn_log = logging.getLogger("relay.conn")  # one line per connection, shown with -v
 
 
-def setup(verbose: int) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; per-connection lines carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower()}
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        return json.dumps(entry)
+
+
+def setup(verbose: int, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s relay: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s relay: %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)

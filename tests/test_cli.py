@@ -26,14 +26,16 @@ def test_version_names_the_active_fast_path():
 @pytest.mark.parametrize(
     "args,message",
     [
-        ([], "--upstream is required"),
+        ([], "an upstream is required"),
         (["--upstream", "gopher://h:70"], "unknown scheme"),
         (["--upstream", "h:99999"], "out of range"),
         (["--upstream", "http://u:hunter2@h"], "a port is required"),
-        (["--upstream", "h:1", "--mode", "bridge"], "invalid choice"),
+        (["--upstream", "h:1", "--mode", "bridge"], "--mode: 'bridge' is not one of: redirect, tproxy"),
         (["--upstream", "h:1", "--listen", "nowhere"], "invalid listen address"),
         (["--upstream", "h:1", "--mark", "-3"], "between 1 and"),
-        (["--upstream", "h:1", "--idle-timeout", "0"], "must be more than 0"),
+        (["--upstream", "h:1", "--idle-timeout", "0"], "--idle-timeout: '0' is not a number of seconds above 0"),
+        (["--upstream", "h:1", "--workers", "0"], "--workers: '0' is not a whole number of at least 1"),
+        (["--upstream", "h:1", "--bypass", "10.0.0.0/33"], "--bypass: invalid CIDR"),
         (["--upstream", "h:1", "--bogus"], "unrecognized arguments"),
     ],
 )
@@ -68,7 +70,7 @@ def test_upstream_exactly_as_written_in_the_docs():
     code, output = _start_and_stop(["unshare", "--net", "--"], [command, "--upstream", "127.0.0.1:3128"])
     assert code == 0, output
     assert "listening on 0.0.0.0:12345, [::]:12345 (redirect)" in output or "listening on 0.0.0.0:12345 (redirect)" in output
-    assert "SIGTERM: stopping" in output
+    assert "SIGTERM: not accepting; draining 0 connections" in output
 
 
 def test_python_dash_m_starts_and_stops_on_sigint(unused_port):

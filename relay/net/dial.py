@@ -27,6 +27,17 @@ class UpstreamError(Exception):
         self.reason = reason
         self.about_target = about_target
 
+    @property
+    def proxy_fault(self) -> bool:
+        """The proxy itself failed (unreachable, silent, garbled, or rejecting our credentials),
+        as opposed to refusing this destination: this counts against its health."""
+        return self.reason.startswith(("connect-", "proxy-e")) or self.reason in PROXY_FAULTS
+
+
+PROXY_FAULTS = frozenset(
+    {"handshake-timeout", "proxy-protocol-error", "http-407", "socks5-auth-failed", "socks5-no-acceptable-method"}
+)
+
 
 def _about_target(refusal: ProxyRefused) -> bool:
     if refusal.reason.startswith("http-"):

@@ -19,11 +19,13 @@ ACCEPT_PAUSE = 0.1
 CLIENT_GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
 
 
-async def open_listener(host: str, port: int, transparent: bool) -> trio.socket.SocketType:
+async def open_listener(host: str, port: int, transparent: bool, reuse_port: bool = False) -> trio.socket.SocketType:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # --workers: each process has its own listener, the kernel spreads connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 gets its own socket
         if transparent:
@@ -53,13 +55,15 @@ def ipv6_available() -> bool:
     return True
 
 
-async def open_listeners(addresses: list[tuple[str, int]], transparent: bool) -> list[trio.socket.SocketType]:
+async def open_listeners(
+    addresses: list[tuple[str, int]], transparent: bool, reuse_port: bool = False
+) -> list[trio.socket.SocketType]:
     if not addresses:
         addresses = [a for a in DEFAULT_LISTEN if ":" not in a[0] or ipv6_available()]
     listeners = []
     try:
         for host, port in addresses:
-            listeners.append(await open_listener(host, port, transparent))
+            listeners.append(await open_listener(host, port, transparent, reuse_port))
     except BaseException:
         for sock in listeners:
             sock.close()

@@ -1,67 +1,73 @@
-"""The relay itself: listeners, per-connection handling, and shutdown on signals."""
+"""The relay itself: listeners, per-connection handling, upstream choice, reloads and draining."""
 
 import errno
+import ipaddress
 import signal
 import socket
 import time
 
 import trio
 
-from relay import fastpath
-from relay.config import Config, ConfigError
+from relay import fastpath, systemd
+from relay.config import Config, ConfigError, Upstream
 from relay.logs import RateLimited, conn_log, log
-from relay.net.dial import UpstreamError, apply_mark, connect, open_upstream, resolve
+from relay.net.dial import UpstreamError, apply_mark, connect, open_upstream
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.listener import accept_loop, open_listeners
 from relay.net.pump import pump
 from relay.net.sockets import format_address, is_local_address, reset
+from relay.net.upstreams import UpstreamPool, UpstreamState
 from relay.proto.http_connect import basic_credentials
 from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, Sniffed, Sniffer
 
 WILDCARDS = ("0.0.0.0", "::")
 # Upstreams that can be asked for a hostname (SOCKS4 and direct only take addresses).
 NAMED_SCHEMES = ("http", "socks5", "socks4a")
+DIRECT = Upstream("direct")
+# Settings a reload cannot change on a running process (they shape sockets, processes or privileges).
+RESTART_ONLY = ("mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "log_format")
 
 
 class ConnectionRecord:
     """What the per-connection log line (-v) says about one connection."""
 
-    __slots__ = ("peer", "dst", "name", "started", "retried", "up", "down", "http_requests")
+    __slots__ = ("peer", "dst", "name", "started", "retried", "up", "down", "http_requests", "via")
 
     def __init__(self, peer, dst, name, started):
         self.peer, self.dst, self.name, self.started = peer, dst, name, started
         self.retried = None  # the proxy's reason for refusing the name, when we then asked by address
         self.up = self.down = 0
         self.http_requests = None  # forwarded in absolute form, when not tunnelled
+        self.via = None
 
-    def log(self, upstream, ended: str, detail: str | None = None) -> None:
-        line = f"conn client={format_address(self.peer)} dst={format_address(self.dst)}"
+    def log(self, ended: str, detail: str | None = None) -> None:
+        fields = {"event": "conn", "client": format_address(self.peer), "dst": format_address(self.dst)}
         if self.name:
-            line += f" name={self.name}"
+            fields["name"] = self.name
         if self.retried:
-            line += f" retried-by-ip={self.retried}"
+            fields["retried-by-ip"] = self.retried
         if self.http_requests is not None:
-            line += f" http-requests={self.http_requests}"
-        line += (
-            f" via={upstream} up={self.up} down={self.down}"
-            f" time={time.monotonic() - self.started:.3f}s end={ended}"
-        )
+            fields["http-requests"] = self.http_requests
+        fields.update(via=str(self.via or "-"), up=self.up, down=self.down,
+                      time=f"{time.monotonic() - self.started:.3f}s", end=ended)
         if detail:
-            line += f" error={detail!r}"
-        conn_log.info("%s", line)
+            fields["error"] = detail
+        text = " ".join(f"{key}={value!r}" if key == "error" else f"{key}={value}" for key, value in fields.items() if key != "event")
+        conn_log.info("conn %s", text, extra={"fields": fields})
 
 
 class Server:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, metrics, reload=None):
         self.config = config
+        self.metrics = metrics
+        self.reload = reload  # returns a fresh Config (file re-read, command line re-applied), or raises ConfigError
         self.listeners: list[trio.socket.SocketType] = []
         self.listening: set[tuple[str, int]] = set()
-        self.proxy_addresses: list[tuple[int, tuple]] = []  # resolved once, at start
+        self.pool = UpstreamPool(config, metrics)
+        self.tunnels = []
         # Local addresses of our open upstream sockets: a client coming *from* one is our own traffic looped back.
         self.own_sources: set[tuple[str, int]] = set()
         self.warnings = RateLimited()
-        # Plain HTTP clients get absolute-form forwarding instead of a CONNECT tunnel.
-        self.forward_http = config.upstream.scheme == "http" and config.http_mode == "forward"
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""
@@ -72,14 +78,16 @@ class Server:
                     apply_mark(probe, config.mark)
                 except PermissionError:
                     raise ConfigError("--mark needs CAP_NET_ADMIN (run as root, or grant the capability)") from None
-        upstream = config.upstream
-        if upstream.scheme != "direct":
-            try:
-                self.proxy_addresses = await resolve(upstream.host, upstream.port)
-            except OSError as exc:
-                raise ConfigError(f"cannot resolve upstream host {upstream.host!r}: {exc.strerror}") from None
-        self.listeners = await open_listeners(config.listen, transparent=config.mode == "tproxy")
+        if config.ssh:
+            self.tunnels = make_tunnels(config, self.metrics)
+        else:
+            await self.pool.resolve()
+        self.listeners = await open_listeners(
+            config.listen, transparent=config.mode == "tproxy", reuse_port=config.workers > 1
+        )
         self.listening = {sock.getsockname()[:2] for sock in self.listeners}
+
+    # -- one connection ----------------------------------------------------------
 
     def original_destination(self, conn) -> tuple[str, int]:
         if self.config.mode == "tproxy":
@@ -95,7 +103,7 @@ class Server:
         """Why this connection must not be relayed, if it is a loop or aimed at the relay itself."""
         if peer in self.own_sources:
             return "it comes from the relay's own upstream connection (a routing loop: exempt --mark traffic)"
-        if any(dst == address[:2] for _, address in self.proxy_addresses):
+        if dst in self.pool.proxy_addresses():
             return "its destination is the upstream proxy itself (a routing loop: exempt --mark traffic)"
         for host, port in self.listening:
             if dst[1] == port and (dst[0] == host or (host in WILDCARDS and is_local_address(dst[0]))):
@@ -103,31 +111,36 @@ class Server:
         return None
 
     async def handle(self, conn, peer) -> None:
+        config, pool = self.config, self.pool  # a reload affects new connections only
+        self.metrics.connection_accepted()
         started = time.monotonic()
         peer = peer[:2]
-        dst = None
+        dst = record = None
+        ended, detail = "error", None
         try:
             dst = self.original_destination(conn)
             refusal = self.loop_reason(peer, dst)
             if refusal:
+                ended = "refused:loop"
                 reset(conn)
-                self.warnings.warning(
-                    f"loop {dst}", f"refused {format_address(peer)} -> {format_address(dst)}: {refusal}"
-                )
+                self.warnings.warning(f"loop {dst}", f"refused {format_address(peer)} -> {format_address(dst)}: {refusal}")
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sniffed, first = await self.sniff(conn)
-            record = ConnectionRecord(peer, dst, sniffed.hostname if self.config.sniff else None, started)
-            if sniffed.protocol == HTTP and self.forward_http:
+            sniffed, first = await self.sniff(conn, config, pool)
+            record = ConnectionRecord(peer, dst, sniffed.hostname if config.sniff else None, started)
+            direct = bypassed(config, dst, sniffed.hostname)
+            candidates = [] if direct else pool.candidates()
+            if sniffed.protocol == HTTP and self.forwards_http(config, candidates):
                 try:
-                    return await self.forward(conn, first, record)
+                    ended, detail = await self.forward(conn, first, record, config, pool, candidates)
+                    return
                 except NeedsTunnel as exc:  # e.g. a WebSocket upgrade: tunnel it as it came
                     first = exc.data
             try:
-                upstream, early = await self.open_tunnel(dst, record)
+                upstream, early = await self.open_tunnel(dst, record, config, pool, candidates, direct)
             except UpstreamError as exc:
                 reset(conn)
-                record.log(self.config.upstream, f"refused:{exc.reason}", detail=str(exc))
+                ended, detail = f"refused:{exc.reason}", str(exc)
                 return
             source = upstream.getsockname()[:2]
             self.own_sources.add(source)
@@ -137,15 +150,15 @@ class Server:
                     upstream,
                     to_upstream_first=first,
                     to_client_first=early,
-                    idle_timeout=self.config.idle_timeout,
-                    pipe_size=self.config.pipe_size,
+                    idle_timeout=config.idle_timeout,
+                    pipe_size=config.pipe_size,
                 )
             finally:
                 self.own_sources.discard(source)
-            record.up, record.down = result.sent_up, result.sent_down
-            record.log(self.config.upstream, result.ended)
+            record.up, record.down, ended = result.sent_up, result.sent_down, result.ended
         except OSError as exc:
             reset(conn)
+            ended = "client-" + errno.errorcode.get(exc.errno, "error").lower()
             self.warnings.warning(f"conn-{exc.errno}", f"connection from {format_address(peer)} failed: {exc}")
         except Exception:
             # A bug must cost one connection, not the relay and every other connection.
@@ -153,16 +166,31 @@ class Server:
             log.exception("internal error while relaying %s -> %s", format_address(peer), dst and format_address(dst))
         except BaseException:
             reset(conn)  # cancelled (shutdown): the client must not see a clean end of data
+            ended = "cancelled"
             raise
+        finally:
+            if record is not None:
+                record.log(ended, detail)
+            self.metrics.connection_closed(ended, record.up if record else 0, record.down if record else 0)
 
-    async def sniff(self, conn) -> tuple[Sniffed, bytes]:
+    def wants_sniffing(self, config: Config, pool: UpstreamPool) -> bool:
+        return (
+            (config.sniff and any(state.upstream.scheme in NAMED_SCHEMES for state in pool.states))
+            or bool(config.bypass_domain)
+            or self.forwards_http(config, pool.states)
+        )
+
+    @staticmethod
+    def forwards_http(config: Config, candidates) -> bool:
+        return config.http_mode == "forward" and bool(candidates) and candidates[0].upstream.scheme == "http"
+
+    async def sniff(self, conn, config: Config, pool: UpstreamPool) -> tuple[Sniffed, bytes]:
         """What the client's first bytes say (protocol, hostname), and those bytes.
 
         Waits at most --sniff-timeout: a client that waits for the server to
         speak first (SSH, SMTP) is then connected by address.
         """
-        config = self.config
-        if not self.forward_http and not (config.sniff and config.upstream.scheme in NAMED_SCHEMES):
+        if not self.wants_sniffing(config, pool):
             return NOT_RECOGNISED, b""
         sniffer = Sniffer()
         with trio.move_on_after(config.sniff_timeout):
@@ -173,19 +201,37 @@ class Server:
                 sniffer.receive_data(data)
         return sniffer.give_up(), sniffer.buffered
 
-    async def forward(self, conn, first: bytes, record: "ConnectionRecord") -> None:
+    async def forward(self, conn, first, record, config, pool, candidates) -> tuple[str, str | None]:
         """Plain HTTP to an HTTP proxy in absolute form (see relay.net.http_forward)."""
-        config = self.config
-        upstream = config.upstream
+        http_candidates = [state for state in candidates if state.upstream.scheme == "http"]
+        used: list[UpstreamState] = []
+
+        async def open_proxy():
+            last = None
+            for state in http_candidates:
+                try:
+                    sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
+                except UpstreamError as exc:
+                    pool.failed(state, exc)
+                    last = exc
+                    continue
+                pool.succeeded(state)
+                used.append(state)
+                record.via = state.upstream
+                return sock
+            raise last
+
+        upstream = http_candidates[0].upstream
         forwarder = HttpForwarder(
             conn,
             first,
             record.dst,
-            lambda: connect(self.proxy_addresses, mark=config.mark, timeout=config.connect_timeout),
+            open_proxy,
             use_names=config.sniff,
             proxy_authorization=basic_credentials(upstream.username, upstream.password.reveal()) if upstream.password else None,
             idle_timeout=config.idle_timeout,
         )
+        record.via = upstream
         detail = None
         try:
             ended = await forwarder.run()
@@ -197,56 +243,160 @@ class Server:
             ended, detail = f"refused:{exc.reason}", str(exc)
             reset(conn)
         record.up, record.down, record.http_requests = forwarder.sent_up, forwarder.sent_down, forwarder.requests
-        record.log(upstream, ended, detail)
+        return ended, detail
 
-    async def open_tunnel(self, dst, record: "ConnectionRecord"):
-        """The upstream socket and the bytes already received on it, asking for the
-        sniffed name if there is one; if the proxy cannot reach that name, once more
-        by address (nothing has reached the client yet, so nothing is lost)."""
-        config = self.config
+    async def open_tunnel(self, dst, record, config, pool, candidates, direct):
+        """The upstream socket and the bytes already received on it.
 
-        async def attempt(target):
-            return await open_upstream(
-                config.upstream,
-                self.proxy_addresses,
-                target,
-                mark=config.mark,
-                connect_timeout=config.connect_timeout,
-                handshake_timeout=config.handshake_timeout,
-            )
+        Asks for the sniffed name if there is one, and if the proxy cannot reach
+        it, once more by address; if a proxy fails (not the destination), the
+        next healthy one. Nothing has reached the client yet, so nothing is lost.
+        """
+        if direct:
+            record.via = DIRECT
+            return await self.attempt(config, DIRECT, [], dst)
+        if not candidates:
+            raise UpstreamError("no healthy upstream", "no-healthy-upstream")
+        last = None
+        for state in candidates:
+            record.via = state.upstream
+            try:
+                result = await self.attempt_named(config, state, dst, record)
+            except UpstreamError as exc:
+                if not exc.proxy_fault:
+                    raise
+                pool.failed(state, exc)
+                last = exc
+                continue
+            pool.succeeded(state)
+            return result
+        raise last
 
-        if record.name is None:
-            return await attempt(dst)
+    async def attempt_named(self, config, state: UpstreamState, dst, record):
+        if record.name is None or state.upstream.scheme not in NAMED_SCHEMES:
+            return await self.attempt(config, state.upstream, state.addresses, dst)
         try:
-            return await attempt((record.name, dst[1]))
+            return await self.attempt(config, state.upstream, state.addresses, (record.name, dst[1]))
         except UpstreamError as exc:
             if not exc.about_target:
                 raise
             record.retried = exc.reason
-            return await attempt(dst)
+            return await self.attempt(config, state.upstream, state.addresses, dst)
 
-    async def serve(self) -> None:
-        """Accept and relay until SIGINT/SIGTERM."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                for listener in self.listeners:
-                    nursery.start_soon(accept_loop, listener, self.handle, nursery, self.warnings)
+    async def attempt(self, config, upstream, addresses, target):
+        started = time.monotonic()
+        result = await open_upstream(
+            upstream,
+            addresses,
+            target,
+            mark=config.mark,
+            connect_timeout=config.connect_timeout,
+            handshake_timeout=config.handshake_timeout,
+        )
+        self.metrics.handshake_done(str(upstream), time.monotonic() - started)
+        return result
+
+    # -- the whole process ---------------------------------------------------------
+
+    async def serve(self, signals) -> None:
+        """Accept and relay until SIGINT/SIGTERM arrives on ``signals``, then drain; SIGHUP reloads."""
+        async with trio.open_nursery() as services:
+            for tunnel in self.tunnels:
+                await services.start(tunnel.run)
+            if self.tunnels:
+                await self.pool.resolve(self.tunnels)
+            health = await services.start(self.run_health_checks, self.pool)
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                services.start_soon(self.accept_all, connections, accepting)
                 log.info(
                     "listening on %s (%s), upstream %s, fast path: %s",
                     ", ".join(format_address(a) for a in sorted(self.listening)),
                     self.config.mode,
-                    self.config.upstream,
+                    ", ".join(str(u) for u in self.config.upstreams),
                     fastpath.WHY,
                 )
+                systemd.notify("READY=1")
                 async for signum in signals:
-                    log.info("%s: stopping", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
+                    if signum == signal.SIGHUP:
+                        health = await self.apply_reload(services, health)
+                        continue
+                    log.info("%s: not accepting; draining %d connections for up to %g s",
+                             signal.Signals(signum).name, len(connections.child_tasks), self.config.drain_time)
+                    systemd.notify("STOPPING=1")
+                    accepting.cancel()
+                    with trio.move_on_after(self.config.drain_time):
+                        while connections.child_tasks:
+                            await trio.sleep(0.05)
+                    connections.cancel_scope.cancel()  # what is left is reset
                     break
-        for listener in self.listeners:
-            listener.close()
+            services.cancel_scope.cancel()
+
+    async def accept_all(self, connections, accepting: trio.CancelScope) -> None:
+        try:
+            with accepting:
+                async with trio.open_nursery() as nursery:
+                    for listener in self.listeners:
+                        nursery.start_soon(accept_loop, listener, self.handle, connections, self.warnings)
+        finally:
+            for listener in self.listeners:  # closed only once no task waits on them
+                listener.close()
+
+    async def run_health_checks(self, pool: UpstreamPool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await pool.run_health_checks()
+
+    async def apply_reload(self, services, health: trio.CancelScope) -> trio.CancelScope:
+        """SIGHUP: a new configuration for new connections; open ones keep theirs."""
+        systemd.notify("RELOADING=1")
+        try:
+            new = self.reload()
+            pool = UpstreamPool(new, self.metrics)
+            if not new.ssh:
+                await pool.resolve()
+            else:
+                await pool.resolve(self.tunnels)
+        except ConfigError as exc:
+            log.warning("SIGHUP: keeping the old configuration: %s", exc)
+            systemd.notify("READY=1")
+            return health
+        ignored = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+        for key in ignored:
+            setattr(new, key, getattr(self.config, key))
+        if ignored:
+            log.warning("SIGHUP: %s only change on restart", ", ".join(k.replace("_", "-") for k in ignored))
+        health.cancel()
+        self.config, self.pool = new, pool
+        log.info("SIGHUP: configuration reloaded; upstream %s", ", ".join(str(u) for u in new.upstreams))
+        systemd.notify("READY=1")
+        return await services.start(self.run_health_checks, pool)
 
 
-async def run(config: Config) -> None:
-    server = Server(config)
-    await server.open()
-    await server.serve()
+def bypassed(config: Config, dst, hostname: str | None) -> bool:
+    """Whether this destination goes direct (--bypass, --bypass-domain) instead of through a proxy."""
+    if config.bypass:
+        address = ipaddress.ip_address(dst[0])
+        if any(address in network for network in config.bypass):
+            return True
+    if hostname and config.bypass_domain:
+        return any(hostname == suffix or hostname.endswith("." + suffix) for suffix in config.bypass_domain)
+    return False
+
+
+def make_tunnels(config: Config, metrics) -> list:
+    """One supervised ssh per upstream: -L to an HTTP/SOCKS4 proxy as the far host sees it, -D for SOCKS5."""
+    from relay.net.tunnel import SshTunnel, parse_ssh_target
+
+    target = parse_ssh_target(config.ssh)
+    tunnels = []
+    for upstream in config.upstreams:
+        if upstream.scheme == "socks5":
+            tunnel = SshTunnel(target, forward="socks", remote=None, local=(upstream.host, upstream.port),
+                               identity=config.ssh_identity, options=tuple(config.ssh_option))
+        else:
+            tunnel = SshTunnel(target, forward="local", remote=(upstream.host, upstream.port), local=("127.0.0.1", 0),
+                               identity=config.ssh_identity, options=tuple(config.ssh_option))
+        tunnel.on_restart = lambda reason, name=str(upstream): metrics.tunnel_restarted(name, reason)
+        tunnels.append(tunnel)
+    return tunnels

@@ -47,3 +47,13 @@ def expect_reset(sock, within: float) -> float:
     except socket.timeout:
         raise AssertionError(f"no reset within {within} s") from None
     raise AssertionError("the connection ended with a FIN, not a reset")
+
+
+def connect_expecting_reset(lab, host, address, port, within: float) -> None:
+    """Connect and wait for a reset, which may come so fast that connect() itself reports it."""
+    try:
+        sock = lab.connect(host, address, port, timeout=within)
+    except ConnectionResetError:
+        return
+    with sock:
+        expect_reset(sock, within)

@@ -9,7 +9,7 @@ import pytest
 
 from relay.lab import ADDR
 from relay.lab.servers import BannerServer
-from tests.e2e.clients import connect, download, expect_reset, read_all, upload
+from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all, upload
 from tests.e2e.conftest import (
     BANNER_PORT,
     CLOSED_PORT,
@@ -106,8 +106,7 @@ def test_tproxy_sees_the_original_destination_without_nat(run_relay, lab):
 def test_connecting_to_the_relay_port_itself_is_refused(run_relay, lab):
     relay = run_relay(UPSTREAMS["dante"])
     for address in (ADDR.router_lan4, ADDR.router_lan6):
-        with lab.connect("client", address, RELAY_PORT) as sock:
-            expect_reset(sock, within=2)
+        connect_expecting_reset(lab, "client", address, RELAY_PORT, within=2)
     assert relay.wait_for_log("relay's own listening port")
     assert relay.connections() == []  # no upstream connection was even tried
 

@@ -240,11 +240,11 @@ def test_dante_relays_socks5(lab, echo, dante, proxy, target):
 
 
 def test_dante_checks_username_and_password(lab, echo):
-    start_dante(lab, listen=[(ADDR.far4, 1081)], auth=("relaylab", "lab-secret"), name="dante-auth")
+    start_dante(lab, listen=[(ADDR.far4, 1081)], auth=("relaylab-labtest", "lab-secret"), name="dante-auth")
     with lab.connect("router", ADDR.far4, 1081, timeout=IO_TIMEOUT) as sock:
-        assert socks5_connect(sock, ADDR.server4, ECHO_PORT, auth=("relaylab", "wrong")) == -1
+        assert socks5_connect(sock, ADDR.server4, ECHO_PORT, auth=("relaylab-labtest", "wrong")) == -1
     with lab.connect("router", ADDR.far4, 1081, timeout=IO_TIMEOUT) as sock:
-        assert socks5_connect(sock, ADDR.server4, ECHO_PORT, auth=("relaylab", "lab-secret")) == 0
+        assert socks5_connect(sock, ADDR.server4, ECHO_PORT, auth=("relaylab-labtest", "lab-secret")) == 0
         assert_echoes(sock)
 
 

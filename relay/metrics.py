@@ -1,0 +1,239 @@
+"""Prometheus metrics: counters kept by the relay, served as text format 0.0.4 over HTTP.
+
+Everything runs in the one Trio thread, so the hot-path updates are plain
+attribute and dict operations with no locking.
+
+Label values come from callers, who must pass redacted upstream URLs
+(``http://user:***@host:port``); the upstream and tunnel labels are redacted
+again here so that a slip upstream still never exposes a password.
+"""
+
+import functools
+from bisect import bisect_left
+
+import h11
+import trio
+
+from relay.config import redact_url
+from relay.logs import RateLimited
+from relay.net.listener import accept_loop, open_listener
+
+HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BUCKET_LABELS = tuple(f"{bound:g}" for bound in HANDSHAKE_BUCKETS) + ("+Inf",)
+REFUSED_PREFIX = "refused:"
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+PLAIN_TEXT = b"text/plain; charset=utf-8"
+MAX_REQUEST_HEAD = 8192
+RECEIVE_SIZE = 8192
+# A scrape is a few round trips; a slot held longer than this is a stuck or hostile client.
+CONNECTION_TIMEOUT = 10.0
+MAX_CONCURRENT_SCRAPES = 64
+
+
+def _label(value: str) -> str:
+    """A label value, quoted and escaped as the text format requires."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _sample(name: str, labels: dict[str, str], value) -> str:
+    if not labels:
+        return f"{name} {value}"
+    pairs = ",".join(f"{key}={_label(text)}" for key, text in labels.items())
+    return f"{name}{{{pairs}}} {value}"
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self):
+        self.counts = [0] * len(_BUCKET_LABELS)  # per bucket, not cumulative: render() adds them up
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(HANDSHAKE_BUCKETS, value)] += 1
+        self.total += value
+
+
+class Metrics:
+    """The relay's counters and gauges; ``render()`` gives the exposition text."""
+
+    def __init__(self, *, version: str, fast_path: str):
+        self.version = version
+        self.fast_path = fast_path
+        self.accepted = 0
+        self.active = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.ended: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.handshakes: dict[str, _Histogram] = {}
+        self.upstream_healthy: dict[str, bool] = {}
+        self.tunnel_restarts: dict[tuple[str, str], int] = {}
+
+    def connection_accepted(self) -> None:
+        self.accepted += 1
+        self.active += 1
+
+    def connection_closed(self, ended: str, sent_up: int, sent_down: int) -> None:
+        """``ended`` says how: "closed", "client-reset", ... or "refused:REASON", which also counts as a failure."""
+        self.active -= 1
+        self.bytes_up += sent_up
+        self.bytes_down += sent_down
+        self.ended[ended] = self.ended.get(ended, 0) + 1
+        if ended.startswith(REFUSED_PREFIX):
+            reason = ended[len(REFUSED_PREFIX) :]
+            self.failed[reason] = self.failed.get(reason, 0) + 1
+
+    def handshake_done(self, upstream: str, seconds: float) -> None:
+        label = redact_url(upstream)
+        histogram = self.handshakes.get(label)
+        if histogram is None:
+            histogram = self.handshakes[label] = _Histogram()
+        histogram.observe(seconds)
+
+    def set_upstream_healthy(self, upstream: str, healthy: bool) -> None:
+        self.upstream_healthy[redact_url(upstream)] = healthy
+
+    def tunnel_restarted(self, tunnel: str, reason: str) -> None:
+        key = (redact_url(tunnel), reason)
+        self.tunnel_restarts[key] = self.tunnel_restarts.get(key, 0) + 1
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        family("relay_info", "gauge", "Relay version and fast-path implementation; always 1.")
+        lines.append(_sample("relay_info", {"version": self.version, "fast_path": self.fast_path}, 1))
+
+        family("relay_connections_accepted_total", "counter", "Client connections accepted.")
+        lines.append(_sample("relay_connections_accepted_total", {}, self.accepted))
+
+        family("relay_connections_active", "gauge", "Client connections open now.")
+        lines.append(_sample("relay_connections_active", {}, self.active))
+
+        family("relay_connections_ended_total", "counter", "Client connections closed, by how they ended.")
+        for how, count in sorted(self.ended.items()):
+            lines.append(_sample("relay_connections_ended_total", {"how": how}, count))
+
+        family("relay_connections_failed_total", "counter", "Client connections refused, by reason.")
+        for reason, count in sorted(self.failed.items()):
+            lines.append(_sample("relay_connections_failed_total", {"reason": reason}, count))
+
+        family("relay_bytes_total", "counter", "Bytes relayed: up is client to upstream, down is upstream to client.")
+        lines.append(_sample("relay_bytes_total", {"direction": "up"}, self.bytes_up))
+        lines.append(_sample("relay_bytes_total", {"direction": "down"}, self.bytes_down))
+
+        family("relay_upstream_healthy", "gauge", "1 if the upstream passed its last health check, else 0.")
+        for upstream, healthy in sorted(self.upstream_healthy.items()):
+            lines.append(_sample("relay_upstream_healthy", {"upstream": upstream}, int(healthy)))
+
+        family("relay_handshake_seconds", "histogram", "Time to set up a connection through the upstream.")
+        for upstream, histogram in sorted(self.handshakes.items()):
+            cumulative = 0
+            for le, count in zip(_BUCKET_LABELS, histogram.counts):
+                cumulative += count
+                lines.append(_sample("relay_handshake_seconds_bucket", {"upstream": upstream, "le": le}, cumulative))
+            lines.append(_sample("relay_handshake_seconds_sum", {"upstream": upstream}, repr(histogram.total)))
+            lines.append(_sample("relay_handshake_seconds_count", {"upstream": upstream}, cumulative))
+
+        family("relay_tunnel_restarts_total", "counter", "Tunnel restarts, by tunnel and reason.")
+        for (tunnel, reason), count in sorted(self.tunnel_restarts.items()):
+            lines.append(_sample("relay_tunnel_restarts_total", {"tunnel": tunnel, "reason": reason}, count))
+
+        lines.append("")
+        return "\n".join(lines)
+
+
+async def serve_metrics(
+    metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``GET /metrics`` on HOST:PORT (an IP literal) until cancelled; reports the bound (host, port)."""
+    listener = await open_listener(host, port, transparent=False)
+    with listener:
+        task_status.started(listener.getsockname()[:2])
+        scrapes = trio.CapacityLimiter(MAX_CONCURRENT_SCRAPES)
+        handle = functools.partial(_serve_scraper, metrics, scrapes)
+        async with trio.open_nursery() as nursery:
+            await accept_loop(listener, handle, nursery, RateLimited())
+
+
+async def _serve_scraper(metrics: Metrics, scrapes: trio.CapacityLimiter, conn, _peer) -> None:
+    try:
+        scrapes.acquire_nowait()
+    except trio.WouldBlock:
+        conn.close()  # full: refuse at once rather than queue, so a stuck crowd cannot pile up
+        return
+    stream = trio.SocketStream(conn)
+    try:
+        with trio.move_on_after(CONNECTION_TIMEOUT):
+            await _converse(metrics, stream)
+    except trio.BrokenResourceError:
+        pass  # the scraper went away mid-exchange
+    finally:
+        scrapes.release()
+        await trio.aclose_forcefully(stream)
+
+
+async def _converse(metrics: Metrics, stream: trio.SocketStream) -> None:
+    # h11 refuses an incomplete head longer than this; with reads capped at MAX_REQUEST_HEAD
+    # buffered, that makes any head over MAX_REQUEST_HEAD fail and any other one fit.
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD - 1)
+    try:
+        while request := await _receive_request(conn, stream):
+            await _answer(metrics, conn, stream, request)
+            # Keep the connection only after a bodiless request: a body is not worth reading.
+            if conn.our_state is h11.MUST_CLOSE or not isinstance(conn.next_event(), h11.EndOfMessage):
+                return
+            conn.start_next_cycle()
+    except h11.RemoteProtocolError as exc:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await _send(conn, stream, exc.error_status_hint, b"bad request\n")
+
+
+async def _receive_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    """The next request, or None when the client hung up between requests."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            room = MAX_REQUEST_HEAD - len(conn.trailing_data[0])  # at least 1, or h11 would have refused
+            conn.receive_data(await stream.receive_some(min(RECEIVE_SIZE, room)))
+        elif isinstance(event, h11.Request):
+            return event
+        else:  # ConnectionClosed
+            return None
+
+
+async def _answer(metrics: Metrics, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> None:
+    if request.method not in (b"GET", b"HEAD"):
+        await _send(conn, stream, 405, b"method not allowed\n", extra_headers=[(b"Allow", b"GET, HEAD")])
+        return
+    if request.target.partition(b"?")[0] != b"/metrics":
+        await _send(conn, stream, 404, b"not found, try /metrics\n")
+        return
+    # A lone surrogate in a label must not fail the whole scrape.
+    body = metrics.render().encode("utf-8", "replace")
+    await _send(conn, stream, 200, body, content_type=CONTENT_TYPE, head_only=request.method == b"HEAD")
+
+
+async def _send(
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    status: int,
+    body: bytes,
+    *,
+    content_type: bytes = PLAIN_TEXT,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    head_only: bool = False,
+) -> None:
+    """One whole response; for HEAD, ``head_only`` keeps the body's length but not the body."""
+    headers = [(b"Content-Type", content_type), (b"Content-Length", str(len(body)).encode())]
+    headers += extra_headers or []
+    data = conn.send(h11.Response(status_code=status, headers=headers))
+    if not head_only:
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    await stream.send_all(data)

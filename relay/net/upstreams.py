@@ -1,0 +1,119 @@
+"""Several upstreams: which one a new connection uses, and whether each is healthy.
+
+Health is passive (N proxy failures in a row make an upstream unhealthy, a
+success makes it healthy again) and active (every --health-interval a real
+connection, with a full handshake when --health-target is set). Connections
+go to healthy upstreams only, in order (failover) or in turn (round-robin);
+when none is healthy they are reset at once rather than left to time out.
+"""
+
+import itertools
+
+import trio
+
+from relay.config import Config, ConfigError, Upstream
+from relay.logs import log
+from relay.net.dial import UpstreamError, connect, open_upstream, resolve
+from relay.net.sockets import reset
+
+
+class UpstreamState:
+    __slots__ = ("upstream", "addresses", "healthy", "failures", "tunnel")
+
+    def __init__(self, upstream: Upstream, addresses, tunnel=None):
+        self.upstream = upstream
+        self.addresses = addresses  # where to connect: the proxy, or the local end of its ssh tunnel
+        self.healthy = True
+        self.failures = 0
+        self.tunnel = tunnel
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and (self.tunnel is None or self.tunnel.up)
+
+
+class UpstreamPool:
+    def __init__(self, config: Config, metrics):
+        self.config = config
+        self.metrics = metrics
+        self.states: list[UpstreamState] = []
+        self._turn = itertools.count()
+        self._proxy_addresses: set[tuple[str, int]] = set()
+
+    async def resolve(self, tunnels=None) -> None:
+        """Resolve each proxy once; with ssh tunnels, connect to their local ends instead."""
+        for index, upstream in enumerate(self.config.upstreams):
+            tunnel = tunnels[index] if tunnels else None
+            addresses = []
+            if tunnel is not None:
+                addresses = await resolve(*tunnel.local_address)
+            elif upstream.scheme != "direct":
+                try:
+                    addresses = await resolve(upstream.host, upstream.port)
+                except OSError as exc:
+                    raise ConfigError(f"cannot resolve upstream host {upstream.host!r}: {exc.strerror}") from None
+            self.states.append(UpstreamState(upstream, addresses, tunnel))
+            self._proxy_addresses.update(address[:2] for _, address in addresses)
+            self.metrics.set_upstream_healthy(str(upstream), True)
+
+    def proxy_addresses(self) -> set[tuple[str, int]]:
+        """Every address a proxy of ours listens on (a destination equal to one is a loop)."""
+        return self._proxy_addresses
+
+    def candidates(self) -> list[UpstreamState]:
+        usable = [state for state in self.states if state.usable]
+        if self.config.upstream_strategy == "round-robin" and usable:
+            start = next(self._turn) % len(usable)
+            usable = usable[start:] + usable[:start]
+        return usable
+
+    def succeeded(self, state: UpstreamState) -> None:
+        state.failures = 0
+        if not state.healthy:
+            self._set_health(state, True, "a connection succeeded")
+
+    def failed(self, state: UpstreamState, error: UpstreamError) -> None:
+        state.failures += 1
+        if state.healthy and state.failures >= self.config.health_failures:
+            self._set_health(state, False, f"{state.failures} failures in a row, the last: {error}")
+
+    def _set_health(self, state: UpstreamState, healthy: bool, why: str) -> None:
+        state.healthy = healthy
+        self.metrics.set_upstream_healthy(str(state.upstream), healthy)
+        log.warning("upstream %s is %s: %s", state.upstream, "healthy again" if healthy else "unhealthy", why)
+
+    async def run_health_checks(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for state in self.states:
+                if state.upstream.scheme != "direct":
+                    nursery.start_soon(self._check_forever, state)
+
+    async def _check_forever(self, state: UpstreamState) -> None:
+        while True:
+            await trio.sleep(self.config.health_interval)
+            try:
+                await self.check(state)
+            except UpstreamError as exc:
+                # A failed active check is decisive: no waiting for more failures in a row.
+                state.failures = max(state.failures, self.config.health_failures - 1)
+                self.failed(state, exc)
+                continue
+            self.succeeded(state)
+
+    async def check(self, state: UpstreamState) -> None:
+        """One active check: connect (and, with --health-target, a full handshake); raises UpstreamError."""
+        config = self.config
+        if state.tunnel is not None and not state.tunnel.up:
+            raise UpstreamError("its ssh tunnel is down", "connect-tunnel-down")
+        if config.health_target is None:
+            sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
+        else:
+            sock, _ = await open_upstream(
+                state.upstream,
+                state.addresses,
+                config.health_target,
+                mark=config.mark,
+                connect_timeout=config.connect_timeout,
+                handshake_timeout=config.handshake_timeout,
+            )
+        reset(sock)
