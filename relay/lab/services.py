@@ -393,9 +393,10 @@ class RelayProcess(Service):
 
 
 def start_relay(lab: Lab, args: Sequence[str], host: str = "router", name: str = "relay",
-                pure: bool = False) -> RelayProcess:
+                pure: bool = False, env: dict[str, str] | None = None) -> RelayProcess:
     """Run the relay from this checkout with ``args`` (plus -v); ``pure`` forces the Python fast path."""
-    argv = ["env", f"RELAY_NO_EXTENSIONS={int(pure)}", sys.executable, "-m", "relay", "-v", *args]
+    variables = [f"{key}={value}" for key, value in (env or {}).items()]
+    argv = ["env", f"RELAY_NO_EXTENSIONS={int(pure)}", *variables, sys.executable, "-m", "relay", "-v", *args]
     relay = RelayProcess(lab=lab, host=host, name=name, argv=argv, ready=("", 0))
     relay.start()
     return relay
