@@ -256,7 +256,8 @@ SETTINGS = [
     Setting("ssh-option", parse_option_pair, [], True, "KEY=VALUE", "extra ssh -o option; repeatable"),
     Setting("user", _text, None, False, "NAME", "after binding, run as this user, keeping only CAP_NET_ADMIN"),
     Setting("workers", lambda v: parse_count(v, 1), 1, False, "N", "worker processes sharing the listeners (SO_REUSEPORT)"),
-    Setting("pipe-size", parse_count, 0, False, "BYTES", "splice pipe size (default: the kernel's)"),
+    Setting("pipe-size", parse_count, 1 << 20, False, "BYTES",
+            "splice pipe size per direction, allocated as data flows (default: 1 MiB; 0: the kernel's 64 KiB)"),
     Setting("lan-iface", _text, [], True, "IFACE", "for 'relay rules': LAN interface whose TCP is intercepted; repeatable"),
     Setting("verbose", parse_count, 0, False, None, "1: one line per connection; 2: debug"),
 ]
@@ -289,7 +290,7 @@ class Config:
     ssh_option: list[tuple[str, str]] = field(default_factory=list)
     user: str | None = None
     workers: int = 1
-    pipe_size: int = 0  # 0: the kernel's default
+    pipe_size: int = 1 << 20  # fewer, larger splices per wakeup; 0: the kernel's default
     lan_iface: list[str] = field(default_factory=list)
     verbose: int = 0
 

@@ -221,3 +221,22 @@ def test_systemd_unit_verifies(tmp_path):
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "relay.service")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_rules_command_applies_and_removes(relay_on_router, lab):
+    """`relay rules --apply` in place of the lab's own interception, then `--remove` leaves nothing."""
+    relay = relay_on_router(["--upstream", DANTE, "--mark", "0x1"])
+    clear_interception(lab)
+    before = lab.run("router", ["nft", "list", "ruleset"]).stdout
+    rules = [sys.executable, "-m", "relay", "rules", "--upstream", DANTE, "--mark", "0x1", "--listen",
+             f"0.0.0.0:{RELAY_PORT}", "--lan-iface", ADDR.router_lan_if, "--keep-private"]
+    lab.run("router", [*rules, "--apply"])
+    lab.run("router", [*rules, "--apply"])  # twice: nothing doubles
+    once = lab.run("router", ["nft", "list", "ruleset"]).stdout
+    assert once.count("table inet relay") == 1
+    download(lab, 1 << 20, seed=11)
+    assert relay.connections(at_least=1)[0]["end"] == "closed"
+    lab.run("router", [*rules, "--remove"])
+    assert lab.run("router", ["nft", "list", "ruleset"]).stdout == before
+    with pytest.raises(OSError):
+        connect(lab, timeout=2)  # no interception, and the router has no route to the server

@@ -1,0 +1,437 @@
+"""Firewall rules that hand LAN TCP to the relay: iptables, nftables, and TPROXY routing.
+
+Generation is pure: :func:`iptables_restore`, :func:`nft_script` and
+:func:`route_commands` turn a :class:`RuleSettings` into text and argv lists.
+:func:`apply` and :func:`remove` run them, idempotently and, per tool call,
+atomically:
+
+- iptables: our own chains (``RELAY``, and ``RELAY_OUTPUT`` for TPROXY of the
+  router's own traffic) in the ``nat`` (REDIRECT) or ``mangle`` (TPROXY) table,
+  with one jump per interface from PREROUTING (and OUTPUT). Each family is one
+  ``iptables-restore --noflush`` transaction that also deletes the jumps an
+  earlier apply left, so applying twice never duplicates anything.
+- nft: everything lives in ``table inet relay``, deleted and created again in
+  one ``nft -f`` transaction.
+- TPROXY: packets carrying ``tproxy_mark`` are routed to the local host by an
+  ``ip rule`` and a ``local`` route in ``route_table``, for IPv4 and IPv6.
+
+Never intercepted, in this order: packets carrying the relay's own mark
+(``--mark``, matched under a mask so bits other tools set do not matter),
+loopback, the router's own addresses, private and reserved ranges (unless
+``exempt_private=False``), and ``exempt``: the upstream proxy's and SSH
+server's addresses and the user's ``--bypass`` CIDRs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+
+MODES = ("redirect", "tproxy")
+BACKENDS = ("iptables", "nft")
+# Far from the small values people pick for --mark (0x1 ... 0xff) and from the
+# bits docker/kube-proxy (0x4000, 0x8000) and Tailscale (0xff0000) use.
+DEFAULT_TPROXY_MARK = 0x100
+DEFAULT_ROUTE_TABLE = 100
+RESERVED_ROUTE_TABLES = (253, 254, 255)  # default, main, local
+
+CHAIN = "RELAY"
+OUTPUT_CHAIN = "RELAY_OUTPUT"  # TPROXY of the router's own traffic: marks it in mangle OUTPUT
+OUR_CHAINS = (CHAIN, OUTPUT_CHAIN)
+IPTABLES_TABLES = ("nat", "mangle")  # where our chains can be: REDIRECT in nat, TPROXY in mangle
+NFT_TABLE = "inet relay"
+
+COMMAND_TIMEOUT_SECONDS = 20.0
+IPTABLES_LOCK_WAIT_SECONDS = "5"  # less than the command timeout, so a held xtables lock gives its own error
+
+LOOPBACK = {4: ("127.0.0.0/8",), 6: ("::1/128",)}
+PRIVATE_AND_RESERVED = {
+    4: ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12",
+        "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"),
+    6: ("::/128", "fc00::/7", "fe80::/10", "ff00::/8"),
+}
+# What the kernel accepts is wider; this is what is safe to put unquoted into an
+# iptables-restore line and quoted into an nft script.
+_IFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+class RulesError(Exception):
+    """Rules that cannot be generated or installed; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    mode: str  # "redirect" or "tproxy"
+    port: int  # where the relay listens
+    lan_ifaces: tuple[str, ...]  # empty: every interface but lo
+    mark: int  # the relay's --mark; its traffic is never intercepted
+    exempt: tuple[str, ...] = ()  # addresses/CIDRs never intercepted: proxy, SSH server, --bypass
+    redirect_output: bool = False  # intercept the router's own outgoing TCP too
+    tproxy_mark: int = DEFAULT_TPROXY_MARK  # TPROXY: packets with this mark are routed to the local host
+    route_table: int = DEFAULT_ROUTE_TABLE  # TPROXY: the table holding that local route
+    ipv6: bool = True
+    exempt_private: bool = True  # never intercept private and reserved destinations
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise RulesError(f"unknown mode {self.mode!r} (use redirect or tproxy)")
+        if not 0 < self.port < 65536:
+            raise RulesError(f"port {self.port} is not in 1-65535")
+        for iface in self.lan_ifaces:
+            if not _IFACE_NAME.fullmatch(iface):
+                raise RulesError(f"invalid interface name {iface!r} (letters, digits, '_', '.', '-'; at most 15)")
+        for name, value in (("mark", self.mark), ("TPROXY mark", self.tproxy_mark)):
+            if not 0 < value <= 0xFFFFFFFF:
+                raise RulesError(f"{name} {value:#x} is not in 0x1-0xffffffff")
+        if not 0 < self.route_table <= 0xFFFFFFFF or self.route_table in RESERVED_ROUTE_TABLES:
+            raise RulesError(f"route table {self.route_table} is reserved or out of range")
+        if self.mode == "tproxy" and self.mark & self.tproxy_mark:
+            raise RulesError(
+                f"the relay's mark {self.mark:#x} shares bits with the TPROXY mark {self.tproxy_mark:#x}: "
+                "its own connections would be routed back to it"
+            )
+        for text in self.exempt:
+            _network(text)
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise RulesError(f"invalid address or CIDR {text!r}") from None
+
+
+def _versions(settings: RuleSettings) -> tuple[int, ...]:
+    return (4, 6) if settings.ipv6 else (4,)
+
+
+def _exempt_networks(settings: RuleSettings, version: int) -> list[str]:
+    """Destinations never intercepted, after loopback and local addresses: private ranges, then ``exempt``."""
+    networks = list(PRIVATE_AND_RESERVED[version]) if settings.exempt_private else []
+    networks += [str(network) for network in map(_network, settings.exempt) if network.version == version]
+    return networks
+
+
+def _mask(value: int) -> str:
+    return f"{value:#x}/{value:#x}"
+
+
+# -- iptables ---------------------------------------------------------------------
+
+
+@dataclass
+class _Table:
+    """One iptables table's part of a ruleset: our chains, their rules, and the jumps to them."""
+
+    chains: list[str]
+    rules: list[str]
+    jumps: list[str]
+
+
+def _exemption_rules(chain: str, settings: RuleSettings, version: int) -> list[str]:
+    return [
+        *(f"-A {chain} -d {network} -j RETURN" for network in LOOPBACK[version]),
+        f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
+        *(f"-A {chain} -d {network} -j RETURN" for network in _exempt_networks(settings, version)),
+    ]
+
+
+def _lan_jumps(settings: RuleSettings) -> list[str]:
+    inputs = [f"-i {iface}" for iface in settings.lan_ifaces] or ["! -i lo"]
+    return [f"-A PREROUTING {match} -p tcp -j {CHAIN}" for match in inputs]
+
+
+def _iptables_ruleset(settings: RuleSettings, version: int) -> dict[str, _Table]:
+    """The wanted ruleset of one family, by table."""
+    own_mark = f"-m mark --mark {_mask(settings.mark)}"
+    if settings.mode == "redirect":
+        rules = [
+            f"-A {CHAIN} {own_mark} -j RETURN",
+            *_exemption_rules(CHAIN, settings, version),
+            f"-A {CHAIN} -p tcp -j REDIRECT --to-ports {settings.port}",
+        ]
+        jumps = _lan_jumps(settings)
+        if settings.redirect_output:
+            jumps.append(f"-A OUTPUT -p tcp -j {CHAIN}")
+        return {"nat": _Table([CHAIN], rules, jumps)}
+
+    tproxy_mark = _mask(settings.tproxy_mark)
+    rules = [
+        f"-A {CHAIN} {own_mark} -j RETURN",
+        # Packets of connections the relay already holds: route them to it, skip the rest.
+        f"-A {CHAIN} -p tcp -m socket --transparent -j MARK --set-xmark {tproxy_mark}",
+        f"-A {CHAIN} -p tcp -m socket --transparent -j ACCEPT",
+        *_exemption_rules(CHAIN, settings, version),
+        f"-A {CHAIN} -p tcp -j TPROXY --on-port {settings.port} --tproxy-mark {tproxy_mark}",
+    ]
+    chains, jumps = [CHAIN], _lan_jumps(settings)
+    if settings.redirect_output:
+        # The router's own connections get the TPROXY mark in OUTPUT, so the policy
+        # route sends them through lo into PREROUTING, where TPROXY can take them.
+        chains.append(OUTPUT_CHAIN)
+        rules += [
+            f"-A {OUTPUT_CHAIN} {own_mark} -j RETURN",
+            # The relay's answers to intercepted clients carry the server's address, not ours.
+            f"-A {OUTPUT_CHAIN} -m addrtype ! --src-type LOCAL -j RETURN",
+            *_exemption_rules(OUTPUT_CHAIN, settings, version),
+            f"-A {OUTPUT_CHAIN} -j MARK --set-xmark {tproxy_mark}",
+        ]
+        jumps += [
+            f"-A PREROUTING -i lo -p tcp -m mark --mark {tproxy_mark} -j {CHAIN}",
+            f"-A OUTPUT -p tcp -j {OUTPUT_CHAIN}",
+        ]
+    return {"mangle": _Table(chains, rules, jumps)}
+
+
+def _restore_text(wanted: dict[str, _Table], installed: dict[str, _Table]) -> str:
+    """An iptables-restore --noflush script turning ``installed`` (ours, as found) into ``wanted``.
+
+    Declaring a chain (``:NAME - [0:0]``) creates it or, if it exists, flushes it.
+    """
+    lines = []
+    for table in IPTABLES_TABLES:
+        want = wanted.get(table, _Table([], [], []))
+        have = installed.get(table, _Table([], [], []))
+        if not (want.chains or have.chains or have.jumps):
+            continue
+        stale = [chain for chain in have.chains if chain not in want.chains]
+        lines += [
+            f"*{table}",
+            *(f":{chain} - [0:0]" for chain in want.chains),
+            *("-D" + jump.removeprefix("-A") for jump in have.jumps),
+            *(f"-F {chain}" for chain in stale),
+            *(f"-X {chain}" for chain in stale),
+            *want.rules,
+            *want.jumps,
+            "COMMIT",
+        ]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def iptables_restore(settings: RuleSettings, family: int) -> str:
+    """The ruleset for ``iptables-restore --noflush`` (family 4) or ``ip6tables-restore --noflush`` (6).
+
+    Loading it twice by hand duplicates the jumps; :func:`apply` removes the old ones first.
+    """
+    if family not in (4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family!r}")
+    return _restore_text(_iptables_ruleset(settings, family), {})
+
+
+def _iptables_installed(version: int) -> dict[str, _Table]:
+    """Our chains and the jumps to them, as they are now."""
+    tool = "iptables" if version == 4 else "ip6tables"
+    installed = {}
+    for table in IPTABLES_TABLES:
+        listing = _run([tool, "-w", IPTABLES_LOCK_WAIT_SECONDS, "-t", table, "-S"]).splitlines()
+        chains = [line.split()[1] for line in listing if line.startswith("-N ") and line.split()[1] in OUR_CHAINS]
+        jumps = [line for line in listing if line.startswith("-A ") and _jumps_to_ours(line)]
+        installed[table] = _Table(chains, [], jumps)
+    return installed
+
+
+def _jumps_to_ours(rule: str) -> bool:
+    words = shlex.split(rule)
+    return words[1] not in OUR_CHAINS and any(
+        option in ("-j", "--jump", "-g", "--goto") and target in OUR_CHAINS for option, target in zip(words, words[1:])
+    )
+
+
+def _iptables_update(settings: RuleSettings, install: bool) -> None:
+    """One iptables-restore transaction per family: ours as found -> the wanted ruleset (or nothing)."""
+    for version in _versions(settings):
+        wanted = _iptables_ruleset(settings, version) if install else {}
+        script = _restore_text(wanted, _iptables_installed(version))
+        if script:
+            tool = "iptables-restore" if version == 4 else "ip6tables-restore"
+            _run([tool, "-w", IPTABLES_LOCK_WAIT_SECONDS, "--noflush"], stdin=script)
+
+
+# -- nftables ---------------------------------------------------------------------
+
+
+def _nft_exemptions(settings: RuleSettings) -> list[str]:
+    rules = [f"ip daddr {LOOPBACK[4][0]} return"]
+    if settings.ipv6:
+        rules.append(f"ip6 daddr {LOOPBACK[6][0]} return")
+    rules.append("fib daddr type local return")
+    for version, keyword in ((4, "ip"), (6, "ip6")):
+        networks = _exempt_networks(settings, version) if version in _versions(settings) else []
+        if networks:
+            # An anonymous interval set refuses overlapping elements (a --bypass inside 10.0.0.0/8).
+            merged = ipaddress.collapse_addresses(map(ipaddress.ip_network, networks))
+            rules.append(f"{keyword} daddr {{ {', '.join(map(str, merged))} }} return")
+    return rules
+
+
+def _nft_chain(name: str, rules: list[str], hook: str = "") -> list[str]:
+    return [f"\tchain {name} {{", *(f"\t\t{line}" for line in ([hook] if hook else []) + rules), "\t}"]
+
+
+def _nft_table_body(settings: RuleSettings) -> list[str]:
+    own_mark = f"meta mark & {settings.mark:#x} == {settings.mark:#x} return"
+    lan = ", ".join(f'"{iface}"' for iface in settings.lan_ifaces)
+    from_lan = f"iifname {{ {lan} }}" if lan else 'iifname != "lo"'
+    # Without IPv6, the inet table must leave IPv6 alone.
+    tcp = "meta l4proto tcp" if settings.ipv6 else "meta nfproto ipv4 meta l4proto tcp"
+    port = settings.port
+
+    if settings.mode == "redirect":
+        body = _nft_chain("prerouting", [f"{from_lan} {tcp} jump intercept"],
+                          "type nat hook prerouting priority dstnat; policy accept;")
+        if settings.redirect_output:
+            # -100 is dstnat; nft 1.0.6 accepts the name only for prerouting.
+            body += _nft_chain("output", [f"{tcp} jump intercept"], "type nat hook output priority -100; policy accept;")
+        return body + _nft_chain("intercept", [own_mark, *_nft_exemptions(settings), f"meta l4proto tcp redirect to :{port}"])
+
+    set_mark = f"meta mark set meta mark | {settings.tproxy_mark:#x}"
+    has_mark = f"meta mark & {settings.tproxy_mark:#x} == {settings.tproxy_mark:#x}"
+    tproxy = [f"meta nfproto ipv4 meta l4proto tcp tproxy ip to :{port} {set_mark} accept"]
+    if settings.ipv6:
+        tproxy.append(f"meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :{port} {set_mark} accept")
+    prerouting = [f"{from_lan} {tcp} jump intercept"]
+    if settings.redirect_output:
+        prerouting.append(f'iifname "lo" {has_mark} {tcp} jump intercept')
+    body = _nft_chain("prerouting", prerouting, "type filter hook prerouting priority mangle; policy accept;")
+    if settings.redirect_output:
+        # Same scheme as iptables: mark in OUTPUT ("type route" reroutes), TPROXY after lo.
+        body += _nft_chain("output", [f"{tcp} jump mark_output"], "type route hook output priority mangle; policy accept;")
+        body += _nft_chain("mark_output", [
+            own_mark,
+            "fib saddr type != local return",  # the relay's answers to intercepted clients
+            *_nft_exemptions(settings),
+            set_mark,
+        ])
+    return body + _nft_chain("intercept", [
+        own_mark,
+        f"socket transparent 1 {set_mark} accept",  # connections the relay already holds
+        *_nft_exemptions(settings),
+        *tproxy,
+    ])
+
+
+def _nft_delete_script() -> str:
+    # Declaring the table first makes the delete succeed when it does not exist yet.
+    return f"table {NFT_TABLE}\ndelete table {NFT_TABLE}\n"
+
+
+def nft_script(settings: RuleSettings) -> str:
+    """The ruleset for ``nft -f``: replaces ``table inet relay`` in one transaction."""
+    return _nft_delete_script() + "\n".join([f"table {NFT_TABLE} {{", *_nft_table_body(settings), "}", ""])
+
+
+# -- TPROXY routing ----------------------------------------------------------------
+
+
+def _route_parts(settings: RuleSettings, version: int) -> tuple[list[str], list[str], list[str]]:
+    """(ip rule selector, ip route spec, ip route show selector for that route)."""
+    table = str(settings.route_table)
+    everything = "0.0.0.0/0" if version == 4 else "::/0"
+    rule = ["fwmark", _mask(settings.tproxy_mark), "lookup", table]
+    route = ["local", everything, "dev", "lo", "table", table]
+    route_query = ["table", table, "exact", everything, "type", "local", "dev", "lo"]
+    return rule, route, route_query
+
+
+def route_commands(settings: RuleSettings, action: str) -> list[list[str]]:
+    """The ``ip rule`` / ``ip route`` commands TPROXY needs (action "add"), or that undo them ("del").
+
+    Empty for REDIRECT. The route is added with ``replace`` so running the commands twice is harmless.
+    """
+    if action not in ("add", "del"):
+        raise ValueError(f"action must be 'add' or 'del', not {action!r}")
+    if settings.mode != "tproxy":
+        return []
+    commands = []
+    for version in _versions(settings):
+        rule, route, _ = _route_parts(settings, version)
+        commands.append(["ip", f"-{version}", "rule", action, *rule])
+        commands.append(["ip", f"-{version}", "route", "replace" if action == "add" else "del", *route])
+    return commands
+
+
+def _apply_routes(settings: RuleSettings) -> None:
+    for version in _versions(settings):
+        rule, route, _ = _route_parts(settings, version)
+        # "ip rule add" happily adds the same rule twice.
+        if not _run(["ip", f"-{version}", "rule", "show", *rule]).strip():
+            _run(["ip", f"-{version}", "rule", "add", *rule])
+        _run(["ip", f"-{version}", "route", "replace", *route])
+
+
+def _remove_routes(settings: RuleSettings) -> None:
+    for version in _versions(settings):
+        rule, route, route_query = _route_parts(settings, version)
+        for _ in _run(["ip", f"-{version}", "rule", "show", *rule]).splitlines():
+            _run(["ip", f"-{version}", "rule", "del", *rule])
+        # A table without routes does not exist, and asking for it fails.
+        if _run(["ip", f"-{version}", "route", "show", *route_query], check=False).strip():
+            _run(["ip", f"-{version}", "route", "del", *route])
+
+
+# -- applying --------------------------------------------------------------------
+
+
+def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> str:
+    """Run a command; its stdout, or RulesError with its first line of complaint."""
+    try:
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS)
+    except FileNotFoundError:
+        raise RulesError(f"{argv[0]} not found (is it installed and on PATH?)") from None
+    except subprocess.TimeoutExpired:
+        raise RulesError(f"{shlex.join(argv)} did not finish within {COMMAND_TIMEOUT_SECONDS:g} s") from None
+    if check and result.returncode != 0:
+        complaint = next((line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()), "")
+        raise RulesError(f"{shlex.join(argv)} failed (exit status {result.returncode}): {complaint or 'no message'}")
+    return result.stdout if result.returncode == 0 else ""
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise RulesError(f"unknown firewall backend {backend!r} (use iptables or nft)")
+
+
+def apply(settings: RuleSettings, backend: str) -> None:
+    """Install the routes, then the rules (replacing whatever an earlier apply installed)."""
+    _check_backend(backend)
+    if settings.mode == "tproxy":
+        _apply_routes(settings)  # first: until a rule marks packets, the route is unused
+    if backend == "nft":
+        _run(["nft", "-f", "-"], stdin=nft_script(settings))
+    else:
+        _iptables_update(settings, install=True)
+
+
+def remove(settings: RuleSettings, backend: str) -> None:
+    """Remove what :func:`apply` installed; nothing else, and nothing at all if it is not there.
+
+    Our chains go from both nat and mangle, whichever mode installed them; the
+    ``ip rule``/route are named by numbers, not ours alone, so only mode tproxy removes them.
+    """
+    _check_backend(backend)
+    if backend == "nft":
+        _run(["nft", "-f", "-"], stdin=_nft_delete_script())
+    else:
+        _iptables_update(settings, install=False)
+    if settings.mode == "tproxy":
+        _remove_routes(settings)
+
+
+def describe(settings: RuleSettings, backend: str) -> str:
+    """Everything :func:`apply` would install, as text for people (``relay rules``)."""
+    _check_backend(backend)
+    if backend == "nft":
+        parts = ["# nft -f - (replaces table inet relay)", nft_script(settings).rstrip("\n")]
+    else:
+        parts = []
+        for version in _versions(settings):
+            tool = "iptables-restore" if version == 4 else "ip6tables-restore"
+            parts += [f"# {tool} --noflush", iptables_restore(settings, version).rstrip("\n")]
+    commands = route_commands(settings, "add")
+    if commands:
+        parts += ["# TPROXY routing: packets with the TPROXY mark go to the local host",
+                  *(shlex.join(command) for command in commands)]
+    return "\n".join(parts) + "\n"

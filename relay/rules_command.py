@@ -1,0 +1,78 @@
+"""``relay rules``: print, apply or remove the firewall rules for a relay configuration."""
+
+import argparse
+import socket
+import sys
+
+from relay.cli import build_parser, load_config
+from relay.config import DEFAULT_PORT, Config, ConfigError
+from relay.rules import RuleSettings, RulesError, apply, describe, remove
+
+
+def build_rules_parser() -> argparse.ArgumentParser:
+    parser = build_parser("relay rules")
+    parser.description = (
+        "Print the iptables or nftables rules (and, for TPROXY, the ip rule/route lines) that send LAN TCP "
+        "to a relay with these options; --apply installs them in their own chain/table, --remove takes them out."
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--apply", action="store_true", help="install the rules (atomically; applying twice changes nothing)")
+    action.add_argument("--remove", action="store_true", help="remove exactly what --apply installed")
+    parser.add_argument("--backend", choices=("iptables", "nft"), help="default: nft")
+    parser.add_argument("--redirect-output", action="store_true", help="also intercept the router's own outgoing TCP")
+    parser.add_argument("--keep-private", action="store_true",
+                        help="intercept private and reserved destinations too (normally exempt)")
+    return parser
+
+
+def _addresses(host: str) -> list[str]:
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+    except OSError as exc:
+        raise ConfigError(f"cannot resolve {host!r}: {exc.strerror}") from None
+
+
+def settings_for(config: Config, redirect_output: bool = False, keep_private: bool = False) -> RuleSettings:
+    """The rules a relay with ``config`` needs: its port, LAN interfaces and mark, and every
+    address its own traffic goes to (proxies, the SSH server, bypassed networks) exempt."""
+    if config.mark is None:
+        raise ConfigError("relay rules needs --mark: the rules exempt the relay's own (marked) traffic")
+    ports = {port for _, port in config.listen} or {DEFAULT_PORT}
+    if len(ports) > 1:
+        raise ConfigError("relay rules: the listen addresses use several ports; use one")
+    exempt = [str(network) for network in config.bypass]
+    if config.ssh:
+        from relay.net.tunnel import parse_ssh_target
+
+        exempt += _addresses(parse_ssh_target(config.ssh).host)
+    else:
+        for upstream in config.upstreams:
+            if upstream.scheme != "direct":
+                exempt += _addresses(upstream.host)
+    return RuleSettings(
+        mode=config.mode,
+        port=ports.pop(),
+        lan_ifaces=tuple(config.lan_iface),
+        mark=config.mark,
+        exempt=tuple(dict.fromkeys(exempt)),
+        redirect_output=redirect_output,
+        exempt_private=not keep_private,
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = build_rules_parser().parse_args(argv)
+    rule_options = {key: vars(args).pop(key, None) for key in ("apply", "remove", "backend", "redirect_output", "keep_private")}
+    try:
+        settings = settings_for(load_config(args), bool(rule_options["redirect_output"]), bool(rule_options["keep_private"]))
+        backend = rule_options["backend"] or "nft"
+        if rule_options["apply"]:
+            apply(settings, backend)
+        elif rule_options["remove"]:
+            remove(settings, backend)
+        else:
+            print(describe(settings, backend))
+    except (ConfigError, RulesError) as exc:
+        print(f"relay rules: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

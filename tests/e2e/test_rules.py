@@ -1,0 +1,198 @@
+"""relay.rules in the lab: rules applied on the router send traffic through the relay, and
+remove() puts the router's firewall and routing back exactly as they were."""
+
+import contextlib
+import os
+import re
+import sys
+
+import pytest
+
+from relay.lab import ADDR
+from relay.lab.servers import pattern_sha256
+from relay.lab.services import start_relay
+from relay.rules import BACKENDS, DEFAULT_ROUTE_TABLE, MODES, RuleSettings
+from tests.e2e.clients import connect, download, expect_reset, read_all
+from tests.e2e.conftest import RELAY_PORT, TRAFFIC_PORT, UPSTREAMS
+
+MARK = 0x10
+SIZE = 256 << 10
+STATE_COMMANDS = (
+    ["iptables-save"], ["ip6tables-save"], ["nft", "list", "ruleset"],
+    ["ip", "-4", "rule"], ["ip", "-6", "rule"],
+    # Only our table: the kernel adds link-local routes of its own while the lab settles.
+    ["ip", "-4", "route", "show", "table", str(DEFAULT_ROUTE_TABLE)],
+    ["ip", "-6", "route", "show", "table", str(DEFAULT_ROUTE_TABLE)],
+)
+# Traffic changes counters between two snapshots of the same rules.
+COUNTERS = re.compile(r"\[\d+:\d+\]|counter packets \d+ bytes \d+")
+
+
+def lab_settings(mode, **changes) -> RuleSettings:
+    # Every lab address is in 10.77.0.0/16 or fd77::/16: with private ranges exempt,
+    # nothing in the lab would ever be intercepted.
+    return RuleSettings(mode=mode, port=RELAY_PORT, lan_ifaces=(ADDR.router_lan_if,), mark=MARK,
+                        exempt_private=False, **changes)
+
+
+class RouterFirewall:
+    """apply()/remove() from relay.rules, run by a Python inside the router's namespace."""
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.applied = []
+        # iptables-nft creates a table's built-in chains the first time a rule needs them and
+        # leaves them (with legacy iptables they always exist); they are the host's, not ours,
+        # so create them before taking the "before" picture.
+        for tool in ("iptables", "ip6tables"):
+            for table in ("nat", "mangle"):
+                for chain in ("PREROUTING", "OUTPUT"):
+                    lab.run("router", [tool, "-w", "5", "-t", table, "-P", chain, "ACCEPT"])
+        self.before = self.state()
+
+    def state(self) -> str:
+        """Everything the rules may touch, as text."""
+        # A route table with no routes does not exist, and showing it fails.
+        text = "\n".join(self.lab.run("router", command, check=False).stdout for command in STATE_COMMANDS)
+        return COUNTERS.sub("", "\n".join(line for line in text.splitlines() if not line.startswith("#")))
+
+    def apply(self, settings, backend):
+        self.applied.append((settings, backend))
+        self._call("apply", settings, backend)
+
+    def remove(self, settings, backend):
+        self._call("remove", settings, backend)
+
+    def _call(self, action, settings, backend):
+        code = f"import relay.rules as rules; rules.{action}(rules.{settings!r}, {backend!r})"
+        self.lab.run("router", [sys.executable, "-c", code])
+
+
+@pytest.fixture
+def firewall(lab):
+    firewall = RouterFirewall(lab)
+    yield firewall
+    for settings, backend in firewall.applied:
+        firewall.remove(settings, backend)
+    assert firewall.state() == firewall.before
+
+
+@pytest.fixture
+def relays(lab):
+    """start(mode, *extra_args): the relay on the router, via dante; stopped and checked afterwards."""
+    started = []
+
+    def start(mode, *extra):
+        relay = start_relay(lab, ["--upstream", UPSTREAMS["dante"], "--mode", mode, *extra,
+                                  "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"])
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        if relay.running:
+            relay.stop()
+            assert lab.process(relay.name).returncode == 0, lab.log_tail(relay.name)
+        assert "Traceback" not in relay.log_text(), relay.log_text()
+
+
+@contextlib.contextmanager
+def routes_to_server(lab, far_forwards: bool):
+    """A route from the router to the server network; with ``far_forwards``, far forwards both ways,
+    so the router can reach the server without any proxy."""
+    router = [("-4", "10.77.3.0/24", ADDR.far4), ("-6", "fd77:3::/64", ADDR.far6)]
+    far = [("-4", "10.77.1.0/24", ADDR.router_wan4), ("-6", "fd77:1::/64", ADDR.router_wan6)]
+    added = [("router", route) for route in router] + ([("far", route) for route in far] if far_forwards else [])
+    if far_forwards:
+        lab.run("far", ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+    try:
+        for host, (family, network, gateway) in added:
+            lab.run(host, ["ip", family, "route", "add", network, "via", gateway])
+        yield
+    finally:
+        for host, (family, network, _) in added:
+            lab.run(host, ["ip", family, "route", "del", network], check=False)
+        if far_forwards:
+            lab.run("far", ["sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"])
+
+
+def download_from(lab, host, address, seed=1):
+    with lab.connect(host, address, TRAFFIC_PORT, timeout=10) as sock:
+        sock.sendall(f"DOWN {SIZE} {seed}\n".encode())
+        assert read_all(sock) == (SIZE, pattern_sha256(SIZE, seed))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lan_traffic_goes_through_the_relay_and_remove_undoes_everything(lab, firewall, relays, backend, mode):
+    relay = relays(mode, "--mark", hex(MARK))
+    settings = lab_settings(mode)
+    firewall.apply(settings, backend)
+    download(lab, SIZE, address=ADDR.server4)
+    download(lab, SIZE, address=ADDR.server6)
+    assert [line["dst"] for line in relay.connections(at_least=2)] == [
+        f"{ADDR.server4}:{TRAFFIC_PORT}", f"[{ADDR.server6}]:{TRAFFIC_PORT}"]
+
+    applied_once = firewall.state()
+    firewall.apply(settings, backend)
+    assert firewall.state() == applied_once  # nothing duplicated
+    download(lab, SIZE, address=ADDR.server4)
+    assert len(relay.connections(at_least=3)) == 3
+
+    firewall.remove(settings, backend)
+    assert firewall.state() == firewall.before
+    # The router has no route to the server network: without the relay nothing gets there.
+    for address in (ADDR.server4, ADDR.server6):
+        with pytest.raises(OSError):
+            connect(lab, address, timeout=2).close()
+    assert len(relay.connections()) == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bypassed_address_is_reached_directly(lab, firewall, relays, backend, mode):
+    relay = relays(mode, "--mark", hex(MARK))
+    firewall.apply(lab_settings(mode, exempt=(ADDR.server4,)), backend)
+    with routes_to_server(lab, far_forwards=True):
+        download(lab, SIZE, address=ADDR.server4)  # bypassed: routed by the router and far
+        download(lab, SIZE, address=ADDR.server6)  # not bypassed: through the relay
+    assert [line["dst"] for line in relay.connections(at_least=1)] == [f"[{ADDR.server6}]:{TRAFFIC_PORT}"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(lab, firewall, relays, backend, mode):
+    """The relay's own upstream connections leave the router too: only their mark keeps them
+    from being intercepted (dante's address is not exempt here)."""
+    relay = relays(mode, "--mark", hex(MARK))
+    firewall.apply(lab_settings(mode, redirect_output=True), backend)
+    # A route, so the router's connections get as far as the firewall; far does not forward.
+    with routes_to_server(lab, far_forwards=False):
+        download_from(lab, "router", ADDR.server4)
+        download_from(lab, "router", ADDR.server6)
+        # LAN clients still work: the relay's answers to them are not taken for the router's own traffic.
+        download(lab, SIZE, address=ADDR.server4)
+    lines = relay.connections(at_least=3)
+    assert [(line["dst"], line["end"]) for line in lines] == [
+        (f"{ADDR.server4}:{TRAFFIC_PORT}", "closed"), (f"[{ADDR.server6}]:{TRAFFIC_PORT}", "closed"),
+        (f"{ADDR.server4}:{TRAFFIC_PORT}", "closed")]
+    assert lines[0]["client"].startswith(ADDR.router_wan4 + ":")
+    assert lines[2]["client"].startswith(ADDR.client4 + ":")
+    assert "routing loop" not in relay.log_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_mark_the_relay_refuses_its_own_looped_connection(lab, firewall, relays, backend):
+    relay = relays("redirect")  # no --mark: the firewall cannot tell its connections apart
+    firewall.apply(lab_settings("redirect", redirect_output=True), backend)
+    with routes_to_server(lab, far_forwards=False):
+        try:
+            with lab.connect("router", ADDR.server4, TRAFFIC_PORT, timeout=10) as sock:
+                expect_reset(sock, within=5)
+        except ConnectionResetError:
+            pass  # the reset came before connect() returned
+    assert relay.wait_for_log("routing loop")
+    [line] = relay.connections(at_least=1)
+    assert line["end"].startswith("refused:")
+    assert relay.running
+    assert len(os.listdir(f"/proc/{lab.process(relay.name).pid}/fd")) < 30

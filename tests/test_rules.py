@@ -1,0 +1,284 @@
+"""relay.rules without touching the host: the generated text, and what apply() would run."""
+
+import ipaddress
+import os
+import re
+import subprocess
+
+import pytest
+
+from relay import rules
+from relay.rules import RuleSettings, RulesError, describe, iptables_restore, nft_script, route_commands
+
+EXEMPT = ("198.51.100.7", "2001:db8::/32", "203.0.113.0/24")
+ALL_SETTINGS = [
+    RuleSettings(mode, 12345, ifaces, 0x1, EXEMPT, redirect_output=output, ipv6=ipv6)
+    for mode in rules.MODES
+    for ifaces in ((), ("lan0", "wlan0"))
+    for output in (False, True)
+    for ipv6 in (True, False)
+]
+
+
+def settings_id(settings):
+    return (f"{settings.mode}-{'+'.join(settings.lan_ifaces) or 'all'}"
+            f"{'-output' if settings.redirect_output else ''}{'' if settings.ipv6 else '-v4only'}")
+
+
+def chain_rules(text, chain):
+    return [line for line in text.splitlines() if line.startswith(f"-A {chain} ")]
+
+
+def nft_chain(script, name):
+    body = script.split(f"chain {name} {{", 1)[1].split("}\n", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def test_redirect_chain_exempts_in_order_then_redirects():
+    settings = RuleSettings("redirect", 12345, ("lan0",), 0x1, ("198.51.100.7", "10.1.2.0/24"))
+    assert chain_rules(iptables_restore(settings, 4), "RELAY") == [
+        "-A RELAY -m mark --mark 0x1/0x1 -j RETURN",
+        "-A RELAY -d 127.0.0.0/8 -j RETURN",
+        "-A RELAY -m addrtype --dst-type LOCAL -j RETURN",
+        *(f"-A RELAY -d {network} -j RETURN" for network in rules.PRIVATE_AND_RESERVED[4]),
+        "-A RELAY -d 198.51.100.7/32 -j RETURN",
+        "-A RELAY -d 10.1.2.0/24 -j RETURN",
+        "-A RELAY -p tcp -j REDIRECT --to-ports 12345",
+    ]
+
+
+def test_tproxy_chain_skips_held_connections_then_tproxies_with_its_own_mark():
+    text = iptables_restore(RuleSettings("tproxy", 4000, ("lan0",), 0x4, tproxy_mark=0x200), 6)
+    chain = chain_rules(text, "RELAY")
+    assert chain[:3] == [
+        "-A RELAY -m mark --mark 0x4/0x4 -j RETURN",
+        "-A RELAY -p tcp -m socket --transparent -j MARK --set-xmark 0x200/0x200",
+        "-A RELAY -p tcp -m socket --transparent -j ACCEPT",
+    ]
+    assert chain[3] == "-A RELAY -d ::1/128 -j RETURN"
+    assert chain[-1] == "-A RELAY -p tcp -j TPROXY --on-port 4000 --tproxy-mark 0x200/0x200"
+    assert text.startswith("*mangle\n") and "*nat" not in text
+
+
+def test_the_mark_is_matched_under_its_own_mask():
+    settings = RuleSettings("redirect", 12345, (), 0x30, redirect_output=True)
+    assert "-m mark --mark 0x30/0x30 -j RETURN" in iptables_restore(settings, 4)
+    assert nft_chain(nft_script(settings), "intercept")[0] == "meta mark & 0x30 == 0x30 return"
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=settings_id)
+def test_each_family_gets_only_its_own_addresses(settings):
+    for version in (4, 6):
+        text = iptables_restore(settings, version)
+        destinations = re.findall(r"-d (\S+)", text)
+        assert destinations and all(ipaddress.ip_network(d).version == version for d in destinations)
+    script = nft_script(settings)
+    for keyword, version in (("ip", 4), ("ip6", 6)):
+        for match in re.findall(rf"\b{keyword} daddr (\{{[^}}]*\}}|\S+)", script):
+            networks = match.strip("{} ").split(", ")
+            assert all(ipaddress.ip_network(n).version == version for n in networks), match
+    if not settings.ipv6:
+        assert "ip6 " not in script
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=settings_id)
+def test_ports_and_jumps(settings):
+    text = iptables_restore(settings, 4)
+    script = nft_script(settings)
+    jumps = [line for line in text.splitlines() if line.startswith("-A PREROUTING")]
+    expected_inputs = [f"-i {iface} " for iface in settings.lan_ifaces] or ["! -i lo "]
+    assert [any(i in jump for jump in jumps) for i in expected_inputs] == [True] * len(expected_inputs)
+    lan_jump = nft_chain(script, "prerouting")[1]
+    if settings.lan_ifaces:
+        assert lan_jump.startswith('iifname { "lan0", "wlan0" } ')
+    else:
+        assert lan_jump.startswith('iifname != "lo" ')
+    assert ("meta nfproto ipv4" in lan_jump) == (not settings.ipv6)
+    if settings.mode == "redirect":
+        assert "--to-ports 12345" in text and "redirect to :12345" in script
+        assert ("-A OUTPUT -p tcp -j RELAY" in text) == settings.redirect_output
+        assert ("type nat hook output" in script) == settings.redirect_output
+    else:
+        assert "--on-port 12345" in text and "tproxy ip to :12345" in script
+        assert ("-A OUTPUT -p tcp -j RELAY_OUTPUT" in text) == settings.redirect_output
+        assert ("-A PREROUTING -i lo -p tcp -m mark --mark 0x100/0x100 -j RELAY" in text) == settings.redirect_output
+        assert ("type route hook output" in script) == settings.redirect_output
+
+
+def test_tproxy_of_the_routers_own_traffic_marks_only_what_it_sends_itself():
+    settings = RuleSettings("tproxy", 12345, ("lan0",), 0x1, ("198.51.100.7",), redirect_output=True)
+    assert chain_rules(iptables_restore(settings, 4), "RELAY_OUTPUT")[:2] == [
+        "-A RELAY_OUTPUT -m mark --mark 0x1/0x1 -j RETURN",
+        "-A RELAY_OUTPUT -m addrtype ! --src-type LOCAL -j RETURN",
+    ]
+    assert chain_rules(iptables_restore(settings, 4), "RELAY_OUTPUT")[-2:] == [
+        "-A RELAY_OUTPUT -d 198.51.100.7/32 -j RETURN",
+        "-A RELAY_OUTPUT -j MARK --set-xmark 0x100/0x100",
+    ]
+    mark_output = nft_chain(nft_script(settings), "mark_output")
+    assert mark_output[:2] == ["meta mark & 0x1 == 0x1 return", "fib saddr type != local return"]
+    assert mark_output[-1] == "meta mark set meta mark | 0x100"
+
+
+def test_private_ranges_can_be_left_to_interception():
+    settings = RuleSettings("redirect", 12345, (), 0x1, ("10.77.3.2",), exempt_private=False)
+    assert chain_rules(iptables_restore(settings, 4), "RELAY")[3:] == [
+        "-A RELAY -d 10.77.3.2/32 -j RETURN",
+        "-A RELAY -p tcp -j REDIRECT --to-ports 12345",
+    ]
+    assert "10.0.0.0/8" not in nft_script(settings) and "fc00::/7" not in iptables_restore(settings, 6)
+
+
+def test_nft_merges_a_bypass_inside_a_private_range():
+    # nft refuses overlapping elements in one anonymous interval set.
+    script = nft_script(RuleSettings("redirect", 12345, (), 0x1, ("10.1.0.0/16", "fd00::1")))
+    assert "10.1.0.0/16" not in script and "fd00::1" not in script and "10.0.0.0/8" in script
+
+
+def test_nft_replaces_its_table_in_one_transaction():
+    script = nft_script(RuleSettings("redirect", 12345, (), 0x1))
+    assert script.startswith("table inet relay\ndelete table inet relay\ntable inet relay {\n")
+
+
+def test_route_commands():
+    settings = RuleSettings("tproxy", 12345, (), 0x1, tproxy_mark=0x100, route_table=123)
+    assert route_commands(settings, "add") == [
+        ["ip", "-4", "rule", "add", "fwmark", "0x100/0x100", "lookup", "123"],
+        ["ip", "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", "123"],
+        ["ip", "-6", "rule", "add", "fwmark", "0x100/0x100", "lookup", "123"],
+        ["ip", "-6", "route", "replace", "local", "::/0", "dev", "lo", "table", "123"],
+    ]
+    assert route_commands(settings, "del")[1] == ["ip", "-4", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "123"]
+    v4_only = RuleSettings("tproxy", 12345, (), 0x1, ipv6=False)
+    assert [command[1] for command in route_commands(v4_only, "del")] == ["-4", "-4"]
+    assert route_commands(RuleSettings("redirect", 12345, (), 0x1), "add") == []
+
+
+def test_describe_shows_everything_apply_installs():
+    settings = RuleSettings("tproxy", 12345, ("lan0",), 0x1)
+    text = describe(settings, "iptables")
+    assert iptables_restore(settings, 4) in text and iptables_restore(settings, 6) in text
+    assert "ip -6 route replace local ::/0 dev lo table 100" in text
+    nft_text = describe(settings, "nft")
+    assert nft_script(settings) in nft_text and "ip -4 rule add fwmark 0x100/0x100 lookup 100" in nft_text
+    assert "iptables" not in describe(RuleSettings("redirect", 12345, (), 0x1), "nft")
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (dict(mode="bridge"), "unknown mode"),
+    (dict(port=0), "not in 1-65535"),
+    (dict(lan_ifaces=("lan 0",)), "invalid interface name"),
+    (dict(lan_ifaces=('x"; flush ruleset',)), "invalid interface name"),
+    (dict(mark=0), "mark 0x0"),
+    (dict(mode="tproxy", mark=0x101), "shares bits with the TPROXY mark"),
+    (dict(exempt=("10.0.0.300",)), "invalid address or CIDR"),
+    (dict(route_table=254), "reserved"),
+])
+def test_bad_settings_give_one_line(arguments, message):
+    with pytest.raises(RulesError, match=message) as caught:
+        RuleSettings(**{"mode": "redirect", "port": 12345, "lan_ifaces": (), "mark": 0x1, **arguments})
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_backend():
+    with pytest.raises(RulesError, match="unknown firewall backend"):
+        rules.apply(RuleSettings("redirect", 1, (), 1), "pf")
+
+
+class FakeHost:
+    """Stands in for rules._run: canned listings in, commands (and their stdin) recorded."""
+
+    def __init__(self, listings):
+        self.listings = listings
+        self.calls = []
+
+    def __call__(self, argv, stdin=None, check=True):
+        self.calls.append((argv, stdin))
+        return self.listings.get(" ".join(argv), "")
+
+
+NAT_WITH_AN_EARLIER_APPLY = """-P PREROUTING ACCEPT
+-N RELAY
+-N DOCKER
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A PREROUTING -i old0 -p tcp -j RELAY
+-A RELAY -p tcp -j REDIRECT --to-ports 1
+"""
+MANGLE_WITH_AN_EARLIER_TPROXY = """-P PREROUTING ACCEPT
+-N RELAY
+-N RELAY_OUTPUT
+-A PREROUTING -i lan0 -p tcp -j RELAY
+-A OUTPUT -p tcp -j RELAY_OUTPUT
+"""
+
+
+def test_iptables_apply_replaces_what_an_earlier_apply_left(monkeypatch):
+    host = FakeHost({"iptables -w 5 -t nat -S": NAT_WITH_AN_EARLIER_APPLY,
+                     "iptables -w 5 -t mangle -S": MANGLE_WITH_AN_EARLIER_TPROXY})
+    monkeypatch.setattr(rules, "_run", host)
+    rules.apply(RuleSettings("redirect", 12345, ("lan0",), 0x1, ipv6=False), "iptables")
+    [(argv, script)] = [call for call in host.calls if call[0][0] == "iptables-restore"]
+    assert argv == ["iptables-restore", "-w", "5", "--noflush"]
+    nat, mangle = script.split("COMMIT\n")[:2]
+    assert nat.splitlines()[:3] == ["*nat", ":RELAY - [0:0]", "-D PREROUTING -i old0 -p tcp -j RELAY"]
+    assert nat.splitlines()[-1] == "-A PREROUTING -i lan0 -p tcp -j RELAY"
+    assert "DOCKER" not in script
+    assert mangle.splitlines() == [
+        "*mangle",
+        "-D PREROUTING -i lan0 -p tcp -j RELAY",
+        "-D OUTPUT -p tcp -j RELAY_OUTPUT",
+        "-F RELAY", "-F RELAY_OUTPUT", "-X RELAY", "-X RELAY_OUTPUT",
+    ]
+
+
+def test_iptables_remove_when_nothing_is_installed_runs_no_restore(monkeypatch):
+    host = FakeHost({})
+    monkeypatch.setattr(rules, "_run", host)
+    rules.remove(RuleSettings("redirect", 12345, (), 0x1), "iptables")
+    assert [argv[0] for argv, _ in host.calls] == ["iptables", "iptables", "ip6tables", "ip6tables"]
+
+
+def test_tproxy_apply_adds_an_ip_rule_only_once(monkeypatch):
+    rule = "ip -4 rule show fwmark 0x100/0x100 lookup 100"
+    host = FakeHost({rule: "32765:\tfrom all fwmark 0x100/0x100 lookup 100\n"})
+    monkeypatch.setattr(rules, "_run", host)
+    rules.apply(RuleSettings("tproxy", 12345, (), 0x1), "nft")
+    commands = [" ".join(argv) for argv, _ in host.calls]
+    assert commands[-1] == "nft -f -"
+    assert "ip -4 rule add fwmark 0x100/0x100 lookup 100" not in commands
+    assert "ip -6 rule add fwmark 0x100/0x100 lookup 100" in commands
+
+
+def test_a_failing_command_is_one_line():
+    with pytest.raises(RulesError, match=r"^false failed \(exit status 1\): no message$"):
+        rules._run(["false"])
+    with pytest.raises(RulesError, match="not found"):
+        rules._run(["relay-no-such-command"])
+
+
+# -- the real tools accept the text (in a private network namespace: nothing is committed anyway)
+
+
+def require_root():
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the iptables/nft syntax checks need root, and CI must run them")
+        pytest.skip("the iptables/nft syntax checks need root")
+
+
+def check_in_new_netns(argv, text):
+    result = subprocess.run(["unshare", "--net", "--", *argv], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"{argv}: {result.stderr}\n{text}"
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=settings_id)
+def test_iptables_restore_accepts_the_text(settings):
+    require_root()
+    check_in_new_netns(["iptables-restore", "--test", "--noflush"], iptables_restore(settings, 4))
+    check_in_new_netns(["ip6tables-restore", "--test", "--noflush"], iptables_restore(settings, 6))
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=settings_id)
+def test_nft_accepts_the_script(settings):
+    require_root()
+    check_in_new_netns(["nft", "-c", "-f", "-"], nft_script(settings))
