@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items):
 def lab():
     require_root()
     with Lab() as lab:
-        sshd = start_sshd(lab)
+        lab.sshd = sshd = start_sshd(lab)
         lab.squid = start_squid(lab, listen=[("127.0.0.1", 3128), (ADDR.far4, 3128)])
         start_dante(lab)
         start_dante(lab, listen=[(ADDR.far4, 1082)], auth=(DANTE_USER, DANTE_PASSWORD), name="dante-auth")

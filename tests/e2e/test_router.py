@@ -240,3 +240,32 @@ def test_rules_command_applies_and_removes(relay_on_router, lab):
     assert lab.run("router", ["nft", "list", "ruleset"]).stdout == before
     with pytest.raises(OSError):
         connect(lab, timeout=2)  # no interception, and the router has no route to the server
+
+
+def test_relay_supervises_its_own_ssh_tunnel(relay_on_router, lab):
+    """--ssh: the relay runs ssh -N -L to squid as seen from the far host, restarts it when it dies,
+    and resets clients at once while it is down."""
+    relay = relay_on_router([
+        "--upstream", "127.0.0.1:3128",  # squid on the far host's loopback
+        "--ssh", f"root@{lab.sshd.address}", "--ssh-identity", str(lab.sshd.client_key),
+        "--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null",
+        "--health-interval", "60",
+    ])
+    download(lab, 4 << 20, seed=21)
+    ssh = subprocess.run(["pgrep", "-P", str(lab.process(relay.name).pid), "-x", "ssh"], capture_output=True, text=True).stdout.split()
+    assert len(ssh) == 1
+    os.kill(int(ssh[0]), signal.SIGKILL)
+    with connect(lab) as sock:  # during the restart: a reset, not a hang
+        took = expect_reset(sock, within=3)
+    assert took < 1
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            download(lab, 1 << 20, seed=22)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, relay.log_text()
+            time.sleep(0.2)
+    assert relay.wait_for_log("restart")
+    ends = [line["end"] for line in relay.connections(at_least=3)]
+    assert ends[0] == "closed" and ends[1] == "refused:no-healthy-upstream" and ends[-1] == "closed"
