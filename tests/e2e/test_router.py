@@ -158,8 +158,10 @@ def test_bypass_by_address_and_by_domain_goes_direct(relay_on_router, lab):
             expect_reset(sock, within=5)
         [line] = relay.connections(at_least=1)
         assert line["name"] == "mirror.relaylab.test" and line["via"] == "direct" and line["end"] == "refused:connect-econnrefused"
-    finally:
+    finally:  # the lab is shared: leave its routing as it was
         lab.run("router", ["ip", "route", "del", "10.77.3.0/24"], check=False)
+        lab.run("far", ["ip", "route", "del", "10.77.1.0/24"], check=False)
+        lab.run("far", ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
 
 
 def test_metrics_and_json_logs_carry_no_secret(relay_on_router, lab):

@@ -1,0 +1,57 @@
+"""Choosing among upstreams: order, turns, passive health."""
+
+from relay.config import Config
+from relay.metrics import Metrics
+from relay.net.dial import UpstreamError
+from relay.net.upstreams import UpstreamPool, UpstreamState
+
+
+def pool(strategy="failover", failures=2):
+    config = Config.from_values({"upstream": ["10.0.0.1:3128", "socks5://10.0.0.2:1080", "10.0.0.3:3128"],
+                                 "upstream-strategy": strategy, "health-failures": failures})
+    upstreams = UpstreamPool(config, Metrics(version="t", fast_path="python"))
+    upstreams.states = [UpstreamState(u, [(2, (u.host, u.port))]) for u in config.upstreams]
+    return upstreams
+
+
+def hosts(states):
+    return [state.upstream.host for state in states]
+
+
+def test_failover_keeps_the_order_of_healthy_upstreams():
+    upstreams = pool()
+    assert hosts(upstreams.candidates()) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    upstreams.states[0].healthy = False
+    assert hosts(upstreams.candidates()) == ["10.0.0.2", "10.0.0.3"]
+
+
+def test_round_robin_takes_turns():
+    upstreams = pool("round-robin")
+    firsts = [hosts(upstreams.candidates())[0] for _ in range(6)]
+    assert firsts == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] * 2
+
+
+def test_proxy_failures_in_a_row_make_it_unhealthy_and_a_success_heals():
+    upstreams = pool(failures=2)
+    first = upstreams.states[0]
+    timeout = UpstreamError("timed out", "connect-timeout")
+    upstreams.failed(first, timeout)
+    assert first.healthy
+    upstreams.succeeded(first)  # the count is of failures in a row
+    upstreams.failed(first, timeout)
+    assert first.healthy
+    upstreams.failed(first, timeout)
+    assert not first.healthy and hosts(upstreams.candidates()) == ["10.0.0.2", "10.0.0.3"]
+    assert 'relay_upstream_healthy{upstream="http://10.0.0.1:3128"} 0' in upstreams.metrics.render()
+    upstreams.succeeded(first)
+    assert first.healthy
+
+
+def test_refusals_about_the_destination_are_not_proxy_faults():
+    assert UpstreamError("x", "connect-econnrefused").proxy_fault
+    assert UpstreamError("x", "handshake-timeout").proxy_fault
+    assert UpstreamError("x", "http-407").proxy_fault
+    assert not UpstreamError("x", "http-503", about_target=True).proxy_fault
+    assert not UpstreamError("x", "socks5-host-unreachable", about_target=True).proxy_fault
+
+
