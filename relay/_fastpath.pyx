@@ -47,6 +47,19 @@ def set_transparent(sock):
         PyErr_SetFromErrno(OSError)
 
 
+# Empty pipes kept for the next connection, so a short connection costs no
+# pipe2()/fcntl()/close() calls. Only pipes known to be empty come back here.
+DEF POOL_MAX = 64
+cdef int _pool_read[POOL_MAX]
+cdef int _pool_write[POOL_MAX]
+cdef int _pool_count = 0
+
+
+def pooled_pipes():
+    """How many empty pipes wait for reuse (for tests)."""
+    return _pool_count
+
+
 cdef class Flow:
     """One direction of a relayed connection: socket -> pipe -> socket.
 
@@ -72,26 +85,40 @@ cdef class Flow:
         self._release()
 
     cdef int _open_pipe(self) except -1:
+        global _pool_count
         cdef int fds[2]
-        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
-            PyErr_SetFromErrno(OSError)
-        self._pipe_r = fds[0]
-        self._pipe_w = fds[1]
-        if self._wanted_size > 0:
-            # Best effort: past /proc/sys/fs/pipe-max-size the pipe keeps its default size.
-            fcntl(self._pipe_w, F_SETPIPE_SZ, self._wanted_size)
+        if _pool_count > 0:
+            _pool_count -= 1
+            self._pipe_r = _pool_read[_pool_count]
+            self._pipe_w = _pool_write[_pool_count]
+        else:
+            if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
+                PyErr_SetFromErrno(OSError)
+            self._pipe_r = fds[0]
+            self._pipe_w = fds[1]
         self.capacity = fcntl(self._pipe_w, F_GETPIPE_SZ)
+        if self._wanted_size > 0 and self.capacity != self._wanted_size:
+            # Best effort: past /proc/sys/fs/pipe-max-size the pipe keeps its size.
+            fcntl(self._pipe_w, F_SETPIPE_SZ, self._wanted_size)
+            self.capacity = fcntl(self._pipe_w, F_GETPIPE_SZ)
         return 0
 
     cdef void _release(self):
-        if self._pipe_r >= 0:
+        global _pool_count
+        if self._pipe_r < 0:
+            return
+        if self.pending == 0 and _pool_count < POOL_MAX:
+            _pool_read[_pool_count] = self._pipe_r
+            _pool_write[_pool_count] = self._pipe_w
+            _pool_count += 1
+        else:  # bytes left in it (an aborted connection): not reusable
             close(self._pipe_r)
             close(self._pipe_w)
-            self._pipe_r = -1
-            self._pipe_w = -1
+        self._pipe_r = -1
+        self._pipe_w = -1
 
     def close(self):
-        """Release the pipe; bytes still in it are dropped."""
+        """Release the pipe (to the pool if it is empty); bytes still in it are dropped."""
         self._release()
         self.pending = 0
 

@@ -39,6 +39,16 @@ def set_transparent(sock):
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
 
 
+POOL_MAX = 64
+# Empty buffers kept for the next connection, as the extension keeps empty pipes.
+_pool: list[memoryview] = []
+
+
+def pooled_pipes():
+    """How many empty buffers wait for reuse (for tests)."""
+    return len(_pool)
+
+
 class Flow:
     """One direction of a relayed connection: socket -> buffer -> socket.
 
@@ -55,7 +65,9 @@ class Flow:
         self._start = 0
 
     def close(self):
-        """Release the buffer; bytes still in it are dropped."""
+        """Release the buffer (to the pool if it is empty); bytes still in it are dropped."""
+        if self._view is not None and self.pending == 0 and len(_pool) < POOL_MAX:
+            _pool.append(self._view)
         self._view = None
         self.pending = 0
 
@@ -65,7 +77,8 @@ class Flow:
         Returns (status, bytes written to dst); raises FlowError on a socket error.
         """
         if self._view is None:
-            self._view = memoryview(bytearray(self.capacity))
+            pooled = _pool.pop() if _pool else None
+            self._view = pooled if pooled is not None and len(pooled) == self.capacity else memoryview(bytearray(self.capacity))
         view = self._view
         moved = 0
         while True:

@@ -255,3 +255,32 @@ def test_set_transparent(impl):
         if os.geteuid() == 0:
             impl.set_transparent(sock6)
             assert sock6.getsockopt(socket.IPPROTO_IPV6, 75) == 1  # IPV6_TRANSPARENT
+
+
+def test_empty_pipes_are_reused_and_dirty_ones_are_not(impl, link):
+    src_peer, src, dst, dst_peer = link
+    src_peer.sendall(b"abc")
+    time.sleep(0.05)
+    clean = impl.Flow()
+    assert clean.step(src.fileno(), dst.fileno(), BUDGET) == (WANT_READ, 3)
+    pooled = impl.pooled_pipes()
+    clean.close()
+    assert impl.pooled_pipes() == min(pooled + 1, 64)
+    # A destination that is full for sure: a pipe, whose size never grows.
+    full_r, full_w = os.pipe2(os.O_NONBLOCK)
+    try:
+        with pytest.raises(BlockingIOError):
+            while True:
+                os.write(full_w, b"f" * 4096)
+        src_peer.sendall(b"x" * 1000)
+        time.sleep(0.05)
+        dirty = impl.Flow()
+        taken = impl.pooled_pipes()
+        status, _ = dirty.step(src.fileno(), full_w, BUDGET)
+        assert status == WANT_WRITE and dirty.pending == 1000
+        assert impl.pooled_pipes() == taken - 1  # it took the pooled one...
+        dirty.close()
+        assert impl.pooled_pipes() == taken - 1  # ...and, with bytes in it, did not give it back
+    finally:
+        os.close(full_r)
+        os.close(full_w)

@@ -35,6 +35,8 @@ class PumpResult:
 
 
 class _Pump:
+    __slots__ = ("sockets", "impl", "idle_timeout", "pipe_size", "moved", "ended", "idle_scope", "last_bump", "nursery")
+
     def __init__(self, sockets, impl, idle_timeout, pipe_size):
         self.sockets = sockets
         self.impl = impl
@@ -127,7 +129,8 @@ async def pump(
             async with trio.open_nursery() as nursery:
                 state.nursery = nursery
                 nursery.start_soon(state.one_way, CLIENT, to_upstream_first)
-                nursery.start_soon(state.one_way, UPSTREAM, to_client_first)
+                # The other direction runs in this task: one task fewer per connection.
+                await state.one_way(UPSTREAM, to_client_first)
         if state.ended is None and state.idle_scope.cancelled_caught:
             state.ended = "idle-timeout"
         ended = state.ended or "closed"

@@ -2,6 +2,7 @@
 
 import errno
 import ipaddress
+import logging
 import signal
 import socket
 import time
@@ -41,6 +42,8 @@ class ConnectionRecord:
         self.via = None
 
     def log(self, ended: str, detail: str | None = None) -> None:
+        if not conn_log.isEnabledFor(logging.INFO):
+            return  # most routers run without -v: build nothing
         fields = {"event": "conn", "client": format_address(self.peer), "dst": format_address(self.dst)}
         if self.name:
             fields["name"] = self.name
