@@ -23,6 +23,10 @@ def run(config: Config, reload) -> int:
 
 
 def _run_one(config: Config, reload, worker: int) -> int:
+    # Trio's receiver (opened first thing in _serve) saves and later restores these, and hands
+    # signals still pending at exit to them: a second SIGTERM while exiting must not kill us.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     try:
         trio.run(_serve, config, reload, worker)
     except ConfigError as exc:

@@ -49,30 +49,38 @@ def lab():
         yield lab
 
 
-def relay_starter(lab):
-    """start(upstream, *extra_args, mode=..., pure=...) runs a relay on the router with interception,
-    and a finish() that stops them all and checks they exited cleanly."""
-    started = []
+class Relays:
+    """Relays started on the lab's router for one test; ``finish()`` stops them all and checks
+    that each exited cleanly and logged no traceback."""
 
-    def start(upstream, *extra, mode="redirect", pure=False):
-        clear_interception(lab)
-        intercept(lab, mode, RELAY_PORT)
-        args = ["--upstream", upstream, "--mode", mode, *extra]
-        if "--listen" not in extra:
-            args += ["--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"]
-        relay = start_relay(lab, args, pure=pure)
-        started.append(relay)
+    def __init__(self, lab):
+        self.lab = lab
+        self.started = []
+        self.intercepted = False
+
+    def start(self, args, *, name="relay", intercept_mode=None, **options):
+        """``intercept_mode`` ("redirect"/"tproxy") first installs the lab's own interception."""
+        if intercept_mode:
+            clear_interception(self.lab)
+            intercept(self.lab, intercept_mode, RELAY_PORT)
+            self.intercepted = True
+        relay = start_relay(self.lab, args, name=name, **options)
+        self.started.append(relay)
         return relay
 
-    def finish():
-        for relay in started:
+    def run(self, upstream, *extra, mode="redirect", pure=False):
+        """The usual case: one upstream, listening on IPv4 and IPv6, intercepted by ``mode``."""
+        listen = [] if "--listen" in extra else ["--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"]
+        return self.start(["--upstream", upstream, "--mode", mode, *extra, *listen], intercept_mode=mode, pure=pure)
+
+    def finish(self):
+        for relay in self.started:
             if relay.running:
                 relay.stop()
-                assert lab.process(relay.name).returncode == 0, lab.log_tail(relay.name)
+                assert self.lab.process(relay.name).returncode == 0, self.lab.log_tail(relay.name)
             assert "Traceback" not in relay.log_text(), relay.log_text()
-        clear_interception(lab)
-
-    return start, finish
+        if self.intercepted:
+            clear_interception(self.lab)
 
 
 def require_root():
@@ -83,8 +91,13 @@ def require_root():
 
 
 @pytest.fixture
-def run_relay(lab):
+def relays(lab):
+    relays = Relays(lab)
+    yield relays
+    relays.finish()
+
+
+@pytest.fixture
+def run_relay(relays):
     """Start a relay on the router: run_relay(upstream, *extra_args, mode=..., pure=...)."""
-    start, finish = relay_starter(lab)
-    yield start
-    finish()
+    return relays.run

@@ -14,7 +14,7 @@ import trustme
 
 from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
 from relay.lab.servers import HttpServer, NxdomainDns, pattern_sha256
-from tests.e2e.conftest import relay_starter, require_root
+from tests.e2e.conftest import Relays, require_root
 
 NAME = "cdn.relaylab.test"
 FAR_UNKNOWN = "elsewhere.relaylab.test"  # right address on the client, unknown on the far side
@@ -48,9 +48,9 @@ def names_lab():
 
 @pytest.fixture
 def run_relay(names_lab):
-    start, finish = relay_starter(names_lab)
-    yield start
-    finish()
+    relays = Relays(names_lab)
+    yield relays.run
+    relays.finish()
 
 
 def curl(lab, *args, check=True):

@@ -78,22 +78,14 @@ def firewall(lab):
 
 
 @pytest.fixture
-def relays(lab):
-    """start(mode, *extra_args): the relay on the router, via dante; stopped and checked afterwards."""
-    started = []
+def dante_relays(relays):
+    """start(mode, *extra_args): the relay on the router via dante, with no interception: the rules under test do that."""
 
     def start(mode, *extra):
-        relay = start_relay(lab, ["--upstream", UPSTREAMS["dante"], "--mode", mode, *extra,
-                                  "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"])
-        started.append(relay)
-        return relay
+        return relays.start(["--upstream", UPSTREAMS["dante"], "--mode", mode, *extra,
+                             "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"])
 
-    yield start
-    for relay in started:
-        if relay.running:
-            relay.stop()
-            assert lab.process(relay.name).returncode == 0, lab.log_tail(relay.name)
-        assert "Traceback" not in relay.log_text(), relay.log_text()
+    return start
 
 
 @contextlib.contextmanager
@@ -124,8 +116,8 @@ def download_from(lab, host, address, seed=1):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lan_traffic_goes_through_the_relay_and_remove_undoes_everything(lab, firewall, relays, backend, mode):
-    relay = relays(mode, "--mark", hex(MARK))
+def test_lan_traffic_goes_through_the_relay_and_remove_undoes_everything(lab, firewall, dante_relays, backend, mode):
+    relay = dante_relays(mode, "--mark", hex(MARK))
     settings = lab_settings(mode)
     firewall.apply(settings, backend)
     download(lab, SIZE, address=ADDR.server4)
@@ -150,8 +142,8 @@ def test_lan_traffic_goes_through_the_relay_and_remove_undoes_everything(lab, fi
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_bypassed_address_is_reached_directly(lab, firewall, relays, backend, mode):
-    relay = relays(mode, "--mark", hex(MARK))
+def test_a_bypassed_address_is_reached_directly(lab, firewall, dante_relays, backend, mode):
+    relay = dante_relays(mode, "--mark", hex(MARK))
     firewall.apply(lab_settings(mode, exempt=(ADDR.server4,)), backend)
     with routes_to_server(lab, far_forwards=True):
         download(lab, SIZE, address=ADDR.server4)  # bypassed: routed by the router and far
@@ -161,10 +153,10 @@ def test_a_bypassed_address_is_reached_directly(lab, firewall, relays, backend, 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(lab, firewall, relays, backend, mode):
+def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(lab, firewall, dante_relays, backend, mode):
     """The relay's own upstream connections leave the router too: only their mark keeps them
     from being intercepted (dante's address is not exempt here)."""
-    relay = relays(mode, "--mark", hex(MARK))
+    relay = dante_relays(mode, "--mark", hex(MARK))
     firewall.apply(lab_settings(mode, redirect_output=True), backend)
     # A route, so the router's connections get as far as the firewall; far does not forward.
     with routes_to_server(lab, far_forwards=False):
@@ -182,8 +174,8 @@ def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(lab, fire
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_without_mark_the_relay_refuses_its_own_looped_connection(lab, firewall, relays, backend):
-    relay = relays("redirect")  # no --mark: the firewall cannot tell its connections apart
+def test_without_mark_the_relay_refuses_its_own_looped_connection(lab, firewall, dante_relays, backend):
+    relay = dante_relays("redirect")  # no --mark: the firewall cannot tell its connections apart
     firewall.apply(lab_settings("redirect", redirect_output=True), backend)
     with routes_to_server(lab, far_forwards=False):
         try:
