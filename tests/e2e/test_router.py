@@ -228,6 +228,9 @@ def test_rules_command_applies_and_removes(relay_on_router, lab):
     assert once.count("table inet relay") == 1
     download(lab, 1 << 20, seed=11)
     assert relay.connections(at_least=1)[0]["end"] == "closed"
+    with pytest.raises(OSError):  # the router's own traffic is not intercepted (and it has no route)
+        lab.connect("router", ADDR.server4, 7000, timeout=2)
+    assert len(relay.connections()) == 1
     lab.run("router", [*rules, "--remove"])
     assert lab.run("router", ["nft", "list", "ruleset"]).stdout == before
     with pytest.raises(OSError):
