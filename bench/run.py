@@ -1,0 +1,166 @@
+"""relay against redsocks, the routed path and the upstream proxy itself, in one run.
+
+Builds the namespace lab (client -> router running the relay, redsocks and the
+upstream proxy on its loopback -> far, routing only -> server) and measures:
+  throughput   iperf3, 1 and 8 streams, both directions, with relay CPU s per GB
+  short        short connections (100 bytes each way): conn/s, p50/p99 latency,
+               relay CPU ms per 1000 connections; also relay --workers 1 vs 2
+  idle         relay RSS per idle relayed connection, at 2000 and 10 000
+for each upstream: squid (HTTP CONNECT) and dante (SOCKS5), both on the router.
+Cases: routed (no relay, no proxy), direct (the client uses the proxy itself),
+redsocks, relay. Prints a table with relay/redsocks for every figure against
+its target, and writes every run to bench/results/bench-DATE.json.
+
+Run as root on a machine set up by scripts/setup:  python bench/run.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import measure
+import report
+from relay.lab import Lab, LabError
+from testbed import NOFILE, RELAY_KINDS, UPSTREAMS, BenchError, Case, RelayRejected, RelayUnderTest, Testbed
+
+RESULTS = Path(__file__).parent / "results"
+TESTS = ("throughput", "short", "idle")
+NEEDED_COMMANDS = ("redsocks", "squid", "danted", "iperf3", "gcc", "prlimit", "ss", "iptables")
+FIRST_RELAY_PORT = 12345
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 s per iperf3 test, 1 repetition, 500 short and 500 idle connections")
+    parser.add_argument("--only", type=lambda text: text.split(","), default=list(TESTS), metavar="TESTS",
+                        help=f"comma-separated subset of {','.join(TESTS)} (default: all)")
+    parser.add_argument("--upstreams", type=lambda text: text.split(","), default=list(UPSTREAMS),
+                        metavar="NAMES", help="comma-separated subset of squid,dante (default: both)")
+    parser.add_argument("--relay-args", type=shlex.split, default=[], metavar="ARGS",
+                        help='extra arguments for every relay process, e.g. "--workers 2 --pipe-size 262144"')
+    parser.add_argument("--seconds", type=int, help="length of each iperf3 test (default 10, quick 2)")
+    parser.add_argument("--repeat", type=int, help="repetitions of each run, medians reported (default 3, quick 1)")
+    args = parser.parse_args()
+    for value, allowed, option in ((args.only, TESTS, "--only"), (args.upstreams, UPSTREAMS, "--upstreams")):
+        if unknown := set(value) - set(allowed):
+            parser.error(f"{option}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(allowed)}")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> measure.Settings:
+    settings = measure.Settings(relay_args=args.relay_args)
+    if args.quick:
+        settings.seconds, settings.repeat, settings.short_count, settings.idle_counts = 2, 1, 500, (500,)
+    settings.seconds = args.seconds or settings.seconds
+    settings.repeat = args.repeat or settings.repeat
+    return settings
+
+
+def make_cases(bed: Testbed, upstreams: list[str], relay_args: list[str]) -> list[Case]:
+    cases = [Case("routed", "routed")]
+    port = FIRST_RELAY_PORT
+    for upstream in upstreams:
+        cases.append(Case(f"{upstream}/direct", "direct", upstream, throughput_client="bulk"))
+        for kind in RELAY_KINDS:
+            relay = RelayUnderTest(bed, kind, upstream, port, relay_args if kind == "relay" else [])
+            relay.start()
+            cases.append(Case(f"{upstream}/{kind}", kind, upstream, relay))
+            port += 1
+    return cases
+
+
+def planned_runs(settings: measure.Settings, tests: list[str], cases: list[Case], upstreams: list[str]) -> int:
+    relayed = [case for case in cases if case.relay]
+    return (
+        ("throughput" in tests) * len(measure.throughput_plan(settings, cases + [calibration_case()]))
+        + ("short" in tests) * (settings.repeat * len(cases) + measure.workers_runs(settings, upstreams))
+        + ("idle" in tests) * len(relayed) * len(settings.idle_counts)
+    )
+
+
+def calibration_case() -> Case:
+    """The routed path measured with the direct case's bulk client, to compare that client with iperf3."""
+    return Case("routed/bulk", "routed", throughput_client="bulk")
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return str(error)
+        return (result.stdout or result.stderr).strip().splitlines()[0] if (result.stdout or result.stderr) else ""
+
+    return {
+        "relay": first_line([sys.executable, "-m", "relay", "--version"]),
+        "redsocks": first_line(["dpkg-query", "-W", "-f", "${Version}", "redsocks"]),
+        "squid": first_line(["squid", "-v"]),
+        "dante": first_line(["danted", "-v"]),
+        "iperf3": first_line(["iperf3", "--version"]),
+        "kernel": os.uname().release,
+    }
+
+
+def run(args: argparse.Namespace, settings: measure.Settings, results: dict) -> None:
+    tests = [test for test in TESTS if test in args.only]
+    with Lab() as lab:
+        bed = Testbed(lab, args.upstreams)
+        cases = make_cases(bed, args.upstreams, settings.relay_args)
+        progress = measure.Progress(planned_runs(settings, tests, cases, args.upstreams))
+        print(f"lab {lab.prefix} up; {progress.total} runs planned", file=sys.stderr, flush=True)
+        if "throughput" in tests:
+            results["throughput"] = measure.measure_throughput(bed, cases + [calibration_case()], settings, progress)
+        if "short" in tests:
+            results["short"] = measure.measure_short(bed, cases, settings, progress)
+            results["workers"] = measure.measure_workers(bed, args.upstreams, settings, progress)
+        if "idle" in tests:
+            results["idle"] = measure.measure_idle(bed, [case for case in cases if case.relay], settings, progress)
+
+
+def main() -> int:
+    args = parse_args()
+    if os.geteuid() != 0:
+        print("bench/run.py: needs root (network namespaces, iptables)", file=sys.stderr)
+        return 2
+    if missing := [command for command in NEEDED_COMMANDS if not shutil.which(command)]:
+        print(f"bench/run.py: missing {', '.join(missing)}; run scripts/setup first", file=sys.stderr)
+        return 2
+    settings = settings_from(args)
+    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "settings": asdict(settings),
+              "machine": {"cpus": os.cpu_count(), "nofile": NOFILE, **versions()}, "results": {}}
+    status = 0
+    try:
+        run(args, settings, record["results"])
+    except RelayRejected as error:
+        record["aborted"] = str(error)
+        print(f"bench/run.py: the relay does not start with --relay-args: {error}", file=sys.stderr)
+        status = 2
+    except (BenchError, LabError, OSError, subprocess.SubprocessError, KeyboardInterrupt) as error:
+        record["aborted"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+        status = 1
+    notes = report.make_notes(record["results"], args.upstreams, os.cpu_count(), NOFILE)
+    table, record["table"] = report.render(record["results"], args.upstreams, notes)
+    record["notes"] = notes
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(table)
+    print(f"\nraw results: {out}{' (partial: ' + record['aborted'] + ')' if 'aborted' in record else ''}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
