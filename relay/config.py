@@ -231,6 +231,13 @@ SETTINGS = [
     Setting("connect-timeout", parse_seconds, 5.0, False, "S", "upstream TCP connect (default: 5)"),
     Setting("handshake-timeout", parse_seconds, 10.0, False, "S", "proxy handshake (default: 10)"),
     Setting("idle-timeout", parse_seconds, 600.0, False, "S", "reset connections idle this long (default: 600)"),
+    Setting("half-closed-timeout", parse_seconds, 60.0, False, "S",
+            "once one direction has ended, reset if the other is silent this long (default: 60)"),
+    Setting("max-connections", parse_count, 0, False, "N",
+            "relayed connections at once; past it, new ones wait in the backlog (default: from the fd limit)"),
+    Setting("max-per-source", parse_count, 0, False, "N", "relayed connections at once from one client address (default: no limit)"),
+    Setting("allow-dest", parse_cidr, [], True, "CIDR",
+            "relay these destinations even if they are the router, loopback or link-local (normally refused); repeatable"),
     Setting("sniff", parse_switch, True, False, "on|off",
             "ask the proxy for the hostname from TLS SNI or the HTTP Host header, so the far side resolves it (default: on)"),
     Setting("sniff-timeout", parse_seconds, 0.3, False, "S",
@@ -274,6 +281,10 @@ class Config:
     connect_timeout: float = 5.0
     handshake_timeout: float = 10.0
     idle_timeout: float = 600.0
+    half_closed_timeout: float = 60.0
+    max_connections: int = 0  # 0: derived from RLIMIT_NOFILE
+    max_per_source: int = 0  # 0: no limit
+    allow_dest: list = field(default_factory=list)
     sniff: bool = True  # ask the proxy for the SNI/Host name instead of the IP
     sniff_timeout: float = 0.3  # how long to wait for the client's first bytes
     http_mode: str = "forward"  # plain HTTP through an HTTP proxy: "forward" (absolute form) or "connect"

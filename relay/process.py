@@ -1,6 +1,7 @@
 """The relay process: logging, worker processes, privileges, metrics, and the Trio run."""
 
 import os
+import resource
 import signal
 import sys
 
@@ -38,6 +39,7 @@ def _run_one(config: Config, reload, worker: int) -> int:
 async def _serve(config: Config, reload, worker: int) -> None:
     # The receiver is opened first, so a stop signal is never lost nor fatal during start-up.
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        raise_fd_limit()
         metrics = Metrics(version=__version__, fast_path=fastpath.NAME)
         server = Server(config, metrics, reload)
         await server.open()
@@ -51,6 +53,16 @@ async def _serve(config: Config, reload, worker: int) -> None:
                 await nursery.start(serve_metrics, metrics, host, port + worker)
             await server.serve(signals)
             nursery.cancel_scope.cancel()
+
+
+def raise_fd_limit() -> None:
+    """Use all the fds we may: the soft limit (often 1024) up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the connection budget follows whatever it is
 
 
 def _run_workers(config: Config, reload) -> int:

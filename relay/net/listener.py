@@ -71,12 +71,23 @@ async def open_listeners(
     return listeners
 
 
-async def accept_loop(listener, handle, nursery, warnings: RateLimited) -> None:
-    """Accept forever, handing each connection to ``handle(conn, peer)`` in ``nursery``."""
+async def accept_loop(listener, handle, nursery, warnings: RateLimited, slots: trio.Semaphore | None = None) -> None:
+    """Accept forever, handing each connection to ``handle(conn, peer)`` in ``nursery``.
+
+    With ``slots``, one is taken before each accept and ``handle`` must give it
+    back: past the budget, new clients wait in the kernel's backlog instead of
+    being accepted and then failing for lack of fds.
+    """
     while True:
+        if slots is not None:
+            await slots.acquire()
         try:
             conn, peer = await listener.accept()
-        except OSError as exc:
+        except BaseException as exc:
+            if slots is not None:
+                slots.release()
+            if not isinstance(exc, OSError):
+                raise
             if exc.errno in RESOURCE_ERRNOS:
                 warnings.warning(
                     "accept-" + errno.errorcode[exc.errno],

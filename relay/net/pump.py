@@ -29,18 +29,21 @@ SIDE_NAMES = ("client", "upstream")
 class PumpResult:
     sent_up: int  # client -> upstream
     sent_down: int  # upstream -> client
-    # "closed", "client-reset", "upstream-reset", "idle-timeout", "cancelled",
+    # "closed", "client-reset", "upstream-reset", "idle-timeout", "half-closed-timeout", "cancelled",
     # or "relay-<errno>" when the relay itself ran out of something (e.g. relay-emfile)
     ended: str
 
 
 class _Pump:
-    __slots__ = ("sockets", "impl", "idle_timeout", "pipe_size", "moved", "ended", "idle_scope", "last_bump", "nursery")
+    __slots__ = ("sockets", "impl", "idle_timeout", "half_closed_timeout", "half_closed", "pipe_size", "moved",
+                 "ended", "idle_scope", "last_bump", "nursery")
 
-    def __init__(self, sockets, impl, idle_timeout, pipe_size):
+    def __init__(self, sockets, impl, idle_timeout, half_closed_timeout, pipe_size):
         self.sockets = sockets
         self.impl = impl
         self.idle_timeout = idle_timeout
+        self.half_closed_timeout = half_closed_timeout
+        self.half_closed = False
         self.pipe_size = pipe_size
         self.moved = [0, 0]  # indexed by the side that receives
         self.ended = None
@@ -53,6 +56,14 @@ class _Pump:
         if now - self.last_bump >= IDLE_GRANULARITY:
             self.last_bump = now
             self.idle_scope.deadline = now + self.idle_timeout
+
+    def one_direction_done(self):
+        """From now on the silence allowed is the (shorter) half-closed timeout."""
+        if not self.half_closed:
+            self.half_closed = True
+            self.idle_timeout = min(self.idle_timeout, self.half_closed_timeout)
+            self.last_bump = float("-inf")
+            self.touch()
 
     def fail_local(self, exc: OSError):
         if self.ended is None:
@@ -102,6 +113,8 @@ class _Pump:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 self.fail(dst_side)
+            else:
+                self.one_direction_done()
         finally:
             flow.close()
 
@@ -113,6 +126,7 @@ async def pump(
     to_upstream_first: bytes = b"",
     to_client_first: bytes = b"",
     idle_timeout: float = 600.0,
+    half_closed_timeout: float = 60.0,
     pipe_size: int = 0,
     impl=None,
 ) -> PumpResult:
@@ -121,7 +135,7 @@ async def pump(
     ``to_*_first`` are bytes already read from the other side (handshake
     leftovers) that must go out before anything else.
     """
-    state = _Pump((client, upstream), impl or fastpath.impl, idle_timeout, pipe_size)
+    state = _Pump((client, upstream), impl or fastpath.impl, idle_timeout, half_closed_timeout, pipe_size)
     state.touch()
     ended = "cancelled"  # stays so only if a cancellation from outside escapes
     try:
@@ -132,7 +146,7 @@ async def pump(
                 # The other direction runs in this task: one task fewer per connection.
                 await state.one_way(UPSTREAM, to_client_first)
         if state.ended is None and state.idle_scope.cancelled_caught:
-            state.ended = "idle-timeout"
+            state.ended = "half-closed-timeout" if state.half_closed else "idle-timeout"
         ended = state.ended or "closed"
     finally:
         if ended == "closed":

@@ -3,6 +3,7 @@
 import errno
 import ipaddress
 import logging
+import resource
 import signal
 import socket
 import time
@@ -25,6 +26,17 @@ WILDCARDS = ("0.0.0.0", "::")
 # Upstreams that can be asked for a hostname (SOCKS4 and direct only take addresses).
 NAMED_SCHEMES = ("http", "socks5", "socks4a")
 DIRECT = Upstream("direct")
+# Destinations that are never relayed unless --allow-dest says so: they mean this
+# router (or the proxy's machine), not something beyond it.
+REFUSED_NETWORKS = tuple(
+    ipaddress.ip_network(text) for text in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128")
+)
+# One relayed connection holds two sockets and, while data flows, two pipes.
+FDS_PER_CONNECTION = 6
+# Listeners, epoll, the metrics server, ssh, the pipe pool (2 x 64): never handed to connections.
+RESERVED_FDS = 200
+LOCAL_ADDRESS_TTL = 10.0  # seconds a "is this one of our addresses" answer is kept
+
 # Settings a reload cannot change on a running process (they shape sockets, processes or privileges).
 RESTART_ONLY = ("mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "log_format")
 
@@ -71,6 +83,11 @@ class Server:
         # Local addresses of our open upstream sockets: a client coming *from* one is our own traffic looped back.
         self.own_sources: set[tuple[str, int]] = set()
         self.warnings = RateLimited()
+        self.refusals = RateLimited(interval=60.0)  # refused destinations: once per destination per minute
+        self.refused_endpoints: set[tuple[str, int]] = set()  # the SSH server
+        self.local_addresses: dict[str, tuple[bool, float]] = {}
+        self.slots = trio.Semaphore(connection_budget(config))
+        self.per_source: dict[str, int] = {}
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""
@@ -83,6 +100,10 @@ class Server:
                     raise ConfigError("--mark needs CAP_NET_ADMIN (run as root, or grant the capability)") from None
         if config.ssh:
             self.tunnels = make_tunnels(config, self.metrics)
+            target = self.tunnels[0].target if self.tunnels else None
+            if target is not None:
+                infos = await trio.socket.getaddrinfo(target.host, target.port or 22, type=socket.SOCK_STREAM)
+                self.refused_endpoints = {info[4][:2] for info in infos}
         else:
             await self.pool.resolve()
         self.listeners = await open_listeners(
@@ -113,22 +134,65 @@ class Server:
                 return "its destination is the relay's own listening port"
         return None
 
+    def is_local(self, host: str) -> bool:
+        now = time.monotonic()
+        known = self.local_addresses.get(host)
+        if known is None or known[1] < now:
+            if len(self.local_addresses) > 1024:
+                self.local_addresses.clear()  # bounded: a scan of many addresses cannot grow it
+            known = self.local_addresses[host] = (is_local_address(host), now + LOCAL_ADDRESS_TTL)
+        return known[0]
+
+    def destination_refusal(self, config: Config, dst) -> str | None:
+        """Why the destination policy refuses ``dst`` (the router, loopback, link-local, the SSH server)."""
+        address = ipaddress.ip_address(dst[0])
+        if any(address in network for network in config.allow_dest):
+            return None
+        if dst in self.refused_endpoints:
+            return "it is the SSH server of the tunnel"
+        if any(address in network for network in REFUSED_NETWORKS):
+            return "loopback, link-local or unspecified addresses mean this machine, not a server"
+        if self.is_local(dst[0]):
+            return "it is one of the router's own addresses"
+        return None
+
+    def admission_refusal(self, config: Config, peer, dst):
+        """(how it ended, why, which log limiter, its key) if this connection must be reset at once."""
+        why = self.loop_reason(peer, dst)
+        if why:
+            return "refused:loop", why, self.warnings, f"loop {dst}"
+        why = self.destination_refusal(config, dst)
+        if why:
+            return "refused:destination", why, self.refusals, f"dst {dst}"
+        if config.max_per_source and self.per_source.get(peer[0], 0) >= config.max_per_source:
+            why = f"{config.max_per_source} connections from {peer[0]} already (--max-per-source)"
+            return "refused:per-source-limit", why, self.warnings, f"source {peer[0]}"
+        return None
+
     async def handle(self, conn, peer) -> None:
+        try:
+            await self.handle_admitted(conn, peer)
+        finally:
+            self.slots.release()  # taken by accept_loop before accepting this connection
+
+    async def handle_admitted(self, conn, peer) -> None:
         config, pool = self.config, self.pool  # a reload affects new connections only
         self.metrics.connection_accepted()
         started = time.monotonic()
         peer = peer[:2]
         dst = record = None
         ended, detail = "error", None
+        counted = False
         try:
             dst = self.original_destination(conn)
-            refusal = self.loop_reason(peer, dst)
+            refusal = self.admission_refusal(config, peer, dst)
             if refusal:
-                ended = "refused:loop"
+                ended, why, limiter, key = refusal
                 reset(conn)
-                self.warnings.warning(f"loop {dst}", f"refused {format_address(peer)} -> {format_address(dst)}: {refusal}")
+                limiter.warning(key, f"refused {format_address(peer)} -> {format_address(dst)}: {why}")
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.per_source[peer[0]] = self.per_source.get(peer[0], 0) + 1
+            counted = True
             sniffed, first = await self.sniff(conn, config, pool)
             record = ConnectionRecord(peer, dst, sniffed.hostname if config.sniff else None, started)
             direct = bypassed(config, dst, sniffed.hostname)
@@ -154,6 +218,7 @@ class Server:
                     to_upstream_first=first,
                     to_client_first=early,
                     idle_timeout=config.idle_timeout,
+                    half_closed_timeout=config.half_closed_timeout,
                     pipe_size=config.pipe_size,
                 )
             finally:
@@ -172,6 +237,10 @@ class Server:
             ended = "cancelled"
             raise
         finally:
+            if counted:
+                left = self.per_source.pop(peer[0]) - 1
+                if left:
+                    self.per_source[peer[0]] = left
             if record is not None:
                 record.log(ended, detail)
             self.metrics.connection_closed(ended, record.up if record else 0, record.down if record else 0)
@@ -340,7 +409,7 @@ class Server:
             with accepting:
                 async with trio.open_nursery() as nursery:
                     for listener in self.listeners:
-                        nursery.start_soon(accept_loop, listener, self.handle, connections, self.warnings)
+                        nursery.start_soon(accept_loop, listener, self.handle, connections, self.warnings, self.slots)
         finally:
             for listener in self.listeners:  # closed only once no task waits on them
                 listener.close()
@@ -374,6 +443,14 @@ class Server:
         log.info("SIGHUP: configuration reloaded; upstream %s", ", ".join(str(u) for u in new.upstreams))
         systemd.notify("READY=1")
         return await services.start(self.run_health_checks, pool)
+
+
+def connection_budget(config: Config) -> int:
+    """--max-connections, or as many as the fd limit allows (each costs FDS_PER_CONNECTION)."""
+    if config.max_connections:
+        return config.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, (soft - RESERVED_FDS) // FDS_PER_CONNECTION)
 
 
 def bypassed(config: Config, dst, hostname: str | None) -> bool:
