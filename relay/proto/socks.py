@@ -9,7 +9,6 @@ import struct
 
 from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
 from relay.proto.handshake import (
-    MAX_HOSTNAME_SIZE as MAX_HOSTNAME_SIZE,  # still importable from here
     Handshake,
     encode_hostname,
     parse_ip_literal,

@@ -2,9 +2,10 @@
 danted; ssh -L and ssh -D tunnels from the router; servers on the server host.
 Each test starts its own relay on the router with the interception it needs."""
 
-import os
 
 import pytest
+
+from tests import root
 
 from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
 from relay.lab.servers import BannerServer, TrafficServer
@@ -84,10 +85,7 @@ class Relays:
 
 
 def require_root():
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("end-to-end tests need root, and CI must run them")
-        pytest.skip("end-to-end tests need root (network namespaces, iptables)")
+    root.require_root("end-to-end tests need root (network namespaces, iptables)")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 destination policy."""
 
 import socket
-import time
 
 import pytest
 

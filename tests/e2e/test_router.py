@@ -12,7 +12,7 @@ import time
 import pytest
 
 from relay.lab import ADDR, start_dante
-from relay.lab.services import clear_interception, intercept, start_relay
+from relay.lab.services import clear_interception
 from tests.e2e.clients import connect, download, expect_reset, upload
 from tests.e2e.conftest import RELAY_PORT, UPSTREAMS
 

@@ -10,7 +10,6 @@ import pytest
 
 from relay.lab import ADDR
 from relay.lab.servers import pattern_sha256
-from relay.lab.services import start_relay
 from relay.rules import BACKENDS, DEFAULT_ROUTE_TABLE, MODES, RuleSettings
 from tests.e2e.clients import connect, download, expect_reset, read_all
 from tests.e2e.conftest import RELAY_PORT, TRAFFIC_PORT, UPSTREAMS

@@ -6,7 +6,6 @@ under CI (CI set), where that is a failure: CI must run them.
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import signal
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import root
+
 from relay.lab import ADDR
 from relay.lab import demo
 
@@ -27,12 +28,7 @@ LAB_LINE = re.compile(r"lab (?P<prefix>rl\d+x\d+) is up, files in (?P<tmpdir>\S+
 
 @pytest.fixture
 def require_root():
-    if os.geteuid() == 0:
-        return
-    reason = "relay demo needs root (network namespaces, iptables)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI is set, so this must not be skipped")
-    pytest.skip(reason)
+    root.require_root("relay demo needs root (network namespaces, iptables)")
 
 
 def _lab_namespaces(prefix: str) -> list[str]:

@@ -7,7 +7,6 @@ that is a failure: CI must run them.
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import socket
 import struct
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests import root
 
 from relay.lab import (
     ADDR,
@@ -37,12 +38,7 @@ IO_TIMEOUT = 5.0
 
 @pytest.fixture(scope="module", autouse=True)
 def require_root():
-    if os.geteuid() == 0:
-        return
-    reason = "the namespace lab needs root (ip netns, daemons)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI is set, so this must not be skipped")
-    pytest.skip(reason)
+    root.require_root("the namespace lab needs root (ip netns, daemons)")
 
 
 @pytest.fixture(scope="module")
