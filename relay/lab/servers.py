@@ -93,7 +93,7 @@ class _ThreadedServer:
         try:
             with conn:
                 self.handle(conn)
-        except OSError as exc:
+        except (OSError, h11.ProtocolError) as exc:  # a client that left mid-request, e.g. curl on a failed test
             self.errors.append(repr(exc))
 
     def close(self):
