@@ -256,7 +256,14 @@ class Lab:
 
     def _close_sockets(self) -> None:
         # Open sockets pin their namespace in the kernel even after its name is deleted.
+        # shutdown() first: it wakes a server thread blocked in accept() on the socket, which
+        # close() alone does not; that thread would otherwise stay in accept() on a stale fd
+        # number and could pick up connections of the next lab's socket that reuses it.
         for sock in list(self._sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected: nothing to wake
             sock.close()
 
     def _stop_all_processes(self) -> None:
