@@ -6,6 +6,7 @@ Each test starts its own relay on the router with the interception it needs."""
 import pytest
 
 from tests import root
+from tests.e2e.health import assert_settled, usage
 
 from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
 from relay.lab.servers import BannerServer, TrafficServer
@@ -66,6 +67,7 @@ class Relays:
             intercept(self.lab, intercept_mode, RELAY_PORT)
             self.intercepted = True
         relay = start_relay(self.lab, args, name=name, **options)
+        relay.baseline = usage(self.lab.process(relay.name).pid)
         self.started.append(relay)
         return relay
 
@@ -75,13 +77,23 @@ class Relays:
         return self.start(["--upstream", upstream, "--mode", mode, *extra, *listen], intercept_mode=mode, pure=pure)
 
     def finish(self):
+        """Stop every relay (even after a failure), then report the first problem found."""
+        problems = []
         for relay in self.started:
             if relay.running:
+                try:
+                    assert_settled(self.lab, relay, relay.baseline)
+                except AssertionError as exc:
+                    problems.append(exc)
                 relay.stop()
-                assert self.lab.process(relay.name).returncode == 0, self.lab.log_tail(relay.name)
-            assert "Traceback" not in relay.log_text(), relay.log_text()
+                if self.lab.process(relay.name).returncode != 0:
+                    problems.append(AssertionError(self.lab.log_tail(relay.name)))
+            if "Traceback" in relay.log_text():
+                problems.append(AssertionError(relay.log_text()))
         if self.intercepted:
             clear_interception(self.lab)
+        if problems:
+            raise problems[0]
 
 
 def require_root():

@@ -47,8 +47,7 @@ def test_per_source_cap_leaves_other_clients_served(run_relay, lab):
         held = [banner_connection(lab) for _ in range(2)]
         for sock in held:
             assert sock.recv(100) == BannerServer.banner
-        with banner_connection(lab) as third:
-            expect_reset(third, within=2)
+        connect_expecting_reset(lab, "client", ADDR.server4, BANNER_PORT, within=2)
         with banner_connection(lab, source=SECOND_CLIENT) as other:
             assert other.recv(100) == BannerServer.banner
         assert relay.wait_for_log("--max-per-source")

@@ -1,0 +1,91 @@
+"""After every end-to-end case: the relay's fds, RSS and sockets are back near where they
+started, so a case that leaks a connection, a pipe or memory fails even if its clients
+were served."""
+
+import os
+import time
+from dataclasses import dataclass
+
+# Lingering allocations are not leaks: pymalloc arenas, and empty pipes the fast path keeps
+# for reuse (a pool of at most 64, two fds each). Sockets have no such excuse.
+SOCKET_SLACK = 1
+PIPE_FD_SLACK = 2 * 64
+RSS_SLACK_KIB = 24 * 1024
+SETTLE_SECONDS = 10.0
+# A relay holding a socket in one of these states after every client left is holding a
+# connection nobody will finish.
+STUCK_STATES = ("close-wait", "fin-wait-2", "last-ack")
+
+
+@dataclass(frozen=True)
+class Usage:
+    sockets: int
+    pipe_fds: int
+    rss_kib: int
+
+    def __str__(self) -> str:
+        return f"{self.sockets} sockets, {self.pipe_fds} pipe fds, {self.rss_kib} KiB RSS"
+
+    def near(self, baseline: "Usage", rss_slack_kib: int) -> bool:
+        return (self.sockets <= baseline.sockets + SOCKET_SLACK
+                and self.pipe_fds <= baseline.pipe_fds + PIPE_FD_SLACK
+                and self.rss_kib <= baseline.rss_kib + rss_slack_kib)
+
+
+def group_pids(leader: int) -> list[int]:
+    """The relay and its workers: every process in the group it leads."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == leader:
+                pids.append(int(entry))
+    return pids
+
+
+def usage(leader: int) -> Usage:
+    sockets = pipes = rss = 0
+    for pid in group_pids(leader):
+        try:
+            targets = [_readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            sockets += sum(target.startswith("socket:") for target in targets)
+            pipes += sum(target.startswith("pipe:") for target in targets)
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+        except OSError:  # exited meanwhile
+            continue
+    return Usage(sockets, pipes, rss)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
+
+
+def stuck_sockets(lab, host: str, leader: int) -> list[str]:
+    pids = {f"pid={pid}," for pid in group_pids(leader)}
+    states = [arg for state in STUCK_STATES for arg in ("state", state)]
+    lines = lab.run(host, ["ss", "-tanpH", *states]).stdout.splitlines()
+    return [line for line in lines if any(pid in line for pid in pids)]
+
+
+def assert_settled(lab, relay, baseline: Usage, *, timeout: float = SETTLE_SECONDS,
+                   rss_slack_kib: int = RSS_SLACK_KIB) -> Usage:
+    """Wait until the relay is back near ``baseline`` with no stuck socket; returns its usage."""
+    leader = lab.process(relay.name).pid
+    deadline = time.monotonic() + timeout
+    while True:
+        now, stuck = usage(leader), stuck_sockets(lab, relay.host, leader)
+        settled = now.near(baseline, rss_slack_kib)
+        if (settled and not stuck) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not stuck, f"{relay.name} still holds sockets:\n" + "\n".join(stuck)
+    assert settled, f"{relay.name} did not settle: {now} now, {baseline} at start"
+    return now
