@@ -96,6 +96,22 @@ class Relays:
             raise problems[0]
 
 
+_FIGURES: list[tuple[str, str, str]] = []
+
+
+@pytest.fixture
+def figures(request):
+    """figures(label, value): a measured figure, printed in the summary at the end of the run."""
+    return lambda label, value: _FIGURES.append((request.node.nodeid, label, str(value)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures measured by the end-to-end cases")
+        for nodeid, label, value in _FIGURES:
+            terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {label}: {value}")
+
+
 def require_root():
     root.require_root("end-to-end tests need root (network namespaces, iptables)")
 
