@@ -393,10 +393,13 @@ class RelayProcess(Service):
 
 
 def start_relay(lab: Lab, args: Sequence[str], host: str = "router", name: str = "relay",
-                pure: bool = False, env: dict[str, str] | None = None) -> RelayProcess:
-    """Run the relay from this checkout with ``args`` (plus -v); ``pure`` forces the Python fast path."""
+                pure: bool = False, env: dict[str, str] | None = None, wrapper: Sequence[str] = ()) -> RelayProcess:
+    """Run the relay from this checkout with ``args`` (plus -v); ``pure`` forces the Python fast path.
+
+    ``wrapper`` runs it under another command, e.g. ``["prlimit", "--nofile=256:256", "--"]``.
+    """
     variables = [f"{key}={value}" for key, value in (env or {}).items()]
-    argv = ["env", f"RELAY_NO_EXTENSIONS={int(pure)}", *variables, sys.executable, "-m", "relay", "-v", *args]
+    argv = ["env", f"RELAY_NO_EXTENSIONS={int(pure)}", *variables, *wrapper, sys.executable, "-m", "relay", "-v", *args]
     relay = RelayProcess(lab=lab, host=host, name=name, argv=argv, ready=("", 0))
     relay.start()
     return relay

@@ -4,18 +4,23 @@ Every relay started here is also checked afterwards by the Relays helper: socket
 and RSS back near their baseline, no socket stuck half-closed, no traceback."""
 
 import hashlib
+import os
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 
 import pytest
 
 from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
-from relay.lab.servers import CHUNK, pattern, pattern_sha256
+from relay.lab.services import clear_interception
+from relay.lab.servers import CHUNK, BannerServer, pattern, pattern_sha256
 from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all
-from tests.e2e.conftest import CLOSED_PORT, RELAY_PORT, UPSTREAMS
-from tests.e2e.health import usage
+from tests.e2e.conftest import BANNER_PORT, CLOSED_PORT, RELAY_PORT, UPSTREAMS
+from tests.e2e.health import group_pids, usage
+from tests.e2e.test_rules import routes_to_server
 
 DANTE = UPSTREAMS["dante"]
 EDGE_SIZES = [0, 1, 4095, 4096, 4097, 65535, 65536, 65537, 1 << 20]
@@ -113,12 +118,12 @@ def test_client_reset_closes_the_upstream_side_within_a_second(run_relay, lab):
 
 
 class HoldingServer:
-    """On the server host: accepts one connection, reads until it ends, notes when."""
+    """Accepts one connection, reads until it ends, notes when."""
 
-    def __init__(self, lab, port: int):
-        self.listener = lab.socket("server")
+    def __init__(self, lab, port: int, host="server", address=ADDR.server4):
+        self.listener = lab.socket(host)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((ADDR.server4, port))
+        self.listener.bind((address, port))
         self.listener.listen(8)
         self.accepted, self.ended = threading.Event(), threading.Event()
         self.ended_at = None
@@ -365,3 +370,178 @@ def test_packet_loss_and_a_bandwidth_cap_keep_20_transfers_intact(run_relay, lab
         for rule in rules:
             lab.run("router", ["iptables", "-w", "-D", *rule])
     figures("20 transfers, 1% loss each way, 200 Mbit/s cap", f"{took:.1f} s, {dropped} packets dropped, all intact")
+
+
+def _cpu_seconds(leader: int) -> float:
+    total = 0.0
+    for pid in group_pids(leader):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def open_without_waiting(lab, count: int, port: int) -> list[socket.socket]:
+    """``count`` connections toward the server, started without waiting for any to complete."""
+    socks = []
+    for _ in range(count):
+        sock = lab.socket("client")
+        sock.setblocking(False)
+        sock.connect_ex((ADDR.server4, port))
+        socks.append(sock)
+    return socks
+
+
+def test_under_256_fds_400_connections_wait_quietly_and_service_resumes(relays, lab, figures):
+    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect",
+                         wrapper=["prlimit", "--nofile=256:256", "--"])
+    leader = lab.process(relay.name).pid
+    held = open_without_waiting(lab, 400, BANNER_PORT)
+    try:
+        time.sleep(1)
+        before = _cpu_seconds(leader)
+        time.sleep(2)
+        spent = _cpu_seconds(leader) - before
+        assert spent < 0.2, f"relay burned {spent:.2f} CPU-s in 2 s while saturated"
+        assert usage(leader).sockets < 256
+        other_lines = [line for line in relay.log_text().splitlines()
+                       if " relay: conn " not in line and "listening" not in line]
+        assert len(other_lines) <= 2, other_lines
+    finally:
+        for sock in held:
+            sock.close()
+    closed = time.monotonic()
+    with connect(lab, port=BANNER_PORT, timeout=5) as sock:
+        sock.settimeout(5)
+        assert sock.recv(100) == BannerServer.banner
+    took = time.monotonic() - closed
+    assert took < 1
+    figures("400 connections against a 256-fd relay", f"{spent * 1000:.0f} ms CPU in 2 s saturated, "
+            f"next connection served {took * 1000:.0f} ms after the others closed")
+
+
+def test_foreign_mark_bits_do_not_break_the_loop_exemption(relays, lab):
+    """The router's own traffic is redirected; another tool sets mark bits of its own on every
+    packet. The relay's upstream connections still match their (masked) mark and are not looped."""
+    relay = relays.start(["--upstream", DANTE, "--mark", "0x10", "--listen", f"0.0.0.0:{RELAY_PORT}"])
+    rules = [
+        ["-t", "mangle", "-A", "OUTPUT", "-j", "MARK", "--or-mark", "0x100"],
+        ["-t", "nat", "-A", "OUTPUT", "-m", "mark", "--mark", "0x10/0x10", "-j", "RETURN"],
+        ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ADDR.far4, "--dport", "7000", "-j", "REDIRECT",
+         "--to-ports", str(RELAY_PORT)],
+        ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ADDR.far4, "--dport", "1080", "-j", "REDIRECT",
+         "--to-ports", str(RELAY_PORT)],
+    ]
+    for rule in rules:
+        lab.run("router", ["iptables", "-w", *rule])
+    server = HoldingServer(lab, 7000, host="far", address=ADDR.far4)
+    try:
+        with lab.connect("router", ADDR.far4, 7000, timeout=5) as sock:
+            sock.sendall(b"through the relay")
+            assert server.accepted.wait(5)
+        marked = lab.run("router", ["iptables", "-w", "-t", "mangle", "-L", "OUTPUT", "-v", "-n", "-x"]).stdout
+        assert int(marked.splitlines()[2].split()[0]) > 0  # the foreign bit really was set
+    finally:
+        server.close()
+        for rule in rules:
+            lab.run("router", ["iptables", "-w", *[("-D" if arg == "-A" else arg) for arg in rule]])
+    [line] = relay.connections(at_least=1)
+    assert line["dst"] == f"{ADDR.far4}:7000" and line["client"].startswith(ADDR.router_wan4)
+    assert "routing loop" not in relay.log_text()
+
+
+def test_loopback_and_the_proxys_own_port_are_refused(relays, lab):
+    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect")
+    to_loopback = ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.0/8", "--dport", "80",
+                   "-j", "REDIRECT", "--to-ports", str(RELAY_PORT)]
+    lab.run("router", ["iptables", "-w", *to_loopback])
+    try:
+        connect_expecting_reset(lab, "router", "127.0.0.2", 80, within=2)
+    finally:
+        lab.run("router", ["iptables", "-w", *[("-D" if arg == "-A" else arg) for arg in to_loopback]])
+    connect_expecting_reset(lab, "client", ADDR.far4, 1080, within=2)
+    assert relay.wait_for_log("-> 127.0.0.2:80: ") and relay.wait_for_log(f"-> {ADDR.far4}:1080: ")
+    assert relay.connections() == []  # neither made an upstream connection
+
+
+def test_sigterm_during_100_transfers_drains_them_all(relays, lab, figures):
+    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}", "--drain-time", "20"],
+                         intercept_mode="redirect")
+    size = 16 << 20
+    outcomes, threads = parallel_downloads(lab, 100, size)
+    deadline = time.monotonic() + 10
+    while _open_connections(lab, relay) < 100:
+        assert time.monotonic() < deadline, "the 100 transfers did not all start"
+        time.sleep(0.05)
+    process = lab.process(relay.name)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert relay.wait_for_log("draining")
+    with pytest.raises(ConnectionRefusedError):
+        connect(lab, timeout=3)  # the listener closed at once
+    assert process.wait(timeout=25) == 0
+    took = time.monotonic() - signalled
+    for thread in threads:
+        thread.join(5)
+    assert sorted(received for _, received, _ in outcomes) == [size] * 100, outcomes
+    figures("SIGTERM under 100 transfers", f"all 100 finished intact, exit 0 after {took:.1f} s")
+
+
+def _open_connections(lab, relay) -> int:
+    """Established client connections the relay holds (its listener's port as local port)."""
+    lines = lab.run(relay.host, ["ss", "-tnH", "state", "established", "sport", f"= :{RELAY_PORT}"]).stdout
+    return len(lines.splitlines())
+
+
+def test_after_kill_9_clients_are_refused_and_never_go_around(relays, lab):
+    """Fail closed: with the relay dead and its interception still in place, a client that could
+    otherwise reach the server directly (routes added both ways) is refused, not routed around."""
+    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect")
+    download(lab, 1 << 20, seed=6)
+    relay.kill()
+    before = lab.traffic.connections
+    with routes_to_server(lab, far_forwards=True):
+        for _ in range(5):
+            with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+                connect(lab, timeout=3)
+        assert lab.traffic.connections == before
+        clear_interception(lab)
+        download(lab, 1 << 20, seed=7)  # the control: without interception, the route does reach it
+    assert lab.traffic.connections == before + 1
+
+
+def test_without_net_admin_tproxy_fails_at_start_with_a_clear_error(lab):
+    argv = ["setpriv", "--bounding-set", "-net_admin,-net_raw", "--inh-caps", "-net_admin,-net_raw", "--",  # either allows IP_TRANSPARENT
+            sys.executable, "-m", "relay", "--upstream", DANTE, "--mode", "tproxy", "--listen", "0.0.0.0:12346"]
+    result = lab.run("router", argv, check=False, timeout=20)
+    assert result.returncode == 2, result
+    assert "--mode tproxy needs CAP_NET_ADMIN" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tproxy_as_a_user_with_only_net_admin(relays, lab):
+    relay = relays.start(["--upstream", DANTE, "--mode", "tproxy", "--user", "nobody", "--mark", "0x40",
+                          "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="tproxy")
+    status = open(f"/proc/{lab.process(relay.name).pid}/status").read()
+    assert "Uid:\t65534\t65534\t65534\t65534" in status
+    assert int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16) == 1 << 12
+    download(lab, 4 << 20, seed=8)
+    assert relay.connections(at_least=1)[0]["end"] == "closed"
+
+
+def test_password_from_the_config_file_is_in_no_log_error_or_cmdline(relays, lab):
+    password = "Cfg-secret-77"
+    config = lab.tmpdir / "secret.toml"
+    config.write_text(f'upstream = ["socks5://relaylab:{password}@{ADDR.far4}:1082"]\n')
+    config.chmod(0o600)
+    relay = relays.start(["--config", str(config), "-vv", "--listen", f"0.0.0.0:{RELAY_PORT}",
+                          "--metrics", "127.0.0.1:9199"], intercept_mode="redirect")
+    cmdline = open(f"/proc/{lab.process(relay.name).pid}/cmdline", "rb").read()
+    with connect(lab) as sock:  # wrong password for dante: the error path
+        expect_reset(sock, within=5)
+    metrics = lab.run("router", ["curl", "-s", "http://127.0.0.1:9199/metrics"]).stdout
+    for text in (cmdline.decode(errors="replace"), relay.log_text(), metrics):
+        assert password not in text
+    assert "relaylab:***@" in relay.log_text()
