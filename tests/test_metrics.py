@@ -7,6 +7,7 @@ import socket
 import h11
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -455,3 +456,15 @@ async def test_serves_on_ipv6(nursery):
         async with stream:
             response, _ = await exchange(stream, h11.Connection(h11.CLIENT), b"GET", b"/metrics")
     assert response.status_code == 200
+
+
+async def test_task_gauge_counts_live_tasks():
+    metrics = new_metrics()
+    before = sample(metrics.render(), "relay_tasks")
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(trio.sleep_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sample(metrics.render(), "relay_tasks") == before + 3
+        nursery.cancel_scope.cancel()
+    assert sample(metrics.render(), "relay_tasks") == before

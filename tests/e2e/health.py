@@ -33,16 +33,20 @@ class Usage:
 
 
 def group_pids(leader: int) -> list[int]:
-    """The relay and its workers: every process in the group it leads."""
-    pids = []
+    """The relay and its workers: the process and all its descendants."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = open(f"/proc/{entry}/stat").read()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[2]) == leader:
-                pids.append(int(entry))
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    pids, pending = [], [leader]
+    while pending:
+        pid = pending.pop()
+        pids.append(pid)
+        pending += children.get(pid, [])
     return pids
 
 

@@ -19,7 +19,7 @@ from relay.lab.services import clear_interception
 from relay.lab.servers import CHUNK, BannerServer, pattern, pattern_sha256
 from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all
 from tests.e2e.conftest import BANNER_PORT, CLOSED_PORT, RELAY_PORT, UPSTREAMS
-from tests.e2e.health import group_pids, usage
+from tests.e2e.health import assert_settled, group_pids, usage
 from tests.e2e.test_rules import routes_to_server
 
 DANTE = UPSTREAMS["dante"]
@@ -545,3 +545,63 @@ def test_password_from_the_config_file_is_in_no_log_error_or_cmdline(relays, lab
     for text in (cmdline.decode(errors="replace"), relay.log_text(), metrics):
         assert password not in text
     assert "relaylab:***@" in relay.log_text()
+
+
+HOLD_PORT = 7500
+
+
+def _established(lab, host: str, port: int) -> int:
+    lines = lab.run(host, ["ss", "-tnH", "state", "established", f"( sport = :{port} )"]).stdout
+    return len(lines.splitlines())
+
+
+def _wait_for_count(lab, host, port, count, timeout) -> int:
+    """Wait until ``count`` connections are established on ``port`` or their number stops growing."""
+    deadline, last, last_change = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = _established(lab, host, port)
+        if now >= count:
+            return now
+        if now != last:
+            last, last_change = now, time.monotonic()
+        elif time.monotonic() - last_change > 20:
+            break
+        time.sleep(0.5)
+    return last
+
+
+def test_10000_idle_relayed_connections_held_and_released(relays, lab, figures):
+    """Two workers (this machine caps every process at 20 000 fds, and each relayed connection
+    holds two sockets), about 5000 connections each. Twice: the allocator keeps what the first
+    round grew, so the no-leak check compares the second round's end with the first's."""
+    relay = relays.start(["--upstream", DANTE, "--workers", "2", "--max-connections", "6000", "--sniff", "off",
+                          "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect")
+    leader = lab.process(relay.name).pid
+    hold = [sys.executable, "-m", "tests.e2e.hold"]
+    lab.spawn("server", [*hold, "serve", ADDR.server4, str(HOLD_PORT)], name="hold-server")
+    try:
+        lab.wait_tcp("server", ADDR.server4, HOLD_PORT)
+        for round in (1, 2):
+            before = usage(leader)
+            lab.spawn("client", [*hold, "open", ADDR.server4, str(HOLD_PORT), "10000"], name="hold-clients")
+            try:
+                relayed = _wait_for_count(lab, "server", HOLD_PORT, 10000, timeout=120)
+                held = usage(leader)
+                assert relayed >= 10000, f"only {relayed} relayed: {relay.log_text()[-1500:]}"
+                assert held.sockets >= before.sockets + 20000
+            finally:
+                lab.stop("hold-clients")
+            assert _wait_for_count_down(lab, "server", HOLD_PORT, timeout=60) == 0
+            per_connection = (held.rss_kib - before.rss_kib) / 10000
+            figures(f"10 000 idle relayed connections, round {round}", f"{per_connection:.1f} KiB RSS each, all released")
+            if round == 1:
+                relay.baseline = assert_settled(lab, relay, before, rss_slack_kib=1 << 30)
+    finally:
+        lab.stop("hold-server")
+
+
+def _wait_for_count_down(lab, host, port, timeout) -> int:
+    deadline = time.monotonic() + timeout
+    while (now := _established(lab, host, port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return now
