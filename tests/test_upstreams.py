@@ -49,6 +49,7 @@ def test_proxy_failures_in_a_row_make_it_unhealthy_and_a_success_heals():
 
 def test_refusals_about_the_destination_are_not_proxy_faults():
     assert UpstreamError("x", "connect-econnrefused").proxy_fault
+    assert not UpstreamError("x", "relay-eaddrnotavail").proxy_fault  # our shortage, not the proxy's
     assert UpstreamError("x", "handshake-timeout").proxy_fault
     assert UpstreamError("x", "http-407").proxy_fault
     assert not UpstreamError("x", "http-503", about_target=True).proxy_fault

@@ -1,6 +1,7 @@
 """Opening the upstream side: TCP connect (with SO_MARK), then the proxy handshake."""
 
 import errno
+import os
 import socket
 
 import trio
@@ -34,6 +35,7 @@ class UpstreamError(Exception):
         return self.reason.startswith(("connect-", "proxy-e")) or self.reason in PROXY_FAULTS
 
 
+LOCAL_SHORTAGES = frozenset({errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 PROXY_FAULTS = frozenset(
     {"handshake-timeout", "proxy-protocol-error", "http-407", "socks5-auth-failed", "socks5-no-acceptable-method"}
 )
@@ -99,7 +101,12 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
         raise UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout") from None
     except OSError as exc:  # socket() itself failed: out of fds or memory
         last_error = exc
-    raise UpstreamError(f"connecting to {where} failed: {last_error.strerror}", "connect-" + _errno_word(last_error))
+    reason = _errno_word(last_error)
+    # Out of local ports, fds or memory is the relay's shortage, not the proxy's fault: it
+    # must not mark a healthy upstream down (and so refuse everyone once ports free up).
+    reason = ("relay-" if last_error.errno in LOCAL_SHORTAGES else "connect-") + reason
+    why = os.strerror(last_error.errno) if last_error.errno else str(last_error)
+    raise UpstreamError(f"connecting to {where} failed: {why}", reason)
 
 
 async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -> bytes:

@@ -17,7 +17,7 @@ import pytest
 from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
 from relay.lab.services import clear_interception
 from relay.lab.servers import CHUNK, BannerServer, pattern, pattern_sha256
-from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all
+from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all, upload
 from tests.e2e.conftest import BANNER_PORT, CLOSED_PORT, RELAY_PORT, UPSTREAMS
 from tests.e2e.health import assert_settled, group_pids, usage
 from tests.e2e.test_rules import routes_to_server
@@ -605,3 +605,129 @@ def _wait_for_count_down(lab, host, port, timeout) -> int:
     while (now := _established(lab, host, port)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return now
+
+
+SOAK_SECONDS = float(os.environ.get("RELAY_SOAK_SECONDS", "30"))
+METRICS_PORT = 9198
+
+
+def _tasks(lab) -> int:
+    text = lab.run("router", ["curl", "-s", f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout
+    return int(next(line for line in text.splitlines() if line.startswith("relay_tasks ")).split()[1])
+
+
+def test_soak_at_a_mixed_load_stays_flat(relays, lab, figures):
+    """Short connections, downloads and idle connections at once for RELAY_SOAK_SECONDS (30 in
+    the suite; 300 for the long soak): after a warm-up third, the relay's sockets, RSS and Trio
+    tasks do not trend upward, and once the load stops the tasks are back to where they began."""
+    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}", "--metrics",
+                          f"127.0.0.1:{METRICS_PORT}"], intercept_mode="redirect")
+    leader = lab.process(relay.name).pid
+    idle_tasks = _tasks(lab)
+    stop, failures, done = threading.Event(), [], [0]
+
+    def loop(work):
+        while not stop.is_set():
+            try:
+                work()
+                done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                failures.append(repr(exc))
+
+    def short():
+        upload(lab, b"s" * 100)
+
+    def transfer():
+        download(lab, 4 << 20, seed=11)
+
+    def idle():
+        held = [connect(lab, port=BANNER_PORT) for _ in range(20)]
+        time.sleep(2)
+        for sock in held:
+            sock.close()
+
+    workers = [threading.Thread(target=loop, args=(work,)) for work in (short, short, transfer, idle)]
+    for thread in workers:
+        thread.start()
+    samples = []
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < SOAK_SECONDS:
+            time.sleep(SOAK_SECONDS / 15)
+            samples.append((usage(leader), _tasks(lab)))
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join(30)
+    assert not failures, failures[:5]
+    steady = samples[len(samples) // 3:]
+    first, last = steady[: len(steady) // 2], steady[len(steady) // 2:]
+    rss_growth = max(u.rss_kib for u, _ in last) - max(u.rss_kib for u, _ in first)
+    assert rss_growth < 4096, f"RSS grew {rss_growth} KiB during the soak: {samples}"
+    assert max(u.sockets for u, _ in last) <= max(u.sockets for u, _ in first) + 60, samples
+    assert max(t for _, t in last) <= max(t for _, t in first) + 60, samples
+    deadline = time.monotonic() + 10
+    while _tasks(lab) > idle_tasks and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _tasks(lab) == idle_tasks
+    figures(f"{SOAK_SECONDS:.0f} s soak", f"{done[0]} operations, RSS {min(u.rss_kib for u, _ in steady)}-"
+            f"{max(u.rss_kib for u, _ in steady)} KiB, tasks {min(t for _, t in steady)}-{max(t for _, t in steady)} "
+            f"after warm-up, {idle_tasks} before and after")
+
+
+def test_ephemeral_port_pressure_maps_to_resets_then_recovers(relays, lab, figures):
+    """1000 local ports toward one proxy, and the relay closing first (the client's FIN goes up
+    first), so every finished connection parks its port in TIME_WAIT for 60 s."""
+    original = lab.run("router", ["sysctl", "-n", "net.ipv4.ip_local_port_range"]).stdout.split()
+    lab.run("router", ["sysctl", "-qw", "net.ipv4.ip_local_port_range=50000 50999"])
+    try:
+        relay = relays.start(["--upstream", DANTE, "--sniff", "off", "--listen", f"0.0.0.0:{RELAY_PORT}"],
+                             intercept_mode="redirect")
+        leader = lab.process(relay.name).pid
+        outcomes = {"ok": 0, "reset": 0}
+
+        def one():
+            try:
+                with connect(lab, timeout=10) as sock:
+                    sock.sendall(b"ECHO\nx")
+                    assert sock.recv(10) == b"x"
+                    sock.shutdown(socket.SHUT_WR)
+                    assert sock.recv(10) == b""
+                outcomes["ok"] += 1
+            except ConnectionResetError:
+                outcomes["reset"] += 1
+
+        def client(count):
+            for _ in range(count):
+                one()
+
+        threads = [threading.Thread(target=client, args=(150,)) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert outcomes["ok"] + outcomes["reset"] == 1500
+        assert 900 <= outcomes["ok"] <= 1000 and outcomes["reset"] >= 500, outcomes
+        before = _cpu_seconds(leader)
+        time.sleep(2)
+        assert _cpu_seconds(leader) - before < 0.1  # no spin once the load stopped
+        ends = {line["end"] for line in relay.connections(at_least=1500)}
+        assert ends <= {"closed", "refused:relay-eaddrnotavail"}, ends  # the proxy stays healthy
+        burst = dict(outcomes)
+        exhausted = time.monotonic()
+        deadline = exhausted + 75
+        while True:  # TIME_WAIT lasts 60 s
+            try:
+                one_ok = outcomes["ok"]
+                one()
+                if outcomes["ok"] > one_ok:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no recovery after TIME_WAIT drained"
+            time.sleep(1)
+        recovered = time.monotonic() - exhausted
+    finally:
+        lab.run("router", ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={' '.join(original)}"])
+    figures("1500 short connections over 1000 ports", f"{burst['ok']} relayed, {burst['reset']} reset "
+            f"(EADDRNOTAVAIL), served again {recovered:.0f} s later")
