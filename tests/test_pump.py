@@ -135,3 +135,20 @@ async def test_activity_postpones_idle_timeout(impl, wires):
             result = await pump(relay_client, relay_upstream, idle_timeout=1.5, impl=impl)
     # 8 x 0.4 s is longer than the idle timeout; only the traffic kept it alive.
     assert result.ended == "closed" and result.sent_up == 32
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+async def test_bytes_delivered_before_a_reset_are_counted(impl, wires, who):
+    app_client, relay_client, relay_upstream, app_server = wires
+    culprit, victim = (app_client, app_server) if who == "client" else (app_server, app_client)
+    # Both arrive before the pump starts: one step forwards the bytes, then reads the reset.
+    await culprit.send(b"last words")
+    hard_close(culprit)
+    await trio.sleep(0.05)
+    with trio.fail_after(10):
+        result = await pump(relay_client, relay_upstream, impl=impl)
+    assert result.ended == ("client-reset" if who == "client" else "upstream-reset")
+    assert await victim.recv(65536) == b"last words"
+    with pytest.raises(ConnectionResetError):
+        await victim.recv(65536)
+    assert (result.sent_up if who == "client" else result.sent_down) == len(b"last words")

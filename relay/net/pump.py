@@ -99,6 +99,7 @@ class _Pump:
                 try:
                     status, moved = flow.step(src_fd, dst_fd, STEP_BUDGET)
                 except FlowError as exc:
+                    self.moved[dst_side] += exc.moved  # written before the error, as a returned step counts
                     self.fail(src_side if exc.reading else dst_side)
                     return
                 except OSError as exc:  # no pipe or buffer: out of fds or memory
