@@ -110,6 +110,9 @@ class _Pump:
                     self.touch()
                 if status == EOF:
                     break
+            if self.ended is not None:
+                # The other direction already failed, maybe reading the reset this EOF stands for.
+                return
             try:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
