@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.proto.errors import LocalProtocolError, ProtocolError, ProxyRefused, RemoteProtocolError
+from relay.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from relay.proto.http_connect import MAX_REPLY_HEAD_SIZE, HttpConnectClient
 from relay.proto.socks import Socks4Client, Socks5Client
 from tests.proto.support import split_at
@@ -421,7 +421,9 @@ socks5_bound = st.one_of(
 
 @st.composite
 def successes(draw) -> Success:
-    kind = draw(st.sampled_from(["http", "http-auth", "socks4", "socks4a", "socks5", "socks5-auth", "socks5-auth-declined"]))
+    kind = draw(st.sampled_from(
+        ["http", "http-auth", "socks4", "socks4a", "socks5", "socks5-auth", "socks5-auth-declined"]
+    ))
     if kind.startswith("http"):
         creds = {"username": "alice", "password": "pw"} if kind == "http-auth" else {}
         request = HttpConnectClient("example.com", 443, **creds).data_to_send()
@@ -582,7 +584,8 @@ def endless_heads(draw) -> tuple[bytes, bytes]:
     """Valid 1xx heads, then a well-formed head that never ends, longer than the limit."""
     infos = b"".join(draw(st.lists(informational_heads, max_size=2)))
     head = status_line(draw(http_versions), draw(st.integers(100, 599)), b"Whatever")
-    line = b"X-" + draw(st.text(TCHARS, min_size=1, max_size=10)).encode() + b": " + b"v" * draw(st.integers(0, 500)) + b"\r\n"
+    name = draw(st.text(TCHARS, min_size=1, max_size=10)).encode()
+    line = b"X-" + name + b": " + b"v" * draw(st.integers(0, 500)) + b"\r\n"
     while len(head) <= MAX_REPLY_HEAD_SIZE + 10:
         head += line
     return infos, head
