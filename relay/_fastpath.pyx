@@ -125,7 +125,8 @@ cdef class Flow:
     def step(self, int src, int dst, Py_ssize_t budget):
         """Move bytes until something would block, EOF, or ``budget`` bytes moved.
 
-        Returns (status, bytes written to dst); raises FlowError on a socket error.
+        Returns (status, bytes written to dst); raises FlowError on a socket error
+        (its ``moved`` is the bytes written to dst before it).
         """
         cdef ssize_t n
         cdef Py_ssize_t moved = 0
@@ -140,7 +141,7 @@ cdef class Flow:
                 elif n == 0 or errno == EAGAIN:
                     return WANT_WRITE, moved
                 elif errno != EINTR:
-                    raise FlowError(errno, False)
+                    raise FlowError(errno, False, moved)
             if self.eof:
                 return EOF, moved
             if moved >= budget:
@@ -154,4 +155,4 @@ cdef class Flow:
             elif errno == EAGAIN:
                 return WANT_READ, moved
             elif errno != EINTR:
-                raise FlowError(errno, True)
+                raise FlowError(errno, True, moved)

@@ -17,13 +17,16 @@ class FlowError(Exception):
     """A socket error during Flow.step(), with the side it happened on.
 
     ``reading`` is true when the source failed (e.g. it sent a reset) and
-    false when writing to the destination failed.
+    false when writing to the destination failed. ``moved`` is how many bytes
+    the same step had written to the destination before the error: they were
+    delivered, and count like those of a step that returns.
     """
 
-    def __init__(self, errno: int, reading: bool):
+    def __init__(self, errno: int, reading: bool, moved: int = 0):
         super().__init__(errno, os.strerror(errno))
         self.errno = errno
         self.reading = reading
+        self.moved = moved
 
     def __str__(self) -> str:
         side = "reading" if self.reading else "writing"

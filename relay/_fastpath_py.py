@@ -74,7 +74,8 @@ class Flow:
     def step(self, src, dst, budget):
         """Move bytes until something would block, EOF, or ``budget`` bytes moved.
 
-        Returns (status, bytes written to dst); raises FlowError on a socket error.
+        Returns (status, bytes written to dst); raises FlowError on a socket error
+        (its ``moved`` is the bytes written to dst before it).
         """
         if self._view is None:
             pooled = _pool.pop() if _pool else None
@@ -88,7 +89,7 @@ class Flow:
                 except BlockingIOError:
                     return WANT_WRITE, moved
                 except OSError as exc:
-                    raise FlowError(exc.errno, False) from None
+                    raise FlowError(exc.errno, False, moved) from None
                 if n == 0:
                     return WANT_WRITE, moved
                 self._start += n
@@ -103,7 +104,7 @@ class Flow:
             except BlockingIOError:
                 return WANT_READ, moved
             except OSError as exc:
-                raise FlowError(exc.errno, True) from None
+                raise FlowError(exc.errno, True, moved) from None
             if n == 0:
                 self.eof = True
                 return EOF, moved

@@ -284,3 +284,14 @@ def test_empty_pipes_are_reused_and_dirty_ones_are_not(impl, link):
     finally:
         os.close(full_r)
         os.close(full_w)
+
+
+def test_an_error_tells_how_many_bytes_the_step_wrote_before_it(impl, link):
+    src_peer, src, dst, dst_peer = link
+    src_peer.sendall(b"last words")
+    hard_close(src_peer)
+    time.sleep(0.05)
+    with pytest.raises(FlowError) as caught:
+        impl.Flow().step(src.fileno(), dst.fileno(), BUDGET)
+    assert caught.value.reading and caught.value.moved == len(b"last words")
+    assert dst_peer.recv(100) == b"last words"

@@ -135,3 +135,48 @@ async def test_activity_postpones_idle_timeout(impl, wires):
             result = await pump(relay_client, relay_upstream, idle_timeout=1.5, impl=impl)
     # 8 x 0.4 s is longer than the idle timeout; only the traffic kept it alive.
     assert result.ended == "closed" and result.sent_up == 32
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+async def test_bytes_delivered_before_a_reset_are_counted(impl, wires, who):
+    app_client, relay_client, relay_upstream, app_server = wires
+    culprit, victim = (app_client, app_server) if who == "client" else (app_server, app_client)
+    # Both arrive before the pump starts: one step forwards the bytes, then reads the reset.
+    await culprit.send(b"last words")
+    hard_close(culprit)
+    await trio.sleep(0.05)
+    with trio.fail_after(10):
+        result = await pump(relay_client, relay_upstream, impl=impl)
+    assert result.ended == ("client-reset" if who == "client" else "upstream-reset")
+    assert await victim.recv(65536) == b"last words"
+    with pytest.raises(ConnectionResetError):
+        await victim.recv(65536)
+    assert (result.sent_up if who == "client" else result.sent_down) == len(b"last words")
+
+
+@pytest.mark.parametrize("write", ["client-bytes", "early-bytes"])
+async def test_a_reset_is_never_passed_on_as_a_fin(impl, write):
+    # The upstream resets, and the relay writes to it (what the client sent, or
+    # the early bytes). A socket reports a reset to one call only: when that
+    # write takes it, the other direction then reads EOF from the same socket.
+    # Which direction runs first is up to Trio, so try it a few times.
+    for _ in range(20):
+        app_client, relay_client = trio_pair()
+        relay_upstream, app_server = trio_pair()
+        if write == "client-bytes":
+            await app_client.send(b"request")
+        hard_close(app_server)
+        with trio.fail_after(5):
+            result = await pump(
+                relay_client,
+                relay_upstream,
+                to_upstream_first=b"sniffed" if write == "early-bytes" else b"",
+                to_client_first=b"banner",
+                impl=impl,
+            )
+        assert result.ended == "upstream-reset"
+        assert await app_client.recv(10) == b"banner"
+        # A reset, not an end of data the client could take for a complete answer.
+        with pytest.raises(ConnectionResetError):
+            await app_client.recv(10)
+        app_client.close()

@@ -7,6 +7,7 @@ while the other direction keeps going; a reset on either side resets both.
 """
 
 import errno
+import os
 import socket
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import trio
 
 from relay import fastpath
 from relay._fastpath_common import AGAIN, EOF, WANT_READ, WANT_WRITE, FlowError
-from relay.net.sockets import reset, send_all
+from relay.net.sockets import reset
 
 # Bytes one step may move before yielding, so one busy connection cannot starve the others.
 STEP_BUDGET = 1 << 20
@@ -23,6 +24,21 @@ IDLE_GRANULARITY = 1.0
 
 CLIENT, UPSTREAM = 0, 1
 SIDE_NAMES = ("client", "upstream")
+
+
+async def _write_first(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write all of ``data``; an error is raised by the very call that got it, before any yield.
+
+    A socket reports a reset to one call only, and later reads return 0: the
+    pump must learn of the reset before the other direction can read that 0
+    as a FIN. (Trio's sock.send yields before raising; Flow.step raises at once.)
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(sock.fileno(), view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
 
 
 @dataclass
@@ -82,7 +98,7 @@ class _Pump:
         try:
             if first:
                 try:
-                    await send_all(dst, first)
+                    await _write_first(dst, first)
                 except OSError:
                     self.fail(dst_side)
                     return
@@ -99,6 +115,7 @@ class _Pump:
                 try:
                     status, moved = flow.step(src_fd, dst_fd, STEP_BUDGET)
                 except FlowError as exc:
+                    self.moved[dst_side] += exc.moved  # written before the error, as a returned step counts
                     self.fail(src_side if exc.reading else dst_side)
                     return
                 except OSError as exc:  # no pipe or buffer: out of fds or memory
@@ -109,6 +126,9 @@ class _Pump:
                     self.touch()
                 if status == EOF:
                     break
+            if self.ended is not None:
+                # The other direction already failed, maybe taking the reset this EOF stands for.
+                return
             try:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:

@@ -79,6 +79,11 @@ class Socks4Client(_SocksHandshake):
         address = parse_ip_literal(host)
         if isinstance(address, ipaddress.IPv6Address):
             raise LocalProtocolError(f"SOCKS4 cannot carry the IPv6 address {host!r}")
+        if address is not None and address.packed[:3] == b"\0\0\0" and address.packed[3] != 0:
+            # Sent as it is, a SOCKS4a proxy would wait for a hostname after the user id.
+            raise LocalProtocolError(
+                f"SOCKS4 cannot carry {host!r}: proxies read 0.0.0.x as the SOCKS4a hostname marker"
+            )
         if address is None and not use_4a:
             raise LocalProtocolError(
                 f"SOCKS4 needs an IPv4 address, got the hostname {host!r} "

@@ -326,6 +326,9 @@ def test_socks4_request(client_args, request_bytes):
         ("h" * 256, True, "hostname"),
         ("bad\x00host", True, "NUL"),
         ("é.example", True, "ASCII"),
+        # A SOCKS4a proxy reads 0.0.0.x (x != 0) as "a hostname follows the user id".
+        ("0.0.0.1", False, "SOCKS4a"),
+        ("0.0.0.255", True, "SOCKS4a"),
     ],
 )
 def test_socks4_unsendable_host(host, use_4a, message):
@@ -337,6 +340,10 @@ def test_socks4_unsendable_host(host, use_4a, message):
 def test_socks4_bad_port(port):
     with pytest.raises(LocalProtocolError):
         Socks4Client("10.0.0.1", port)
+
+
+def test_socks4_address_0_0_0_0_is_not_a_marker():
+    assert Socks4Client("0.0.0.0", 80).data_to_send() == b"\x04\x01\x00\x50\x00\x00\x00\x00\x00"
 
 
 def test_socks4_user_id_with_nul():
