@@ -33,7 +33,9 @@ REFUSED_NETWORKS = tuple(
 )
 # One relayed connection holds two sockets and, while data flows, two pipes.
 FDS_PER_CONNECTION = 6
-# Listeners, epoll, the metrics server, ssh, the pipe pool (2 x 64): never handed to connections.
+# Listeners, epoll, logs, the metrics server, health checks, ssh: never handed to connections.
+# (Pooled pipes come from connections that ended, so they fit in the freed slots' share.)
+# A quarter of a small limit is plenty; 256 fds then still relay 32 connections, not 9.
 RESERVED_FDS = 200
 LOCAL_ADDRESS_TTL = 10.0  # seconds a "is this one of our addresses" answer is kept
 
@@ -450,7 +452,7 @@ def connection_budget(config: Config) -> int:
     if config.max_connections:
         return config.max_connections
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(1, (soft - RESERVED_FDS) // FDS_PER_CONNECTION)
+    return max(1, (soft - min(RESERVED_FDS, soft // 4)) // FDS_PER_CONNECTION)
 
 
 def bypassed(config: Config, dst, hostname: str | None) -> bool:
