@@ -35,6 +35,15 @@ def upload(lab, data: bytes, address=ADDR.server4):
         assert sock.recv(100).strip().decode() == hashlib.sha256(data).hexdigest()
 
 
+def receive_exactly(sock, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"EOF after {data!r}"
+        data += chunk
+    return data
+
+
 def expect_reset(sock, within: float) -> float:
     """Wait for the connection to be reset; returns how long it took."""
     started = time.monotonic()

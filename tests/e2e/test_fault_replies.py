@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from relay.lab import ADDR
-from tests.e2e.clients import connect, expect_reset
+from tests.e2e.clients import connect, expect_reset, receive_exactly
 from tests.e2e.fake_proxy import FakeProxy
 
 EARLY = b"server bytes that came with the proxy reply\r\n"
@@ -34,15 +33,6 @@ def fake_proxy(lab):
 
 def through(run_relay, proxy, *extra):
     return run_relay(proxy.url, "--sniff-timeout", "0.1", "--handshake-timeout", "2", *extra)
-
-
-def receive_exactly(sock, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, f"EOF after {data!r}"
-        data += chunk
-    return data
 
 
 def assert_tunnel_carries(lab, expected_first: bytes):

@@ -61,30 +61,60 @@ def test_one_gib_both_directions_at_once(run_relay, lab, pure, figures):
     figures(f"1 GiB each way at once ({'pure' if pure else 'cython'})", f"{took:.1f} s, {8 / took:.2f} Gbit/s each way")
 
 
-class ResettingServer:
-    """Sends ``size`` bytes, then resets the connection (SO_LINGER 0)."""
+class OneConnectionServer:
+    """Listens in ``host`` on ``address``:``port`` and serves one connection with ``serve(conn)``."""
 
-    def __init__(self, lab, port: int, size: int, host="server", address=ADDR.server4):
+    def __init__(self, lab, port: int, host="server", address=ADDR.server4):
         self.listener = lab.socket(host)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((address, port))
         self.listener.listen(8)
-        self.size = size
-        threading.Thread(target=self.serve, daemon=True).start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def serve(self):
+    def _accept(self):
         try:
             conn, _ = self.listener.accept()
         except OSError:
             return
         with conn:
-            for chunk in pattern(self.size, 1):
-                conn.sendall(chunk)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.serve(conn)
 
     def close(self):
         self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+
+
+class ResettingServer(OneConnectionServer):
+    """Sends ``size`` bytes, then resets the connection (SO_LINGER 0)."""
+
+    def __init__(self, lab, port: int, size: int, **where):
+        self.size = size
+        super().__init__(lab, port, **where)
+
+    def serve(self, conn):
+        for chunk in pattern(self.size, 1):
+            conn.sendall(chunk)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class HoldingServer(OneConnectionServer):
+    """Reads until the connection ends, and notes when."""
+
+    def __init__(self, lab, port: int, **where):
+        self.accepted, self.ended = threading.Event(), threading.Event()
+        self.ended_at = None
+        super().__init__(lab, port, **where)
+
+    def serve(self, conn):
+        self.accepted.set()
+        conn.settimeout(30)
+        try:
+            while conn.recv(CHUNK):
+                pass
+        except OSError:
+            pass
+        self.ended_at = time.monotonic()
+        self.ended.set()
 
 
 def test_server_reset_reaches_the_client_as_a_reset(run_relay, lab):
@@ -115,39 +145,6 @@ def test_client_reset_closes_the_upstream_side_within_a_second(run_relay, lab):
     finally:
         holder.close()
     assert relay.connections(at_least=1)[0]["end"] == "client-reset"
-
-
-class HoldingServer:
-    """Accepts one connection, reads until it ends, notes when."""
-
-    def __init__(self, lab, port: int, host="server", address=ADDR.server4):
-        self.listener = lab.socket(host)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((address, port))
-        self.listener.listen(8)
-        self.accepted, self.ended = threading.Event(), threading.Event()
-        self.ended_at = None
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        self.accepted.set()
-        with conn:
-            conn.settimeout(30)
-            try:
-                while conn.recv(CHUNK):
-                    pass
-            except OSError:
-                pass
-        self.ended_at = time.monotonic()
-        self.ended.set()
-
-    def close(self):
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
 
 
 def test_refused_destination_is_a_reset_within_a_second(run_relay, lab, figures):
@@ -205,7 +202,6 @@ def parallel_downloads(lab, count: int, size: int) -> tuple[list, list[threading
     outcomes = []
 
     def client(seed):
-        started = time.monotonic()
         try:
             with connect(lab, timeout=15) as sock:
                 sock.sendall(f"DOWN {size} {seed}\n".encode())

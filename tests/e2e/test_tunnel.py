@@ -17,6 +17,7 @@ import pytest
 from relay.lab import ADDR, Lab, start_dante, start_squid, start_sshd
 from relay.lab.servers import TrafficServer
 from tests.e2e.conftest import require_root
+from tests.e2e.clients import receive_exactly
 
 TRAFFIC_PORT = 7000
 ALIVE_INTERVAL, ALIVE_COUNT = 1, 3
@@ -145,15 +146,6 @@ def start_runner(tunnel_lab, request):
 
 
 # -- talking through the forward --------------------------------------------------------
-
-
-def receive_exactly(sock, size) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    return data
 
 
 def via_http_proxy(sock):
