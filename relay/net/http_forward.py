@@ -147,11 +147,15 @@ class HttpForwarder:
             await self._reconnect()
         self.requests += 1
         await self.to_upstream(absolute_form(request, self.target_authority(request), self.proxy_authorization))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._request_body)
-            await self._response()
-            # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._request_body)
+                await self._response()
+                # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
+                nursery.cancel_scope.cancel()
+        except* ForwardFailed as failed:
+            # Trio wraps even a single failure in a group; Server.forward expects ForwardFailed itself.
+            raise failed.exceptions[0] from None
 
     async def _reconnect(self) -> None:
         if self.proxy is not None:
@@ -161,7 +165,10 @@ class HttpForwarder:
 
     async def _request_body(self) -> None:
         while True:
-            event = await self.client_event()
+            try:
+                event = await self.client_event()
+            except h11.RemoteProtocolError:  # e.g. an end of data before the body is complete
+                raise ForwardFailed("client-protocol-error") from None
             if isinstance(event, h11.ConnectionClosed):
                 raise ForwardFailed("client-closed-mid-request")
             await self.to_upstream(event)
