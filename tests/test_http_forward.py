@@ -2,6 +2,7 @@
 HEAD, early responses, the proxy ending keep-alive, and when to fall back to a tunnel."""
 
 import hashlib
+import os
 from functools import partial
 
 import h11
@@ -258,6 +259,33 @@ RESPONSE_HEADS = {
     "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n",
     "close-delimited": b"HTTP/1.1 200 OK\r\n\r\n",  # to a 1.1 client the relay sends it chunked
 }
+
+
+@pytest.mark.parametrize("framing", RESPONSE_HEADS)
+async def test_a_proxy_reset_mid_response_reaches_the_client_as_a_reset(framing):
+    # The proxy resets while the request body is still coming. The relay's write
+    # of that body to the proxy may take the reset, and the response side then
+    # reads 0 from the same socket: for a close-delimited response that 0 is the
+    # end of the body, and passing it on would end the chunked response the
+    # client sees. Which side runs first is up to Trio, so try it a few times.
+    for _ in range(30):
+        client, relay_client = trio_pair()
+        relay_proxy, proxy = trio_pair()
+        forwarder = forwarder_to(relay_proxy, relay_client)
+        await client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+                await until(proxy, b"x")
+                await proxy.send(RESPONSE_HEADS[framing] + b"partial")
+                seen = await until(client, b"partial")
+                # Without a yield in between: more body to read, and the reset.
+                os.write(client.fileno(), b"y" * 1000)
+                hard_close(proxy)
+                more, how = await rest(client)
+        assert not complete_response(seen + more), seen + more
+        assert how == "reset" and ended == ["upstream-reset"]
+        client.close()
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
