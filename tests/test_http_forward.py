@@ -306,3 +306,25 @@ async def test_a_response_cut_short_reaches_the_client_as_a_reset(framing):
     assert b"partial" in seen and not complete_response(seen)
     assert how == "reset" and ended == ["proxy-protocol-error"]
     client.close()
+
+
+@pytest.mark.parametrize("answering", [False, True])
+async def test_a_client_reset_mid_request_body_reaches_the_proxy_as_a_reset(answering):
+    # The client resets while sending its body (with the proxy's answer already
+    # streaming back, or not yet): the proxy must see a reset, as a pumped
+    # connection would, not an end of data.
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    await client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"x")
+            if answering:
+                await proxy.send(RESPONSE_HEADS["content-length"] + b"partial")
+                await until(client, b"partial")
+            hard_close(client)
+            _, how = await rest(proxy)
+    assert how == "reset" and ended == ["client-reset"]
+    proxy.close()

@@ -11,7 +11,7 @@ early error responses need.
 import h11
 import trio
 
-from relay.net.sockets import write_all
+from relay.net.sockets import reset, write_all
 from relay.proto.http_forward import absolute_form, authority, forwarded_response, needs_tunnel
 from relay.proto.sniff import MAX_SNIFF_BYTES, hostname_from_authority
 
@@ -133,6 +133,10 @@ class HttpForwarder:
             with self.idle:
                 return await self._exchanges()
             raise ForwardFailed("idle-timeout")
+        except BaseException:
+            if self.proxy is not None:
+                reset(self.proxy)  # as the client is reset: the proxy must not see an end of data either
+            raise
         finally:
             if self.proxy is not None:
                 self.proxy.close()
