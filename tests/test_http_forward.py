@@ -2,6 +2,7 @@
 HEAD, early responses, the proxy ending keep-alive, and when to fall back to a tunnel."""
 
 import hashlib
+import os
 from functools import partial
 
 import h11
@@ -9,6 +10,8 @@ import pytest
 import trio
 
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
+from relay.net.sockets import reset
+from tests.sockpairs import hard_close
 from tests.test_pump import trio_pair
 
 
@@ -192,3 +195,136 @@ async def test_upgrade_after_a_forwarded_request_is_refused(proxy):
     with pytest.raises(ForwardFailed, match="client-upgrade-after-requests"):
         with trio.fail_after(5):
             await forwarder.run()
+
+
+# Resets. A socket reports a reset to one call only, and later reads return 0;
+# the forwarder must never pass such a 0 on as an end (see the pump tests). Here
+# the test plays the proxy by hand, and relayed() ends the client connection as
+# Server.forward does.
+
+
+def forwarder_to(relay_proxy, client_side):
+    async def open_proxy():
+        return relay_proxy
+
+    return HttpForwarder(client_side, b"", ("10.9.9.9", 80), open_proxy,
+                         use_names=True, proxy_authorization=None, idle_timeout=10)
+
+
+async def relayed(forwarder, conn, ended: list) -> None:
+    try:
+        ended.append(await forwarder.run())
+        conn.close()
+    except ForwardFailed as exc:
+        ended.append(exc.ended)
+        reset(conn)
+
+
+async def until(sock, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = await sock.recv(65536)
+        assert chunk, f"end of data before {marker!r}: {data!r}"
+        data += chunk
+    return data
+
+
+async def rest(sock) -> tuple[bytes, str]:
+    """The rest of the data from ``sock``, and how it ends: "reset" or "end" (a FIN)."""
+    data = b""
+    try:
+        while chunk := await sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        return data, "reset"
+    return data, "end"
+
+
+def complete_response(data: bytes) -> bool:
+    """Whether a client would take ``data`` for a complete response."""
+    http = h11.Connection(h11.CLIENT)
+    http.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "1")]))
+    http.receive_data(data)
+    try:
+        while (event := http.next_event()) is not h11.NEED_DATA:
+            if isinstance(event, h11.EndOfMessage):
+                return True
+    except h11.RemoteProtocolError:
+        pass
+    return False
+
+
+RESPONSE_HEADS = {
+    "content-length": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n",
+    "close-delimited": b"HTTP/1.1 200 OK\r\n\r\n",  # to a 1.1 client the relay sends it chunked
+}
+
+
+@pytest.mark.parametrize("framing", RESPONSE_HEADS)
+async def test_a_proxy_reset_mid_response_reaches_the_client_as_a_reset(framing):
+    # The proxy resets while the request body is still coming. The relay's write
+    # of that body to the proxy may take the reset, and the response side then
+    # reads 0 from the same socket: for a close-delimited response that 0 is the
+    # end of the body, and passing it on would end the chunked response the
+    # client sees. Which side runs first is up to Trio, so try it a few times.
+    for _ in range(30):
+        client, relay_client = trio_pair()
+        relay_proxy, proxy = trio_pair()
+        forwarder = forwarder_to(relay_proxy, relay_client)
+        await client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+                await until(proxy, b"x")
+                await proxy.send(RESPONSE_HEADS[framing] + b"partial")
+                seen = await until(client, b"partial")
+                # Without a yield in between: more body to read, and the reset.
+                os.write(client.fileno(), b"y" * 1000)
+                hard_close(proxy)
+                more, how = await rest(client)
+        assert not complete_response(seen + more), seen + more
+        assert how == "reset" and ended == ["upstream-reset"]
+        client.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_response_cut_short_reaches_the_client_as_a_reset(framing):
+    # The proxy ends the connection before the body is complete: the client must
+    # get a reset, not an end that could make the truncated body look complete.
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    await client.send(get("/file"))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"\r\n\r\n")
+            await proxy.send(RESPONSE_HEADS[framing] + b"partial")
+            proxy.close()
+            seen, how = await rest(client)
+    assert b"partial" in seen and not complete_response(seen)
+    assert how == "reset" and ended == ["proxy-protocol-error"]
+    client.close()
+
+
+@pytest.mark.parametrize("answering", [False, True])
+async def test_a_client_reset_mid_request_body_reaches_the_proxy_as_a_reset(answering):
+    # The client resets while sending its body (with the proxy's answer already
+    # streaming back, or not yet): the proxy must see a reset, as a pumped
+    # connection would, not an end of data.
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    await client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"x")
+            if answering:
+                await proxy.send(RESPONSE_HEADS["content-length"] + b"partial")
+                await until(client, b"partial")
+            hard_close(client)
+            _, how = await rest(proxy)
+    assert how == "reset" and ended == ["client-reset"]
+    proxy.close()

@@ -11,7 +11,7 @@ early error responses need.
 import h11
 import trio
 
-from relay.net.sockets import send_all
+from relay.net.sockets import reset, write_all
 from relay.proto.http_forward import absolute_form, authority, forwarded_response, needs_tunnel
 from relay.proto.sniff import MAX_SNIFF_BYTES, hostname_from_authority
 
@@ -55,10 +55,22 @@ class HttpForwarder:
         self.sent_up = 0
         self.sent_down = 0
         self.requests = 0
+        self.failing = None  # how the exchange failed, as soon as either task knows
         self.idle = trio.CancelScope()
 
     def touch(self):
         self.idle.deadline = trio.current_time() + self.idle_timeout
+
+    def fail(self, ended: str) -> ForwardFailed:
+        """Record the failure (the first one counts); call before the task can yield."""
+        if self.failing is None:
+            self.failing = ended
+        return ForwardFailed(self.failing)
+
+    def check_end(self, data: bytes) -> None:
+        """An end of data read while the exchange is failing may be a reset the other task took."""
+        if not data and self.failing is not None:
+            raise ForwardFailed(self.failing)
 
     async def client_event(self):
         while True:
@@ -68,7 +80,8 @@ class HttpForwarder:
             try:
                 data = await self.client.recv(READ_SIZE)
             except OSError:
-                raise ForwardFailed("client-reset") from None
+                raise self.fail("client-reset") from None
+            self.check_end(data)
             self.touch()
             if self.unparsed is not None and len(self.unparsed) <= MAX_SNIFF_BYTES:
                 self.unparsed += data
@@ -82,7 +95,8 @@ class HttpForwarder:
             try:
                 data = await self.proxy.recv(READ_SIZE)
             except OSError:
-                raise ForwardFailed("upstream-reset") from None
+                raise self.fail("upstream-reset") from None
+            self.check_end(data)
             self.touch()
             self.to_proxy.receive_data(data)
 
@@ -90,18 +104,18 @@ class HttpForwarder:
         data = self.from_client.send(event)
         if data:
             try:
-                await send_all(self.client, data)
+                await write_all(self.client, data)
             except OSError:
-                raise ForwardFailed("client-reset") from None
+                raise self.fail("client-reset") from None
             self.sent_down += len(data)
 
     async def to_upstream(self, event):
         data = self.to_proxy.send(event)
         if data:
             try:
-                await send_all(self.proxy, data)
+                await write_all(self.proxy, data)
             except OSError:
-                raise ForwardFailed("upstream-reset") from None
+                raise self.fail("upstream-reset") from None
             self.sent_up += len(data)
 
     def target_authority(self, request: h11.Request) -> bytes:
@@ -119,6 +133,10 @@ class HttpForwarder:
             with self.idle:
                 return await self._exchanges()
             raise ForwardFailed("idle-timeout")
+        except BaseException:
+            if self.proxy is not None:
+                reset(self.proxy)  # as the client is reset: the proxy must not see an end of data either
+            raise
         finally:
             if self.proxy is not None:
                 self.proxy.close()
@@ -147,11 +165,15 @@ class HttpForwarder:
             await self._reconnect()
         self.requests += 1
         await self.to_upstream(absolute_form(request, self.target_authority(request), self.proxy_authorization))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._request_body)
-            await self._response()
-            # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._request_body)
+                await self._response()
+                # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
+                nursery.cancel_scope.cancel()
+        except* ForwardFailed:
+            # Trio wraps even a single failure in a group; Server.forward expects ForwardFailed itself.
+            raise ForwardFailed(self.failing) from None
 
     async def _reconnect(self) -> None:
         if self.proxy is not None:
@@ -161,9 +183,12 @@ class HttpForwarder:
 
     async def _request_body(self) -> None:
         while True:
-            event = await self.client_event()
+            try:
+                event = await self.client_event()
+            except h11.RemoteProtocolError:  # e.g. an end of data before the body is complete
+                raise self.fail("client-protocol-error") from None
             if isinstance(event, h11.ConnectionClosed):
-                raise ForwardFailed("client-closed-mid-request")
+                raise self.fail("client-closed-mid-request")
             await self.to_upstream(event)
             if isinstance(event, h11.EndOfMessage):
                 return
@@ -173,9 +198,9 @@ class HttpForwarder:
             try:
                 event = await self.proxy_event()
             except h11.RemoteProtocolError:
-                raise ForwardFailed("proxy-protocol-error") from None
+                raise self.fail("proxy-protocol-error") from None
             if isinstance(event, h11.ConnectionClosed):
-                raise ForwardFailed("proxy-closed")
+                raise self.fail("proxy-closed")
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
                 event = forwarded_response(event)
             await self.to_client(event)

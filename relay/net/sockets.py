@@ -1,6 +1,7 @@
 """Small socket helpers shared by the Trio code."""
 
 import errno
+import os
 import socket
 import struct
 
@@ -28,6 +29,22 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
     while view:
         sent = await sock.send(view)
         view = view[sent:]
+
+
+async def write_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write all of ``data``; an error is raised by the very call that got it, before any yield.
+
+    A socket reports a reset to one call only, and later reads return 0. When
+    another task reads that socket, the writer must be able to record the
+    failure before that task runs and takes the 0 for an end of data; Trio's
+    sock.send yields before it raises.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(sock.fileno(), view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
 
 
 def format_address(address: tuple) -> str:
