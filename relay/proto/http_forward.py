@@ -53,8 +53,7 @@ def absolute_form(request: h11.Request, target_authority: bytes, proxy_authoriza
         method=request.method,
         target=b"http://" + target_authority + request.target,
         headers=headers,
-        http_version=request.http_version,
-    )
+    )  # as HTTP/1.1 whatever the client spoke: h11 sends nothing else, and a proxy speaks it
 
 
 def forwarded_response(response):
@@ -63,5 +62,4 @@ def forwarded_response(response):
         status_code=response.status_code,
         headers=end_to_end_headers(response.headers),
         reason=response.reason,
-        http_version=response.http_version,
-    )
+    )  # as HTTP/1.1 (h11 sends nothing else); h11 frames the body for an HTTP/1.0 client

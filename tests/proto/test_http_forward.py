@@ -92,3 +92,15 @@ def test_responses_lose_hop_by_hop_headers_but_keep_status():
     assert forwarded.headers == [(b"content-length", b"0"), (b"via", b"squid")]
     informational = forwarded_response(h11.InformationalResponse(status_code=100, headers=[]))
     assert isinstance(informational, h11.InformationalResponse)
+
+
+def test_http_1_0_on_either_side_is_sent_on_as_http_1_1():
+    """h11 refuses to send any other version: copying 1.0 from a proxy or client would fail every exchange."""
+    old_response = h11.Response(status_code=200, headers=[("Content-Length", "2")], http_version="1.0")
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    server.next_event()
+    assert server.send(forwarded_response(old_response)).startswith(b"HTTP/1.1 200")
+    old_request = h11.Request(method="GET", target="/", headers=[], http_version="1.0")
+    client = h11.Connection(h11.CLIENT)
+    assert client.send(absolute_form(old_request, b"h", None)).startswith(b"GET http://h/ HTTP/1.1")
