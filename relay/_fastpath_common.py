@@ -4,6 +4,7 @@ Kept in one plain module so the Cython extension and its pure-Python twin
 cannot drift apart on the values the pump compares against.
 """
 
+import errno
 import os
 
 # Results of Flow.step(): why it stopped moving bytes.
@@ -28,3 +29,8 @@ class FlowError(Exception):
     def __str__(self) -> str:
         side = "reading" if self.reading else "writing"
         return f"{side}: {self.args[1]}"
+
+
+def local_failure(error: int) -> str:
+    """How a connection ended when the relay itself ran out of something, e.g. "relay-emfile"."""
+    return "relay-" + errno.errorcode.get(error, "error").lower()
