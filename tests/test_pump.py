@@ -1,15 +1,41 @@
-"""The pump over real loopback TCP connections, on both fast-path implementations."""
+"""The pump (one engine, one task) over real loopback TCP connections, on both fast-path implementations."""
 
 import errno
 import hashlib
 import os
 import socket
+from typing import NamedTuple
 
 import pytest
 import trio
 
-from relay.net.pump import pump
+from relay.net.pump import Pump
 from tests.sockpairs import hard_close, tcp_pair
+
+
+class Ended(NamedTuple):
+    token: object
+    ended: str
+    sent_up: int
+    sent_down: int
+
+
+async def pump(client, upstream, *, impl, idle_timeout=600.0, half_closed_timeout=60.0, **options) -> Ended:
+    """Relay one connection through a Pump of its own; return how it ended."""
+    results = []
+
+    def on_finished(*result):
+        results.append(Ended(*result))
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        relay = Pump(on_finished, impl=impl)
+        nursery.start_soon(relay.run)
+        relay.add(client, upstream, "the token", idle_timeout=idle_timeout, half_closed_timeout=half_closed_timeout,
+                  **options)
+    [result] = results
+    assert result.token == "the token"
+    return result
 
 
 def trio_pair():
@@ -135,3 +161,12 @@ async def test_activity_postpones_idle_timeout(impl, wires):
             result = await pump(relay_client, relay_upstream, idle_timeout=1.5, impl=impl)
     # 8 x 0.4 s is longer than the idle timeout; only the traffic kept it alive.
     assert result.ended == "closed" and result.sent_up == 32
+
+
+async def test_half_closed_timeout_wakes_the_pump_early(impl, wires):
+    """The half-closed deadline comes before the idle one the pump was waiting for."""
+    app_client, relay_client, relay_upstream, app_server = wires
+    app_client.shutdown(socket.SHUT_WR)
+    with trio.fail_after(10):
+        result = await pump(relay_client, relay_upstream, idle_timeout=600, half_closed_timeout=0.5, impl=impl)
+    assert result.ended == "half-closed-timeout"
