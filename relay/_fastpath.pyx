@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The socket fast path, in C: original destination, transparent listeners and
-a splice() flow that moves bytes socket -> pipe -> socket without copying them
-through Python.
+the Engine that relays established connections with splice(), socket -> pipe
+-> socket, without copying bytes through Python.
 
 ``relay/_fastpath_py.py`` is its pure-Python twin with the same API; the tests
 run against both.
@@ -12,7 +12,7 @@ from cpython.exc cimport PyErr_SetFromErrno
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdlib cimport free, realloc
 
-from relay._fastpath_common import AGAIN, EOF, WANT_READ, WANT_WRITE, FlowError, local_failure
+from relay._fastpath_common import local_failure
 
 NAME = "cython"
 
@@ -62,104 +62,6 @@ cdef int _pool_count = 0
 def pooled_pipes():
     """How many empty pipes wait for reuse (for tests)."""
     return _pool_count
-
-
-cdef class Flow:
-    """One direction of a relayed connection: socket -> pipe -> socket.
-
-    The pipe is drained before anything more is read, so when a read from the
-    source says EAGAIN the pipe is known to be empty and the source is the one
-    that would block (splice's EAGAIN cannot tell the two apart by itself).
-    The pipe is created on the first step, so an idle connection holds none.
-    """
-
-    cdef int _pipe_r
-    cdef int _pipe_w
-    cdef readonly Py_ssize_t pending
-    cdef readonly bint eof
-    cdef readonly int capacity
-    cdef int _wanted_size
-
-    def __cinit__(self, int pipe_size=0):
-        self._pipe_r = -1
-        self._pipe_w = -1
-        self._wanted_size = pipe_size
-
-    def __dealloc__(self):
-        self._release()
-
-    cdef int _open_pipe(self) except -1:
-        global _pool_count
-        cdef int fds[2]
-        if _pool_count > 0:
-            _pool_count -= 1
-            self._pipe_r = _pool_read[_pool_count]
-            self._pipe_w = _pool_write[_pool_count]
-        else:
-            if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
-                PyErr_SetFromErrno(OSError)
-            self._pipe_r = fds[0]
-            self._pipe_w = fds[1]
-        self.capacity = fcntl(self._pipe_w, F_GETPIPE_SZ)
-        if self._wanted_size > 0 and self.capacity != self._wanted_size:
-            # Best effort: past /proc/sys/fs/pipe-max-size the pipe keeps its size.
-            fcntl(self._pipe_w, F_SETPIPE_SZ, self._wanted_size)
-            self.capacity = fcntl(self._pipe_w, F_GETPIPE_SZ)
-        return 0
-
-    cdef void _release(self):
-        global _pool_count
-        if self._pipe_r < 0:
-            return
-        if self.pending == 0 and _pool_count < POOL_MAX:
-            _pool_read[_pool_count] = self._pipe_r
-            _pool_write[_pool_count] = self._pipe_w
-            _pool_capacity[_pool_count] = self.capacity
-            _pool_count += 1
-        else:  # bytes left in it (an aborted connection): not reusable
-            close(self._pipe_r)
-            close(self._pipe_w)
-        self._pipe_r = -1
-        self._pipe_w = -1
-
-    def close(self):
-        """Release the pipe (to the pool if it is empty); bytes still in it are dropped."""
-        self._release()
-        self.pending = 0
-
-    def step(self, int src, int dst, Py_ssize_t budget):
-        """Move bytes until something would block, EOF, or ``budget`` bytes moved.
-
-        Returns (status, bytes written to dst); raises FlowError on a socket error.
-        """
-        cdef ssize_t n
-        cdef Py_ssize_t moved = 0
-        if self._pipe_r < 0:
-            self._open_pipe()
-        while True:
-            while self.pending > 0:
-                n = splice(self._pipe_r, NULL, dst, NULL, self.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-                if n > 0:
-                    self.pending -= n
-                    moved += n
-                elif n == 0 or errno == EAGAIN:
-                    return WANT_WRITE, moved
-                elif errno != EINTR:
-                    raise FlowError(errno, False)
-            if self.eof:
-                return EOF, moved
-            if moved >= budget:
-                return AGAIN, moved
-            n = splice(src, NULL, self._pipe_w, NULL, self.capacity, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            if n > 0:
-                self.pending = n
-            elif n == 0:
-                self.eof = True
-                return EOF, moved
-            elif errno == EAGAIN:
-                return WANT_READ, moved
-            elif errno != EINTR:
-                raise FlowError(errno, True)
 
 
 cdef int take_pipe(Way *way, int wanted) noexcept:

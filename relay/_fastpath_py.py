@@ -1,8 +1,8 @@
-"""Pure-Python twin of ``relay/_fastpath.pyx``: same functions, same Flow API.
+"""Pure-Python twin of ``relay/_fastpath.pyx``: same functions, same Engine API.
 
 Used when the extension is not built or RELAY_NO_EXTENSIONS=1. Instead of a
-pipe, Flow copies through one bounded buffer, drained before the next read,
-so it behaves exactly like the splice version, one copy slower.
+pipe, each direction copies through one bounded buffer, drained before the
+next read, so it behaves exactly like the splice version, one copy slower.
 """
 
 import errno
@@ -12,7 +12,7 @@ import select
 import socket
 import struct
 
-from relay._fastpath_common import AGAIN, EOF, WANT_READ, WANT_WRITE, FlowError, local_failure
+from relay._fastpath_common import local_failure
 
 NAME = "python"
 
@@ -50,68 +50,6 @@ _pool: list[memoryview] = []
 def pooled_pipes():
     """How many empty buffers wait for reuse (for tests)."""
     return len(_pool)
-
-
-class Flow:
-    """One direction of a relayed connection: socket -> buffer -> socket.
-
-    The buffer is allocated on the first step, so an idle connection holds none.
-    """
-
-    __slots__ = ("pending", "eof", "capacity", "_view", "_start")
-
-    def __init__(self, pipe_size=0):
-        self.pending = 0
-        self.eof = False
-        self.capacity = pipe_size if pipe_size > 0 else DEFAULT_BUFFER
-        self._view = None
-        self._start = 0
-
-    def close(self):
-        """Release the buffer (to the pool if it is empty); bytes still in it are dropped."""
-        if self._view is not None and self.pending == 0 and len(_pool) < POOL_MAX:
-            _pool.append(self._view)
-        self._view = None
-        self.pending = 0
-
-    def step(self, src, dst, budget):
-        """Move bytes until something would block, EOF, or ``budget`` bytes moved.
-
-        Returns (status, bytes written to dst); raises FlowError on a socket error.
-        """
-        if self._view is None:
-            pooled = _pool.pop() if _pool else None
-            self._view = pooled if pooled is not None and len(pooled) == self.capacity else memoryview(bytearray(self.capacity))
-        view = self._view
-        moved = 0
-        while True:
-            while self.pending > 0:
-                try:
-                    n = os.write(dst, view[self._start : self._start + self.pending])
-                except BlockingIOError:
-                    return WANT_WRITE, moved
-                except OSError as exc:
-                    raise FlowError(exc.errno, False) from None
-                if n == 0:
-                    return WANT_WRITE, moved
-                self._start += n
-                self.pending -= n
-                moved += n
-            if self.eof:
-                return EOF, moved
-            if moved >= budget:
-                return AGAIN, moved
-            try:
-                n = os.readv(src, [view])
-            except BlockingIOError:
-                return WANT_READ, moved
-            except OSError as exc:
-                raise FlowError(exc.errno, True) from None
-            if n == 0:
-                self.eof = True
-                return EOF, moved
-            self._start = 0
-            self.pending = n
 
 
 def _take_buffer(wanted: int) -> memoryview:

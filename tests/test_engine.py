@@ -100,6 +100,17 @@ def test_sizes_arrive_intact_both_ways(engine, size):
     assert len(engine) == 0
 
 
+def test_large_transfer_through_a_larger_pipe(engine):
+    app_client, app_server = relayed(engine, "t", pipe_size=1 << 20)
+    data = os.urandom(64 << 20)
+    in_thread(send_then_fin, app_client, data)
+    app_server.shutdown(socket.SHUT_WR)
+    reader = in_thread(read_to_eof, app_server)
+    assert run(engine, count_of(1), seconds=60) == [("t", "closed", len(data), 0)]
+    reader["thread"].join(10)
+    assert hashlib.sha256(reader["value"]).digest() == hashlib.sha256(data).digest()
+
+
 def test_many_connections_at_once(engine):
     ends = {f"conn-{i}": relayed(engine, f"conn-{i}") for i in range(60)}
     for token, (app_client, app_server) in ends.items():
@@ -249,3 +260,21 @@ def test_close_resets_everything_left(impl):
     assert len(engine) == 0 and engine.close() == []
     for app_client, app_server in ends:
         assert_reset(app_client)
+
+
+def test_a_pipe_with_bytes_left_is_not_pooled(impl):
+    engine = impl.Engine()
+    app_client, app_server = relayed(engine, "t")
+    in_thread(app_client.sendall, os.urandom(32 << 20))  # nobody reads: the pipe fills up and stays full
+    run(engine, seconds=0.5)
+    holding = impl.pooled_pipes()
+    assert engine.close() == [("t", "cancelled", ANY_COUNT, 0)]
+    assert impl.pooled_pipes() == holding  # dropped, not given back with stale bytes in it
+
+
+class _AnyCount:
+    def __eq__(self, other):
+        return isinstance(other, int) and other >= 0
+
+
+ANY_COUNT = _AnyCount()
