@@ -170,3 +170,22 @@ async def test_half_closed_timeout_wakes_the_pump_early(impl, wires):
     with trio.fail_after(10):
         result = await pump(relay_client, relay_upstream, idle_timeout=600, half_closed_timeout=0.5, impl=impl)
     assert result.ended == "half-closed-timeout"
+
+
+async def test_cancelling_the_pump_resets_what_is_left(impl, wires):
+    """Shutdown: the pump's task is cancelled; every connection is reported "cancelled" and reset."""
+    app_client, relay_client, relay_upstream, app_server = wires
+    ended = []
+    async with trio.open_nursery() as nursery:
+        relay = Pump(lambda *result: ended.append(result), impl=impl)
+        nursery.start_soon(relay.run)
+        relay.add(relay_client, relay_upstream, "held", idle_timeout=600, half_closed_timeout=60)
+        await app_client.send(b"hello")
+        assert await app_server.recv(10) == b"hello"
+        nursery.cancel_scope.cancel()
+    assert ended == [("held", "cancelled", 5, 0)] and len(relay) == 0
+    for peer in (app_client, app_server):
+        with pytest.raises(OSError) as caught:
+            with trio.fail_after(5):
+                await peer.recv(10)
+        assert caught.value.errno == errno.ECONNRESET
