@@ -79,6 +79,7 @@ cdef extern from "<sys/epoll.h>":
     int EPOLL_CLOEXEC
     int EPOLL_CTL_ADD
     int EPOLL_CTL_DEL
+    int EPOLL_CTL_MOD
     union epoll_data_t:
         unsigned long long u64
     struct epoll_event:
@@ -100,6 +101,7 @@ cdef struct Way:
     bint shut  # ...and it was forwarded: shutdown(SHUT_WR) on the destination
     bint write_blocked  # bytes wait for room in the destination: only EPOLLOUT there moves this way
     bint queued  # in the backlog: its share of a run's budget ran out
+    bint paused  # EPOLLIN is off on the source while write_blocked: its data would only wake us in vain
     Py_ssize_t pending  # bytes in the pipe
     PyObject *first  # bytes read before the engine took over, sent before the pipe's; NULL once sent
     Py_ssize_t first_sent

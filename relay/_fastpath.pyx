@@ -113,6 +113,7 @@ DEF FAILED = 3  # a reset or error: the connection ends (see Engine._failure)
 DEF LOCAL = 2
 
 SOCKET_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+PAUSED_EVENTS = EPOLLOUT | EPOLLET  # errors and hangups are reported anyway
 
 
 cdef class Engine:
@@ -221,7 +222,7 @@ cdef class Engine:
             way = &conn.way[side]
             way.pipe_r = way.pipe_w = -1
             way.capacity = way.pending = way.first_sent = way.moved = 0
-            way.eof = way.shut = way.write_blocked = way.queued = False
+            way.eof = way.shut = way.write_blocked = way.queued = way.paused = False
             first = to_upstream_first if side == 0 else to_client_first
             way.first = NULL
             if first:
@@ -332,7 +333,20 @@ cdef class Engine:
                 self.finish(slot, "client-reset" if self._failure == 0 else "upstream-reset", finished)
         elif outcome == FINISHED and conn.way[1 - side].shut:
             self.finish(slot, "closed", finished)
+        elif conn.way[side].paused != conn.way[side].write_blocked:
+            self.pause_reading(slot, side, conn.way[side].write_blocked)
         return 0
+
+    cdef void pause_reading(self, int slot, int side, bint paused) noexcept:
+        """While a way waits for room in its destination, its source's data must not wake the engine.
+
+        Turning EPOLLIN back on reports the source at once if it has data, so no edge is lost.
+        """
+        cdef epoll_event event
+        event.events = PAUSED_EVENTS if paused else SOCKET_EVENTS
+        event.data.u64 = slot * 2 + side
+        if epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.conns[slot].fd[side], &event) == 0:
+            self.conns[slot].way[side].paused = paused
 
     cdef int finish(self, int slot, str ended, list finished) except -1:
         """Close both sockets (with a reset unless it ended cleanly) and report the connection."""

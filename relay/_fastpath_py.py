@@ -63,6 +63,7 @@ WAITING, FINISHED, OUT_OF_BUDGET, FAILED = range(4)
 LOCAL = 2  # who failed, besides the sides 0 (client) and 1 (upstream)
 MAX_EVENTS = 256
 SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+PAUSED_EVENTS = select.EPOLLOUT | select.EPOLLET  # errors and hangups are reported anyway
 READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -70,12 +71,12 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class _Way:
     """One direction, fd[side] -> buffer -> fd[1 - side]; the buffer is held only while bytes are in it."""
 
-    __slots__ = ("view", "start", "pending", "eof", "shut", "write_blocked", "queued", "first", "moved")
+    __slots__ = ("view", "start", "pending", "eof", "shut", "write_blocked", "queued", "paused", "first", "moved")
 
     def __init__(self, first: bytes):
         self.view = None
         self.start = self.pending = self.moved = 0
-        self.eof = self.shut = self.write_blocked = self.queued = False
+        self.eof = self.shut = self.write_blocked = self.queued = self.paused = False
         self.first = memoryview(first) if first else None
 
     def give_back(self):
@@ -245,7 +246,20 @@ class Engine:
                          finished)
         elif outcome == FINISHED and conn.ways[1 - side].shut:
             self._finish(slot, "closed", finished)
+        elif conn.ways[side].paused != conn.ways[side].write_blocked:
+            self._pause_reading(conn, side, conn.ways[side].write_blocked)
         return budget
+
+    def _pause_reading(self, conn, side, paused):
+        """While a way waits for room in its destination, its source's data must not wake the engine.
+
+        Turning EPOLLIN back on reports the source at once if it has data, so no edge is lost.
+        """
+        try:
+            self._epoll.modify(conn.fds[side], PAUSED_EVENTS if paused else SOCKET_EVENTS)
+        except OSError:
+            return  # still armed for everything: only more wakeups
+        conn.ways[side].paused = paused
 
     def _finish(self, slot, ended, finished):
         """Close both sockets (with a reset unless it ended cleanly) and report the connection."""
