@@ -215,8 +215,8 @@ class Server:
                 reset(conn)
                 ended, detail = f"refused:{exc.reason}", str(exc)
                 return
+            record.source = upstream.getsockname()[:2]
             try:
-                record.source = upstream.getsockname()[:2]
                 self.pump.add(conn, upstream, record, to_upstream_first=first, to_client_first=early,
                               idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
                               pipe_size=config.pipe_size)
@@ -253,6 +253,7 @@ class Server:
         self.slots.release()
 
     def connection_ended(self, counted_source: str | None, record, ended: str, detail: str | None = None) -> None:
+        """Per-source count, log line and metrics: the same whether the handler or the pump saw the end."""
         if counted_source is not None:
             left = self.per_source.pop(counted_source) - 1
             if left:
