@@ -55,3 +55,67 @@ cdef extern from "<linux/netfilter_ipv4.h>":
 
 cdef extern from "<linux/netfilter_ipv6/ip6_tables.h>":
     int IP6T_SO_ORIGINAL_DST
+
+cdef extern from "<sys/socket.h>":
+    int SOL_SOCKET
+    int SO_LINGER
+    int SO_ERROR
+    int SHUT_WR
+    int MSG_NOSIGNAL
+    int MSG_DONTWAIT
+    struct linger:
+        int l_onoff
+        int l_linger
+    int shutdown(int fd, int how)
+    ssize_t send(int fd, const void *buf, size_t length, int flags)
+
+cdef extern from "<sys/epoll.h>":
+    int EPOLLIN
+    int EPOLLOUT
+    int EPOLLERR
+    int EPOLLHUP
+    int EPOLLRDHUP
+    unsigned int EPOLLET
+    int EPOLL_CLOEXEC
+    int EPOLL_CTL_ADD
+    int EPOLL_CTL_DEL
+    int EPOLL_CTL_MOD
+    union epoll_data_t:
+        unsigned long long u64
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+from cpython.ref cimport PyObject
+
+
+# One direction of an established connection: fd[side] -> pipe -> fd[1 - side].
+cdef struct Way:
+    int pipe_r
+    int pipe_w
+    int capacity
+    bint eof  # the source sent FIN
+    bint shut  # ...and it was forwarded: shutdown(SHUT_WR) on the destination
+    bint write_blocked  # bytes wait for room in the destination: only EPOLLOUT there moves this way
+    bint queued  # in the backlog: its share of a run's budget ran out
+    bint paused  # EPOLLIN is off on the source while write_blocked: its data would only wake us in vain
+    Py_ssize_t pending  # bytes in the pipe
+    PyObject *first  # bytes read before the engine took over, sent before the pipe's; NULL once sent
+    Py_ssize_t first_sent
+    long long moved  # bytes written to the destination
+
+
+# One established connection: fd[0] is the client, fd[1] the upstream.
+cdef struct Conn:
+    int fd[2]
+    Way way[2]
+    double last_active
+    double idle_timeout
+    double half_closed_timeout
+    int pipe_size
+    bint in_use
+    bint half_closed
+    PyObject *token

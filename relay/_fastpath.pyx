@@ -1,15 +1,18 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The socket fast path, in C: original destination, transparent listeners and
-a splice() flow that moves bytes socket -> pipe -> socket without copying them
-through Python.
+the Engine that relays established connections with splice(), socket -> pipe
+-> socket, without copying bytes through Python.
 
 ``relay/_fastpath_py.py`` is its pure-Python twin with the same API; the tests
 run against both.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetFromErrno
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+from libc.stdlib cimport free, realloc
 
-from relay._fastpath_common import AGAIN, EOF, WANT_READ, WANT_WRITE, FlowError
+from relay._fastpath_common import local_failure
 
 NAME = "cython"
 
@@ -52,6 +55,7 @@ def set_transparent(sock):
 DEF POOL_MAX = 64
 cdef int _pool_read[POOL_MAX]
 cdef int _pool_write[POOL_MAX]
+cdef int _pool_capacity[POOL_MAX]
 cdef int _pool_count = 0
 
 
@@ -60,99 +64,388 @@ def pooled_pipes():
     return _pool_count
 
 
-cdef class Flow:
-    """One direction of a relayed connection: socket -> pipe -> socket.
+cdef int take_pipe(Way *way, int wanted) noexcept:
+    """Give ``way`` an empty pipe (pooled if any); -1 with errno set if none can be had."""
+    global _pool_count
+    cdef int fds[2]
+    if _pool_count > 0:
+        _pool_count -= 1
+        way.pipe_r = _pool_read[_pool_count]
+        way.pipe_w = _pool_write[_pool_count]
+        way.capacity = _pool_capacity[_pool_count]
+    else:
+        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
+            return -1
+        way.pipe_r = fds[0]
+        way.pipe_w = fds[1]
+        way.capacity = fcntl(fds[1], F_GETPIPE_SZ)
+    if wanted > 0 and way.capacity != wanted:
+        # Best effort: past /proc/sys/fs/pipe-max-size the pipe keeps its size.
+        fcntl(way.pipe_w, F_SETPIPE_SZ, wanted)
+        way.capacity = fcntl(way.pipe_w, F_GETPIPE_SZ)
+    return 0
 
-    The pipe is drained before anything more is read, so when a read from the
-    source says EAGAIN the pipe is known to be empty and the source is the one
-    that would block (splice's EAGAIN cannot tell the two apart by itself).
-    The pipe is created on the first step, so an idle connection holds none.
+
+cdef void give_back_pipe(Way *way) noexcept:
+    """To the pool if it is empty; closed if bytes are left in it (an aborted connection)."""
+    global _pool_count
+    if way.pipe_r < 0:
+        return
+    if way.pending == 0 and _pool_count < POOL_MAX:
+        _pool_read[_pool_count] = way.pipe_r
+        _pool_write[_pool_count] = way.pipe_w
+        _pool_capacity[_pool_count] = way.capacity
+        _pool_count += 1
+    else:
+        close(way.pipe_r)
+        close(way.pipe_w)
+    way.pipe_r = way.pipe_w = -1
+    way.pending = 0
+
+
+DEF MAX_EVENTS = 256
+# What advancing one way came to.
+DEF WAITING = 0  # for the source to have bytes or the destination to have room
+DEF FINISHED = 1  # the FIN went through: this way is done
+DEF OUT_OF_BUDGET = 2  # more to do, in the next run
+DEF FAILED = 3  # a reset or error: the connection ends (see Engine._failure)
+# Who failed: the sides 0 (client) and 1 (upstream), or the relay itself.
+DEF LOCAL = 2
+
+SOCKET_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+PAUSED_EVENTS = EPOLLOUT | EPOLLET  # errors and hangups are reported anyway
+
+
+cdef class Engine:
+    """Established connections, spliced in C and woken through one epoll fd.
+
+    Each socket is registered once, edge-triggered, so no epoll_ctl is needed
+    as a connection moves between reading and writing: a way reads until the
+    source is empty (EAGAIN with an empty pipe) or the destination is full,
+    and only the edge that can unblock it moves it again. Nothing here reads a
+    clock: callers pass ``now``.
     """
 
-    cdef int _pipe_r
-    cdef int _pipe_w
-    cdef readonly Py_ssize_t pending
-    cdef readonly bint eof
-    cdef readonly int capacity
-    cdef int _wanted_size
+    cdef int epfd
+    cdef Conn *conns
+    cdef int size  # slots in conns
+    cdef int *free_slots
+    cdef int free_count
+    cdef int *backlog  # ways (slot * 2 + side) whose budget ran out
+    cdef int backlog_count
+    cdef int _failure  # set by advance() when it returns FAILED
+    cdef readonly double next_deadline  # no connection times out before this (inf: none can)
+    cdef int _failure_errno
 
-    def __cinit__(self, int pipe_size=0):
-        self._pipe_r = -1
-        self._pipe_w = -1
-        self._wanted_size = pipe_size
+    def __cinit__(self):
+        self.next_deadline = float("inf")
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            PyErr_SetFromErrno(OSError)
 
     def __dealloc__(self):
-        self._release()
+        cdef int slot, side
+        for slot in range(self.size):
+            if self.conns[slot].in_use:  # close() was not called: no one is told, but nothing leaks
+                for side in range(2):
+                    close(self.conns[slot].fd[side])
+                    give_back_pipe(&self.conns[slot].way[side])
+                    Py_XDECREF(self.conns[slot].way[side].first)
+                Py_XDECREF(self.conns[slot].token)
+        free(self.conns)
+        free(self.free_slots)
+        free(self.backlog)
+        if self.epfd >= 0:
+            close(self.epfd)
 
-    cdef int _open_pipe(self) except -1:
-        global _pool_count
-        cdef int fds[2]
-        if _pool_count > 0:
-            _pool_count -= 1
-            self._pipe_r = _pool_read[_pool_count]
-            self._pipe_w = _pool_write[_pool_count]
-        else:
-            if pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0:
-                PyErr_SetFromErrno(OSError)
-            self._pipe_r = fds[0]
-            self._pipe_w = fds[1]
-        self.capacity = fcntl(self._pipe_w, F_GETPIPE_SZ)
-        if self._wanted_size > 0 and self.capacity != self._wanted_size:
-            # Best effort: past /proc/sys/fs/pipe-max-size the pipe keeps its size.
-            fcntl(self._pipe_w, F_SETPIPE_SZ, self._wanted_size)
-            self.capacity = fcntl(self._pipe_w, F_GETPIPE_SZ)
+    def fileno(self):
+        return self.epfd
+
+    def __len__(self):
+        return self.size - self.free_count
+
+    @property
+    def backlogged(self):
+        """True if some way has work left that no epoll event will announce: run() again soon."""
+        return self.backlog_count > 0
+
+    cdef int grow(self) except -1:
+        cdef int new_size = self.size * 2 if self.size else 64
+        cdef int slot
+        cdef Conn *conns = <Conn *>realloc(self.conns, new_size * sizeof(Conn))
+        if conns == NULL:
+            raise MemoryError()
+        self.conns = conns
+        cdef int *free_slots = <int *>realloc(self.free_slots, new_size * sizeof(int))
+        if free_slots == NULL:
+            raise MemoryError()
+        self.free_slots = free_slots
+        cdef int *backlog = <int *>realloc(self.backlog, 2 * new_size * sizeof(int))
+        if backlog == NULL:
+            raise MemoryError()
+        self.backlog = backlog
+        for slot in range(new_size - 1, self.size - 1, -1):
+            self.conns[slot].in_use = False
+            self.free_slots[self.free_count] = slot
+            self.free_count += 1
+        self.size = new_size
         return 0
 
-    cdef void _release(self):
-        global _pool_count
-        if self._pipe_r < 0:
-            return
-        if self.pending == 0 and _pool_count < POOL_MAX:
-            _pool_read[_pool_count] = self._pipe_r
-            _pool_write[_pool_count] = self._pipe_w
-            _pool_count += 1
-        else:  # bytes left in it (an aborted connection): not reusable
-            close(self._pipe_r)
-            close(self._pipe_w)
-        self._pipe_r = -1
-        self._pipe_w = -1
+    def add(self, int client_fd, int upstream_fd, token, double now, double idle_timeout,
+            double half_closed_timeout, int pipe_size=0, bytes to_upstream_first=b"", bytes to_client_first=b""):
+        """Take over a connection: on success the engine owns (and will close) both fds.
+
+        Both must be non-blocking sockets (splice would block on the socket otherwise).
+        """
+        cdef int side
+        cdef epoll_event event
+        cdef Way *way
+        cdef int error
+        if self.free_count == 0:
+            self.grow()
+        cdef int slot = self.free_slots[self.free_count - 1]
+        cdef Conn *conn = &self.conns[slot]
+        cdef bytes first
+        event.events = SOCKET_EVENTS
+        conn.fd[0] = client_fd
+        conn.fd[1] = upstream_fd
+        for side in range(2):
+            event.data.u64 = slot * 2 + side
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, conn.fd[side], &event) != 0:
+                error = errno
+                if side == 1:
+                    epoll_ctl(self.epfd, EPOLL_CTL_DEL, client_fd, &event)
+                errno = error
+                PyErr_SetFromErrno(OSError)  # the fds stay the caller's
+        self.free_count -= 1
+        for side in range(2):
+            way = &conn.way[side]
+            way.pipe_r = way.pipe_w = -1
+            way.capacity = way.pending = way.first_sent = way.moved = 0
+            way.eof = way.shut = way.write_blocked = way.queued = way.paused = False
+            first = to_upstream_first if side == 0 else to_client_first
+            way.first = NULL
+            if first:
+                Py_INCREF(first)
+                way.first = <PyObject *>first
+        conn.last_active = now
+        self.next_deadline = min(self.next_deadline, now + idle_timeout)
+        conn.idle_timeout = idle_timeout
+        conn.half_closed_timeout = half_closed_timeout
+        conn.pipe_size = pipe_size
+        conn.half_closed = False
+        Py_INCREF(token)
+        conn.token = <PyObject *>token
+        conn.in_use = True
+
+    cdef int fail(self, int who, int error) noexcept:
+        self._failure = who
+        self._failure_errno = error
+        return FAILED
+
+    cdef int advance(self, Conn *conn, int side, Py_ssize_t *budget, double now) noexcept:
+        """Move one way's bytes until it blocks, finishes, fails or the budget is spent.
+
+        The pipe is drained before more is read, so EAGAIN on a read means the
+        source is empty, never that the pipe is full (splice cannot tell them apart).
+        """
+        cdef Way *way = &conn.way[side]
+        cdef int src = conn.fd[side]
+        cdef int dst = conn.fd[1 - side]
+        cdef ssize_t n
+        cdef object first
+        if way.shut:
+            return FINISHED
+        while True:
+            while way.first != NULL:
+                first = <object>way.first
+                n = send(dst, PyBytes_AS_STRING(first) + way.first_sent,
+                         PyBytes_GET_SIZE(first) - way.first_sent, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if n > 0:
+                    way.first_sent += n
+                    way.moved += n
+                    budget[0] -= n
+                    conn.last_active = now
+                    if way.first_sent == PyBytes_GET_SIZE(first):
+                        Py_XDECREF(way.first)
+                        way.first = NULL
+                elif errno == EAGAIN:
+                    way.write_blocked = True
+                    return WAITING
+                elif errno != EINTR:
+                    return self.fail(1 - side, errno)
+            while way.pending > 0:
+                n = splice(way.pipe_r, NULL, dst, NULL, way.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if n > 0:
+                    way.pending -= n
+                    way.moved += n
+                    budget[0] -= n
+                    conn.last_active = now
+                elif n == 0 or errno == EAGAIN:
+                    way.write_blocked = True
+                    return WAITING
+                elif errno != EINTR:
+                    return self.fail(1 - side, errno)
+            way.write_blocked = False
+            if way.eof:
+                give_back_pipe(way)
+                if shutdown(dst, SHUT_WR) != 0:
+                    return self.fail(1 - side, errno)
+                way.shut = True
+                if not conn.half_closed:
+                    # From now on the silence allowed is the (shorter) half-closed timeout.
+                    conn.half_closed = True
+                    conn.last_active = now
+                    self.next_deadline = min(self.next_deadline, now + min(conn.idle_timeout, conn.half_closed_timeout))
+                return FINISHED
+            if budget[0] <= 0:
+                return OUT_OF_BUDGET
+            if way.pipe_r < 0 and take_pipe(way, conn.pipe_size) != 0:
+                return self.fail(LOCAL, errno)
+            n = splice(src, NULL, way.pipe_w, NULL, way.capacity, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                way.pending = n
+            elif n == 0:
+                way.eof = True
+            elif errno == EAGAIN:
+                give_back_pipe(way)  # empty: an idle connection holds no pipe
+                return WAITING
+            elif errno != EINTR:
+                return self.fail(side, errno)
+
+    cdef int step(self, int slot, int side, Py_ssize_t *budget, double now, list finished) except -1:
+        """Advance one way; end the connection if that finished or failed it."""
+        cdef Conn *conn = &self.conns[slot]
+        cdef int outcome
+        if budget[0] <= 0:
+            outcome = OUT_OF_BUDGET  # no I/O at all: the way just waits for the next run
+        else:
+            outcome = self.advance(conn, side, budget, now)
+        if outcome == OUT_OF_BUDGET:
+            if not conn.way[side].queued:
+                conn.way[side].queued = True
+                self.backlog[self.backlog_count] = slot * 2 + side
+                self.backlog_count += 1
+        elif outcome == FAILED:
+            if self._failure == LOCAL:
+                self.finish(slot, local_failure(self._failure_errno), finished)
+            else:
+                self.finish(slot, "client-reset" if self._failure == 0 else "upstream-reset", finished)
+        elif outcome == FINISHED and conn.way[1 - side].shut:
+            self.finish(slot, "closed", finished)
+        elif conn.way[side].paused != conn.way[side].write_blocked:
+            self.pause_reading(slot, side, conn.way[side].write_blocked)
+        return 0
+
+    cdef void pause_reading(self, int slot, int side, bint paused) noexcept:
+        """While a way waits for room in its destination, its source's data must not wake the engine.
+
+        Turning EPOLLIN back on reports the source at once if it has data, so no edge is lost.
+        """
+        cdef epoll_event event
+        event.events = PAUSED_EVENTS if paused else SOCKET_EVENTS
+        event.data.u64 = slot * 2 + side
+        if epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.conns[slot].fd[side], &event) == 0:
+            self.conns[slot].way[side].paused = paused
+
+    cdef int finish(self, int slot, str ended, list finished) except -1:
+        """Close both sockets (with a reset unless it ended cleanly) and report the connection."""
+        cdef Conn *conn = &self.conns[slot]
+        cdef linger reset_now
+        cdef int side
+        reset_now.l_onoff = 1
+        reset_now.l_linger = 0
+        for side in range(2):
+            # We hold the only descriptor of each socket, so closing also unregisters it from epoll.
+            if ended != "closed":
+                setsockopt(conn.fd[side], SOL_SOCKET, SO_LINGER, &reset_now, sizeof(reset_now))
+            close(conn.fd[side])
+            give_back_pipe(&conn.way[side])
+            Py_XDECREF(conn.way[side].first)
+            conn.way[side].first = NULL
+        token = <object>conn.token
+        Py_XDECREF(conn.token)
+        conn.token = NULL
+        conn.in_use = False
+        self.free_slots[self.free_count] = slot
+        self.free_count += 1
+        finished.append((token, ended, conn.way[0].moved, conn.way[1].moved))
+        return 0
+
+    def run(self, double now, Py_ssize_t budget):
+        """Handle what is ready (never blocks); returns the connections that ended, as
+        (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``."""
+        cdef list finished = []
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int count, i, entry, slot, side, error
+        cdef unsigned int ready
+        cdef socklen_t size
+        cdef Conn *conn
+        count = self.backlog_count
+        self.backlog_count = 0
+        for i in range(count):  # each re-queues at most itself, behind what was already read
+            entry = self.backlog[i]
+            slot, side = entry >> 1, entry & 1
+            if self.conns[slot].in_use and self.conns[slot].way[side].queued:
+                self.conns[slot].way[side].queued = False
+                self.step(slot, side, &budget, now, finished)
+        if budget <= 0:
+            return finished  # edge-triggered events wait in the kernel's ready list, not lost
+        count = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
+        if count < 0:
+            if errno == EINTR:
+                return finished
+            PyErr_SetFromErrno(OSError)
+        for i in range(count):
+            slot, side = events[i].data.u64 >> 1, events[i].data.u64 & 1
+            conn = &self.conns[slot]
+            if not conn.in_use:
+                continue  # it ended earlier in this batch
+            ready = events[i].events
+            if ready & EPOLLERR:
+                size = sizeof(error)
+                error = 0
+                getsockopt(conn.fd[side], SOL_SOCKET, SO_ERROR, &error, &size)
+                if error:
+                    self.finish(slot, "client-reset" if side == 0 else "upstream-reset", finished)
+                    continue
+            if ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR) and not conn.way[side].write_blocked:
+                self.step(slot, side, &budget, now, finished)
+            if (ready & (EPOLLOUT | EPOLLERR) and conn.in_use
+                    and (conn.way[1 - side].write_blocked or conn.way[1 - side].first != NULL)):
+                self.step(slot, 1 - side, &budget, now, finished)
+        return finished
+
+    def expire(self, double now):
+        """End the connections silent for longer than their timeout; returns them as run() does."""
+        cdef list finished = []
+        cdef double limit, deadline, next_deadline = float("inf")
+        cdef int slot
+        cdef Conn *conn
+        for slot in range(self.size):
+            conn = &self.conns[slot]
+            if not conn.in_use:
+                continue
+            limit = conn.idle_timeout
+            if conn.half_closed and conn.half_closed_timeout < limit:
+                limit = conn.half_closed_timeout
+            deadline = conn.last_active + limit
+            if deadline <= now:
+                self.finish(slot, "half-closed-timeout" if conn.half_closed else "idle-timeout", finished)
+            elif deadline < next_deadline:
+                next_deadline = deadline
+        self.next_deadline = next_deadline
+        return finished
 
     def close(self):
-        """Release the pipe (to the pool if it is empty); bytes still in it are dropped."""
-        self._release()
-        self.pending = 0
-
-    def step(self, int src, int dst, Py_ssize_t budget):
-        """Move bytes until something would block, EOF, or ``budget`` bytes moved.
-
-        Returns (status, bytes written to dst); raises FlowError on a socket error
-        (its ``moved`` is the bytes written to dst before it).
-        """
-        cdef ssize_t n
-        cdef Py_ssize_t moved = 0
-        if self._pipe_r < 0:
-            self._open_pipe()
-        while True:
-            while self.pending > 0:
-                n = splice(self._pipe_r, NULL, dst, NULL, self.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-                if n > 0:
-                    self.pending -= n
-                    moved += n
-                elif n == 0 or errno == EAGAIN:
-                    return WANT_WRITE, moved
-                elif errno != EINTR:
-                    raise FlowError(errno, False, moved)
-            if self.eof:
-                return EOF, moved
-            if moved >= budget:
-                return AGAIN, moved
-            n = splice(src, NULL, self._pipe_w, NULL, self.capacity, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            if n > 0:
-                self.pending = n
-            elif n == 0:
-                self.eof = True
-                return EOF, moved
-            elif errno == EAGAIN:
-                return WANT_READ, moved
-            elif errno != EINTR:
-                raise FlowError(errno, True, moved)
+        """Reset every connection left (shutdown); returns them as run() does, ended "cancelled"."""
+        cdef list finished = []
+        cdef int slot
+        for slot in range(self.size):
+            if self.conns[slot].in_use:
+                self.finish(slot, "cancelled", finished)
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        self.next_deadline = float("inf")
+        return finished

@@ -1,15 +1,18 @@
-"""Pure-Python twin of ``relay/_fastpath.pyx``: same functions, same Flow API.
+"""Pure-Python twin of ``relay/_fastpath.pyx``: same functions, same Engine API.
 
 Used when the extension is not built or RELAY_NO_EXTENSIONS=1. Instead of a
-pipe, Flow copies through one bounded buffer, drained before the next read,
-so it behaves exactly like the splice version, one copy slower.
+pipe, each direction copies through one bounded buffer, drained before the
+next read, so it behaves exactly like the splice version, one copy slower.
 """
 
+import errno
+import math
 import os
+import select
 import socket
 import struct
 
-from relay._fastpath_common import AGAIN, EOF, WANT_READ, WANT_WRITE, FlowError
+from relay._fastpath_common import local_failure
 
 NAME = "python"
 
@@ -49,64 +52,291 @@ def pooled_pipes():
     return len(_pool)
 
 
-class Flow:
-    """One direction of a relayed connection: socket -> buffer -> socket.
+def _take_buffer(wanted: int) -> memoryview:
+    size = wanted if wanted > 0 else DEFAULT_BUFFER
+    pooled = _pool.pop() if _pool else None
+    return pooled if pooled is not None and len(pooled) == size else memoryview(bytearray(size))
 
-    The buffer is allocated on the first step, so an idle connection holds none.
+
+# What advancing one way came to (see the extension's Engine).
+WAITING, FINISHED, OUT_OF_BUDGET, FAILED = range(4)
+LOCAL = 2  # who failed, besides the sides 0 (client) and 1 (upstream)
+MAX_EVENTS = 256
+SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+PAUSED_EVENTS = select.EPOLLOUT | select.EPOLLET  # errors and hangups are reported anyway
+READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class _Way:
+    """One direction, fd[side] -> buffer -> fd[1 - side]; the buffer is held only while bytes are in it."""
+
+    __slots__ = ("view", "start", "pending", "eof", "shut", "write_blocked", "queued", "paused", "first", "moved")
+
+    def __init__(self, first: bytes):
+        self.view = None
+        self.start = self.pending = self.moved = 0
+        self.eof = self.shut = self.write_blocked = self.queued = self.paused = False
+        self.first = memoryview(first) if first else None
+
+    def give_back(self):
+        if self.view is not None and self.pending == 0 and len(_pool) < POOL_MAX:
+            _pool.append(self.view)
+        self.view = None
+        self.pending = 0
+
+
+class _Conn:
+    __slots__ = ("fds", "ways", "last_active", "idle_timeout", "half_closed_timeout", "pipe_size", "half_closed",
+                 "token", "in_use")
+
+
+def _with_socket(fd: int, action) -> None:
+    """Run ``action(sock)`` on a socket object borrowed for ``fd`` (the fd stays open)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        action(sock)
+    finally:
+        sock.detach()
+
+
+class Engine:
+    """Established connections, copied through bounded buffers and woken through one epoll fd.
+
+    Same design and API as the extension's Engine: each socket registered once,
+    edge-triggered; a way reads until the source is empty or the destination full.
     """
 
-    __slots__ = ("pending", "eof", "capacity", "_view", "_start")
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._conns: list[_Conn] = []
+        self._free: list[int] = []
+        self._backlog: list[int] = []
+        self._failure = (0, 0)
+        self.next_deadline = math.inf  # no connection times out before this (inf: none can)
+        # fd -> slot * 2 + side: epoll here reports fds, not the extension's 64-bit cookies.
+        self._slots: dict[int, int] = {}
 
-    def __init__(self, pipe_size=0):
-        self.pending = 0
-        self.eof = False
-        self.capacity = pipe_size if pipe_size > 0 else DEFAULT_BUFFER
-        self._view = None
-        self._start = 0
+    def fileno(self):
+        return -1 if self._epoll.closed else self._epoll.fileno()
+
+    def __len__(self):
+        return len(self._conns) - len(self._free)
+
+    @property
+    def backlogged(self):
+        """True if some way has work left that no epoll event will announce: run() again soon."""
+        return bool(self._backlog)
+
+    def add(self, client_fd, upstream_fd, token, now, idle_timeout, half_closed_timeout, pipe_size=0,
+            to_upstream_first=b"", to_client_first=b""):
+        """Take over a connection: on success the engine owns (and will close) both fds (non-blocking)."""
+        if not self._free:
+            self._conns.append(_Conn())
+            self._free.append(len(self._conns) - 1)
+        slot = self._free[-1]
+        self._epoll.register(client_fd, SOCKET_EVENTS)
+        try:
+            self._epoll.register(upstream_fd, SOCKET_EVENTS)
+        except OSError:
+            self._epoll.unregister(client_fd)
+            raise
+        self._free.pop()
+        conn = self._conns[slot]
+        conn.fds = (client_fd, upstream_fd)
+        conn.ways = (_Way(to_upstream_first), _Way(to_client_first))
+        conn.last_active = now
+        self.next_deadline = min(self.next_deadline, now + idle_timeout)
+        conn.idle_timeout, conn.half_closed_timeout = idle_timeout, half_closed_timeout
+        conn.pipe_size = pipe_size
+        conn.half_closed = False
+        conn.token = token
+        conn.in_use = True
+        self._slots[client_fd] = slot * 2
+        self._slots[upstream_fd] = slot * 2 + 1
+
+    def _fail(self, who, error):
+        self._failure = (who, error)
+        return FAILED
+
+    def _advance(self, conn, side, budget, now):
+        """Move one way's bytes until it blocks, finishes, fails or the budget is spent.
+
+        Returns (outcome, budget left). The buffer is drained before more is read.
+        """
+        way = conn.ways[side]
+        src, dst = conn.fds[side], conn.fds[1 - side]
+        if way.shut:
+            return FINISHED, budget
+        while True:
+            while way.first is not None:
+                try:
+                    n = os.write(dst, way.first)
+                except BlockingIOError:
+                    way.write_blocked = True
+                    return WAITING, budget
+                except OSError as exc:
+                    return self._fail(1 - side, exc.errno), budget
+                way.moved += n
+                budget -= n
+                conn.last_active = now
+                way.first = way.first[n:] or None
+            while way.pending > 0:
+                try:
+                    n = os.write(dst, way.view[way.start : way.start + way.pending])
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    return self._fail(1 - side, exc.errno), budget
+                if n == 0:
+                    way.write_blocked = True
+                    return WAITING, budget
+                way.start += n
+                way.pending -= n
+                way.moved += n
+                budget -= n
+                conn.last_active = now
+            way.write_blocked = False
+            if way.eof:
+                way.give_back()
+                try:
+                    _with_socket(dst, lambda sock: sock.shutdown(socket.SHUT_WR))
+                except OSError as exc:
+                    return self._fail(1 - side, exc.errno), budget
+                way.shut = True
+                if not conn.half_closed:
+                    # From now on the silence allowed is the (shorter) half-closed timeout.
+                    conn.half_closed = True
+                    conn.last_active = now
+                    self.next_deadline = min(self.next_deadline, now + min(conn.idle_timeout, conn.half_closed_timeout))
+                return FINISHED, budget
+            if budget <= 0:
+                return OUT_OF_BUDGET, budget
+            if way.view is None:
+                try:
+                    way.view = _take_buffer(conn.pipe_size)
+                except MemoryError:
+                    return self._fail(LOCAL, errno.ENOMEM), budget
+            try:
+                n = os.readv(src, [way.view])
+            except BlockingIOError:
+                way.give_back()  # empty: an idle connection holds no buffer
+                return WAITING, budget
+            except OSError as exc:
+                return self._fail(side, exc.errno), budget
+            if n == 0:
+                way.eof = True
+            else:
+                way.start, way.pending = 0, n
+
+    def _step(self, slot, side, budget, now, finished):
+        """Advance one way; end the connection if that finished or failed it. Returns the budget left."""
+        conn = self._conns[slot]
+        if budget <= 0:
+            outcome = OUT_OF_BUDGET  # no I/O at all: the way just waits for the next run
+        else:
+            outcome, budget = self._advance(conn, side, budget, now)
+        if outcome == OUT_OF_BUDGET:
+            if not conn.ways[side].queued:
+                conn.ways[side].queued = True
+                self._backlog.append(slot * 2 + side)
+        elif outcome == FAILED:
+            who, error = self._failure
+            self._finish(slot, local_failure(error) if who == LOCAL else ("client-reset", "upstream-reset")[who],
+                         finished)
+        elif outcome == FINISHED and conn.ways[1 - side].shut:
+            self._finish(slot, "closed", finished)
+        elif conn.ways[side].paused != conn.ways[side].write_blocked:
+            self._pause_reading(conn, side, conn.ways[side].write_blocked)
+        return budget
+
+    def _pause_reading(self, conn, side, paused):
+        """While a way waits for room in its destination, its source's data must not wake the engine.
+
+        Turning EPOLLIN back on reports the source at once if it has data, so no edge is lost.
+        """
+        try:
+            self._epoll.modify(conn.fds[side], PAUSED_EVENTS if paused else SOCKET_EVENTS)
+        except OSError:
+            return  # still armed for everything: only more wakeups
+        conn.ways[side].paused = paused
+
+    def _finish(self, slot, ended, finished):
+        """Close both sockets (with a reset unless it ended cleanly) and report the connection."""
+        conn = self._conns[slot]
+        for side, fd in enumerate(conn.fds):
+            self._epoll.unregister(fd)
+            del self._slots[fd]
+            if ended != "closed":
+                try:
+                    _with_socket(fd, lambda sock: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
+                except OSError:
+                    pass  # already dead: closing is all that is left to do
+            os.close(fd)
+            conn.ways[side].give_back()
+        finished.append((conn.token, ended, conn.ways[0].moved, conn.ways[1].moved))
+        conn.token = conn.ways = conn.fds = None
+        conn.in_use = False
+        self._free.append(slot)
+
+    def run(self, now, budget):
+        """Handle what is ready (never blocks); returns the connections that ended, as
+        (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``."""
+        finished = []
+        backlog, self._backlog = self._backlog, []
+        for entry in backlog:
+            slot, side = entry >> 1, entry & 1
+            conn = self._conns[slot]
+            if conn.in_use and conn.ways[side].queued:
+                conn.ways[side].queued = False
+                budget = self._step(slot, side, budget, now, finished)
+        if budget <= 0:
+            return finished  # edge-triggered events wait in the kernel's ready list, not lost
+        try:
+            events = self._epoll.poll(0, MAX_EVENTS)
+        except InterruptedError:
+            return finished
+        for fd, ready in events:
+            entry = self._slots.get(fd)
+            if entry is None:
+                continue  # it ended earlier in this batch
+            slot, side = entry >> 1, entry & 1
+            conn = self._conns[slot]
+            if ready & select.EPOLLERR:
+                error = []
+                _with_socket(conn.fds[side], lambda sock: error.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)))
+                if error[0]:
+                    self._finish(slot, ("client-reset", "upstream-reset")[side], finished)
+                    continue
+            if ready & READABLE and not conn.ways[side].write_blocked:
+                budget = self._step(slot, side, budget, now, finished)
+            other = conn.ways[1 - side] if conn.in_use else None
+            if ready & (select.EPOLLOUT | select.EPOLLERR) and other and (other.write_blocked or other.first is not None):
+                budget = self._step(slot, 1 - side, budget, now, finished)
+        return finished
+
+    def expire(self, now):
+        """End the connections silent for longer than their timeout; returns them as run() does."""
+        finished = []
+        next_deadline = math.inf
+        for slot, conn in enumerate(self._conns):
+            if not conn.in_use:
+                continue
+            limit = min(conn.idle_timeout, conn.half_closed_timeout) if conn.half_closed else conn.idle_timeout
+            deadline = conn.last_active + limit
+            if deadline <= now:
+                self._finish(slot, "half-closed-timeout" if conn.half_closed else "idle-timeout", finished)
+            else:
+                next_deadline = min(next_deadline, deadline)
+        self.next_deadline = next_deadline
+        return finished
 
     def close(self):
-        """Release the buffer (to the pool if it is empty); bytes still in it are dropped."""
-        if self._view is not None and self.pending == 0 and len(_pool) < POOL_MAX:
-            _pool.append(self._view)
-        self._view = None
-        self.pending = 0
-
-    def step(self, src, dst, budget):
-        """Move bytes until something would block, EOF, or ``budget`` bytes moved.
-
-        Returns (status, bytes written to dst); raises FlowError on a socket error
-        (its ``moved`` is the bytes written to dst before it).
-        """
-        if self._view is None:
-            pooled = _pool.pop() if _pool else None
-            self._view = pooled if pooled is not None and len(pooled) == self.capacity else memoryview(bytearray(self.capacity))
-        view = self._view
-        moved = 0
-        while True:
-            while self.pending > 0:
-                try:
-                    n = os.write(dst, view[self._start : self._start + self.pending])
-                except BlockingIOError:
-                    return WANT_WRITE, moved
-                except OSError as exc:
-                    raise FlowError(exc.errno, False, moved) from None
-                if n == 0:
-                    return WANT_WRITE, moved
-                self._start += n
-                self.pending -= n
-                moved += n
-            if self.eof:
-                return EOF, moved
-            if moved >= budget:
-                return AGAIN, moved
-            try:
-                n = os.readv(src, [view])
-            except BlockingIOError:
-                return WANT_READ, moved
-            except OSError as exc:
-                raise FlowError(exc.errno, True, moved) from None
-            if n == 0:
-                self.eof = True
-                return EOF, moved
-            self._start = 0
-            self.pending = n
+        """Reset every connection left (shutdown); returns them as run() does, ended "cancelled"."""
+        finished = []
+        for slot, conn in enumerate(self._conns):
+            if conn.in_use:
+                self._finish(slot, "cancelled", finished)
+        self._epoll.close()
+        self.next_deadline = math.inf
+        return finished

@@ -1,4 +1,4 @@
-"""The pump over real loopback TCP connections, on both fast-path implementations."""
+"""The pump (one engine, one task) over real loopback TCP connections, on both fast-path implementations."""
 
 import errno
 import hashlib
@@ -8,7 +8,8 @@ import socket
 import pytest
 import trio
 
-from relay.net.pump import pump
+from relay.net.pump import Pump
+from tests.pumping import pump
 from tests.sockpairs import hard_close, tcp_pair
 
 
@@ -137,46 +138,29 @@ async def test_activity_postpones_idle_timeout(impl, wires):
     assert result.ended == "closed" and result.sent_up == 32
 
 
-@pytest.mark.parametrize("who", ["client", "server"])
-async def test_bytes_delivered_before_a_reset_are_counted(impl, wires, who):
+async def test_half_closed_timeout_wakes_the_pump_early(impl, wires):
+    """The half-closed deadline comes before the idle one the pump was waiting for."""
     app_client, relay_client, relay_upstream, app_server = wires
-    culprit, victim = (app_client, app_server) if who == "client" else (app_server, app_client)
-    # Both arrive before the pump starts: one step forwards the bytes, then reads the reset.
-    await culprit.send(b"last words")
-    hard_close(culprit)
-    await trio.sleep(0.05)
+    app_client.shutdown(socket.SHUT_WR)
     with trio.fail_after(10):
-        result = await pump(relay_client, relay_upstream, impl=impl)
-    assert result.ended == ("client-reset" if who == "client" else "upstream-reset")
-    assert await victim.recv(65536) == b"last words"
-    with pytest.raises(ConnectionResetError):
-        await victim.recv(65536)
-    assert (result.sent_up if who == "client" else result.sent_down) == len(b"last words")
+        result = await pump(relay_client, relay_upstream, idle_timeout=600, half_closed_timeout=0.5, impl=impl)
+    assert result.ended == "half-closed-timeout"
 
 
-@pytest.mark.parametrize("write", ["client-bytes", "early-bytes"])
-async def test_a_reset_is_never_passed_on_as_a_fin(impl, write):
-    # The upstream resets, and the relay writes to it (what the client sent, or
-    # the early bytes). A socket reports a reset to one call only: when that
-    # write takes it, the other direction then reads EOF from the same socket.
-    # Which direction runs first is up to Trio, so try it a few times.
-    for _ in range(20):
-        app_client, relay_client = trio_pair()
-        relay_upstream, app_server = trio_pair()
-        if write == "client-bytes":
-            await app_client.send(b"request")
-        hard_close(app_server)
-        with trio.fail_after(5):
-            result = await pump(
-                relay_client,
-                relay_upstream,
-                to_upstream_first=b"sniffed" if write == "early-bytes" else b"",
-                to_client_first=b"banner",
-                impl=impl,
-            )
-        assert result.ended == "upstream-reset"
-        assert await app_client.recv(10) == b"banner"
-        # A reset, not an end of data the client could take for a complete answer.
-        with pytest.raises(ConnectionResetError):
-            await app_client.recv(10)
-        app_client.close()
+async def test_cancelling_the_pump_resets_what_is_left(impl, wires):
+    """Shutdown: the pump's task is cancelled; every connection is reported "cancelled" and reset."""
+    app_client, relay_client, relay_upstream, app_server = wires
+    ended = []
+    async with trio.open_nursery() as nursery:
+        relay = Pump(lambda *result: ended.append(result), impl=impl)
+        nursery.start_soon(relay.run)
+        relay.add(relay_client, relay_upstream, "held", idle_timeout=600, half_closed_timeout=60)
+        await app_client.send(b"hello")
+        assert await app_server.recv(10) == b"hello"
+        nursery.cancel_scope.cancel()
+    assert ended == [("held", "cancelled", 5, 0)] and len(relay) == 0
+    for peer in (app_client, app_server):
+        with pytest.raises(OSError) as caught:
+            with trio.fail_after(5):
+                await peer.recv(10)
+        assert caught.value.errno == errno.ECONNRESET

@@ -8,7 +8,7 @@ arrived, or let the pump run for a moment. Sends go out in the background in
 order, so an action never blocks on backpressure. After the actions every end
 still open sends FIN and reads until EOF or a reset, and the pump must return.
 
-What the pump guarantees, observed from the sockets and the PumpResult only:
+What the pump guarantees, observed from the sockets and how the pump reports the end only:
 
 - Order and exactness: each end receives a prefix of what the other end sent
   (after the ``to_*_first`` bytes), in order, nothing duplicated or invented.
@@ -39,7 +39,7 @@ import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from relay.net.pump import pump
+from tests.pumping import pump
 from tests.sockpairs import tcp_pair
 
 SIDES = ("client", "server")

@@ -11,12 +11,13 @@ import time
 import trio
 
 from relay import fastpath, systemd
+from relay._fastpath_common import local_failure
 from relay.config import Config, ConfigError, Upstream
 from relay.logs import RateLimited, conn_log, log
 from relay.net.dial import UpstreamError, apply_mark, connect, open_upstream
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.listener import accept_loop, open_listeners
-from relay.net.pump import pump
+from relay.net.pump import Pump
 from relay.net.sockets import format_address, is_local_address, reset
 from relay.net.upstreams import UpstreamPool, UpstreamState
 from relay.proto.http_connect import basic_credentials
@@ -46,7 +47,7 @@ RESTART_ONLY = ("mode", "listen", "workers", "user", "metrics", "ssh", "ssh_iden
 class ConnectionRecord:
     """What the per-connection log line (-v) says about one connection."""
 
-    __slots__ = ("peer", "dst", "name", "started", "retried", "up", "down", "http_requests", "via")
+    __slots__ = ("peer", "dst", "name", "started", "retried", "up", "down", "http_requests", "via", "source")
 
     def __init__(self, peer, dst, name, started):
         self.peer, self.dst, self.name, self.started = peer, dst, name, started
@@ -54,6 +55,7 @@ class ConnectionRecord:
         self.up = self.down = 0
         self.http_requests = None  # forwarded in absolute form, when not tunnelled
         self.via = None
+        self.source = None  # the upstream socket's local address, while it is in own_sources
 
     def log(self, ended: str, detail: str | None = None) -> None:
         if not conn_log.isEnabledFor(logging.INFO):
@@ -90,6 +92,7 @@ class Server:
         self.local_addresses: dict[str, tuple[bool, float]] = {}
         self.slots = trio.Semaphore(connection_budget(config))
         self.per_source: dict[str, int] = {}
+        self.pump = Pump(self.relayed_ended)
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""
@@ -172,19 +175,22 @@ class Server:
         return None
 
     async def handle(self, conn, peer) -> None:
+        handed_over = False
         try:
-            await self.handle_admitted(conn, peer)
+            handed_over = await self.handle_admitted(conn, peer)
         finally:
-            self.slots.release()  # taken by accept_loop before accepting this connection
+            if not handed_over:  # else relayed_ended gives it back
+                self.slots.release()  # taken by accept_loop before accepting this connection
 
-    async def handle_admitted(self, conn, peer) -> None:
+    async def handle_admitted(self, conn, peer) -> bool:
+        """Admit, sniff, forward or open the tunnel; True once the pump has the connection."""
         config, pool = self.config, self.pool  # a reload affects new connections only
         self.metrics.connection_accepted()
         started = time.monotonic()
         peer = peer[:2]
         dst = record = None
         ended, detail = "error", None
-        counted = False
+        counted = handed_over = False
         try:
             dst = self.original_destination(conn)
             refusal = self.admission_refusal(config, peer, dst)
@@ -211,21 +217,19 @@ class Server:
                 reset(conn)
                 ended, detail = f"refused:{exc.reason}", str(exc)
                 return
-            source = upstream.getsockname()[:2]
-            self.own_sources.add(source)
+            record.source = upstream.getsockname()[:2]
             try:
-                result = await pump(
-                    conn,
-                    upstream,
-                    to_upstream_first=first,
-                    to_client_first=early,
-                    idle_timeout=config.idle_timeout,
-                    half_closed_timeout=config.half_closed_timeout,
-                    pipe_size=config.pipe_size,
-                )
-            finally:
-                self.own_sources.discard(source)
-            record.up, record.down, ended = result.sent_up, result.sent_down, result.ended
+                self.pump.add(conn, upstream, record, to_upstream_first=first, to_client_first=early,
+                              idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
+                              pipe_size=config.pipe_size)
+            except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
+                reset(upstream)
+                reset(conn)
+                ended = local_failure(exc.errno)
+                return False
+            self.own_sources.add(record.source)
+            handed_over = True
+            return True
         except OSError as exc:
             reset(conn)
             ended = "client-" + errno.errorcode.get(exc.errno, "error").lower()
@@ -239,13 +243,26 @@ class Server:
             ended = "cancelled"
             raise
         finally:
-            if counted:
-                left = self.per_source.pop(peer[0]) - 1
-                if left:
-                    self.per_source[peer[0]] = left
-            if record is not None:
-                record.log(ended, detail)
-            self.metrics.connection_closed(ended, record.up if record else 0, record.down if record else 0)
+            if not handed_over:
+                self.connection_ended(peer[0] if counted else None, record, ended, detail)
+        return False
+
+    def relayed_ended(self, record: ConnectionRecord, ended: str, sent_up: int, sent_down: int) -> None:
+        """The pump is done with a connection handle_admitted gave it."""
+        self.own_sources.discard(record.source)
+        record.up, record.down = sent_up, sent_down
+        self.connection_ended(record.peer[0], record, ended)
+        self.slots.release()
+
+    def connection_ended(self, counted_source: str | None, record, ended: str, detail: str | None = None) -> None:
+        """Per-source count, log line and metrics: the same whether the handler or the pump saw the end."""
+        if counted_source is not None:
+            left = self.per_source.pop(counted_source) - 1
+            if left:
+                self.per_source[counted_source] = left
+        if record is not None:
+            record.log(ended, detail)
+        self.metrics.connection_closed(ended, record.up if record else 0, record.down if record else 0)
 
     def wants_sniffing(self, config: Config, pool: UpstreamPool) -> bool:
         return (
@@ -380,6 +397,7 @@ class Server:
             if self.tunnels:
                 await self.pool.resolve(self.tunnels)
             health = await services.start(self.run_health_checks, self.pool)
+            services.start_soon(self.pump.run)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 services.start_soon(self.accept_all, connections, accepting)
@@ -396,14 +414,16 @@ class Server:
                         health = await self.apply_reload(services, health)
                         continue
                     log.info("%s: not accepting; draining %d connections for up to %g s",
-                             signal.Signals(signum).name, len(connections.child_tasks), self.config.drain_time)
+                             signal.Signals(signum).name, len(connections.child_tasks) + len(self.pump),
+                             self.config.drain_time)
                     systemd.notify("STOPPING=1")
                     accepting.cancel()
                     with trio.move_on_after(self.config.drain_time):
-                        while connections.child_tasks:
+                        while connections.child_tasks or len(self.pump):
                             await trio.sleep(0.05)
                     connections.cancel_scope.cancel()  # what is left is reset
                     break
+            self.pump.close()  # handshakes are over: reset the relayed connections left
             services.cancel_scope.cancel()
 
     async def accept_all(self, connections, accepting: trio.CancelScope) -> None:

@@ -1,0 +1,287 @@
+"""The splice engine and its pure twin, driven by hand over real loopback TCP connections.
+
+Time is whatever the test passes as ``now``: nothing here waits for a timeout.
+"""
+
+import errno
+import hashlib
+import os
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.sockpairs import hard_close, tcp_pair
+
+IDLE, HALF_CLOSED = 600.0, 60.0
+
+
+@pytest.fixture
+def engine(impl):
+    engine = impl.Engine()
+    yield engine
+    engine.close()
+
+
+def relayed(engine, token, now=0.0, idle=IDLE, half_closed=HALF_CLOSED, **options):
+    """app_client <-> [engine] <-> app_server; returns the two application ends (blocking, 10 s timeout)."""
+    app_client, relay_client = tcp_pair()
+    relay_upstream, app_server = tcp_pair()
+    relay_client.setblocking(False)
+    relay_upstream.setblocking(False)
+    engine.add(relay_client.detach(), relay_upstream.detach(), token, now, idle, half_closed, **options)
+    for sock in (app_client, app_server):
+        sock.settimeout(10)
+    return app_client, app_server
+
+
+def run(engine, until=lambda finished: False, now=0.0, seconds=1.0, budget=1 << 20):
+    """Run the engine for ``seconds`` or until ``until(finished so far)``; returns what finished."""
+    finished = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not until(finished):
+        if not engine.backlogged:
+            select.select([engine], [], [], 0.02)
+        finished += engine.run(now, budget)
+    return finished
+
+
+def count_of(n):
+    return lambda finished: len(finished) >= n
+
+
+def read_to_eof(sock) -> bytes:
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def in_thread(function, *args):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", function(*args)), daemon=True)
+    thread.start()
+    result["thread"] = thread
+    return result
+
+
+def send_then_fin(sock, data):
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    return True
+
+
+def send_until_reset(sock, data):
+    try:
+        sock.sendall(data)
+    except ConnectionResetError:
+        pass
+
+
+def assert_reset(sock):
+    with pytest.raises(OSError) as caught:
+        while sock.recv(65536):
+            pass
+    assert caught.value.errno == errno.ECONNRESET
+
+
+def test_both_twins_offer_the_same_engine_api(impl):
+    engine = impl.Engine()
+    assert isinstance(engine.fileno(), int) and len(engine) == 0 and not engine.backlogged
+    assert engine.run(0.0, 1) == [] and engine.expire(0.0) == [] and engine.next_deadline == float("inf")
+    assert engine.close() == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 << 20])
+def test_sizes_arrive_intact_both_ways(engine, size):
+    app_client, app_server = relayed(engine, "t")
+    up, down = os.urandom(size), os.urandom(size)
+    senders = [in_thread(send_then_fin, app_client, up), in_thread(send_then_fin, app_server, down)]
+    readers = [in_thread(read_to_eof, app_server), in_thread(read_to_eof, app_client)]
+    assert run(engine, count_of(1), seconds=30) == [("t", "closed", size, size)]
+    for worker in senders + readers:
+        worker["thread"].join(10)
+    assert readers[0]["value"] == up and readers[1]["value"] == down
+    assert len(engine) == 0
+
+
+def test_large_transfer_through_a_larger_pipe(engine):
+    app_client, app_server = relayed(engine, "t", pipe_size=1 << 20)
+    data = os.urandom(64 << 20)
+    in_thread(send_then_fin, app_client, data)
+    app_server.shutdown(socket.SHUT_WR)
+    reader = in_thread(read_to_eof, app_server)
+    assert run(engine, count_of(1), seconds=60) == [("t", "closed", len(data), 0)]
+    reader["thread"].join(10)
+    assert hashlib.sha256(reader["value"]).digest() == hashlib.sha256(data).digest()
+
+
+def test_many_connections_at_once(engine):
+    ends = {f"conn-{i}": relayed(engine, f"conn-{i}") for i in range(60)}
+    for token, (app_client, app_server) in ends.items():
+        app_client.sendall(f"up from {token}".encode())
+        app_server.sendall(f"down to {token}".encode() * 3)
+        app_client.shutdown(socket.SHUT_WR)
+        app_server.shutdown(socket.SHUT_WR)
+    finished = run(engine, count_of(len(ends)), seconds=20)
+    assert sorted(finished) == sorted(
+        (token, "closed", len(f"up from {token}"), 3 * len(f"down to {token}")) for token in ends
+    )
+    for token, (app_client, app_server) in ends.items():
+        assert read_to_eof(app_server) == f"up from {token}".encode()
+        assert read_to_eof(app_client) == f"down to {token}".encode() * 3
+
+
+def test_early_bytes_go_first_and_count(engine):
+    app_client, app_server = relayed(engine, "t", to_upstream_first=b"sniffed ", to_client_first=b"banner ")
+    app_client.sendall(b"request")
+    app_server.sendall(b"reply")
+    app_client.shutdown(socket.SHUT_WR)
+    app_server.shutdown(socket.SHUT_WR)
+    assert run(engine, count_of(1), seconds=10) == [("t", "closed", 15, 12)]
+    assert read_to_eof(app_server) == b"sniffed request"
+    assert read_to_eof(app_client) == b"banner reply"
+
+
+@pytest.mark.parametrize("first_to_finish", ["client", "server"])
+def test_half_close_keeps_the_other_direction(engine, first_to_finish):
+    app_client, app_server = relayed(engine, "t")
+    quitter, stayer = (app_client, app_server) if first_to_finish == "client" else (app_server, app_client)
+    send_then_fin(quitter, b"request, then FIN")
+    assert run(engine, seconds=0.3) == []
+    assert read_to_eof(stayer) == b"request, then FIN"  # the FIN arrived as EOF...
+    assert len(engine) == 1
+    late = os.urandom(1 << 20)
+    sender = in_thread(send_then_fin, stayer, late)  # ...and the other way still works
+    reader = in_thread(read_to_eof, quitter)
+    sent_up, sent_down = (17, len(late)) if first_to_finish == "client" else (len(late), 17)
+    assert run(engine, count_of(1), seconds=20) == [("t", "closed", sent_up, sent_down)]
+    sender["thread"].join(10)
+    reader["thread"].join(10)
+    assert reader["value"] == late
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_reset_resets_both(engine, who):
+    app_client, app_server = relayed(engine, "t")
+    culprit, victim = (app_client, app_server) if who == "client" else (app_server, app_client)
+    culprit.sendall(b"some bytes before the crash")
+    assert run(engine, seconds=0.2) == []
+    hard_close(culprit)
+    [(token, ended, _, _)] = run(engine, count_of(1), seconds=10)
+    assert ended == ("client-reset" if who == "client" else "upstream-reset")
+    assert victim.recv(100) == b"some bytes before the crash"
+    assert_reset(victim)
+
+
+def test_idle_timeout_resets_both(engine):
+    app_client, app_server = relayed(engine, "t", now=100.0, idle=30.0)
+    assert engine.next_deadline == 130.0
+    assert engine.expire(129.0) == [] and engine.next_deadline == 130.0
+    assert engine.expire(130.0) == [("t", "idle-timeout", 0, 0)] and engine.next_deadline == float("inf")
+    assert len(engine) == 0
+    assert_reset(app_client)
+    assert_reset(app_server)
+
+
+def test_traffic_postpones_the_idle_timeout(engine):
+    app_client, app_server = relayed(engine, "t", now=0.0, idle=30.0)
+    app_client.sendall(b"ping")
+    run(engine, now=20.0, seconds=0.2)
+    assert app_server.recv(10) == b"ping"
+    assert engine.expire(30.0) == [] and engine.next_deadline == 50.0
+
+
+def test_half_closed_timeout_once_one_direction_is_done(engine):
+    app_client, app_server = relayed(engine, "t", now=0.0, idle=30.0, half_closed=5.0)
+    app_client.shutdown(socket.SHUT_WR)
+    run(engine, now=10.0, seconds=0.2)
+    assert read_to_eof(app_server) == b""
+    assert engine.next_deadline == 15.0  # earlier than the idle timeout: whoever waits must know
+    assert engine.expire(14.0) == [] and engine.next_deadline == 15.0
+    assert engine.expire(15.0) == [("t", "half-closed-timeout", 0, 0)]
+    assert_reset(app_client)
+
+
+def test_timeouts_are_per_connection(engine):
+    relayed(engine, "short", idle=10.0)
+    relayed(engine, "long", idle=100.0)
+    assert engine.next_deadline == 10.0
+    assert [token for token, *_ in engine.expire(10.0)] == ["short"] and engine.next_deadline == 100.0
+
+
+def test_slow_reader_stalls_the_sender(engine, impl):
+    app_client, app_server = relayed(engine, "t")
+    data = os.urandom(32 << 20)  # far more than the socket buffers and the pipe hold together
+    sender = in_thread(send_then_fin, app_client, data)
+    run(engine, seconds=1.0)
+    assert sender["thread"].is_alive(), "the relay took everything although nobody read it"
+    assert run(engine, seconds=0.2) == [] and not engine.backlogged  # stalled, not spinning
+    reader = in_thread(read_to_eof, app_server)
+    app_server.shutdown(socket.SHUT_WR)
+    assert run(engine, count_of(1), seconds=60) == [("t", "closed", len(data), 0)]
+    reader["thread"].join(10)
+    assert hashlib.sha256(reader["value"]).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_small_budget_takes_turns_without_losing_bytes(engine):
+    ends = [relayed(engine, i) for i in range(3)]
+    payloads = [os.urandom(1 << 20) for _ in ends]
+    readers = []
+    for (app_client, app_server), data in zip(ends, payloads):
+        in_thread(send_then_fin, app_client, data)
+        app_server.shutdown(socket.SHUT_WR)
+        readers.append(in_thread(read_to_eof, app_server))
+    finished = run(engine, count_of(3), seconds=60, budget=4096)
+    assert sorted(finished) == [(i, "closed", 1 << 20, 0) for i in range(3)]
+    for reader, data in zip(readers, payloads):
+        reader["thread"].join(10)
+        assert reader["value"] == data
+
+
+def test_idle_connections_hold_no_pipes(engine, impl):
+    app_client, app_server = relayed(engine, "t")
+    before = impl.pooled_pipes()
+    app_client.sendall(b"x" * 100_000)
+    run(engine, seconds=0.3)
+    assert len(read_exactly(app_server, 100_000)) == 100_000
+    run(engine, seconds=0.1)
+    assert impl.pooled_pipes() == max(before, 1)  # the one it used is back in the pool
+
+
+def read_exactly(sock, size):
+    data = b""
+    while len(data) < size:
+        data += sock.recv(size - len(data))
+    return data
+
+
+def test_close_resets_everything_left(impl):
+    engine = impl.Engine()
+    ends = [relayed(engine, i) for i in range(3)]
+    ends[0][0].sendall(b"in flight")
+    run(engine, seconds=0.1)
+    assert sorted(engine.close()) == [(0, "cancelled", 9, 0), (1, "cancelled", 0, 0), (2, "cancelled", 0, 0)]
+    assert len(engine) == 0 and engine.close() == []
+    for app_client, app_server in ends:
+        assert_reset(app_client)
+
+
+def test_a_pipe_with_bytes_left_is_not_pooled(impl):
+    engine = impl.Engine()
+    app_client, app_server = relayed(engine, "t")
+    in_thread(send_until_reset, app_client, os.urandom(32 << 20))  # nobody reads: the pipe fills up, stays full
+    run(engine, seconds=0.5)
+    holding = impl.pooled_pipes()
+    assert engine.close() == [("t", "cancelled", ANY_COUNT, 0)]
+    assert impl.pooled_pipes() == holding  # dropped, not given back with stale bytes in it
+
+
+class _AnyCount:
+    def __eq__(self, other):
+        return isinstance(other, int) and other >= 0
+
+
+ANY_COUNT = _AnyCount()
