@@ -102,6 +102,8 @@ cdef struct Way:
     bint write_blocked  # bytes wait for room in the destination: only EPOLLOUT there moves this way
     bint queued  # in the backlog: its share of a run's budget ran out
     bint paused  # EPOLLIN is off on the source while write_blocked: its data would only wake us in vain
+    bint held  # the FIN is kept from the destination until release() says whether it is genuine
+    bint confirmed  # release() said it is: forward it
     Py_ssize_t pending  # bytes in the pipe
     PyObject *first  # bytes read before the engine took over, sent before the pipe's; NULL once sent
     Py_ssize_t first_sent
@@ -118,4 +120,6 @@ cdef struct Conn:
     int pipe_size
     bint in_use
     bint half_closed
+    bint hold_upstream_eof  # an upstream FIN waits for release() (--confirm-eof)
+    unsigned int generation  # bumped as the slot is freed, so a stale handle matches nothing
     PyObject *token

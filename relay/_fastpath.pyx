@@ -109,6 +109,7 @@ DEF WAITING = 0  # for the source to have bytes or the destination to have room
 DEF FINISHED = 1  # the FIN went through: this way is done
 DEF OUT_OF_BUDGET = 2  # more to do, in the next run
 DEF FAILED = 3  # a reset or error: the connection ends (see Engine._failure)
+DEF HELD = 4  # the upstream's FIN arrived and waits for release()
 # Who failed: the sides 0 (client) and 1 (upstream), or the relay itself.
 DEF LOCAL = 2
 
@@ -136,9 +137,11 @@ cdef class Engine:
     cdef int _failure  # set by advance() when it returns FAILED
     cdef readonly double next_deadline  # no connection times out before this (inf: none can)
     cdef int _failure_errno
+    cdef list held  # (handle, token) of upstream FINs not yet reported by take_held()
 
     def __cinit__(self):
         self.next_deadline = float("inf")
+        self.held = []
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             PyErr_SetFromErrno(OSError)
@@ -186,16 +189,20 @@ cdef class Engine:
         self.backlog = backlog
         for slot in range(new_size - 1, self.size - 1, -1):
             self.conns[slot].in_use = False
+            self.conns[slot].generation = 0
             self.free_slots[self.free_count] = slot
             self.free_count += 1
         self.size = new_size
         return 0
 
     def add(self, int client_fd, int upstream_fd, token, double now, double idle_timeout,
-            double half_closed_timeout, int pipe_size=0, bytes to_upstream_first=b"", bytes to_client_first=b""):
+            double half_closed_timeout, int pipe_size=0, bytes to_upstream_first=b"", bytes to_client_first=b"",
+            bint hold_upstream_eof=False):
         """Take over a connection: on success the engine owns (and will close) both fds.
 
         Both must be non-blocking sockets (splice would block on the socket otherwise).
+        With ``hold_upstream_eof``, the upstream's FIN is not forwarded until
+        release() says so (see take_held()). Returns the connection's handle.
         """
         cdef int side
         cdef epoll_event event
@@ -222,7 +229,7 @@ cdef class Engine:
             way = &conn.way[side]
             way.pipe_r = way.pipe_w = -1
             way.capacity = way.pending = way.first_sent = way.moved = 0
-            way.eof = way.shut = way.write_blocked = way.queued = way.paused = False
+            way.eof = way.shut = way.write_blocked = way.queued = way.paused = way.held = way.confirmed = False
             first = to_upstream_first if side == 0 else to_client_first
             way.first = NULL
             if first:
@@ -234,9 +241,11 @@ cdef class Engine:
         conn.half_closed_timeout = half_closed_timeout
         conn.pipe_size = pipe_size
         conn.half_closed = False
+        conn.hold_upstream_eof = hold_upstream_eof
         Py_INCREF(token)
         conn.token = <PyObject *>token
         conn.in_use = True
+        return (<long long>conn.generation << 32) | slot
 
     cdef int fail(self, int who, int error) noexcept:
         self._failure = who
@@ -256,6 +265,8 @@ cdef class Engine:
         cdef object first
         if way.shut:
             return FINISHED
+        if way.held:
+            return WAITING  # nothing moves this way until release()
         while True:
             while way.first != NULL:
                 first = <object>way.first
@@ -289,6 +300,9 @@ cdef class Engine:
             way.write_blocked = False
             if way.eof:
                 give_back_pipe(way)
+                if side == 1 and conn.hold_upstream_eof and not way.confirmed:
+                    way.held = True
+                    return HELD
                 if shutdown(dst, SHUT_WR) != 0:
                     return self.fail(1 - side, errno)
                 way.shut = True
@@ -333,6 +347,8 @@ cdef class Engine:
                 self.finish(slot, "client-reset" if self._failure == 0 else "upstream-reset", finished)
         elif outcome == FINISHED and conn.way[1 - side].shut:
             self.finish(slot, "closed", finished)
+        elif outcome == HELD:
+            self.held.append(((<long long>conn.generation << 32) | slot, <object>conn.token))
         elif conn.way[side].paused != conn.way[side].write_blocked:
             self.pause_reading(slot, side, conn.way[side].write_blocked)
         return 0
@@ -367,6 +383,7 @@ cdef class Engine:
         Py_XDECREF(conn.token)
         conn.token = NULL
         conn.in_use = False
+        conn.generation += 1
         self.free_slots[self.free_count] = slot
         self.free_count += 1
         finished.append((token, ended, conn.way[0].moved, conn.way[1].moved))
@@ -414,6 +431,31 @@ cdef class Engine:
             if (ready & (EPOLLOUT | EPOLLERR) and conn.in_use
                     and (conn.way[1 - side].write_blocked or conn.way[1 - side].first != NULL)):
                 self.step(slot, 1 - side, &budget, now, finished)
+        return finished
+
+    def take_held(self):
+        """The upstream FINs held since the last call, as (handle, token): each waits for release()."""
+        held, self.held = self.held, []
+        return held
+
+    def release(self, long long handle, double now, bint genuine):
+        """Forward a held upstream FIN (``genuine``), or reset both sides: the connection ends
+        "upstream-down". Returns the connections that ended, as run() does; a handle whose
+        connection already ended (a reset, a timeout) is ignored."""
+        cdef list finished = []
+        cdef int slot = handle & 0xffffffff
+        cdef Py_ssize_t budget = 1 << 30  # only the FIN is left to move
+        if slot < 0 or slot >= self.size:
+            return finished
+        cdef Conn *conn = &self.conns[slot]
+        if not conn.in_use or conn.generation != <unsigned int>(handle >> 32) or not conn.way[1].held:
+            return finished
+        conn.way[1].held = False
+        if not genuine:
+            self.finish(slot, "upstream-down", finished)
+        else:
+            conn.way[1].confirmed = True
+            self.step(slot, 1, &budget, now, finished)
         return finished
 
     def expire(self, double now):

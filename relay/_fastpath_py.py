@@ -59,7 +59,7 @@ def _take_buffer(wanted: int) -> memoryview:
 
 
 # What advancing one way came to (see the extension's Engine).
-WAITING, FINISHED, OUT_OF_BUDGET, FAILED = range(4)
+WAITING, FINISHED, OUT_OF_BUDGET, FAILED, HELD = range(5)
 LOCAL = 2  # who failed, besides the sides 0 (client) and 1 (upstream)
 MAX_EVENTS = 256
 SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -71,12 +71,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class _Way:
     """One direction, fd[side] -> buffer -> fd[1 - side]; the buffer is held only while bytes are in it."""
 
-    __slots__ = ("view", "start", "pending", "eof", "shut", "write_blocked", "queued", "paused", "first", "moved")
+    __slots__ = ("view", "start", "pending", "eof", "shut", "write_blocked", "queued", "paused", "held", "confirmed",
+                 "first", "moved")
 
     def __init__(self, first: bytes):
         self.view = None
         self.start = self.pending = self.moved = 0
-        self.eof = self.shut = self.write_blocked = self.queued = self.paused = False
+        self.eof = self.shut = self.write_blocked = self.queued = self.paused = self.held = self.confirmed = False
         self.first = memoryview(first) if first else None
 
     def give_back(self):
@@ -88,7 +89,7 @@ class _Way:
 
 class _Conn:
     __slots__ = ("fds", "ways", "last_active", "idle_timeout", "half_closed_timeout", "pipe_size", "half_closed",
-                 "token", "in_use")
+                 "hold_upstream_eof", "generation", "token", "in_use")
 
 
 def _with_socket(fd: int, action) -> None:
@@ -113,6 +114,7 @@ class Engine:
         self._free: list[int] = []
         self._backlog: list[int] = []
         self._failure = (0, 0)
+        self._held = []  # (handle, token) of upstream FINs not yet reported by take_held()
         self.next_deadline = math.inf  # no connection times out before this (inf: none can)
         # fd -> slot * 2 + side: epoll here reports fds, not the extension's 64-bit cookies.
         self._slots: dict[int, int] = {}
@@ -129,10 +131,15 @@ class Engine:
         return bool(self._backlog)
 
     def add(self, client_fd, upstream_fd, token, now, idle_timeout, half_closed_timeout, pipe_size=0,
-            to_upstream_first=b"", to_client_first=b""):
-        """Take over a connection: on success the engine owns (and will close) both fds (non-blocking)."""
+            to_upstream_first=b"", to_client_first=b"", hold_upstream_eof=False):
+        """Take over a connection: on success the engine owns (and will close) both fds (non-blocking).
+
+        With ``hold_upstream_eof``, the upstream's FIN is not forwarded until
+        release() says so (see take_held()). Returns the connection's handle.
+        """
         if not self._free:
             self._conns.append(_Conn())
+            self._conns[-1].generation = 0
             self._free.append(len(self._conns) - 1)
         slot = self._free[-1]
         self._epoll.register(client_fd, SOCKET_EVENTS)
@@ -150,10 +157,12 @@ class Engine:
         conn.idle_timeout, conn.half_closed_timeout = idle_timeout, half_closed_timeout
         conn.pipe_size = pipe_size
         conn.half_closed = False
+        conn.hold_upstream_eof = hold_upstream_eof
         conn.token = token
         conn.in_use = True
         self._slots[client_fd] = slot * 2
         self._slots[upstream_fd] = slot * 2 + 1
+        return conn.generation << 32 | slot
 
     def _fail(self, who, error):
         self._failure = (who, error)
@@ -168,6 +177,8 @@ class Engine:
         src, dst = conn.fds[side], conn.fds[1 - side]
         if way.shut:
             return FINISHED, budget
+        if way.held:
+            return WAITING, budget  # nothing moves this way until release()
         while True:
             while way.first is not None:
                 try:
@@ -199,6 +210,9 @@ class Engine:
             way.write_blocked = False
             if way.eof:
                 way.give_back()
+                if side == 1 and conn.hold_upstream_eof and not way.confirmed:
+                    way.held = True
+                    return HELD, budget
                 try:
                     _with_socket(dst, lambda sock: sock.shutdown(socket.SHUT_WR))
                 except OSError as exc:
@@ -246,6 +260,8 @@ class Engine:
                          finished)
         elif outcome == FINISHED and conn.ways[1 - side].shut:
             self._finish(slot, "closed", finished)
+        elif outcome == HELD:
+            self._held.append((conn.generation << 32 | slot, conn.token))
         elif conn.ways[side].paused != conn.ways[side].write_blocked:
             self._pause_reading(conn, side, conn.ways[side].write_blocked)
         return budget
@@ -277,6 +293,7 @@ class Engine:
         finished.append((conn.token, ended, conn.ways[0].moved, conn.ways[1].moved))
         conn.token = conn.ways = conn.fds = None
         conn.in_use = False
+        conn.generation += 1
         self._free.append(slot)
 
     def run(self, now, budget):
@@ -313,6 +330,30 @@ class Engine:
             other = conn.ways[1 - side] if conn.in_use else None
             if ready & (select.EPOLLOUT | select.EPOLLERR) and other and (other.write_blocked or other.first is not None):
                 budget = self._step(slot, 1 - side, budget, now, finished)
+        return finished
+
+    def take_held(self):
+        """The upstream FINs held since the last call, as (handle, token): each waits for release()."""
+        held, self._held = self._held, []
+        return held
+
+    def release(self, handle, now, genuine):
+        """Forward a held upstream FIN (``genuine``), or reset both sides: the connection ends
+        "upstream-down". Returns the connections that ended, as run() does; a handle whose
+        connection already ended (a reset, a timeout) is ignored."""
+        finished = []
+        slot = handle & 0xFFFFFFFF
+        if slot >= len(self._conns):
+            return finished
+        conn = self._conns[slot]
+        if not conn.in_use or conn.generation != handle >> 32 or not conn.ways[1].held:
+            return finished
+        conn.ways[1].held = False
+        if not genuine:
+            self._finish(slot, "upstream-down", finished)
+        else:
+            conn.ways[1].confirmed = True
+            self._step(slot, 1, 1 << 30, now, finished)  # only the FIN is left to move
         return finished
 
     def expire(self, now):

@@ -233,6 +233,9 @@ SETTINGS = [
     Setting("idle-timeout", parse_seconds, 600.0, False, "S", "reset connections idle this long (default: 600)"),
     Setting("half-closed-timeout", parse_seconds, 60.0, False, "S",
             "once one direction has ended, reset if the other is silent this long (default: 60)"),
+    Setting("confirm-eof", parse_switch, False, False, "on|off",
+            "hold each FIN from a proxy until a new connection to it shows it is still there; "
+            "if not, reset the client instead of ending a truncated transfer cleanly (default: off)"),
     Setting("max-connections", parse_count, 0, False, "N",
             "relayed connections at once; past it, new ones wait in the backlog (default: from the fd limit)"),
     Setting("max-per-source", parse_count, 0, False, "N", "relayed connections at once from one client address (default: no limit)"),
@@ -282,6 +285,7 @@ class Config:
     handshake_timeout: float = 10.0
     idle_timeout: float = 600.0
     half_closed_timeout: float = 60.0
+    confirm_eof: bool = False  # hold upstream FINs until the proxy is seen alive (see relay.net.pump)
     max_connections: int = 0  # 0: derived from RLIMIT_NOFILE
     max_per_source: int = 0  # 0: no limit
     allow_dest: list = field(default_factory=list)

@@ -91,6 +91,7 @@ def test_both_twins_offer_the_same_engine_api(impl):
     engine = impl.Engine()
     assert isinstance(engine.fileno(), int) and len(engine) == 0 and not engine.backlogged
     assert engine.run(0.0, 1) == [] and engine.expire(0.0) == [] and engine.next_deadline == float("inf")
+    assert engine.take_held() == [] and engine.release(12345, 0.0, True) == []
     assert engine.close() == []
 
 
@@ -249,6 +250,67 @@ def test_idle_connections_hold_no_pipes(engine, impl):
     assert len(read_exactly(app_server, 100_000)) == 100_000
     run(engine, seconds=0.1)
     assert impl.pooled_pipes() == max(before, 1)  # the one it used is back in the pool
+
+
+def held_until_released(engine):
+    """One connection whose upstream sent bytes and a FIN, held: (handle, app_client, app_server)."""
+    app_client, app_server = relayed(engine, "t", hold_upstream_eof=True)
+    send_then_fin(app_server, b"the last reply")
+    assert run(engine, seconds=0.3) == []
+    assert read_exactly(app_client, 14) == b"the last reply"  # the bytes go on, the FIN waits
+    [(handle, token)] = engine.take_held()
+    assert token == "t" and engine.take_held() == []
+    return handle, app_client, app_server
+
+
+def test_a_held_upstream_fin_waits_for_release(engine):
+    handle, app_client, app_server = held_until_released(engine)
+    app_client.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        app_client.recv(1)
+    app_client.sendall(b"the client still talks")  # the other direction is untouched
+    run(engine, seconds=0.2)
+    assert app_server.recv(100) == b"the client still talks"
+    assert engine.release(handle, 1.0, True) == []
+    app_client.settimeout(10)
+    assert read_to_eof(app_client) == b""
+    assert engine.next_deadline == 1.0 + HALF_CLOSED  # half-closed from the release on
+    app_client.shutdown(socket.SHUT_WR)
+    assert run(engine, count_of(1)) == [("t", "closed", 22, 14)]
+    assert read_to_eof(app_server) == b""
+
+
+def test_a_denied_release_resets_both_sides(engine):
+    handle, app_client, app_server = held_until_released(engine)
+    assert engine.release(handle, 1.0, False) == [("t", "upstream-down", 0, 14)]
+    assert len(engine) == 0
+    assert_reset(app_client)
+    assert engine.release(handle, 1.0, True) == []  # once only
+
+
+def test_a_stale_handle_touches_nothing(engine):
+    handle, app_client, app_server = held_until_released(engine)
+    hard_close(app_client)
+    assert run(engine, count_of(1)) == [("t", "client-reset", 0, 14)]
+    successor_client, successor_server = relayed(engine, "successor", hold_upstream_eof=True)  # the same slot
+    send_then_fin(successor_server, b"x")
+    run(engine, seconds=0.2)
+    assert engine.release(handle, 1.0, False) == []
+    assert len(engine) == 1 and successor_client.recv(1) == b"x"
+
+
+def test_only_the_upstream_fin_is_held(engine):
+    app_client, app_server = relayed(engine, "t", hold_upstream_eof=True)
+    send_then_fin(app_client, b"request")
+    run(engine, seconds=0.2)
+    assert read_to_eof(app_server) == b"request" and engine.take_held() == []
+
+
+def test_without_holding_nothing_is_held(engine):
+    app_client, app_server = relayed(engine, "t")
+    send_then_fin(app_server, b"reply")
+    run(engine, seconds=0.2)
+    assert read_to_eof(app_client) == b"reply" and engine.take_held() == []
 
 
 def read_exactly(sock, size):

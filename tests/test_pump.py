@@ -164,3 +164,114 @@ async def test_cancelling_the_pump_resets_what_is_left(impl, wires):
             with trio.fail_after(5):
                 await peer.recv(10)
         assert caught.value.errno == errno.ECONNRESET
+
+
+class Probe:
+    """A stand-in for a proxy liveness probe: answers ``alive`` after ``delay``; records when it began."""
+
+    def __init__(self, alive=True, delay=0.05):
+        self.alive, self.delay, self.started = alive, delay, []
+
+    async def __call__(self):
+        self.started.append(trio.current_time())
+        await trio.sleep(self.delay)
+        if isinstance(self.alive, Exception):
+            raise self.alive
+        return self.alive
+
+
+async def relay_with_probe(impl, probe, count, on_held):
+    """``count`` connections through one pump, each confirming upstream FINs with ``probe``.
+
+    ``on_held(ends, when)`` runs once all are relayed; returns what ended, in order.
+    """
+    ended = []
+    ends = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = Pump(lambda *result: ended.append(result), impl=impl)
+            nursery.start_soon(relay.run)
+            for i in range(count):
+                app_client, relay_client = trio_pair()
+                relay_upstream, app_server = trio_pair()
+                relay.add(relay_client, relay_upstream, i, idle_timeout=600, half_closed_timeout=60, confirm_eof=probe)
+                ends.append((app_client, app_server))
+            await on_held(ends)
+            while len(ended) < count:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    for app_client, app_server in ends:
+        app_client.close()
+        app_server.close()
+    return ended
+
+
+async def test_a_confirmed_upstream_fin_reaches_the_client_after_the_probe(impl):
+    probe = Probe(alive=True)
+
+    async def on_held(ends):
+        [(app_client, app_server)] = ends
+        await send_then_eof(app_server, b"last words")
+        fin_sent = trio.current_time()
+        assert await app_client.recv(100) == b"last words"
+        assert await app_client.recv(100) == b""
+        assert probe.started and probe.started[0] >= fin_sent  # begun after the FIN, so it speaks for it
+        assert trio.current_time() - fin_sent >= probe.delay
+        await send_then_eof(app_client, b"bye")
+
+    assert await relay_with_probe(impl, probe, 1, on_held) == [(0, "closed", 3, 10)]
+
+
+async def test_an_upstream_fin_from_a_dead_proxy_becomes_a_reset(impl):
+    async def on_held(ends):
+        [(app_client, app_server)] = ends
+        await send_then_eof(app_server, b"truncated")
+        assert await app_client.recv(100) == b"truncated"  # what came before the FIN is delivered
+        with pytest.raises(OSError) as caught:
+            await app_client.recv(100)
+        assert caught.value.errno == errno.ECONNRESET
+
+    assert await relay_with_probe(impl, Probe(alive=False), 1, on_held) == [(0, "upstream-down", 0, 9)]
+
+
+async def test_one_probe_covers_every_fin_before_it_and_later_fins_wait_for_the_next(impl):
+    probe = Probe(alive=True, delay=0.2)
+
+    async def on_held(ends):
+        for app_client, app_server in ends[:5]:
+            app_server.shutdown(socket.SHUT_WR)
+        while not probe.started:
+            await trio.sleep(0.01)
+        for app_client, app_server in ends[5:]:  # while the first probe runs
+            app_server.shutdown(socket.SHUT_WR)
+        for app_client, app_server in ends:
+            assert await app_client.recv(10) == b""
+            app_client.shutdown(socket.SHUT_WR)
+
+    ended = await relay_with_probe(impl, probe, 8, on_held)
+    assert sorted(ended) == [(i, "closed", 0, 0) for i in range(8)]
+    assert len(probe.started) == 2
+
+
+async def test_a_failing_probe_lets_the_fin_through(impl, caplog):
+    async def on_held(ends):
+        [(app_client, app_server)] = ends
+        app_server.shutdown(socket.SHUT_WR)
+        assert await app_client.recv(10) == b""
+        app_client.shutdown(socket.SHUT_WR)
+
+    probe = Probe(alive=RuntimeError("a bug in the probe"))
+    assert await relay_with_probe(impl, probe, 1, on_held) == [(0, "closed", 0, 0)]
+    assert "internal error while probing" in caplog.text
+
+
+async def test_a_connection_reset_while_its_fin_is_held_ends_once(impl):
+    async def on_held(ends):
+        [(app_client, app_server)] = ends
+        app_server.shutdown(socket.SHUT_WR)
+        await trio.sleep(0.1)  # the FIN is held, the probe runs
+        hard_close(app_client)
+        await trio.sleep(0.6)  # the probe ends and releases a connection that is gone
+
+    ended = await relay_with_probe(impl, Probe(alive=False, delay=0.5), 1, on_held)
+    assert ended == [(0, "client-reset", 0, 0)]

@@ -24,6 +24,8 @@ What the pump guarantees, observed from the sockets and how the pump reports the
   end whose TCP connection had already closed both ways (it sent FIN and read
   the EOF): a reset has nothing left to reset there. If both FINs had been
   relayed before the reset was noticed, the pump ends "closed" instead.
+- Held FINs (--confirm-eof with a live proxy) change none of this: the FIN
+  only comes later.
 - Counts: in each direction, what the receiver got <= what the pump reports as
   written <= what the sender sent (plus the early bytes).
 """
@@ -74,6 +76,7 @@ class Scenario:
     first_down: bytes  # to_client_first
     small_buffers: bool
     pipe_size: int
+    confirm_delay: float | None  # with --confirm-eof: how long the probe takes to find the proxy alive
 
 
 scenarios = st.builds(
@@ -86,7 +89,16 @@ scenarios = st.builds(
     first_down=st.one_of(st.just(b""), st.binary(max_size=2048)),
     small_buffers=st.sampled_from([True, True, False]),
     pipe_size=st.sampled_from([0, 0, 4096]),
+    confirm_delay=st.sampled_from([None, None, 0.0, 0.002]),
 )
+
+
+def alive_after(delay: float):
+    async def probe() -> bool:
+        await trio.sleep(delay)
+        return True
+
+    return probe
 
 
 # --- the two application ends -----------------------------------------------------------
@@ -225,6 +237,7 @@ async def run(impl, scenario: Scenario):
                 to_upstream_first=scenario.first_up,
                 to_client_first=scenario.first_down,
                 pipe_size=scenario.pipe_size,
+                confirm_eof=None if scenario.confirm_delay is None else alive_after(scenario.confirm_delay),
                 impl=impl,
             )
         )

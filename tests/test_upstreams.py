@@ -1,4 +1,6 @@
-"""Choosing among upstreams: order, turns, passive health."""
+"""Choosing among upstreams: order, turns, passive health; the probe behind --confirm-eof."""
+
+import socket
 
 from relay.config import Config
 from relay.metrics import Metrics
@@ -56,3 +58,21 @@ def test_refusals_about_the_destination_are_not_proxy_faults():
     assert not UpstreamError("x", "socks5-host-unreachable", about_target=True).proxy_fault
 
 
+
+
+class FakeTunnel:
+    up = False
+
+
+async def test_still_there_asks_the_proxy_address_itself():
+    config = Config.from_values({"upstream": ["127.0.0.1:1"], "connect-timeout": 2})
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        state = UpstreamState(config.upstreams[0], [(socket.AF_INET, listener.getsockname())], config=config)
+        assert await state.still_there() is True  # listening: the FIN was genuine
+        listener.accept()[0].close()
+        listener.close()
+        assert await state.still_there() is False  # gone: refused
+    state.tunnel = FakeTunnel()
+    assert await state.still_there() is False  # a tunnel known to be down answers without a probe

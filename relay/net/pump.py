@@ -7,6 +7,12 @@ both ways, forwards a FIN as shutdown(SHUT_WR) while the other direction goes
 on, resets both sides when either resets, and enforces the idle timeouts; this
 task wakes it when its epoll fd is readable or the next timeout is due, and
 reports each connection that ended to ``on_finished``.
+
+A FIN from a proxy that dies looks like any other FIN: the kernel closes its
+sockets cleanly. With ``confirm_eof`` a connection's upstream FIN is held
+until a probe *started after it* shows the proxy still there; if not, the
+client gets a reset rather than a clean end of a truncated transfer. Probes
+are shared: one per proxy at a time, covering every FIN that came before it.
 """
 
 import trio
@@ -22,52 +28,97 @@ class Pump:
     """``on_finished(token, ended, sent_up, sent_down)`` is called once per added connection.
 
     ``ended`` is "closed", "client-reset", "upstream-reset", "idle-timeout",
-    "half-closed-timeout", "cancelled", or "relay-<errno>" when the relay
-    itself ran out of something (e.g. relay-emfile).
+    "half-closed-timeout", "upstream-down" (the proxy died: see confirm_eof),
+    "cancelled", or "relay-<errno>" when the relay itself ran out of something
+    (e.g. relay-emfile).
     """
 
     def __init__(self, on_finished, impl=None):
         self.engine = (impl or fastpath.impl).Engine()
         self.on_finished = on_finished
         self.waiting: trio.CancelScope | None = None  # the task's wait, to wake it for an earlier expiry
+        self.nursery: trio.Nursery | None = None  # the probes', while run() runs
+        self.probes: dict = {}  # token -> its confirm_eof probe, for connections that hold upstream FINs
+        self.unconfirmed: dict = {}  # probe -> handles of held FINs waiting for its next run
 
     def __len__(self) -> int:
         return len(self.engine)
 
     def add(self, client, upstream, token, *, idle_timeout: float, half_closed_timeout: float, pipe_size: int = 0,
-            to_upstream_first: bytes = b"", to_client_first: bytes = b"") -> None:
+            to_upstream_first: bytes = b"", to_client_first: bytes = b"", confirm_eof=None) -> None:
         """Relay until both directions are done; the pump then owns (and closes) both sockets.
 
         ``to_*_first`` are bytes already read from the other side (handshake
         leftovers) that go out before anything else and count in the totals.
+        ``confirm_eof`` is an async callable, shared by the connections through
+        one proxy, answering whether that proxy is still alive.
         """
         now = trio.current_time()
         self.engine.add(client.fileno(), upstream.fileno(), token, now, idle_timeout, half_closed_timeout, pipe_size,
-                        to_upstream_first, to_client_first)
+                        to_upstream_first, to_client_first, confirm_eof is not None)
         client.detach()
         upstream.detach()
+        if confirm_eof is not None:
+            self.probes[token] = confirm_eof
+        self.rearm()
+
+    def rearm(self) -> None:
         if self.waiting is not None:
-            self.waiting.deadline = self.engine.next_deadline  # perhaps earlier, with this connection
+            self.waiting.deadline = self.engine.next_deadline  # perhaps earlier, with a new or half-closed connection
 
     async def run(self) -> None:
         """Drive the engine until cancelled, then reset every connection left (ended "cancelled")."""
         try:
-            while True:
-                with trio.move_on_at(self.engine.next_deadline) as self.waiting:
-                    if self.engine.backlogged:
-                        await trio.lowlevel.checkpoint()
-                    else:
-                        try:
-                            await trio.lowlevel.wait_readable(self.engine.fileno())
-                        except trio.ClosedResourceError:
-                            return  # close() from another task: every connection is gone
-                self.waiting = None
-                now = trio.current_time()
-                self.report(self.engine.run(now, RUN_BUDGET))
-                if now >= self.engine.next_deadline:
-                    self.report(self.engine.expire(now))
+            async with trio.open_nursery() as self.nursery:
+                await self.drive()
+                self.nursery.cancel_scope.cancel()  # probes in flight: their connections are gone
         finally:
+            self.nursery = None
             self.close()
+
+    async def drive(self) -> None:
+        while True:
+            with trio.move_on_at(self.engine.next_deadline) as self.waiting:
+                if self.engine.backlogged:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    try:
+                        await trio.lowlevel.wait_readable(self.engine.fileno())
+                    except trio.ClosedResourceError:
+                        return  # close() from another task: every connection is gone
+            self.waiting = None
+            now = trio.current_time()
+            self.report(self.engine.run(now, RUN_BUDGET))
+            if now >= self.engine.next_deadline:
+                self.report(self.engine.expire(now))
+            for handle, token in self.engine.take_held():
+                self.hold(handle, self.probes[token])
+
+    def hold(self, handle, probe) -> None:
+        """Queue a held FIN for the next run of its probe, starting that probe if none is running."""
+        waiting = self.unconfirmed.get(probe)
+        if waiting is not None:
+            waiting.append(handle)
+            return
+        self.unconfirmed[probe] = [handle]
+        self.nursery.start_soon(self.confirm, probe)
+
+    async def confirm(self, probe) -> None:
+        """Probe, release the FINs that came before the probe began, and again while more came meanwhile."""
+        try:
+            while handles := self.unconfirmed[probe]:
+                self.unconfirmed[probe] = []  # FINs from now on wait for a later probe
+                try:
+                    genuine = await probe()
+                except Exception:  # a bug must not take every connection down: let the FINs through
+                    log.exception("internal error while probing an upstream")
+                    genuine = True
+                now = trio.current_time()
+                for handle in handles:
+                    self.report(self.engine.release(handle, now, genuine))
+                self.rearm()
+        finally:
+            del self.unconfirmed[probe]
 
     def close(self) -> None:
         """Reset every connection left (they end "cancelled") and end run(); later calls do nothing."""
@@ -77,6 +128,8 @@ class Pump:
 
     def report(self, finished) -> None:
         for token, ended, sent_up, sent_down in finished:
+            if self.probes:
+                self.probes.pop(token, None)
             try:
                 self.on_finished(token, ended, sent_up, sent_down)
             except Exception:  # a bug must cost one connection's bookkeeping, not every connection

@@ -212,7 +212,7 @@ class Server:
                 except NeedsTunnel as exc:  # e.g. a WebSocket upgrade: tunnel it as it came
                     first = exc.data
             try:
-                upstream, early = await self.open_tunnel(dst, record, config, pool, candidates, direct)
+                upstream, early, state = await self.open_tunnel(dst, record, config, pool, candidates, direct)
             except UpstreamError as exc:
                 reset(conn)
                 ended, detail = f"refused:{exc.reason}", str(exc)
@@ -221,7 +221,8 @@ class Server:
             try:
                 self.pump.add(conn, upstream, record, to_upstream_first=first, to_client_first=early,
                               idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
-                              pipe_size=config.pipe_size)
+                              pipe_size=config.pipe_size,
+                              confirm_eof=state.still_there if config.confirm_eof and state else None)
             except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
                 reset(upstream)
                 reset(conn)
@@ -337,7 +338,7 @@ class Server:
         return ended, detail
 
     async def open_tunnel(self, dst, record, config, pool, candidates, direct):
-        """The upstream socket and the bytes already received on it.
+        """The upstream socket, the bytes already received on it, and the upstream's state (None: direct).
 
         Asks for the sniffed name if there is one, and if the proxy cannot reach
         it, once more by address; if a proxy fails (not the destination), the
@@ -345,7 +346,7 @@ class Server:
         """
         if direct:
             record.via = DIRECT
-            return await self.attempt(config, DIRECT, [], dst)
+            return *await self.attempt(config, DIRECT, [], dst), None
         if not candidates:
             raise UpstreamError("no healthy upstream", "no-healthy-upstream")
         last = None
@@ -360,7 +361,7 @@ class Server:
                 last = exc
                 continue
             pool.succeeded(state)
-            return result
+            return *result, state
         raise last
 
     async def attempt_named(self, config, state: UpstreamState, dst, record):

@@ -18,18 +18,42 @@ from relay.net.sockets import reset
 
 
 class UpstreamState:
-    __slots__ = ("upstream", "addresses", "healthy", "failures", "tunnel")
+    __slots__ = ("upstream", "addresses", "healthy", "failures", "tunnel", "still_there")
 
-    def __init__(self, upstream: Upstream, addresses, tunnel=None):
+    def __init__(self, upstream: Upstream, addresses, tunnel=None, config: Config | None = None):
         self.upstream = upstream
         self.addresses = addresses  # where to connect: the proxy, or the local end of its ssh tunnel
         self.healthy = True
         self.failures = 0
         self.tunnel = tunnel
+        self.still_there = StillThere(self, config) if config is not None else None
 
     @property
     def usable(self) -> bool:
         return self.healthy and (self.tunnel is None or self.tunnel.up)
+
+
+class StillThere:
+    """For --confirm-eof: is the proxy still there? A new connection to it, nothing sent, then a reset.
+
+    One object per upstream, so the pump shares one probe among its connections.
+    """
+
+    __slots__ = ("state", "mark", "timeout")
+
+    def __init__(self, state: UpstreamState, config: Config):
+        self.state, self.mark, self.timeout = state, config.mark, config.connect_timeout
+
+    async def __call__(self) -> bool:
+        state = self.state
+        if state.tunnel is not None and not state.tunnel.up:
+            return False
+        try:
+            sock = await connect(state.addresses, mark=self.mark, timeout=self.timeout)
+        except UpstreamError as exc:
+            return not exc.proxy_fault  # running out of ports or fds ourselves says nothing about the proxy
+        reset(sock)
+        return True
 
 
 class UpstreamPool:
@@ -52,7 +76,7 @@ class UpstreamPool:
                     addresses = await resolve(upstream.host, upstream.port)
                 except OSError as exc:
                     raise ConfigError(f"cannot resolve upstream host {upstream.host!r}: {exc.strerror}") from None
-            self.states.append(UpstreamState(upstream, addresses, tunnel))
+            self.states.append(UpstreamState(upstream, addresses, tunnel, self.config))
             self._proxy_addresses.update(address[:2] for _, address in addresses)
             self.metrics.set_upstream_healthy(str(upstream), True)
 

@@ -221,14 +221,15 @@ def parallel_downloads(lab, count: int, size: int) -> tuple[list, list[threading
     return outcomes, threads
 
 
+@pytest.mark.parametrize("confirm", ["on", "off"], ids=["confirm-eof", "plain"])
 @pytest.mark.parametrize("victim", ["squid", "ssh-D"])
-def test_upstream_killed_during_50_transfers(run_relay, lab, victim, figures):
+def test_upstream_killed_during_50_transfers(run_relay, lab, victim, confirm, figures):
     if victim == "squid":
-        service = start_squid(lab, listen=[(ADDR.far4, 3131)], name="squid-victim")
-        relay = run_relay(f"{ADDR.far4}:3131")
+        service = start_squid(lab, listen=[(ADDR.far4, 3131)], name=f"squid-victim-{confirm}")
+        relay = run_relay(f"{ADDR.far4}:3131", "--confirm-eof", confirm)
     else:
-        service = start_ssh_tunnel(lab, lab.sshd, forwards=("-D", "127.0.0.1:1091"), name="ssh-D-victim")
-        relay = run_relay("socks5://127.0.0.1:1091")
+        service = start_ssh_tunnel(lab, lab.sshd, forwards=("-D", "127.0.0.1:1091"), name=f"ssh-D-victim-{confirm}")
+        relay = run_relay("socks5://127.0.0.1:1091", "--confirm-eof", confirm)
     try:
         size = 1 << 30
         outcomes, threads = parallel_downloads(lab, 50, size)
@@ -243,16 +244,21 @@ def test_upstream_killed_during_50_transfers(run_relay, lab, victim, figures):
         assert len(outcomes) == 50, "a client hung after its upstream died"
         slowest = max(ended for _, _, ended in outcomes) - killed
         assert slowest < 3
-        # The proxy's kernel ends each connection with a FIN (nothing was left unread on its
-        # side), which the relay cannot tell from a clean end: the client sees the truncation.
-        assert all(kind in ("eof", "reset") for kind, _, _ in outcomes), outcomes
-        assert not [received for kind, received, _ in outcomes if kind == "eof" and received == size]
+        if confirm == "on":
+            # Each FIN waited for a probe of the proxy, which found it gone: a reset for every client.
+            assert [kind for kind, _, _ in outcomes] == ["reset"] * 50, outcomes
+            assert [line["end"] for line in relay.connections(at_least=50)] == ["upstream-down"] * 50
+        else:
+            # The proxy's kernel ends each connection with a FIN (nothing was left unread on its
+            # side), which alone the relay cannot tell from a clean end: the client sees the truncation.
+            assert all(kind in ("eof", "reset") for kind, _, _ in outcomes), outcomes
+            assert not [received for kind, received, _ in outcomes if kind == "eof" and received == size]
         service.start()
         download(lab, 1 << 20, seed=4)
     finally:
         service.stop()
     kinds = [kind for kind, _, _ in outcomes]
-    figures(f"{victim} killed under 50 transfers", f"all ended within {slowest:.2f} s: "
+    figures(f"{victim} killed under 50 transfers, --confirm-eof {confirm}", f"all ended within {slowest:.2f} s: "
             f"{kinds.count('eof')} FIN, {kinds.count('reset')} reset")
 
 

@@ -46,6 +46,19 @@ def test_pure_python_fast_path_gives_the_same_result(run_relay, lab, upstream):
 @pytest.mark.parametrize("upstream", HALF_CLOSE_UPSTREAMS)
 def test_half_close_both_ways(run_relay, lab, upstream, pure):
     run_relay(UPSTREAMS[upstream], pure=pure)
+    check_half_close_both_ways(lab)
+
+
+@pytest.mark.parametrize("upstream", HALF_CLOSE_UPSTREAMS)
+def test_confirmed_fins_keep_half_close_and_clean_ends(run_relay, lab, upstream):
+    """--confirm-eof: a live proxy's FIN still arrives as a FIN, the other direction still works."""
+    relay = run_relay(UPSTREAMS[upstream], "--confirm-eof", "on")
+    check_half_close_both_ways(lab)
+    download(lab, 1 << 20, seed=9)
+    assert [line["end"] for line in relay.connections(at_least=3)] == ["closed"] * 3
+
+
+def check_half_close_both_ways(lab):
     # client -> server FIN: the server still answers afterwards.
     data = os.urandom(3 << 20)
     with connect(lab) as sock:
