@@ -11,9 +11,11 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+import relay as relay_package
 from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
 from relay.lab.services import clear_interception
 from relay.lab.servers import CHUNK, BannerServer, pattern, pattern_sha256
@@ -530,6 +532,48 @@ def test_tproxy_as_a_user_with_only_net_admin(relays, lab):
     assert "Uid:\t65534\t65534\t65534\t65534" in status
     assert int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16) == 1 << 12
     download(lab, 4 << 20, seed=8)
+    assert relay.connections(at_least=1)[0]["end"] == "closed"
+
+
+def as_user_with_only_net_admin(lab, user="nobody", group="nogroup") -> list[str]:
+    """A wrapper starting a command as ``user`` with CAP_NET_ADMIN alone (ambient), as a systemd
+    unit with User= and AmbientCapabilities= does.
+
+    This interpreter may live under /root, which other users cannot enter (mode 700). In a mount
+    namespace of the command's own, /root is covered by a directory they can enter, holding just
+    the interpreter, its packages and this checkout at their usual paths.
+    """
+    checkout = str(Path(relay_package.__file__).resolve().parent.parent)
+    wanted = sorted({sys.base_prefix, sys.prefix, checkout})
+    wanted = [p for p in wanted if not any(p.startswith(other + "/") for other in wanted)]
+    hidden = [p for p in wanted if p.startswith("/root/")]
+    stage = lab.tmpdir / "as-user"
+    cover = stage / "root"
+    lines = ["set -e"]
+    for index, path in enumerate(hidden):
+        handle = stage / f"handle-{index}"
+        handle.mkdir(parents=True)
+        (cover / path.removeprefix("/root/")).mkdir(parents=True, mode=0o755)
+        lines.append(f"mount --bind {path} {handle}")
+    for directory in [cover, *cover.rglob("*")]:
+        directory.chmod(0o755)
+    if hidden:
+        lines.append(f"mount --bind {cover} /root")
+        lines += [f"mount --bind {stage}/handle-{index} {path}" for index, path in enumerate(hidden)]
+    lines.append(f'exec setpriv --reuid={user} --regid={group} --clear-groups --inh-caps=-all,+net_admin '
+                 f'--ambient-caps=-all,+net_admin --bounding-set=-all,+net_admin -- "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh"]
+
+
+def test_tproxy_started_as_a_user_with_only_net_admin(relays, lab):
+    """Started unprivileged (not dropping privileges itself): binding the transparent listener,
+    raising the fd limit and SO_MARK all work with CAP_NET_ADMIN alone."""
+    relay = relays.start(["--upstream", DANTE, "--mode", "tproxy", "--mark", "0x40", "--listen", f"0.0.0.0:{RELAY_PORT}"],
+                         intercept_mode="tproxy", wrapper=as_user_with_only_net_admin(lab))
+    status = open(f"/proc/{lab.process(relay.name).pid}/status").read()
+    assert "Uid:\t65534\t65534\t65534\t65534" in status
+    assert int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16) == 1 << 12
+    download(lab, 4 << 20, seed=9)
     assert relay.connections(at_least=1)[0]["end"] == "closed"
 
 
