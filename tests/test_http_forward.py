@@ -21,6 +21,7 @@ class FakeProxy:
     def __init__(self):
         self.requests = []  # (method, target, headers dict, body)
         self.connections = 0
+        self.drop_next = False
 
     async def serve(self, stream):
         self.connections += 1
@@ -52,13 +53,18 @@ class FakeProxy:
                 body += event.data
             self.requests.append((request.method, request.target, headers, body))
             reply = hashlib.sha256(body).hexdigest().encode() if body else b"ok " + request.target
+            if self.drop_next:  # closed as this request came in: it crossed our close
+                self.drop_next = False
+                return
             extra = [("Connection", "close")] if path == "close" else []
             await send(h11.Response(status_code=200, headers=[("Content-Length", str(1000 if path == "head" else len(reply))), *extra]))
             if request.method != b"HEAD":
                 await send(h11.Data(data=reply))
             await send(h11.EndOfMessage())
-            if http.our_state is h11.MUST_CLOSE:
+            if http.our_state is h11.MUST_CLOSE or path == "then-close":  # the latter: an idle timeout, unannounced
                 return
+            if path == "then-drop":
+                self.drop_next = True
             http.start_next_cycle()
 
 
@@ -158,6 +164,57 @@ async def test_proxy_ending_keep_alive_means_a_new_proxy_connection(proxy):
         got = await responses(client, ["GET", "GET"])
         client.shutdown(trio.socket.SHUT_WR)
     assert [status for status, _ in got] == [200, 200] and proxy.connections == 2
+
+
+async def test_a_kept_alive_proxy_connection_closed_meanwhile_is_not_reused(proxy):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run)
+        await client.send(get("/then-close"))
+        first = await responses(client, ["GET"])
+        await trio.sleep(0.1)  # the proxy's FIN arrives while the connection is idle
+        await client.send(get("/next"))
+        second = await responses(client, ["GET"])
+        client.shutdown(trio.socket.SHUT_WR)
+    assert first + second == [(200, b"ok http://mirror.example:8080/then-close"), (200, b"ok http://mirror.example:8080/next")]
+    assert proxy.connections == 2 and forwarder.requests == 2
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE"])
+async def test_an_idempotent_request_crossing_the_proxy_close_is_sent_again(proxy, method):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run)
+        await client.send(get("/then-drop") + get("/again", method=method.decode()) + get("/after"))
+        got = await responses(client, ["GET", method, "GET"])
+        client.shutdown(trio.socket.SHUT_WR)
+    assert [status for status, _ in got] == [200, 200, 200]
+    # The second was dropped unanswered, then sent once more on a new connection.
+    assert [request[0] for request in proxy.requests] == [b"GET", method, method, b"GET"]
+    assert proxy.connections == 2
+
+
+async def test_a_request_with_a_body_crossing_the_proxy_close_is_not_sent_again(proxy):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side)
+    body = b"not to be sent twice"
+    post = f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    await client.send(get("/then-drop") + post)
+    failed = []
+
+    async def run():
+        try:
+            await forwarder.run()
+        except ForwardFailed as exc:
+            failed.append(exc.ended)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        assert await responses(client, ["GET"]) == [(200, b"ok http://mirror.example:8080/then-drop")]
+    assert failed == ["proxy-closed"] and proxy.connections == 1
+    assert [request[0] for request in proxy.requests] == [b"GET", b"POST"]
 
 
 async def test_early_response_ends_the_client_connection(proxy):

@@ -6,17 +6,26 @@ most READ_SIZE bytes, and a side is only read when the next event is needed,
 so memory stays bounded and a slow reader slows the sender. The request body
 and the response run concurrently, which is what ``Expect: 100-continue`` and
 early error responses need.
+
+A kept-alive proxy connection is reused only if the proxy has not closed it
+meanwhile. If it closes anyway as the next request goes out (the two cross),
+a request that is idempotent and has no body is sent once more on a new
+connection, as RFC 9112 (9.3.1) allows, provided nothing of a response
+reached the client yet.
 """
 
 import h11
 import trio
 
-from relay.net.sockets import reset, write_all
+from relay.net.sockets import closed_by_peer, reset, write_all
 from relay.proto.http_forward import absolute_form, authority, forwarded_response, needs_tunnel
 from relay.proto.sniff import MAX_SNIFF_BYTES, hostname_from_authority
 
 READ_SIZE = 65536
 MAX_HEAD = 16384
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# How a reused proxy connection ends when the proxy closed it as our request went out.
+CROSSED_CLOSE = frozenset({"proxy-closed", "upstream-reset"})
 
 
 class NeedsTunnel(Exception):
@@ -56,6 +65,7 @@ class HttpForwarder:
         self.sent_down = 0
         self.requests = 0
         self.failing = None  # how the exchange failed, as soon as either task knows
+        self.answering = False  # the proxy sent a byte of its answer to the current request
         self.idle = trio.CancelScope()
 
     def touch(self):
@@ -97,6 +107,9 @@ class HttpForwarder:
             except OSError:
                 raise self.fail("upstream-reset") from None
             self.check_end(data)
+            if not data and not self.answering:
+                raise self.fail("proxy-closed")  # before a byte of the answer: maybe it crossed our request
+            self.answering = True
             self.touch()
             self.to_proxy.receive_data(data)
 
@@ -161,13 +174,34 @@ class HttpForwarder:
                 return "closed"
 
     async def _exchange(self, request: h11.Request) -> None:
-        if self.to_proxy is None or self.to_proxy.our_state is not h11.IDLE:
+        reused = self.to_proxy is not None and self.to_proxy.our_state is h11.IDLE and not closed_by_peer(self.proxy)
+        if not reused:
             await self._reconnect()
         self.requests += 1
-        await self.to_upstream(absolute_form(request, self.target_authority(request), self.proxy_authorization))
+        forwarded = absolute_form(request, self.target_authority(request), self.proxy_authorization)
+        answered_before = self.sent_down
+        try:
+            await self._send_and_answer(forwarded)
+        except ForwardFailed as exc:
+            if not (reused and exc.ended in CROSSED_CLOSE and self.sent_down == answered_before
+                    and replayable(request)):
+                raise
+            self.failing = None
+            if self.from_client.their_state is h11.SEND_BODY:
+                await self.client_event()  # the end of a request without a body: no I/O
+            await self._reconnect()
+            await self._send_and_answer(forwarded, body_read=True)
+
+    async def _send_and_answer(self, request: h11.Request, body_read: bool = False) -> None:
+        """Send the request, stream its body (unless already read: a replay has none) and the response."""
+        self.answering = False
+        await self.to_upstream(request)
+        if body_read:
+            await self.to_upstream(h11.EndOfMessage())
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._request_body)
+                if not body_read:
+                    nursery.start_soon(self._request_body)
                 await self._response()
                 # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
                 nursery.cancel_scope.cancel()
@@ -218,3 +252,13 @@ class HttpForwarder:
             return False
         self.from_client.start_next_cycle()
         return True
+
+
+def replayable(request: h11.Request) -> bool:
+    """Safe to send again after the proxy dropped it unanswered: idempotent, and no body."""
+    if request.method not in IDEMPOTENT:
+        return False
+    for name, value in request.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return False
+    return True

@@ -47,6 +47,21 @@ async def write_all(sock: trio.socket.SocketType, data: bytes) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
+def closed_by_peer(sock: trio.socket.SocketType) -> bool:
+    """Whether an idle connection was ended by its peer: a FIN, a reset, or bytes nobody asked
+    for (either way it is not reusable). One non-blocking peek, no checkpoint."""
+    borrowed = socket.socket(fileno=sock.fileno())
+    try:
+        borrowed.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        borrowed.detach()
+    return True
+
+
 def format_address(address: tuple) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
