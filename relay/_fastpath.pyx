@@ -113,6 +113,11 @@ DEF HELD = 4  # the upstream's FIN arrived and waits for release()
 # Who failed: the sides 0 (client) and 1 (upstream), or the relay itself.
 DEF LOCAL = 2
 
+cdef inline long long handle_of(Conn *conn, int slot) noexcept:
+    """What names a connection to Python: its slot, and the slot's generation (31 bits, so it stays positive)."""
+    return (<long long>(conn.generation & 0x7fffffff) << 32) | slot
+
+
 SOCKET_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 PAUSED_EVENTS = EPOLLOUT | EPOLLET  # errors and hangups are reported anyway
 
@@ -245,7 +250,7 @@ cdef class Engine:
         Py_INCREF(token)
         conn.token = <PyObject *>token
         conn.in_use = True
-        return (<long long>conn.generation << 32) | slot
+        return handle_of(conn, slot)
 
     cdef int fail(self, int who, int error) noexcept:
         self._failure = who
@@ -348,7 +353,7 @@ cdef class Engine:
         elif outcome == FINISHED and conn.way[1 - side].shut:
             self.finish(slot, "closed", finished)
         elif outcome == HELD:
-            self.held.append(((<long long>conn.generation << 32) | slot, <object>conn.token))
+            self.held.append((handle_of(conn, slot), <object>conn.token))
         elif conn.way[side].paused != conn.way[side].write_blocked:
             self.pause_reading(slot, side, conn.way[side].write_blocked)
         return 0
@@ -434,8 +439,15 @@ cdef class Engine:
         return finished
 
     def take_held(self):
-        """The upstream FINs held since the last call, as (handle, token): each waits for release()."""
-        held, self.held = self.held, []
+        """The upstream FINs held since the last call, as (handle, token): each waits for release().
+        A connection that ended meanwhile (in the same run, or by expire()) is left out."""
+        cdef list held = []
+        cdef Conn *conn
+        for handle, token in self.held:
+            conn = &self.conns[handle & 0xffffffff]
+            if conn.in_use and handle_of(conn, handle & 0xffffffff) == handle:
+                held.append((handle, token))
+        self.held = []
         return held
 
     def release(self, long long handle, double now, bint genuine):
@@ -448,7 +460,7 @@ cdef class Engine:
         if slot < 0 or slot >= self.size:
             return finished
         cdef Conn *conn = &self.conns[slot]
-        if not conn.in_use or conn.generation != <unsigned int>(handle >> 32) or not conn.way[1].held:
+        if not conn.in_use or handle_of(conn, slot) != handle or not conn.way[1].held:
             return finished
         conn.way[1].held = False
         if not genuine:
@@ -490,4 +502,6 @@ cdef class Engine:
             close(self.epfd)
             self.epfd = -1
         self.next_deadline = float("inf")
+        self.backlog_count = 0
+        self.held = []
         return finished

@@ -68,6 +68,11 @@ READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLER
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+def _handle_of(conn, slot):
+    """What names a connection to Python: its slot, and the slot's generation (31 bits, as the extension's)."""
+    return (conn.generation & 0x7FFFFFFF) << 32 | slot
+
+
 class _Way:
     """One direction, fd[side] -> buffer -> fd[1 - side]; the buffer is held only while bytes are in it."""
 
@@ -162,7 +167,7 @@ class Engine:
         conn.in_use = True
         self._slots[client_fd] = slot * 2
         self._slots[upstream_fd] = slot * 2 + 1
-        return conn.generation << 32 | slot
+        return _handle_of(conn, slot)
 
     def _fail(self, who, error):
         self._failure = (who, error)
@@ -261,7 +266,7 @@ class Engine:
         elif outcome == FINISHED and conn.ways[1 - side].shut:
             self._finish(slot, "closed", finished)
         elif outcome == HELD:
-            self._held.append((conn.generation << 32 | slot, conn.token))
+            self._held.append((_handle_of(conn, slot), conn.token))
         elif conn.ways[side].paused != conn.ways[side].write_blocked:
             self._pause_reading(conn, side, conn.ways[side].write_blocked)
         return budget
@@ -333,8 +338,11 @@ class Engine:
         return finished
 
     def take_held(self):
-        """The upstream FINs held since the last call, as (handle, token): each waits for release()."""
-        held, self._held = self._held, []
+        """The upstream FINs held since the last call, as (handle, token): each waits for release().
+        A connection that ended meanwhile (in the same run, or by expire()) is left out."""
+        held = [(handle, token) for handle, token in self._held
+                if self._conns[handle & 0xFFFFFFFF].in_use and _handle_of(self._conns[handle & 0xFFFFFFFF], handle & 0xFFFFFFFF) == handle]
+        self._held = []
         return held
 
     def release(self, handle, now, genuine):
@@ -346,7 +354,7 @@ class Engine:
         if slot >= len(self._conns):
             return finished
         conn = self._conns[slot]
-        if not conn.in_use or conn.generation != handle >> 32 or not conn.ways[1].held:
+        if not conn.in_use or _handle_of(conn, slot) != handle or not conn.ways[1].held:
             return finished
         conn.ways[1].held = False
         if not genuine:
@@ -380,4 +388,6 @@ class Engine:
                 self._finish(slot, "cancelled", finished)
         self._epoll.close()
         self.next_deadline = math.inf
+        self._backlog = []
+        self._held = []
         return finished

@@ -299,6 +299,15 @@ def test_a_stale_handle_touches_nothing(engine):
     assert len(engine) == 1 and successor_client.recv(1) == b"x"
 
 
+def test_a_held_fin_of_a_connection_that_expired_is_not_reported(engine):
+    app_client, app_server = relayed(engine, "t", now=0.0, idle=10.0, hold_upstream_eof=True)
+    app_server.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    assert run(engine, now=10.0, seconds=0.2) == []
+    assert engine.expire(10.0) == [("t", "idle-timeout", 0, 0)]
+    assert engine.take_held() == []
+
+
 def test_only_the_upstream_fin_is_held(engine):
     app_client, app_server = relayed(engine, "t", hold_upstream_eof=True)
     send_then_fin(app_client, b"request")

@@ -22,6 +22,7 @@ class FakeProxy:
         self.requests = []  # (method, target, headers dict, body)
         self.connections = 0
         self.drop_next = False
+        self.after_close = b""  # bytes sent to a connection after its "then-close" FIN
 
     async def serve(self, stream):
         self.connections += 1
@@ -61,7 +62,12 @@ class FakeProxy:
             if request.method != b"HEAD":
                 await send(h11.Data(data=reply))
             await send(h11.EndOfMessage())
-            if http.our_state is h11.MUST_CLOSE or path == "then-close":  # the latter: an idle timeout, unannounced
+            if http.our_state is h11.MUST_CLOSE:
+                return
+            if path == "then-close":  # an idle timeout, unannounced: FIN, then note what still comes
+                await stream.send_eof()
+                while data := await stream.receive_some(65536):
+                    self.after_close += data
                 return
             if path == "then-drop":
                 self.drop_next = True
@@ -178,7 +184,7 @@ async def test_a_kept_alive_proxy_connection_closed_meanwhile_is_not_reused(prox
         second = await responses(client, ["GET"])
         client.shutdown(trio.socket.SHUT_WR)
     assert first + second == [(200, b"ok http://mirror.example:8080/then-close"), (200, b"ok http://mirror.example:8080/next")]
-    assert proxy.connections == 2 and forwarder.requests == 2
+    assert proxy.connections == 2 and forwarder.requests == 2 and proxy.after_close == b""
 
 
 @pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE"])

@@ -275,3 +275,21 @@ async def test_a_connection_reset_while_its_fin_is_held_ends_once(impl):
 
     ended = await relay_with_probe(impl, Probe(alive=False, delay=0.5), 1, on_held)
     assert ended == [(0, "client-reset", 0, 0)]
+
+
+async def test_a_fin_held_in_the_run_that_also_resets_the_connection(impl):
+    """The FIN is held and the client's reset read in one run: the pump goes on serving the others."""
+    probe = Probe(alive=True)
+
+    async def on_held(ends):
+        (app_client, app_server), (other_client, other_server) = ends
+        await trio.sleep(0.05)
+        app_server.shutdown(socket.SHUT_WR)
+        hard_close(app_client)  # no checkpoint between the two: one run sees both
+        await other_client.send(b"still served")
+        assert await other_server.recv(100) == b"still served"
+        await send_then_eof(other_client, b"")
+        await send_then_eof(other_server, b"")
+
+    ended = await relay_with_probe(impl, probe, 2, on_held)
+    assert sorted(ended) == [(0, "client-reset", 0, 0), (1, "closed", 12, 0)]

@@ -2,6 +2,8 @@
 
 import socket
 
+import trio
+
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.net.dial import UpstreamError
@@ -76,3 +78,24 @@ async def test_still_there_asks_the_proxy_address_itself():
         assert await state.still_there() is False  # gone: refused
     state.tunnel = FakeTunnel()
     assert await state.still_there() is False  # a tunnel known to be down answers without a probe
+
+
+async def test_still_there_takes_a_probe_timeout_for_a_busy_proxy_not_a_dead_one():
+    """A proxy whose accept queue is full drops SYNs: the probe times out (after at most 1 s), and
+    the FIN it was asked about goes through as it would without --confirm-eof."""
+    config = Config.from_values({"upstream": ["127.0.0.1:1"], "connect-timeout": 5})
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        queued = []
+        for _ in range(3):  # fill the accept queue; nobody accepts
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(listener.getsockname())
+            queued.append(sock)
+        state = UpstreamState(config.upstreams[0], [(socket.AF_INET, listener.getsockname())], config=config)
+        started = trio.current_time()
+        assert await state.still_there() is True
+        assert 0.9 < trio.current_time() - started < 2
+        for sock in queued:
+            sock.close()

@@ -86,13 +86,15 @@ class Pump:
                         await trio.lowlevel.wait_readable(self.engine.fileno())
                     except trio.ClosedResourceError:
                         return  # close() from another task: every connection is gone
+            if self.engine.fileno() < 0:
+                return  # closed from another task while this one waited its turn
             self.waiting = None
             now = trio.current_time()
             self.report(self.engine.run(now, RUN_BUDGET))
             if now >= self.engine.next_deadline:
                 self.report(self.engine.expire(now))
             for handle, token in self.engine.take_held():
-                self.hold(handle, self.probes[token])
+                self.hold(handle, self.probes[token])  # take_held() leaves out what ended: the probe is there
 
     def hold(self, handle, probe) -> None:
         """Queue a held FIN for the next run of its probe, starting that probe if none is running."""

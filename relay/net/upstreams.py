@@ -33,6 +33,9 @@ class UpstreamState:
         return self.healthy and (self.tunnel is None or self.tunnel.up)
 
 
+PROBE_TIMEOUT = 1.0  # seconds
+
+
 class StillThere:
     """For --confirm-eof: is the proxy still there? A new connection to it, nothing sent, then a reset.
 
@@ -42,7 +45,8 @@ class StillThere:
     __slots__ = ("state", "mark", "timeout")
 
     def __init__(self, state: UpstreamState, config: Config):
-        self.state, self.mark, self.timeout = state, config.mark, config.connect_timeout
+        # A FIN waits for this at most: beyond it the answer counts as "still there".
+        self.state, self.mark, self.timeout = state, config.mark, min(config.connect_timeout, PROBE_TIMEOUT)
 
     async def __call__(self) -> bool:
         state = self.state
@@ -51,7 +55,9 @@ class StillThere:
         try:
             sock = await connect(state.addresses, mark=self.mark, timeout=self.timeout)
         except UpstreamError as exc:
-            return not exc.proxy_fault  # running out of ports or fds ourselves says nothing about the proxy
+            # Only a definite answer means gone (refused, unreachable). A timeout may be a busy proxy,
+            # and our own shortages say nothing about it: then the FIN goes through, as without the option.
+            return not exc.proxy_fault or exc.reason == "connect-timeout"
         reset(sock)
         return True
 
