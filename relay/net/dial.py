@@ -7,7 +7,7 @@ import socket
 import trio
 
 from relay.config import Upstream
-from relay.net.sockets import format_address, reset, send_all
+from relay.net.sockets import format_address, receive_some, reset, write_all
 from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
 from relay.proto.socks import Socks4Client, Socks5Client
@@ -84,13 +84,13 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
     try:
         with trio.fail_after(timeout):
             for family, address in addresses:
-                sock = trio.socket.socket(family, socket.SOCK_STREAM)
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                 try:
                     if mark is not None:
                         apply_mark(sock, mark)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    await sock.connect(address)
-                    return sock
+                    await connect_now(sock, address)
+                    return trio.socket.from_stdlib_socket(sock)
                 except OSError as exc:
                     sock.close()
                     last_error = exc
@@ -109,13 +109,28 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
     raise UpstreamError(f"connecting to {where} failed: {why}", reason)
 
 
+# connect() on a non-blocking socket: what Trio's sock.connect() takes for "started, wait until writable".
+IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
+
+
+async def connect_now(sock: socket.socket, address) -> None:
+    """Trio's ``sock.connect(address)`` for a resolved address, without its scheduler pass when the
+    connection is made at once (or fails at once) and without resolving the address again."""
+    error = sock.connect_ex(address)
+    if error in IN_PROGRESS:
+        await trio.lowlevel.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
 async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -> bytes:
     """Drive ``machine`` over ``sock``; returns the bytes that followed the proxy's success reply."""
     try:
         with trio.fail_after(timeout):
-            await send_all(sock, machine.data_to_send())
+            await write_all(sock, machine.data_to_send())
             while not machine.established:
-                data = await sock.recv(RECV_SIZE)
+                data = await receive_some(sock, RECV_SIZE)
                 if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
                     raise UpstreamError(
                         "the proxy closed the connection during the handshake", "proxy-closed", about_target=True
@@ -123,7 +138,7 @@ async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -
                 machine.receive_data(data)
                 reply = machine.data_to_send()
                 if reply:
-                    await send_all(sock, reply)
+                    await write_all(sock, reply)
     except trio.TooSlowError:
         raise UpstreamError(f"proxy handshake timed out after {timeout:g} s", "handshake-timeout") from None
     except ProxyRefused as exc:

@@ -18,7 +18,7 @@ from relay.net.dial import UpstreamError, apply_mark, connect, open_upstream
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.listener import accept_loop, open_listeners
 from relay.net.pump import Pump
-from relay.net.sockets import format_address, is_local_address, reset
+from relay.net.sockets import format_address, is_local_address, receive_some, reset
 from relay.net.upstreams import UpstreamPool, UpstreamState
 from relay.proto.http_connect import basic_credentials
 from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, Sniffed, Sniffer
@@ -286,7 +286,7 @@ class Server:
         sniffer = Sniffer()
         with trio.move_on_after(config.sniff_timeout):
             while sniffer.result is None:
-                data = await conn.recv(MAX_SNIFF_BYTES)
+                data = await receive_some(conn, MAX_SNIFF_BYTES)
                 if not data:
                     break
                 sniffer.receive_data(data)

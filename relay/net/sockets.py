@@ -24,13 +24,6 @@ def reset(sock: trio.socket.SocketType) -> None:
     sock.close()
 
 
-async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        sent = await sock.send(view)
-        view = view[sent:]
-
-
 async def write_all(sock: trio.socket.SocketType, data: bytes) -> None:
     """Write all of ``data``; an error is raised by the very call that got it, before any yield.
 
@@ -45,6 +38,22 @@ async def write_all(sock: trio.socket.SocketType, data: bytes) -> None:
             view = view[os.write(sock.fileno(), view) :]
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
+
+
+async def receive_some(sock: trio.socket.SocketType, size: int) -> bytes:
+    """``await sock.recv(size)``, without a pass through Trio's scheduler when bytes are already there.
+
+    Trio's socket methods yield even when the call succeeds at once: a
+    scheduler pass per call, a sizeable part of the relay's CPU per short
+    connection (sniffing, handshake). This yields only to wait, and sees
+    cancellation whenever it does (``write_all`` writes the same way).
+    """
+    fd = sock.fileno()
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
 
 
 def format_address(address: tuple) -> str:
