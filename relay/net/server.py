@@ -80,7 +80,7 @@ class Server:
         self.config = config
         self.metrics = metrics
         self.reload = reload  # returns a fresh Config (file re-read, command line re-applied), or raises ConfigError
-        self.listeners: list[trio.socket.SocketType] = []
+        self.listeners: list[socket.socket] = []
         self.listening: set[tuple[str, int]] = set()
         self.pool = UpstreamPool(config, metrics)
         self.tunnels = []
