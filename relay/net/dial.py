@@ -81,22 +81,22 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
     """A connected TCP socket to the first of ``addresses`` that answers, within ``timeout`` in all."""
     where = format_address(addresses[0][1])
     last_error = None
+    deadline = trio.current_time() + timeout
     try:
-        with trio.fail_after(timeout):
-            for family, address in addresses:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-                try:
-                    if mark is not None:
-                        apply_mark(sock, mark)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    await connect_now(sock, address)
-                    return trio.socket.from_stdlib_socket(sock)
-                except OSError as exc:
-                    sock.close()
-                    last_error = exc
-                except BaseException:
-                    sock.close()
-                    raise
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                if mark is not None:
+                    apply_mark(sock, mark)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await connect_now(sock, address, deadline)
+                return trio.socket.from_stdlib_socket(sock)
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+            except BaseException:
+                sock.close()
+                raise
     except trio.TooSlowError:
         raise UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout") from None
     except OSError as exc:  # socket() itself failed: out of fds or memory
@@ -113,12 +113,25 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
 IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
 
 
-async def connect_now(sock: socket.socket, address) -> None:
+async def connect_now(sock: socket.socket, address, deadline: float) -> None:
     """Trio's ``sock.connect(address)`` for a resolved address, without its scheduler pass when the
-    connection is made at once (or fails at once) and without resolving the address again."""
+    connection is made at once (or fails at once) and without resolving the address again;
+    TooSlowError if it must wait past ``deadline`` (Trio's clock).
+
+    Over loopback (a proxy on this router, an ssh tunnel's local end) the TCP
+    handshake is usually complete by the time connect() returns EINPROGRESS:
+    then getpeername() succeeds and there is nothing to wait for, not even a
+    cancel scope for the deadline (about 30 Python calls to enter and leave).
+    """
     error = sock.connect_ex(address)
     if error in IN_PROGRESS:
-        await trio.lowlevel.wait_writable(sock)
+        try:
+            sock.getpeername()
+            return
+        except OSError:
+            pass  # not yet: wait, as Trio does
+        with trio.fail_at(deadline):
+            await trio.lowlevel.wait_writable(sock)
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
