@@ -58,10 +58,10 @@ async def receive_some(sock: trio.socket.SocketType, size: int, deadline: float 
         except BlockingIOError:
             pass
         if deadline == math.inf:
-            await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(fd)
             continue
         with trio.move_on_at(deadline) as waiting:
-            await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(fd)
         if waiting.cancelled_caught:
             return None
 
