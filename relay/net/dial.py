@@ -7,7 +7,7 @@ import socket
 import trio
 
 from relay.config import Upstream
-from relay.net.sockets import format_address, reset, send_all
+from relay.net.sockets import format_address, receive_some, reset, write_all
 from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
 from relay.proto.socks import Socks4Client, Socks5Client
@@ -81,22 +81,22 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
     """A connected TCP socket to the first of ``addresses`` that answers, within ``timeout`` in all."""
     where = format_address(addresses[0][1])
     last_error = None
+    deadline = trio.current_time() + timeout
     try:
-        with trio.fail_after(timeout):
-            for family, address in addresses:
-                sock = trio.socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    if mark is not None:
-                        apply_mark(sock, mark)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    await sock.connect(address)
-                    return sock
-                except OSError as exc:
-                    sock.close()
-                    last_error = exc
-                except BaseException:
-                    sock.close()
-                    raise
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                if mark is not None:
+                    apply_mark(sock, mark)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await connect_now(sock, address, deadline)
+                return trio.socket.from_stdlib_socket(sock)
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+            except BaseException:
+                sock.close()
+                raise
     except trio.TooSlowError:
         raise UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout") from None
     except OSError as exc:  # socket() itself failed: out of fds or memory
@@ -109,13 +109,41 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
     raise UpstreamError(f"connecting to {where} failed: {why}", reason)
 
 
+# connect() on a non-blocking socket: what Trio's sock.connect() takes for "started, wait until writable".
+IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
+
+
+async def connect_now(sock: socket.socket, address, deadline: float) -> None:
+    """Trio's ``sock.connect(address)`` for a resolved address, without its scheduler pass when the
+    connection is made at once (or fails at once) and without resolving the address again;
+    TooSlowError if it must wait past ``deadline`` (Trio's clock).
+
+    Over loopback (a proxy on this router, an ssh tunnel's local end) the TCP
+    handshake is usually complete by the time connect() returns EINPROGRESS:
+    then getpeername() succeeds and there is nothing to wait for, not even a
+    cancel scope for the deadline (about 30 Python calls to enter and leave).
+    """
+    error = sock.connect_ex(address)
+    if error in IN_PROGRESS:
+        try:
+            sock.getpeername()
+            return
+        except OSError:
+            pass  # not yet: wait, as Trio does
+        with trio.fail_at(deadline):
+            await trio.lowlevel.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
 async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -> bytes:
     """Drive ``machine`` over ``sock``; returns the bytes that followed the proxy's success reply."""
     try:
         with trio.fail_after(timeout):
-            await send_all(sock, machine.data_to_send())
+            await write_all(sock, machine.data_to_send())
             while not machine.established:
-                data = await sock.recv(RECV_SIZE)
+                data = await receive_some(sock, RECV_SIZE)
                 if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
                     raise UpstreamError(
                         "the proxy closed the connection during the handshake", "proxy-closed", about_target=True
@@ -123,7 +151,7 @@ async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -
                 machine.receive_data(data)
                 reply = machine.data_to_send()
                 if reply:
-                    await send_all(sock, reply)
+                    await write_all(sock, reply)
     except trio.TooSlowError:
         raise UpstreamError(f"proxy handshake timed out after {timeout:g} s", "handshake-timeout") from None
     except ProxyRefused as exc:

@@ -17,11 +17,15 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 ACCEPT_PAUSE = 0.1
 # The client gave up between its SYN and our accept(): nothing to serve, nothing wrong with us.
 CLIENT_GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
+# Connections accepted in a row without waiting before the loop lets other tasks run.
+ACCEPT_BATCH = 16
 
 
-async def open_listener(host: str, port: int, transparent: bool, reuse_port: bool = False) -> trio.socket.SocketType:
+async def open_listener(host: str, port: int, transparent: bool, reuse_port: bool = False) -> socket.socket:
+    """A listening non-blocking (stdlib) socket: accept_loop accepts without a scheduler pass each."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    sock = trio.socket.from_stdlib_socket(listener)  # for its bind(), which resolves the address in a thread
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:  # --workers: each process has its own listener, the kernel spreads connections
@@ -43,7 +47,7 @@ async def open_listener(host: str, port: int, transparent: bool, reuse_port: boo
     except BaseException:
         sock.close()
         raise
-    return sock
+    return listener
 
 
 def ipv6_available() -> bool:
@@ -57,7 +61,7 @@ def ipv6_available() -> bool:
 
 async def open_listeners(
     addresses: list[tuple[str, int]], transparent: bool, reuse_port: bool = False
-) -> list[trio.socket.SocketType]:
+) -> list[socket.socket]:
     if not addresses:
         addresses = [a for a in DEFAULT_LISTEN if ":" not in a[0] or ipv6_available()]
     listeners = []
@@ -77,12 +81,28 @@ async def accept_loop(listener, handle, nursery, warnings: RateLimited, slots: t
     With ``slots``, one is taken before each accept and ``handle`` must give it
     back: past the budget, new clients wait in the kernel's backlog instead of
     being accepted and then failing for lack of fds.
+
+    ``listener`` is a non-blocking stdlib socket (open_listener). While
+    connections are waiting, up to ACCEPT_BATCH are accepted in a row: Trio's
+    accept() and Semaphore.acquire() would each take a scheduler pass per
+    connection. Cancellation is seen at every wait and after every batch.
     """
+    in_a_row = 0
     while True:
         if slots is not None:
-            await slots.acquire()
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                in_a_row = 0
+                await slots.acquire()
         try:
-            conn, peer = await listener.accept()
+            while True:
+                try:
+                    conn, peer = listener.accept()
+                    break
+                except BlockingIOError:
+                    in_a_row = 0
+                    await trio.lowlevel.wait_readable(listener)
         except BaseException as exc:
             if slots is not None:
                 slots.release()
@@ -98,4 +118,8 @@ async def accept_loop(listener, handle, nursery, warnings: RateLimited, slots: t
             if exc.errno in CLIENT_GONE_ERRNOS:
                 continue
             raise
-        nursery.start_soon(handle, conn, peer)
+        nursery.start_soon(handle, trio.socket.from_stdlib_socket(conn), peer)
+        in_a_row += 1
+        if in_a_row == ACCEPT_BATCH:
+            in_a_row = 0
+            await trio.lowlevel.checkpoint()

@@ -1,6 +1,7 @@
 """The relay itself: listeners, per-connection handling, upstream choice, reloads and draining."""
 
 import errno
+import functools
 import ipaddress
 import logging
 import resource
@@ -18,7 +19,7 @@ from relay.net.dial import UpstreamError, apply_mark, connect, open_upstream
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.listener import accept_loop, open_listeners
 from relay.net.pump import Pump
-from relay.net.sockets import format_address, is_local_address, reset
+from relay.net.sockets import format_address, is_local_address, receive_some, reset
 from relay.net.upstreams import UpstreamPool, UpstreamState
 from relay.proto.http_connect import basic_credentials
 from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, Sniffed, Sniffer
@@ -80,7 +81,7 @@ class Server:
         self.config = config
         self.metrics = metrics
         self.reload = reload  # returns a fresh Config (file re-read, command line re-applied), or raises ConfigError
-        self.listeners: list[trio.socket.SocketType] = []
+        self.listeners: list[socket.socket] = []
         self.listening: set[tuple[str, int]] = set()
         self.pool = UpstreamPool(config, metrics)
         self.tunnels = []
@@ -150,12 +151,13 @@ class Server:
 
     def destination_refusal(self, config: Config, dst) -> str | None:
         """Why the destination policy refuses ``dst`` (the router, loopback, link-local, the SSH server)."""
-        address = ipaddress.ip_address(dst[0])
-        if any(address in network for network in config.allow_dest):
-            return None
+        if config.allow_dest:
+            address = parse_address(dst[0])
+            if any(address in network for network in config.allow_dest):
+                return None
         if dst in self.refused_endpoints:
             return "it is the SSH server of the tunnel"
-        if any(address in network for network in REFUSED_NETWORKS):
+        if in_refused_network(dst[0]):
             return "loopback, link-local or unspecified addresses mean this machine, not a server"
         if self.is_local(dst[0]):
             return "it is one of the router's own addresses"
@@ -285,12 +287,12 @@ class Server:
         if not self.wants_sniffing(config, pool):
             return NOT_RECOGNISED, b""
         sniffer = Sniffer()
-        with trio.move_on_after(config.sniff_timeout):
-            while sniffer.result is None:
-                data = await conn.recv(MAX_SNIFF_BYTES)
-                if not data:
-                    break
-                sniffer.receive_data(data)
+        deadline = trio.current_time() + config.sniff_timeout
+        while sniffer.result is None:
+            data = await receive_some(conn, MAX_SNIFF_BYTES, deadline)
+            if not data:  # None: the client is still silent at the deadline
+                break
+            sniffer.receive_data(data)
         return sniffer.give_up(), sniffer.buffered
 
     async def forward(self, conn, first, record, config, pool, candidates) -> tuple[str, str | None]:
@@ -476,10 +478,23 @@ def connection_budget(config: Config) -> int:
     return max(1, (soft - min(RESERVED_FDS, soft // 4)) // FDS_PER_CONNECTION)
 
 
+# Per connection, parsing the destination and testing it against REFUSED_NETWORKS were a
+# noticeable part of the handler's CPU; most connections go to addresses seen before.
+# Bounded: a scan of many addresses only evicts the oldest.
+parse_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+
+
+@functools.lru_cache(maxsize=4096)
+def in_refused_network(host: str) -> bool:
+    """Whether ``host`` (an address) is in REFUSED_NETWORKS: it means this machine, not a server."""
+    address = parse_address(host)
+    return any(address in network for network in REFUSED_NETWORKS)
+
+
 def bypassed(config: Config, dst, hostname: str | None) -> bool:
     """Whether this destination goes direct (--bypass, --bypass-domain) instead of through a proxy."""
     if config.bypass:
-        address = ipaddress.ip_address(dst[0])
+        address = parse_address(dst[0])
         if any(address in network for network in config.bypass):
             return True
     if hostname and config.bypass_domain:

@@ -6,6 +6,7 @@ was read from it in ``receive_data()``, in any fragmentation, and turns
 final reply are the start of the tunnel, in ``trailing_data``.
 """
 
+import functools
 import ipaddress
 
 from relay.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -20,6 +21,7 @@ def validate_port(port: int) -> None:
         raise LocalProtocolError(f"port must be an integer in 1..65535, got {port!r}")
 
 
+@functools.lru_cache(maxsize=4096)  # per connection, and most go to hosts seen before; bounded
 def parse_ip_literal(host: str) -> IPAddress | None:
     """The address when ``host`` is an IP literal, None when it is a hostname."""
     try:
