@@ -1,12 +1,12 @@
-"""Relays every established connection with one engine and one task.
+"""Relays every established connection with one engine and two tasks.
 
 After its handshake a connection is handed to Pump.add() and its handler task
 ends: an idle connection costs a row in the engine's table (relay._fastpath
 Engine, or its pure twin), not a task and its frames. The engine moves bytes
 both ways, forwards a FIN as shutdown(SHUT_WR) while the other direction goes
-on, resets both sides when either resets, and enforces the idle timeouts; this
-task wakes it when its epoll fd is readable or the next timeout is due, and
-reports each connection that ended to ``on_finished``.
+on, resets both sides when either resets, and enforces the idle timeouts. One
+task runs it whenever its epoll fd is readable, another when the next timeout
+is due; both report each connection that ended to ``on_finished``.
 
 A FIN from a proxy that dies looks like any other FIN: the kernel closes its
 sockets cleanly. With ``confirm_eof`` a connection's upstream FIN is held
