@@ -234,7 +234,7 @@ SETTINGS = [
     Setting("half-closed-timeout", parse_seconds, 60.0, False, "S",
             "once one direction has ended, reset if the other is silent this long (default: 60)"),
     Setting("confirm-eof", parse_switch, False, False, "on|off",
-            "hold each FIN from a proxy until a new connection to it shows it is still there; "
+            "hold each FIN from a proxy until a new connection to it shows it still answers; "
             "if not, reset the client instead of ending a truncated transfer cleanly (default: off)"),
     Setting("max-connections", parse_count, 0, False, "N",
             "relayed connections at once; past it, new ones wait in the backlog (default: from the fd limit)"),

@@ -1,7 +1,9 @@
 """Choosing among upstreams: order, turns, passive health; the probe behind --confirm-eof."""
 
 import socket
+import struct
 
+import pytest
 import trio
 
 from relay.config import Config
@@ -66,16 +68,75 @@ class FakeTunnel:
     up = False
 
 
-async def test_still_there_asks_the_proxy_address_itself():
-    config = Config.from_values({"upstream": ["127.0.0.1:1"], "connect-timeout": 2})
+def probed(listener, answer: bytes | None) -> bytes:
+    """Accept the probe's connection and read its request; then ``answer`` and a close (None: a
+    reset, as a program closing with the request unread does)."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(2)
+        request = conn.recv(100)
+        if answer is None:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            conn.sendall(answer)
+    return request
+
+
+async def probe_against(scheme: str, answer: bytes | None):
+    config = Config.from_values({"upstream": [f"{scheme}://127.0.0.1:1"], "connect-timeout": 2})
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         state = UpstreamState(config.upstreams[0], [(socket.AF_INET, listener.getsockname())], config=config)
-        assert await state.still_there() is True  # listening: the FIN was genuine
-        listener.accept()[0].close()
+        proxy_side = []
+
+        async def proxy():
+            proxy_side.append(await trio.to_thread.run_sync(probed, listener, answer))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(proxy)
+            alive = await state.still_there()
+    return alive, proxy_side[0]
+
+
+@pytest.mark.parametrize("scheme, request_, answer", [
+    ("http", b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+    ("socks5", b"\x05\x01\x00", b"\x05\x00"),
+    ("socks4", b"\x05\x01\x00", b""),  # a SOCKS4-only server closing: a program answered all the same
+])
+async def test_still_there_asks_a_question_the_proxy_answers_itself(scheme, request_, answer):
+    assert await probe_against(scheme, answer) == (True, request_)
+
+
+async def test_still_there_takes_a_reset_before_any_answer_for_gone():
+    assert await probe_against("socks5", None) == (False, b"\x05\x01\x00")
+
+
+async def test_still_there_sees_a_dying_listener_that_still_completes_handshakes():
+    """A killed proxy's tunnels may end before its listening socket does: a probe connects, but
+    the kernel resets it when the listener closes with the probe unaccepted."""
+    config = Config.from_values({"upstream": ["127.0.0.1:1"], "connect-timeout": 2})
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    state = UpstreamState(config.upstreams[0], [(socket.AF_INET, listener.getsockname())], config=config)
+    async with trio.open_nursery() as nursery:
+        answers = []
+
+        async def ask():
+            answers.append(await state.still_there())
+
+        nursery.start_soon(ask)
+        await trio.sleep(0.1)  # connected, request sent, nobody reading
         listener.close()
-        assert await state.still_there() is False  # gone: refused
+    assert answers == [False]
+    assert await state.still_there() is False  # now refused outright
+
+
+async def test_still_there_without_a_proxy_or_with_its_tunnel_down():
+    config = Config.from_values({"upstream": ["direct", "127.0.0.1:1"], "confirm-eof": "on"})
+    assert UpstreamState(config.upstreams[0], [], config=config).still_there is None  # a FIN is the server's
+    state = UpstreamState(config.upstreams[1], [(socket.AF_INET, ("127.0.0.1", 1))], config=config)
     state.tunnel = FakeTunnel()
     assert await state.still_there() is False  # a tunnel known to be down answers without a probe
 

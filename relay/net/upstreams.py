@@ -14,7 +14,8 @@ import trio
 from relay.config import Config, ConfigError, Upstream
 from relay.logs import log
 from relay.net.dial import UpstreamError, connect, open_upstream, resolve
-from relay.net.sockets import reset
+from relay.net.sockets import receive_some, reset, write_all
+from relay.proto.liveness import LIVENESS_REQUESTS
 
 
 class UpstreamState:
@@ -26,7 +27,8 @@ class UpstreamState:
         self.healthy = True
         self.failures = 0
         self.tunnel = tunnel
-        self.still_there = StillThere(self, config) if config is not None else None
+        # Direct connections have no proxy in between: a FIN is the server's own.
+        self.still_there = StillThere(self, config) if config is not None and upstream.scheme != "direct" else None
 
     @property
     def usable(self) -> bool:
@@ -37,28 +39,38 @@ PROBE_TIMEOUT = 1.0  # seconds
 
 
 class StillThere:
-    """For --confirm-eof: is the proxy still there? A new connection to it, nothing sent, then a reset.
+    """For --confirm-eof: is the proxy still there? A new connection to it, a request it answers by
+    itself (relay.proto.liveness), then a reset.
 
     One object per upstream, so the pump shares one probe among its connections.
     """
 
-    __slots__ = ("state", "mark", "timeout")
+    __slots__ = ("state", "mark", "timeout", "request")
 
     def __init__(self, state: UpstreamState, config: Config):
         # A FIN waits for this at most: beyond it the answer counts as "still there".
         self.state, self.mark, self.timeout = state, config.mark, min(config.connect_timeout, PROBE_TIMEOUT)
+        self.request = LIVENESS_REQUESTS[state.upstream.scheme]
 
     async def __call__(self) -> bool:
         state = self.state
         if state.tunnel is not None and not state.tunnel.up:
             return False
+        deadline = trio.current_time() + self.timeout
         try:
             sock = await connect(state.addresses, mark=self.mark, timeout=self.timeout)
         except UpstreamError as exc:
             # Only a definite answer means gone (refused, unreachable). A timeout may be a busy proxy,
             # and our own shortages say nothing about it: then the FIN goes through, as without the option.
             return not exc.proxy_fault or exc.reason == "connect-timeout"
-        reset(sock)
+        try:
+            await write_all(sock, self.request)
+            # Bytes or a close: a program answered. No answer in time: busy, as above.
+            await receive_some(sock, 1, deadline)
+        except OSError:
+            return False  # reset unread: accepted by the kernel for a listener that is going away
+        finally:
+            reset(sock)
         return True
 
 
