@@ -90,6 +90,22 @@ def _service_dir(lab: Lab, name: str) -> Path:
     return directory
 
 
+def _stock_conf(path: str, replaced: dict[str, list[str]]) -> str:
+    """A Debian config file unchanged but for the directives in ``replaced``: their first line
+    becomes the new lines, later ones go; one the file lacks is appended."""
+    lines, done = [], set()
+    for line in Path(path).read_text().splitlines():
+        directive = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else None
+        if directive not in replaced:
+            lines.append(line)
+        elif directive not in done:
+            lines.extend(replaced[directive])
+            done.add(directive)
+    for directive in replaced.keys() - done:
+        lines.extend(replaced[directive])
+    return "\n".join([*lines, ""])
+
+
 # -- squid ---------------------------------------------------------------------
 
 
@@ -138,14 +154,11 @@ def _squid_own_conf(listen: list[Endpoint]) -> str:
 
 def _squid_debian_conf(listen: list[Endpoint]) -> str:
     """/etc/squid/squid.conf unchanged but for the port it listens on."""
-    lines = []
-    for line in Path("/etc/squid/squid.conf").read_text().splitlines():
-        if re.match(r"\s*http_port\s", line):
-            lines.extend(f"http_port {_bracketed(address)}:{port}" for address, port in listen)
-        elif not re.match(r"\s*coredump_dir\s", line):  # set below, to a private directory
-            lines.append(line)
-    lines += ["visible_hostname relaylab", ""]
-    return "\n".join(lines)
+    return _stock_conf("/etc/squid/squid.conf", {
+        "http_port": [f"http_port {_bracketed(address)}:{port}" for address, port in listen],
+        "coredump_dir": [],  # set by start_squid, to a private directory
+        "visible_hostname": ["visible_hostname relaylab"],
+    })
 
 
 def start_squid(lab: Lab, host: str = "far", listen: Endpoints = (("127.0.0.1", 3128),),
@@ -240,6 +253,40 @@ def start_dante(lab: Lab, host: str = "far",
                   ready=endpoints[0], listen=endpoints, auth=auth)
     dante.start()
     return dante
+
+
+# -- privoxy and tinyproxy ----------------------------------------------------------
+
+
+def start_privoxy(lab: Lab, host: str = "far", listen: Endpoint = ("127.0.0.1", 8118),
+                  name: str = "privoxy") -> Service:
+    """Privoxy with Debian's /etc/privoxy/config (its stock actions and filters), on ``listen``."""
+    directory = _service_dir(lab, name)
+    conf = directory / "config"
+    conf.write_text(_stock_conf("/etc/privoxy/config", {
+        "listen-address": [f"listen-address {_bracketed(listen[0])}:{listen[1]}"],
+        "logdir": [f"logdir {directory}"],
+    }))
+    privoxy = Service(lab, host, name, ["privoxy", "--no-daemon", str(conf)], ready=listen)
+    privoxy.start()
+    return privoxy
+
+
+def start_tinyproxy(lab: Lab, host: str = "far", listen: Endpoint = ("127.0.0.1", 8888),
+                    name: str = "tinyproxy") -> Service:
+    """tinyproxy with Debian's /etc/tinyproxy/tinyproxy.conf (clients from loopback only), on ``listen``."""
+    directory = _service_dir(lab, name)
+    shutil.chown(directory, "tinyproxy", "tinyproxy")  # it writes its log after dropping to that user
+    conf = directory / "tinyproxy.conf"
+    conf.write_text(_stock_conf("/etc/tinyproxy/tinyproxy.conf", {
+        "Port": [f"Port {listen[1]}"],
+        "Listen": [f"Listen {listen[0]}"],
+        "LogFile": [f'LogFile "{directory}/tinyproxy.log"'],
+        "PidFile": [f'PidFile "{directory}/tinyproxy.pid"'],
+    }))
+    tinyproxy = Service(lab, host, name, ["tinyproxy", "-d", "-c", str(conf)], ready=listen)
+    tinyproxy.start()
+    return tinyproxy
 
 
 # -- sshd and ssh tunnels ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Sniffed hostnames and plain HTTP in absolute form, against Debian's stock squid.conf.
+"""Sniffed hostnames and plain HTTP in absolute form, against the stock Debian configs of
+squid, privoxy and tinyproxy (all three on the far host, reached through ssh -L).
 
 The client's resolver (its own /etc/hosts) maps the server's name to a wrong
 address; the far host's maps it to the right one. Only a relay that asks the
@@ -12,7 +13,7 @@ import ssl
 import pytest
 import trustme
 
-from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
+from relay.lab import ADDR, Lab, start_dante, start_privoxy, start_squid, start_ssh_tunnel, start_sshd, start_tinyproxy
 from relay.lab.servers import HttpServer, NxdomainDns, pattern_sha256
 from tests.e2e.conftest import Relays, require_root
 
@@ -22,6 +23,7 @@ WRONG_ADDRESS = ADDR.far_server_side4  # "the CDN node for another region": noth
 STOCK_SQUID = "127.0.0.1:3128"  # Debian's squid.conf, through ssh -L
 OPEN_SQUID = "127.0.0.1:3129"  # allows CONNECT to any port, through ssh -L
 DANTE = f"socks5://{ADDR.far4}:1080"
+STOCK_PROXIES = {"squid": STOCK_SQUID, "privoxy": "127.0.0.1:8118", "tinyproxy": "127.0.0.1:8888"}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,10 @@ def names_lab():
         sshd = start_sshd(lab)
         lab.stock_squid = start_squid(lab, listen=[("127.0.0.1", 3128)], debian_default_conf=True)
         start_squid(lab, listen=[("127.0.0.1", 3129)], name="open-squid")
-        start_ssh_tunnel(lab, sshd, forwards=("-L", "127.0.0.1:3128:127.0.0.1:3128", "-L", "127.0.0.1:3129:127.0.0.1:3129"))
+        start_privoxy(lab)
+        start_tinyproxy(lab)
+        start_ssh_tunnel(lab, sshd, forwards=[
+            option for port in (3128, 3129, 8118, 8888) for option in ("-L", f"127.0.0.1:{port}:127.0.0.1:{port}")])
         start_dante(lab)
         ca = trustme.CA()
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -60,12 +65,15 @@ def curl(lab, *args, check=True):
     return result
 
 
-def test_https_reaches_the_server_by_its_sniffed_name(run_relay, names_lab):
-    relay = run_relay(STOCK_SQUID)
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_https_reaches_the_server_by_its_sniffed_name(run_relay, names_lab, proxy):
+    # With --confirm-eof the server's FIN waits for the proxy to answer a probe of its own.
+    relay = run_relay(STOCK_PROXIES[proxy], "--confirm-eof", "on")
     assert curl(names_lab, f"https://{NAME}/hello").stdout == "hello from the lab server\n"
     [line] = relay.connections(at_least=1)
     assert line["dst"] == f"{WRONG_ADDRESS}:443" and line["name"] == NAME and line["end"] == "closed"
-    assert f"{NAME}:443" in names_lab.stock_squid.connect_targets()
+    if proxy == "squid":
+        assert f"{NAME}:443" in names_lab.stock_squid.connect_targets()
 
 
 def test_without_sniffing_https_fails_as_without_relay_support(run_relay, names_lab):
@@ -75,8 +83,9 @@ def test_without_sniffing_https_fails_as_without_relay_support(run_relay, names_
     assert "name" not in line and line["end"] == "refused:http-503"
 
 
-def test_plain_http_keep_alive_in_absolute_form_through_stock_squid(run_relay, names_lab):
-    relay = run_relay(STOCK_SQUID)
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_plain_http_keep_alive_in_absolute_form(run_relay, names_lab, proxy):
+    relay = run_relay(STOCK_PROXIES[proxy])
     seen = len(names_lab.http.requests)
     result = curl(names_lab, f"http://{NAME}/hello", f"http://{NAME}/hello", "-w", "connects=%{num_connects}\n")
     assert result.stdout == "hello from the lab server\nconnects=1\nhello from the lab server\nconnects=0\n"
@@ -85,8 +94,9 @@ def test_plain_http_keep_alive_in_absolute_form_through_stock_squid(run_relay, n
     assert names_lab.http.requests[seen:] == [("GET", "/hello", NAME)] * 2
 
 
-def test_chunked_upload_with_expect_100_continue(run_relay, names_lab):
-    run_relay(STOCK_SQUID)
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_chunked_upload_with_expect_100_continue(run_relay, names_lab, proxy):
+    run_relay(STOCK_PROXIES[proxy])
     body = os.urandom(3 << 20)
     path = names_lab.tmpdir / "upload.bin"
     path.write_bytes(body)
@@ -95,8 +105,9 @@ def test_chunked_upload_with_expect_100_continue(run_relay, names_lab):
     assert result.stdout.strip() == hashlib.sha256(body).hexdigest()
 
 
-def test_100_mib_download_and_head(run_relay, names_lab):
-    relay = run_relay(STOCK_SQUID)
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_100_mib_download_and_head(run_relay, names_lab, proxy):
+    relay = run_relay(STOCK_PROXIES[proxy])
     size, path = 100 << 20, names_lab.tmpdir / "download.bin"
     curl(names_lab, "-o", str(path), f"http://{NAME}/blob/{size}/9")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == pattern_sha256(size, 9)
