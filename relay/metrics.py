@@ -176,7 +176,10 @@ async def serve_metrics(
         scrapes = trio.CapacityLimiter(MAX_CONCURRENT_SCRAPES)
         handle = functools.partial(_serve_scraper, metrics, scrapes)
         async with trio.open_nursery() as nursery:
-            await accept_loop(listener, handle, nursery, RateLimited())
+            await accept_loop(
+                listener, lambda conn, peer: nursery.start_soon(handle, trio.socket.from_stdlib_socket(conn), peer),
+                RateLimited(),
+            )
 
 
 async def _serve_scraper(metrics: Metrics, scrapes: trio.CapacityLimiter, conn, _peer) -> None:

@@ -75,11 +75,12 @@ async def open_listeners(
     return listeners
 
 
-async def accept_loop(listener, handle, nursery, warnings: RateLimited, slots: trio.Semaphore | None = None) -> None:
-    """Accept forever, handing each connection to ``handle(conn, peer)`` in ``nursery``.
+async def accept_loop(listener, accepted, warnings: RateLimited, slots: trio.Semaphore | None = None) -> None:
+    """Accept forever, handing each connection to ``accepted(conn, peer)``: a plain function that
+    takes the (stdlib) socket and starts whatever handles it.
 
-    With ``slots``, one is taken before each accept and ``handle`` must give it
-    back: past the budget, new clients wait in the kernel's backlog instead of
+    With ``slots``, one is taken before each accept and whoever has the
+    connection must give it back: past the budget, new clients wait in the kernel's backlog instead of
     being accepted and then failing for lack of fds.
 
     ``listener`` is a non-blocking stdlib socket (open_listener). While
@@ -118,7 +119,7 @@ async def accept_loop(listener, handle, nursery, warnings: RateLimited, slots: t
             if exc.errno in CLIENT_GONE_ERRNOS:
                 continue
             raise
-        nursery.start_soon(handle, trio.socket.from_stdlib_socket(conn), peer)
+        accepted(conn, peer)
         in_a_row += 1
         if in_a_row == ACCEPT_BATCH:
             in_a_row = 0

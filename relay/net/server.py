@@ -19,8 +19,9 @@ from relay.net.dial import UpstreamError, apply_mark, connect, open_upstream
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.listener import accept_loop, open_listeners
 from relay.net.pump import Pump
-from relay.net.sockets import format_address, is_local_address, receive_some, reset
+from relay.net.sockets import format_address, is_local_address, readable_now, receive_some, reset
 from relay.net.upstreams import UpstreamPool, UpstreamState
+from relay.net.waiting import WaitingRoom
 from relay.proto.http_connect import basic_credentials
 from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, Sniffed, Sniffer
 
@@ -76,6 +77,17 @@ class ConnectionRecord:
         conn_log.info("conn %s", text, extra={"fields": fields})
 
 
+class Admitted:
+    """A connection past the admission checks, before its first bytes: what its task needs."""
+
+    __slots__ = ("peer", "dst", "started", "config", "pool", "sniff_deadline")
+
+    def __init__(self, peer, dst, started, config, pool, sniff_deadline):
+        self.peer, self.dst, self.started = peer, dst, started
+        self.config, self.pool = config, pool  # as they were at accept time: a reload affects new connections only
+        self.sniff_deadline = sniff_deadline  # Trio's clock
+
+
 class Server:
     def __init__(self, config: Config, metrics, reload=None):
         self.config = config
@@ -94,6 +106,8 @@ class Server:
         self.slots = trio.Semaphore(connection_budget(config))
         self.per_source: dict[str, int] = {}
         self.pump = Pump(self.relayed_ended)
+        self.waiting = WaitingRoom(self.start, self.abandon)
+        self.connections: trio.Nursery | None = None  # the tasks of connections not yet relayed, while serving
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""
@@ -176,35 +190,86 @@ class Server:
             return "refused:per-source-limit", why, self.warnings, f"source {peer[0]}"
         return None
 
-    async def handle(self, conn, peer) -> None:
+    # -- admission: at accept time, without a task ----------------------------------
+
+    def accepted(self, conn: socket.socket, peer) -> None:
+        """From accept_loop, which took a slot for it: admit the connection, then start its task now
+        (its client spoke already, or nothing needs its first bytes) or once it speaks or is silent
+        for --sniff-timeout (see relay.net.waiting)."""
+        try:
+            admitted = self.admit(conn, peer[:2], self.config)
+        except Exception:
+            # A bug must cost one connection, not the accept loop and every connection after it.
+            reset(conn)
+            log.exception("internal error while admitting %s", format_address(peer))
+            self.connection_ended(None, None, "error")
+            admitted = None
+        if admitted is None:
+            self.slots.release()
+        elif self.wants_sniffing(admitted.config, admitted.pool) and not readable_now(conn):
+            self.waiting.add(conn, admitted, admitted.sniff_deadline)
+        else:
+            self.start(conn, admitted, True)
+
+    def admit(self, conn: socket.socket, peer, config: Config) -> Admitted | None:
+        """The admission checks (loops, destination policy, per-source cap); None if refused (reset)."""
+        self.metrics.connection_accepted()
+        started = time.monotonic()
+        try:
+            dst = self.original_destination(conn)
+        except OSError as exc:
+            self.connection_ended(None, None, self.client_failed(conn, peer, exc))
+            return None
+        refusal = self.admission_refusal(config, peer, dst)
+        if refusal:
+            ended, why, limiter, key = refusal
+            reset(conn)
+            limiter.warning(key, f"refused {format_address(peer)} -> {format_address(dst)}: {why}")
+            self.connection_ended(None, None, ended)
+            return None
+        self.per_source[peer[0]] = self.per_source.get(peer[0], 0) + 1
+        return Admitted(peer, dst, started, config, self.pool, trio.current_time() + config.sniff_timeout)
+
+    def client_failed(self, conn, peer, exc: OSError) -> str:
+        """Reset a connection whose client socket failed; how it ended."""
+        reset(conn)
+        self.warnings.warning(f"conn-{exc.errno}", f"connection from {format_address(peer)} failed: {exc}")
+        return "client-" + errno.errorcode.get(exc.errno, "error").lower()
+
+    def start(self, conn: socket.socket, admitted: Admitted, spoke: bool) -> None:
+        self.connections.start_soon(self.handle, conn, admitted, spoke)
+
+    def abandon(self, conn: socket.socket, admitted: Admitted) -> None:
+        """A connection still waiting for its first bytes at shutdown."""
+        reset(conn)
+        self.connection_ended(admitted.peer[0], None, "cancelled")
+        self.slots.release()
+
+    # -- one connection ----------------------------------------------------------------
+
+    async def handle(self, conn: socket.socket, admitted: Admitted, spoke: bool) -> None:
         handed_over = False
         try:
-            handed_over = await self.handle_admitted(conn, peer)
+            handed_over = await self.relay(trio.socket.from_stdlib_socket(conn), admitted, spoke)
         finally:
+            if not spoke:
+                self.waiting.done_silent()
             if not handed_over:  # else relayed_ended gives it back
                 self.slots.release()  # taken by accept_loop before accepting this connection
 
-    async def handle_admitted(self, conn, peer) -> bool:
-        """Admit, sniff, forward or open the tunnel; True once the pump has the connection."""
-        config, pool = self.config, self.pool  # a reload affects new connections only
-        self.metrics.connection_accepted()
-        started = time.monotonic()
-        peer = peer[:2]
-        dst = record = None
+    async def relay(self, conn, admitted: Admitted, spoke: bool) -> bool:
+        """Sniff, forward or open the tunnel; True once the pump has the connection.
+
+        ``spoke``: the client sent something (or closed); if not, it stayed silent for
+        --sniff-timeout and is connected by address.
+        """
+        config, pool, peer, dst = admitted.config, admitted.pool, admitted.peer, admitted.dst
+        record = None
         ended, detail = "error", None
-        counted = handed_over = False
+        handed_over = False
         try:
-            dst = self.original_destination(conn)
-            refusal = self.admission_refusal(config, peer, dst)
-            if refusal:
-                ended, why, limiter, key = refusal
-                reset(conn)
-                limiter.warning(key, f"refused {format_address(peer)} -> {format_address(dst)}: {why}")
-                return
-            self.per_source[peer[0]] = self.per_source.get(peer[0], 0) + 1
-            counted = True
-            sniffed, first = await self.sniff(conn, config, pool)
-            record = ConnectionRecord(peer, dst, sniffed.hostname if config.sniff else None, started)
+            sniffed, first = await self.sniff(conn, admitted) if spoke else (NOT_RECOGNISED, b"")
+            record = ConnectionRecord(peer, dst, sniffed.hostname if config.sniff else None, admitted.started)
             direct = bypassed(config, dst, sniffed.hostname)
             candidates = [] if direct else pool.candidates()
             if sniffed.protocol == HTTP and self.forwards_http(config, candidates):
@@ -234,24 +299,22 @@ class Server:
             handed_over = True
             return True
         except OSError as exc:
-            reset(conn)
-            ended = "client-" + errno.errorcode.get(exc.errno, "error").lower()
-            self.warnings.warning(f"conn-{exc.errno}", f"connection from {format_address(peer)} failed: {exc}")
+            ended = self.client_failed(conn, peer, exc)
         except Exception:
             # A bug must cost one connection, not the relay and every other connection.
             reset(conn)
-            log.exception("internal error while relaying %s -> %s", format_address(peer), dst and format_address(dst))
+            log.exception("internal error while relaying %s -> %s", format_address(peer), format_address(dst))
         except BaseException:
             reset(conn)  # cancelled (shutdown): the client must not see a clean end of data
             ended = "cancelled"
             raise
         finally:
             if not handed_over:
-                self.connection_ended(peer[0] if counted else None, record, ended, detail)
+                self.connection_ended(peer[0], record, ended, detail)
         return False
 
     def relayed_ended(self, record: ConnectionRecord, ended: str, sent_up: int, sent_down: int) -> None:
-        """The pump is done with a connection handle_admitted gave it."""
+        """The pump is done with a connection relay() gave it."""
         self.own_sources.discard(record.source)
         record.up, record.down = sent_up, sent_down
         self.connection_ended(record.peer[0], record, ended)
@@ -278,18 +341,18 @@ class Server:
     def forwards_http(config: Config, candidates) -> bool:
         return config.http_mode == "forward" and bool(candidates) and candidates[0].upstream.scheme == "http"
 
-    async def sniff(self, conn, config: Config, pool: UpstreamPool) -> tuple[Sniffed, bytes]:
+    async def sniff(self, conn, admitted: Admitted) -> tuple[Sniffed, bytes]:
         """What the client's first bytes say (protocol, hostname), and those bytes.
 
-        Waits at most --sniff-timeout: a client that waits for the server to
-        speak first (SSH, SMTP) is then connected by address.
+        Reads until they are recognised or --sniff-timeout after the accept: a
+        client that stops in the middle is then connected by address, as a
+        silent one is.
         """
-        if not self.wants_sniffing(config, pool):
+        if not self.wants_sniffing(admitted.config, admitted.pool):
             return NOT_RECOGNISED, b""
         sniffer = Sniffer()
-        deadline = trio.current_time() + config.sniff_timeout
         while sniffer.result is None:
-            data = await receive_some(conn, MAX_SNIFF_BYTES, deadline)
+            data = await receive_some(conn, MAX_SNIFF_BYTES, admitted.sniff_deadline)
             if not data:  # None: the client is still silent at the deadline
                 break
             sniffer.receive_data(data)
@@ -401,40 +464,50 @@ class Server:
                 await self.pool.resolve(self.tunnels)
             health = await services.start(self.run_health_checks, self.pool)
             services.start_soon(self.pump.run)
-            async with trio.open_nursery() as connections:
-                accepting = trio.CancelScope()
-                services.start_soon(self.accept_all, connections, accepting)
-                log.info(
-                    "listening on %s (%s), upstream %s, fast path: %s",
-                    ", ".join(format_address(a) for a in sorted(self.listening)),
-                    self.config.mode,
-                    ", ".join(str(u) for u in self.config.upstreams),
-                    fastpath.WHY,
-                )
-                systemd.notify("READY=1")
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        health = await self.apply_reload(services, health)
-                        continue
-                    log.info("%s: not accepting; draining %d connections for up to %g s",
-                             signal.Signals(signum).name, len(connections.child_tasks) + len(self.pump),
-                             self.config.drain_time)
-                    systemd.notify("STOPPING=1")
-                    accepting.cancel()
-                    with trio.move_on_after(self.config.drain_time):
-                        while connections.child_tasks or len(self.pump):
-                            await trio.sleep(0.05)
-                    connections.cancel_scope.cancel()  # what is left is reset
-                    break
+            services.start_soon(self.waiting.run)
+            async with trio.open_nursery() as self.connections:
+                try:
+                    await self.serve_until_stopped(services, signals, health)
+                finally:
+                    self.waiting.close()  # nothing starts in self.connections after this
+                    self.connections.cancel_scope.cancel()  # what is left is reset
             self.pump.close()  # handshakes are over: reset the relayed connections left
             services.cancel_scope.cancel()
 
-    async def accept_all(self, connections, accepting: trio.CancelScope) -> None:
+    async def serve_until_stopped(self, services, signals, health) -> None:
+        accepting = trio.CancelScope()
+        services.start_soon(self.accept_all, accepting)
+        log.info(
+            "listening on %s (%s), upstream %s, fast path: %s",
+            ", ".join(format_address(a) for a in sorted(self.listening)),
+            self.config.mode,
+            ", ".join(str(u) for u in self.config.upstreams),
+            fastpath.WHY,
+        )
+        systemd.notify("READY=1")
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                health = await self.apply_reload(services, health)
+                continue
+            log.info("%s: not accepting; draining %d connections for up to %g s",
+                     signal.Signals(signum).name, self.in_progress(), self.config.drain_time)
+            systemd.notify("STOPPING=1")
+            accepting.cancel()
+            with trio.move_on_after(self.config.drain_time):
+                while self.in_progress():
+                    await trio.sleep(0.05)
+            return
+
+    def in_progress(self) -> int:
+        """Connections not yet ended: waiting for first bytes, in a handshake, or relayed."""
+        return len(self.waiting) + len(self.connections.child_tasks) + len(self.pump)
+
+    async def accept_all(self, accepting: trio.CancelScope) -> None:
         try:
             with accepting:
                 async with trio.open_nursery() as nursery:
                     for listener in self.listeners:
-                        nursery.start_soon(accept_loop, listener, self.handle, connections, self.warnings, self.slots)
+                        nursery.start_soon(accept_loop, listener, self.accepted, self.warnings, self.slots)
         finally:
             for listener in self.listeners:  # closed only once no task waits on them
                 listener.close()

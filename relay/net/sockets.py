@@ -46,13 +46,19 @@ def closed_by_peer(sock: trio.socket.SocketType) -> bool:
     for (either way it is not reusable). One non-blocking peek, no checkpoint."""
     borrowed = socket.socket(fileno=sock.fileno())
     try:
-        borrowed.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return readable_now(borrowed)
+    finally:
+        borrowed.detach()
+
+
+def readable_now(sock: socket.socket) -> bool:
+    """Whether a read would not block: bytes, a FIN or a reset wait there. One non-blocking peek."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return False
     except OSError:
         return True
-    finally:
-        borrowed.detach()
     return True
 
 
