@@ -143,7 +143,6 @@ cdef class Engine:
     cdef readonly double next_deadline  # no connection times out before this (inf: none can)
     cdef int _failure_errno
     cdef list held  # (handle, token) of upstream FINs not yet reported by take_held()
-    cdef readonly Py_ssize_t last_run_bytes  # moved by the last run()
 
     def __cinit__(self):
         self.next_deadline = float("inf")
@@ -404,7 +403,6 @@ cdef class Engine:
         cdef unsigned int ready
         cdef socklen_t size
         cdef Conn *conn
-        self.last_run_bytes = budget  # less what is left, at every return
         count = self.backlog_count
         self.backlog_count = 0
         for i in range(count):  # each re-queues at most itself, behind what was already read
@@ -414,12 +412,10 @@ cdef class Engine:
                 self.conns[slot].way[side].queued = False
                 self.step(slot, side, &budget, now, finished)
         if budget <= 0:
-            self.last_run_bytes -= budget
             return finished  # edge-triggered events wait in the kernel's ready list, not lost
         count = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
         if count < 0:
             if errno == EINTR:
-                self.last_run_bytes -= budget
                 return finished
             PyErr_SetFromErrno(OSError)
         for i in range(count):
@@ -440,7 +436,6 @@ cdef class Engine:
             if (ready & (EPOLLOUT | EPOLLERR) and conn.in_use
                     and (conn.way[1 - side].write_blocked or conn.way[1 - side].first != NULL)):
                 self.step(slot, 1 - side, &budget, now, finished)
-        self.last_run_bytes -= budget
         return finished
 
     def take_held(self):

@@ -121,7 +121,6 @@ class Engine:
         self._failure = (0, 0)
         self._held = []  # (handle, token) of upstream FINs not yet reported by take_held()
         self.next_deadline = math.inf  # no connection times out before this (inf: none can)
-        self.last_run_bytes = 0  # moved by the last run()
         # fd -> slot * 2 + side: epoll here reports fds, not the extension's 64-bit cookies.
         self._slots: dict[int, int] = {}
 
@@ -306,7 +305,6 @@ class Engine:
         """Handle what is ready (never blocks); returns the connections that ended, as
         (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``."""
         finished = []
-        self.last_run_bytes = budget  # less what is left, at every return
         backlog, self._backlog = self._backlog, []
         for entry in backlog:
             slot, side = entry >> 1, entry & 1
@@ -315,12 +313,10 @@ class Engine:
                 conn.ways[side].queued = False
                 budget = self._step(slot, side, budget, now, finished)
         if budget <= 0:
-            self.last_run_bytes -= budget
             return finished  # edge-triggered events wait in the kernel's ready list, not lost
         try:
             events = self._epoll.poll(0, MAX_EVENTS)
         except InterruptedError:
-            self.last_run_bytes -= budget
             return finished
         for fd, ready in events:
             entry = self._slots.get(fd)
@@ -339,7 +335,6 @@ class Engine:
             other = conn.ways[1 - side] if conn.in_use else None
             if ready & (select.EPOLLOUT | select.EPOLLERR) and other and (other.write_blocked or other.first is not None):
                 budget = self._step(slot, 1 - side, budget, now, finished)
-        self.last_run_bytes -= budget
         return finished
 
     def take_held(self):

@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from relay.net.pump import Coalescing, Pump
+from relay.net.pump import Pump
 from tests.pumping import pump
 from tests.sockpairs import hard_close, tcp_pair
 
@@ -61,49 +61,6 @@ async def test_both_directions_at_once_with_early_bytes(impl, wires):
     assert result.sent_up == len(early_up) + len(up) and result.sent_down == len(early_down) + len(down)
     assert got_at_server == [len(early_up) + len(up), hashlib.sha256(early_up + up).hexdigest()]
     assert got_at_client == [len(early_down) + len(down), hashlib.sha256(early_down + down).hexdigest()]
-
-
-def test_coalescing_pauses_between_frequent_bulk_runs():
-    coalescing, bulk, pause = Coalescing(), Coalescing.BULK, Coalescing.PAUSE
-    assert coalescing.ran(0.0, bulk) is False  # a first bulk run: nothing says runs come often
-    assert coalescing.ran(pause / 2, bulk) is True  # a second soon after: pause before the next
-    now = pause / 2
-    for _ in range(Coalescing.RUNS - 1):
-        now += pause
-        assert coalescing.ran(now, bulk) is True  # paused runs come a pause apart, and go on pausing
-    now += pause
-    assert coalescing.ran(now, bulk) is False  # every RUNS-th: wait for events once, to see how often
-    now += pause / 10
-    assert coalescing.ran(now, bulk) is True  # still often: pause again
-    assert coalescing.ran(now + pause, bulk - 1) is False  # a small run: back to events
-
-
-def test_coalescing_leaves_spread_out_or_small_runs_alone():
-    spread_out, small = Coalescing(), Coalescing()
-    # An upload moving megabytes per wakeup, wakeups farther apart than a pause: pauses would add runs.
-    assert not any(spread_out.ran(i * 3 * Coalescing.PAUSE, 2 << 20) for i in range(50))
-    # Interactive traffic: never delayed, however often it wakes the engine.
-    assert not any(small.ran(i * Coalescing.PAUSE / 10, 1000) for i in range(50))
-
-
-async def test_a_download_paced_by_pauses_arrives_intact(impl, wires, monkeypatch):
-    """Runs after a pause take whatever piled up meanwhile: nothing lost, nothing reordered."""
-    monkeypatch.setattr(Coalescing, "PAUSE", 0.02)  # long enough that runs always come "often"
-    decisions = []
-    decide = Coalescing.ran
-    monkeypatch.setattr(Coalescing, "ran", lambda self, *run: decisions.append(decide(self, *run)) or decisions[-1])
-    app_client, relay_client, relay_upstream, app_server = wires
-    down = os.urandom(16 << 20)
-    got_at_client = []
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_then_eof, app_server, down)
-            nursery.start_soon(read_to_eof, app_client, got_at_client)
-            app_client.shutdown(socket.SHUT_WR)
-            result = await pump(relay_client, relay_upstream, impl=impl)
-    assert result.ended == "closed" and result.sent_down == len(down)
-    assert got_at_client == [len(down), hashlib.sha256(down).hexdigest()]
-    assert True in decisions
 
 
 @pytest.mark.parametrize("first_to_finish", ["client", "server"])

@@ -15,8 +15,6 @@ client gets a reset rather than a clean end of a truncated transfer. Probes
 are shared: one per proxy at a time, covering every FIN that came before it.
 """
 
-import math
-
 import trio
 
 from relay import fastpath
@@ -24,40 +22,6 @@ from relay.logs import log
 
 # Bytes one run of the engine may move before yielding, so the accept loop and handshakes keep their turn.
 RUN_BUDGET = 1 << 22
-
-
-class Coalescing:
-    """Whether the engine's next run waits for its next event or for a short pause.
-
-    A bulk download wakes the relay every time the client's socket has room
-    again, each wakeup moving little: thousands of scheduler passes per GB.
-    Once runs come faster than one per ``PAUSE`` while each moves at least
-    ``BULK`` bytes, the next runs come after ``PAUSE`` instead, ready or not:
-    the peers fill and drain the buffers meanwhile (1 MiB pipes, autotuned
-    sockets), and each run moves more. A run that moves less than ``BULK``
-    (the flow slowed or ended) ends this; so does every ``RUNS``-th paused
-    run, to see whether events alone now come less often (uploads already
-    move megabytes per wakeup, where pauses would only add wakeups).
-    """
-
-    BULK = 1 << 16  # bytes
-    PAUSE = 0.001  # seconds; Trio's epoll waits in whole milliseconds
-    RUNS = 16
-
-    __slots__ = ("paused_runs", "last_start")
-
-    def __init__(self) -> None:
-        self.paused_runs = 0  # runs in a row that came after a pause; 0: waiting for events
-        self.last_start = -math.inf
-
-    def ran(self, started: float, moved: int) -> bool:
-        """Record a run; True if the next one should come after ``PAUSE``."""
-        if moved < self.BULK or self.paused_runs >= self.RUNS:
-            self.paused_runs = 0
-        elif self.paused_runs or started - self.last_start < self.PAUSE:
-            self.paused_runs += 1
-        self.last_start = started
-        return self.paused_runs > 0
 
 
 class Pump:
@@ -115,18 +79,14 @@ class Pump:
             self.close()
 
     async def drive(self) -> None:
-        """Run the engine whenever its epoll fd is readable, or after a pause while bulk data flows.
+        """Run the engine whenever its epoll fd is readable.
 
         No cancel scope per wait (timeouts are keep_time's): this loop runs once
         per wakeup of a busy transfer, and a scope per turn cost a third of it.
         """
-        coalescing = Coalescing()
-        pause = False
         while True:
             if self.engine.backlogged:
                 await trio.lowlevel.checkpoint()
-            elif pause:
-                await trio.sleep(Coalescing.PAUSE)  # then run, ready or not: no epoll registration
             else:
                 try:
                     await trio.lowlevel.wait_readable(self.engine.fileno())
@@ -134,9 +94,7 @@ class Pump:
                     return  # close() from another task: every connection is gone
             if self.engine.fileno() < 0:
                 return  # closed from another task while this one waited its turn
-            now = trio.current_time()
-            self.report(self.engine.run(now, RUN_BUDGET))
-            pause = coalescing.ran(now, self.engine.last_run_bytes)
+            self.report(self.engine.run(trio.current_time(), RUN_BUDGET))
             self.rearm()
             self.hold_new_fins()
 
