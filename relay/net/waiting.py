@@ -26,10 +26,10 @@ SILENT_AT_ONCE = 64  # tasks of silent connections between start and done_silent
 
 
 class _Waiting:
-    __slots__ = ("conn", "admitted", "deadline")
+    __slots__ = ("conn", "admitted")
 
-    def __init__(self, conn, admitted, deadline):
-        self.conn, self.admitted, self.deadline = conn, admitted, deadline
+    def __init__(self, conn, admitted):
+        self.conn, self.admitted = conn, admitted
 
 
 class WaitingRoom:
@@ -53,7 +53,7 @@ class WaitingRoom:
 
     def add(self, conn, admitted, deadline: float) -> None:
         """Wait for ``conn`` (a stdlib socket) to be readable, until ``deadline`` (Trio's clock)."""
-        entry = _Waiting(conn, admitted, deadline)
+        entry = _Waiting(conn, admitted)
         fd = conn.fileno()
         # One-shot: the connection leaves at its first event, its task reads what came.
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT)
@@ -74,7 +74,7 @@ class WaitingRoom:
             if self._epoll.closed:
                 return
             for fd, _ in self._epoll.poll(0, MAX_EVENTS):
-                self._leave(fd, spoke=True)
+                self._spoke(fd)
             now = trio.current_time()
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, _, entry = heapq.heappop(self._deadlines)
@@ -85,10 +85,10 @@ class WaitingRoom:
                     self._due.append(entry)
             self._start_due()
 
-    def _leave(self, fd: int, spoke: bool) -> None:
+    def _spoke(self, fd: int) -> None:
         entry = self._waiting.pop(fd)
         self._epoll.unregister(fd)
-        self._start(entry.conn, entry.admitted, spoke)
+        self._start(entry.conn, entry.admitted, True)
 
     def _start_due(self) -> None:
         while self._due and self._silent_started < self._silent_at_once:
