@@ -1,10 +1,17 @@
 """The waiting room: accepted connections waiting for their first bytes without a task each."""
 
+import errno
 import os
 import socket
 
+import pytest
 import trio
 
+from relay.config import Config
+from relay.metrics import Metrics
+from relay.net.server import Server
+
+from relay.net import waiting
 from relay.net.waiting import WaitingRoom
 from tests.sockpairs import hard_close, tcp_pair
 
@@ -80,7 +87,8 @@ async def test_a_shorter_wait_added_later_is_kept():
         assert room.abandoned == ["old"]
 
 
-async def test_silent_connections_start_a_few_at_a_time_in_order():
+async def test_silent_connections_start_a_few_at_a_time_in_order(monkeypatch):
+    monkeypatch.setattr(waiting, "PATIENCE", 60)
     async with trio.open_nursery() as nursery:
         room = Room(nursery, silent_at_once=3)
         for number in range(7):
@@ -93,6 +101,22 @@ async def test_silent_connections_start_a_few_at_a_time_in_order():
         for _ in range(3):
             room.room.done_silent()
         assert [name for name, _ in room.started] == list(range(7))
+        room.room.close()
+
+
+async def test_no_silent_connection_waits_for_its_turn_past_the_patience(monkeypatch):
+    """Dials that never finish (a blackholed destination) hold back the others only so long."""
+    monkeypatch.setattr(waiting, "PATIENCE", 0.2)
+    async with trio.open_nursery() as nursery:
+        room = Room(nursery, silent_at_once=1)
+        room.add("slow", wait=0.01)
+        await room.until_started()
+        room.add("next", wait=0.01)
+        await trio.sleep(0.1)
+        assert room.started == [("slow", False)]  # its turn has not come, and the patience lasts
+        begun = trio.current_time()
+        await room.until_started(2)
+        assert room.started[1] == ("next", False) and trio.current_time() - begun < 0.3
         room.room.close()
 
 
@@ -116,7 +140,8 @@ async def test_a_stale_deadline_does_not_expire_a_newer_connection_on_the_same_f
         assert room.abandoned == ["second"]
 
 
-async def test_close_abandons_what_is_left_and_ends_run():
+async def test_close_abandons_what_is_left_and_ends_run(monkeypatch):
+    monkeypatch.setattr(waiting, "PATIENCE", 60)
     async with trio.open_nursery() as nursery:
         room = Room(nursery, silent_at_once=1)
         room.add("waiting", wait=10)
@@ -129,3 +154,23 @@ async def test_close_abandons_what_is_left_and_ends_run():
         room.room.done_silent()  # the started one ends after the close: nothing more starts
         assert room.started == [("due-1", False)]
     # run() returned by itself: the nursery closed without a cancel.
+
+
+async def test_a_connection_the_room_cannot_take_costs_only_itself(monkeypatch):
+    """epoll's watch limit at accept time: that client is reset, its slot and count given back,
+    and the accept loop that called in goes on."""
+    config = Config.from_values({"upstream": ["127.0.0.1:1"], "allow-dest": ["127.0.0.0/8"]})
+    server = Server(config, Metrics(version="t", fast_path="python"))
+    await server.pool.resolve()  # an HTTP proxy: the client's first bytes are wanted
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(server.waiting, "add", lambda *args: (_ for _ in ()).throw(full))
+    client, conn = tcp_pair()
+    slots = server.slots.value
+    await server.slots.acquire()  # as accept_loop does
+    server.accepted(conn, client.getsockname())
+    assert server.slots.value == slots and server.per_source == {}
+    assert conn.fileno() == -1
+    with pytest.raises(ConnectionResetError):
+        client.recv(1)
+    assert 'relay_connections_ended_total{how="relay-enospc"} 1' in server.metrics.render()
+    server.waiting.close()

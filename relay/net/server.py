@@ -206,10 +206,18 @@ class Server:
             admitted = None
         if admitted is None:
             self.slots.release()
-        elif self.wants_sniffing(admitted.config, admitted.pool) and not readable_now(conn):
-            self.waiting.add(conn, admitted, admitted.sniff_deadline)
-        else:
-            self.start(conn, admitted, True)
+            return
+        if self.waiting.closed:  # shutting down: an accept loop woken just before it was cancelled
+            self.abandon(conn, admitted)
+            return
+        try:
+            if self.wants_sniffing(admitted.config, admitted.pool) and not readable_now(conn):
+                self.waiting.add(conn, admitted, admitted.sniff_deadline)
+            else:
+                self.start(conn, admitted, True)
+        except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
+            self.warnings.warning(f"wait-{exc.errno}", f"cannot take a connection from {format_address(peer)}: {exc}")
+            self.abandon(conn, admitted, local_failure(exc.errno))
 
     def admit(self, conn: socket.socket, peer, config: Config) -> Admitted | None:
         """The admission checks (loops, destination policy, per-source cap); None if refused (reset)."""
@@ -239,10 +247,10 @@ class Server:
     def start(self, conn: socket.socket, admitted: Admitted, spoke: bool) -> None:
         self.connections.start_soon(self.handle, conn, admitted, spoke)
 
-    def abandon(self, conn: socket.socket, admitted: Admitted) -> None:
-        """A connection still waiting for its first bytes at shutdown."""
+    def abandon(self, conn: socket.socket, admitted: Admitted, ended: str = "cancelled") -> None:
+        """An admitted connection that gets no task: still waiting for its first bytes at shutdown."""
         reset(conn)
-        self.connection_ended(admitted.peer[0], None, "cancelled")
+        self.connection_ended(admitted.peer[0], None, ended)
         self.slots.release()
 
     # -- one connection ----------------------------------------------------------------
@@ -466,16 +474,17 @@ class Server:
             services.start_soon(self.pump.run)
             services.start_soon(self.waiting.run)
             async with trio.open_nursery() as self.connections:
+                accepting = trio.CancelScope()
                 try:
-                    await self.serve_until_stopped(services, signals, health)
+                    await self.serve_until_stopped(services, signals, health, accepting)
                 finally:
+                    accepting.cancel()  # accept loops call self.accepted() no more
                     self.waiting.close()  # nothing starts in self.connections after this
                     self.connections.cancel_scope.cancel()  # what is left is reset
             self.pump.close()  # handshakes are over: reset the relayed connections left
             services.cancel_scope.cancel()
 
-    async def serve_until_stopped(self, services, signals, health) -> None:
-        accepting = trio.CancelScope()
+    async def serve_until_stopped(self, services, signals, health, accepting: trio.CancelScope) -> None:
         services.start_soon(self.accept_all, accepting)
         log.info(
             "listening on %s (%s), upstream %s, fast path: %s",

@@ -10,7 +10,9 @@ heap. Here a waiting connection is an epoll registration and a heap entry;
 its task starts once the client sends something (or a FIN, or a reset) or
 its wait is over. Silent connections whose waits end together (their clients
 connected together) start SILENT_AT_ONCE at a time: their tasks would
-otherwise all be dialing at once, the same peak again.
+otherwise all be dialing at once, the same peak again. None waits for its turn
+longer than PATIENCE, so slow dials (a blackholed destination) cannot hold
+back everyone else's.
 """
 
 import collections
@@ -23,6 +25,7 @@ import trio
 
 MAX_EVENTS = 256  # per epoll_wait; more wait for the next pass
 SILENT_AT_ONCE = 64  # tasks of silent connections between start and done_silent()
+PATIENCE = 0.25  # seconds a silent connection waits for its turn at most; then it starts anyway
 
 
 class _Waiting:
@@ -40,7 +43,8 @@ class WaitingRoom:
 
     def __init__(self, start, abandon, silent_at_once: int = SILENT_AT_ONCE):
         self._start, self._abandon = start, abandon
-        self._due: collections.deque[_Waiting] = collections.deque()  # silent, waiting for a turn to start
+        # Silent connections waiting for a turn to start, as (entry, when it starts regardless).
+        self._due: collections.deque[tuple[_Waiting, float]] = collections.deque()
         self._silent_started, self._silent_at_once = 0, silent_at_once
         self._epoll = select.epoll()
         self._waiting: dict[int, _Waiting] = {}  # fd -> its entry
@@ -50,6 +54,10 @@ class WaitingRoom:
 
     def __len__(self) -> int:
         return len(self._waiting) + len(self._due)
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll.closed
 
     def add(self, conn, admitted, deadline: float) -> None:
         """Wait for ``conn`` (a stdlib socket) to be readable, until ``deadline`` (Trio's clock)."""
@@ -65,7 +73,9 @@ class WaitingRoom:
     async def run(self) -> None:
         """Start the task of each connection whose client spoke or whose wait is over, until close()."""
         while not self._epoll.closed:
-            with trio.CancelScope(deadline=self._deadlines[0][0] if self._deadlines else math.inf) as self._alarm:
+            deadline = min(self._deadlines[0][0] if self._deadlines else math.inf,
+                           self._due[0][1] if self._due else math.inf)
+            with trio.CancelScope(deadline=deadline) as self._alarm:
                 try:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
                 except trio.ClosedResourceError:
@@ -82,7 +92,7 @@ class WaitingRoom:
                 if self._waiting.get(fd) is entry:
                     del self._waiting[fd]
                     self._epoll.unregister(fd)
-                    self._due.append(entry)
+                    self._due.append((entry, now + PATIENCE))
             self._start_due()
 
     def _spoke(self, fd: int) -> None:
@@ -91,8 +101,9 @@ class WaitingRoom:
         self._start(entry.conn, entry.admitted, True)
 
     def _start_due(self) -> None:
-        while self._due and self._silent_started < self._silent_at_once:
-            entry = self._due.popleft()
+        now = trio.current_time()
+        while self._due and (self._silent_started < self._silent_at_once or self._due[0][1] <= now):
+            entry, _ = self._due.popleft()
             self._silent_started += 1
             self._start(entry.conn, entry.admitted, False)
 
@@ -108,7 +119,7 @@ class WaitingRoom:
             return
         trio.lowlevel.notify_closing(self._epoll.fileno())  # wakes run(), if it waits
         self._epoll.close()
-        left = [*self._waiting.values(), *self._due]
+        left = [*self._waiting.values(), *(entry for entry, _ in self._due)]
         self._waiting, self._deadlines, self._due = {}, [], collections.deque()
         for entry in left:
             self._abandon(entry.conn, entry.admitted)
