@@ -120,6 +120,21 @@ async def test_no_silent_connection_waits_for_its_turn_past_the_patience(monkeyp
         room.room.close()
 
 
+async def test_the_turns_hold_past_the_patience_while_dials_finish(monkeypatch):
+    """A long queue that moves (thousands of idle clients at once) keeps to its turns."""
+    monkeypatch.setattr(waiting, "PATIENCE", 0.1)
+    async with trio.open_nursery() as nursery:
+        room = Room(nursery, silent_at_once=1)
+        for number in range(4):
+            room.add(number, wait=0.01)
+        await room.until_started()
+        for expected in range(2, 5):
+            await trio.sleep(0.06)  # within the patience of the last finished dial
+            room.room.done_silent()
+            assert len(room.started) == expected  # one more per finished dial, never all at once
+        room.room.close()
+
+
 async def test_a_stale_deadline_does_not_expire_a_newer_connection_on_the_same_fd():
     async with trio.open_nursery() as nursery:
         room = Room(nursery)

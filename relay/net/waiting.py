@@ -10,9 +10,10 @@ heap. Here a waiting connection is an epoll registration and a heap entry;
 its task starts once the client sends something (or a FIN, or a reset) or
 its wait is over. Silent connections whose waits end together (their clients
 connected together) start SILENT_AT_ONCE at a time: their tasks would
-otherwise all be dialing at once, the same peak again. None waits for its turn
-longer than PATIENCE, so slow dials (a blackholed destination) cannot hold
-back everyone else's.
+otherwise all be dialing at once, the same peak again. While none of the
+dials under way has finished for PATIENCE (a blackholed destination), the
+connections that have waited that long for their turn start anyway: slow
+dials hold back everyone else's only so long.
 """
 
 import collections
@@ -25,7 +26,7 @@ import trio
 
 MAX_EVENTS = 256  # per epoll_wait; more wait for the next pass
 SILENT_AT_ONCE = 64  # tasks of silent connections between start and done_silent()
-PATIENCE = 0.25  # seconds a silent connection waits for its turn at most; then it starts anyway
+PATIENCE = 0.25  # seconds without a finished dial after which waiting for a turn stops
 
 
 class _Waiting:
@@ -46,6 +47,7 @@ class WaitingRoom:
         # Silent connections waiting for a turn to start, as (entry, when it starts regardless).
         self._due: collections.deque[tuple[_Waiting, float]] = collections.deque()
         self._silent_started, self._silent_at_once = 0, silent_at_once
+        self._last_done = -math.inf  # when a silent connection's task last finished dialing
         self._epoll = select.epoll()
         self._waiting: dict[int, _Waiting] = {}  # fd -> its entry
         self._deadlines: list = []  # heap of (deadline, order, entry); entries that left are skipped
@@ -74,7 +76,7 @@ class WaitingRoom:
         """Start the task of each connection whose client spoke or whose wait is over, until close()."""
         while not self._epoll.closed:
             deadline = min(self._deadlines[0][0] if self._deadlines else math.inf,
-                           self._due[0][1] if self._due else math.inf)
+                           max(self._due[0][1], self._last_done + PATIENCE) if self._due else math.inf)
             with trio.CancelScope(deadline=deadline) as self._alarm:
                 try:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
@@ -102,7 +104,8 @@ class WaitingRoom:
 
     def _start_due(self) -> None:
         now = trio.current_time()
-        while self._due and (self._silent_started < self._silent_at_once or self._due[0][1] <= now):
+        stalled = now - self._last_done >= PATIENCE
+        while self._due and (self._silent_started < self._silent_at_once or (stalled and self._due[0][1] <= now)):
             entry, _ = self._due.popleft()
             self._silent_started += 1
             self._start(entry.conn, entry.admitted, False)
@@ -110,6 +113,7 @@ class WaitingRoom:
     def done_silent(self) -> None:
         """A task started for a silent connection has dialed, or failed: the next may start."""
         self._silent_started -= 1
+        self._last_done = trio.current_time()
         if not self._epoll.closed:
             self._start_due()
 
