@@ -141,6 +141,7 @@ cdef class Engine:
     cdef int backlog_count
     cdef int _failure  # set by advance() when it returns FAILED
     cdef readonly double next_deadline  # no connection times out before this (inf: none can)
+    cdef readonly Py_ssize_t moved  # bytes moved by the last run()
     cdef int _failure_errno
     cdef list held  # (handle, token) of upstream FINs not yet reported by take_held()
 
@@ -396,8 +397,16 @@ cdef class Engine:
 
     def run(self, double now, Py_ssize_t budget):
         """Handle what is ready (never blocks); returns the connections that ended, as
-        (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``."""
+        (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``;
+        ``moved`` then says how many bytes it moved."""
         cdef list finished = []
+        cdef Py_ssize_t left = budget
+        self._run(now, &left, finished)
+        self.moved = budget - left
+        return finished
+
+    cdef int _run(self, double now, Py_ssize_t *budget, list finished) except -1:
+        """run()'s work, spending ``budget`` as bytes move."""
         cdef epoll_event events[MAX_EVENTS]
         cdef int count, i, entry, slot, side, error
         cdef unsigned int ready
@@ -410,13 +419,13 @@ cdef class Engine:
             slot, side = entry >> 1, entry & 1
             if self.conns[slot].in_use and self.conns[slot].way[side].queued:
                 self.conns[slot].way[side].queued = False
-                self.step(slot, side, &budget, now, finished)
-        if budget <= 0:
-            return finished  # edge-triggered events wait in the kernel's ready list, not lost
+                self.step(slot, side, budget, now, finished)
+        if budget[0] <= 0:
+            return 0  # edge-triggered events wait in the kernel's ready list, not lost
         count = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
         if count < 0:
             if errno == EINTR:
-                return finished
+                return 0
             PyErr_SetFromErrno(OSError)
         for i in range(count):
             slot, side = events[i].data.u64 >> 1, events[i].data.u64 & 1
@@ -432,11 +441,11 @@ cdef class Engine:
                     self.finish(slot, "client-reset" if side == 0 else "upstream-reset", finished)
                     continue
             if ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR) and not conn.way[side].write_blocked:
-                self.step(slot, side, &budget, now, finished)
+                self.step(slot, side, budget, now, finished)
             if (ready & (EPOLLOUT | EPOLLERR) and conn.in_use
                     and (conn.way[1 - side].write_blocked or conn.way[1 - side].first != NULL)):
-                self.step(slot, 1 - side, &budget, now, finished)
-        return finished
+                self.step(slot, 1 - side, budget, now, finished)
+        return 0
 
     def take_held(self):
         """The upstream FINs held since the last call, as (handle, token): each waits for release().

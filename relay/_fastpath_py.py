@@ -121,6 +121,7 @@ class Engine:
         self._failure = (0, 0)
         self._held = []  # (handle, token) of upstream FINs not yet reported by take_held()
         self.next_deadline = math.inf  # no connection times out before this (inf: none can)
+        self.moved = 0  # bytes moved by the last run()
         # fd -> slot * 2 + side: epoll here reports fds, not the extension's 64-bit cookies.
         self._slots: dict[int, int] = {}
 
@@ -303,8 +304,15 @@ class Engine:
 
     def run(self, now, budget):
         """Handle what is ready (never blocks); returns the connections that ended, as
-        (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``."""
+        (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``;
+        ``moved`` then says how many bytes it moved."""
         finished = []
+        left = self._run(now, budget, finished)
+        self.moved = budget - left
+        return finished
+
+    def _run(self, now, budget, finished):
+        """run()'s work; returns the budget left."""
         backlog, self._backlog = self._backlog, []
         for entry in backlog:
             slot, side = entry >> 1, entry & 1
@@ -313,11 +321,11 @@ class Engine:
                 conn.ways[side].queued = False
                 budget = self._step(slot, side, budget, now, finished)
         if budget <= 0:
-            return finished  # edge-triggered events wait in the kernel's ready list, not lost
+            return budget  # edge-triggered events wait in the kernel's ready list, not lost
         try:
             events = self._epoll.poll(0, MAX_EVENTS)
         except InterruptedError:
-            return finished
+            return budget
         for fd, ready in events:
             entry = self._slots.get(fd)
             if entry is None:
@@ -335,7 +343,7 @@ class Engine:
             other = conn.ways[1 - side] if conn.in_use else None
             if ready & (select.EPOLLOUT | select.EPOLLERR) and other and (other.write_blocked or other.first is not None):
                 budget = self._step(slot, 1 - side, budget, now, finished)
-        return finished
+        return budget
 
     def take_held(self):
         """The upstream FINs held since the last call, as (handle, token): each waits for release().

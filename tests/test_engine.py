@@ -356,3 +356,19 @@ class _AnyCount:
 
 
 ANY_COUNT = _AnyCount()
+
+
+def test_moved_counts_the_bytes_of_the_last_run(engine):
+    app_client, app_server = relayed(engine, "t")
+    data = os.urandom(200_000)
+    app_client.sendall(data[:1000])
+    moved = []
+    deadline = time.monotonic() + 10
+    while sum(moved) < 1000 and time.monotonic() < deadline:
+        select.select([engine], [], [], 0.02)
+        engine.run(0.0, 1 << 20)
+        moved.append(engine.moved)
+    assert sum(moved) == 1000  # each run reports its own bytes, not a running total
+    assert app_server.recv(2000) == data[:1000]
+    engine.run(0.0, 1 << 20)
+    assert engine.moved == 0  # nothing was ready

@@ -1,14 +1,19 @@
 """The pump (one engine, one task) over real loopback TCP connections, on both fast-path implementations."""
 
+import contextlib
 import errno
 import hashlib
 import os
+import select
 import socket
+import threading
+import time
 
 import pytest
 import trio
 
 from relay.net.pump import Pump
+from relay.net.scheduler import SchedulerPeek
 from tests.pumping import pump
 from tests.sockpairs import hard_close, tcp_pair
 
@@ -293,3 +298,120 @@ async def test_a_fin_held_in_the_run_that_also_resets_the_connection(impl):
 
     ended = await relay_with_probe(impl, probe, 2, on_held)
     assert sorted(ended) == [(0, "client-reset", 0, 0), (1, "closed", 12, 0)]
+
+
+
+@pytest.fixture
+async def streaming_pump(impl):
+    """A Pump whose one connection carries a steady stream (from threads), and its run_engine() calls."""
+    pump = Pump(lambda *ended: None, impl=impl)
+    app_client, relay_client = tcp_pair()
+    relay_upstream, app_server = tcp_pair()
+    relay_client.setblocking(False)
+    relay_upstream.setblocking(False)
+    pump.add(relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60)
+    stop = threading.Event()
+
+    def send():  # sendall and recv_into keep the GIL free: the stream has no gaps of ours
+        chunk = bytes(16 << 20)
+        with contextlib.suppress(OSError):
+            for _ in range(64):  # bounded: 1 GiB
+                if stop.is_set():
+                    break
+                app_client.sendall(chunk)
+        app_client.close()
+
+    def drain():
+        buffer = bytearray(1 << 20)
+        with contextlib.suppress(OSError):
+            while app_server.recv_into(buffer):
+                pass
+
+    threads = [threading.Thread(target=send), threading.Thread(target=drain)]
+    for thread in threads:
+        thread.start()
+    runs = []
+    pump.run_engine = lambda: (runs.append(1), Pump.run_engine(pump))
+    yield pump, runs
+    stop.set()
+    pump.close()
+    for thread in threads:
+        thread.join(10)
+    app_server.close()
+
+
+def only_trio_can_end_the_stay(monkeypatch):
+    """No end by a pause in the stream, by the turn's length or by the run budget."""
+    monkeypatch.setattr("relay.net.pump.BUSY_WAIT", 5.0)
+    monkeypatch.setattr("relay.net.pump.BUSY_TURN", 60.0)
+    monkeypatch.setattr("relay.net.pump.RUN_BUDGET", 1 << 40)
+    monkeypatch.setattr("relay.net.pump.BATCHED_RUN", 1 << 40)
+
+
+def waiter_for(pump, peek):
+    waiter = select.epoll()
+    waiter.register(pump.engine.fileno(), select.EPOLLIN)
+    waiter.register(peek.fd, select.EPOLLIN)
+    return waiter
+
+
+async def test_a_busy_engine_keeps_the_task_while_trio_is_idle(streaming_pump, monkeypatch):
+    pump, runs = streaming_pump
+    # Neither a pause in the stream nor one long run on a loaded CI may end it: only the turn's end.
+    monkeypatch.setattr("relay.net.pump.BUSY_WAIT", 1.0)
+    monkeypatch.setattr("relay.net.pump.BUSY_TURN", 0.5)
+    monkeypatch.setattr("relay.net.pump.RUN_BUDGET", 1 << 40)
+    monkeypatch.setattr("relay.net.pump.BATCHED_RUN", 1 << 40)
+    peek = SchedulerPeek.current()
+    with waiter_for(pump, peek) as waiter:
+        await trio.testing.wait_all_tasks_blocked()
+        started = time.monotonic()
+        pump.stay_while_busy(waiter, peek)
+    assert len(runs) >= 2  # it ran the engine on its next events without going back to Trio
+    assert time.monotonic() - started < 5  # and gave it back after BUSY_TURN (generous for slow CI)
+
+
+@pytest.mark.parametrize("trio_has", ["a runnable task", "ready io"])
+async def test_a_busy_engine_gives_way_when_trio_has_work(streaming_pump, trio_has, monkeypatch):
+    pump, runs = streaming_pump
+    only_trio_can_end_the_stay(monkeypatch)
+    peek = SchedulerPeek.current()
+    ready_a, ready_b = socket.socketpair()
+    with waiter_for(pump, peek) as waiter, ready_a, ready_b:
+        async with trio.open_nursery() as nursery:
+            if trio_has == "a runnable task":
+                nursery.start_soon(trio.sleep, 0)
+                pump.stay_while_busy(waiter, peek)
+            elif trio_has == "ready io":
+                ready_a.setblocking(False)
+                nursery.start_soon(trio.lowlevel.wait_readable, ready_a)
+                await trio.testing.wait_all_tasks_blocked()
+                ready_b.send(b"x")
+                pump.stay_while_busy(waiter, peek)
+    assert runs == []
+
+
+async def test_a_busy_engine_gives_way_when_a_deadline_comes(streaming_pump, monkeypatch):
+    pump, runs = streaming_pump
+    only_trio_can_end_the_stay(monkeypatch)
+    peek = SchedulerPeek.current()
+    with waiter_for(pump, peek) as waiter:
+        await trio.testing.wait_all_tasks_blocked()
+        started = time.monotonic()
+        with trio.move_on_after(0.05):
+            pump.stay_while_busy(waiter, peek)
+    assert len(runs) >= 2  # busy until the deadline...
+    assert time.monotonic() - started < 5  # ...not for the whole (patched) turn
+
+
+async def test_a_run_that_moved_a_batch_gives_the_task_back(streaming_pump, monkeypatch):
+    """Runs that move a lot are batched well enough by Trio's pass: staying would only make them smaller."""
+    pump, runs = streaming_pump
+    only_trio_can_end_the_stay(monkeypatch)
+    monkeypatch.setattr("relay.net.pump.BATCHED_RUN", 1)
+    peek = SchedulerPeek.current()
+    with waiter_for(pump, peek) as waiter:
+        await trio.testing.wait_all_tasks_blocked()
+        pump.stay_while_busy(waiter, peek)
+    assert runs == [1]
+

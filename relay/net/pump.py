@@ -8,6 +8,13 @@ on, resets both sides when either resets, and enforces the idle timeouts. One
 task runs it whenever its epoll fd is readable, another when the next timeout
 is due; both report each connection that ended to ``on_finished``.
 
+A busy transfer wakes the engine thousands of times per GB, and a pass
+through Trio's scheduler for each wakeup cost more than the wakeup's own work.
+So after a run that moved a bulk of bytes, the task waits for the engine's
+next event itself, for as long as events keep coming and Trio has nothing
+else to do: no task runnable, no I/O ready (Trio's epoll fd is watched
+alongside the engine's), no deadline due; at most BUSY_TURN at a time.
+
 A FIN from a proxy that dies looks like any other FIN: the kernel closes its
 sockets cleanly. With ``confirm_eof`` a connection's upstream FIN is held
 until a probe *started after it* shows the proxy still there; if not, the
@@ -15,13 +22,22 @@ client gets a reset rather than a clean end of a truncated transfer. Probes
 are shared: one per proxy at a time, covering every FIN that came before it.
 """
 
+import select
+
 import trio
 
 from relay import fastpath
 from relay.logs import log
+from relay.net.scheduler import SchedulerPeek
 
 # Bytes one run of the engine may move before yielding, so the accept loop and handshakes keep their turn.
 RUN_BUDGET = 1 << 22
+# A run that moved this much was a bulk transfer's: its next event is likely near...
+BULK_RUN = 1 << 16
+# ...but one that moved this much is batched well by the time Trio's pass takes (uploads move MBs per run).
+BATCHED_RUN = 1 << 20
+BUSY_WAIT = 0.001  # how long to wait for that event before going back to Trio
+BUSY_TURN = 0.01  # how long Trio's other tasks may wait for their turn while a transfer is busy
 
 
 class Pump:
@@ -84,19 +100,42 @@ class Pump:
         No cancel scope per wait (timeouts are keep_time's): this loop runs once
         per wakeup of a busy transfer, and a scope per turn cost a third of it.
         """
-        while True:
-            if self.engine.backlogged:
-                await trio.lowlevel.checkpoint()
-            else:
-                try:
-                    await trio.lowlevel.wait_readable(self.engine.fileno())
-                except trio.ClosedResourceError:
-                    return  # close() from another task: every connection is gone
-            if self.engine.fileno() < 0:
-                return  # closed from another task while this one waited its turn
-            self.report(self.engine.run(trio.current_time(), RUN_BUDGET))
-            self.rearm()
-            self.hold_new_fins()
+        peek = SchedulerPeek.current()
+        with select.epoll() as waiter:
+            if peek is not None:
+                waiter.register(self.engine.fileno(), select.EPOLLIN)
+                waiter.register(peek.fd, select.EPOLLIN)
+            while True:
+                if self.engine.backlogged:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    try:
+                        await trio.lowlevel.wait_readable(self.engine.fileno())
+                    except trio.ClosedResourceError:
+                        return  # close() from another task: every connection is gone
+                if self.engine.fileno() < 0:
+                    return  # closed from another task while this one waited its turn
+                self.run_engine()
+                if peek is not None and BULK_RUN <= self.engine.moved < BATCHED_RUN:
+                    self.stay_while_busy(waiter, peek)
+
+    def run_engine(self) -> None:
+        self.report(self.engine.run(trio.current_time(), RUN_BUDGET))
+        self.rearm()
+        self.hold_new_fins()
+
+    def stay_while_busy(self, waiter, peek: SchedulerPeek) -> None:
+        """Run the engine on its next events without yielding, while they come within BUSY_WAIT
+        and Trio has nothing to do, for at most BUSY_TURN, and until a run moves BATCHED_RUN."""
+        turn_ends = trio.current_time() + BUSY_TURN
+        while not self.engine.backlogged and peek.idle() and self.engine.moved < BATCHED_RUN:
+            wait = min(turn_ends, peek.next_deadline()) - trio.current_time()
+            if wait <= 0:
+                return
+            events = waiter.poll(min(wait, BUSY_WAIT))
+            if len(events) != 1 or events[0][0] != self.engine.fileno():
+                return  # nothing came, or Trio's I/O did
+            self.run_engine()
 
     async def keep_time(self) -> None:
         """End the connections whose timeout came, when the earliest can come."""
