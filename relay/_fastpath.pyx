@@ -401,6 +401,7 @@ cdef class Engine:
         ``moved`` then says how many bytes it moved."""
         cdef list finished = []
         cdef Py_ssize_t left = budget
+        self.moved = 0  # and stays 0 if the run fails
         self._run(now, &left, finished)
         self.moved = budget - left
         return finished

@@ -307,8 +307,8 @@ class Engine:
         (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``;
         ``moved`` then says how many bytes it moved."""
         finished = []
-        left = self._run(now, budget, finished)
-        self.moved = budget - left
+        self.moved = 0  # and stays 0 if the run fails
+        self.moved = budget - self._run(now, budget, finished)
         return finished
 
     def _run(self, now, budget, finished):

@@ -12,7 +12,7 @@ import time
 import pytest
 import trio
 
-from relay.net.pump import Pump
+from relay.net.pump import BATCHED_RUN, BULK_RUN, Pump
 from relay.net.scheduler import SchedulerPeek
 from tests.pumping import pump
 from tests.sockpairs import hard_close, tcp_pair
@@ -301,24 +301,18 @@ async def test_a_fin_held_in_the_run_that_also_resets_the_connection(impl):
 
 
 
-@pytest.fixture
-async def streaming_pump(impl):
-    """A Pump whose one connection carries a steady stream (from threads), and its run_engine() calls."""
-    pump = Pump(lambda *ended: None, impl=impl)
-    app_client, relay_client = tcp_pair()
-    relay_upstream, app_server = tcp_pair()
-    relay_client.setblocking(False)
-    relay_upstream.setblocking(False)
-    pump.add(relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60)
-    stop = threading.Event()
+def paced_stream(app_client, app_server, stop: threading.Event, seconds: float = 30.0):
+    """Threads that send 128 KiB every millisecond into app_client (at most ``seconds``) and drain
+    app_server: a steady stream of small runs, as a download makes them, slow enough for either
+    engine on a loaded CI machine."""
 
-    def send():  # sendall and recv_into keep the GIL free: the stream has no gaps of ours
-        chunk = bytes(16 << 20)
+    def send():
+        chunk = bytes(1 << 17)
+        deadline = time.monotonic() + seconds
         with contextlib.suppress(OSError):
-            for _ in range(64):  # bounded: 1 GiB
-                if stop.is_set():
-                    break
+            while not stop.is_set() and time.monotonic() < deadline:
                 app_client.sendall(chunk)
+                time.sleep(0.001)
         app_client.close()
 
     def drain():
@@ -330,6 +324,20 @@ async def streaming_pump(impl):
     threads = [threading.Thread(target=send), threading.Thread(target=drain)]
     for thread in threads:
         thread.start()
+    return threads
+
+
+@pytest.fixture
+async def streaming_pump(impl):
+    """A Pump whose one connection carries a paced stream, and its run_engine() calls."""
+    pump = Pump(lambda *ended: None, impl=impl)
+    app_client, relay_client = tcp_pair()
+    relay_upstream, app_server = tcp_pair()
+    relay_client.setblocking(False)
+    relay_upstream.setblocking(False)
+    pump.add(relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60)
+    stop = threading.Event()
+    threads = paced_stream(app_client, app_server, stop)
     runs = []
     pump.run_engine = lambda: (runs.append(1), Pump.run_engine(pump))
     yield pump, runs
@@ -341,32 +349,30 @@ async def streaming_pump(impl):
 
 
 def only_trio_can_end_the_stay(monkeypatch):
-    """No end by a pause in the stream, by the turn's length or by the run budget."""
+    """No end by a pause in the stream, the turn's length, a large run or the run budget."""
     monkeypatch.setattr("relay.net.pump.BUSY_WAIT", 5.0)
     monkeypatch.setattr("relay.net.pump.BUSY_TURN", 60.0)
-    monkeypatch.setattr("relay.net.pump.RUN_BUDGET", 1 << 40)
     monkeypatch.setattr("relay.net.pump.BATCHED_RUN", 1 << 40)
+    monkeypatch.setattr("relay.net.pump.RUN_BUDGET", 1 << 40)
 
 
-def waiter_for(pump, peek):
+def waiter_for(pump):
     waiter = select.epoll()
     waiter.register(pump.engine.fileno(), select.EPOLLIN)
-    waiter.register(peek.fd, select.EPOLLIN)
     return waiter
 
 
 async def test_a_busy_engine_keeps_the_task_while_trio_is_idle(streaming_pump, monkeypatch):
     pump, runs = streaming_pump
-    # Neither a pause in the stream nor one long run on a loaded CI may end it: only the turn's end.
-    monkeypatch.setattr("relay.net.pump.BUSY_WAIT", 1.0)
+    only_trio_can_end_the_stay(monkeypatch)
     monkeypatch.setattr("relay.net.pump.BUSY_TURN", 0.5)
-    monkeypatch.setattr("relay.net.pump.RUN_BUDGET", 1 << 40)
-    monkeypatch.setattr("relay.net.pump.BATCHED_RUN", 1 << 40)
     peek = SchedulerPeek.current()
-    with waiter_for(pump, peek) as waiter:
+    with waiter_for(pump) as waiter:
         await trio.testing.wait_all_tasks_blocked()
         started = time.monotonic()
         pump.stay_while_busy(waiter, peek)
+        with pytest.raises(FileNotFoundError):
+            waiter.unregister(peek.fd)  # watched only during the stay
     assert len(runs) >= 2  # it ran the engine on its next events without going back to Trio
     assert time.monotonic() - started < 5  # and gave it back after BUSY_TURN (generous for slow CI)
 
@@ -377,12 +383,12 @@ async def test_a_busy_engine_gives_way_when_trio_has_work(streaming_pump, trio_h
     only_trio_can_end_the_stay(monkeypatch)
     peek = SchedulerPeek.current()
     ready_a, ready_b = socket.socketpair()
-    with waiter_for(pump, peek) as waiter, ready_a, ready_b:
+    with waiter_for(pump) as waiter, ready_a, ready_b:
         async with trio.open_nursery() as nursery:
             if trio_has == "a runnable task":
                 nursery.start_soon(trio.sleep, 0)
                 pump.stay_while_busy(waiter, peek)
-            elif trio_has == "ready io":
+            else:
                 ready_a.setblocking(False)
                 nursery.start_soon(trio.lowlevel.wait_readable, ready_a)
                 await trio.testing.wait_all_tasks_blocked()
@@ -395,13 +401,13 @@ async def test_a_busy_engine_gives_way_when_a_deadline_comes(streaming_pump, mon
     pump, runs = streaming_pump
     only_trio_can_end_the_stay(monkeypatch)
     peek = SchedulerPeek.current()
-    with waiter_for(pump, peek) as waiter:
+    with waiter_for(pump) as waiter:
         await trio.testing.wait_all_tasks_blocked()
         started = time.monotonic()
         with trio.move_on_after(0.05):
             pump.stay_while_busy(waiter, peek)
-    assert len(runs) >= 2  # busy until the deadline...
-    assert time.monotonic() - started < 5  # ...not for the whole (patched) turn
+    assert runs  # it stayed until the deadline...
+    assert time.monotonic() - started < 4  # ...not for the (patched) BUSY_WAIT after the stream's end
 
 
 async def test_a_run_that_moved_a_batch_gives_the_task_back(streaming_pump, monkeypatch):
@@ -410,8 +416,44 @@ async def test_a_run_that_moved_a_batch_gives_the_task_back(streaming_pump, monk
     only_trio_can_end_the_stay(monkeypatch)
     monkeypatch.setattr("relay.net.pump.BATCHED_RUN", 1)
     peek = SchedulerPeek.current()
-    with waiter_for(pump, peek) as waiter:
+    with waiter_for(pump) as waiter:
         await trio.testing.wait_all_tasks_blocked()
         pump.stay_while_busy(waiter, peek)
     assert runs == [1]
+
+
+async def test_the_pump_stays_after_bulk_runs_only(impl, monkeypatch):
+    """Through the real drive loop: a paced stream's runs lead to stays, each after a run of
+    BULK_RUN to BATCHED_RUN; a small exchange leads to none."""
+    moved_before_stays = []
+    original = Pump.stay_while_busy
+
+    def spy(self, waiter, peek):
+        moved_before_stays.append(self.engine.moved)
+        original(self, waiter, peek)
+
+    monkeypatch.setattr(Pump, "stay_while_busy", spy)
+    app_client, relay_client = tcp_pair()
+    relay_upstream, app_server = tcp_pair()
+    for sock in (relay_client, relay_upstream):
+        sock.setblocking(False)
+    stop = threading.Event()
+    async with trio.open_nursery() as nursery:
+        relay = Pump(lambda *ended: None, impl=impl)
+        nursery.start_soon(relay.run)
+        relay.add(relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60)
+        app_server.sendall(b"small")
+        assert await trio.to_thread.run_sync(app_client.recv, 5) == b"small"
+        await trio.sleep(0.05)
+        assert moved_before_stays == []
+        threads = paced_stream(app_server, app_client, stop, seconds=1.0)
+        with trio.move_on_after(30):
+            while not moved_before_stays:
+                await trio.sleep(0.01)
+        stop.set()
+        await trio.to_thread.run_sync(lambda: [thread.join(10) for thread in threads])
+        nursery.cancel_scope.cancel()
+    app_client.close()
+    assert moved_before_stays
+    assert all(BULK_RUN <= moved < BATCHED_RUN for moved in moved_before_stays)
 

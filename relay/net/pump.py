@@ -13,7 +13,8 @@ through Trio's scheduler for each wakeup cost more than the wakeup's own work.
 So after a run that moved a bulk of bytes, the task waits for the engine's
 next event itself, for as long as events keep coming and Trio has nothing
 else to do: no task runnable, no I/O ready (Trio's epoll fd is watched
-alongside the engine's), no deadline due; at most BUSY_TURN at a time.
+alongside the engine's), no deadline due; at most BUSY_TURN at a time, which
+is also as long as a task woken in the same pass as this one may wait.
 
 A FIN from a proxy that dies looks like any other FIN: the kernel closes its
 sockets cleanly. With ``confirm_eof`` a connection's upstream FIN is held
@@ -23,6 +24,7 @@ are shared: one per proxy at a time, covering every FIN that came before it.
 """
 
 import select
+import time
 
 import trio
 
@@ -37,7 +39,9 @@ BULK_RUN = 1 << 16
 # ...but one that moved this much is batched well by the time Trio's pass takes (uploads move MBs per run).
 BATCHED_RUN = 1 << 20
 BUSY_WAIT = 0.001  # how long to wait for that event before going back to Trio
-BUSY_TURN = 0.01  # how long Trio's other tasks may wait for their turn while a transfer is busy
+# How long a stay may last. It also bounds what the peek cannot see: tasks that Trio woke in the
+# same pass as this one, but had not run yet (they wait for the stay to end).
+BUSY_TURN = 0.002
 
 
 class Pump:
@@ -104,7 +108,6 @@ class Pump:
         with select.epoll() as waiter:
             if peek is not None:
                 waiter.register(self.engine.fileno(), select.EPOLLIN)
-                waiter.register(peek.fd, select.EPOLLIN)
             while True:
                 if self.engine.backlogged:
                     await trio.lowlevel.checkpoint()
@@ -126,16 +129,25 @@ class Pump:
 
     def stay_while_busy(self, waiter, peek: SchedulerPeek) -> None:
         """Run the engine on its next events without yielding, while they come within BUSY_WAIT
-        and Trio has nothing to do, for at most BUSY_TURN, and until a run moves BATCHED_RUN."""
-        turn_ends = trio.current_time() + BUSY_TURN
-        while not self.engine.backlogged and peek.idle() and self.engine.moved < BATCHED_RUN:
-            wait = min(turn_ends, peek.next_deadline()) - trio.current_time()
-            if wait <= 0:
-                return
-            events = waiter.poll(min(wait, BUSY_WAIT))
-            if len(events) != 1 or events[0][0] != self.engine.fileno():
-                return  # nothing came, or Trio's I/O did
-            self.run_engine()
+        and Trio has nothing to do, for at most BUSY_TURN, and until a run moves BATCHED_RUN.
+
+        Trio's epoll fd is watched only meanwhile: while an epoll fd is itself watched, the
+        kernel checks every fd added to it for loops under a global lock, and Trio adds one
+        per connection it waits on.
+        """
+        turn_ends = time.monotonic() + BUSY_TURN  # real time: a test's mock clock may stand still
+        waiter.register(peek.fd, select.EPOLLIN)
+        try:
+            while not self.engine.backlogged and peek.idle() and self.engine.moved < BATCHED_RUN:
+                wait = min(turn_ends - time.monotonic(), peek.next_deadline() - trio.current_time())
+                if wait <= 0:
+                    return
+                events = waiter.poll(min(wait, BUSY_WAIT))
+                if len(events) != 1 or events[0][0] != self.engine.fileno():
+                    return  # nothing came, or Trio's I/O did
+                self.run_engine()
+        finally:
+            waiter.unregister(peek.fd)
 
     async def keep_time(self) -> None:
         """End the connections whose timeout came, when the earliest can come."""

@@ -33,4 +33,6 @@ class SchedulerPeek:
         return peek
 
     def idle(self) -> bool:
+        """No task in the run queue. Tasks that Trio already took from it for the pass it is
+        running (woken together with the caller) are not seen: they wait for the caller's turn."""
         return not self._runner.runq
