@@ -9,7 +9,8 @@ import trio
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.net.dial import UpstreamError
-from relay.net.upstreams import UpstreamPool, UpstreamState
+from relay.net.server import ConnectionRecord
+from relay.net.upstreams import DIRECT, Attempts, UpstreamPool, UpstreamState
 
 
 def pool(strategy="failover", failures=2):
@@ -62,6 +63,81 @@ def test_refusals_about_the_destination_are_not_proxy_faults():
     assert not UpstreamError("x", "socks5-host-unreachable", about_target=True).proxy_fault
 
 
+
+DST = ("10.9.9.9", 443)
+BY_NAME = ("example.org", 443)
+
+
+def attempts(upstreams, name="example.org", direct=False):
+    record = ConnectionRecord(("10.1.1.1", 5000), DST, name, 0.0)
+    return Attempts(upstreams, upstreams.candidates(), direct, DST, record), record
+
+
+def tried(plan):
+    upstream, _, target = plan.next()
+    return upstream.host, target
+
+
+def test_attempts_ask_by_name_then_by_address_when_the_proxy_cannot_reach_the_name():
+    upstreams = pool()
+    plan, record = attempts(upstreams)
+    assert tried(plan) == ("10.0.0.1", BY_NAME) and record.via.host == "10.0.0.1"
+    plan.failed(UpstreamError("x", "http-502", about_target=True))
+    assert tried(plan) == ("10.0.0.1", DST) and record.retried == "http-502"
+    plan.failed(UpstreamError("x", "http-502", about_target=True))  # by address too: the destination's fault
+    with pytest.raises(UpstreamError) as ended:
+        plan.next()
+    assert ended.value.reason == "http-502" and upstreams.states[0].failures == 0
+
+
+def test_attempts_move_on_when_a_proxy_fails_and_count_it():
+    upstreams = pool(failures=5)
+    plan, record = attempts(upstreams)
+    plan.failed(UpstreamError("x", "connect-econnrefused"))
+    assert upstreams.states[0].failures == 1
+    assert tried(plan) == ("10.0.0.2", BY_NAME) and record.via.host == "10.0.0.2"
+    plan.failed(UpstreamError("x", "handshake-timeout"))
+    assert tried(plan) == ("10.0.0.3", BY_NAME)
+    assert plan.succeeded() is upstreams.states[2]
+    upstreams.failed(upstreams.states[2], UpstreamError("x", "handshake-timeout"))
+    plan.failed(UpstreamError("x", "socks5-connection-refused"))  # the destination refused: no use elsewhere
+    with pytest.raises(UpstreamError) as ended:
+        plan.next()
+    assert ended.value.reason == "socks5-connection-refused"
+
+
+def test_attempts_end_with_the_last_proxy_failure_or_no_healthy_upstream():
+    upstreams = pool()
+    plan, _ = attempts(upstreams, name=None)
+    for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        assert tried(plan) == (host, DST)
+        plan.failed(UpstreamError(host, "connect-etimedout"))
+    with pytest.raises(UpstreamError, match="10.0.0.3"):
+        plan.next()
+    for state in upstreams.states:
+        state.healthy = False
+    plan, _ = attempts(upstreams)
+    with pytest.raises(UpstreamError) as ended:
+        plan.next()
+    assert ended.value.reason == "no-healthy-upstream"
+
+
+def test_attempts_direct_is_one_attempt_by_address():
+    upstreams = pool()
+    plan, record = attempts(upstreams, direct=True)
+    assert plan.next() == (DIRECT, [], DST) and record.via is DIRECT
+    plan.failed(UpstreamError("x", "connect-econnrefused"))
+    with pytest.raises(UpstreamError):
+        plan.next()
+    assert plan.succeeded() is None and all(state.failures == 0 for state in upstreams.states)
+
+
+def test_attempts_ask_socks4_by_address_only():
+    config = Config.from_values({"upstream": ["socks4://10.0.0.4:1080"]})
+    upstreams = UpstreamPool(config, Metrics(version="t", fast_path="python"))
+    upstreams.states = [UpstreamState(config.upstreams[0], [(2, ("10.0.0.4", 1080))])]
+    plan, _ = attempts(upstreams)
+    assert tried(plan) == ("10.0.0.4", DST)
 
 
 class FakeTunnel:

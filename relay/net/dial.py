@@ -1,19 +1,25 @@
 """Opening the upstream side: TCP connect (with SO_MARK), then the proxy handshake."""
 
 import errno
+import heapq
+import itertools
+import math
 import os
+import select
 import socket
 
 import trio
 
 from relay.config import Upstream
-from relay.net.sockets import format_address, receive_some, reset, write_all
+from relay.logs import log
+from relay.net.sockets import format_address, reset
 from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
 from relay.proto.socks import Socks4Client, Socks5Client
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
+MAX_EVENTS = 256  # per epoll_wait; more wait for the next pass
 
 
 class UpstreamError(Exception):
@@ -77,18 +83,56 @@ async def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
+def new_socket(family: int, mark: int | None) -> socket.socket:
+    """A non-blocking TCP socket for an upstream connection; the caller closes it if this raises."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        if mark is not None:
+            apply_mark(sock, mark)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_failure(error: OSError, where: str) -> UpstreamError:
+    """What a failed connect() (or socket()) means: the proxy's fault, or the relay's own shortage."""
+    # Out of local ports, fds or memory is the relay's shortage, not the proxy's fault: it
+    # must not mark a healthy upstream down (and so refuse everyone once ports free up).
+    reason = ("relay-" if error.errno in LOCAL_SHORTAGES else "connect-") + _errno_word(error)
+    why = os.strerror(error.errno) if error.errno else str(error)
+    return UpstreamError(f"connecting to {where} failed: {why}", reason)
+
+
+def connect_timed_out(where: str, timeout: float) -> UpstreamError:
+    return UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout")
+
+
+def handshake_failure(exc: Exception) -> UpstreamError:
+    """The UpstreamError for what ended a proxy handshake: a refusal, garbage, a socket error."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, ProxyRefused):
+        return UpstreamError(str(exc), exc.reason, _about_target(exc))
+    if isinstance(exc, RemoteProtocolError):
+        return UpstreamError(f"malformed reply from the proxy: {exc}", "proxy-protocol-error")
+    return UpstreamError(f"proxy connection failed: {exc.strerror}", "proxy-" + _errno_word(exc))
+
+
 async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeout: float) -> trio.socket.SocketType:
-    """A connected TCP socket to the first of ``addresses`` that answers, within ``timeout`` in all."""
+    """A connected TCP socket to the first of ``addresses`` that answers, within ``timeout`` in all.
+
+    For one-off connections (health checks, probes, plain HTTP forwarding);
+    relayed connections open theirs through the Dialer, without a task.
+    """
     where = format_address(addresses[0][1])
     last_error = None
     deadline = trio.current_time() + timeout
     try:
         for family, address in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = new_socket(family, mark)
             try:
-                if mark is not None:
-                    apply_mark(sock, mark)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await connect_now(sock, address, deadline)
                 return trio.socket.from_stdlib_socket(sock)
             except OSError as exc:
@@ -98,92 +142,319 @@ async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeo
                 sock.close()
                 raise
     except trio.TooSlowError:
-        raise UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout") from None
+        raise connect_timed_out(where, timeout) from None
     except OSError as exc:  # socket() itself failed: out of fds or memory
         last_error = exc
-    reason = _errno_word(last_error)
-    # Out of local ports, fds or memory is the relay's shortage, not the proxy's fault: it
-    # must not mark a healthy upstream down (and so refuse everyone once ports free up).
-    reason = ("relay-" if last_error.errno in LOCAL_SHORTAGES else "connect-") + reason
-    why = os.strerror(last_error.errno) if last_error.errno else str(last_error)
-    raise UpstreamError(f"connecting to {where} failed: {why}", reason)
+    raise connect_failure(last_error, where)
 
 
 # connect() on a non-blocking socket: what Trio's sock.connect() takes for "started, wait until writable".
 IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
 
 
-async def connect_now(sock: socket.socket, address, deadline: float) -> None:
-    """Trio's ``sock.connect(address)`` for a resolved address, without its scheduler pass when the
-    connection is made at once (or fails at once) and without resolving the address again;
-    TooSlowError if it must wait past ``deadline`` (Trio's clock).
+def connected_at_once(sock: socket.socket, address) -> bool:
+    """Start connecting; True if already connected. Raises OSError if it failed at once.
 
     Over loopback (a proxy on this router, an ssh tunnel's local end) the TCP
     handshake is usually complete by the time connect() returns EINPROGRESS:
-    then getpeername() succeeds and there is nothing to wait for, not even a
-    cancel scope for the deadline (about 30 Python calls to enter and leave).
+    then getpeername() succeeds and there is nothing to wait for.
     """
     error = sock.connect_ex(address)
     if error in IN_PROGRESS:
         try:
             sock.getpeername()
-            return
+            return True
         except OSError:
-            pass  # not yet: wait, as Trio does
-        with trio.fail_at(deadline):
-            await trio.lowlevel.wait_writable(sock)
-        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            return False  # not yet: wait until writable
+    if error:
+        raise OSError(error, os.strerror(error))
+    return True
+
+
+async def connect_now(sock: socket.socket, address, deadline: float) -> None:
+    """Trio's ``sock.connect(address)`` for a resolved address, without its scheduler pass (or even
+    a cancel scope for the deadline) when the connection is made or fails at once; TooSlowError if
+    it must wait past ``deadline`` (Trio's clock)."""
+    if connected_at_once(sock, address):
+        return
+    with trio.fail_at(deadline):
+        await trio.lowlevel.wait_writable(sock)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
 
 
-async def run_handshake(sock: trio.socket.SocketType, machine, timeout: float) -> bytes:
-    """Drive ``machine`` over ``sock``; returns the bytes that followed the proxy's success reply."""
-    try:
-        with trio.fail_after(timeout):
-            await write_all(sock, machine.data_to_send())
-            while not machine.established:
-                data = await receive_some(sock, RECV_SIZE)
-                if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
-                    raise UpstreamError(
-                        "the proxy closed the connection during the handshake", "proxy-closed", about_target=True
-                    )
-                machine.receive_data(data)
-                reply = machine.data_to_send()
-                if reply:
-                    await write_all(sock, reply)
-    except trio.TooSlowError:
-        raise UpstreamError(f"proxy handshake timed out after {timeout:g} s", "handshake-timeout") from None
-    except ProxyRefused as exc:
-        raise UpstreamError(str(exc), exc.reason, _about_target(exc)) from None
-    except RemoteProtocolError as exc:
-        raise UpstreamError(f"malformed reply from the proxy: {exc}", "proxy-protocol-error") from None
-    except OSError as exc:
-        raise UpstreamError(f"proxy connection failed: {exc.strerror}", "proxy-" + _errno_word(exc)) from None
-    return machine.trailing_data
+class Dialing:
+    """One upstream connection being opened by a Dialer: connecting to ``addresses`` in turn, then
+    the proxy handshake (``machine``; None for a direct connection)."""
+
+    __slots__ = ("upstream", "addresses", "machine", "mark", "connect_timeout", "handshake_timeout", "on_open",
+                 "on_fail", "sock", "next_address", "last_error", "handshaking", "outgoing", "deadline", "events")
+
+    def __init__(self, upstream, addresses, machine, mark, connect_timeout, handshake_timeout, on_open, on_fail):
+        self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
+        self.connect_timeout, self.handshake_timeout = connect_timeout, handshake_timeout
+        self.on_open, self.on_fail = on_open, on_fail
+        self.sock: socket.socket | None = None  # None once it opened, failed or was cancelled
+        self.next_address = 0
+        self.last_error: OSError | None = None
+        self.handshaking = False
+        self.outgoing = b""  # handshake bytes the socket did not take yet
+        self.deadline = math.inf  # of the current phase, on Trio's clock; inf while nothing waits
+        self.events = 0  # what its socket is watched for
 
 
-async def open_upstream(
-    upstream: Upstream,
-    proxy_addresses: list[tuple[int, tuple]],
-    destination: tuple[str, int],
-    *,
-    mark: int | None,
-    connect_timeout: float,
-    handshake_timeout: float,
-) -> tuple[trio.socket.SocketType, bytes]:
-    """A socket whose other end is ``destination`` (through the proxy at ``proxy_addresses``,
-    resolved once at start), and the bytes already received from it."""
-    host, port = destination
-    if upstream.scheme == "direct":
-        return await connect([(address_family(host), destination)], mark=mark, timeout=connect_timeout), b""
-    try:
-        machine = handshake_for(upstream, host, port)
-    except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
-        raise UpstreamError(str(exc), "unsupported-destination") from None
-    sock = await connect(proxy_addresses, mark=mark, timeout=connect_timeout)
-    try:
-        return sock, await run_handshake(sock, machine, handshake_timeout)
-    except BaseException:
-        reset(sock)
-        raise
+class Dialer:
+    """Opens upstream connections without a task each: one epoll, one task (``run``).
+
+    A relayed connection used to open its upstream in its own task: a Trio
+    wait (and an epoll registration, and a scheduler pass) for the connect and
+    for every reply of the proxy, which cost more than the rest of the
+    connection's Python. Here a connection being opened is a registration in
+    this epoll and a deadline in a heap; the handshake machine is driven from
+    the readiness events, and the caller hears the outcome through one of two
+    callbacks, called from ``open()`` itself when nothing had to wait:
+
+    - ``on_open(sock, early)``: a connected non-blocking stdlib socket, whose
+      other end is the destination, and the bytes that followed the proxy's
+      reply (the start of the tunnel); the caller owns the socket;
+    - ``on_fail(error)``: an UpstreamError, the socket already reset.
+    """
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._dialing: dict[int, Dialing] = {}  # fd -> the connection being opened on it
+        self._deadlines: list = []  # heap of (deadline, order, dialing); stale entries are skipped
+        self._order = itertools.count()
+        self._alarm: trio.CancelScope | None = None
+
+    def __len__(self) -> int:
+        return len(self._dialing)
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll.closed
+
+    def open(self, upstream: Upstream, addresses: list[tuple[int, tuple]], target: tuple[str, int], *,
+             mark: int | None, connect_timeout: float, handshake_timeout: float, on_open, on_fail) -> Dialing:
+        """Open a connection to ``target`` through ``upstream`` (at ``addresses``, resolved once)."""
+        host, port = target
+        machine = None
+        if upstream.scheme == "direct":
+            addresses = [(address_family(host), target)]
+        else:
+            try:
+                machine = handshake_for(upstream, host, port)
+            except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
+                dialing = Dialing(upstream, addresses, None, mark, connect_timeout, handshake_timeout, on_open, on_fail)
+                self._call(on_fail, UpstreamError(str(exc), "unsupported-destination"))
+                return dialing
+        dialing = Dialing(upstream, addresses, machine, mark, connect_timeout, handshake_timeout, on_open, on_fail)
+        if self.closed:
+            self._call(on_fail, UpstreamError("the relay is shutting down", "cancelled"))
+            return dialing
+        self._connect_next(dialing)
+        return dialing
+
+    async def open_async(self, upstream: Upstream, addresses, target, *, mark: int | None, connect_timeout: float,
+                         handshake_timeout: float) -> tuple[socket.socket, bytes]:
+        """``open()`` for a task: the socket and the early bytes, or raises UpstreamError."""
+        outcome: list = []
+        done = trio.Event()
+
+        def finished(*result):
+            outcome.extend(result)
+            done.set()
+
+        dialing = self.open(upstream, addresses, target, mark=mark, connect_timeout=connect_timeout,
+                            handshake_timeout=handshake_timeout, on_open=finished, on_fail=finished)
+        try:
+            await done.wait()
+        except BaseException:
+            self.cancel(dialing)
+            if len(outcome) == 2:
+                reset(outcome[0])
+            raise
+        if len(outcome) == 1:
+            raise outcome[0]
+        return outcome[0], outcome[1]
+
+    def cancel(self, dialing: Dialing) -> None:
+        """Stop opening (the socket is reset, no callback); nothing if it is over already."""
+        if dialing.sock is not None:
+            reset(self._finish(dialing))
+
+    async def run(self) -> None:
+        """Drive every connection being opened until close()."""
+        while not self.closed:
+            deadline = self._deadlines[0][0] if self._deadlines else math.inf
+            with trio.CancelScope(deadline=deadline) as self._alarm:
+                try:
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                except trio.ClosedResourceError:
+                    return
+            self._alarm = None
+            if self.closed:
+                return
+            for fd, _ in self._epoll.poll(0, MAX_EVENTS):
+                dialing = self._dialing.get(fd)
+                if dialing is None:
+                    continue  # ended by an earlier callback of this pass
+                try:
+                    self._ready(dialing)
+                except Exception:  # a bug (in a handshake machine) must cost one connection, not all
+                    log.exception("internal error while opening an upstream connection")
+                    if dialing.sock is not None:
+                        self._fail(dialing, UpstreamError("internal error", "internal-error"))
+            now = trio.current_time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                deadline, _, dialing = heapq.heappop(self._deadlines)
+                if dialing.sock is not None and dialing.deadline == deadline:
+                    self._timed_out(dialing)
+
+    def close(self) -> None:
+        """Fail every connection still being opened (reason "cancelled"), and every later open()."""
+        if self.closed:
+            return
+        trio.lowlevel.notify_closing(self._epoll.fileno())  # wakes run(), if it waits
+        self._epoll.close()
+        left = list(self._dialing.values())
+        self._dialing, self._deadlines = {}, []
+        for dialing in left:
+            self._fail(dialing, UpstreamError("the relay is shutting down", "cancelled"))
+
+    # -- the phases of one connection ----------------------------------------------
+
+    def _connect_next(self, dialing: Dialing) -> None:
+        """Connect to the next address; on to the handshake if that is done at once."""
+        while dialing.next_address < len(dialing.addresses):
+            family, address = dialing.addresses[dialing.next_address]
+            dialing.next_address += 1
+            try:
+                sock = new_socket(family, dialing.mark)
+            except OSError as exc:  # out of fds or memory: another address will not help
+                dialing.last_error = exc
+                break
+            dialing.sock = sock
+            try:
+                if connected_at_once(sock, address):
+                    self._connected(dialing)
+                    return
+            except OSError as exc:
+                dialing.sock = None
+                sock.close()
+                dialing.last_error = exc
+                continue
+            if dialing.deadline == math.inf:  # one connect timeout for all the addresses
+                self._set_deadline(dialing, dialing.connect_timeout)
+            self._watch(dialing, select.EPOLLOUT)
+            return
+        dialing.sock = None
+        where = format_address(dialing.addresses[0][1])
+        self._call(dialing.on_fail, connect_failure(dialing.last_error, where))
+
+    def _connected(self, dialing: Dialing) -> None:
+        if dialing.machine is None:
+            self._opened(dialing, b"")
+            return
+        dialing.handshaking = True
+        self._set_deadline(dialing, dialing.handshake_timeout)
+        dialing.outgoing = dialing.machine.data_to_send()
+        self._handshake(dialing, readable=False)
+
+    def _ready(self, dialing: Dialing) -> None:
+        if dialing.handshaking:
+            self._handshake(dialing, readable=True)
+            return
+        error = dialing.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not error:
+            self._connected(dialing)
+            return
+        self._forget(dialing)
+        dialing.sock.close()
+        dialing.last_error = OSError(error, os.strerror(error))
+        self._connect_next(dialing)
+
+    def _handshake(self, dialing: Dialing, readable: bool) -> None:
+        """Read what came (when ``readable``: one read, the epoll is level-triggered), send what
+        is queued; done once the machine is established and everything went out."""
+        machine, fd = dialing.machine, dialing.sock.fileno()
+        try:
+            if readable:
+                try:
+                    data = os.read(fd, RECV_SIZE)
+                except BlockingIOError:
+                    data = None  # woken to send
+                if data is not None:
+                    if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
+                        raise UpstreamError("the proxy closed the connection during the handshake",
+                                            "proxy-closed", about_target=True)
+                    machine.receive_data(data)
+                    dialing.outgoing += machine.data_to_send()
+            if dialing.outgoing:
+                try:
+                    dialing.outgoing = dialing.outgoing[os.write(fd, dialing.outgoing):]
+                except BlockingIOError:
+                    pass
+        except (UpstreamError, RemoteProtocolError, OSError) as exc:
+            self._fail(dialing, handshake_failure(exc))
+            return
+        if machine.established and not dialing.outgoing:
+            self._opened(dialing, machine.trailing_data)
+            return
+        self._watch(dialing, select.EPOLLIN | (select.EPOLLOUT if dialing.outgoing else 0))
+
+    def _timed_out(self, dialing: Dialing) -> None:
+        if dialing.handshaking:
+            error = UpstreamError(f"proxy handshake timed out after {dialing.handshake_timeout:g} s",
+                                  "handshake-timeout")
+        else:
+            error = connect_timed_out(format_address(dialing.addresses[0][1]), dialing.connect_timeout)
+        self._fail(dialing, error)
+
+    def _opened(self, dialing: Dialing, early: bytes) -> None:
+        on_open = dialing.on_open
+        self._call(on_open, self._finish(dialing), early)
+
+    def _fail(self, dialing: Dialing, error: UpstreamError) -> None:
+        on_fail = dialing.on_fail
+        reset(self._finish(dialing))
+        self._call(on_fail, error)
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _watch(self, dialing: Dialing, events: int) -> None:
+        fd = dialing.sock.fileno()
+        if fd not in self._dialing:
+            self._epoll.register(fd, events)
+            self._dialing[fd] = dialing
+        elif events != dialing.events:
+            self._epoll.modify(fd, events)
+        dialing.events = events
+
+    def _finish(self, dialing: Dialing) -> socket.socket:
+        """Its socket, out of the epoll; the rest let go (a stale heap entry may keep it until its deadline)."""
+        self._forget(dialing)
+        sock, dialing.sock = dialing.sock, None
+        dialing.machine = dialing.on_open = dialing.on_fail = None
+        return sock
+
+    def _forget(self, dialing: Dialing) -> None:
+        fd = dialing.sock.fileno()
+        if self._dialing.get(fd) is dialing:
+            del self._dialing[fd]
+            if not self.closed:
+                self._epoll.unregister(fd)
+
+    def _set_deadline(self, dialing: Dialing, timeout: float) -> None:
+        dialing.deadline = trio.current_time() + timeout
+        heapq.heappush(self._deadlines, (dialing.deadline, next(self._order), dialing))
+        if self._alarm is not None and dialing.deadline < self._alarm.deadline:
+            self._alarm.deadline = dialing.deadline
+
+    @staticmethod
+    def _call(callback, *args) -> None:
+        try:
+            callback(*args)
+        except Exception:  # a bug must cost one connection, not every connection being opened
+            log.exception("internal error after opening an upstream connection")

@@ -1,8 +1,8 @@
 """Relays every established connection with one engine and two tasks.
 
-After its handshake a connection is handed to Pump.add() and its handler task
-ends: an idle connection costs a row in the engine's table (relay._fastpath
-Engine, or its pure twin), not a task and its frames. The engine moves bytes
+Once its tunnel is open (relay.net.dial.Dialer) a connection is handed to
+Pump.add(): an idle connection costs a row in the engine's table
+(relay._fastpath Engine, or its pure twin), not a task and its frames. The engine moves bytes
 both ways, forwards a FIN as shutdown(SHUT_WR) while the other direction goes
 on, resets both sides when either resets, and enforces the idle timeouts. One
 task runs it whenever its epoll fd is readable, another when the next timeout

@@ -13,22 +13,19 @@ import trio
 
 from relay import fastpath, systemd
 from relay._fastpath_common import local_failure
-from relay.config import Config, ConfigError, Upstream
+from relay.config import Config, ConfigError
 from relay.logs import RateLimited, conn_log, log
-from relay.net.dial import UpstreamError, apply_mark, connect, open_upstream
+from relay.net.dial import Dialer, UpstreamError, apply_mark, connect
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.listener import accept_loop, open_listeners
 from relay.net.pump import Pump
 from relay.net.sockets import format_address, is_local_address, readable_now, receive_some, reset
-from relay.net.upstreams import UpstreamPool, UpstreamState
+from relay.net.upstreams import NAMED_SCHEMES, Attempts, UpstreamPool, UpstreamState
 from relay.net.waiting import WaitingRoom
 from relay.proto.http_connect import basic_credentials
 from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, Sniffed, Sniffer
 
 WILDCARDS = ("0.0.0.0", "::")
-# Upstreams that can be asked for a hostname (SOCKS4 and direct only take addresses).
-NAMED_SCHEMES = ("http", "socks5", "socks4a")
-DIRECT = Upstream("direct")
 # Destinations that are never relayed unless --allow-dest says so: they mean this
 # router (or the proxy's machine), not something beyond it.
 REFUSED_NETWORKS = tuple(
@@ -88,6 +85,28 @@ class Admitted:
         self.sniff_deadline = sniff_deadline  # Trio's clock
 
 
+class Opening:
+    """A connection whose tunnel is being opened: what the Dialer's callbacks need."""
+
+    __slots__ = ("server", "conn", "admitted", "record", "first", "silent", "candidates", "attempts",
+                 "attempt_started")
+
+    def __init__(self, server, conn, admitted: Admitted, record: ConnectionRecord, first: bytes, silent: bool,
+                 candidates):
+        self.server, self.conn, self.admitted, self.record = server, conn, admitted, record
+        self.first = first  # the client's bytes read so far: they go upstream first
+        self.silent = silent  # started by the waiting room's turns (see WaitingRoom.done_silent)
+        self.candidates = candidates
+        self.attempts: Attempts | None = None
+        self.attempt_started = 0.0
+
+    def opened(self, upstream: socket.socket, early: bytes) -> None:
+        self.server.tunnel_opened(self, upstream, early)
+
+    def failed(self, error: UpstreamError) -> None:
+        self.server.attempt_failed(self, error)
+
+
 class Server:
     def __init__(self, config: Config, metrics, reload=None):
         self.config = config
@@ -95,7 +114,8 @@ class Server:
         self.reload = reload  # returns a fresh Config (file re-read, command line re-applied), or raises ConfigError
         self.listeners: list[socket.socket] = []
         self.listening: set[tuple[str, int]] = set()
-        self.pool = UpstreamPool(config, metrics)
+        self.dialer = Dialer()
+        self.pool = UpstreamPool(config, metrics, self.dialer)
         self.tunnels = []
         # Local addresses of our open upstream sockets: a client coming *from* one is our own traffic looped back.
         self.own_sources: set[tuple[str, int]] = set()
@@ -245,7 +265,39 @@ class Server:
         return "client-" + errno.errorcode.get(exc.errno, "error").lower()
 
     def start(self, conn: socket.socket, admitted: Admitted, spoke: bool) -> None:
-        self.connections.start_soon(self.handle, conn, admitted, spoke)
+        """Sniff and open the tunnel. Without a task when the client's first bytes are all here (the
+        common case): the Dialer's callbacks take it from there. A task only for what must wait for
+        the client (more first bytes, plain HTTP forwarding) and for a silent client."""
+        sniffer = None
+        try:
+            conn.setblocking(False)
+            if spoke and self.wants_sniffing(admitted.config, admitted.pool):
+                sniffer = Sniffer()
+                data = conn.recv(MAX_SNIFF_BYTES)
+                if data:
+                    sniffer.receive_data(data)
+                else:  # closed before a word: connected by address, it may still want to hear
+                    sniffer.give_up()
+        except BlockingIOError:
+            pass  # not all here after all: the task waits for them
+        except OSError as exc:
+            self.connection_ended(admitted.peer[0], None, self.client_failed(conn, admitted.peer, exc))
+            self.slots.release()
+            return
+        opening = None
+        if spoke and (sniffer is None or sniffer.result is not None):
+            sniffed, first = (sniffer.result, sniffer.buffered) if sniffer else (NOT_RECOGNISED, b"")
+            try:
+                opening = self.prepare(conn, admitted, sniffed, first, silent=False)
+                if opening.attempts is not None:
+                    self.dial(opening)
+                    return
+            except Exception:
+                log.exception("internal error while relaying %s -> %s",
+                              format_address(admitted.peer), format_address(admitted.dst))
+                self.abandon(conn, admitted, "error")
+                return
+        self.connections.start_soon(self.handle, conn, admitted, spoke, sniffer, opening)
 
     def abandon(self, conn: socket.socket, admitted: Admitted, ended: str = "cancelled") -> None:
         """An admitted connection that gets no task: still waiting for its first bytes at shutdown."""
@@ -253,63 +305,52 @@ class Server:
         self.connection_ended(admitted.peer[0], None, ended)
         self.slots.release()
 
-    # -- one connection ----------------------------------------------------------------
+    # -- one connection: what needs a task ---------------------------------------------
 
-    async def handle(self, conn: socket.socket, admitted: Admitted, spoke: bool) -> None:
+    async def handle(self, conn: socket.socket, admitted: Admitted, spoke: bool, sniffer: Sniffer | None,
+                     opening: "Opening | None") -> None:
+        """A connection whose client must be waited for, or that is forwarded as plain HTTP."""
         handed_over = False
         try:
-            handed_over = await self.relay(trio.socket.from_stdlib_socket(conn), admitted, spoke)
+            handed_over = await self.relay(trio.socket.from_stdlib_socket(conn), admitted, spoke, sniffer, opening)
         finally:
-            if not spoke:
-                self.waiting.done_silent()
-            if not handed_over:  # else relayed_ended gives it back
+            if not handed_over:  # else the dial's end, or the pump's, gives them back
+                if not spoke:
+                    self.waiting.done_silent()
                 self.slots.release()  # taken by accept_loop before accepting this connection
 
-    async def relay(self, conn, admitted: Admitted, spoke: bool) -> bool:
-        """Sniff, forward or open the tunnel; True once the pump has the connection.
+    async def relay(self, conn, admitted: Admitted, spoke: bool, sniffer: Sniffer | None,
+                    opening: "Opening | None") -> bool:
+        """Sniff (unless start() did: ``opening``), then forward, or start opening the tunnel; True
+        once the dialer has the connection.
 
         ``spoke``: the client sent something (or closed); if not, it stayed silent for
         --sniff-timeout and is connected by address.
         """
-        config, pool, peer, dst = admitted.config, admitted.pool, admitted.peer, admitted.dst
+        peer, dst = admitted.peer, admitted.dst
         record = None
         ended, detail = "error", None
         handed_over = False
         try:
-            sniffed, first = await self.sniff(conn, admitted) if spoke else (NOT_RECOGNISED, b"")
-            record = ConnectionRecord(peer, dst, sniffed.hostname if config.sniff else None, admitted.started)
-            direct = bypassed(config, dst, sniffed.hostname)
-            candidates = [] if direct else pool.candidates()
-            if sniffed.protocol == HTTP and self.forwards_http(config, candidates):
+            if opening is None:
+                sniffed, first = await self.sniff(conn, admitted, sniffer) if spoke else (NOT_RECOGNISED, b"")
+                opening = self.prepare(conn, admitted, sniffed, first, silent=not spoke)
+            opening.conn = conn
+            record = opening.record
+            if opening.attempts is None:
                 try:
-                    ended, detail = await self.forward(conn, first, record, config, pool, candidates)
-                    return
+                    ended, detail = await self.forward(conn, opening.first, record, admitted.config, admitted.pool,
+                                                       opening.candidates)
+                    return False
                 except NeedsTunnel as exc:  # e.g. a WebSocket upgrade: tunnel it as it came
-                    first = exc.data
-            try:
-                upstream, early, state = await self.open_tunnel(dst, record, config, pool, candidates, direct)
-            except UpstreamError as exc:
-                reset(conn)
-                ended, detail = f"refused:{exc.reason}", str(exc)
-                return
-            record.source = upstream.getsockname()[:2]
-            try:
-                self.pump.add(conn, upstream, record, to_upstream_first=first, to_client_first=early,
-                              idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
-                              pipe_size=config.pipe_size,
-                              confirm_eof=state.still_there if config.confirm_eof and state else None)
-            except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
-                reset(upstream)
-                reset(conn)
-                ended = local_failure(exc.errno)
-                return False
-            self.own_sources.add(record.source)
+                    opening.first = exc.data
+                    opening.attempts = Attempts(admitted.pool, opening.candidates, False, dst, record)
+            self.dial(opening)
             handed_over = True
             return True
         except OSError as exc:
             ended = self.client_failed(conn, peer, exc)
         except Exception:
-            # A bug must cost one connection, not the relay and every other connection.
             reset(conn)
             log.exception("internal error while relaying %s -> %s", format_address(peer), format_address(dst))
         except BaseException:
@@ -320,6 +361,80 @@ class Server:
             if not handed_over:
                 self.connection_ended(peer[0], record, ended, detail)
         return False
+
+    # -- one connection: opening the tunnel, without a task -------------------------------
+
+    def prepare(self, conn, admitted: Admitted, sniffed: Sniffed, first: bytes, silent: bool) -> "Opening":
+        """What the connection will try, once its first bytes are known. ``attempts`` is None when it
+        is forwarded as plain HTTP (that needs a task) instead of tunnelled."""
+        config, dst = admitted.config, admitted.dst
+        record = ConnectionRecord(admitted.peer, dst, sniffed.hostname if config.sniff else None, admitted.started)
+        direct = bypassed(config, dst, sniffed.hostname)
+        candidates = [] if direct else admitted.pool.candidates()
+        opening = Opening(self, conn, admitted, record, first, silent, candidates)
+        if not (sniffed.protocol == HTTP and self.forwards_http(config, candidates)):
+            opening.attempts = Attempts(admitted.pool, candidates, direct, dst, record)
+        return opening
+
+    def dial(self, opening: "Opening") -> None:
+        """The next attempt at opening the tunnel (see Attempts), or the end if none is left."""
+        try:
+            upstream, addresses, target = opening.attempts.next()
+        except UpstreamError as exc:
+            reset(opening.conn)
+            ended = "cancelled" if exc.reason == "cancelled" else f"refused:{exc.reason}"
+            self.opening_ended(opening, ended, str(exc))
+            return
+        config = opening.admitted.config
+        opening.attempt_started = time.monotonic()
+        self.dialer.open(upstream, addresses, target, mark=config.mark, connect_timeout=config.connect_timeout,
+                         handshake_timeout=config.handshake_timeout, on_open=opening.opened, on_fail=opening.failed)
+
+    def attempt_failed(self, opening: "Opening", error: UpstreamError) -> None:
+        try:
+            opening.attempts.failed(error)
+            self.dial(opening)
+        except Exception:
+            self.internal_error(opening)
+
+    def tunnel_opened(self, opening: "Opening", upstream: socket.socket, early: bytes) -> None:
+        """Hand both sides to the pump."""
+        conn, record, config = opening.conn, opening.record, opening.admitted.config
+        try:
+            state = opening.attempts.succeeded()
+            self.metrics.handshake_done(str(record.via), time.monotonic() - opening.attempt_started)
+            try:
+                record.source = upstream.getsockname()[:2]
+                self.pump.add(conn, upstream, record, to_upstream_first=opening.first, to_client_first=early,
+                              idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
+                              pipe_size=config.pipe_size,
+                              confirm_eof=state.still_there if config.confirm_eof and state else None)
+            except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
+                reset(upstream)
+                reset(conn)
+                self.opening_ended(opening, local_failure(exc.errno))
+                return
+            self.own_sources.add(record.source)
+            if opening.silent:
+                self.waiting.done_silent()
+        except Exception:
+            reset(upstream)
+            self.internal_error(opening)
+
+    def internal_error(self, opening: "Opening") -> None:
+        """A bug must cost one connection, not the relay and every other connection."""
+        admitted = opening.admitted
+        log.exception("internal error while relaying %s -> %s",
+                      format_address(admitted.peer), format_address(admitted.dst))
+        reset(opening.conn)
+        self.opening_ended(opening, "error")
+
+    def opening_ended(self, opening: "Opening", ended: str, detail: str | None = None) -> None:
+        """The connection ends before the pump had it."""
+        if opening.silent:
+            self.waiting.done_silent()
+        self.connection_ended(opening.admitted.peer[0], opening.record, ended, detail)
+        self.slots.release()
 
     def relayed_ended(self, record: ConnectionRecord, ended: str, sent_up: int, sent_down: int) -> None:
         """The pump is done with a connection relay() gave it."""
@@ -349,16 +464,16 @@ class Server:
     def forwards_http(config: Config, candidates) -> bool:
         return config.http_mode == "forward" and bool(candidates) and candidates[0].upstream.scheme == "http"
 
-    async def sniff(self, conn, admitted: Admitted) -> tuple[Sniffed, bytes]:
+    async def sniff(self, conn, admitted: Admitted, sniffer: Sniffer | None) -> tuple[Sniffed, bytes]:
         """What the client's first bytes say (protocol, hostname), and those bytes.
 
-        Reads until they are recognised or --sniff-timeout after the accept: a
-        client that stops in the middle is then connected by address, as a
-        silent one is.
+        Reads (on from what ``sniffer`` has, if start() began) until they are
+        recognised or --sniff-timeout after the accept: a client that stops in
+        the middle is then connected by address, as a silent one is.
         """
         if not self.wants_sniffing(admitted.config, admitted.pool):
             return NOT_RECOGNISED, b""
-        sniffer = Sniffer()
+        sniffer = sniffer or Sniffer()
         while sniffer.result is None:
             data = await receive_some(conn, MAX_SNIFF_BYTES, admitted.sniff_deadline)
             if not data:  # None: the client is still silent at the deadline
@@ -410,57 +525,6 @@ class Server:
         record.up, record.down, record.http_requests = forwarder.sent_up, forwarder.sent_down, forwarder.requests
         return ended, detail
 
-    async def open_tunnel(self, dst, record, config, pool, candidates, direct):
-        """The upstream socket, the bytes already received on it, and the upstream's state (None: direct).
-
-        Asks for the sniffed name if there is one, and if the proxy cannot reach
-        it, once more by address; if a proxy fails (not the destination), the
-        next healthy one. Nothing has reached the client yet, so nothing is lost.
-        """
-        if direct:
-            record.via = DIRECT
-            return *await self.attempt(config, DIRECT, [], dst), None
-        if not candidates:
-            raise UpstreamError("no healthy upstream", "no-healthy-upstream")
-        last = None
-        for state in candidates:
-            record.via = state.upstream
-            try:
-                result = await self.attempt_named(config, state, dst, record)
-            except UpstreamError as exc:
-                if not exc.proxy_fault:
-                    raise
-                pool.failed(state, exc)
-                last = exc
-                continue
-            pool.succeeded(state)
-            return *result, state
-        raise last
-
-    async def attempt_named(self, config, state: UpstreamState, dst, record):
-        if record.name is None or state.upstream.scheme not in NAMED_SCHEMES:
-            return await self.attempt(config, state.upstream, state.addresses, dst)
-        try:
-            return await self.attempt(config, state.upstream, state.addresses, (record.name, dst[1]))
-        except UpstreamError as exc:
-            if not exc.about_target:
-                raise
-            record.retried = exc.reason
-            return await self.attempt(config, state.upstream, state.addresses, dst)
-
-    async def attempt(self, config, upstream, addresses, target):
-        started = time.monotonic()
-        result = await open_upstream(
-            upstream,
-            addresses,
-            target,
-            mark=config.mark,
-            connect_timeout=config.connect_timeout,
-            handshake_timeout=config.handshake_timeout,
-        )
-        self.metrics.handshake_done(str(upstream), time.monotonic() - started)
-        return result
-
     # -- the whole process ---------------------------------------------------------
 
     async def serve(self, signals) -> None:
@@ -472,6 +536,7 @@ class Server:
                 await self.pool.resolve(self.tunnels)
             health = await services.start(self.run_health_checks, self.pool)
             services.start_soon(self.pump.run)
+            services.start_soon(self.dialer.run)
             services.start_soon(self.waiting.run)
             async with trio.open_nursery() as self.connections:
                 accepting = trio.CancelScope()
@@ -481,6 +546,7 @@ class Server:
                     accepting.cancel()  # accept loops call self.accepted() no more
                     self.waiting.close()  # nothing starts in self.connections after this
                     self.connections.cancel_scope.cancel()  # what is left is reset
+            self.dialer.close()  # reset the connections still being opened
             self.pump.close()  # handshakes are over: reset the relayed connections left
             services.cancel_scope.cancel()
 
@@ -509,7 +575,7 @@ class Server:
 
     def in_progress(self) -> int:
         """Connections not yet ended: waiting for first bytes, in a handshake, or relayed."""
-        return len(self.waiting) + len(self.connections.child_tasks) + len(self.pump)
+        return len(self.waiting) + len(self.connections.child_tasks) + len(self.dialer) + len(self.pump)
 
     async def accept_all(self, accepting: trio.CancelScope) -> None:
         try:
@@ -531,7 +597,7 @@ class Server:
         systemd.notify("RELOADING=1")
         try:
             new = self.reload()
-            pool = UpstreamPool(new, self.metrics)
+            pool = UpstreamPool(new, self.metrics, self.dialer)
             if not new.ssh:
                 await pool.resolve()
             else:

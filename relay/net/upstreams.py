@@ -13,7 +13,7 @@ import trio
 
 from relay.config import Config, ConfigError, Upstream
 from relay.logs import log
-from relay.net.dial import UpstreamError, connect, open_upstream, resolve
+from relay.net.dial import UpstreamError, connect, resolve
 from relay.net.sockets import receive_some, reset, write_all
 from relay.proto.liveness import LIVENESS_REQUESTS
 
@@ -36,6 +36,10 @@ class UpstreamState:
 
 
 PROBE_TIMEOUT = 1.0  # seconds
+DIRECT = Upstream("direct")
+# Upstreams that can be asked for a hostname (SOCKS4 and direct only take addresses).
+NAMED_SCHEMES = ("http", "socks5", "socks4a")
+_NO_MORE = object()
 
 
 class StillThere:
@@ -74,10 +78,69 @@ class StillThere:
         return True
 
 
+class Attempts:
+    """The order in which one connection tries to open its tunnel, as the attempts fail.
+
+    Each healthy upstream in turn; through each, by the sniffed name if it can
+    take names and, if the proxy cannot reach that name, once more by address.
+    A failure that is not the proxy's own (the destination refused) ends it
+    there; a proxy's failure counts against its health and the next one is
+    tried. Direct (no upstream): one attempt. Nothing has reached the client
+    before the tunnel opens, so nothing is lost by trying again.
+    """
+
+    __slots__ = ("pool", "record", "dst", "states", "state", "target", "error")
+
+    def __init__(self, pool: "UpstreamPool", candidates: list[UpstreamState], direct: bool, dst, record):
+        self.pool, self.record, self.dst = pool, record, dst
+        self.states = iter([None] if direct else candidates)
+        self.state: UpstreamState | None = None
+        self.target: tuple[str, int] | None = None  # what to ask for next; None: nothing left
+        self.error = UpstreamError("no healthy upstream", "no-healthy-upstream")
+        self._next_upstream()
+
+    def next(self) -> tuple[Upstream, list, tuple[str, int]]:
+        """(upstream, its addresses, target) to try now; raises the UpstreamError that ends it all."""
+        if self.target is None:
+            raise self.error
+        if self.state is None:
+            return DIRECT, [], self.target
+        return self.state.upstream, self.state.addresses, self.target
+
+    def failed(self, error: UpstreamError) -> None:
+        self.error = error
+        if self.target != self.dst and error.about_target:  # the proxy cannot reach the name
+            self.record.retried = error.reason
+            self.target = self.dst
+        elif self.state is not None and error.proxy_fault:
+            self.pool.failed(self.state, error)
+            self._next_upstream()
+        else:
+            self.target = None
+
+    def succeeded(self) -> UpstreamState | None:
+        """The upstream that opened it (None: direct)."""
+        if self.state is not None:
+            self.pool.succeeded(self.state)
+        return self.state
+
+    def _next_upstream(self) -> None:
+        state = next(self.states, _NO_MORE)
+        if state is _NO_MORE:
+            self.state, self.target = None, None
+            return
+        self.state = state
+        upstream = DIRECT if self.state is None else self.state.upstream
+        self.record.via = upstream
+        name = self.record.name
+        self.target = (name, self.dst[1]) if name is not None and upstream.scheme in NAMED_SCHEMES else self.dst
+
+
 class UpstreamPool:
-    def __init__(self, config: Config, metrics):
+    def __init__(self, config: Config, metrics, dialer=None):
         self.config = config
         self.metrics = metrics
+        self.dialer = dialer  # for health checks with --health-target
         self.states: list[UpstreamState] = []
         self._turn = itertools.count()
         self._proxy_addresses: set[tuple[str, int]] = set()
@@ -150,7 +213,7 @@ class UpstreamPool:
         if config.health_target is None:
             sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
         else:
-            sock, _ = await open_upstream(
+            sock, _ = await self.dialer.open_async(
                 state.upstream,
                 state.addresses,
                 config.health_target,

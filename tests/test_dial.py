@@ -1,0 +1,323 @@
+"""The Dialer: upstream connections opened without a task each, against real loopback sockets.
+
+The proxy side is played by the test on a loopback listener (fakes are fine
+here: the handshake machines have their own tests, and the e2e suite runs the
+Dialer against squid, dante and ssh); what is checked is the Dialer's I/O:
+every outcome reaches exactly one callback, sockets are reset on failure,
+timeouts fire, and the bytes after the proxy's reply are kept.
+"""
+
+import errno
+import socket
+import struct
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from relay.config import Upstream
+from relay.net.dial import Dialer, UpstreamError
+
+SOCKS5 = Upstream("socks5", "127.0.0.1", 1)
+SOCKS5_GREETING = b"\x05\x01\x00"
+SOCKS5_REQUEST = b"\x05\x01\x00\x01\x0a\x00\x00\x01\x01\xbb"  # 10.0.0.1:443
+SOCKS5_SUCCESS = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+
+
+@asynccontextmanager
+async def running_dialer():
+    dialer = Dialer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dialer.run)
+        try:
+            yield dialer
+        finally:
+            dialer.close()
+
+
+class Outcome:
+    """Collects what the callbacks said; exactly one call is expected."""
+
+    def __init__(self):
+        self.calls = []
+        self.done = trio.Event()
+
+    def opened(self, sock, early):
+        self.calls.append(("opened", sock, early))
+        self.done.set()
+
+    def failed(self, error):
+        self.calls.append(("failed", error))
+        self.done.set()
+
+    async def wait(self, seconds=5):
+        with trio.fail_after(seconds):
+            await self.done.wait()
+        await trio.sleep(0.05)  # a second call would come now
+        assert len(self.calls) == 1, self.calls
+        return self.calls[0]
+
+
+def listener(backlog=8) -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    return sock
+
+
+def closed_port() -> tuple[str, int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()
+
+
+def open_through(dialer, upstream, addresses, target=("10.0.0.1", 443), *, connect_timeout=2.0,
+                 handshake_timeout=2.0) -> Outcome:
+    outcome = Outcome()
+    outcome.dialing = dialer.open(upstream, addresses, target, mark=None, connect_timeout=connect_timeout,
+                                  handshake_timeout=handshake_timeout, on_open=outcome.opened,
+                                  on_fail=outcome.failed)
+    return outcome
+
+
+async def accept(sock: socket.socket) -> trio.socket.SocketType:
+    trio_listener = trio.socket.from_stdlib_socket(sock.dup())
+    with trio_listener:
+        conn, _ = await trio_listener.accept()
+    return conn
+
+
+async def receive_exactly(conn, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await conn.recv(size - len(data))
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+async def play_socks5_until_the_reply(conn) -> None:
+    """The proxy's side of a SOCKS5 handshake, up to its final reply (the test's to send)."""
+    assert await receive_exactly(conn, 3) == SOCKS5_GREETING
+    await conn.send(b"\x05\x00")
+    assert await receive_exactly(conn, len(SOCKS5_REQUEST)) == SOCKS5_REQUEST
+
+
+async def assert_reset(conn) -> None:
+    """Read until the end, which must be a reset, not a clean FIN."""
+    with trio.fail_after(2):
+        with pytest.raises(OSError) as raised:
+            while await conn.recv(100):
+                pass
+    assert raised.value.errno == errno.ECONNRESET
+
+
+@pytest.mark.parametrize("split", ["whole", "bytewise", "with-trailing"])
+async def test_socks5_handshake_in_any_split_keeps_what_followed_the_reply(split):
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            conn = await accept(proxy)
+            with conn:
+                await play_socks5_until_the_reply(conn)
+                reply = SOCKS5_SUCCESS + (b"server spoke first" if split == "with-trailing" else b"")
+                if split == "bytewise":
+                    for byte in reply:
+                        await conn.send(bytes([byte]))
+                        await trio.sleep(0.005)
+                else:
+                    await conn.send(reply)
+                kind, sock, early = await outcome.wait()
+                assert kind == "opened"
+                assert early == (b"server spoke first" if split == "with-trailing" else b"")
+                with sock:
+                    assert not sock.getblocking() and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                    sock.send(b"tunnel")
+                    assert await receive_exactly(conn, 6) == b"tunnel"
+            assert len(dialer) == 0
+
+
+async def test_http_connect_and_direct():
+    with listener() as proxy, listener() as server:
+        async with running_dialer() as dialer:
+            outcome = open_through(dialer, Upstream("http", "127.0.0.1", 1), [(socket.AF_INET, proxy.getsockname())],
+                                   ("example.org", 443))
+            conn = await accept(proxy)
+            with conn:
+                request = await conn.recv(1000)
+                assert request.startswith(b"CONNECT example.org:443 HTTP/1.1\r\n")
+                await conn.send(b"HTTP/1.1 200 Connection established\r\n\r\nhello")
+                kind, sock, early = await outcome.wait()
+                assert (kind, early) == ("opened", b"hello")
+                sock.close()
+            # Direct: no handshake, the target's own address; over loopback it opens inside open().
+            outcome = open_through(dialer, Upstream("direct"), [], server.getsockname())
+            assert outcome.calls and outcome.calls[0][0] == "opened" and outcome.calls[0][2] == b""
+            outcome.calls[0][1].close()
+
+
+async def test_the_next_address_when_one_refuses():
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            addresses = [(socket.AF_INET, closed_port()), (socket.AF_INET, proxy.getsockname())]
+            outcome = open_through(dialer, SOCKS5, addresses)
+            conn = await accept(proxy)
+            with conn:
+                assert await receive_exactly(conn, 3) == SOCKS5_GREETING
+
+
+async def test_refused_everywhere_names_the_first_address():
+    async with running_dialer() as dialer:
+        where = closed_port()
+        outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, where), (socket.AF_INET, closed_port())])
+        kind, error = await outcome.wait()
+        assert kind == "failed" and error.reason == "connect-econnrefused" and error.proxy_fault
+        assert f"{where[0]}:{where[1]}" in str(error)
+
+
+@pytest.mark.parametrize("reply, reason, about_target", [
+    (b"", "proxy-closed", True),  # e.g. ssh -D when the far side fails
+    (b"\x05\x00\x05\x04\x00\x01" + bytes(6), "socks5-host-unreachable", True),
+    (b"HTTP/1.1 200 OK\r\n\r\n", "proxy-protocol-error", False),
+    (b"\x05\xff", "socks5-no-acceptable-method", False),
+])
+async def test_failed_handshakes_reset_the_proxy_and_say_why(reply, reason, about_target):
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            conn = await accept(proxy)
+            with conn:
+                await receive_exactly(conn, 3)
+                if reply:
+                    await conn.send(reply)
+                else:
+                    conn.shutdown(socket.SHUT_WR)
+                kind, error = await outcome.wait()
+                assert kind == "failed" and isinstance(error, UpstreamError)
+                assert (error.reason, error.about_target) == (reason, about_target)
+                await assert_reset(conn)
+            assert len(dialer) == 0
+
+
+async def test_a_silent_proxy_times_out():
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            started = trio.current_time()
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=0.3)
+            kind, error = await outcome.wait()
+            assert kind == "failed" and error.reason == "handshake-timeout" and error.proxy_fault
+            assert 0.25 < trio.current_time() - started < 1.5
+
+
+async def test_connect_timeout_is_one_for_all_addresses():
+    """A listener whose accept queue is full drops SYNs: connecting waits, then times out."""
+    with listener(backlog=0) as proxy:
+        queued = []
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(proxy.getsockname())
+            queued.append(sock)
+        async with running_dialer() as dialer:
+            started = trio.current_time()
+            addresses = [(socket.AF_INET, proxy.getsockname())] * 2
+            outcome = open_through(dialer, SOCKS5, addresses, connect_timeout=0.4)
+            kind, error = await outcome.wait()
+            assert kind == "failed" and error.reason == "connect-timeout"
+            assert 0.35 < trio.current_time() - started < 1.2
+        for sock in queued:
+            sock.close()
+
+
+async def test_unsupported_destination_fails_at_once():
+    async with running_dialer() as dialer:
+        outcome = open_through(dialer, Upstream("socks4", "127.0.0.1", 1), [(socket.AF_INET, closed_port())],
+                               ("2001:db8::1", 443))
+        assert outcome.calls[0][0] == "failed" and outcome.calls[0][1].reason == "unsupported-destination"
+
+
+async def test_cancel_resets_without_a_callback_and_close_fails_the_rest():
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            cancelled = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            left = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            first, second = await accept(proxy), await accept(proxy)
+            assert len(dialer) == 2
+            dialer.cancel(cancelled.dialing)
+            dialer.cancel(cancelled.dialing)  # twice: nothing more
+            dialer.close()
+            kind, error = await left.wait()
+            assert kind == "failed" and error.reason == "cancelled"
+            assert cancelled.calls == []
+            for conn in (first, second):
+                with conn:
+                    await assert_reset(conn)
+            late = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            assert late.calls[0][0] == "failed" and late.calls[0][1].reason == "cancelled"
+
+
+async def test_a_failing_callback_costs_only_its_connection(caplog):
+    with listener() as server:
+        async with running_dialer() as dialer:
+            def broken(sock, early):
+                sock.close()
+                raise RuntimeError("bug")
+
+            dialer.open(Upstream("direct"), [], server.getsockname(), mark=None, connect_timeout=1,
+                        handshake_timeout=1, on_open=broken, on_fail=None)
+            assert "internal error after opening an upstream connection" in caplog.text
+            outcome = open_through(dialer, Upstream("direct"), [], server.getsockname())
+            assert outcome.calls[0][0] == "opened"
+            outcome.calls[0][1].close()
+
+
+async def test_open_async_returns_or_raises_and_resets_when_cancelled():
+    with listener() as proxy, listener() as server:
+        async with running_dialer() as dialer:
+            sock, early = await dialer.open_async(Upstream("direct"), [], server.getsockname(), mark=None,
+                                                  connect_timeout=1, handshake_timeout=1)
+            assert early == b"" and sock.getpeername() == server.getsockname()
+            sock.close()
+            with pytest.raises(UpstreamError) as raised:
+                await dialer.open_async(SOCKS5, [(socket.AF_INET, closed_port())], ("10.0.0.1", 1), mark=None,
+                                        connect_timeout=1, handshake_timeout=1)
+            assert raised.value.reason == "connect-econnrefused"
+            with trio.move_on_after(0.2):
+                await dialer.open_async(SOCKS5, [(socket.AF_INET, proxy.getsockname())], ("10.0.0.1", 1),
+                                        mark=None, connect_timeout=1, handshake_timeout=5)
+            assert len(dialer) == 0
+            with await accept(proxy) as conn:
+                await assert_reset(conn)
+
+
+async def test_handshake_bytes_the_socket_cannot_take_at_once_are_sent_later(monkeypatch):
+    """os.write taking part of a message (a full send buffer): the rest goes out when writable.
+    Once open, the dial lets go of its machine and callbacks: its deadline stays in the heap until
+    it passes, and must not keep the connection alive."""
+    import relay.net.dial as dial
+
+    writes = []
+    real_write = dial.os.write
+
+    def stingy_write(fd, data):
+        writes.append(len(data))
+        if len(writes) == 1:
+            return real_write(fd, bytes(data[:1]))
+        if len(writes) == 2:
+            raise BlockingIOError(errno.EAGAIN, "full")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(dial.os, "write", stingy_write)
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            conn = await accept(proxy)
+            with conn:
+                await play_socks5_until_the_reply(conn)
+                await conn.send(SOCKS5_SUCCESS)
+                kind, sock, _ = await outcome.wait()
+                assert kind == "opened"
+                sock.close()
+    assert writes[:3] == [3, 2, 2]
+    dialing = outcome.dialing
+    assert (dialing.sock, dialing.machine, dialing.on_open, dialing.on_fail) == (None, None, None, None)
