@@ -19,7 +19,7 @@ from relay.net.dial import Dialer, UpstreamError, apply_mark, connect
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.listener import accept_loop, open_listeners
 from relay.net.pump import Pump
-from relay.net.sockets import format_address, is_local_address, readable_now, receive_some, reset
+from relay.net.sockets import format_address, is_local_address, receive_some, reset
 from relay.net.upstreams import NAMED_SCHEMES, Attempts, UpstreamPool, UpstreamState
 from relay.net.waiting import WaitingRoom
 from relay.proto.http_connect import basic_credentials
@@ -213,7 +213,7 @@ class Server:
     # -- admission: at accept time, without a task ----------------------------------
 
     def accepted(self, conn: socket.socket, peer) -> None:
-        """From accept_loop, which took a slot for it: admit the connection, then start its task now
+        """From accept_loop, which took a slot for it: admit the connection, then go on with it now
         (its client spoke already, or nothing needs its first bytes) or once it speaks or is silent
         for --sniff-timeout (see relay.net.waiting)."""
         try:
@@ -231,12 +231,19 @@ class Server:
             self.abandon(conn, admitted)
             return
         try:
-            if self.wants_sniffing(admitted.config, admitted.pool) and not readable_now(conn):
-                self.waiting.add(conn, admitted, admitted.sniff_deadline)
-            else:
-                self.start(conn, admitted, True)
+            conn.setblocking(False)
+        except OSError as exc:
+            self.connection_ended(admitted.peer[0], None, self.client_failed(conn, admitted.peer, exc))
+            self.slots.release()
+            return
+        self.start(conn, admitted, True)
+
+    def wait_for_first_bytes(self, conn: socket.socket, admitted: Admitted) -> None:
+        try:
+            self.waiting.add(conn, admitted, admitted.sniff_deadline)
         except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
-            self.warnings.warning(f"wait-{exc.errno}", f"cannot take a connection from {format_address(peer)}: {exc}")
+            peer = format_address(admitted.peer)
+            self.warnings.warning(f"wait-{exc.errno}", f"cannot take a connection from {peer}: {exc}")
             self.abandon(conn, admitted, local_failure(exc.errno))
 
     def admit(self, conn: socket.socket, peer, config: Config) -> Admitted | None:
@@ -266,20 +273,24 @@ class Server:
 
     def start(self, conn: socket.socket, admitted: Admitted, spoke: bool) -> None:
         """Sniff and open the tunnel. Without a task when the client's first bytes are all here (the
-        common case): the Dialer's callbacks take it from there. A task only for what must wait for
-        the client (more first bytes, plain HTTP forwarding) and for a silent client."""
+        common case): the Dialer's callbacks take it from there. A client that has not spoken yet
+        waits in the waiting room; a task only for what must wait for the client after its first
+        bytes (more of them, plain HTTP forwarding) and for a silent client.
+
+        ``spoke``: False once a silent client's wait is over; True otherwise (the client may
+        speak, and only then is it read)."""
         sniffer = None
         try:
-            conn.setblocking(False)
             if spoke and self.wants_sniffing(admitted.config, admitted.pool):
-                sniffer = Sniffer()
                 data = conn.recv(MAX_SNIFF_BYTES)
+                sniffer = Sniffer()
                 if data:
                     sniffer.receive_data(data)
                 else:  # closed before a word: connected by address, it may still want to hear
                     sniffer.give_up()
         except BlockingIOError:
-            pass  # not all here after all: the task waits for them
+            self.wait_for_first_bytes(conn, admitted)
+            return
         except OSError as exc:
             self.connection_ended(admitted.peer[0], None, self.client_failed(conn, admitted.peer, exc))
             self.slots.release()
