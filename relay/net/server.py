@@ -75,7 +75,7 @@ class ConnectionRecord:
 
 
 class Admitted:
-    """A connection past the admission checks, before its first bytes: what its task needs."""
+    """A connection past the admission checks, before its first bytes: what the rest needs."""
 
     __slots__ = ("peer", "dst", "started", "config", "pool", "sniff_deadline")
 

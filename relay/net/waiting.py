@@ -7,10 +7,10 @@ connected by address after that wait. A Trio task waiting per connection
 costs about 6 KiB (the task, its coroutine frames, a cancel scope), and when
 thousands of clients connect at once that peak stays behind as a fragmented
 heap. Here a waiting connection is an epoll registration and a heap entry;
-its task starts once the client sends something (or a FIN, or a reset) or
-its wait is over. Silent connections whose waits end together (their clients
-connected together) start SILENT_AT_ONCE at a time: their tasks would
-otherwise all be dialing at once, the same peak again. While none of the
+it leaves once the client sends something (or a FIN, or a reset) or its
+wait is over. Silent connections whose waits end together (their clients
+connected together) start SILENT_AT_ONCE at a time: they would otherwise
+all be dialing at once, the same peak again. While none of the
 dials under way has finished for PATIENCE (a blackholed destination), the
 connections that have waited that long for their turn start anyway: slow
 dials hold back everyone else's only so long.
@@ -25,7 +25,7 @@ import select
 import trio
 
 MAX_EVENTS = 256  # per epoll_wait; more wait for the next pass
-SILENT_AT_ONCE = 64  # tasks of silent connections between start and done_silent()
+SILENT_AT_ONCE = 64  # silent connections between start and done_silent()
 PATIENCE = 0.25  # seconds without a finished dial after which waiting for a turn stops
 
 
@@ -38,7 +38,7 @@ class _Waiting:
 
 class WaitingRoom:
     """``start(conn, admitted, spoke)`` is called once per connection that leaves: ``spoke`` is
-    True if the client sent something (or closed), False if its wait ran out; the task started for
+    True if the client sent something (or closed), False if its wait ran out; whoever goes on with
     a silent one calls ``done_silent()`` once it has dialed (or failed). ``close()`` hands every
     connection still here to ``abandon(conn, admitted)`` instead."""
 
@@ -65,7 +65,7 @@ class WaitingRoom:
         """Wait for ``conn`` (a stdlib socket) to be readable, until ``deadline`` (Trio's clock)."""
         entry = _Waiting(conn, admitted)
         fd = conn.fileno()
-        # One-shot: the connection leaves at its first event, its task reads what came.
+        # One-shot: the connection leaves at its first event; start() reads what came.
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT)
         self._waiting[fd] = entry
         heapq.heappush(self._deadlines, (deadline, next(self._order), entry))
