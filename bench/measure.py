@@ -8,7 +8,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from testbed import PROBE_CONNECTIONS, BenchError, Case, RelayRejected, RelayUnderTest, Testbed, wait_for
+from testbed import (
+    PROBE_CONNECTIONS,
+    BenchError,
+    Case,
+    RelayRejected,
+    RelayUnderTest,
+    Testbed,
+    cpu_capped,
+    wait_for,
+)
 
 HOLD_LIFETIME_S = 900  # the idle clients exit by themselves after this, whatever happens
 IDLE_STALL_S = 10  # no new relayed connection for this long: the relay (or proxy) is at a limit
@@ -140,14 +149,20 @@ def measure_short(bed: Testbed, cases: list[Case], settings: Settings, progress:
 
 
 WORKER_COUNTS = (1, 2)
+# For the second comparison, where the relay is the bottleneck: each relay process may use this
+# share of one CPU (all processes of the lab share the machine's cores, and uncapped the relay
+# is the bottleneck only part of the time).
+WORKER_CAP = 0.25
+CAPPED = "-capped"
 
 
 def workers_runs(settings: Settings, upstreams: list[str]) -> int:
-    return settings.repeat * len(WORKER_COUNTS) * len(upstreams)
+    return 2 * settings.repeat * len(WORKER_COUNTS) * len(upstreams)
 
 
 def measure_workers(bed: Testbed, upstreams: list[str], settings: Settings, progress: Progress) -> dict:
-    """The short-connection test against ``relay --workers 1`` and ``--workers 2``."""
+    """The short-connection test against ``relay --workers 1`` and ``--workers 2``; then again with
+    each relay process capped at WORKER_CAP of a CPU, so that the relay is what limits the rate."""
     results: dict = {}
     for number, upstream in enumerate(upstreams):
         relays = []
@@ -161,6 +176,12 @@ def measure_workers(bed: Testbed, upstreams: list[str], settings: Settings, prog
             cases = [Case(f"{upstream}/relay-w{workers}", "relay", upstream, relay)
                      for workers, relay in zip(WORKER_COUNTS, relays)]
             results[upstream] = measure_short(bed, cases, settings, progress)
+            capped = [Case(case.name + CAPPED, case.kind, case.upstream, case.relay) for case in cases]
+            try:
+                with cpu_capped([pid for relay in relays for pid in relay.pids()], WORKER_CAP, upstream):
+                    results[upstream].update(measure_short(bed, capped, settings, progress))
+            except BenchError as error:
+                progress.skip(settings.repeat * len(WORKER_COUNTS), f"{upstream} capped: {error}")
         except RelayRejected as error:
             results[upstream] = {"skipped": str(error)}
             progress.skip(settings.repeat * len(WORKER_COUNTS), f"{upstream}: {error}")

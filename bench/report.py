@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from measure import CAPPED, WORKER_CAP
 from testbed import REDSOCKS_FDS_PER_CONNECTION
 
 COLUMNS = ("routed", "direct", "redsocks", "relay")
@@ -114,15 +115,22 @@ def render(results: dict, upstreams: list[str], notes: list[str]) -> tuple[str, 
 def workers_lines(workers: dict | None) -> list[str]:
     if not workers:
         return []
-    lines = ["", f"{'relay --workers (short)':<26}{'1 worker':>10}{'2 workers':>11}{'2/1':>8}"]
+    lines = ["", f"{'relay --workers (short)':<38}{'1 worker':>10}{'2 workers':>11}{'2/1':>8}"]
     for upstream, by_case in workers.items():
         if "skipped" in by_case:
             lines.append(f"{upstream}: skipped, {by_case['skipped']}")
             continue
-        one, two = by_case[f"{upstream}/relay-w1"], by_case[f"{upstream}/relay-w2"]
-        for key, label in (("conn_per_s", "conn/s"), ("cpu_ms_per_1000", "CPU ms/1000 conn")):
-            ratio = f"{two[key] / one[key]:.2f}x" if one[key] and two[key] is not None else "-"
-            lines.append(f"{upstream + ' ' + label:<26}{number(one[key], 0):>10}{number(two[key], 0):>11}{ratio:>8}")
+        for suffix, capped in (("", ""), (CAPPED, f" (capped {WORKER_CAP:g} CPU)")):
+            if f"{upstream}/relay-w1{suffix}" not in by_case:
+                continue
+            one, two = by_case[f"{upstream}/relay-w1{suffix}"], by_case[f"{upstream}/relay-w2{suffix}"]
+            for key, label in (("conn_per_s", "conn/s"), ("cpu_ms_per_1000", "CPU ms/1000 conn")):
+                ratio = f"{two[key] / one[key]:.2f}x" if one[key] and two[key] is not None else "-"
+                lines.append(f"{upstream + ' ' + label + capped:<38}{number(one[key], 0):>10}"
+                             f"{number(two[key], 0):>11}{ratio:>8}")
+    if any(CAPPED in name for by_case in workers.values() for name in by_case):
+        lines.append(f"(capped: each relay process may use {WORKER_CAP:g} of one CPU, so that the relay, not the "
+                     "cores it shares with the rest of the lab, limits the rate)")
     return lines
 
 

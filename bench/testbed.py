@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,45 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         pending.extend(children.get(pid, []))
     return tree
+
+
+CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CAP_PERIOD_US = 10_000  # short periods: a capped process runs often, in short slices
+
+
+@contextmanager
+def cpu_capped(pids: list[int], share: float, name: str):
+    """Each of ``pids`` in a cgroup of its own that may use ``share`` of one CPU (CFS bandwidth
+    control, cgroup v2 or v1); back in the root cgroup afterwards. BenchError if neither is there."""
+    v2 = (CGROUP_V2 / "cgroup.controllers").exists() and "cpu" in (CGROUP_V2 / "cgroup.controllers").read_text().split()
+    root = CGROUP_V2 if v2 else CGROUP_V1_CPU
+    if not v2 and not (root / "cpu.cfs_quota_us").exists():
+        raise BenchError("no CPU bandwidth control here (neither cgroup v2 cpu.max nor v1 cpu.cfs_quota_us)")
+    if v2 and "cpu" not in (root / "cgroup.subtree_control").read_text().split():
+        (root / "cgroup.subtree_control").write_text("+cpu")
+    quota = int(share * CAP_PERIOD_US)
+    groups = []
+    try:
+        for pid in pids:
+            group = root / f"bench-{name}-{pid}"
+            group.mkdir()
+            groups.append(group)
+            if v2:
+                (group / "cpu.max").write_text(f"{quota} {CAP_PERIOD_US}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(CAP_PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for group in groups:
+            for pid in (group / "cgroup.procs").read_text().split():
+                try:
+                    (root / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass  # exited meanwhile
+            group.rmdir()
 
 
 def cpu_seconds(pids: list[int]) -> float:
