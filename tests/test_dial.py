@@ -321,3 +321,21 @@ async def test_handshake_bytes_the_socket_cannot_take_at_once_are_sent_later(mon
     assert writes[:3] == [3, 2, 2]
     dialing = outcome.dialing
     assert (dialing.sock, dialing.machine, dialing.on_open, dialing.on_fail) == (None, None, None, None)
+
+
+async def test_finished_dials_do_not_pile_up_in_the_deadline_heap():
+    """Each handshake leaves a deadline in the heap; those of finished dials are dropped once they
+    are more than half of it, instead of staying until their time (10 s of connections)."""
+    from relay.net.dial import STALE_MIN
+
+    with listener(backlog=1024) as proxy:
+        async with running_dialer() as dialer:
+            outcomes = [open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=60)
+                        for _ in range(3 * STALE_MIN)]
+            assert len(dialer) == 3 * STALE_MIN and len(dialer._deadlines) == 3 * STALE_MIN
+            for outcome in outcomes:
+                dialer.cancel(outcome.dialing)
+            assert len(dialer) == 0 and len(dialer._deadlines) <= STALE_MIN
+            late = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=0.2)
+            kind, error = await late.wait()  # the live deadline still fires among the stale ones
+            assert error.reason == "handshake-timeout"

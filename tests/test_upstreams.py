@@ -236,3 +236,17 @@ async def test_still_there_takes_a_probe_timeout_for_a_busy_proxy_not_a_dead_one
         assert 0.9 < trio.current_time() - started < 2
         for sock in queued:
             sock.close()
+
+
+async def test_a_health_check_cut_short_by_shutdown_says_nothing_about_the_upstream(monkeypatch):
+    upstreams = pool(failures=1)
+    upstreams.config.health_interval = 0.01
+    state = upstreams.states[0]
+
+    async def cancelled(_state):
+        raise UpstreamError("the relay is shutting down", "cancelled")
+
+    monkeypatch.setattr(upstreams, "check", cancelled)
+    with trio.fail_after(2):
+        await upstreams._check_forever(state)  # returns: no more checks once shutting down
+    assert state.healthy and state.failures == 0

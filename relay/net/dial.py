@@ -11,6 +11,7 @@ import socket
 import trio
 
 from relay.config import Upstream
+from relay._fastpath_common import local_failure
 from relay.logs import log
 from relay.net.sockets import format_address, reset
 from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
@@ -20,6 +21,7 @@ from relay.proto.socks import Socks4Client, Socks5Client
 SO_MARK = getattr(socket, "SO_MARK", 36)
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
 MAX_EVENTS = 256  # per epoll_wait; more wait for the next pass
+STALE_MIN = 256  # stale deadline entries tolerated before the heap is rebuilt
 
 
 class UpstreamError(Exception):
@@ -226,6 +228,7 @@ class Dialer:
         self._dialing: dict[int, Dialing] = {}  # fd -> the connection being opened on it
         self._deadlines: list = []  # heap of (deadline, order, dialing); stale entries are skipped
         self._order = itertools.count()
+        self._stale = 0  # heap entries of dials that finished or moved on to a later deadline
         self._alarm: trio.CancelScope | None = None
 
     def __len__(self) -> int:
@@ -253,7 +256,10 @@ class Dialer:
         if self.closed:
             self._call(on_fail, UpstreamError("the relay is shutting down", "cancelled"))
             return dialing
-        self._connect_next(dialing)
+        try:
+            self._connect_next(dialing)
+        except Exception:  # a bug must cost this connection only, and end it once
+            self._internal_error(dialing)
         return dialing
 
     async def open_async(self, upstream: Upstream, addresses, target, *, mark: int | None, connect_timeout: float,
@@ -285,8 +291,17 @@ class Dialer:
             reset(self._finish(dialing))
 
     async def run(self) -> None:
-        """Drive every connection being opened until close()."""
+        """Drive every connection being opened until close(), or until cancelled (then close())."""
+        try:
+            await self._drive()
+        finally:
+            self.close()
+
+    async def _drive(self) -> None:
         while not self.closed:
+            while self._deadlines and not self._live(self._deadlines[0]):
+                heapq.heappop(self._deadlines)  # a finished dial's: no wakeup for it
+                self._stale -= 1
             deadline = self._deadlines[0][0] if self._deadlines else math.inf
             with trio.CancelScope(deadline=deadline) as self._alarm:
                 try:
@@ -303,14 +318,15 @@ class Dialer:
                 try:
                     self._ready(dialing)
                 except Exception:  # a bug (in a handshake machine) must cost one connection, not all
-                    log.exception("internal error while opening an upstream connection")
-                    if dialing.sock is not None:
-                        self._fail(dialing, UpstreamError("internal error", "internal-error"))
+                    self._internal_error(dialing)
             now = trio.current_time()
             while self._deadlines and self._deadlines[0][0] <= now:
-                deadline, _, dialing = heapq.heappop(self._deadlines)
-                if dialing.sock is not None and dialing.deadline == deadline:
-                    self._timed_out(dialing)
+                entry = heapq.heappop(self._deadlines)
+                if self._live(entry):
+                    entry[2].deadline = math.inf  # popped: not stale
+                    self._timed_out(entry[2])
+                else:
+                    self._stale -= 1
 
     def close(self) -> None:
         """Fail every connection still being opened (reason "cancelled"), and every later open()."""
@@ -319,7 +335,7 @@ class Dialer:
         trio.lowlevel.notify_closing(self._epoll.fileno())  # wakes run(), if it waits
         self._epoll.close()
         left = list(self._dialing.values())
-        self._dialing, self._deadlines = {}, []
+        self._dialing, self._deadlines, self._stale = {}, [], 0
         for dialing in left:
             self._fail(dialing, UpstreamError("the relay is shutting down", "cancelled"))
 
@@ -337,21 +353,21 @@ class Dialer:
                 break
             dialing.sock = sock
             try:
-                if connected_at_once(sock, address):
-                    self._connected(dialing)
-                    return
+                connected = connected_at_once(sock, address)
             except OSError as exc:
                 dialing.sock = None
                 sock.close()
                 dialing.last_error = exc
                 continue
+            if connected:
+                self._connected(dialing)
+                return
             if dialing.deadline == math.inf:  # one connect timeout for all the addresses
                 self._set_deadline(dialing, dialing.connect_timeout)
             self._watch(dialing, select.EPOLLOUT)
             return
         dialing.sock = None
-        where = format_address(dialing.addresses[0][1])
-        self._call(dialing.on_fail, connect_failure(dialing.last_error, where))
+        self._fail(dialing, connect_failure(dialing.last_error, format_address(dialing.addresses[0][1])))
 
     def _connected(self, dialing: Dialing) -> None:
         if dialing.machine is None:
@@ -417,27 +433,63 @@ class Dialer:
         self._call(on_open, self._finish(dialing), early)
 
     def _fail(self, dialing: Dialing, error: UpstreamError) -> None:
+        """Reset its socket (if it has one) and report ``error``, unless it was reported on already."""
         on_fail = dialing.on_fail
-        reset(self._finish(dialing))
-        self._call(on_fail, error)
+        if dialing.sock is not None:
+            reset(self._finish(dialing))
+        else:
+            self._drop_deadline(dialing)
+        dialing.machine = dialing.on_open = dialing.on_fail = None
+        if on_fail is not None:
+            self._call(on_fail, error)
 
     # -- bookkeeping ------------------------------------------------------------------
 
     def _watch(self, dialing: Dialing, events: int) -> None:
+        """Wait for ``events`` on its socket; if the epoll cannot take it (its watch limit, memory),
+        the dial fails as the relay's own shortage, not the proxy's."""
         fd = dialing.sock.fileno()
-        if fd not in self._dialing:
-            self._epoll.register(fd, events)
-            self._dialing[fd] = dialing
-        elif events != dialing.events:
-            self._epoll.modify(fd, events)
+        try:
+            if fd not in self._dialing:
+                self._epoll.register(fd, events)
+                self._dialing[fd] = dialing
+            elif events != dialing.events:
+                self._epoll.modify(fd, events)
+        except OSError as exc:
+            self._fail(dialing, UpstreamError(f"cannot wait for the upstream socket: {exc.strerror}",
+                                              local_failure(exc.errno)))
+            return
         dialing.events = events
 
+    def _internal_error(self, dialing: Dialing) -> None:
+        log.exception("internal error while opening an upstream connection")
+        self._fail(dialing, UpstreamError("internal error", "internal-error"))
+
     def _finish(self, dialing: Dialing) -> socket.socket:
-        """Its socket, out of the epoll; the rest let go (a stale heap entry may keep it until its deadline)."""
+        """Its socket, out of the epoll; the rest let go (a stale heap entry keeps the rest a while)."""
         self._forget(dialing)
         sock, dialing.sock = dialing.sock, None
         dialing.machine = dialing.on_open = dialing.on_fail = None
+        self._drop_deadline(dialing)
         return sock
+
+    def _drop_deadline(self, dialing: Dialing) -> None:
+        """Its heap entry will never fire. Finished dials' entries would otherwise stay until their
+        deadline (10 s of connections at the default handshake timeout): once they are more than
+        half the heap, the heap is rebuilt without them."""
+        if dialing.deadline == math.inf:
+            return
+        dialing.deadline = math.inf
+        self._stale += 1
+        if self._stale > STALE_MIN and self._stale * 2 > len(self._deadlines):
+            self._deadlines = [entry for entry in self._deadlines if self._live(entry)]
+            heapq.heapify(self._deadlines)
+            self._stale = 0
+
+    @staticmethod
+    def _live(entry) -> bool:
+        deadline, _, dialing = entry
+        return dialing.deadline == deadline
 
     def _forget(self, dialing: Dialing) -> None:
         fd = dialing.sock.fileno()
@@ -447,6 +499,7 @@ class Dialer:
                 self._epoll.unregister(fd)
 
     def _set_deadline(self, dialing: Dialing, timeout: float) -> None:
+        self._drop_deadline(dialing)  # the connect timeout's, now that the handshake's replaces it
         dialing.deadline = trio.current_time() + timeout
         heapq.heappush(self._deadlines, (dialing.deadline, next(self._order), dialing))
         if self._alarm is not None and dialing.deadline < self._alarm.deadline:

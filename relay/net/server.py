@@ -295,6 +295,11 @@ class Server:
             self.connection_ended(admitted.peer[0], None, self.client_failed(conn, admitted.peer, exc))
             self.slots.release()
             return
+        except Exception:  # the client's bytes must not take the accept loop down with them
+            log.exception("internal error while relaying %s -> %s",
+                          format_address(admitted.peer), format_address(admitted.dst))
+            self.abandon(conn, admitted, "error")
+            return
         opening = None
         if spoke and (sniffer is None or sniffer.result is not None):
             sniffed, first = (sniffer.result, sniffer.buffered) if sniffer else (NOT_RECOGNISED, b"")
@@ -393,8 +398,10 @@ class Server:
             upstream, addresses, target = opening.attempts.next()
         except UpstreamError as exc:
             reset(opening.conn)
-            ended = "cancelled" if exc.reason == "cancelled" else f"refused:{exc.reason}"
-            self.opening_ended(opening, ended, str(exc))
+            if exc.reason in ("cancelled", "internal-error"):  # shutting down; a bug, logged already
+                self.opening_ended(opening, "cancelled" if exc.reason == "cancelled" else "error")
+            else:
+                self.opening_ended(opening, f"refused:{exc.reason}", str(exc))
             return
         config = opening.admitted.config
         opening.attempt_started = time.monotonic()
@@ -414,23 +421,24 @@ class Server:
         try:
             state = opening.attempts.succeeded()
             self.metrics.handshake_done(str(record.via), time.monotonic() - opening.attempt_started)
-            try:
-                record.source = upstream.getsockname()[:2]
-                self.pump.add(conn, upstream, record, to_upstream_first=opening.first, to_client_first=early,
-                              idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
-                              pipe_size=config.pipe_size,
-                              confirm_eof=state.still_there if config.confirm_eof and state else None)
-            except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
-                reset(upstream)
-                reset(conn)
-                self.opening_ended(opening, local_failure(exc.errno))
-                return
-            self.own_sources.add(record.source)
-            if opening.silent:
-                self.waiting.done_silent()
+            record.source = upstream.getsockname()[:2]
+            self.pump.add(conn, upstream, record, to_upstream_first=opening.first, to_client_first=early,
+                          idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
+                          pipe_size=config.pipe_size,
+                          confirm_eof=state.still_there if config.confirm_eof and state else None)
+        except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
+            reset(upstream)
+            reset(conn)
+            self.opening_ended(opening, local_failure(exc.errno))
+            return
         except Exception:
             reset(upstream)
             self.internal_error(opening)
+            return
+        # The pump has both sockets now, and relayed_ended() will end the connection.
+        self.own_sources.add(record.source)
+        if opening.silent:
+            self.waiting.done_silent()
 
     def internal_error(self, opening: "Opening") -> None:
         """A bug must cost one connection, not the relay and every other connection."""

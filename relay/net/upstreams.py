@@ -199,6 +199,8 @@ class UpstreamPool:
             try:
                 await self.check(state)
             except UpstreamError as exc:
+                if exc.reason == "cancelled":
+                    return  # the relay is shutting down: that says nothing about the upstream
                 # A failed active check is decisive: no waiting for more failures in a row.
                 state.failures = max(state.failures, self.config.health_failures - 1)
                 self.failed(state, exc)
