@@ -46,8 +46,11 @@ class Progress:
     def report(self, message: str) -> None:
         self.done += 1
         elapsed = int(time.monotonic() - self.started)
-        print(f"[{self.done:>3}/{self.total} {elapsed // 60:>2}m{elapsed % 60:02d}s] {message}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{self.done:>3}/{self.total} {elapsed // 60:>2}m{elapsed % 60:02d}s] {message}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def skip(self, runs: int, why: str) -> None:
         self.total -= runs
@@ -68,9 +71,13 @@ def figure_name(streams: int, reverse: bool) -> str:
 
 def throughput_plan(settings: Settings, cases: list[Case]) -> list[tuple[int, bool, int, Case]]:
     # Repetitions interleave the cases, so that drift on a shared VM hits them all alike.
-    return [(streams, reverse, rep, case)
-            for streams in settings.streams for reverse in (False, True)
-            for rep in range(settings.repeat) for case in cases]
+    return [
+        (streams, reverse, rep, case)
+        for streams in settings.streams
+        for reverse in (False, True)
+        for rep in range(settings.repeat)
+        for case in cases
+    ]
 
 
 def measure_throughput(bed: Testbed, cases: list[Case], settings: Settings, progress: Progress) -> dict:
@@ -96,11 +103,17 @@ def measure_throughput(bed: Testbed, cases: list[Case], settings: Settings, prog
             if case.throughput_client == "iperf3":
                 bed.restart_iperf3()
         runs.setdefault(figure, {}).setdefault(case.name, []).append(run)
-    return {figure: {name: {"gbit_s": median(case_runs, "gbit_s"),
-                            "cpu_s_per_gb": median(case_runs, "cpu_s_per_gb"),
-                            "runs": case_runs}
-                     for name, case_runs in by_case.items()}
-            for figure, by_case in runs.items()}
+    return {
+        figure: {
+            name: {
+                "gbit_s": median(case_runs, "gbit_s"),
+                "cpu_s_per_gb": median(case_runs, "cpu_s_per_gb"),
+                "runs": case_runs,
+            }
+            for name, case_runs in by_case.items()
+        }
+        for figure, by_case in runs.items()
+    }
 
 
 # -- short connections ------------------------------------------------------------------
@@ -168,13 +181,20 @@ def measure_workers(bed: Testbed, upstreams: list[str], settings: Settings, prog
         relays = []
         try:
             for workers in WORKER_COUNTS:
-                relay = RelayUnderTest(bed, "relay", upstream, WORKERS_PORT + 10 * number + workers,
-                                       [*settings.relay_args, "--workers", str(workers)],
-                                       label=f"{upstream}-relay-workers{workers}")
+                relay = RelayUnderTest(
+                    bed,
+                    "relay",
+                    upstream,
+                    WORKERS_PORT + 10 * number + workers,
+                    [*settings.relay_args, "--workers", str(workers)],
+                    label=f"{upstream}-relay-workers{workers}",
+                )
                 relay.start()
                 relays.append(relay)
-            cases = [Case(f"{upstream}/relay-w{workers}", "relay", upstream, relay)
-                     for workers, relay in zip(WORKER_COUNTS, relays)]
+            cases = [
+                Case(f"{upstream}/relay-w{workers}", "relay", upstream, relay)
+                for workers, relay in zip(WORKER_COUNTS, relays)
+            ]
             results[upstream] = measure_short(bed, cases, settings, progress)
             capped = [Case(case.name + CAPPED, case.kind, case.upstream, case.relay) for case in cases]
             try:
@@ -218,13 +238,19 @@ def measure_idle(bed: Testbed, cases: list[Case], settings: Settings, progress: 
             reached = wait_for_connections(bed, count)
             time.sleep(1)  # let the relay finish the handshakes it has started
             rss = case.relay.rss_kib()
-            run = {"connections": reached, "wanted": count, "rss_before_kib": rss_before, "rss_kib": rss,
-                   "kib_per_conn": (rss - rss_before) / reached if reached else None}
+            run = {
+                "connections": reached,
+                "wanted": count,
+                "rss_before_kib": rss_before,
+                "rss_kib": rss,
+                "kib_per_conn": (rss - rss_before) / reached if reached else None,
+            }
             results[case.name][str(count)] = run
             short_of = f" (only {reached} of {count} relayed)" if reached < count else ""
             per_conn = f"{run['kib_per_conn']:.2f}" if reached else "-"
-            progress.report(f"idle {case.name:<16} {count}: RSS {rss_before} -> {rss} KiB, "
-                            f"{per_conn} KiB/conn{short_of}")
+            progress.report(
+                f"idle {case.name:<16} {count}: RSS {rss_before} -> {rss} KiB, {per_conn} KiB/conn{short_of}"
+            )
         for holder in holders:
             bed.lab.stop(holder)
         wait_for(lambda: bed.established_to_hold_server() == 0, timeout=60)

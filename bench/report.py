@@ -53,8 +53,13 @@ class Row:
         return self.target.verdict(self.ratio, self.values.get("relay")) if self.target else ""
 
     def as_json(self) -> dict:
-        return {"figure": self.figure, **self.values, "relay/redsocks": self.ratio,
-                "target": self.target.text() if self.target else None, "verdict": self.verdict or None}
+        return {
+            "figure": self.figure,
+            **self.values,
+            "relay/redsocks": self.ratio,
+            "target": self.target.text() if self.target else None,
+            "verdict": self.verdict or None,
+        }
 
 
 def case_name(column: str, upstream: str) -> str:
@@ -93,8 +98,10 @@ def number(value: float | None, decimals: int) -> str:
 def render(results: dict, upstreams: list[str], notes: list[str]) -> tuple[str, dict]:
     """The table as text, and the same figures for the JSON file."""
     lines, as_json = [], {}
-    header = (f"{'figure':<26}{'routed':>8}{'direct*':>9}{'redsocks':>10}{'relay':>9}"
-              f"{'relay/redsocks':>16}  {'target':<9}verdict")
+    header = (
+        f"{'figure':<26}{'routed':>8}{'direct*':>9}{'redsocks':>10}{'relay':>9}"
+        f"{'relay/redsocks':>16}  {'target':<9}verdict"
+    )
     for upstream in upstreams:
         table = rows(results, upstream)
         as_json[upstream] = [row.as_json() for row in table]
@@ -102,10 +109,12 @@ def render(results: dict, upstreams: list[str], notes: list[str]) -> tuple[str, 
         for row in table:
             v = row.values
             ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
-            lines.append(f"{row.figure:<26}{number(v['routed'], row.decimals):>8}"
-                         f"{number(v['direct'], row.decimals):>9}{number(v['redsocks'], row.decimals):>10}"
-                         f"{number(v['relay'], row.decimals):>9}{ratio:>16}  "
-                         f"{row.target.text() if row.target else '':<9}{row.verdict}")
+            lines.append(
+                f"{row.figure:<26}{number(v['routed'], row.decimals):>8}"
+                f"{number(v['direct'], row.decimals):>9}{number(v['redsocks'], row.decimals):>10}"
+                f"{number(v['relay'], row.decimals):>9}{ratio:>16}  "
+                f"{row.target.text() if row.target else '':<9}{row.verdict}"
+            )
     lines += workers_lines(results.get("workers"))
     if notes:
         lines += ["", "notes:", *(f"- {note}" for note in notes)]
@@ -126,11 +135,14 @@ def workers_lines(workers: dict | None) -> list[str]:
             one, two = by_case[f"{upstream}/relay-w1{suffix}"], by_case[f"{upstream}/relay-w2{suffix}"]
             for key, label in (("conn_per_s", "conn/s"), ("cpu_ms_per_1000", "CPU ms/1000 conn")):
                 ratio = f"{two[key] / one[key]:.2f}x" if one[key] and two[key] is not None else "-"
-                lines.append(f"{upstream + ' ' + label + capped:<38}{number(one[key], 0):>10}"
-                             f"{number(two[key], 0):>11}{ratio:>8}")
+                lines.append(
+                    f"{upstream + ' ' + label + capped:<38}{number(one[key], 0):>10}{number(two[key], 0):>11}{ratio:>8}"
+                )
     if any(CAPPED in name for by_case in workers.values() for name in by_case):
-        lines.append(f"(capped: each relay process may use {WORKER_CAP:g} of one CPU, so that the relay, not the "
-                     "cores it shares with the rest of the lab, limits the rate)")
+        lines.append(
+            f"(capped: each relay process may use {WORKER_CAP:g} of one CPU, so that the relay, not the "
+            "cores it shares with the rest of the lab, limits the rate)"
+        )
     return lines
 
 
@@ -140,32 +152,47 @@ def spread(runs: list[dict], key: str) -> float:
 
 
 def make_notes(results: dict, upstreams: list[str], cpus: int, nofile: int) -> list[str]:
-    notes = [f"all hosts share this machine's {cpus} CPUs: load generators, servers, proxies and "
-             "relays compete for them; CPU figures count only the relay's (or redsocks') own processes"]
+    notes = [
+        f"all hosts share this machine's {cpus} CPUs: load generators, servers, proxies and "
+        "relays compete for them; CPU figures count only the relay's (or redsocks') own processes"
+    ]
     throughput = results.get("throughput", {})
-    calibration = [(figure, by_case["routed/bulk"]["gbit_s"], by_case["routed"]["gbit_s"])
-                   for figure, by_case in throughput.items()
-                   if by_case.get("routed/bulk", {}).get("gbit_s") and by_case.get("routed", {}).get("gbit_s")]
+    calibration = [
+        (figure, by_case["routed/bulk"]["gbit_s"], by_case["routed"]["gbit_s"])
+        for figure, by_case in throughput.items()
+        if by_case.get("routed/bulk", {}).get("gbit_s") and by_case.get("routed", {}).get("gbit_s")
+    ]
     if calibration:
-        notes.append("direct* throughput: iperf3 cannot open a tunnel, so it is benchtool's C bulk client "
-                     "(128 KiB buffers); on the routed path that client / iperf3 = "
-                     + ", ".join(f"{figure} {bulk / iperf:.2f}x" for figure, bulk, iperf in calibration))
+        notes.append(
+            "direct* throughput: iperf3 cannot open a tunnel, so it is benchtool's C bulk client "
+            "(128 KiB buffers); on the routed path that client / iperf3 = "
+            + ", ".join(f"{figure} {bulk / iperf:.2f}x" for figure, bulk, iperf in calibration)
+        )
     short = results.get("short", {})
     routed = short.get("routed", {}).get("conn_per_s")
-    relayed = [short.get(f"{upstream}/{kind}", {}).get("conn_per_s")
-               for upstream in upstreams for kind in ("relay", "redsocks")]
+    relayed = [
+        short.get(f"{upstream}/{kind}", {}).get("conn_per_s")
+        for upstream in upstreams
+        for kind in ("relay", "redsocks")
+    ]
     relayed = [rate for rate in relayed if rate]
     if routed and relayed:
         if max(relayed) >= GENERATOR_BOUND * routed:
-            notes.append(f"short: relayed cases reach {max(relayed) / routed:.0%} of the routed path's "
-                         f"{routed:.0f} conn/s: the load generator or server may be the bottleneck")
+            notes.append(
+                f"short: relayed cases reach {max(relayed) / routed:.0%} of the routed path's "
+                f"{routed:.0f} conn/s: the load generator or server may be the bottleneck"
+            )
         else:
-            notes.append(f"short: the load generator does {routed:.0f} conn/s on the routed path, so it is "
-                         "not what limits the relayed cases (the proxy and the relay share the same CPUs)")
+            notes.append(
+                f"short: the load generator does {routed:.0f} conn/s on the routed path, so it is "
+                "not what limits the relayed cases (the proxy and the relay share the same CPUs)"
+            )
     noisiest = max(((spread(summary["runs"], "conn_per_s"), name) for name, summary in short.items()), default=None)
     if noisiest and noisiest[0] > NOISY_SPREAD:
-        notes.append(f"short: conn/s varied by up to {noisiest[0]:.0%} of the median between repetitions "
-                     f"({noisiest[1]}); compare ratios with that in mind")
+        notes.append(
+            f"short: conn/s varied by up to {noisiest[0]:.0%} of the median between repetitions "
+            f"({noisiest[1]}); compare ratios with that in mind"
+        )
     failed = sum(summary.get("failed_connections", 0) for summary in short.values())
     if failed:
         notes.append(f"short: {failed} connections failed or did not finish (see the JSON runs)")
@@ -176,19 +203,33 @@ def make_notes(results: dict, upstreams: list[str], cpus: int, nofile: int) -> l
         if "error" in by_count:
             notes.append(f"idle {name}: {by_count['error']}")
             continue
-        short_of += [f"{name} {run['connections']} of {count}" for count, run in by_count.items()
-                     if run["connections"] < run["wanted"]]
+        short_of += [
+            f"{name} {run['connections']} of {count}"
+            for count, run in by_count.items()
+            if run["connections"] < run["wanted"]
+        ]
     if short_of:
-        notes.append(f"idle: only {', '.join(short_of)} were relayed: each process may hold {nofile} fds here, "
-                     f"a connection takes 2 in the relay and squid, {REDSOCKS_FDS_PER_CONNECTION} in redsocks "
-                     "(its splice pipes); KiB/conn is per connection reached")
-    labelled = [(f"throughput {figure} {name}", summary) for figure, by_case in throughput.items()
-                for name, summary in by_case.items()]
+        notes.append(
+            f"idle: only {', '.join(short_of)} were relayed: each process may hold {nofile} fds here, "
+            f"a connection takes 2 in the relay and squid, {REDSOCKS_FDS_PER_CONNECTION} in redsocks "
+            "(its splice pipes); KiB/conn is per connection reached"
+        )
+    labelled = [
+        (f"throughput {figure} {name}", summary)
+        for figure, by_case in throughput.items()
+        for name, summary in by_case.items()
+    ]
     labelled += [(f"short {name}", summary) for name, summary in short.items()]
-    labelled += [(f"short {name}", summary) for by_case in results.get("workers", {}).values()
-                 if "skipped" not in by_case for name, summary in by_case.items()]
+    labelled += [
+        (f"short {name}", summary)
+        for by_case in results.get("workers", {}).values()
+        if "skipped" not in by_case
+        for name, summary in by_case.items()
+    ]
     for label, summary in labelled:
         if errors := [run["error"] for run in summary["runs"] if "error" in run]:
-            notes.append(f"{label}: {len(errors)} of {len(summary['runs'])} runs failed ({errors[0]}); "
-                         "the median is of the others")
+            notes.append(
+                f"{label}: {len(errors)} of {len(summary['runs'])} runs failed ({errors[0]}); "
+                "the median is of the others"
+            )
     return notes

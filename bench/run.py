@@ -30,8 +30,9 @@ from pathlib import Path
 
 import measure
 import report
-from relay.lab import Lab, LabError
 from testbed import NOFILE, RELAY_KINDS, UPSTREAMS, BenchError, Case, RelayRejected, RelayUnderTest, Testbed
+
+from relay.lab import Lab, LabError
 
 RESULTS = Path(__file__).parent / "results"
 TESTS = ("throughput", "short", "idle")
@@ -40,16 +41,37 @@ FIRST_RELAY_PORT = 12345
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 s per iperf3 test, 1 repetition, 500 short and 500 idle connections")
-    parser.add_argument("--only", type=lambda text: text.split(","), default=list(TESTS), metavar="TESTS",
-                        help=f"comma-separated subset of {','.join(TESTS)} (default: all)")
-    parser.add_argument("--upstreams", type=lambda text: text.split(","), default=list(UPSTREAMS),
-                        metavar="NAMES", help="comma-separated subset of squid,dante (default: both)")
-    parser.add_argument("--relay-args", type=shlex.split, default=[], metavar="ARGS",
-                        help='extra arguments for every relay process, e.g. "--workers 2 --pipe-size 262144"')
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 s per iperf3 test, 1 repetition, 500 short and 500 idle connections",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        default=list(TESTS),
+        metavar="TESTS",
+        help=f"comma-separated subset of {','.join(TESTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--upstreams",
+        type=lambda text: text.split(","),
+        default=list(UPSTREAMS),
+        metavar="NAMES",
+        help="comma-separated subset of squid,dante (default: both)",
+    )
+    parser.add_argument(
+        "--relay-args",
+        type=shlex.split,
+        default=[],
+        metavar="ARGS",
+        help='extra arguments for every relay process, e.g. "--workers 2 --pipe-size 262144"',
+    )
     parser.add_argument("--seconds", type=int, help="length of each iperf3 test (default 10, quick 2)")
     parser.add_argument("--repeat", type=int, help="repetitions of each run, medians reported (default 3, quick 1)")
     args = parser.parse_args()
@@ -138,8 +160,13 @@ def main() -> int:
         print(f"bench/run.py: missing {', '.join(missing)}; run scripts/setup first", file=sys.stderr)
         return 2
     settings = settings_from(args)
-    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "settings": asdict(settings),
-              "machine": {"cpus": os.cpu_count(), "nofile": NOFILE, **versions()}, "results": {}}
+    record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv[1:],
+        "settings": asdict(settings),
+        "machine": {"cpus": os.cpu_count(), "nofile": NOFILE, **versions()},
+        "results": {},
+    }
     status = 0
     try:
         run(args, settings, record["results"])

@@ -167,15 +167,25 @@ class RelayUnderTest:
         if self.kind == "relay":
             scheme, upstream_port = UPSTREAMS[self.upstream]
             # No -v: one log line per connection would cost the relay CPU in the short test.
-            argv = [*RAISE_NOFILE, sys.executable, "-m", "relay",
-                    "--upstream", f"{scheme}://127.0.0.1:{upstream_port}",
-                    "--listen", f"0.0.0.0:{self.port}", *self.extra_args]
+            argv = [
+                *RAISE_NOFILE,
+                sys.executable,
+                "-m",
+                "relay",
+                "--upstream",
+                f"{scheme}://127.0.0.1:{upstream_port}",
+                "--listen",
+                f"0.0.0.0:{self.port}",
+                *self.extra_args,
+            ]
             process = lab.spawn("router", argv, name=name)
             deadline = time.monotonic() + START_TIMEOUT
             while "listening on" not in lab.log_text(name):
                 if process.poll() is not None:
-                    raise RelayRejected(f"relay {' '.join(self.extra_args)} exited with status "
-                                        f"{process.returncode}: {lab.log_tail(name, 1).strip()}")
+                    raise RelayRejected(
+                        f"relay {' '.join(self.extra_args)} exited with status "
+                        f"{process.returncode}: {lab.log_tail(name, 1).strip()}"
+                    )
                 if time.monotonic() > deadline:
                     lab.kill(name)
                     raise BenchError(f"relay did not start: {lab.log_tail(name)}")
@@ -221,8 +231,13 @@ class Testbed:
 
     def _compile_tool(self) -> str:
         binary = self.lab.tmpdir / "benchtool"
-        subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(Path(__file__).with_name("benchtool.c"))],
-                       check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            ["gcc", "-O2", "-pthread", "-o", str(binary), str(Path(__file__).with_name("benchtool.c"))],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return str(binary)
 
     def _route_everything(self) -> None:
@@ -234,8 +249,9 @@ class Testbed:
         for host in ("client", "router", "server"):
             # Tens of thousands of short connections in a minute: more ports, TIME-WAIT reused.
             # Still above every port the benchmark listens on, which would otherwise be taken by then.
-            self.lab.run(host, ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={EPHEMERAL_PORTS}",
-                                "net.ipv4.tcp_tw_reuse=1"])
+            self.lab.run(
+                host, ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={EPHEMERAL_PORTS}", "net.ipv4.tcp_tw_reuse=1"]
+            )
 
     def _start_servers(self) -> None:
         servers = {
@@ -265,41 +281,48 @@ class Testbed:
         if upstream == "squid":
             shutil.chown(directory, "proxy", "proxy")  # squid writes its files as "proxy"
             conf = directory / "squid.conf"
-            conf.write_text("\n".join([
-                f"http_port 127.0.0.1:{port}",
-                f"http_port {ADDR.router_lan4}:{port}",
-                "http_access allow all",
-                "cache deny all",
-                "pinger_enable off",
-                "visible_hostname relaybench",  # no DNS in the namespace
-                f"max_filedescriptors {NOFILE}",
-                "access_log none",  # the same work for every case, but noise on a 2-core VM
-                f"pid_filename {directory}/squid.pid",
-                f"cache_log {directory}/cache.log",
-                f"coredump_dir {directory}",
-                "netdb_filename none",
-                "dns_nameservers 127.0.0.1",
-                "shutdown_lifetime 0 seconds",
-                "",
-            ]))
+            conf.write_text(
+                "\n".join(
+                    [
+                        f"http_port 127.0.0.1:{port}",
+                        f"http_port {ADDR.router_lan4}:{port}",
+                        "http_access allow all",
+                        "cache deny all",
+                        "pinger_enable off",
+                        "visible_hostname relaybench",  # no DNS in the namespace
+                        f"max_filedescriptors {NOFILE}",
+                        "access_log none",  # the same work for every case, but noise on a 2-core VM
+                        f"pid_filename {directory}/squid.pid",
+                        f"cache_log {directory}/cache.log",
+                        f"coredump_dir {directory}",
+                        "netdb_filename none",
+                        "dns_nameservers 127.0.0.1",
+                        "shutdown_lifetime 0 seconds",
+                        "",
+                    ]
+                )
+            )
             # -n names squid's shared memory; the lab removes what starts with its prefix.
-            argv = ["squid", "-N", "-d1", "-n", re.sub(r"[^A-Za-z0-9]", "", self.lab.prefix + "bench"),
-                    "-f", str(conf)]
+            argv = ["squid", "-N", "-d1", "-n", re.sub(r"[^A-Za-z0-9]", "", self.lab.prefix + "bench"), "-f", str(conf)]
         else:
             conf = directory / "danted.conf"
-            conf.write_text("\n".join([
-                "logoutput: stderr",
-                f"internal: 127.0.0.1 port = {port}",
-                f"internal: {ADDR.router_lan4} port = {port}",
-                f"external: {ADDR.router_wan4}",
-                "clientmethod: none",
-                "socksmethod: none",
-                "user.privileged: root",
-                "user.unprivileged: nobody",
-                "client pass { from: 0/0 to: 0/0 }",
-                "socks pass { from: 0/0 to: 0/0 }",
-                "",
-            ]))
+            conf.write_text(
+                "\n".join(
+                    [
+                        "logoutput: stderr",
+                        f"internal: 127.0.0.1 port = {port}",
+                        f"internal: {ADDR.router_lan4} port = {port}",
+                        f"external: {ADDR.router_wan4}",
+                        "clientmethod: none",
+                        "socksmethod: none",
+                        "user.privileged: root",
+                        "user.unprivileged: nobody",
+                        "client pass { from: 0/0 to: 0/0 }",
+                        "socks pass { from: 0/0 to: 0/0 }",
+                        "",
+                    ]
+                )
+            )
             argv = ["danted", "-f", str(conf), "-p", str(directory / "danted.pid")]
         Service(self.lab, "router", upstream, [*RAISE_NOFILE, *argv], ready=("127.0.0.1", port)).start()
 
@@ -353,13 +376,30 @@ redsocks {{
         return [scheme, ADDR.router_lan4, str(port)]
 
     def short(self, case: Case, count: int, concurrency: int, timeout: float) -> dict:
-        argv = [*RAISE_NOFILE, self.tool, "short", SERVER, str(SHORT_PORT), str(count), str(concurrency),
-                str(timeout), *self.proxy_args(case)]
+        argv = [
+            *RAISE_NOFILE,
+            self.tool,
+            "short",
+            SERVER,
+            str(SHORT_PORT),
+            str(count),
+            str(concurrency),
+            str(timeout),
+            *self.proxy_args(case),
+        ]
         return json.loads(self.lab.run("client", argv, timeout=timeout + 15).stdout)
 
     def bulk(self, case: Case, seconds: int, streams: int, reverse: bool) -> dict:
-        argv = [self.tool, "bulk", SERVER, str(BULK_PORT), str(seconds), str(streams),
-                "down" if reverse else "up", *self.proxy_args(case)]
+        argv = [
+            self.tool,
+            "bulk",
+            SERVER,
+            str(BULK_PORT),
+            str(seconds),
+            str(streams),
+            "down" if reverse else "up",
+            *self.proxy_args(case),
+        ]
         result = json.loads(self.lab.run("client", argv, timeout=seconds + 30).stdout)
         if error := result.pop("error"):
             raise BenchError(f"bulk client: {error}")
@@ -382,8 +422,9 @@ redsocks {{
         return len(listing.stdout.splitlines())
 
     def start_holding(self, name: str, count: int, lifetime: int) -> None:
-        self.lab.spawn("client", [*RAISE_NOFILE, self.tool, "hold", SERVER, str(HOLD_PORT), str(count),
-                                  str(lifetime)], name=name)
+        self.lab.spawn(
+            "client", [*RAISE_NOFILE, self.tool, "hold", SERVER, str(HOLD_PORT), str(count), str(lifetime)], name=name
+        )
 
 
 def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:
@@ -393,4 +434,3 @@ def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:
             return False
         time.sleep(interval)
     return True
-

@@ -95,8 +95,10 @@ def main() -> int:
             print(f"{case:<14} {direction:<9} {figures['gbit_s']:>7.2f} {cpu:>9} {ratio:>9.2f}x")
     for direction in ("upload", "download"):
         fast, pure = results["relay-cython"][direction], results["relay-python"][direction]
-        print(f"cython/python {direction}: throughput {fast['gbit_s'] / pure['gbit_s']:.2f}x, "
-              f"CPU per GB {fast['cpu_s_per_gb'] / pure['cpu_s_per_gb']:.2f}x")
+        print(
+            f"cython/python {direction}: throughput {fast['gbit_s'] / pure['gbit_s']:.2f}x, "
+            f"CPU per GB {fast['cpu_s_per_gb'] / pure['cpu_s_per_gb']:.2f}x"
+        )
     print(f"raw results: {out}")
     return 0
 

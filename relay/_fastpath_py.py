@@ -76,8 +76,20 @@ def _handle_of(conn, slot):
 class _Way:
     """One direction, fd[side] -> buffer -> fd[1 - side]; the buffer is held only while bytes are in it."""
 
-    __slots__ = ("view", "start", "pending", "eof", "shut", "write_blocked", "queued", "paused", "held", "confirmed",
-                 "first", "moved")
+    __slots__ = (
+        "view",
+        "start",
+        "pending",
+        "eof",
+        "shut",
+        "write_blocked",
+        "queued",
+        "paused",
+        "held",
+        "confirmed",
+        "first",
+        "moved",
+    )
 
     def __init__(self, first: bytes):
         self.view = None
@@ -93,8 +105,19 @@ class _Way:
 
 
 class _Conn:
-    __slots__ = ("fds", "ways", "last_active", "idle_timeout", "half_closed_timeout", "pipe_size", "half_closed",
-                 "hold_upstream_eof", "generation", "token", "in_use")
+    __slots__ = (
+        "fds",
+        "ways",
+        "last_active",
+        "idle_timeout",
+        "half_closed_timeout",
+        "pipe_size",
+        "half_closed",
+        "hold_upstream_eof",
+        "generation",
+        "token",
+        "in_use",
+    )
 
 
 def _with_socket(fd: int, action) -> None:
@@ -104,6 +127,10 @@ def _with_socket(fd: int, action) -> None:
         action(sock)
     finally:
         sock.detach()
+
+
+def so_error(sock) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
 class Engine:
@@ -136,8 +163,19 @@ class Engine:
         """True if some way has work left that no epoll event will announce: run() again soon."""
         return bool(self._backlog)
 
-    def add(self, client_fd, upstream_fd, token, now, idle_timeout, half_closed_timeout, pipe_size=0,
-            to_upstream_first=b"", to_client_first=b"", hold_upstream_eof=False):
+    def add(
+        self,
+        client_fd,
+        upstream_fd,
+        token,
+        now,
+        idle_timeout,
+        half_closed_timeout,
+        pipe_size=0,
+        to_upstream_first=b"",
+        to_client_first=b"",
+        hold_upstream_eof=False,
+    ):
         """Take over a connection: on success the engine owns (and will close) both fds (non-blocking).
 
         With ``hold_upstream_eof``, the upstream's FIN is not forwarded until
@@ -262,8 +300,9 @@ class Engine:
                 self._backlog.append(slot * 2 + side)
         elif outcome == FAILED:
             who, error = self._failure
-            self._finish(slot, local_failure(error) if who == LOCAL else ("client-reset", "upstream-reset")[who],
-                         finished)
+            self._finish(
+                slot, local_failure(error) if who == LOCAL else ("client-reset", "upstream-reset")[who], finished
+            )
         elif outcome == FINISHED and conn.ways[1 - side].shut:
             self._finish(slot, "closed", finished)
         elif outcome == HELD:
@@ -333,23 +372,31 @@ class Engine:
             slot, side = entry >> 1, entry & 1
             conn = self._conns[slot]
             if ready & select.EPOLLERR:
-                error = []
-                _with_socket(conn.fds[side], lambda sock: error.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)))
-                if error[0]:
+                errors = []
+                _with_socket(conn.fds[side], lambda sock, out=errors: out.append(so_error(sock)))
+                if errors[0]:
                     self._finish(slot, ("client-reset", "upstream-reset")[side], finished)
                     continue
             if ready & READABLE and not conn.ways[side].write_blocked:
                 budget = self._step(slot, side, budget, now, finished)
             other = conn.ways[1 - side] if conn.in_use else None
-            if ready & (select.EPOLLOUT | select.EPOLLERR) and other and (other.write_blocked or other.first is not None):
+            if (
+                ready & (select.EPOLLOUT | select.EPOLLERR)
+                and other
+                and (other.write_blocked or other.first is not None)
+            ):
                 budget = self._step(slot, 1 - side, budget, now, finished)
         return budget
 
     def take_held(self):
         """The upstream FINs held since the last call, as (handle, token): each waits for release().
         A connection that ended meanwhile (in the same run, or by expire()) is left out."""
-        held = [(handle, token) for handle, token in self._held
-                if self._conns[handle & 0xFFFFFFFF].in_use and _handle_of(self._conns[handle & 0xFFFFFFFF], handle & 0xFFFFFFFF) == handle]
+        held = [
+            (handle, token)
+            for handle, token in self._held
+            if self._conns[handle & 0xFFFFFFFF].in_use
+            and _handle_of(self._conns[handle & 0xFFFFFFFF], handle & 0xFFFFFFFF) == handle
+        ]
         self._held = []
         return held
 

@@ -4,6 +4,7 @@ Everything here is plain data: parsing raises ConfigError with a message fit
 for one line on stderr, and no password ever reaches a message or a repr.
 """
 
+import copy
 import ipaddress
 import tomllib
 import urllib.parse
@@ -133,7 +134,9 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def parse_domain_suffix(text: str) -> str:
     suffix = text.lower().strip(".")
-    if not suffix or any(not label or not label.replace("-", "").replace("_", "").isalnum() for label in suffix.split(".")):
+    if not suffix or any(
+        not label or not label.replace("-", "").replace("_", "").isalnum() for label in suffix.split(".")
+    ):
         raise ConfigError(f"invalid domain suffix {text!r}")
     return suffix
 
@@ -218,57 +221,189 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("upstream", parse_upstream, [], True, "URL",
-            "HOST:PORT or http://[user:pass@]HOST:PORT (HTTP CONNECT), socks5://[user:pass@]HOST:PORT, "
-            "socks4://HOST:PORT, socks4a://HOST:PORT, or 'direct'; repeatable (failover in order)", "upstreams"),
-    Setting("upstream-strategy", one_of("failover", "round-robin"), "failover", False, "failover|round-robin",
-            "how new connections pick among healthy upstreams (default: failover)"),
-    Setting("mode", one_of("redirect", "tproxy"), "redirect", False, "redirect|tproxy",
-            "how connections are intercepted (default: redirect)"),
-    Setting("listen", lambda v: parse_host_port(v, "listen address"), [], True, "HOST:PORT",
-            "address to listen on, repeatable (default: 0.0.0.0:12345 and [::]:12345)"),
+    Setting(
+        "upstream",
+        parse_upstream,
+        [],
+        True,
+        "URL",
+        "HOST:PORT or http://[user:pass@]HOST:PORT (HTTP CONNECT), socks5://[user:pass@]HOST:PORT, "
+        "socks4://HOST:PORT, socks4a://HOST:PORT, or 'direct'; repeatable (failover in order)",
+        "upstreams",
+    ),
+    Setting(
+        "upstream-strategy",
+        one_of("failover", "round-robin"),
+        "failover",
+        False,
+        "failover|round-robin",
+        "how new connections pick among healthy upstreams (default: failover)",
+    ),
+    Setting(
+        "mode",
+        one_of("redirect", "tproxy"),
+        "redirect",
+        False,
+        "redirect|tproxy",
+        "how connections are intercepted (default: redirect)",
+    ),
+    Setting(
+        "listen",
+        lambda v: parse_host_port(v, "listen address"),
+        [],
+        True,
+        "HOST:PORT",
+        "address to listen on, repeatable (default: 0.0.0.0:12345 and [::]:12345)",
+    ),
     Setting("mark", parse_mark, None, False, "N", "SO_MARK for upstream sockets, so firewall rules can exempt them"),
     Setting("connect-timeout", parse_seconds, 5.0, False, "S", "upstream TCP connect (default: 5)"),
     Setting("handshake-timeout", parse_seconds, 10.0, False, "S", "proxy handshake (default: 10)"),
     Setting("idle-timeout", parse_seconds, 600.0, False, "S", "reset connections idle this long (default: 600)"),
-    Setting("half-closed-timeout", parse_seconds, 60.0, False, "S",
-            "once one direction has ended, reset if the other is silent this long (default: 60)"),
-    Setting("confirm-eof", parse_switch, False, False, "on|off",
-            "hold each FIN from a proxy until a new connection to it shows it still answers; "
-            "if not, reset the client instead of ending a truncated transfer cleanly (default: off)"),
-    Setting("max-connections", parse_count, 0, False, "N",
-            "relayed connections at once; past it, new ones wait in the backlog (default: from the fd limit)"),
-    Setting("max-per-source", parse_count, 0, False, "N", "relayed connections at once from one client address (default: no limit)"),
-    Setting("allow-dest", parse_cidr, [], True, "CIDR",
-            "relay these destinations even if they are the router, loopback or link-local (normally refused); repeatable"),
-    Setting("sniff", parse_switch, True, False, "on|off",
-            "ask the proxy for the hostname from TLS SNI or the HTTP Host header, so the far side resolves it (default: on)"),
-    Setting("sniff-timeout", parse_seconds, 0.3, False, "S",
-            "wait this long for the client's first bytes before connecting by address (default: 0.3)"),
-    Setting("http-mode", one_of("forward", "connect"), "forward", False, "forward|connect",
-            "plain HTTP through an HTTP proxy: 'forward' sends requests in absolute form, 'connect' tunnels them (default: forward)"),
-    Setting("bypass", parse_cidr, [], True, "CIDR", "connect to these destinations directly, not through the upstream; repeatable"),
-    Setting("bypass-domain", parse_domain_suffix, [], True, "SUFFIX",
-            "connect directly when the sniffed hostname ends with SUFFIX; repeatable"),
-    Setting("health-interval", parse_seconds, 10.0, False, "S", "active upstream health checks this often (default: 10)"),
-    Setting("health-target", lambda v: parse_host_port(v, "health target"), None, False, "HOST:PORT",
-            "active checks do a full proxy handshake to this destination (default: only connect to the proxy)"),
-    Setting("health-failures", lambda v: parse_count(v, 1), 3, False, "N",
-            "an upstream is unhealthy after N failures in a row (default: 3)"),
-    Setting("drain-time", lambda v: parse_seconds(v, allow_zero=True), 30.0, False, "S",
-            "on SIGTERM, let open connections finish for this long (default: 30)"),
-    Setting("metrics", lambda v: parse_host_port(v, "metrics address"), None, False, "HOST:PORT",
-            "serve Prometheus metrics on http://HOST:PORT/metrics"),
+    Setting(
+        "half-closed-timeout",
+        parse_seconds,
+        60.0,
+        False,
+        "S",
+        "once one direction has ended, reset if the other is silent this long (default: 60)",
+    ),
+    Setting(
+        "confirm-eof",
+        parse_switch,
+        False,
+        False,
+        "on|off",
+        "hold each FIN from a proxy until a new connection to it shows it still answers; "
+        "if not, reset the client instead of ending a truncated transfer cleanly (default: off)",
+    ),
+    Setting(
+        "max-connections",
+        parse_count,
+        0,
+        False,
+        "N",
+        "relayed connections at once; past it, new ones wait in the backlog (default: from the fd limit)",
+    ),
+    Setting(
+        "max-per-source",
+        parse_count,
+        0,
+        False,
+        "N",
+        "relayed connections at once from one client address (default: no limit)",
+    ),
+    Setting(
+        "allow-dest",
+        parse_cidr,
+        [],
+        True,
+        "CIDR",
+        "relay these destinations even if they are the router, loopback or link-local (normally refused); repeatable",
+    ),
+    Setting(
+        "sniff",
+        parse_switch,
+        True,
+        False,
+        "on|off",
+        "ask the proxy for the hostname from TLS SNI or the HTTP Host header, so the far side resolves it "
+        "(default: on)",
+    ),
+    Setting(
+        "sniff-timeout",
+        parse_seconds,
+        0.3,
+        False,
+        "S",
+        "wait this long for the client's first bytes before connecting by address (default: 0.3)",
+    ),
+    Setting(
+        "http-mode",
+        one_of("forward", "connect"),
+        "forward",
+        False,
+        "forward|connect",
+        "plain HTTP through an HTTP proxy: 'forward' sends requests in absolute form, 'connect' tunnels them "
+        "(default: forward)",
+    ),
+    Setting(
+        "bypass",
+        parse_cidr,
+        [],
+        True,
+        "CIDR",
+        "connect to these destinations directly, not through the upstream; repeatable",
+    ),
+    Setting(
+        "bypass-domain",
+        parse_domain_suffix,
+        [],
+        True,
+        "SUFFIX",
+        "connect directly when the sniffed hostname ends with SUFFIX; repeatable",
+    ),
+    Setting(
+        "health-interval", parse_seconds, 10.0, False, "S", "active upstream health checks this often (default: 10)"
+    ),
+    Setting(
+        "health-target",
+        lambda v: parse_host_port(v, "health target"),
+        None,
+        False,
+        "HOST:PORT",
+        "active checks do a full proxy handshake to this destination (default: only connect to the proxy)",
+    ),
+    Setting(
+        "health-failures",
+        lambda v: parse_count(v, 1),
+        3,
+        False,
+        "N",
+        "an upstream is unhealthy after N failures in a row (default: 3)",
+    ),
+    Setting(
+        "drain-time",
+        lambda v: parse_seconds(v, allow_zero=True),
+        30.0,
+        False,
+        "S",
+        "on SIGTERM, let open connections finish for this long (default: 30)",
+    ),
+    Setting(
+        "metrics",
+        lambda v: parse_host_port(v, "metrics address"),
+        None,
+        False,
+        "HOST:PORT",
+        "serve Prometheus metrics on http://HOST:PORT/metrics",
+    ),
     Setting("log-format", one_of("text", "json"), "text", False, "text|json", "log line format (default: text)"),
-    Setting("ssh", _text, None, False, "[USER@]HOST[:PORT]",
-            "start and supervise ssh to this host: -L to each HTTP/SOCKS4 upstream, -D for SOCKS5; upstream addresses are as seen from there"),
+    Setting(
+        "ssh",
+        _text,
+        None,
+        False,
+        "[USER@]HOST[:PORT]",
+        "start and supervise ssh to this host: -L to each HTTP/SOCKS4 upstream, -D for SOCKS5; "
+        "upstream addresses are as seen from there",
+    ),
     Setting("ssh-identity", _text, None, False, "FILE", "ssh identity file"),
     Setting("ssh-option", parse_option_pair, [], True, "KEY=VALUE", "extra ssh -o option; repeatable"),
     Setting("user", _text, None, False, "NAME", "after binding, run as this user, keeping only CAP_NET_ADMIN"),
-    Setting("workers", lambda v: parse_count(v, 1), 1, False, "N", "worker processes sharing the listeners (SO_REUSEPORT)"),
-    Setting("pipe-size", parse_count, 1 << 20, False, "BYTES",
-            "splice pipe size per direction, allocated as data flows (default: 1 MiB; 0: the kernel's 64 KiB)"),
-    Setting("lan-iface", _text, [], True, "IFACE", "for 'relay rules': LAN interface whose TCP is intercepted; repeatable"),
+    Setting(
+        "workers", lambda v: parse_count(v, 1), 1, False, "N", "worker processes sharing the listeners (SO_REUSEPORT)"
+    ),
+    Setting(
+        "pipe-size",
+        parse_count,
+        1 << 20,
+        False,
+        "BYTES",
+        "splice pipe size per direction, allocated as data flows (default: 1 MiB; 0: the kernel's 64 KiB)",
+    ),
+    Setting(
+        "lan-iface", _text, [], True, "IFACE", "for 'relay rules': LAN interface whose TCP is intercepted; repeatable"
+    ),
     Setting("verbose", parse_count, 0, False, None, "1: one line per connection; 2: debug"),
 ]
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -276,38 +411,40 @@ SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 
 @dataclass
 class Config:
+    """Every setting's value; its default is the Setting's (see from_values)."""
+
     upstreams: list[Upstream]
-    upstream_strategy: str = "failover"
-    mode: str = "redirect"
-    listen: list[tuple[str, int]] = field(default_factory=list)  # empty: the defaults
-    mark: int | None = None
-    connect_timeout: float = 5.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 600.0
-    half_closed_timeout: float = 60.0
-    confirm_eof: bool = False  # hold upstream FINs until the proxy is seen alive (see relay.net.pump)
-    max_connections: int = 0  # 0: derived from RLIMIT_NOFILE
-    max_per_source: int = 0  # 0: no limit
-    allow_dest: list = field(default_factory=list)
-    sniff: bool = True  # ask the proxy for the SNI/Host name instead of the IP
-    sniff_timeout: float = 0.3  # how long to wait for the client's first bytes
-    http_mode: str = "forward"  # plain HTTP through an HTTP proxy: "forward" (absolute form) or "connect"
-    bypass: list = field(default_factory=list)
-    bypass_domain: list[str] = field(default_factory=list)
-    health_interval: float = 10.0
-    health_target: tuple[str, int] | None = None
-    health_failures: int = 3
-    drain_time: float = 30.0
-    metrics: tuple[str, int] | None = None
-    log_format: str = "text"
-    ssh: str | None = None
-    ssh_identity: str | None = None
-    ssh_option: list[tuple[str, str]] = field(default_factory=list)
-    user: str | None = None
-    workers: int = 1
-    pipe_size: int = 1 << 20  # fewer, larger splices per wakeup; 0: the kernel's default
-    lan_iface: list[str] = field(default_factory=list)
-    verbose: int = 0
+    upstream_strategy: str
+    mode: str
+    listen: list[tuple[str, int]]  # empty: the defaults
+    mark: int | None
+    connect_timeout: float
+    handshake_timeout: float
+    idle_timeout: float
+    half_closed_timeout: float
+    confirm_eof: bool  # hold upstream FINs until the proxy is seen alive (see relay.net.pump)
+    max_connections: int  # 0: derived from RLIMIT_NOFILE
+    max_per_source: int  # 0: no limit
+    allow_dest: list
+    sniff: bool  # ask the proxy for the SNI/Host name instead of the IP
+    sniff_timeout: float  # how long to wait for the client's first bytes
+    http_mode: str  # plain HTTP through an HTTP proxy: "forward" (absolute form) or "connect"
+    bypass: list
+    bypass_domain: list[str]
+    health_interval: float
+    health_target: tuple[str, int] | None
+    health_failures: int
+    drain_time: float
+    metrics: tuple[str, int] | None
+    log_format: str
+    ssh: str | None
+    ssh_identity: str | None
+    ssh_option: list[tuple[str, str]]
+    user: str | None
+    workers: int
+    pipe_size: int  # fewer, larger splices per wakeup; 0: the kernel's default
+    lan_iface: list[str]
+    verbose: int
 
     @property
     def upstream(self) -> Upstream:
@@ -315,13 +452,15 @@ class Config:
         return self.upstreams[0]
 
     @classmethod
-    def from_values(cls, values: dict, source: str = "", complete: bool = True, key_prefix: str = "") -> "Config | None":
+    def from_values(
+        cls, values: dict, source: str = "", complete: bool = True, key_prefix: str = ""
+    ) -> "Config | None":
         """Validate raw values (strings from the command line, TOML values from a file) keyed by setting.
 
         With ``complete=False`` only the values given are checked (a file that
         command-line options will complete), and nothing is returned.
         """
-        fields = {}
+        fields = {setting.field: copy.deepcopy(setting.default) for setting in SETTINGS} if complete else {}
         for key, raw in values.items():
             setting = SETTINGS_BY_KEY.get(key)
             if setting is None:

@@ -159,16 +159,16 @@ class Metrics:
         for (tunnel, reason), count in sorted(self.tunnel_restarts.items()):
             lines.append(_sample("relay_tunnel_restarts_total", {"tunnel": tunnel, "reason": reason}, count))
 
-        family("relay_tasks", "gauge", "Trio tasks alive in this process: flat under a steady load, or something leaks.")
+        family(
+            "relay_tasks", "gauge", "Trio tasks alive in this process: flat under a steady load, or something leaks."
+        )
         lines.append(_sample("relay_tasks", {}, count_tasks()))
 
         lines.append("")
         return "\n".join(lines)
 
 
-async def serve_metrics(
-    metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED
-) -> None:
+async def serve_metrics(metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``GET /metrics`` on HOST:PORT (an IP literal) until cancelled; reports the bound (host, port)."""
     listener = await open_listener(host, port, transparent=False)
     with listener:
@@ -177,7 +177,8 @@ async def serve_metrics(
         handle = functools.partial(_serve_scraper, metrics, scrapes)
         async with trio.open_nursery() as nursery:
             await accept_loop(
-                listener, lambda conn, peer: nursery.start_soon(handle, trio.socket.from_stdlib_socket(conn), peer),
+                listener,
+                lambda conn, peer: nursery.start_soon(handle, trio.socket.from_stdlib_socket(conn), peer),
                 RateLimited(),
             )
 

@@ -49,8 +49,16 @@ IPTABLES_LOCK_WAIT_SECONDS = "5"  # less than the command timeout, so a held xta
 
 LOOPBACK = {4: ("127.0.0.0/8",), 6: ("::1/128",)}
 PRIVATE_AND_RESERVED = {
-    4: ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12",
-        "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"),
+    4: (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    ),
     6: ("::/128", "fc00::/7", "fe80::/10", "ff00::/8"),
 }
 # What the kernel accepts is wider; this is what is safe to put unquoted into an
@@ -280,12 +288,19 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
     port = settings.port
 
     if settings.mode == "redirect":
-        body = _nft_chain("prerouting", [f"{from_lan} {tcp} jump intercept"],
-                          "type nat hook prerouting priority dstnat; policy accept;")
+        body = _nft_chain(
+            "prerouting",
+            [f"{from_lan} {tcp} jump intercept"],
+            "type nat hook prerouting priority dstnat; policy accept;",
+        )
         if settings.redirect_output:
             # -100 is dstnat; nft 1.0.6 accepts the name only for prerouting.
-            body += _nft_chain("output", [f"{tcp} jump intercept"], "type nat hook output priority -100; policy accept;")
-        return body + _nft_chain("intercept", [own_mark, *_nft_exemptions(settings), f"meta l4proto tcp redirect to :{port}"])
+            body += _nft_chain(
+                "output", [f"{tcp} jump intercept"], "type nat hook output priority -100; policy accept;"
+            )
+        return body + _nft_chain(
+            "intercept", [own_mark, *_nft_exemptions(settings), f"meta l4proto tcp redirect to :{port}"]
+        )
 
     set_mark = f"meta mark set meta mark | {settings.tproxy_mark:#x}"
     has_mark = f"meta mark & {settings.tproxy_mark:#x} == {settings.tproxy_mark:#x}"
@@ -298,19 +313,27 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
     body = _nft_chain("prerouting", prerouting, "type filter hook prerouting priority mangle; policy accept;")
     if settings.redirect_output:
         # Same scheme as iptables: mark in OUTPUT ("type route" reroutes), TPROXY after lo.
-        body += _nft_chain("output", [f"{tcp} jump mark_output"], "type route hook output priority mangle; policy accept;")
-        body += _nft_chain("mark_output", [
+        body += _nft_chain(
+            "output", [f"{tcp} jump mark_output"], "type route hook output priority mangle; policy accept;"
+        )
+        body += _nft_chain(
+            "mark_output",
+            [
+                own_mark,
+                "fib saddr type != local return",  # the relay's answers to intercepted clients
+                *_nft_exemptions(settings),
+                set_mark,
+            ],
+        )
+    return body + _nft_chain(
+        "intercept",
+        [
             own_mark,
-            "fib saddr type != local return",  # the relay's answers to intercepted clients
+            f"socket transparent 1 {set_mark} accept",  # connections the relay already holds
             *_nft_exemptions(settings),
-            set_mark,
-        ])
-    return body + _nft_chain("intercept", [
-        own_mark,
-        f"socket transparent 1 {set_mark} accept",  # connections the relay already holds
-        *_nft_exemptions(settings),
-        *tproxy,
-    ])
+            *tproxy,
+        ],
+    )
 
 
 def _nft_delete_script() -> str:
@@ -432,6 +455,8 @@ def describe(settings: RuleSettings, backend: str) -> str:
             parts += [f"# {tool} --noflush", iptables_restore(settings, version).rstrip("\n")]
     commands = route_commands(settings, "add")
     if commands:
-        parts += ["# TPROXY routing: packets with the TPROXY mark go to the local host",
-                  *(shlex.join(command) for command in commands)]
+        parts += [
+            "# TPROXY routing: packets with the TPROXY mark go to the local host",
+            *(shlex.join(command) for command in commands),
+        ]
     return "\n".join(parts) + "\n"

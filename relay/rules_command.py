@@ -4,9 +4,9 @@ import argparse
 import socket
 import sys
 
-from relay.cli import build_parser, load_config
 from relay.config import DEFAULT_PORT, Config, ConfigError
-from relay.rules import RuleSettings, RulesError, apply, describe, remove
+from relay.options import build_parser, load_config
+from relay.rules import RulesError, RuleSettings, apply, describe, remove
 
 
 def build_rules_parser() -> argparse.ArgumentParser:
@@ -16,12 +16,15 @@ def build_rules_parser() -> argparse.ArgumentParser:
         "to a relay with these options; --apply installs them in their own chain/table, --remove takes them out."
     )
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--apply", action="store_true", help="install the rules (atomically; applying twice changes nothing)")
+    action.add_argument(
+        "--apply", action="store_true", help="install the rules (atomically; applying twice changes nothing)"
+    )
     action.add_argument("--remove", action="store_true", help="remove exactly what --apply installed")
     parser.add_argument("--backend", choices=("iptables", "nft"), help="default: nft")
     parser.add_argument("--redirect-output", action="store_true", help="also intercept the router's own outgoing TCP")
-    parser.add_argument("--keep-private", action="store_true",
-                        help="intercept private and reserved destinations too (normally exempt)")
+    parser.add_argument(
+        "--keep-private", action="store_true", help="intercept private and reserved destinations too (normally exempt)"
+    )
     return parser
 
 
@@ -62,9 +65,13 @@ def settings_for(config: Config, redirect_output: bool = False, keep_private: bo
 
 def main(argv: list[str]) -> int:
     args = build_rules_parser().parse_args(argv)
-    rule_options = {key: vars(args).pop(key, None) for key in ("apply", "remove", "backend", "redirect_output", "keep_private")}
+    rule_options = {
+        key: vars(args).pop(key, None) for key in ("apply", "remove", "backend", "redirect_output", "keep_private")
+    }
     try:
-        settings = settings_for(load_config(args), bool(rule_options["redirect_output"]), bool(rule_options["keep_private"]))
+        settings = settings_for(
+            load_config(args), bool(rule_options["redirect_output"]), bool(rule_options["keep_private"])
+        )
         backend = rule_options["backend"] or "nft"
         if rule_options["apply"]:
             apply(settings, backend)

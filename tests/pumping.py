@@ -25,8 +25,9 @@ async def pump(client, upstream, *, impl, idle_timeout=600.0, half_closed_timeou
     async with trio.open_nursery() as nursery:
         relay = Pump(on_finished, impl=impl)
         nursery.start_soon(relay.run)
-        relay.add(client, upstream, "the token", idle_timeout=idle_timeout, half_closed_timeout=half_closed_timeout,
-                  **options)
+        relay.add(
+            client, upstream, "the token", idle_timeout=idle_timeout, half_closed_timeout=half_closed_timeout, **options
+        )
     [result] = results
     assert result.token == "the token"
     return result

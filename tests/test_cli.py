@@ -13,8 +13,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), 
 
 
 def run(args, env=None, timeout=20, prefix=()):
-    return subprocess.run([*prefix, *RELAY, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*prefix, *RELAY, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def test_version_names_the_active_fast_path():
@@ -69,7 +70,10 @@ def test_upstream_exactly_as_written_in_the_docs():
     assert os.access(command, os.X_OK), "the console script 'relay' is not installed beside python"
     code, output = _start_and_stop(["unshare", "--net", "--"], [command, "--upstream", "127.0.0.1:3128"])
     assert code == 0, output
-    assert "listening on 0.0.0.0:12345, [::]:12345 (redirect)" in output or "listening on 0.0.0.0:12345 (redirect)" in output
+    assert (
+        "listening on 0.0.0.0:12345, [::]:12345 (redirect)" in output
+        or "listening on 0.0.0.0:12345 (redirect)" in output
+    )
     assert "SIGTERM: not accepting; draining 0 connections" in output
 
 

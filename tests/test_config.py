@@ -53,7 +53,9 @@ def test_bad_upstreams(text, message):
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("text", ["http://user:hunter2@h", "socks5://u:hunter2@:1", "bogus://u:hunter2@h:1", "socks4://u:hunter2@h:1"])
+@pytest.mark.parametrize(
+    "text", ["http://user:hunter2@h", "socks5://u:hunter2@:1", "bogus://u:hunter2@h:1", "socks4://u:hunter2@h:1"]
+)
 def test_errors_never_show_the_password(text):
     with pytest.raises(ConfigError) as caught:
         parse_upstream(text)
@@ -74,7 +76,9 @@ def test_parse_host_port(text, expected):
     assert parse_host_port(text) == expected
 
 
-@pytest.mark.parametrize("text", ["12345", ":1", "host:1", "::1:1", "1.2.3.4:0", "1.2.3.4:65536", "1.2.3.4:x", "[1.2.3.4]:1x"])
+@pytest.mark.parametrize(
+    "text", ["12345", ":1", "host:1", "::1:1", "1.2.3.4:0", "1.2.3.4:65536", "1.2.3.4:x", "[1.2.3.4]:1x"]
+)
 def test_bad_host_ports(text):
     with pytest.raises(ConfigError):
         parse_host_port(text)

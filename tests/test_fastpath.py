@@ -1,6 +1,6 @@
 """The fast path and its pure twin: original destination, transparent sockets, the selection.
 
-The Engine, which relays connections, has its own tests in tests/test_engine.py.
+The Engine, which relays connections, has its own tests in tests/test_fastpath_engine.py.
 """
 
 import errno

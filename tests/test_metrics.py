@@ -29,7 +29,7 @@ def parse_labels(text: str, pos: int) -> tuple[dict[str, str], int]:
         name = LABEL_NAME.match(text, pos)
         assert name, f"bad label name at {text[pos:]!r}"
         pos = name.end()
-        assert text[pos : pos + 2] == '="', f"expected =\" at {text[pos:]!r}"
+        assert text[pos : pos + 2] == '="', f'expected =" at {text[pos:]!r}'
         pos += 2
         value = []
         while text[pos] != '"':
@@ -115,7 +115,7 @@ def new_metrics() -> Metrics:
     "broken",
     [
         "x_total 1\n",  # no HELP/TYPE
-        "# HELP x_total h\n# TYPE x_total counter\nx_total{a=\"b} 1\n",
+        '# HELP x_total h\n# TYPE x_total counter\nx_total{a="b} 1\n',
         "# HELP x h\n# TYPE x counter\nx 1\n",  # counter without _total
         "# HELP h h\n# TYPE h histogram\n"
         'h_bucket{le="1"} 2\nh_bucket{le="+Inf"} 1\nh_sum 1\nh_count 1\n',  # not cumulative

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from relay import rules
-from relay.rules import RuleSettings, RulesError, describe, iptables_restore, nft_script, route_commands
+from relay.rules import RulesError, RuleSettings, describe, iptables_restore, nft_script, route_commands
 
 EXEMPT = ("198.51.100.7", "2001:db8::/32", "203.0.113.0/24")
 ALL_SETTINGS = [
@@ -21,8 +21,10 @@ ALL_SETTINGS = [
 
 
 def settings_id(settings):
-    return (f"{settings.mode}-{'+'.join(settings.lan_ifaces) or 'all'}"
-            f"{'-output' if settings.redirect_output else ''}{'' if settings.ipv6 else '-v4only'}")
+    return (
+        f"{settings.mode}-{'+'.join(settings.lan_ifaces) or 'all'}"
+        f"{'-output' if settings.redirect_output else ''}{'' if settings.ipv6 else '-v4only'}"
+    )
 
 
 def chain_rules(text, chain):
@@ -148,7 +150,18 @@ def test_route_commands():
         ["ip", "-6", "rule", "add", "fwmark", "0x100/0x100", "lookup", "123"],
         ["ip", "-6", "route", "replace", "local", "::/0", "dev", "lo", "table", "123"],
     ]
-    assert route_commands(settings, "del")[1] == ["ip", "-4", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "123"]
+    assert route_commands(settings, "del")[1] == [
+        "ip",
+        "-4",
+        "route",
+        "del",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "123",
+    ]
     v4_only = RuleSettings("tproxy", 12345, (), 0x1, ipv6=False)
     assert [command[1] for command in route_commands(v4_only, "del")] == ["-4", "-4"]
     assert route_commands(RuleSettings("redirect", 12345, (), 0x1), "add") == []
@@ -164,16 +177,19 @@ def test_describe_shows_everything_apply_installs():
     assert "iptables" not in describe(RuleSettings("redirect", 12345, (), 0x1), "nft")
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (dict(mode="bridge"), "unknown mode"),
-    (dict(port=0), "not in 1-65535"),
-    (dict(lan_ifaces=("lan 0",)), "invalid interface name"),
-    (dict(lan_ifaces=('x"; flush ruleset',)), "invalid interface name"),
-    (dict(mark=0), "mark 0x0"),
-    (dict(mode="tproxy", mark=0x101), "shares bits with the TPROXY mark"),
-    (dict(exempt=("10.0.0.300",)), "invalid address or CIDR"),
-    (dict(route_table=254), "reserved"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (dict(mode="bridge"), "unknown mode"),
+        (dict(port=0), "not in 1-65535"),
+        (dict(lan_ifaces=("lan 0",)), "invalid interface name"),
+        (dict(lan_ifaces=('x"; flush ruleset',)), "invalid interface name"),
+        (dict(mark=0), "mark 0x0"),
+        (dict(mode="tproxy", mark=0x101), "shares bits with the TPROXY mark"),
+        (dict(exempt=("10.0.0.300",)), "invalid address or CIDR"),
+        (dict(route_table=254), "reserved"),
+    ],
+)
 def test_bad_settings_give_one_line(arguments, message):
     with pytest.raises(RulesError, match=message) as caught:
         RuleSettings(**{"mode": "redirect", "port": 12345, "lan_ifaces": (), "mark": 0x1, **arguments})
@@ -213,8 +229,12 @@ MANGLE_WITH_AN_EARLIER_TPROXY = """-P PREROUTING ACCEPT
 
 
 def test_iptables_apply_replaces_what_an_earlier_apply_left(monkeypatch):
-    host = FakeHost({"iptables -w 5 -t nat -S": NAT_WITH_AN_EARLIER_APPLY,
-                     "iptables -w 5 -t mangle -S": MANGLE_WITH_AN_EARLIER_TPROXY})
+    host = FakeHost(
+        {
+            "iptables -w 5 -t nat -S": NAT_WITH_AN_EARLIER_APPLY,
+            "iptables -w 5 -t mangle -S": MANGLE_WITH_AN_EARLIER_TPROXY,
+        }
+    )
     monkeypatch.setattr(rules, "_run", host)
     rules.apply(RuleSettings("redirect", 12345, ("lan0",), 0x1, ipv6=False), "iptables")
     [(argv, script)] = [call for call in host.calls if call[0][0] == "iptables-restore"]
@@ -227,7 +247,10 @@ def test_iptables_apply_replaces_what_an_earlier_apply_left(monkeypatch):
         "*mangle",
         "-D PREROUTING -i lan0 -p tcp -j RELAY",
         "-D OUTPUT -p tcp -j RELAY_OUTPUT",
-        "-F RELAY", "-F RELAY_OUTPUT", "-X RELAY", "-X RELAY_OUTPUT",
+        "-F RELAY",
+        "-F RELAY_OUTPUT",
+        "-X RELAY",
+        "-X RELAY_OUTPUT",
     ]
 
 

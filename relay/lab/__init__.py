@@ -23,7 +23,24 @@ from relay.lab.services import (
 )
 
 __all__ = [
-    "ADDR", "HOSTS", "Addresses", "Lab", "LabCommandError", "LabError", "remove_stale_labs",
-    "Dante", "Service", "Squid", "SquidLogEntry", "Sshd", "SshTunnel", "ensure_lab_user",
-    "start_dante", "start_privoxy", "start_squid", "start_ssh_tunnel", "start_sshd", "start_tinyproxy",
+    "ADDR",
+    "HOSTS",
+    "Addresses",
+    "Lab",
+    "LabCommandError",
+    "LabError",
+    "remove_stale_labs",
+    "Dante",
+    "Service",
+    "Squid",
+    "SquidLogEntry",
+    "Sshd",
+    "SshTunnel",
+    "ensure_lab_user",
+    "start_dante",
+    "start_privoxy",
+    "start_squid",
+    "start_ssh_tunnel",
+    "start_sshd",
+    "start_tinyproxy",
 ]

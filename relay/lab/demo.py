@@ -25,10 +25,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 from relay.lab import ADDR, Lab, LabError, Squid, SquidLogEntry, start_squid, start_ssh_tunnel, start_sshd
 from relay.lab.servers import HttpServer, NxdomainDns, TrafficServer, pattern_sha256
@@ -136,9 +136,25 @@ def _curl(lab: Lab, url: str, expected: bytes, *options: str) -> tuple[int, floa
     assert lab.tmpdir is not None
     path = lab.tmpdir / "downloaded-file"
     # -q ignores any ~/.curlrc and --noproxy any proxy variables: the client must not know of a proxy.
-    result = lab.run("client", ["curl", "-q", "--noproxy", "*", "-sS", "--max-time", str(int(TRANSFER_TIMEOUT)),
-                                *options, "-o", str(path), "-w", "%{http_code} %{size_download} %{time_total}", url],
-                     timeout=TRANSFER_TIMEOUT + 5)
+    result = lab.run(
+        "client",
+        [
+            "curl",
+            "-q",
+            "--noproxy",
+            "*",
+            "-sS",
+            "--max-time",
+            str(int(TRANSFER_TIMEOUT)),
+            *options,
+            "-o",
+            str(path),
+            "-w",
+            "%{http_code} %{size_download} %{time_total}",
+            url,
+        ],
+        timeout=TRANSFER_TIMEOUT + 5,
+    )
     status, size, seconds = result.stdout.split()
     if status != "200":
         raise LabError(f"curl {url}: HTTP status {status}")
@@ -149,14 +165,21 @@ def _curl(lab: Lab, url: str, expected: bytes, *options: str) -> tuple[int, floa
 
 def _http_download(lab: Lab, body: bytes) -> Transfer:
     url = f"http://{NAME}/file"
-    return Transfer(f"curl {url}", _endpoint(WRONG_ADDRESS, HTTP_PORT), NAME, ("GET", url), ADDR.server4,
-                    *_curl(lab, url, body))
+    return Transfer(
+        f"curl {url}", _endpoint(WRONG_ADDRESS, HTTP_PORT), NAME, ("GET", url), ADDR.server4, *_curl(lab, url, body)
+    )
 
 
 def _https_fetch(lab: Lab, ca_file: str) -> Transfer:
     url = f"https://{NAME}/hello"
-    return Transfer(f"curl {url}", _endpoint(WRONG_ADDRESS, HTTPS_PORT), NAME, ("CONNECT", f"{NAME}:{HTTPS_PORT}"),
-                    ADDR.server4, *_curl(lab, url, HELLO, "--cacert", ca_file))
+    return Transfer(
+        f"curl {url}",
+        _endpoint(WRONG_ADDRESS, HTTPS_PORT),
+        NAME,
+        ("CONNECT", f"{NAME}:{HTTPS_PORT}"),
+        ADDR.server4,
+        *_curl(lab, url, HELLO, "--cacert", ca_file),
+    )
 
 
 def _serve_https(lab: Lab) -> str | None:
@@ -232,8 +255,15 @@ def _squid_peer(squid_entries: list[SquidLogEntry], request: tuple[str, str]) ->
     return None
 
 
-def _report(lab: Lab, transfers: list[Transfer], connections: list[dict[str, str]], fast_path: str,
-            squid_entries: list[SquidLogEntry], https_note: str, failures: list[str]) -> str:
+def _report(
+    lab: Lab,
+    transfers: list[Transfer],
+    connections: list[dict[str, str]],
+    fast_path: str,
+    squid_entries: list[SquidLogEntry],
+    https_note: str,
+    failures: list[str],
+) -> str:
     vias = ", ".join(sorted({conn.get("via", "?") for conn in connections})) or "-"
     lines = [
         f"topology (namespaces {lab.prefix}-*):",
@@ -247,44 +277,61 @@ def _report(lab: Lab, transfers: list[Transfer], connections: list[dict[str, str
         f"{'transfer from the client':<42} {'size':>10} {'time':>8} {'throughput':>13}  sha256",
     ]
     for transfer in transfers:
-        lines.append(f"  {transfer.label:<40} {_size_text(transfer.size):>10} {transfer.seconds:>7.3f}s "
-                     f"{_rate_text(transfer.size, transfer.seconds):>13}  {'OK' if transfer.sha256_ok else 'MISMATCH'}")
-    lines += ["", f"relay on the router (fast path: {fast_path}; via {vias}), one line per connection:",
-              f"  {'client':<22} {'dst':<20} {'name':<21} {'up':>8} {'down':>10} {'time':>8}  end"]
+        lines.append(
+            f"  {transfer.label:<40} {_size_text(transfer.size):>10} {transfer.seconds:>7.3f}s "
+            f"{_rate_text(transfer.size, transfer.seconds):>13}  {'OK' if transfer.sha256_ok else 'MISMATCH'}"
+        )
+    lines += [
+        "",
+        f"relay on the router (fast path: {fast_path}; via {vias}), one line per connection:",
+        f"  {'client':<22} {'dst':<20} {'name':<21} {'up':>8} {'down':>10} {'time':>8}  end",
+    ]
     for conn in connections:
-        lines.append(f"  {conn.get('client', '?'):<22} {conn.get('dst', '?'):<20} {conn.get('name', '-'):<21} "
-                     f"{_size_text(int(conn.get('up', 0))):>8} {_size_text(int(conn.get('down', 0))):>10} "
-                     f"{conn.get('time', '?'):>8}  {_relay_end(conn)}")
+        lines.append(
+            f"  {conn.get('client', '?'):<22} {conn.get('dst', '?'):<20} {conn.get('name', '-'):<21} "
+            f"{_size_text(int(conn.get('up', 0))):>8} {_size_text(int(conn.get('down', 0))):>10} "
+            f"{conn.get('time', '?'):>8}  {_relay_end(conn)}"
+        )
     lines += ["", f"squid on far ({_endpoint(*PROXY)}) access log:"]
     for entry in squid_entries:
         lines.append(f"  from {entry.client:<10} {entry.method:<7} {entry.url:<34} {entry.result:<15} {entry.peer}")
     named = next((transfer for transfer in transfers if transfer.name), None)
     if named is not None:
         resolved = _squid_peer(squid_entries, named.squid_request) or "nothing (no such squid log entry)"
-        lines += ["", f"names: the client's DNS says {NAME} = {WRONG_ADDRESS} (wrong: no web server there);",
-                  f"       the relay asked squid for the name, and squid resolved it on the far side to {resolved}"]
+        lines += [
+            "",
+            f"names: the client's DNS says {NAME} = {WRONG_ADDRESS} (wrong: no web server there);",
+            f"       the relay asked squid for the name, and squid resolved it on the far side to {resolved}",
+        ]
     lines.append("")
     if failures:
         lines += [f"FAILED: {failure}" for failure in failures]
     else:
-        lines += [f"all checks passed: sha256 of {len(transfers)} transfers, each relayed (by name where the client "
-                  "used one),", "  each seen by squid as coming through the ssh tunnel (127.0.0.1) and connecting to "
-                  "the server"]
+        lines += [
+            f"all checks passed: sha256 of {len(transfers)} transfers, each relayed (by name where the client "
+            "used one),",
+            "  each seen by squid as coming through the ssh tunnel (127.0.0.1) and connecting to the server",
+        ]
     return "\n".join(lines)
 
 
-def _failures(transfers: list[Transfer], connections: list[dict[str, str]],
-              squid_entries: list[SquidLogEntry]) -> list[str]:
+def _failures(
+    transfers: list[Transfer], connections: list[dict[str, str]], squid_entries: list[SquidLogEntry]
+) -> list[str]:
     failures = []
     for transfer in transfers:
         if not transfer.sha256_ok:
             failures.append(f"{transfer.label}: sha256 does not match what the server sent")
-        carrying = [conn for conn in connections
-                    if conn.get("dst") == transfer.dst and int(conn.get("down", 0)) >= transfer.size]
+        carrying = [
+            conn
+            for conn in connections
+            if conn.get("dst") == transfer.dst and int(conn.get("down", 0)) >= transfer.size
+        ]
         if not carrying:
             failures.append(f"{transfer.label}: the relay logged no connection to {transfer.dst} carrying it")
-        elif transfer.name and not any(conn.get("name") == transfer.name and "retried-by-ip" not in conn
-                                       for conn in carrying):
+        elif transfer.name and not any(
+            conn.get("name") == transfer.name and "retried-by-ip" not in conn for conn in carrying
+        ):
             failures.append(f"{transfer.label}: the relay did not get it through by the name {transfer.name}")
         elif transfer.name is None and any("name" in conn for conn in carrying):
             failures.append(f"{transfer.label}: the relay used a name for a connection by address")
@@ -310,8 +357,11 @@ def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess]:
     squid = start_squid(lab, listen=[PROXY])
     _progress(f"starting the ssh -L tunnel and the relay on the router{' (pure Python)' if pure else ''}")
     start_ssh_tunnel(lab, sshd, forwards=("-L", f"{_endpoint(*PROXY)}:{_endpoint(*PROXY)}"))
-    relay = start_relay(lab, ["--upstream", _endpoint(*PROXY),
-                              "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"], pure=pure)
+    relay = start_relay(
+        lab,
+        ["--upstream", _endpoint(*PROXY), "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"],
+        pure=pure,
+    )
     intercept(lab, "redirect", RELAY_PORT)
     return squid, relay
 
@@ -326,20 +376,30 @@ def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
     TrafficServer(lab, "server", "::", TRAFFIC_PORT)
     ca_file = _serve_https(lab)
     with _serving_file(lab, body):
-        _progress(f"client: curl of a {_size_text(HTTP_FILE_SIZE)} file from http://{NAME}"
-                  f"{', then https://' + NAME + '/hello' if ca_file else ''}")
+        _progress(
+            f"client: curl of a {_size_text(HTTP_FILE_SIZE)} file from http://{NAME}"
+            f"{', then https://' + NAME + '/hello' if ca_file else ''}"
+        )
         transfers = [_http_download(lab, body)]
         if ca_file:
             transfers.append(_https_fetch(lab, ca_file))
         _progress(f"client: DOWN {_size_text(bulk_size)} from the traffic server, then one over IPv6")
         transfers.append(_traffic_download(lab, ADDR.server4, bulk_size, BULK_SEED, f"DOWN {_size_text(bulk_size)}"))
-        transfers.append(_traffic_download(lab, ADDR.server6, IPV6_SIZE, IPV6_SEED,
-                                           f"DOWN {_size_text(IPV6_SIZE)} over IPv6"))
+        transfers.append(
+            _traffic_download(lab, ADDR.server6, IPV6_SIZE, IPV6_SEED, f"DOWN {_size_text(IPV6_SIZE)} over IPv6")
+        )
     connections = relay.connections(at_least=len(transfers), timeout=LOG_TIMEOUT)
     squid_entries = _squid_entries(squid, {transfer.squid_request for transfer in transfers})
     failures = _failures(transfers, connections, squid_entries)
-    report = _report(lab, transfers, connections, fast_path[1] if fast_path else "not logged", squid_entries,
-                     "" if ca_file else " (not fetched: trustme not installed)", failures)
+    report = _report(
+        lab,
+        transfers,
+        connections,
+        fast_path[1] if fast_path else "not logged",
+        squid_entries,
+        "" if ca_file else " (not fetched: trustme not installed)",
+        failures,
+    )
     return report, failures
 
 
@@ -354,13 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relay demo",
         description="Build client -- router -- far -- server in network namespaces (root), with the relay "
         "and an ssh tunnel on the router and squid on far, send traffic through it and report.",
-        epilog="Exit status: 0 all checks passed, 1 a check or step failed, 2 not root or bad usage, "
-        "130 interrupted.",
+        epilog="Exit status: 0 all checks passed, 1 a check or step failed, 2 not root or bad usage, 130 interrupted.",
     )
-    parser.add_argument("--size-mib", type=_mib, default=256, metavar="N",
-                        help="size of the bulk transfer in MiB (default: 256)")
-    parser.add_argument("--pure", action="store_true",
-                        help="run the relay with its pure-Python fast path (RELAY_NO_EXTENSIONS=1)")
+    parser.add_argument(
+        "--size-mib", type=_mib, default=256, metavar="N", help="size of the bulk transfer in MiB (default: 256)"
+    )
+    parser.add_argument(
+        "--pure", action="store_true", help="run the relay with its pure-Python fast path (RELAY_NO_EXTENSIONS=1)"
+    )
     return parser
 
 

@@ -25,9 +25,10 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 HOSTS = ("client", "router", "far", "server")
 
@@ -89,12 +90,21 @@ class _Link:
 
 
 _LINKS = (
-    _Link("client", "router", (f"{ADDR.client4}/24", f"{ADDR.client6}/64"),
-          (f"{ADDR.router_lan4}/24", f"{ADDR.router_lan6}/64")),
-    _Link("router", "far", (f"{ADDR.router_wan4}/24", f"{ADDR.router_wan6}/64"),
-          (f"{ADDR.far4}/24", f"{ADDR.far6}/64")),
-    _Link("far", "server", (f"{ADDR.far_server_side4}/24", f"{ADDR.far_server_side6}/64"),
-          (f"{ADDR.server4}/24", f"{ADDR.server6}/64")),
+    _Link(
+        "client",
+        "router",
+        (f"{ADDR.client4}/24", f"{ADDR.client6}/64"),
+        (f"{ADDR.router_lan4}/24", f"{ADDR.router_lan6}/64"),
+    ),
+    _Link(
+        "router", "far", (f"{ADDR.router_wan4}/24", f"{ADDR.router_wan6}/64"), (f"{ADDR.far4}/24", f"{ADDR.far6}/64")
+    ),
+    _Link(
+        "far",
+        "server",
+        (f"{ADDR.far_server_side4}/24", f"{ADDR.far_server_side6}/64"),
+        (f"{ADDR.server4}/24", f"{ADDR.server6}/64"),
+    ),
 )
 
 _DEFAULT_ROUTES = {
@@ -303,13 +313,34 @@ class Lab:
             # namespace would number its first veth 2), the kernel handles its
             # carrier change lazily, up to 1 s later.
             subprocess.run(
-                ["ip", "link", "add", _interface(link.host_b), "netns", self.ns(link.host_a),
-                 "index", str(10 + 2 * number), "type", "veth",
-                 "peer", "name", _interface(link.host_a), "netns", self.ns(link.host_b), "index", str(11 + 2 * number)],
-                check=True, capture_output=True, text=True, timeout=10,
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    _interface(link.host_b),
+                    "netns",
+                    self.ns(link.host_a),
+                    "index",
+                    str(10 + 2 * number),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    _interface(link.host_a),
+                    "netns",
+                    self.ns(link.host_b),
+                    "index",
+                    str(11 + 2 * number),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=10,
             )
-            for host, peer, (addr4, addr6) in ((link.host_a, link.host_b, link.addrs_a),
-                                               (link.host_b, link.host_a, link.addrs_b)):
+            for host, peer, (addr4, addr6) in (
+                (link.host_a, link.host_b, link.addrs_a),
+                (link.host_b, link.host_a, link.addrs_b),
+            ):
                 self.run(host, ["ip", "addr", "add", addr4, "dev", _interface(peer)])
                 # nodad: usable at once instead of "tentative" for a second or two.
                 self.run(host, ["ip", "-6", "addr", "add", addr6, "dev", _interface(peer), "nodad"])
@@ -336,8 +367,9 @@ class Lab:
 
     # -- commands and processes ---------------------------------------------
 
-    def run(self, host: str, argv: Sequence[str], *, check: bool = True,
-            timeout: float = 30.0) -> subprocess.CompletedProcess:
+    def run(
+        self, host: str, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess:
         """Run ``argv`` inside ``host`` and wait for it; output is captured as text."""
         command = ["ip", "netns", "exec", self.ns(host), *argv]
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -360,7 +392,9 @@ class Lab:
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns(host), *argv],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 # Own process group: Ctrl-C reaches only us, and teardown can signal helpers too.
                 start_new_session=True,
             )
@@ -417,8 +451,9 @@ class Lab:
 
     # -- sockets -------------------------------------------------------------
 
-    def socket(self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
-               proto: int = 0) -> socket.socket:
+    def socket(
+        self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
+    ) -> socket.socket:
         """A socket living in ``host``'s namespace, usable from any thread; closed at teardown."""
         sock = run_in_netns(self.ns(host), lambda: socket.socket(family, type, proto))
         self._sockets.add(sock)
@@ -435,8 +470,7 @@ class Lab:
             raise
         return sock
 
-    def wait_tcp(self, host: str, address: str, port: int, timeout: float = 10.0,
-                 name: str | None = None) -> None:
+    def wait_tcp(self, host: str, address: str, port: int, timeout: float = 10.0, name: str | None = None) -> None:
         """Poll until a TCP connect from ``host`` to ``address``:``port`` succeeds.
 
         ``name`` is the process expected to listen there: if it exits, or time

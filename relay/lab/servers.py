@@ -176,7 +176,13 @@ class HttpServer(_ThreadedServer):
             if not isinstance(event, h11.EndOfMessage):
                 return
             if dict(request.headers).get(b"upgrade") == b"echo":
-                conn.sendall(http.send(h11.InformationalResponse(status_code=101, headers=[("Upgrade", "echo"), ("Connection", "Upgrade")])))
+                conn.sendall(
+                    http.send(
+                        h11.InformationalResponse(
+                            status_code=101, headers=[("Upgrade", "echo"), ("Connection", "Upgrade")]
+                        )
+                    )
+                )
                 while data := conn.recv(CHUNK):
                     conn.sendall(data)
                 return

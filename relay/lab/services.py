@@ -16,15 +16,16 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 from relay.lab.netns import ADDR, Lab, LabError
 
 Endpoint = tuple[str, int]
 # One (address, port) or several.
-Endpoints = Union[Endpoint, Sequence[Endpoint]]
+Endpoints = Endpoint | Sequence[Endpoint]
 
 START_TIMEOUT_SECONDS = 15.0
 LAB_USER_PREFIX = "relaylab"
@@ -136,33 +137,46 @@ class Squid(Service):
 
     def connect_targets(self) -> list[str]:
         """The "host:port" of every CONNECT that squid actually opened."""
-        return [entry.url for entry in self.access_log()
-                if entry.method == "CONNECT" and not entry.peer.startswith("HIER_NONE")]
+        return [
+            entry.url
+            for entry in self.access_log()
+            if entry.method == "CONNECT" and not entry.peer.startswith("HIER_NONE")
+        ]
 
 
 def _squid_own_conf(listen: list[Endpoint]) -> str:
-    return "\n".join([
-        *(f"http_port {_bracketed(address)}:{port}" for address, port in listen),
-        "http_access allow all",
-        "cache deny all",
-        "pinger_enable off",  # no ICMP helper process
-        # Without DNS in the namespace squid cannot look up a name for itself.
-        "visible_hostname relaylab",
-        "",
-    ])
+    return "\n".join(
+        [
+            *(f"http_port {_bracketed(address)}:{port}" for address, port in listen),
+            "http_access allow all",
+            "cache deny all",
+            "pinger_enable off",  # no ICMP helper process
+            # Without DNS in the namespace squid cannot look up a name for itself.
+            "visible_hostname relaylab",
+            "",
+        ]
+    )
 
 
 def _squid_debian_conf(listen: list[Endpoint]) -> str:
     """/etc/squid/squid.conf unchanged but for the port it listens on."""
-    return _stock_conf("/etc/squid/squid.conf", {
-        "http_port": [f"http_port {_bracketed(address)}:{port}" for address, port in listen],
-        "coredump_dir": [],  # set by start_squid, to a private directory
-        "visible_hostname": ["visible_hostname relaylab"],
-    })
+    return _stock_conf(
+        "/etc/squid/squid.conf",
+        {
+            "http_port": [f"http_port {_bracketed(address)}:{port}" for address, port in listen],
+            "coredump_dir": [],  # set by start_squid, to a private directory
+            "visible_hostname": ["visible_hostname relaylab"],
+        },
+    )
 
 
-def start_squid(lab: Lab, host: str = "far", listen: Endpoints = (("127.0.0.1", 3128),),
-                debian_default_conf: bool = False, name: str = "squid") -> Squid:
+def start_squid(
+    lab: Lab,
+    host: str = "far",
+    listen: Endpoints = (("127.0.0.1", 3128),),
+    debian_default_conf: bool = False,
+    name: str = "squid",
+) -> Squid:
     """Squid 5 (``squid -N``) on ``listen``.
 
     By default with its own permissive config (any CONNECT allowed, no cache).
@@ -175,24 +189,33 @@ def start_squid(lab: Lab, host: str = "far", listen: Endpoints = (("127.0.0.1", 
     rules = _squid_debian_conf(endpoints) if debian_default_conf else _squid_own_conf(endpoints)
     access_log = directory / "access.log"
     conf = directory / "squid.conf"
-    conf.write_text(rules + "\n".join([
-        # Private files, so that labs (and squids in one lab) never share state.
-        f"pid_filename {directory}/squid.pid",
-        f"access_log stdio:{access_log}",
-        f"cache_log {directory}/cache.log",
-        f"coredump_dir {directory}",
-        "netdb_filename none",
-        # Keep any lookup inside the namespace instead of the host's resolvers.
-        "dns_nameservers 127.0.0.1",
-        "shutdown_lifetime 0 seconds",
-        "",
-    ]))
+    conf.write_text(
+        rules
+        + "\n".join(
+            [
+                # Private files, so that labs (and squids in one lab) never share state.
+                f"pid_filename {directory}/squid.pid",
+                f"access_log stdio:{access_log}",
+                f"cache_log {directory}/cache.log",
+                f"coredump_dir {directory}",
+                "netdb_filename none",
+                # Keep any lookup inside the namespace instead of the host's resolvers.
+                "dns_nameservers 127.0.0.1",
+                "shutdown_lifetime 0 seconds",
+                "",
+            ]
+        )
+    )
     squid = Squid(
-        lab, host, name,
+        lab,
+        host,
+        name,
         # -n: the service name (letters and digits only) prefixes squid's
         # shared memory segments in /dev/shm; the lab removes them at teardown.
         ["squid", "-N", "-d1", "-n", re.sub(r"[^A-Za-z0-9]", "", lab.prefix + name), "-f", str(conf)],
-        ready=endpoints[0], listen=endpoints, access_log_path=access_log,
+        ready=endpoints[0],
+        listen=endpoints,
+        access_log_path=access_log,
     )
     squid.start()
     return squid
@@ -215,16 +238,23 @@ def ensure_lab_user(user: str, password: str) -> None:
     if not re.fullmatch(LAB_USER_PREFIX + r"[a-z0-9_-]*", user):
         raise ValueError(f"lab users must be named {LAB_USER_PREFIX}..., got {user!r}")
     if subprocess.run(["id", "-u", user], capture_output=True, timeout=10).returncode != 0:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
-                       check=True, capture_output=True, timeout=30)
-    subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True,
-                   check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True, check=True, capture_output=True, timeout=30)
 
 
-def start_dante(lab: Lab, host: str = "far",
-                listen: Endpoints = ((ADDR.far4, 1080), (ADDR.far6, 1080)),
-                external: str | Sequence[str] = (ADDR.far_server_side4, ADDR.far_server_side6),
-                auth: tuple[str, str] | None = None, name: str = "dante") -> Dante:
+def start_dante(
+    lab: Lab,
+    host: str = "far",
+    listen: Endpoints = ((ADDR.far4, 1080), (ADDR.far6, 1080)),
+    external: str | Sequence[str] = (ADDR.far_server_side4, ADDR.far_server_side6),
+    auth: tuple[str, str] | None = None,
+    name: str = "dante",
+) -> Dante:
     """Dante's danted SOCKS server, allowing everything (the lab is a closed network).
 
     ``auth=(user, password)`` requires RFC 1929 username/password checked
@@ -236,21 +266,32 @@ def start_dante(lab: Lab, host: str = "far",
         ensure_lab_user(*auth)
     directory = _service_dir(lab, name)
     conf = directory / "danted.conf"
-    conf.write_text("\n".join([
-        "logoutput: stderr",
-        *(f"internal: {address} port = {port}" for address, port in endpoints),
-        *(f"external: {address}" for address in externals),
-        "clientmethod: none",
-        f"socksmethod: {'username' if auth else 'none'}",
-        # root reads /etc/shadow to check passwords; everything else runs as nobody.
-        "user.privileged: root",
-        "user.unprivileged: nobody",
-        "client pass { from: 0/0 to: 0/0 }",
-        "socks pass { from: 0/0 to: 0/0 }",
-        "",
-    ]))
-    dante = Dante(lab, host, name, ["danted", "-f", str(conf), "-p", str(directory / "danted.pid")],
-                  ready=endpoints[0], listen=endpoints, auth=auth)
+    conf.write_text(
+        "\n".join(
+            [
+                "logoutput: stderr",
+                *(f"internal: {address} port = {port}" for address, port in endpoints),
+                *(f"external: {address}" for address in externals),
+                "clientmethod: none",
+                f"socksmethod: {'username' if auth else 'none'}",
+                # root reads /etc/shadow to check passwords; everything else runs as nobody.
+                "user.privileged: root",
+                "user.unprivileged: nobody",
+                "client pass { from: 0/0 to: 0/0 }",
+                "socks pass { from: 0/0 to: 0/0 }",
+                "",
+            ]
+        )
+    )
+    dante = Dante(
+        lab,
+        host,
+        name,
+        ["danted", "-f", str(conf), "-p", str(directory / "danted.pid")],
+        ready=endpoints[0],
+        listen=endpoints,
+        auth=auth,
+    )
     dante.start()
     return dante
 
@@ -258,32 +299,44 @@ def start_dante(lab: Lab, host: str = "far",
 # -- privoxy and tinyproxy ----------------------------------------------------------
 
 
-def start_privoxy(lab: Lab, host: str = "far", listen: Endpoint = ("127.0.0.1", 8118),
-                  name: str = "privoxy") -> Service:
+def start_privoxy(
+    lab: Lab, host: str = "far", listen: Endpoint = ("127.0.0.1", 8118), name: str = "privoxy"
+) -> Service:
     """Privoxy with Debian's /etc/privoxy/config (its stock actions and filters), on ``listen``."""
     directory = _service_dir(lab, name)
     conf = directory / "config"
-    conf.write_text(_stock_conf("/etc/privoxy/config", {
-        "listen-address": [f"listen-address {_bracketed(listen[0])}:{listen[1]}"],
-        "logdir": [f"logdir {directory}"],
-    }))
+    conf.write_text(
+        _stock_conf(
+            "/etc/privoxy/config",
+            {
+                "listen-address": [f"listen-address {_bracketed(listen[0])}:{listen[1]}"],
+                "logdir": [f"logdir {directory}"],
+            },
+        )
+    )
     privoxy = Service(lab, host, name, ["privoxy", "--no-daemon", str(conf)], ready=listen)
     privoxy.start()
     return privoxy
 
 
-def start_tinyproxy(lab: Lab, host: str = "far", listen: Endpoint = ("127.0.0.1", 8888),
-                    name: str = "tinyproxy") -> Service:
+def start_tinyproxy(
+    lab: Lab, host: str = "far", listen: Endpoint = ("127.0.0.1", 8888), name: str = "tinyproxy"
+) -> Service:
     """tinyproxy with Debian's /etc/tinyproxy/tinyproxy.conf (clients from loopback only), on ``listen``."""
     directory = _service_dir(lab, name)
     shutil.chown(directory, "tinyproxy", "tinyproxy")  # it writes its log after dropping to that user
     conf = directory / "tinyproxy.conf"
-    conf.write_text(_stock_conf("/etc/tinyproxy/tinyproxy.conf", {
-        "Port": [f"Port {listen[1]}"],
-        "Listen": [f"Listen {listen[0]}"],
-        "LogFile": [f'LogFile "{directory}/tinyproxy.log"'],
-        "PidFile": [f'PidFile "{directory}/tinyproxy.pid"'],
-    }))
+    conf.write_text(
+        _stock_conf(
+            "/etc/tinyproxy/tinyproxy.conf",
+            {
+                "Port": [f"Port {listen[1]}"],
+                "Listen": [f"Listen {listen[0]}"],
+                "LogFile": [f'LogFile "{directory}/tinyproxy.log"'],
+                "PidFile": [f'PidFile "{directory}/tinyproxy.pid"'],
+            },
+        )
+    )
     tinyproxy = Service(lab, host, name, ["tinyproxy", "-d", "-c", str(conf)], ready=listen)
     tinyproxy.start()
     return tinyproxy
@@ -300,8 +353,12 @@ class Sshd(Service):
 
 
 def _generate_key(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "relaylab", "-f", str(path)],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "relaylab", "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def start_sshd(lab: Lab, host: str = "far", port: int = 22, name: str = "sshd") -> Sshd:
@@ -314,27 +371,39 @@ def start_sshd(lab: Lab, host: str = "far", port: int = 22, name: str = "sshd") 
     authorized_keys = directory / "authorized_keys"
     shutil.copy(client_key.with_suffix(".pub"), authorized_keys)
     conf = directory / "sshd_config"
-    conf.write_text("\n".join([
-        f"Port {port}",
-        f"HostKey {host_key}",
-        f"PidFile {directory}/sshd.pid",
-        f"AuthorizedKeysFile {authorized_keys}",
-        "PermitRootLogin prohibit-password",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        # No PAM session in the namespace; tmpdir files are not root-only as StrictModes wants.
-        "UsePAM no",
-        "StrictModes no",
-        "AllowTcpForwarding yes",
-        "UseDNS no",
-        "PrintMotd no",
-        "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                f"HostKey {host_key}",
+                f"PidFile {directory}/sshd.pid",
+                f"AuthorizedKeysFile {authorized_keys}",
+                "PermitRootLogin prohibit-password",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                # No PAM session in the namespace; tmpdir files are not root-only as StrictModes wants.
+                "UsePAM no",
+                "StrictModes no",
+                "AllowTcpForwarding yes",
+                "UseDNS no",
+                "PrintMotd no",
+                "",
+            ]
+        )
+    )
     # Privilege separation directory, normally made by the systemd unit.
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     address = HOST_ADDRESS4[host]
-    sshd = Sshd(lab, host, name, ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
-                ready=(address, port), address=address, port=port, client_key=client_key)
+    sshd = Sshd(
+        lab,
+        host,
+        name,
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
+        ready=(address, port),
+        address=address,
+        port=port,
+        client_key=client_key,
+    )
     sshd.start()
     return sshd
 
@@ -355,31 +424,54 @@ def _first_forward_listener(forwards: Sequence[str]) -> Endpoint:
     raise ValueError(f"cannot tell where {list(forwards)} listens; pass wait=(address, port)")
 
 
-def start_ssh_tunnel(lab: Lab, sshd: Sshd, host: str = "router",
-                     forwards: Sequence[str] = ("-L", "127.0.0.1:3128:127.0.0.1:3128"),
-                     wait: Endpoint | None = None, name: str = "ssh-tunnel") -> SshTunnel:
+def start_ssh_tunnel(
+    lab: Lab,
+    sshd: Sshd,
+    host: str = "router",
+    forwards: Sequence[str] = ("-L", "127.0.0.1:3128:127.0.0.1:3128"),
+    wait: Endpoint | None = None,
+    name: str = "ssh-tunnel",
+) -> SshTunnel:
     """``ssh -N`` from ``host`` to ``sshd`` with the given -L/-D/-R options.
 
     Waits until ``wait`` (by default the first -L/-D listener) accepts.
     """
     argv = [
-        "ssh", "-N", "-F", "/dev/null", "-i", str(sshd.client_key), "-p", str(sshd.port),
-        "-o", "IdentitiesOnly=yes",
-        "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR",  # no "Permanently added ..." on every start
-        "-o", "BatchMode=yes",
-        "-o", "ConnectTimeout=5",
-        "-o", "ExitOnForwardFailure=yes",
+        "ssh",
+        "-N",
+        "-F",
+        "/dev/null",
+        "-i",
+        str(sshd.client_key),
+        "-p",
+        str(sshd.port),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",  # no "Permanently added ..." on every start
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        "ExitOnForwardFailure=yes",
         # Notice a dead far end within ~6 s and exit, as a real tunnel would.
-        "-o", "ServerAliveInterval=2",
-        "-o", "ServerAliveCountMax=3",
+        "-o",
+        "ServerAliveInterval=2",
+        "-o",
+        "ServerAliveCountMax=3",
         *forwards,
         f"root@{sshd.address}",
     ]
-    tunnel = SshTunnel(lab, host, name, argv, ready=wait or _first_forward_listener(forwards),
-                       sshd=sshd, forwards=list(forwards))
+    tunnel = SshTunnel(
+        lab, host, name, argv, ready=wait or _first_forward_listener(forwards), sshd=sshd, forwards=list(forwards)
+    )
     tunnel.start()
     return tunnel
 
@@ -439,8 +531,15 @@ class RelayProcess(Service):
             time.sleep(0.02)
 
 
-def start_relay(lab: Lab, args: Sequence[str], host: str = "router", name: str = "relay",
-                pure: bool = False, env: dict[str, str] | None = None, wrapper: Sequence[str] = ()) -> RelayProcess:
+def start_relay(
+    lab: Lab,
+    args: Sequence[str],
+    host: str = "router",
+    name: str = "relay",
+    pure: bool = False,
+    env: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
+) -> RelayProcess:
     """Run the relay from this checkout with ``args`` (plus -v); ``pure`` forces the Python fast path.
 
     ``wrapper`` runs it under another command, e.g. ``["prlimit", "--nofile=256:256", "--"]``.
@@ -456,11 +555,47 @@ def intercept(lab: Lab, mode: str, port: int, host: str = "router", iface: str =
     """Send every TCP connection arriving on ``iface`` to ``port``, by REDIRECT or TPROXY, v4 and v6."""
     for tables, family in (("iptables", "-4"), ("ip6tables", "-6")):
         if mode == "redirect":
-            lab.run(host, [tables, "-w", "-t", "nat", "-A", "PREROUTING", "-i", iface, "-p", "tcp",
-                           "-j", "REDIRECT", "--to-ports", str(port)])
+            lab.run(
+                host,
+                [
+                    tables,
+                    "-w",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-i",
+                    iface,
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    str(port),
+                ],
+            )
         else:
-            lab.run(host, [tables, "-w", "-t", "mangle", "-A", "PREROUTING", "-i", iface, "-p", "tcp",
-                           "-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", "0x1/0x1"])
+            lab.run(
+                host,
+                [
+                    tables,
+                    "-w",
+                    "-t",
+                    "mangle",
+                    "-A",
+                    "PREROUTING",
+                    "-i",
+                    iface,
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "TPROXY",
+                    "--on-port",
+                    str(port),
+                    "--tproxy-mark",
+                    "0x1/0x1",
+                ],
+            )
             lab.run(host, ["ip", family, "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"])
             lab.run(host, ["ip", family, "route", "add", "local", "default", "dev", "lo", "table", "100"])
 

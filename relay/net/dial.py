@@ -10,8 +10,8 @@ import socket
 
 import trio
 
-from relay.config import Upstream
 from relay._fastpath_common import local_failure
+from relay.config import Upstream
 from relay.logs import log
 from relay.net.sockets import format_address, reset
 from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
@@ -190,8 +190,23 @@ class Dialing:
     """One upstream connection being opened by a Dialer: connecting to ``addresses`` in turn, then
     the proxy handshake (``machine``; None for a direct connection)."""
 
-    __slots__ = ("upstream", "addresses", "machine", "mark", "connect_timeout", "handshake_timeout", "on_open",
-                 "on_fail", "sock", "next_address", "last_error", "handshaking", "outgoing", "deadline", "events")
+    __slots__ = (
+        "upstream",
+        "addresses",
+        "machine",
+        "mark",
+        "connect_timeout",
+        "handshake_timeout",
+        "on_open",
+        "on_fail",
+        "sock",
+        "next_address",
+        "last_error",
+        "handshaking",
+        "outgoing",
+        "deadline",
+        "events",
+    )
 
     def __init__(self, upstream, addresses, machine, mark, connect_timeout, handshake_timeout, on_open, on_fail):
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
@@ -238,8 +253,18 @@ class Dialer:
     def closed(self) -> bool:
         return self._epoll.closed
 
-    def open(self, upstream: Upstream, addresses: list[tuple[int, tuple]], target: tuple[str, int], *,
-             mark: int | None, connect_timeout: float, handshake_timeout: float, on_open, on_fail) -> Dialing:
+    def open(
+        self,
+        upstream: Upstream,
+        addresses: list[tuple[int, tuple]],
+        target: tuple[str, int],
+        *,
+        mark: int | None,
+        connect_timeout: float,
+        handshake_timeout: float,
+        on_open,
+        on_fail,
+    ) -> Dialing:
         """Open a connection to ``target`` through ``upstream`` (at ``addresses``, resolved once)."""
         host, port = target
         machine = None
@@ -262,8 +287,16 @@ class Dialer:
             self._internal_error(dialing)
         return dialing
 
-    async def open_async(self, upstream: Upstream, addresses, target, *, mark: int | None, connect_timeout: float,
-                         handshake_timeout: float) -> tuple[socket.socket, bytes]:
+    async def open_async(
+        self,
+        upstream: Upstream,
+        addresses,
+        target,
+        *,
+        mark: int | None,
+        connect_timeout: float,
+        handshake_timeout: float,
+    ) -> tuple[socket.socket, bytes]:
         """``open()`` for a task: the socket and the early bytes, or raises UpstreamError."""
         outcome: list = []
         done = trio.Event()
@@ -272,8 +305,16 @@ class Dialer:
             outcome.extend(result)
             done.set()
 
-        dialing = self.open(upstream, addresses, target, mark=mark, connect_timeout=connect_timeout,
-                            handshake_timeout=handshake_timeout, on_open=finished, on_fail=finished)
+        dialing = self.open(
+            upstream,
+            addresses,
+            target,
+            mark=mark,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+            on_open=finished,
+            on_fail=finished,
+        )
         try:
             await done.wait()
         except BaseException:
@@ -403,13 +444,14 @@ class Dialer:
                     data = None  # woken to send
                 if data is not None:
                     if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
-                        raise UpstreamError("the proxy closed the connection during the handshake",
-                                            "proxy-closed", about_target=True)
+                        raise UpstreamError(
+                            "the proxy closed the connection during the handshake", "proxy-closed", about_target=True
+                        )
                     machine.receive_data(data)
                     dialing.outgoing += machine.data_to_send()
             if dialing.outgoing:
                 try:
-                    dialing.outgoing = dialing.outgoing[os.write(fd, dialing.outgoing):]
+                    dialing.outgoing = dialing.outgoing[os.write(fd, dialing.outgoing) :]
                 except BlockingIOError:
                     pass
         except (UpstreamError, RemoteProtocolError, OSError) as exc:
@@ -422,8 +464,9 @@ class Dialer:
 
     def _timed_out(self, dialing: Dialing) -> None:
         if dialing.handshaking:
-            error = UpstreamError(f"proxy handshake timed out after {dialing.handshake_timeout:g} s",
-                                  "handshake-timeout")
+            error = UpstreamError(
+                f"proxy handshake timed out after {dialing.handshake_timeout:g} s", "handshake-timeout"
+            )
         else:
             error = connect_timed_out(format_address(dialing.addresses[0][1]), dialing.connect_timeout)
         self._fail(dialing, error)
@@ -456,8 +499,9 @@ class Dialer:
             elif events != dialing.events:
                 self._epoll.modify(fd, events)
         except OSError as exc:
-            self._fail(dialing, UpstreamError(f"cannot wait for the upstream socket: {exc.strerror}",
-                                              local_failure(exc.errno)))
+            self._fail(
+                dialing, UpstreamError(f"cannot wait for the upstream socket: {exc.strerror}", local_failure(exc.errno))
+            )
             return
         dialing.events = events
 

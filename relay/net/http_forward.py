@@ -183,8 +183,13 @@ class HttpForwarder:
         try:
             await self._send_and_answer(forwarded)
         except ForwardFailed as exc:
-            if not (reused and exc.ended in CROSSED_CLOSE and not self.answering and self.sent_down == answered_before
-                    and replayable(request)):
+            if not (
+                reused
+                and exc.ended in CROSSED_CLOSE
+                and not self.answering
+                and self.sent_down == answered_before
+                and replayable(request)
+            ):
                 raise
             self.failing = None
             if self.from_client.their_state is h11.SEND_BODY:

@@ -36,9 +36,7 @@ async def open_listener(host: str, port: int, transparent: bool, reuse_port: boo
             try:
                 fastpath.impl.set_transparent(sock)
             except PermissionError:
-                raise ConfigError(
-                    "--mode tproxy needs CAP_NET_ADMIN (run as root, or grant the capability)"
-                ) from None
+                raise ConfigError("--mode tproxy needs CAP_NET_ADMIN (run as root, or grant the capability)") from None
         await sock.bind((host, port))
         sock.listen(BACKLOG)
     except OSError as exc:

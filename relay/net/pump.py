@@ -64,8 +64,19 @@ class Pump:
     def __len__(self) -> int:
         return len(self.engine)
 
-    def add(self, client, upstream, token, *, idle_timeout: float, half_closed_timeout: float, pipe_size: int = 0,
-            to_upstream_first: bytes = b"", to_client_first: bytes = b"", confirm_eof=None) -> None:
+    def add(
+        self,
+        client,
+        upstream,
+        token,
+        *,
+        idle_timeout: float,
+        half_closed_timeout: float,
+        pipe_size: int = 0,
+        to_upstream_first: bytes = b"",
+        to_client_first: bytes = b"",
+        confirm_eof=None,
+    ) -> None:
         """Relay until both directions are done; the pump then owns (and closes) both sockets.
 
         ``to_*_first`` are bytes already read from the other side (handshake
@@ -74,8 +85,18 @@ class Pump:
         one proxy, answering whether that proxy is still alive.
         """
         now = trio.current_time()
-        self.engine.add(client.fileno(), upstream.fileno(), token, now, idle_timeout, half_closed_timeout, pipe_size,
-                        to_upstream_first, to_client_first, confirm_eof is not None)
+        self.engine.add(
+            client.fileno(),
+            upstream.fileno(),
+            token,
+            now,
+            idle_timeout,
+            half_closed_timeout,
+            pipe_size,
+            to_upstream_first,
+            to_client_first,
+            confirm_eof is not None,
+        )
         client.detach()
         upstream.detach()
         if confirm_eof is not None:

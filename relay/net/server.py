@@ -29,7 +29,8 @@ WILDCARDS = ("0.0.0.0", "::")
 # Destinations that are never relayed unless --allow-dest says so: they mean this
 # router (or the proxy's machine), not something beyond it.
 REFUSED_NETWORKS = tuple(
-    ipaddress.ip_network(text) for text in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128")
+    ipaddress.ip_network(text)
+    for text in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128")
 )
 # One relayed connection holds two sockets and, while data flows, two pipes.
 FDS_PER_CONNECTION = 6
@@ -66,11 +67,20 @@ class ConnectionRecord:
             fields["retried-by-ip"] = self.retried
         if self.http_requests is not None:
             fields["http-requests"] = self.http_requests
-        fields.update(via=str(self.via or "-"), up=self.up, down=self.down,
-                      time=f"{time.monotonic() - self.started:.3f}s", end=ended)
+        fields.update(
+            via=str(self.via or "-"),
+            up=self.up,
+            down=self.down,
+            time=f"{time.monotonic() - self.started:.3f}s",
+            end=ended,
+        )
         if detail:
             fields["error"] = detail
-        text = " ".join(f"{key}={value!r}" if key == "error" else f"{key}={value}" for key, value in fields.items() if key != "event")
+        text = " ".join(
+            f"{key}={value!r}" if key == "error" else f"{key}={value}"
+            for key, value in fields.items()
+            if key != "event"
+        )
         conn_log.info("conn %s", text, extra={"fields": fields})
 
 
@@ -88,11 +98,11 @@ class Admitted:
 class Opening:
     """A connection whose tunnel is being opened: what the Dialer's callbacks need."""
 
-    __slots__ = ("server", "conn", "admitted", "record", "first", "silent", "candidates", "attempts",
-                 "attempt_started")
+    __slots__ = ("server", "conn", "admitted", "record", "first", "silent", "candidates", "attempts", "attempt_started")
 
-    def __init__(self, server, conn, admitted: Admitted, record: ConnectionRecord, first: bytes, silent: bool,
-                 candidates):
+    def __init__(
+        self, server, conn, admitted: Admitted, record: ConnectionRecord, first: bytes, silent: bool, candidates
+    ):
         self.server, self.conn, self.admitted, self.record = server, conn, admitted, record
         self.first = first  # the client's bytes read so far: they go upstream first
         self.silent = silent  # started by the waiting room's turns (see WaitingRoom.done_silent)
@@ -296,8 +306,9 @@ class Server:
             self.slots.release()
             return
         except Exception:  # the client's bytes must not take the accept loop down with them
-            log.exception("internal error while relaying %s -> %s",
-                          format_address(admitted.peer), format_address(admitted.dst))
+            log.exception(
+                "internal error while relaying %s -> %s", format_address(admitted.peer), format_address(admitted.dst)
+            )
             self.abandon(conn, admitted, "error")
             return
         opening = None
@@ -309,8 +320,11 @@ class Server:
                     self.dial(opening)
                     return
             except Exception:
-                log.exception("internal error while relaying %s -> %s",
-                              format_address(admitted.peer), format_address(admitted.dst))
+                log.exception(
+                    "internal error while relaying %s -> %s",
+                    format_address(admitted.peer),
+                    format_address(admitted.dst),
+                )
                 self.abandon(conn, admitted, "error")
                 return
         self.connections.start_soon(self.handle, conn, admitted, spoke, sniffer, opening)
@@ -323,8 +337,9 @@ class Server:
 
     # -- one connection: what needs a task ---------------------------------------------
 
-    async def handle(self, conn: socket.socket, admitted: Admitted, spoke: bool, sniffer: Sniffer | None,
-                     opening: "Opening | None") -> None:
+    async def handle(
+        self, conn: socket.socket, admitted: Admitted, spoke: bool, sniffer: Sniffer | None, opening: "Opening | None"
+    ) -> None:
         """A connection whose client must be waited for, or that is forwarded as plain HTTP."""
         handed_over = False
         try:
@@ -335,8 +350,9 @@ class Server:
                     self.waiting.done_silent()
                 self.slots.release()  # taken by accept_loop before accepting this connection
 
-    async def relay(self, conn, admitted: Admitted, spoke: bool, sniffer: Sniffer | None,
-                    opening: "Opening | None") -> bool:
+    async def relay(
+        self, conn, admitted: Admitted, spoke: bool, sniffer: Sniffer | None, opening: "Opening | None"
+    ) -> bool:
         """Sniff (unless start() did: ``opening``), then forward, or start opening the tunnel; True
         once the dialer has the connection.
 
@@ -355,8 +371,9 @@ class Server:
             record = opening.record
             if opening.attempts is None:
                 try:
-                    ended, detail = await self.forward(conn, opening.first, record, admitted.config, admitted.pool,
-                                                       opening.candidates)
+                    ended, detail = await self.forward(
+                        conn, opening.first, record, admitted.config, admitted.pool, opening.candidates
+                    )
                     return False
                 except NeedsTunnel as exc:  # e.g. a WebSocket upgrade: tunnel it as it came
                     opening.first = exc.data
@@ -405,8 +422,16 @@ class Server:
             return
         config = opening.admitted.config
         opening.attempt_started = time.monotonic()
-        self.dialer.open(upstream, addresses, target, mark=config.mark, connect_timeout=config.connect_timeout,
-                         handshake_timeout=config.handshake_timeout, on_open=opening.opened, on_fail=opening.failed)
+        self.dialer.open(
+            upstream,
+            addresses,
+            target,
+            mark=config.mark,
+            connect_timeout=config.connect_timeout,
+            handshake_timeout=config.handshake_timeout,
+            on_open=opening.opened,
+            on_fail=opening.failed,
+        )
 
     def attempt_failed(self, opening: "Opening", error: UpstreamError) -> None:
         try:
@@ -422,10 +447,17 @@ class Server:
             state = opening.attempts.succeeded()
             self.metrics.handshake_done(str(record.via), time.monotonic() - opening.attempt_started)
             record.source = upstream.getsockname()[:2]
-            self.pump.add(conn, upstream, record, to_upstream_first=opening.first, to_client_first=early,
-                          idle_timeout=config.idle_timeout, half_closed_timeout=config.half_closed_timeout,
-                          pipe_size=config.pipe_size,
-                          confirm_eof=state.still_there if config.confirm_eof and state else None)
+            self.pump.add(
+                conn,
+                upstream,
+                record,
+                to_upstream_first=opening.first,
+                to_client_first=early,
+                idle_timeout=config.idle_timeout,
+                half_closed_timeout=config.half_closed_timeout,
+                pipe_size=config.pipe_size,
+                confirm_eof=state.still_there if config.confirm_eof and state else None,
+            )
         except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
             reset(upstream)
             reset(conn)
@@ -443,8 +475,9 @@ class Server:
     def internal_error(self, opening: "Opening") -> None:
         """A bug must cost one connection, not the relay and every other connection."""
         admitted = opening.admitted
-        log.exception("internal error while relaying %s -> %s",
-                      format_address(admitted.peer), format_address(admitted.dst))
+        log.exception(
+            "internal error while relaying %s -> %s", format_address(admitted.peer), format_address(admitted.dst)
+        )
         reset(opening.conn)
         self.opening_ended(opening, "error")
 
@@ -527,7 +560,9 @@ class Server:
             record.dst,
             open_proxy,
             use_names=config.sniff,
-            proxy_authorization=basic_credentials(upstream.username, upstream.password.reveal()) if upstream.password else None,
+            proxy_authorization=basic_credentials(upstream.username, upstream.password.reveal())
+            if upstream.password
+            else None,
             idle_timeout=config.idle_timeout,
         )
         record.via = upstream
@@ -583,8 +618,12 @@ class Server:
             if signum == signal.SIGHUP:
                 health = await self.apply_reload(services, health)
                 continue
-            log.info("%s: not accepting; draining %d connections for up to %g s",
-                     signal.Signals(signum).name, self.in_progress(), self.config.drain_time)
+            log.info(
+                "%s: not accepting; draining %d connections for up to %g s",
+                signal.Signals(signum).name,
+                self.in_progress(),
+                self.config.drain_time,
+            )
             systemd.notify("STOPPING=1")
             accepting.cancel()
             with trio.move_on_after(self.config.drain_time):
@@ -677,11 +716,23 @@ def make_tunnels(config: Config, metrics) -> list:
     tunnels = []
     for upstream in config.upstreams:
         if upstream.scheme == "socks5":
-            tunnel = SshTunnel(target, forward="socks", remote=None, local=(upstream.host, upstream.port),
-                               identity=config.ssh_identity, options=tuple(config.ssh_option))
+            tunnel = SshTunnel(
+                target,
+                forward="socks",
+                remote=None,
+                local=(upstream.host, upstream.port),
+                identity=config.ssh_identity,
+                options=tuple(config.ssh_option),
+            )
         else:
-            tunnel = SshTunnel(target, forward="local", remote=(upstream.host, upstream.port), local=("127.0.0.1", 0),
-                               identity=config.ssh_identity, options=tuple(config.ssh_option))
+            tunnel = SshTunnel(
+                target,
+                forward="local",
+                remote=(upstream.host, upstream.port),
+                local=("127.0.0.1", 0),
+                identity=config.ssh_identity,
+                options=tuple(config.ssh_option),
+            )
         tunnel.on_restart = lambda reason, name=str(upstream): metrics.tunnel_restarted(name, reason)
         tunnels.append(tunnel)
     return tunnels

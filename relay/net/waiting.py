@@ -75,8 +75,10 @@ class WaitingRoom:
     async def run(self) -> None:
         """Start the task of each connection whose client spoke or whose wait is over, until close()."""
         while not self._epoll.closed:
-            deadline = min(self._deadlines[0][0] if self._deadlines else math.inf,
-                           max(self._due[0][1], self._last_done + PATIENCE) if self._due else math.inf)
+            deadline = min(
+                self._deadlines[0][0] if self._deadlines else math.inf,
+                max(self._due[0][1], self._last_done + PATIENCE) if self._due else math.inf,
+            )
             with trio.CancelScope(deadline=deadline) as self._alarm:
                 try:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())

@@ -39,13 +39,9 @@ def encode_hostname(host: str) -> bytes:
     try:
         encoded = host.encode("ascii")
     except UnicodeEncodeError:
-        raise LocalProtocolError(
-            f"hostname {host!r} is not ASCII (IDNA-encode it first)"
-        ) from None
+        raise LocalProtocolError(f"hostname {host!r} is not ASCII (IDNA-encode it first)") from None
     if not 1 <= len(encoded) <= MAX_HOSTNAME_SIZE:
-        raise LocalProtocolError(
-            f"hostname must be 1..{MAX_HOSTNAME_SIZE} bytes, got {len(encoded)}"
-        )
+        raise LocalProtocolError(f"hostname must be 1..{MAX_HOSTNAME_SIZE} bytes, got {len(encoded)}")
     return encoded
 
 

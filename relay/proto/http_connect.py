@@ -30,7 +30,7 @@ def _validate_hostname(host: str) -> None:
 
 def basic_credentials(username: str, password: str) -> bytes:
     """The value of a Proxy-Authorization header for HTTP Basic auth (RFC 7617)."""
-    return b"Basic " + base64.b64encode(f"{username}:{password}".encode("utf-8"))
+    return b"Basic " + base64.b64encode(f"{username}:{password}".encode())
 
 
 class HttpConnectClient(Handshake):
@@ -64,9 +64,7 @@ class HttpConnectClient(Handshake):
         try:
             self._feed(data)
         except h11.RemoteProtocolError as exc:
-            raise RemoteProtocolError(
-                f"malformed reply from the proxy to CONNECT {self._target}: {exc}"
-            ) from exc
+            raise RemoteProtocolError(f"malformed reply from the proxy to CONNECT {self._target}: {exc}") from exc
 
     def _feed(self, data: bytes) -> None:
         while data:
@@ -89,8 +87,7 @@ class HttpConnectClient(Handshake):
             if event is h11.NEED_DATA:
                 if self._buffered_size() >= MAX_REPLY_HEAD_SIZE:
                     raise RemoteProtocolError(
-                        f"proxy reply head to CONNECT {self._target} "
-                        f"exceeds {MAX_REPLY_HEAD_SIZE} bytes"
+                        f"proxy reply head to CONNECT {self._target} exceeds {MAX_REPLY_HEAD_SIZE} bytes"
                     )
                 return False
             if isinstance(event, h11.InformationalResponse):

@@ -12,18 +12,22 @@ import h11
 
 # Hop-by-hop fields, plus the ones the client meant for a proxy it does not know it has.
 HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate", b"te", b"trailer", b"upgrade"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
 )
 
 
 def end_to_end_headers(headers) -> list[tuple[bytes, bytes]]:
     """``headers`` without hop-by-hop fields, including those the Connection header names."""
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    }
+    named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
     return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named]
 
 

@@ -86,13 +86,10 @@ class Socks4Client(_SocksHandshake):
             )
         if address is None and not use_4a:
             raise LocalProtocolError(
-                f"SOCKS4 needs an IPv4 address, got the hostname {host!r} "
-                "(SOCKS4a lets the proxy resolve it)"
+                f"SOCKS4 needs an IPv4 address, got the hostname {host!r} (SOCKS4a lets the proxy resolve it)"
             )
         header_address = address if address is not None else SOCKS4A_HOSTNAME_MARKER
-        request = struct.pack(
-            "!BBH4s", SOCKS4_VERSION, SOCKS4_CONNECT, port, header_address.packed
-        )
+        request = struct.pack("!BBH4s", SOCKS4_VERSION, SOCKS4_CONNECT, port, header_address.packed)
         request += encoded_user_id + b"\0"
         if address is None:
             request += _encode_socks_hostname(host) + b"\0"
@@ -202,9 +199,7 @@ class Socks5Client(_SocksHandshake):
         for field, encoded in (("username", encoded_username), ("password", encoded_password)):
             if len(encoded) > MAX_CREDENTIAL_SIZE:
                 # Sizes only: the message must never echo the credentials.
-                raise LocalProtocolError(
-                    f"SOCKS5 {field} is {len(encoded)} bytes; at most {MAX_CREDENTIAL_SIZE} fit"
-                )
+                raise LocalProtocolError(f"SOCKS5 {field} is {len(encoded)} bytes; at most {MAX_CREDENTIAL_SIZE} fit")
         return (
             bytes([SOCKS5_AUTH_VERSION, len(encoded_username)])
             + encoded_username
@@ -227,9 +222,7 @@ class Socks5Client(_SocksHandshake):
             return False
         version, method = self._incoming[0], self._incoming[1]
         if version != SOCKS5_VERSION:
-            raise RemoteProtocolError(
-                f"proxy answered the SOCKS5 greeting with version {version}"
-            )
+            raise RemoteProtocolError(f"proxy answered the SOCKS5 greeting with version {version}")
         del self._incoming[:2]
         if method == METHOD_NONE_ACCEPTABLE:
             raise ProxyRefused(
@@ -238,8 +231,7 @@ class Socks5Client(_SocksHandshake):
             )
         if method not in self._offered_methods:
             raise RemoteProtocolError(
-                f"proxy chose the SOCKS5 authentication method {method:#04x}, "
-                "which we did not offer"
+                f"proxy chose the SOCKS5 authentication method {method:#04x}, which we did not offer"
             )
         if method == METHOD_USERNAME_PASSWORD:
             self._outgoing += self._auth_request
@@ -255,9 +247,7 @@ class Socks5Client(_SocksHandshake):
         version, status = self._incoming[0], self._incoming[1]
         # RFC 1929 says version 1, but some servers answer with 5.
         if version not in (SOCKS5_AUTH_VERSION, SOCKS5_VERSION):
-            raise RemoteProtocolError(
-                f"proxy answered SOCKS5 authentication with version {version}"
-            )
+            raise RemoteProtocolError(f"proxy answered SOCKS5 authentication with version {version}")
         del self._incoming[:2]
         if status != 0:
             raise ProxyRefused(
@@ -290,9 +280,7 @@ class Socks5Client(_SocksHandshake):
                 return
             address_size = 1 + reply[4]
         else:
-            raise RemoteProtocolError(
-                f"proxy sent a SOCKS5 reply with the unknown address type {address_type}"
-            )
+            raise RemoteProtocolError(f"proxy sent a SOCKS5 reply with the unknown address type {address_type}")
         port_offset = 4 + address_size
         reply_size = port_offset + 2
         if len(reply) < reply_size:

@@ -2,15 +2,13 @@
 danted; ssh -L and ssh -D tunnels from the router; servers on the server host.
 Each test starts its own relay on the router with the interception it needs."""
 
-
 import pytest
-
-from tests import root
-from tests.e2e.health import assert_settled, usage
 
 from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
 from relay.lab.servers import BannerServer, TrafficServer
 from relay.lab.services import clear_interception, intercept, start_relay
+from tests import root
+from tests.e2e.health import assert_settled, usage
 
 RELAY_PORT = 12345
 TRAFFIC_PORT = 7000

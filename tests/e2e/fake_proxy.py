@@ -56,8 +56,18 @@ class FakeProxy:
     then echoes (``then="echo"``), closes (``"close"``) or holds the connection silently
     (``"hold"``, until the test ends)."""
 
-    def __init__(self, lab, kind: str, reply: list[bytes], *, then: str = "close", pause: float = 0.0,
-                 host: str = "router", address: str = "127.0.0.1", port: int = 3990):
+    def __init__(
+        self,
+        lab,
+        kind: str,
+        reply: list[bytes],
+        *,
+        then: str = "close",
+        pause: float = 0.0,
+        host: str = "router",
+        address: str = "127.0.0.1",
+        port: int = 3990,
+    ):
         self.read_request, self.reply, self.then, self.pause = READERS[kind], reply, then, pause
         self.requests: list[bytes] = []
         self.released = threading.Event()

@@ -27,9 +27,11 @@ class Usage:
         return f"{self.sockets} sockets, {self.pipe_fds} pipe fds, {self.rss_kib} KiB RSS"
 
     def near(self, baseline: "Usage", rss_slack_kib: int) -> bool:
-        return (self.sockets <= baseline.sockets + SOCKET_SLACK
-                and self.pipe_fds <= baseline.pipe_fds + PIPE_FD_SLACK
-                and self.rss_kib <= baseline.rss_kib + rss_slack_kib)
+        return (
+            self.sockets <= baseline.sockets + SOCKET_SLACK
+            and self.pipe_fds <= baseline.pipe_fds + PIPE_FD_SLACK
+            and self.rss_kib <= baseline.rss_kib + rss_slack_kib
+        )
 
 
 def group_pids(leader: int) -> list[int]:
@@ -79,8 +81,9 @@ def stuck_sockets(lab, host: str, leader: int) -> list[str]:
     return [line for line in lines if any(pid in line for pid in pids)]
 
 
-def assert_settled(lab, relay, baseline: Usage, *, timeout: float = SETTLE_SECONDS,
-                   rss_slack_kib: int = RSS_SLACK_KIB) -> Usage:
+def assert_settled(
+    lab, relay, baseline: Usage, *, timeout: float = SETTLE_SECONDS, rss_slack_kib: int = RSS_SLACK_KIB
+) -> Usage:
     """Wait until the relay is back near ``baseline`` with no stuck socket; returns its usage."""
     leader = lab.process(relay.name).pid
     deadline = time.monotonic() + timeout

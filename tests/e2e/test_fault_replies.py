@@ -59,8 +59,11 @@ SOCKS5_SUCCESSES = {
 }
 
 
-@pytest.mark.parametrize("kind,reply", [("http", HTTP_OK), *[("socks5", r) for r in SOCKS5_SUCCESSES.values()]],
-                         ids=["http", *[f"socks5-{atyp}" for atyp in SOCKS5_SUCCESSES]])
+@pytest.mark.parametrize(
+    "kind,reply",
+    [("http", HTTP_OK), *[("socks5", r) for r in SOCKS5_SUCCESSES.values()]],
+    ids=["http", *[f"socks5-{atyp}" for atyp in SOCKS5_SUCCESSES]],
+)
 def test_reply_and_server_bytes_in_one_segment_arrive_exactly(run_relay, lab, fake_proxy, kind, reply):
     proxy = fake_proxy(kind, [reply + EARLY], then="echo")
     through(run_relay, proxy)
@@ -77,7 +80,7 @@ def test_http_200_with_content_length_is_a_tunnel_and_its_bytes_are_forwarded(ru
 @pytest.mark.parametrize("kind,reply", [("http", HTTP_OK), ("socks5", SOCKS5_OK)])
 def test_reply_split_at_every_byte(run_relay, lab, fake_proxy, kind, reply):
     whole = reply + EARLY
-    proxy = fake_proxy(kind, [whole[i:i + 1] for i in range(len(whole))], then="echo", pause=0.002)
+    proxy = fake_proxy(kind, [whole[i : i + 1] for i in range(len(whole))], then="echo", pause=0.002)
     through(run_relay, proxy)
     assert_tunnel_carries(lab, EARLY)
 
@@ -114,7 +117,7 @@ def test_oversized_reply_headers_are_a_reset(run_relay, lab, fake_proxy):
 
 @pytest.mark.parametrize("then", ["hold", "close"], ids=["one-byte-per-second", "never-answers"])
 def test_slow_proxy_hits_the_handshake_timeout(run_relay, lab, fake_proxy, then):
-    reply = [HTTP_OK[i:i + 1] for i in range(len(HTTP_OK))] if then == "hold" else []
+    reply = [HTTP_OK[i : i + 1] for i in range(len(HTTP_OK))] if then == "hold" else []
     proxy = fake_proxy("http", reply, then="hold", pause=1.0)
     relay = through(run_relay, proxy)
     started = time.monotonic()

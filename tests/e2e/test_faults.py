@@ -17,12 +17,12 @@ import pytest
 
 import relay as relay_package
 from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
-from relay.lab.services import clear_interception
 from relay.lab.servers import CHUNK, BannerServer, pattern, pattern_sha256
+from relay.lab.services import clear_interception
 from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all, upload
 from tests.e2e.conftest import BANNER_PORT, CLOSED_PORT, RELAY_PORT, UPSTREAMS
 from tests.e2e.health import assert_settled, group_pids, usage
-from tests.e2e.test_rules import routes_to_server
+from tests.e2e.test_installed_rules import routes_to_server
 
 DANTE = UPSTREAMS["dante"]
 EDGE_SIZES = [0, 1, 4095, 4096, 4097, 65535, 65536, 65537, 1 << 20]
@@ -180,7 +180,9 @@ def test_upstream_down_at_start_fast_resets_one_log_line_then_recovery(run_relay
     took = time.monotonic() - started
     assert took < 10, f"100 refusals took {took:.1f} s"
     # Besides the per-connection lines (-v), one line says the upstream is down.
-    warnings = [line for line in relay.log_text().splitlines() if " relay: conn " not in line and "listening" not in line]
+    warnings = [
+        line for line in relay.log_text().splitlines() if " relay: conn " not in line and "listening" not in line
+    ]
     assert len(warnings) == 1 and "is unhealthy" in warnings[0], "\n".join(warnings)
     dante = start_dante(lab, listen=[(ADDR.far4, 1083)], name="dante-late")
     try:
@@ -260,18 +262,36 @@ def test_upstream_killed_during_50_transfers(run_relay, lab, victim, confirm, fi
     finally:
         service.stop()
     kinds = [kind for kind, _, _ in outcomes]
-    figures(f"{victim} killed under 50 transfers, --confirm-eof {confirm}", f"all ended within {slowest:.2f} s: "
-            f"{kinds.count('eof')} FIN, {kinds.count('reset')} reset")
+    figures(
+        f"{victim} killed under 50 transfers, --confirm-eof {confirm}",
+        f"all ended within {slowest:.2f} s: {kinds.count('eof')} FIN, {kinds.count('reset')} reset",
+    )
 
 
 def test_silent_tunnel_death_ends_connections_within_the_keepalive_bound(relays, lab, figures):
-    relay = relays.start([
-        "--upstream", "127.0.0.1:3128", "--listen", f"0.0.0.0:{RELAY_PORT}",
-        "--ssh", f"root@{lab.sshd.address}", "--ssh-identity", str(lab.sshd.client_key),
-        "--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null",
-        "--ssh-option", "ServerAliveInterval=1", "--ssh-option", "ServerAliveCountMax=2",
-        "--health-interval", "60",
-    ], intercept_mode="redirect")
+    relay = relays.start(
+        [
+            "--upstream",
+            "127.0.0.1:3128",
+            "--listen",
+            f"0.0.0.0:{RELAY_PORT}",
+            "--ssh",
+            f"root@{lab.sshd.address}",
+            "--ssh-identity",
+            str(lab.sshd.client_key),
+            "--ssh-option",
+            "StrictHostKeyChecking=no",
+            "--ssh-option",
+            "UserKnownHostsFile=/dev/null",
+            "--ssh-option",
+            "ServerAliveInterval=1",
+            "--ssh-option",
+            "ServerAliveCountMax=2",
+            "--health-interval",
+            "60",
+        ],
+        intercept_mode="redirect",
+    )
     held = []
     for _ in range(10):
         sock = connect(lab)
@@ -330,7 +350,9 @@ def test_slow_reader_stalls_the_sender_without_growing_memory(run_relay, lab, pu
     assert (received, digest.hexdigest()) == (size, pattern_sha256(size, 9))
     grew = peak - before
     assert grew < 8 * 1024, f"relay RSS grew {grew} KiB while the reader was paused"
-    figures(f"slow reader ({'pure' if pure else 'cython'})", f"RSS grew {grew} KiB during a 20 s pause of a 1 GiB download")
+    figures(
+        f"slow reader ({'pure' if pure else 'cython'})", f"RSS grew {grew} KiB during a 20 s pause of a 1 GiB download"
+    )
 
 
 def test_packet_loss_and_a_bandwidth_cap_keep_20_transfers_intact(run_relay, lab, figures):
@@ -340,8 +362,24 @@ def test_packet_loss_and_a_bandwidth_cap_keep_20_transfers_intact(run_relay, lab
         lab.run("router", ["iptables", "-w", "-A", *rule])
     links = [("router", ADDR.router_wan_if), ("far", ADDR.far_if)]  # both directions
     for host, interface in links:
-        lab.run(host, ["tc", "qdisc", "add", "dev", interface, "root", "tbf",
-                       "rate", "200mbit", "burst", "256kb", "latency", "50ms"])
+        lab.run(
+            host,
+            [
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                interface,
+                "root",
+                "tbf",
+                "rate",
+                "200mbit",
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            ],
+        )
     try:
         run_relay(DANTE)
         failures = []
@@ -364,9 +402,12 @@ def test_packet_loss_and_a_bandwidth_cap_keep_20_transfers_intact(run_relay, lab
         took = time.monotonic() - started
         assert not failures, failures
         assert not any(thread.is_alive() for thread in threads)
-        dropped = sum(int(line.split()[0]) for chain in ("INPUT", "OUTPUT")
-                      for line in lab.run("router", ["iptables", "-w", "-L", chain, "-v", "-n", "-x"]).stdout.splitlines()
-                      if "statistic" in line)
+        dropped = sum(
+            int(line.split()[0])
+            for chain in ("INPUT", "OUTPUT")
+            for line in lab.run("router", ["iptables", "-w", "-L", chain, "-v", "-n", "-x"]).stdout.splitlines()
+            if "statistic" in line
+        )
         assert dropped > 0
     finally:
         for host, interface in links:
@@ -399,8 +440,11 @@ def open_without_waiting(lab, count: int, port: int) -> list[socket.socket]:
 
 
 def test_under_256_fds_400_connections_wait_quietly_and_service_resumes(relays, lab, figures):
-    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect",
-                         wrapper=["prlimit", "--nofile=256:256", "--"])
+    relay = relays.start(
+        ["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}"],
+        intercept_mode="redirect",
+        wrapper=["prlimit", "--nofile=256:256", "--"],
+    )
     leader = lab.process(relay.name).pid
     held = open_without_waiting(lab, 400, BANNER_PORT)
     try:
@@ -410,8 +454,9 @@ def test_under_256_fds_400_connections_wait_quietly_and_service_resumes(relays, 
         spent = _cpu_seconds(leader) - before
         assert spent < 0.2, f"relay burned {spent:.2f} CPU-s in 2 s while saturated"
         assert usage(leader).sockets < 256
-        other_lines = [line for line in relay.log_text().splitlines()
-                       if " relay: conn " not in line and "listening" not in line]
+        other_lines = [
+            line for line in relay.log_text().splitlines() if " relay: conn " not in line and "listening" not in line
+        ]
         assert len(other_lines) <= 2, other_lines
     finally:
         for sock in held:
@@ -422,8 +467,11 @@ def test_under_256_fds_400_connections_wait_quietly_and_service_resumes(relays, 
         assert sock.recv(100) == BannerServer.banner
     took = time.monotonic() - closed
     assert took < 1
-    figures("400 connections against a 256-fd relay", f"{spent * 1000:.0f} ms CPU in 2 s saturated, "
-            f"next connection served {took * 1000:.0f} ms after the others closed")
+    figures(
+        "400 connections against a 256-fd relay",
+        f"{spent * 1000:.0f} ms CPU in 2 s saturated, "
+        f"next connection served {took * 1000:.0f} ms after the others closed",
+    )
 
 
 def test_foreign_mark_bits_do_not_break_the_loop_exemption(relays, lab):
@@ -433,10 +481,38 @@ def test_foreign_mark_bits_do_not_break_the_loop_exemption(relays, lab):
     rules = [
         ["-t", "mangle", "-A", "OUTPUT", "-j", "MARK", "--or-mark", "0x100"],
         ["-t", "nat", "-A", "OUTPUT", "-m", "mark", "--mark", "0x10/0x10", "-j", "RETURN"],
-        ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ADDR.far4, "--dport", "7000", "-j", "REDIRECT",
-         "--to-ports", str(RELAY_PORT)],
-        ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", ADDR.far4, "--dport", "1080", "-j", "REDIRECT",
-         "--to-ports", str(RELAY_PORT)],
+        [
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            ADDR.far4,
+            "--dport",
+            "7000",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            str(RELAY_PORT),
+        ],
+        [
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            ADDR.far4,
+            "--dport",
+            "1080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            str(RELAY_PORT),
+        ],
     ]
     for rule in rules:
         lab.run("router", ["iptables", "-w", *rule])
@@ -458,8 +534,22 @@ def test_foreign_mark_bits_do_not_break_the_loop_exemption(relays, lab):
 
 def test_loopback_and_the_proxys_own_port_are_refused(relays, lab):
     relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect")
-    to_loopback = ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.0/8", "--dport", "80",
-                   "-j", "REDIRECT", "--to-ports", str(RELAY_PORT)]
+    to_loopback = [
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "127.0.0.0/8",
+        "--dport",
+        "80",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(RELAY_PORT),
+    ]
     lab.run("router", ["iptables", "-w", *to_loopback])
     try:
         connect_expecting_reset(lab, "router", "127.0.0.2", 80, within=2)
@@ -471,8 +561,9 @@ def test_loopback_and_the_proxys_own_port_are_refused(relays, lab):
 
 
 def test_sigterm_during_100_transfers_drains_them_all(relays, lab, figures):
-    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}", "--drain-time", "20"],
-                         intercept_mode="redirect")
+    relay = relays.start(
+        ["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}", "--drain-time", "20"], intercept_mode="redirect"
+    )
     size = 16 << 20
     outcomes, threads = parallel_downloads(lab, 100, size)
     deadline = time.monotonic() + 10
@@ -517,8 +608,23 @@ def test_after_kill_9_clients_are_refused_and_never_go_around(relays, lab):
 
 
 def test_without_net_admin_tproxy_fails_at_start_with_a_clear_error(lab):
-    argv = ["setpriv", "--bounding-set", "-net_admin,-net_raw", "--inh-caps", "-net_admin,-net_raw", "--",  # either allows IP_TRANSPARENT
-            sys.executable, "-m", "relay", "--upstream", DANTE, "--mode", "tproxy", "--listen", "0.0.0.0:12346"]
+    argv = [
+        "setpriv",
+        "--bounding-set",
+        "-net_admin,-net_raw",
+        "--inh-caps",
+        "-net_admin,-net_raw",
+        "--",  # either allows IP_TRANSPARENT
+        sys.executable,
+        "-m",
+        "relay",
+        "--upstream",
+        DANTE,
+        "--mode",
+        "tproxy",
+        "--listen",
+        "0.0.0.0:12346",
+    ]
     result = lab.run("router", argv, check=False, timeout=20)
     assert result.returncode == 2, result
     assert "--mode tproxy needs CAP_NET_ADMIN" in result.stderr
@@ -526,8 +632,21 @@ def test_without_net_admin_tproxy_fails_at_start_with_a_clear_error(lab):
 
 
 def test_tproxy_as_a_user_with_only_net_admin(relays, lab):
-    relay = relays.start(["--upstream", DANTE, "--mode", "tproxy", "--user", "nobody", "--mark", "0x40",
-                          "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="tproxy")
+    relay = relays.start(
+        [
+            "--upstream",
+            DANTE,
+            "--mode",
+            "tproxy",
+            "--user",
+            "nobody",
+            "--mark",
+            "0x40",
+            "--listen",
+            f"0.0.0.0:{RELAY_PORT}",
+        ],
+        intercept_mode="tproxy",
+    )
     status = open(f"/proc/{lab.process(relay.name).pid}/status").read()
     assert "Uid:\t65534\t65534\t65534\t65534" in status
     assert int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16) == 1 << 12
@@ -560,16 +679,21 @@ def as_user_with_only_net_admin(lab, user="nobody", group="nogroup") -> list[str
     if hidden:
         lines.append(f"mount --bind {cover} /root")
         lines += [f"mount --bind {stage}/handle-{index} {path}" for index, path in enumerate(hidden)]
-    lines.append(f'exec setpriv --reuid={user} --regid={group} --clear-groups --inh-caps=-all,+net_admin '
-                 f'--ambient-caps=-all,+net_admin --bounding-set=-all,+net_admin -- "$@"')
+    lines.append(
+        f"exec setpriv --reuid={user} --regid={group} --clear-groups --inh-caps=-all,+net_admin "
+        f'--ambient-caps=-all,+net_admin --bounding-set=-all,+net_admin -- "$@"'
+    )
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh"]
 
 
 def test_tproxy_started_as_a_user_with_only_net_admin(relays, lab):
     """Started unprivileged (not dropping privileges itself): binding the transparent listener,
     raising the fd limit and SO_MARK all work with CAP_NET_ADMIN alone."""
-    relay = relays.start(["--upstream", DANTE, "--mode", "tproxy", "--mark", "0x40", "--listen", f"0.0.0.0:{RELAY_PORT}"],
-                         intercept_mode="tproxy", wrapper=as_user_with_only_net_admin(lab))
+    relay = relays.start(
+        ["--upstream", DANTE, "--mode", "tproxy", "--mark", "0x40", "--listen", f"0.0.0.0:{RELAY_PORT}"],
+        intercept_mode="tproxy",
+        wrapper=as_user_with_only_net_admin(lab),
+    )
     status = open(f"/proc/{lab.process(relay.name).pid}/status").read()
     assert "Uid:\t65534\t65534\t65534\t65534" in status
     assert int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16) == 1 << 12
@@ -582,8 +706,10 @@ def test_password_from_the_config_file_is_in_no_log_error_or_cmdline(relays, lab
     config = lab.tmpdir / "secret.toml"
     config.write_text(f'upstream = ["socks5://relaylab:{password}@{ADDR.far4}:1082"]\n')
     config.chmod(0o600)
-    relay = relays.start(["--config", str(config), "-vv", "--listen", f"0.0.0.0:{RELAY_PORT}",
-                          "--metrics", "127.0.0.1:9199"], intercept_mode="redirect")
+    relay = relays.start(
+        ["--config", str(config), "-vv", "--listen", f"0.0.0.0:{RELAY_PORT}", "--metrics", "127.0.0.1:9199"],
+        intercept_mode="redirect",
+    )
     cmdline = open(f"/proc/{lab.process(relay.name).pid}/cmdline", "rb").read()
     with connect(lab) as sock:  # wrong password for dante: the error path
         expect_reset(sock, within=5)
@@ -620,8 +746,21 @@ def test_10000_idle_relayed_connections_held_and_released(relays, lab, figures):
     """Two workers (this machine caps every process at 20 000 fds, and each relayed connection
     holds two sockets), about 5000 connections each. Twice: the allocator keeps what the first
     round grew, so the no-leak check compares the second round's end with the first's."""
-    relay = relays.start(["--upstream", DANTE, "--workers", "2", "--max-connections", "6000", "--sniff", "off",
-                          "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect")
+    relay = relays.start(
+        [
+            "--upstream",
+            DANTE,
+            "--workers",
+            "2",
+            "--max-connections",
+            "6000",
+            "--sniff",
+            "off",
+            "--listen",
+            f"0.0.0.0:{RELAY_PORT}",
+        ],
+        intercept_mode="redirect",
+    )
     leader = lab.process(relay.name).pid
     hold = [sys.executable, "-m", "tests.e2e.hold"]
     lab.spawn("server", [*hold, "serve", ADDR.server4, str(HOLD_PORT)], name="hold-server")
@@ -639,7 +778,9 @@ def test_10000_idle_relayed_connections_held_and_released(relays, lab, figures):
                 lab.stop("hold-clients")
             assert _wait_for_count_down(lab, "server", HOLD_PORT, timeout=60) == 0
             per_connection = (held.rss_kib - before.rss_kib) / 10000
-            figures(f"10 000 idle relayed connections, round {round}", f"{per_connection:.1f} KiB RSS each, all released")
+            figures(
+                f"10 000 idle relayed connections, round {round}", f"{per_connection:.1f} KiB RSS each, all released"
+            )
             if round == 1:
                 relay.baseline = assert_settled(lab, relay, before, rss_slack_kib=1 << 30)
     finally:
@@ -666,8 +807,10 @@ def test_soak_at_a_mixed_load_stays_flat(relays, lab, figures):
     """Short connections, downloads and idle connections at once for RELAY_SOAK_SECONDS (30 in
     the suite; 300 for the long soak): after a warm-up third, the relay's sockets, RSS and Trio
     tasks do not trend upward, and once the load stops the tasks are back to where they began."""
-    relay = relays.start(["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}", "--metrics",
-                          f"127.0.0.1:{METRICS_PORT}"], intercept_mode="redirect")
+    relay = relays.start(
+        ["--upstream", DANTE, "--listen", f"0.0.0.0:{RELAY_PORT}", "--metrics", f"127.0.0.1:{METRICS_PORT}"],
+        intercept_mode="redirect",
+    )
     leader = lab.process(relay.name).pid
     idle_tasks = _tasks(lab)
     stop, failures, done = threading.Event(), [], [0]
@@ -706,8 +849,8 @@ def test_soak_at_a_mixed_load_stays_flat(relays, lab, figures):
         for thread in workers:
             thread.join(30)
     assert not failures, failures[:5]
-    steady = samples[len(samples) // 3:]
-    first, last = steady[: len(steady) // 2], steady[len(steady) // 2:]
+    steady = samples[len(samples) // 3 :]
+    first, last = steady[: len(steady) // 2], steady[len(steady) // 2 :]
     rss_growth = max(u.rss_kib for u, _ in last) - max(u.rss_kib for u, _ in first)
     assert rss_growth < 4096, f"RSS grew {rss_growth} KiB during the soak: {samples}"
     assert max(u.sockets for u, _ in last) <= max(u.sockets for u, _ in first) + 60, samples
@@ -716,19 +859,24 @@ def test_soak_at_a_mixed_load_stays_flat(relays, lab, figures):
     while _tasks(lab) > idle_tasks and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _tasks(lab) == idle_tasks
-    figures(f"{SOAK_SECONDS:.0f} s soak", f"{done[0]} operations, RSS {min(u.rss_kib for u, _ in steady)}-"
-            f"{max(u.rss_kib for u, _ in steady)} KiB, tasks {min(t for _, t in steady)}-{max(t for _, t in steady)} "
-            f"after warm-up, {idle_tasks} before and after")
+    figures(
+        f"{SOAK_SECONDS:.0f} s soak",
+        f"{done[0]} operations, RSS {min(u.rss_kib for u, _ in steady)}-"
+        f"{max(u.rss_kib for u, _ in steady)} KiB, tasks {min(t for _, t in steady)}-{max(t for _, t in steady)} "
+        f"after warm-up, {idle_tasks} before and after",
+    )
 
 
 def test_ephemeral_port_pressure_maps_to_resets_then_recovers(relays, lab, figures):
-    """1000 local ports (above the default range, so no other case holds one) toward one proxy, and the relay closing first (the client's FIN goes up
-    first), so every finished connection parks its port in TIME_WAIT for 60 s."""
+    """1000 local ports (above the default range, so no other case holds one) toward one proxy, and the
+    relay closing first (the client's FIN goes up first), so every finished connection parks its port
+    in TIME_WAIT for 60 s."""
     original = lab.run("router", ["sysctl", "-n", "net.ipv4.ip_local_port_range"]).stdout.split()
     lab.run("router", ["sysctl", "-qw", "net.ipv4.ip_local_port_range=61000 61999"])
     try:
-        relay = relays.start(["--upstream", DANTE, "--sniff", "off", "--listen", f"0.0.0.0:{RELAY_PORT}"],
-                             intercept_mode="redirect")
+        relay = relays.start(
+            ["--upstream", DANTE, "--sniff", "off", "--listen", f"0.0.0.0:{RELAY_PORT}"], intercept_mode="redirect"
+        )
         leader = lab.process(relay.name).pid
         outcomes = {"ok": 0, "reset": 0}
 
@@ -775,5 +923,7 @@ def test_ephemeral_port_pressure_maps_to_resets_then_recovers(relays, lab, figur
         recovered = time.monotonic() - exhausted
     finally:
         lab.run("router", ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={' '.join(original)}"])
-    figures("1500 short connections over 1000 ports", f"{burst['ok']} relayed, {burst['reset']} reset "
-            f"(EADDRNOTAVAIL), served again {recovered:.0f} s later")
+    figures(
+        "1500 short connections over 1000 ports",
+        f"{burst['ok']} relayed, {burst['reset']} reset (EADDRNOTAVAIL), served again {recovered:.0f} s later",
+    )

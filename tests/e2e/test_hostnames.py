@@ -38,8 +38,13 @@ def names_lab():
         start_squid(lab, listen=[("127.0.0.1", 3129)], name="open-squid")
         start_privoxy(lab)
         start_tinyproxy(lab)
-        start_ssh_tunnel(lab, sshd, forwards=[
-            option for port in (3128, 3129, 8118, 8888) for option in ("-L", f"127.0.0.1:{port}:127.0.0.1:{port}")])
+        start_ssh_tunnel(
+            lab,
+            sshd,
+            forwards=[
+                option for port in (3128, 3129, 8118, 8888) for option in ("-L", f"127.0.0.1:{port}:127.0.0.1:{port}")
+            ],
+        )
         start_dante(lab)
         ca = trustme.CA()
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -59,7 +64,9 @@ def run_relay(names_lab):
 
 
 def curl(lab, *args, check=True):
-    result = lab.run("client", ["curl", "-sS", "--max-time", "60", "--cacert", lab.ca_file, *args], check=False, timeout=90)
+    result = lab.run(
+        "client", ["curl", "-sS", "--max-time", "60", "--cacert", lab.ca_file, *args], check=False, timeout=90
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -100,8 +107,16 @@ def test_chunked_upload_with_expect_100_continue(run_relay, names_lab, proxy):
     body = os.urandom(3 << 20)
     path = names_lab.tmpdir / "upload.bin"
     path.write_bytes(body)
-    result = curl(names_lab, "-T", str(path), "-H", "Transfer-Encoding: chunked", "-H", "Expect: 100-continue",
-                  f"http://{NAME}/sha256")
+    result = curl(
+        names_lab,
+        "-T",
+        str(path),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-H",
+        "Expect: 100-continue",
+        f"http://{NAME}/sha256",
+    )
     assert result.stdout.strip() == hashlib.sha256(body).hexdigest()
 
 

@@ -90,7 +90,10 @@ def test_server_that_speaks_first(run_relay, lab, upstream):
         assert sock.recv(100) == b"echo me"
 
 
-@pytest.mark.parametrize("upstream,reason", [("squid-via-ssh-L", "http-503"), ("dante", "socks5-connection-refused"), ("ssh-D-socks5", "proxy-closed")])
+@pytest.mark.parametrize(
+    "upstream,reason",
+    [("squid-via-ssh-L", "http-503"), ("dante", "socks5-connection-refused"), ("ssh-D-socks5", "proxy-closed")],
+)
 def test_refused_destination_resets_the_client(run_relay, lab, upstream, reason):
     relay = run_relay(UPSTREAMS[upstream])
     with connect(lab, port=CLOSED_PORT) as sock:
@@ -127,8 +130,22 @@ def test_connecting_to_the_relay_port_itself_is_refused(run_relay, lab):
 def test_routing_loop_is_refused_and_mark_breaks_it(run_relay, lab):
     """The router's own traffic is redirected too: without an exemption the relay's upstream
     connection comes back to it; with --mark and a mark match it goes out."""
-    redirect_own = ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.1", "--dport", "3128",
-                    "-j", "REDIRECT", "--to-ports", str(RELAY_PORT)]
+    redirect_own = [
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "127.0.0.1",
+        "--dport",
+        "3128",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(RELAY_PORT),
+    ]
     relay = run_relay(UPSTREAMS["squid-via-ssh-L"])
     lab.run("router", ["iptables", "-w", *redirect_own])
     with connect(lab) as sock:
@@ -138,7 +155,9 @@ def test_routing_loop_is_refused_and_mark_breaks_it(run_relay, lab):
     relay.stop()
 
     relay = run_relay(UPSTREAMS["squid-via-ssh-L"], "--mark", "0x10")
-    lab.run("router", ["iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-m", "mark", "--mark", "0x10/0x10", "-j", "RETURN"])
+    lab.run(
+        "router", ["iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-m", "mark", "--mark", "0x10/0x10", "-j", "RETURN"]
+    )
     lab.run("router", ["iptables", "-w", *redirect_own])
     download(lab, 1 << 20)
     assert [line["end"] for line in relay.connections(at_least=1)] == ["closed"]

@@ -25,7 +25,9 @@ def relay_on_router(relays):
     """start(args, name=...) -> RelayProcess listening on IPv4, with REDIRECT to it."""
 
     def start(args, name="relay-router", **options):
-        return relays.start([*args, "--listen", f"0.0.0.0:{RELAY_PORT}"], name=name, intercept_mode="redirect", **options)
+        return relays.start(
+            [*args, "--listen", f"0.0.0.0:{RELAY_PORT}"], name=name, intercept_mode="redirect", **options
+        )
 
     return start
 
@@ -63,11 +65,15 @@ def test_config_file_with_command_line_override_and_reload(relay_on_router, lab)
 
 def test_bad_config_file_is_one_line_and_status_2(lab):
     path = write_config(lab, 'upstream = "127.0.0.1:3128"\nconnect-timeout = "soon"\n')
-    result = subprocess.run([sys.executable, "-m", "relay", "--config", path], capture_output=True, text=True, timeout=20)
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "--config", path], capture_output=True, text=True, timeout=20
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"relay: error: {path}: connect-timeout: 'soon' is not a number of seconds above 0"
     path = write_config(lab, 'upstream = "127.0.0.1:3128"\nno-such-thing = 1\n')
-    result = subprocess.run([sys.executable, "-m", "relay", "--config", path], capture_output=True, text=True, timeout=20)
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "--config", path], capture_output=True, text=True, timeout=20
+    )
     assert result.returncode == 2 and "unknown setting 'no-such-thing'" in result.stderr
 
 
@@ -103,8 +109,20 @@ def test_drain_time_limits_the_wait_then_resets(relay_on_router, lab):
 def test_failover_between_upstreams_and_reset_when_none_is_healthy(relay_on_router, lab):
     spare = start_dante(lab, listen=[(ADDR.far4, 1090)], name="dante-spare")
     first = f"socks5://{ADDR.far4}:1090"
-    relay = relay_on_router(["--upstream", first, "--upstream", SQUID, "--health-interval", "0.5",
-                             "--health-failures", "2", "--connect-timeout", "1"])
+    relay = relay_on_router(
+        [
+            "--upstream",
+            first,
+            "--upstream",
+            SQUID,
+            "--health-interval",
+            "0.5",
+            "--health-failures",
+            "2",
+            "--connect-timeout",
+            "1",
+        ]
+    )
     upload(lab, b"x" * 1000)
     spare.stop()
     failures_after_delay, deadline = 0, time.monotonic() + 1.5  # the failover delay: one health interval
@@ -122,8 +140,10 @@ def test_failover_between_upstreams_and_reset_when_none_is_healthy(relay_on_rout
     assert relay.wait_for_log(f"upstream {first} is healthy again", timeout=5)
     relay.stop()
 
-    dead = relay_on_router(["--upstream", f"socks5://{ADDR.far4}:1091", "--health-interval", "0.3",
-                            "--connect-timeout", "1"], name="relay-dead")
+    dead = relay_on_router(
+        ["--upstream", f"socks5://{ADDR.far4}:1091", "--health-interval", "0.3", "--connect-timeout", "1"],
+        name="relay-dead",
+    )
     time.sleep(1)  # the first active check marks it unhealthy
     with connect(lab) as sock:
         took = expect_reset(sock, within=3)
@@ -147,7 +167,11 @@ def test_bypass_by_address_and_by_domain_goes_direct(relay_on_router, lab):
             sock.sendall(b"GET / HTTP/1.1\r\nHost: mirror.relaylab.test\r\n\r\n")
             expect_reset(sock, within=5)
         [line] = relay.connections(at_least=1)
-        assert line["name"] == "mirror.relaylab.test" and line["via"] == "direct" and line["end"] == "refused:connect-econnrefused"
+        assert (
+            line["name"] == "mirror.relaylab.test"
+            and line["via"] == "direct"
+            and line["end"] == "refused:connect-econnrefused"
+        )
     finally:  # the lab is shared: leave its routing as it was
         lab.run("router", ["ip", "route", "del", "10.77.3.0/24"], check=False)
         lab.run("far", ["ip", "route", "del", "10.77.1.0/24"], check=False)
@@ -155,7 +179,9 @@ def test_bypass_by_address_and_by_domain_goes_direct(relay_on_router, lab):
 
 
 def test_metrics_and_json_logs_carry_no_secret(relay_on_router, lab):
-    relay = relay_on_router(["--upstream", UPSTREAMS["dante-auth"], "--metrics", "127.0.0.1:9108", "--log-format", "json"])
+    relay = relay_on_router(
+        ["--upstream", UPSTREAMS["dante-auth"], "--metrics", "127.0.0.1:9108", "--log-format", "json"]
+    )
     upload(lab, b"m" * 5000)
     with lab.connect("router", "127.0.0.1", 9108) as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -207,11 +233,15 @@ def test_workers_share_the_port_and_stop_together(relay_on_router, lab):
 
 
 def test_systemd_unit_verifies(tmp_path):
-    unit = (open("contrib/relay.service").read()
-            .replace("/usr/local/bin/relay", os.path.join(os.path.dirname(sys.executable), "relay")))
+    unit = (
+        open("contrib/relay.service")
+        .read()
+        .replace("/usr/local/bin/relay", os.path.join(os.path.dirname(sys.executable), "relay"))
+    )
     (tmp_path / "relay.service").write_text(unit)
-    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "relay.service")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "relay.service")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -220,8 +250,21 @@ def test_rules_command_applies_and_removes(relay_on_router, lab):
     relay = relay_on_router(["--upstream", DANTE, "--mark", "0x1"])
     clear_interception(lab)
     before = lab.run("router", ["nft", "list", "ruleset"]).stdout
-    rules = [sys.executable, "-m", "relay", "rules", "--upstream", DANTE, "--mark", "0x1", "--listen",
-             f"0.0.0.0:{RELAY_PORT}", "--lan-iface", ADDR.router_lan_if, "--keep-private"]
+    rules = [
+        sys.executable,
+        "-m",
+        "relay",
+        "rules",
+        "--upstream",
+        DANTE,
+        "--mark",
+        "0x1",
+        "--listen",
+        f"0.0.0.0:{RELAY_PORT}",
+        "--lan-iface",
+        ADDR.router_lan_if,
+        "--keep-private",
+    ]
     lab.run("router", [*rules, "--apply"])
     lab.run("router", [*rules, "--apply"])  # twice: nothing doubles
     once = lab.run("router", ["nft", "list", "ruleset"]).stdout
@@ -240,14 +283,26 @@ def test_rules_command_applies_and_removes(relay_on_router, lab):
 def test_relay_supervises_its_own_ssh_tunnel(relay_on_router, lab):
     """--ssh: the relay runs ssh -N -L to squid as seen from the far host, restarts it when it dies,
     and resets clients at once while it is down."""
-    relay = relay_on_router([
-        "--upstream", "127.0.0.1:3128",  # squid on the far host's loopback
-        "--ssh", f"root@{lab.sshd.address}", "--ssh-identity", str(lab.sshd.client_key),
-        "--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null",
-        "--health-interval", "60",
-    ])
+    relay = relay_on_router(
+        [
+            "--upstream",
+            "127.0.0.1:3128",  # squid on the far host's loopback
+            "--ssh",
+            f"root@{lab.sshd.address}",
+            "--ssh-identity",
+            str(lab.sshd.client_key),
+            "--ssh-option",
+            "StrictHostKeyChecking=no",
+            "--ssh-option",
+            "UserKnownHostsFile=/dev/null",
+            "--health-interval",
+            "60",
+        ]
+    )
     download(lab, 4 << 20, seed=21)
-    ssh = subprocess.run(["pgrep", "-P", str(lab.process(relay.name).pid), "-x", "ssh"], capture_output=True, text=True).stdout.split()
+    ssh = subprocess.run(
+        ["pgrep", "-P", str(lab.process(relay.name).pid), "-x", "ssh"], capture_output=True, text=True
+    ).stdout.split()
     assert len(ssh) == 1
     os.kill(int(ssh[0]), signal.SIGKILL)
     with connect(lab) as sock:  # during the restart: a reset, not a hang

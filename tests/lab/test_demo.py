@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.lab import ADDR, demo
 from tests import root
-
-from relay.lab import ADDR
-from relay.lab import demo
 
 DEMO = [sys.executable, "-m", "relay", "demo"]
 LAB_LINE = re.compile(r"lab (?P<prefix>rl\d+x\d+) is up, files in (?P<tmpdir>\S+)")
@@ -76,22 +74,30 @@ def test_demo_reports_every_transfer_intact_and_cleans_up(require_root):
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     report = result.stdout
     name, wrong, server = re.escape(demo.NAME), re.escape(ADDR.far_server_side4), re.escape(ADDR.server4)
-    for transfer in (rf"curl http://{name}/file", rf"curl https://{name}/hello", "DOWN 16 MiB",
-                     "DOWN 1 MiB over IPv6"):
+    for transfer in (rf"curl http://{name}/file", rf"curl https://{name}/hello", "DOWN 16 MiB", "DOWN 1 MiB over IPv6"):
         assert re.search(rf"^\s*{transfer}\s.*\sOK$", report, re.MULTILINE), report
     # The client's DNS sent it to the wrong address; the relay asked squid for the name instead.
     for port, end in ((80, r"closed http-requests=1"), (443, r"closed")):
-        assert re.search(rf"^\s*{re.escape(ADDR.client4)}:\d+\s+{wrong}:{port}\s+{name}\s.*\s{end}$",
-                         report, re.MULTILINE), report
+        assert re.search(
+            rf"^\s*{re.escape(ADDR.client4)}:\d+\s+{wrong}:{port}\s+{name}\s.*\s{end}$", report, re.MULTILINE
+        ), report
     for target in (f"{ADDR.server4}:7000", f"[{ADDR.server6}]:7000"):  # by address: no name
         assert re.search(rf"\s{re.escape(target)}\s+-\s.*\sclosed$", report, re.MULTILINE), report
     # squid resolved the name on the far side, to the server.
-    assert re.search(rf"from 127\.0\.0\.1\s+GET\s+http://{name}/file\s+TCP_\w+/200\s+HIER_DIRECT/{server}$",
-                     report, re.MULTILINE), report
-    for target, peer in ((f"{demo.NAME}:443", ADDR.server4), (f"{ADDR.server4}:7000", ADDR.server4),
-                         (f"[{ADDR.server6}]:7000", ADDR.server6)):
-        assert re.search(rf"from 127\.0\.0\.1\s+CONNECT {re.escape(target)}\s+TCP_TUNNEL/200\s+"
-                         rf"HIER_DIRECT/{re.escape(peer)}$", report, re.MULTILINE), report
+    assert re.search(
+        rf"from 127\.0\.0\.1\s+GET\s+http://{name}/file\s+TCP_\w+/200\s+HIER_DIRECT/{server}$", report, re.MULTILINE
+    ), report
+    for target, peer in (
+        (f"{demo.NAME}:443", ADDR.server4),
+        (f"{ADDR.server4}:7000", ADDR.server4),
+        (f"[{ADDR.server6}]:7000", ADDR.server6),
+    ):
+        assert re.search(
+            rf"from 127\.0\.0\.1\s+CONNECT {re.escape(target)}\s+TCP_TUNNEL/200\s+"
+            rf"HIER_DIRECT/{re.escape(peer)}$",
+            report,
+            re.MULTILINE,
+        ), report
     assert re.search(rf"squid resolved it on the far side to {server}$", report, re.MULTILINE), report
     assert re.search(r"fast path: \w", report), report
     assert "all checks passed" in report and "FAILED" not in report
@@ -103,7 +109,10 @@ def test_demo_reports_every_transfer_intact_and_cleans_up(require_root):
 def test_ctrl_c_tears_the_lab_down(require_root):
     # Big enough to still be transferring when interrupted.
     process = subprocess.Popen(
-        [*DEMO, "--size-mib", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*DEMO, "--size-mib", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         # A shell's background job inherits SIGINT ignored; the demo must get Ctrl-C's default.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )

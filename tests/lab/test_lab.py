@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import root
-
 from relay.lab import (
     ADDR,
     Lab,
@@ -29,6 +27,7 @@ from relay.lab import (
     start_ssh_tunnel,
     start_sshd,
 )
+from tests import root
 
 pytestmark = pytest.mark.netns
 
@@ -203,8 +202,9 @@ def test_squid_relays_connect_and_logs_the_target(lab, echo, squid):
 
 def test_squid_with_debian_conf_keeps_its_rules(lab):
     EchoServer(lab, "server", ADDR.server4, 443)
-    debian = start_squid(lab, listen=[("127.0.0.1", 3129), (ADDR.far4, 3129)],
-                         debian_default_conf=True, name="squid-debian")
+    debian = start_squid(
+        lab, listen=[("127.0.0.1", 3129), (ADDR.far4, 3129)], debian_default_conf=True, name="squid-debian"
+    )
     with lab.connect("far", "127.0.0.1", 3129, timeout=IO_TIMEOUT) as sock:
         assert http_connect(sock, ADDR.server4, ECHO_PORT).startswith(b"HTTP/1.1 403")
     with lab.connect("router", ADDR.far4, 3129, timeout=IO_TIMEOUT) as sock:  # not localhost
@@ -226,9 +226,14 @@ def test_two_labs_run_squid_at_once(lab, echo, squid):
         assert other_squid.running and squid.running
 
 
-@pytest.mark.parametrize("proxy, target", [
-    (ADDR.far4, ADDR.server4), (ADDR.far6, ADDR.server6), (ADDR.far4, ADDR.server6),
-])
+@pytest.mark.parametrize(
+    "proxy, target",
+    [
+        (ADDR.far4, ADDR.server4),
+        (ADDR.far6, ADDR.server6),
+        (ADDR.far4, ADDR.server6),
+    ],
+)
 def test_dante_relays_socks5(lab, echo, dante, proxy, target):
     with lab.connect("router", proxy, 1080, timeout=IO_TIMEOUT) as sock:
         assert socks5_connect(sock, target, ECHO_PORT) == 0
@@ -313,8 +318,9 @@ def test_ctrl_c_tears_down_a_lab_in_another_process(require_root):
         "    time.sleep(60)\n"
     )
     repo = Path(__file__).resolve().parents[2]
-    child = subprocess.Popen([sys.executable, "-c", program], cwd=repo, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", program], cwd=repo, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         prefix, sleeper_pid = child.stdout.readline().split()
         child.send_signal(signal.SIGINT)

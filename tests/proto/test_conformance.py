@@ -54,9 +54,7 @@ CASES = {
     ),
     "socks4": Case(lambda: Socks4Client("192.0.2.7", 443), SOCKS4_GRANTED),
     # The spec says reply version 0, but some servers echo 4.
-    "socks4-version-4-reply": Case(
-        lambda: Socks4Client("192.0.2.7", 443), b"\x04" + SOCKS4_GRANTED[1:]
-    ),
+    "socks4-version-4-reply": Case(lambda: Socks4Client("192.0.2.7", 443), b"\x04" + SOCKS4_GRANTED[1:]),
     "socks5": Case(
         lambda: Socks5Client("example.com", 443),
         METHOD_NO_AUTH + REPLY_DOMAIN,

@@ -146,11 +146,7 @@ def http_can_carry(host: str) -> bool:
         return False
     if ip_literal(host) is not None:
         return True
-    return (
-        ascii_length_ok(host)
-        and all(0x21 <= ord(c) <= 0x7E for c in host)
-        and not any(c in "/?#@[]:" for c in host)
-    )
+    return ascii_length_ok(host) and all(0x21 <= ord(c) <= 0x7E for c in host) and not any(c in "/?#@[]:" for c in host)
 
 
 def socks_name_ok(host: str) -> bool:
@@ -239,8 +235,9 @@ def assert_socks4_connect(request: bytes, host: str, port: int, user_id: str) ->
 
 credentials = st.one_of(
     st.just({}),
-    st.fixed_dictionaries({"username": st.text(max_size=40).filter(lambda u: ":" not in u),
-                           "password": st.text(max_size=40)}),
+    st.fixed_dictionaries(
+        {"username": st.text(max_size=40).filter(lambda u: ":" not in u), "password": st.text(max_size=40)}
+    ),
 )
 
 
@@ -421,14 +418,15 @@ socks5_bound = st.one_of(
 
 @st.composite
 def successes(draw) -> Success:
-    kind = draw(st.sampled_from(
-        ["http", "http-auth", "socks4", "socks4a", "socks5", "socks5-auth", "socks5-auth-declined"]
-    ))
+    kind = draw(
+        st.sampled_from(["http", "http-auth", "socks4", "socks4a", "socks5", "socks5-auth", "socks5-auth-declined"])
+    )
     if kind.startswith("http"):
         creds = {"username": "alice", "password": "pw"} if kind == "http-auth" else {}
         request = HttpConnectClient("example.com", 443, **creds).data_to_send()
-        return Success(kind, lambda: HttpConnectClient("example.com", 443, **creds), draw(http_success),
-                       ((0, request),))
+        return Success(
+            kind, lambda: HttpConnectClient("example.com", 443, **creds), draw(http_success), ((0, request),)
+        )
     if kind.startswith("socks4"):
         host = "example.com" if kind == "socks4a" else "192.0.2.7"
         reply = bytes([draw(st.sampled_from([0, 4])), 90]) + draw(st.binary(min_size=6, max_size=6))
@@ -436,20 +434,30 @@ def successes(draw) -> Success:
         return Success(kind, make, reply, ((0, make().data_to_send()),))
     atyp, raw = draw(socks5_bound)
     bound_port = draw(st.integers(0, 65535))
-    connect_reply = (
-        bytes([5, 0, draw(st.integers(0, 255))]) + socks5_address(atyp, raw) + struct.pack("!H", bound_port)
-    )
+    connect_reply = bytes([5, 0, draw(st.integers(0, 255))]) + socks5_address(atyp, raw) + struct.pack("!H", bound_port)
     connect = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"
     if kind == "socks5":
-        return Success(kind, lambda: Socks5Client("example.com", 443), b"\x05\x00" + connect_reply,
-                       ((0, b"\x05\x01\x00"), (2, connect)), (bound_host(atyp, raw), bound_port))
+        return Success(
+            kind,
+            lambda: Socks5Client("example.com", 443),
+            b"\x05\x00" + connect_reply,
+            ((0, b"\x05\x01\x00"), (2, connect)),
+            (bound_host(atyp, raw), bound_port),
+        )
     make = lambda: Socks5Client("example.com", 443, username="alice", password="pw")  # noqa: E731
     if kind == "socks5-auth-declined":
-        return Success(kind, make, b"\x05\x00" + connect_reply,
-                       ((0, b"\x05\x02\x00\x02"), (2, connect)), (bound_host(atyp, raw), bound_port))
+        return Success(
+            kind,
+            make,
+            b"\x05\x00" + connect_reply,
+            ((0, b"\x05\x02\x00\x02"), (2, connect)),
+            (bound_host(atyp, raw), bound_port),
+        )
     auth_reply = bytes([draw(st.sampled_from([1, 5])), 0])
     return Success(
-        kind, make, b"\x05\x02" + auth_reply + connect_reply,
+        kind,
+        make,
+        b"\x05\x02" + auth_reply + connect_reply,
         ((0, b"\x05\x02\x00\x02"), (2, b"\x01\x05alice\x02pw"), (4, connect)),
         (bound_host(atyp, raw), bound_port),
     )
@@ -496,19 +504,44 @@ def failing_http(head: bytes) -> tuple:
 @st.composite
 def failures(draw) -> tuple:
     """(make the client, bytes after which it must have failed; anything may follow them)."""
-    kind = draw(st.sampled_from([
-        "http-status", "http-bad-status-line", "http-oversized", "socks4-version", "socks4-code",
-        "socks5-method-version", "socks5-method", "socks5-auth-version", "socks5-auth-status",
-        "socks5-reply-version", "socks5-reply-code", "socks5-atyp",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "http-status",
+                "http-bad-status-line",
+                "http-oversized",
+                "socks4-version",
+                "socks4-code",
+                "socks5-method-version",
+                "socks5-method",
+                "socks5-auth-version",
+                "socks5-auth-status",
+                "socks5-reply-version",
+                "socks5-reply-code",
+                "socks5-atyp",
+            ]
+        )
+    )
     if kind == "http-status":
         infos = b"".join(draw(st.lists(informational_heads, max_size=2)))
         status = draw(st.one_of(st.integers(300, 999), st.sampled_from([101])))
         head = status_line(draw(http_versions), status, draw(reason_phrases)) + draw(header_lines) + b"\r\n"
         return failing_http(infos + head)
     if kind == "http-bad-status-line":
-        line = draw(st.sampled_from([b"HTTP/2 200 OK", b"HTTP/1.1 2000 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 OK",
-                                     b"http/1.1 200 OK", b"HTTP/1.1  200 OK", b"SSH-2.0-OpenSSH", b"\x05\x00"]))
+        line = draw(
+            st.sampled_from(
+                [
+                    b"HTTP/2 200 OK",
+                    b"HTTP/1.1 2000 OK",
+                    b"HTTP/1.1 20 OK",
+                    b"HTTP/1.1 OK",
+                    b"http/1.1 200 OK",
+                    b"HTTP/1.1  200 OK",
+                    b"SSH-2.0-OpenSSH",
+                    b"\x05\x00",
+                ]
+            )
+        )
         return failing_http(line + b"\r\n" + draw(header_lines) + b"\r\n")
     if kind == "http-oversized":
         # A well-formed head, one byte or more over the limit.
@@ -529,8 +562,11 @@ def failures(draw) -> tuple:
     if kind == "socks5-method":
         return (make, bytes([5, draw(st.integers(0, 255).filter(lambda m: m not in (0, 2)))]))
     if kind == "socks5-auth-version":
-        return (make, b"\x05\x02" + bytes([draw(st.integers(0, 255).filter(lambda v: v not in (1, 5))),
-                                           draw(st.integers(0, 255))]))
+        return (
+            make,
+            b"\x05\x02"
+            + bytes([draw(st.integers(0, 255).filter(lambda v: v not in (1, 5))), draw(st.integers(0, 255))]),
+        )
     if kind == "socks5-auth-status":
         return (make, b"\x05\x02" + bytes([draw(st.sampled_from([1, 5])), draw(st.integers(1, 255))]))
     method = draw(st.sampled_from([b"\x05\x00", b"\x05\x02\x01\x00"]))
@@ -538,8 +574,11 @@ def failures(draw) -> tuple:
         return (make, method + bytes([draw(not_5), draw(st.integers(0, 255))]))
     if kind == "socks5-reply-code":
         return (make, method + bytes([5, draw(st.integers(1, 255))]))
-    return (make, method + bytes([5, 0, draw(st.integers(0, 255)),
-                                  draw(st.integers(0, 255).filter(lambda a: a not in (1, 3, 4)))]))
+    return (
+        make,
+        method
+        + bytes([5, 0, draw(st.integers(0, 255)), draw(st.integers(0, 255).filter(lambda a: a not in (1, 3, 4)))]),
+    )
 
 
 @settings(max_examples=300, deadline=None)

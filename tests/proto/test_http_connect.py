@@ -29,9 +29,7 @@ def client() -> HttpConnectClient:
 
 def test_request_for_hostname():
     machine = HttpConnectClient("example.com", 443)
-    assert machine.data_to_send() == (
-        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
-    )
+    assert machine.data_to_send() == (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
     assert machine.data_to_send() == b""
     assert not machine.established
 
@@ -72,8 +70,20 @@ def test_bad_port_is_local_error(port):
 
 @pytest.mark.parametrize(
     "host",
-    ["", "a b", "evil.com\r\nX-Injected: 1", "tab\there", "bad\x00host", "é.example",
-     "user@host", "a/b", "host:80", "[::1]", "x" * 256, "fe80::1%eth0"],
+    [
+        "",
+        "a b",
+        "evil.com\r\nX-Injected: 1",
+        "tab\there",
+        "bad\x00host",
+        "é.example",
+        "user@host",
+        "a/b",
+        "host:80",
+        "[::1]",
+        "x" * 256,
+        "fe80::1%eth0",
+    ],
 )
 def test_bad_host_is_local_error(host):
     with pytest.raises(LocalProtocolError):
@@ -111,8 +121,13 @@ def test_chunked_2xx_does_not_swallow_tunnel_data():
 
 @pytest.mark.parametrize(
     "reply",
-    [b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 200\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n",
-     b"HTTP/1.1 299 Whatever\r\nVia: proxy\r\n\r\n", b"HTTP/1.1 200 OK\n\n"],
+    [
+        b"HTTP/1.0 200 OK\r\n\r\n",
+        b"HTTP/1.1 200\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 299 Whatever\r\nVia: proxy\r\n\r\n",
+        b"HTTP/1.1 200 OK\n\n",
+    ],
 )
 def test_any_2xx_establishes(reply):
     machine = client()
@@ -145,8 +160,17 @@ def test_reply_head_of_exactly_the_limit_is_accepted():
 
 @pytest.mark.parametrize(
     ("status", "host_unreachable"),
-    [(400, False), (403, False), (404, False), (405, False), (500, False),
-     (502, True), (503, True), (504, True), (301, False)],
+    [
+        (400, False),
+        (403, False),
+        (404, False),
+        (405, False),
+        (500, False),
+        (502, True),
+        (503, True),
+        (504, True),
+        (301, False),
+    ],
 )
 def test_non_2xx_is_refusal(status, host_unreachable):
     machine = client()
@@ -290,9 +314,25 @@ def test_any_split_gives_the_whole_feed_result(reply, trailing, data):
 @settings(max_examples=200, deadline=None)
 @given(
     garbage=st.lists(
-        st.sampled_from([b"HTTP/1.1 ", b"200", b"407", b"100", b" OK", b"\r\n", b"\n",
-                         b": ", b"Content-Length", b"Transfer-Encoding", b"chunked", b"5",
-                         b"\x00", b"\xff", b" "]),
+        st.sampled_from(
+            [
+                b"HTTP/1.1 ",
+                b"200",
+                b"407",
+                b"100",
+                b" OK",
+                b"\r\n",
+                b"\n",
+                b": ",
+                b"Content-Length",
+                b"Transfer-Encoding",
+                b"chunked",
+                b"5",
+                b"\x00",
+                b"\xff",
+                b" ",
+            ]
+        ),
         max_size=30,
     ).map(b"".join),
     data=st.data(),

@@ -37,7 +37,11 @@ def test_the_checker_sees_every_import_form():
         "from . import errors\n"
     )
     assert forbidden_imports(source) == [
-        "trio", "socket", "asyncio", "selectors", "trio.lowlevel",
+        "trio",
+        "socket",
+        "asyncio",
+        "selectors",
+        "trio.lowlevel",
     ]
 
 

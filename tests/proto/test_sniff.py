@@ -69,7 +69,10 @@ def test_one_byte_at_a_time_and_trailing_data(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([HELLO, REQUEST, REQUEST + b"body", HELLO + b"\x17\x03\x03"]), st.lists(st.integers(0, 600), max_size=12))
+@given(
+    st.sampled_from([HELLO, REQUEST, REQUEST + b"body", HELLO + b"\x17\x03\x03"]),
+    st.lists(st.integers(0, 600), max_size=12),
+)
 def test_any_split_gives_the_whole_answer(data, cuts):
     assert feed_in_pieces(data, [c for c in cuts if c < len(data)]) == sniff(data)
 
@@ -139,7 +142,15 @@ def test_sni_with_forbidden_characters_gives_no_name():
     name = b"evil.example\r\nHost: x"
     extension = (len(name) + 3).to_bytes(2, "big") + b"\x00" + len(name).to_bytes(2, "big") + name
     extensions = b"\x00\x00" + len(extension).to_bytes(2, "big") + extension
-    body = b"\x03\x03" + b"r" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + len(extensions).to_bytes(2, "big") + extensions
+    body = (
+        b"\x03\x03"
+        + b"r" * 32
+        + b"\x00"
+        + b"\x00\x02\x13\x01"
+        + b"\x01\x00"
+        + len(extensions).to_bytes(2, "big")
+        + extensions
+    )
     hello = b"\x01" + len(body).to_bytes(3, "big") + body
     assert sniff(b"\x16\x03\x01" + len(hello).to_bytes(2, "big") + hello) == Sniffed(TLS, None)
 

@@ -180,9 +180,7 @@ def test_socks5_server_answering_ahead_is_tolerated():
     machine.receive_data(METHOD_USER_PASS + AUTH_OK + REPLY_IPV4 + b"tail")
     assert machine.established
     assert machine.trailing_data == b"tail"
-    assert machine.data_to_send() == (
-        b"\x01\x05alice\x06s3cret" + b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"
-    )
+    assert machine.data_to_send() == (b"\x01\x05alice\x06s3cret" + b"\x05\x01\x00\x03\x0bexample.com\x01\xbb")
 
 
 # --- SOCKS5 refusals and malformed replies ------------------------------------------------

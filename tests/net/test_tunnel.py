@@ -77,8 +77,7 @@ def running(pid: int) -> bool:
 
 def socks_tunnel(ssh: str, **settings) -> SshTunnel:
     settings = {"backoff_start": 0.05, "backoff_max": 0.2, **settings}
-    return SshTunnel(SshTarget("far"), forward="socks", remote=None, local=("127.0.0.1", 0), ssh_binary=ssh,
-                     **settings)
+    return SshTunnel(SshTarget("far"), forward="socks", remote=None, local=("127.0.0.1", 0), ssh_binary=ssh, **settings)
 
 
 async def wait_for_starts(tmp_path, count, timeout=10.0):
@@ -142,26 +141,62 @@ def test_str_of_a_target_reads_like_the_argument():
 
 def test_argv_for_a_local_forward():
     tunnel = SshTunnel(
-        SshTarget("far", 2222, "root"), forward="local", remote=("127.0.0.1", 3128), local=("127.0.0.1", 4000),
-        identity="/etc/relay/id_ed25519", options=(("ConnectTimeout", "3"), ("Ciphers", "aes128-gcm@openssh.com")),
-        alive_interval=2, alive_count=4,
+        SshTarget("far", 2222, "root"),
+        forward="local",
+        remote=("127.0.0.1", 3128),
+        local=("127.0.0.1", 4000),
+        identity="/etc/relay/id_ed25519",
+        options=(("ConnectTimeout", "3"), ("Ciphers", "aes128-gcm@openssh.com")),
+        alive_interval=2,
+        alive_count=4,
     )
     assert tunnel.argv == [
-        "ssh", "-N",
-        "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "ControlMaster=no", "-o", "ControlPath=none",
+        "ssh",
+        "-N",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "ControlMaster=no",
+        "-o",
+        "ControlPath=none",
         # the user's options come before the defaults, so ConnectTimeout=3 wins over 10
-        "-o", "ConnectTimeout=3", "-o", "Ciphers=aes128-gcm@openssh.com",
-        "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=10",
-        "-o", "StrictHostKeyChecking=accept-new",
-        "-i", "/etc/relay/id_ed25519", "-p", "2222", "-l", "root",
-        "-L", "127.0.0.1:4000:127.0.0.1:3128", "--", "far",
+        "-o",
+        "ConnectTimeout=3",
+        "-o",
+        "Ciphers=aes128-gcm@openssh.com",
+        "-o",
+        "ServerAliveInterval=2",
+        "-o",
+        "ServerAliveCountMax=4",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        "-i",
+        "/etc/relay/id_ed25519",
+        "-p",
+        "2222",
+        "-l",
+        "root",
+        "-L",
+        "127.0.0.1:4000:127.0.0.1:3128",
+        "--",
+        "far",
     ]
     assert tunnel.description == "-L 127.0.0.1:4000 via root@far:2222 to 127.0.0.1:3128"
 
 
 def test_argv_for_a_socks_forward_over_ipv6():
-    tunnel = SshTunnel(SshTarget("fd00::5"), forward="socks", remote=None, local=("::1", 1080),
-                       ssh_binary="/usr/bin/ssh", options=(("BatchMode", "no"),))
+    tunnel = SshTunnel(
+        SshTarget("fd00::5"),
+        forward="socks",
+        remote=None,
+        local=("::1", 1080),
+        ssh_binary="/usr/bin/ssh",
+        options=(("BatchMode", "no"),),
+    )
     argv = tunnel.argv
     assert argv[:4] == ["/usr/bin/ssh", "-N", "-o", "BatchMode=yes"]  # first value wins: the user cannot undo it
     assert argv[-4:] == ["-D", "[::1]:1080", "--", "fd00::5"]
@@ -176,7 +211,9 @@ def test_port_0_means_a_free_port_chosen_at_once():
 
 
 def test_a_local_address_that_is_not_ours_is_a_config_error():
-    with pytest.raises(ConfigError, match="^the ssh tunnel cannot listen on 192.0.2.1: Cannot assign requested address$"):
+    with pytest.raises(
+        ConfigError, match="^the ssh tunnel cannot listen on 192.0.2.1: Cannot assign requested address$"
+    ):
         SshTunnel(SshTarget("far"), forward="socks", remote=None, local=("192.0.2.1", 0))
 
 
@@ -217,8 +254,9 @@ async def test_ssh_that_exits_is_restarted_with_capped_backoff(tmp_path, caplog)
 
 async def test_up_goes_false_as_soon_as_ssh_exits(tmp_path):
     exited = tmp_path / "exited"
-    ssh = fake_ssh(tmp_path, f'serve(1.0, "socks")\nopen({str(exited)!r}, "w").write(str(time.monotonic()))\n'
-                             'sys.exit(255)\n')
+    ssh = fake_ssh(
+        tmp_path, f'serve(1.0, "socks")\nopen({str(exited)!r}, "w").write(str(time.monotonic()))\nsys.exit(255)\n'
+    )
     kinds = []
     tunnel = socks_tunnel(ssh, probe_interval=60, on_restart=kinds.append)  # only the exit can tell
     async with trio.open_nursery() as nursery:
@@ -271,8 +309,9 @@ async def test_socks_probe_wants_the_greeting_answered(tmp_path, caplog):
 
 async def test_local_forward_is_up_while_channels_stay_open(tmp_path):
     ssh = fake_ssh(tmp_path, 'serve(30, "hold")\n')
-    tunnel = SshTunnel(SshTarget("far"), forward="local", remote=("127.0.0.1", 3128), local=("127.0.0.1", 0),
-                       ssh_binary=ssh)
+    tunnel = SshTunnel(
+        SshTarget("far"), forward="local", remote=("127.0.0.1", 3128), local=("127.0.0.1", 0), ssh_binary=ssh
+    )
     async with trio.open_nursery() as nursery:
         with trio.fail_after(5):
             await nursery.start(tunnel.run)
@@ -283,8 +322,15 @@ async def test_local_forward_is_up_while_channels_stay_open(tmp_path):
 async def test_local_forward_refused_by_the_far_host_is_down(tmp_path, caplog):
     ssh = fake_ssh(tmp_path, 'serve(30, "refuse")\n')  # like ssh after a channel open failure
     kinds = []
-    tunnel = SshTunnel(SshTarget("far"), forward="local", remote=("127.0.0.1", 3128), local=("127.0.0.1", 0),
-                       ssh_binary=ssh, backoff_start=5, on_restart=kinds.append)
+    tunnel = SshTunnel(
+        SshTarget("far"),
+        forward="local",
+        remote=("127.0.0.1", 3128),
+        local=("127.0.0.1", 0),
+        ssh_binary=ssh,
+        backoff_start=5,
+        on_restart=kinds.append,
+    )
     async with trio.open_nursery() as nursery:
         with trio.fail_after(5):
             await nursery.start(tunnel.run)
@@ -310,9 +356,12 @@ async def test_ssh_that_never_opens_its_forward_is_restarted(tmp_path, caplog):
 
 async def test_cancelling_stops_ssh_and_its_process_group(tmp_path):
     child = tmp_path / "child"
-    ssh = fake_ssh(tmp_path, "import subprocess\n"  # like a ProxyCommand: a child in ssh's group
-                             f'open({str(child)!r}, "w").write(str(subprocess.Popen(["sleep", "60"]).pid))\n'
-                             'serve(60, "socks")\n')
+    ssh = fake_ssh(
+        tmp_path,
+        "import subprocess\n"  # like a ProxyCommand: a child in ssh's group
+        f'open({str(child)!r}, "w").write(str(subprocess.Popen(["sleep", "60"]).pid))\n'
+        'serve(60, "socks")\n',
+    )
     tunnel = socks_tunnel(ssh)
     async with trio.open_nursery() as nursery:
         await nursery.start(tunnel.run)

@@ -14,8 +14,13 @@ from relay.net.upstreams import DIRECT, Attempts, UpstreamPool, UpstreamState
 
 
 def pool(strategy="failover", failures=2):
-    config = Config.from_values({"upstream": ["10.0.0.1:3128", "socks5://10.0.0.2:1080", "10.0.0.3:3128"],
-                                 "upstream-strategy": strategy, "health-failures": failures})
+    config = Config.from_values(
+        {
+            "upstream": ["10.0.0.1:3128", "socks5://10.0.0.2:1080", "10.0.0.3:3128"],
+            "upstream-strategy": strategy,
+            "health-failures": failures,
+        }
+    )
     upstreams = UpstreamPool(config, Metrics(version="t", fast_path="python"))
     upstreams.states = [UpstreamState(u, [(2, (u.host, u.port))]) for u in config.upstreams]
     return upstreams
@@ -61,7 +66,6 @@ def test_refusals_about_the_destination_are_not_proxy_faults():
     assert UpstreamError("x", "http-407").proxy_fault
     assert not UpstreamError("x", "http-503", about_target=True).proxy_fault
     assert not UpstreamError("x", "socks5-host-unreachable", about_target=True).proxy_fault
-
 
 
 DST = ("10.9.9.9", 443)
@@ -175,11 +179,14 @@ async def probe_against(scheme: str, answer: bytes | None):
     return alive, proxy_side[0]
 
 
-@pytest.mark.parametrize("scheme, request_, answer", [
-    ("http", b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.1 400 Bad Request\r\n\r\n"),
-    ("socks5", b"\x05\x01\x00", b"\x05\x00"),
-    ("socks4", b"\x05\x01\x00", b""),  # a SOCKS4-only server closing: a program answered all the same
-])
+@pytest.mark.parametrize(
+    "scheme, request_, answer",
+    [
+        ("http", b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+        ("socks5", b"\x05\x01\x00", b"\x05\x00"),
+        ("socks4", b"\x05\x01\x00", b""),  # a SOCKS4-only server closing: a program answered all the same
+    ],
+)
 async def test_still_there_asks_a_question_the_proxy_answers_itself(scheme, request_, answer):
     assert await probe_against(scheme, answer) == (True, request_)
 

@@ -17,5 +17,7 @@ def test_budget_from_the_fd_limit(monkeypatch, soft, expected):
 
 def test_max_connections_wins(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 256))
-    config = Config.from_values({"upstream": ["127.0.0.1:3128"], "max-connections": "5000"}, source="test", complete=True)
+    config = Config.from_values(
+        {"upstream": ["127.0.0.1:3128"], "max-connections": "5000"}, source="test", complete=True
+    )
     assert server.connection_budget(config) == 5000

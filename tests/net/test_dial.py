@@ -9,7 +9,6 @@ timeouts fire, and the bytes after the proxy's reply are kept.
 
 import errno
 import socket
-import struct
 from contextlib import asynccontextmanager
 
 import pytest
@@ -71,12 +70,20 @@ def closed_port() -> tuple[str, int]:
         return sock.getsockname()
 
 
-def open_through(dialer, upstream, addresses, target=("10.0.0.1", 443), *, connect_timeout=2.0,
-                 handshake_timeout=2.0) -> Outcome:
+def open_through(
+    dialer, upstream, addresses, target=("10.0.0.1", 443), *, connect_timeout=2.0, handshake_timeout=2.0
+) -> Outcome:
     outcome = Outcome()
-    outcome.dialing = dialer.open(upstream, addresses, target, mark=None, connect_timeout=connect_timeout,
-                                  handshake_timeout=handshake_timeout, on_open=outcome.opened,
-                                  on_fail=outcome.failed)
+    outcome.dialing = dialer.open(
+        upstream,
+        addresses,
+        target,
+        mark=None,
+        connect_timeout=connect_timeout,
+        handshake_timeout=handshake_timeout,
+        on_open=outcome.opened,
+        on_fail=outcome.failed,
+    )
     return outcome
 
 
@@ -140,8 +147,9 @@ async def test_socks5_handshake_in_any_split_keeps_what_followed_the_reply(split
 async def test_http_connect_and_direct():
     with listener() as proxy, listener() as server:
         async with running_dialer() as dialer:
-            outcome = open_through(dialer, Upstream("http", "127.0.0.1", 1), [(socket.AF_INET, proxy.getsockname())],
-                                   ("example.org", 443))
+            outcome = open_through(
+                dialer, Upstream("http", "127.0.0.1", 1), [(socket.AF_INET, proxy.getsockname())], ("example.org", 443)
+            )
             conn = await accept(proxy)
             with conn:
                 request = await conn.recv(1000)
@@ -160,7 +168,7 @@ async def test_the_next_address_when_one_refuses():
     with listener() as proxy:
         async with running_dialer() as dialer:
             addresses = [(socket.AF_INET, closed_port()), (socket.AF_INET, proxy.getsockname())]
-            outcome = open_through(dialer, SOCKS5, addresses)
+            open_through(dialer, SOCKS5, addresses)
             conn = await accept(proxy)
             with conn:
                 assert await receive_exactly(conn, 3) == SOCKS5_GREETING
@@ -175,12 +183,15 @@ async def test_refused_everywhere_names_the_first_address():
         assert f"{where[0]}:{where[1]}" in str(error)
 
 
-@pytest.mark.parametrize("reply, reason, about_target", [
-    (b"", "proxy-closed", True),  # e.g. ssh -D when the far side fails
-    (b"\x05\x00\x05\x04\x00\x01" + bytes(6), "socks5-host-unreachable", True),
-    (b"HTTP/1.1 200 OK\r\n\r\n", "proxy-protocol-error", False),
-    (b"\x05\xff", "socks5-no-acceptable-method", False),
-])
+@pytest.mark.parametrize(
+    "reply, reason, about_target",
+    [
+        (b"", "proxy-closed", True),  # e.g. ssh -D when the far side fails
+        (b"\x05\x00\x05\x04\x00\x01" + bytes(6), "socks5-host-unreachable", True),
+        (b"HTTP/1.1 200 OK\r\n\r\n", "proxy-protocol-error", False),
+        (b"\x05\xff", "socks5-no-acceptable-method", False),
+    ],
+)
 async def test_failed_handshakes_reset_the_proxy_and_say_why(reply, reason, about_target):
     with listener() as proxy:
         async with running_dialer() as dialer:
@@ -231,8 +242,9 @@ async def test_connect_timeout_is_one_for_all_addresses():
 
 async def test_unsupported_destination_fails_at_once():
     async with running_dialer() as dialer:
-        outcome = open_through(dialer, Upstream("socks4", "127.0.0.1", 1), [(socket.AF_INET, closed_port())],
-                               ("2001:db8::1", 443))
+        outcome = open_through(
+            dialer, Upstream("socks4", "127.0.0.1", 1), [(socket.AF_INET, closed_port())], ("2001:db8::1", 443)
+        )
         assert outcome.calls[0][0] == "failed" and outcome.calls[0][1].reason == "unsupported-destination"
 
 
@@ -259,12 +271,21 @@ async def test_cancel_resets_without_a_callback_and_close_fails_the_rest():
 async def test_a_failing_callback_costs_only_its_connection(caplog):
     with listener() as server:
         async with running_dialer() as dialer:
+
             def broken(sock, early):
                 sock.close()
                 raise RuntimeError("bug")
 
-            dialer.open(Upstream("direct"), [], server.getsockname(), mark=None, connect_timeout=1,
-                        handshake_timeout=1, on_open=broken, on_fail=None)
+            dialer.open(
+                Upstream("direct"),
+                [],
+                server.getsockname(),
+                mark=None,
+                connect_timeout=1,
+                handshake_timeout=1,
+                on_open=broken,
+                on_fail=None,
+            )
             assert "internal error after opening an upstream connection" in caplog.text
             outcome = open_through(dialer, Upstream("direct"), [], server.getsockname())
             assert outcome.calls[0][0] == "opened"
@@ -274,17 +295,30 @@ async def test_a_failing_callback_costs_only_its_connection(caplog):
 async def test_open_async_returns_or_raises_and_resets_when_cancelled():
     with listener() as proxy, listener() as server:
         async with running_dialer() as dialer:
-            sock, early = await dialer.open_async(Upstream("direct"), [], server.getsockname(), mark=None,
-                                                  connect_timeout=1, handshake_timeout=1)
+            sock, early = await dialer.open_async(
+                Upstream("direct"), [], server.getsockname(), mark=None, connect_timeout=1, handshake_timeout=1
+            )
             assert early == b"" and sock.getpeername() == server.getsockname()
             sock.close()
             with pytest.raises(UpstreamError) as raised:
-                await dialer.open_async(SOCKS5, [(socket.AF_INET, closed_port())], ("10.0.0.1", 1), mark=None,
-                                        connect_timeout=1, handshake_timeout=1)
+                await dialer.open_async(
+                    SOCKS5,
+                    [(socket.AF_INET, closed_port())],
+                    ("10.0.0.1", 1),
+                    mark=None,
+                    connect_timeout=1,
+                    handshake_timeout=1,
+                )
             assert raised.value.reason == "connect-econnrefused"
             with trio.move_on_after(0.2):
-                await dialer.open_async(SOCKS5, [(socket.AF_INET, proxy.getsockname())], ("10.0.0.1", 1),
-                                        mark=None, connect_timeout=1, handshake_timeout=5)
+                await dialer.open_async(
+                    SOCKS5,
+                    [(socket.AF_INET, proxy.getsockname())],
+                    ("10.0.0.1", 1),
+                    mark=None,
+                    connect_timeout=1,
+                    handshake_timeout=5,
+                )
             assert len(dialer) == 0
             with await accept(proxy) as conn:
                 await assert_reset(conn)
@@ -330,8 +364,10 @@ async def test_finished_dials_do_not_pile_up_in_the_deadline_heap():
 
     with listener(backlog=1024) as proxy:
         async with running_dialer() as dialer:
-            outcomes = [open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=60)
-                        for _ in range(3 * STALE_MIN)]
+            outcomes = [
+                open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=60)
+                for _ in range(3 * STALE_MIN)
+            ]
             assert len(dialer) == 3 * STALE_MIN and len(dialer._deadlines) == 3 * STALE_MIN
             for outcome in outcomes:
                 dialer.cancel(outcome.dialing)

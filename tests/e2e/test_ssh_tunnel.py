@@ -16,8 +16,8 @@ import pytest
 
 from relay.lab import ADDR, Lab, start_dante, start_squid, start_sshd
 from relay.lab.servers import TrafficServer
-from tests.e2e.conftest import require_root
 from tests.e2e.clients import receive_exactly
+from tests.e2e.conftest import require_root
 
 TRAFFIC_PORT = 7000
 ALIVE_INTERVAL, ALIVE_COUNT = 1, 3
@@ -77,12 +77,22 @@ class Runner:
         self.lab, self.name = lab, name
         settings = {
             "target": {"host": lab.sshd.address, "user": "root"},
-            "forward": forward, "remote": remote, "local": ["127.0.0.1", 0],
-            "identity": str(lab.sshd.client_key), "ssh_binary": str(lab.ssh_wrapper),
-            "options": [["ConnectTimeout", str(CONNECT_TIMEOUT)], ["IdentitiesOnly", "yes"],
-                        ["StrictHostKeyChecking", "no"], ["UserKnownHostsFile", "/dev/null"]],
-            "alive_interval": ALIVE_INTERVAL, "alive_count": ALIVE_COUNT,
-            "probe_interval": 0.5, "backoff_start": 0.2, "backoff_max": BACKOFF_MAX,
+            "forward": forward,
+            "remote": remote,
+            "local": ["127.0.0.1", 0],
+            "identity": str(lab.sshd.client_key),
+            "ssh_binary": str(lab.ssh_wrapper),
+            "options": [
+                ["ConnectTimeout", str(CONNECT_TIMEOUT)],
+                ["IdentitiesOnly", "yes"],
+                ["StrictHostKeyChecking", "no"],
+                ["UserKnownHostsFile", "/dev/null"],
+            ],
+            "alive_interval": ALIVE_INTERVAL,
+            "alive_count": ALIVE_COUNT,
+            "probe_interval": 0.5,
+            "backoff_start": 0.2,
+            "backoff_max": BACKOFF_MAX,
         }
         self.process = lab.spawn("router", [sys.executable, "-c", RUNNER, json.dumps(settings)], name=name)
         self.port = int(self.wait_for(r"^local (\d+)$", 0, timeout=10).group(1))
@@ -211,8 +221,9 @@ def test_silently_dropped_link_is_noticed_and_the_tunnel_comes_back(tunnel_lab, 
         dropped = time.monotonic()
         runner.wait_down(mark, timeout=ALIVE_INTERVAL * (ALIVE_COUNT + 1) + 2)
         # The state line and the reason are written by two tasks: either may come first.
-        runner.wait_for(r"is down: ssh exited with status 255 \(ssh said: .*Timeout, server \S+ not responding",
-                        mark, timeout=2)
+        runner.wait_for(
+            r"is down: ssh exited with status 255 \(ssh said: .*Timeout, server \S+ not responding", mark, timeout=2
+        )
         # While down, nothing listens: a connection is refused at once instead of hanging.
         began = time.monotonic()
         with pytest.raises(ConnectionRefusedError):

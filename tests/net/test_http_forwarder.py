@@ -11,8 +11,8 @@ import trio
 
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.sockets import reset
+from tests.net.test_pump import trio_pair
 from tests.sockpairs import hard_close
-from tests.test_pump import trio_pair
 
 
 class FakeProxy:
@@ -44,7 +44,10 @@ class FakeProxy:
             path = request.target.split(b"/", 3)[-1].decode()
             headers = dict(request.headers)
             if path == "early":
-                await send(h11.Response(status_code=413, headers=[("Content-Length", "0"), ("Connection", "close")]), h11.EndOfMessage())
+                await send(
+                    h11.Response(status_code=413, headers=[("Content-Length", "0"), ("Connection", "close")]),
+                    h11.EndOfMessage(),
+                )
                 self.requests.append((request.method, request.target, headers, None))
                 return
             if headers.get(b"expect") == b"100-continue":
@@ -58,7 +61,11 @@ class FakeProxy:
                 self.drop_next = False
                 return
             extra = [("Connection", "close")] if path == "close" else []
-            await send(h11.Response(status_code=200, headers=[("Content-Length", str(1000 if path == "head" else len(reply))), *extra]))
+            await send(
+                h11.Response(
+                    status_code=200, headers=[("Content-Length", str(1000 if path == "head" else len(reply))), *extra]
+                )
+            )
             if request.method != b"HEAD":
                 await send(h11.Data(data=reply))
             await send(h11.EndOfMessage())
@@ -88,8 +95,15 @@ def forwarder_for(proxy, client_side, first=b""):
         await sock.connect(("127.0.0.1", proxy.port))
         return sock
 
-    return HttpForwarder(client_side, first, ("10.9.9.9", 8080), open_proxy,
-                         use_names=True, proxy_authorization=b"Basic cHJveHk6cGFzcw==", idle_timeout=10)
+    return HttpForwarder(
+        client_side,
+        first,
+        ("10.9.9.9", 8080),
+        open_proxy,
+        use_names=True,
+        proxy_authorization=b"Basic cHJveHk6cGFzcw==",
+        idle_timeout=10,
+    )
 
 
 async def responses(sock, methods):
@@ -139,7 +153,11 @@ async def test_expect_100_continue_and_streamed_upload(proxy):
     body = bytes(range(256)) * 4096
     async with trio.open_nursery() as nursery:
         nursery.start_soon(forwarder.run)
-        await client.send(f"PUT /up HTTP/1.1\r\nHost: h.example\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        await client.send(
+            (
+                f"PUT /up HTTP/1.1\r\nHost: h.example\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+            ).encode()
+        )
         interim = await client.recv(1000)
         assert interim.startswith(b"HTTP/1.1 100 ")  # the body is only sent after this, as a real client does
         view = memoryview(body)
@@ -183,7 +201,10 @@ async def test_a_kept_alive_proxy_connection_closed_meanwhile_is_not_reused(prox
         await client.send(get("/next"))
         second = await responses(client, ["GET"])
         client.shutdown(trio.socket.SHUT_WR)
-    assert first + second == [(200, b"ok http://mirror.example:8080/then-close"), (200, b"ok http://mirror.example:8080/next")]
+    assert first + second == [
+        (200, b"ok http://mirror.example:8080/then-close"),
+        (200, b"ok http://mirror.example:8080/next"),
+    ]
     assert proxy.connections == 2 and forwarder.requests == 2 and proxy.after_close == b""
 
 
@@ -236,11 +257,14 @@ async def test_early_response_ends_the_client_connection(proxy):
     assert data.startswith(b"HTTP/1.1 413 ")
 
 
-@pytest.mark.parametrize("first", [
-    get("/ws").replace(b"\r\n\r\n", b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
-    b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "first",
+    [
+        get("/ws").replace(b"\r\n\r\n", b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+        b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n",
+    ],
+)
 async def test_first_request_that_absolute_form_cannot_carry_is_tunnelled_as_read(proxy, first):
     client, relay_side = trio_pair()
     forwarder = forwarder_for(proxy, relay_side, first=first[:10])
@@ -254,7 +278,9 @@ async def test_first_request_that_absolute_form_cannot_carry_is_tunnelled_as_rea
 async def test_upgrade_after_a_forwarded_request_is_refused(proxy):
     client, relay_side = trio_pair()
     forwarder = forwarder_for(proxy, relay_side)
-    await client.send(get("/a") + get("/ws").replace(b"\r\n\r\n", b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"))
+    await client.send(
+        get("/a") + get("/ws").replace(b"\r\n\r\n", b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    )
     with pytest.raises(ForwardFailed, match="client-upgrade-after-requests"):
         with trio.fail_after(5):
             await forwarder.run()
@@ -270,8 +296,9 @@ def forwarder_to(relay_proxy, client_side):
     async def open_proxy():
         return relay_proxy
 
-    return HttpForwarder(client_side, b"", ("10.9.9.9", 80), open_proxy,
-                         use_names=True, proxy_authorization=None, idle_timeout=10)
+    return HttpForwarder(
+        client_side, b"", ("10.9.9.9", 80), open_proxy, use_names=True, proxy_authorization=None, idle_timeout=10
+    )
 
 
 async def relayed(forwarder, conn, ended: list) -> None:

@@ -9,9 +9,8 @@ import trio
 
 from relay.config import Config
 from relay.metrics import Metrics
-from relay.net.server import Server
-
 from relay.net import waiting
+from relay.net.server import Server
 from relay.net.waiting import WaitingRoom
 from tests.sockpairs import hard_close, tcp_pair
 
@@ -21,8 +20,11 @@ class Room:
 
     def __init__(self, nursery, silent_at_once=64):
         self.started, self.abandoned = [], []
-        self.room = WaitingRoom(lambda conn, name, spoke: self.started.append((name, spoke)),
-                                lambda conn, name: self.abandoned.append(name), silent_at_once)
+        self.room = WaitingRoom(
+            lambda conn, name, spoke: self.started.append((name, spoke)),
+            lambda conn, name: self.abandoned.append(name),
+            silent_at_once,
+        )
         self.clients = []
         nursery.start_soon(self.room.run)
 

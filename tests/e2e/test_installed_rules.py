@@ -17,8 +17,11 @@ from tests.e2e.conftest import RELAY_PORT, TRAFFIC_PORT, UPSTREAMS
 MARK = 0x10
 SIZE = 256 << 10
 STATE_COMMANDS = (
-    ["iptables-save"], ["ip6tables-save"], ["nft", "list", "ruleset"],
-    ["ip", "-4", "rule"], ["ip", "-6", "rule"],
+    ["iptables-save"],
+    ["ip6tables-save"],
+    ["nft", "list", "ruleset"],
+    ["ip", "-4", "rule"],
+    ["ip", "-6", "rule"],
     # Only our table: the kernel adds link-local routes of its own while the lab settles.
     ["ip", "-4", "route", "show", "table", str(DEFAULT_ROUTE_TABLE)],
     ["ip", "-6", "route", "show", "table", str(DEFAULT_ROUTE_TABLE)],
@@ -30,8 +33,9 @@ COUNTERS = re.compile(r"\[\d+:\d+\]|counter packets \d+ bytes \d+")
 def lab_settings(mode, **changes) -> RuleSettings:
     # Every lab address is in 10.77.0.0/16 or fd77::/16: with private ranges exempt,
     # nothing in the lab would ever be intercepted.
-    return RuleSettings(mode=mode, port=RELAY_PORT, lan_ifaces=(ADDR.router_lan_if,), mark=MARK,
-                        exempt_private=False, **changes)
+    return RuleSettings(
+        mode=mode, port=RELAY_PORT, lan_ifaces=(ADDR.router_lan_if,), mark=MARK, exempt_private=False, **changes
+    )
 
 
 class RouterFirewall:
@@ -78,11 +82,23 @@ def firewall(lab):
 
 @pytest.fixture
 def dante_relays(relays):
-    """start(mode, *extra_args): the relay on the router via dante, with no interception: the rules under test do that."""
+    """start(mode, *extra_args): the relay on the router via dante, with no interception: the rules
+    under test do that."""
 
     def start(mode, *extra):
-        return relays.start(["--upstream", UPSTREAMS["dante"], "--mode", mode, *extra,
-                             "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"])
+        return relays.start(
+            [
+                "--upstream",
+                UPSTREAMS["dante"],
+                "--mode",
+                mode,
+                *extra,
+                "--listen",
+                f"0.0.0.0:{RELAY_PORT}",
+                "--listen",
+                f"[::]:{RELAY_PORT}",
+            ]
+        )
 
     return start
 
@@ -122,7 +138,9 @@ def test_lan_traffic_goes_through_the_relay_and_remove_undoes_everything(lab, fi
     download(lab, SIZE, address=ADDR.server4)
     download(lab, SIZE, address=ADDR.server6)
     assert [line["dst"] for line in relay.connections(at_least=2)] == [
-        f"{ADDR.server4}:{TRAFFIC_PORT}", f"[{ADDR.server6}]:{TRAFFIC_PORT}"]
+        f"{ADDR.server4}:{TRAFFIC_PORT}",
+        f"[{ADDR.server6}]:{TRAFFIC_PORT}",
+    ]
 
     applied_once = firewall.state()
     firewall.apply(settings, backend)
@@ -165,8 +183,10 @@ def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(lab, fire
         download(lab, SIZE, address=ADDR.server4)
     lines = relay.connections(at_least=3)
     assert [(line["dst"], line["end"]) for line in lines] == [
-        (f"{ADDR.server4}:{TRAFFIC_PORT}", "closed"), (f"[{ADDR.server6}]:{TRAFFIC_PORT}", "closed"),
-        (f"{ADDR.server4}:{TRAFFIC_PORT}", "closed")]
+        (f"{ADDR.server4}:{TRAFFIC_PORT}", "closed"),
+        (f"[{ADDR.server6}]:{TRAFFIC_PORT}", "closed"),
+        (f"{ADDR.server4}:{TRAFFIC_PORT}", "closed"),
+    ]
     assert lines[0]["client"].startswith(ADDR.router_wan4 + ":")
     assert lines[2]["client"].startswith(ADDR.client4 + ":")
     assert "routing loop" not in relay.log_text()

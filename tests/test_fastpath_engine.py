@@ -336,7 +336,7 @@ def test_close_resets_everything_left(impl):
     run(engine, seconds=0.1)
     assert sorted(engine.close()) == [(0, "cancelled", 9, 0), (1, "cancelled", 0, 0), (2, "cancelled", 0, 0)]
     assert len(engine) == 0 and engine.close() == []
-    for app_client, app_server in ends:
+    for app_client, _ in ends:
         assert_reset(app_client)
 
 

@@ -243,13 +243,13 @@ async def test_one_probe_covers_every_fin_before_it_and_later_fins_wait_for_the_
     probe = Probe(alive=True, delay=0.2)
 
     async def on_held(ends):
-        for app_client, app_server in ends[:5]:
+        for _, app_server in ends[:5]:
             app_server.shutdown(socket.SHUT_WR)
         while not probe.started:
             await trio.sleep(0.01)
-        for app_client, app_server in ends[5:]:  # while the first probe runs
+        for _, app_server in ends[5:]:  # while the first probe runs
             app_server.shutdown(socket.SHUT_WR)
-        for app_client, app_server in ends:
+        for app_client, _ in ends:
             assert await app_client.recv(10) == b""
             app_client.shutdown(socket.SHUT_WR)
 
@@ -298,7 +298,6 @@ async def test_a_fin_held_in_the_run_that_also_resets_the_connection(impl):
 
     ended = await relay_with_probe(impl, probe, 2, on_held)
     assert sorted(ended) == [(0, "client-reset", 0, 0), (1, "closed", 12, 0)]
-
 
 
 def paced_stream(app_client, app_server, stop: threading.Event, seconds: float = 30.0):
@@ -456,4 +455,3 @@ async def test_the_pump_stays_after_bulk_runs_only(impl, monkeypatch):
     app_client.close()
     assert moved_before_stays
     assert all(BULK_RUN <= moved < BATCHED_RUN for moved in moved_before_stays)
-
