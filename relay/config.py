@@ -10,6 +10,8 @@ import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 
+from relay.addresses import format_address
+
 UPSTREAM_SCHEMES = ("http", "socks5", "socks4", "socks4a")
 DEFAULT_PORT = 12345
 
@@ -57,8 +59,7 @@ class Upstream:
         auth = ""
         if self.username is not None:
             auth = urllib.parse.quote(self.username, safe="") + (":***" if self.password else "") + "@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{auth}{host}:{self.port}"
+        return f"{self.scheme}://{auth}{format_address((self.host, self.port))}"
 
     def __repr__(self) -> str:
         return f"Upstream({str(self)!r})"

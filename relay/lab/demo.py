@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from relay.addresses import format_address
 from relay.lab import ADDR, Lab, LabError, Squid, SquidLogEntry, start_squid, start_ssh_tunnel, start_sshd
 from relay.lab.servers import HttpServer, NxdomainDns, TrafficServer, pattern_sha256
 from relay.lab.services import RelayProcess, intercept, start_relay
@@ -77,7 +78,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _endpoint(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return format_address((address, port))
 
 
 # -- the server host's HTTP server ----------------------------------------------

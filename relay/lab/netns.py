@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from relay.net.sockets import family_of
+
 HOSTS = ("client", "router", "far", "server")
 
 NETNS_DIR = Path("/run/netns")
@@ -498,7 +500,7 @@ class Lab:
 
 
 def _family(address: str) -> int:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
+    return family_of(address)
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

@@ -17,6 +17,7 @@ import threading
 import h11
 
 from relay.lab.netns import Lab
+from relay.net.sockets import family_of
 
 IO_TIMEOUT = 60.0
 CHUNK = 1 << 16
@@ -68,7 +69,7 @@ def digest_until(sock: socket.socket, size: int | None) -> str:
 class _ThreadedServer:
     def __init__(self, lab: Lab, host: str, address: str, port: int):
         self.lab = lab
-        self.listener = lab.socket(host, socket.AF_INET6 if ":" in address else socket.AF_INET)
+        self.listener = lab.socket(host, family_of(address))
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if address == "::":
             self.listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # v4 and v6 on one socket

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from relay.addresses import bracketed
 from relay.lab.netns import ADDR, Lab, LabError
 
 Endpoint = tuple[str, int]
@@ -42,7 +43,7 @@ def _endpoints(listen: Endpoints) -> list[Endpoint]:
 
 
 def _bracketed(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
+    return bracketed(address)
 
 
 @dataclass

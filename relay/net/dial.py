@@ -10,11 +10,23 @@ import socket
 
 import trio
 
-from relay._fastpath_common import local_failure
+from relay.addresses import format_address
 from relay.config import Upstream
 from relay.logs import log
-from relay.net.sockets import format_address, reset
-from relay.proto.errors import LocalProtocolError, ProxyRefused, RemoteProtocolError
+from relay.net.faults import (
+    Fault,
+    UpstreamError,
+    cancelled,
+    cannot_watch,
+    closed_in_handshake,
+    connect_failure,
+    connect_timed_out,
+    handshake_failure,
+    handshake_timed_out,
+    internal_error,
+)
+from relay.net.sockets import family_of, reset
+from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
 from relay.proto.socks import Socks4Client, Socks5Client
 
@@ -22,41 +34,6 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
 MAX_EVENTS = 256  # per epoll_wait; more wait for the next pass
 STALE_MIN = 256  # stale deadline entries tolerated before the heap is rebuilt
-
-
-class UpstreamError(Exception):
-    """The tunnel could not be opened. ``reason`` is one short word for logs and metrics.
-
-    ``about_target`` is true when the proxy answered but could not reach or
-    resolve what we asked for: asked for a hostname, asking by IP may still work.
-    """
-
-    def __init__(self, message: str, reason: str, about_target: bool = False):
-        super().__init__(message)
-        self.reason = reason
-        self.about_target = about_target
-
-    @property
-    def proxy_fault(self) -> bool:
-        """The proxy itself failed (unreachable, silent, garbled, or rejecting our credentials),
-        as opposed to refusing this destination: this counts against its health."""
-        return self.reason.startswith(("connect-", "proxy-e")) or self.reason in PROXY_FAULTS
-
-
-LOCAL_SHORTAGES = frozenset({errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-PROXY_FAULTS = frozenset(
-    {"handshake-timeout", "proxy-protocol-error", "http-407", "socks5-auth-failed", "socks5-no-acceptable-method"}
-)
-
-
-def _about_target(refusal: ProxyRefused) -> bool:
-    if refusal.reason.startswith("http-"):
-        return refusal.reason != "http-407"  # a missing password is not fixed by an address
-    return refusal.host_unreachable or refusal.reason == "socks5-general-failure"
-
-
-def _errno_word(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno, "error").lower() if exc.errno else "error"
 
 
 def handshake_for(upstream: Upstream, host: str, port: int):
@@ -73,10 +50,6 @@ def handshake_for(upstream: Upstream, host: str, port: int):
 
 def apply_mark(sock, mark: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-
-
-def address_family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 async def resolve(host: str, port: int) -> list[tuple[int, tuple]]:
@@ -96,30 +69,6 @@ def new_socket(family: int, mark: int | None) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def connect_failure(error: OSError, where: str) -> UpstreamError:
-    """What a failed connect() (or socket()) means: the proxy's fault, or the relay's own shortage."""
-    # Out of local ports, fds or memory is the relay's shortage, not the proxy's fault: it
-    # must not mark a healthy upstream down (and so refuse everyone once ports free up).
-    reason = ("relay-" if error.errno in LOCAL_SHORTAGES else "connect-") + _errno_word(error)
-    why = os.strerror(error.errno) if error.errno else str(error)
-    return UpstreamError(f"connecting to {where} failed: {why}", reason)
-
-
-def connect_timed_out(where: str, timeout: float) -> UpstreamError:
-    return UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout")
-
-
-def handshake_failure(exc: Exception) -> UpstreamError:
-    """The UpstreamError for what ended a proxy handshake: a refusal, garbage, a socket error."""
-    if isinstance(exc, UpstreamError):
-        return exc
-    if isinstance(exc, ProxyRefused):
-        return UpstreamError(str(exc), exc.reason, _about_target(exc))
-    if isinstance(exc, RemoteProtocolError):
-        return UpstreamError(f"malformed reply from the proxy: {exc}", "proxy-protocol-error")
-    return UpstreamError(f"proxy connection failed: {exc.strerror}", "proxy-" + _errno_word(exc))
 
 
 async def connect(addresses: list[tuple[int, tuple]], *, mark: int | None, timeout: float) -> trio.socket.SocketType:
@@ -269,17 +218,17 @@ class Dialer:
         host, port = target
         machine = None
         if upstream.scheme == "direct":
-            addresses = [(address_family(host), target)]
+            addresses = [(family_of(host), target)]
         else:
             try:
                 machine = handshake_for(upstream, host, port)
             except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
                 dialing = Dialing(upstream, addresses, None, mark, connect_timeout, handshake_timeout, on_open, on_fail)
-                self._call(on_fail, UpstreamError(str(exc), "unsupported-destination"))
+                self._call(on_fail, UpstreamError(str(exc), "unsupported-destination", Fault.TARGET))
                 return dialing
         dialing = Dialing(upstream, addresses, machine, mark, connect_timeout, handshake_timeout, on_open, on_fail)
         if self.closed:
-            self._call(on_fail, UpstreamError("the relay is shutting down", "cancelled"))
+            self._call(on_fail, cancelled())
             return dialing
         try:
             self._connect_next(dialing)
@@ -378,7 +327,7 @@ class Dialer:
         left = list(self._dialing.values())
         self._dialing, self._deadlines, self._stale = {}, [], 0
         for dialing in left:
-            self._fail(dialing, UpstreamError("the relay is shutting down", "cancelled"))
+            self._fail(dialing, cancelled())
 
     # -- the phases of one connection ----------------------------------------------
 
@@ -443,10 +392,8 @@ class Dialer:
                 except BlockingIOError:
                     data = None  # woken to send
                 if data is not None:
-                    if not data:  # e.g. ssh -D closes without a SOCKS reply when the far side fails
-                        raise UpstreamError(
-                            "the proxy closed the connection during the handshake", "proxy-closed", about_target=True
-                        )
+                    if not data:
+                        raise closed_in_handshake()
                     machine.receive_data(data)
                     dialing.outgoing += machine.data_to_send()
             if dialing.outgoing:
@@ -464,9 +411,7 @@ class Dialer:
 
     def _timed_out(self, dialing: Dialing) -> None:
         if dialing.handshaking:
-            error = UpstreamError(
-                f"proxy handshake timed out after {dialing.handshake_timeout:g} s", "handshake-timeout"
-            )
+            error = handshake_timed_out(dialing.handshake_timeout)
         else:
             error = connect_timed_out(format_address(dialing.addresses[0][1]), dialing.connect_timeout)
         self._fail(dialing, error)
@@ -499,15 +444,13 @@ class Dialer:
             elif events != dialing.events:
                 self._epoll.modify(fd, events)
         except OSError as exc:
-            self._fail(
-                dialing, UpstreamError(f"cannot wait for the upstream socket: {exc.strerror}", local_failure(exc.errno))
-            )
+            self._fail(dialing, cannot_watch(exc))
             return
         dialing.events = events
 
     def _internal_error(self, dialing: Dialing) -> None:
         log.exception("internal error while opening an upstream connection")
-        self._fail(dialing, UpstreamError("internal error", "internal-error"))
+        self._fail(dialing, internal_error())
 
     def _finish(self, dialing: Dialing) -> socket.socket:
         """Its socket, out of the epoll; the rest let go (a stale heap entry keeps the rest a while)."""

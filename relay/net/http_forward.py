@@ -17,7 +17,11 @@ reached the client yet.
 import h11
 import trio
 
+from relay.config import Config
+from relay.net.dial import connect
+from relay.net.faults import UpstreamError
 from relay.net.sockets import closed_by_peer, reset, write_all
+from relay.proto.http_connect import basic_credentials
 from relay.proto.http_forward import absolute_form, authority, forwarded_response, needs_tunnel
 from relay.proto.sniff import MAX_SNIFF_BYTES, hostname_from_authority
 
@@ -267,3 +271,48 @@ def replayable(request: h11.Request) -> bool:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return False
     return True
+
+
+async def forward(client, first: bytes, record, config: Config, pool, candidates) -> tuple[str, str | None, bool]:
+    """Forward a client's plain HTTP through the first healthy HTTP proxy among ``candidates``
+    (the next one if it cannot be reached); (how it ended, the error, whether cleanly).
+
+    ``record`` (the connection) gets the proxy used and the counts; NeedsTunnel
+    passes through: the connection then opens a tunnel instead."""
+    http_candidates = [state for state in candidates if state.upstream.scheme == "http"]
+
+    async def open_proxy():
+        last = None
+        for state in http_candidates:
+            try:
+                sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
+            except UpstreamError as exc:
+                pool.failed(state, exc)
+                last = exc
+                continue
+            pool.succeeded(state)
+            record.via = state.upstream
+            return sock
+        raise last
+
+    upstream = http_candidates[0].upstream
+    password = upstream.password.reveal() if upstream.password else None
+    forwarder = HttpForwarder(
+        client,
+        first,
+        record.dst,
+        open_proxy,
+        use_names=config.sniff,
+        proxy_authorization=basic_credentials(upstream.username, password) if password is not None else None,
+        idle_timeout=config.idle_timeout,
+    )
+    record.via = upstream
+    ended, detail, clean = "closed", None, True
+    try:
+        ended = await forwarder.run()
+    except ForwardFailed as exc:
+        ended, clean = exc.ended, False
+    except UpstreamError as exc:
+        ended, detail, clean = f"refused:{exc.reason}", str(exc), False
+    record.up, record.down, record.http_requests = forwarder.sent_up, forwarder.sent_down, forwarder.requests
+    return ended, detail, clean

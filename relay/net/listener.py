@@ -6,9 +6,10 @@ import socket
 import trio
 
 from relay import fastpath
+from relay.addresses import format_address
 from relay.config import DEFAULT_PORT, ConfigError
 from relay.logs import RateLimited
-from relay.net.sockets import format_address
+from relay.net.sockets import family_of
 
 DEFAULT_LISTEN = [("0.0.0.0", DEFAULT_PORT), ("::", DEFAULT_PORT)]
 BACKLOG = 1024
@@ -23,7 +24,7 @@ ACCEPT_BATCH = 16
 
 async def open_listener(host: str, port: int, transparent: bool, reuse_port: bool = False) -> socket.socket:
     """A listening non-blocking (stdlib) socket: accept_loop accepts without a scheduler pass each."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = family_of(host)
     listener = socket.socket(family, socket.SOCK_STREAM)
     sock = trio.socket.from_stdlib_socket(listener)  # for its bind(), which resolves the address in a thread
     try:

@@ -8,6 +8,8 @@ import struct
 
 import trio
 
+from relay.addresses import is_ipv6
+
 # Errors that mean the peer reset or vanished, rather than a bug of ours.
 PEER_GONE = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
@@ -87,15 +89,14 @@ async def receive_some(sock: trio.socket.SocketType, size: int, deadline: float 
             return None
 
 
-def format_address(address: tuple) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def family_of(host: str) -> int:
+    """The socket family for an address literal."""
+    return socket.AF_INET6 if is_ipv6(host) else socket.AF_INET
 
 
 def is_local_address(host: str) -> bool:
     """True if ``host`` is one of this machine's addresses (binding to it succeeds)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(family_of(host), socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, 0))
         except OSError:

@@ -48,9 +48,10 @@ from typing import Literal
 
 import trio
 
-from relay.config import ConfigError
+from relay.addresses import bracketed, format_address
+from relay.config import Config, ConfigError
 from relay.logs import log
-from relay.net.sockets import format_address
+from relay.net.sockets import family_of
 
 # Connections ssh closes within this long after accepting them were refused by the far host.
 CHANNEL_REFUSAL_WINDOW = 1.0
@@ -89,7 +90,7 @@ class SshTarget:
 
     def __str__(self) -> str:
         user = f"{self.user}@" if self.user else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = bracketed(self.host)
         return f"{user}{host}" + (f":{self.port}" if self.port is not None else "")
 
 
@@ -176,7 +177,7 @@ def _describe_exit(returncode: int) -> tuple[str, str]:
 def _free_port(host: str) -> int:
     """A port nothing uses right now. ssh binds with SO_REUSEADDR, so our closed socket is no obstacle;
     another program could take the port in between, and ssh then exits and is restarted on it."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(family_of(host), socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, 0))
         except OSError as exc:
@@ -430,7 +431,7 @@ class SshTunnel:
     async def _probe(self) -> None:
         """Return if the forward answers, else raise ProbeFailed saying how it did not."""
         where = format_address(self.local_address)
-        sock = trio.socket.socket(socket.AF_INET6 if ":" in self.local_address[0] else socket.AF_INET)
+        sock = trio.socket.socket(family_of(self.local_address[0]))
         try:
             with trio.fail_after(self.probe_timeout):
                 await sock.connect(self.local_address)
@@ -469,3 +470,25 @@ class SshTunnel:
         with trio.move_on_after(CHANNEL_REFUSAL_WINDOW):
             if not await stream.receive_some(1):
                 raise ProbeFailed(f"the far host refused to connect to {format_address(self.remote)}")
+
+
+def make_tunnels(config: Config, metrics) -> list[SshTunnel]:
+    """One supervised ssh per upstream: -L to an HTTP/SOCKS4 proxy as the far host sees it, -D for SOCKS5."""
+    target = parse_ssh_target(config.ssh)
+    tunnels = []
+    for upstream in config.upstreams:
+        if upstream.scheme == "socks5":
+            forward, remote, local = "socks", None, (upstream.host, upstream.port)
+        else:
+            forward, remote, local = "local", (upstream.host, upstream.port), ("127.0.0.1", 0)
+        tunnel = SshTunnel(
+            target,
+            forward=forward,
+            remote=remote,
+            local=local,
+            identity=config.ssh_identity,
+            options=tuple(config.ssh_option),
+        )
+        tunnel.on_restart = lambda reason, name=str(upstream): metrics.tunnel_restarted(name, reason)
+        tunnels.append(tunnel)
+    return tunnels

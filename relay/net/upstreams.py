@@ -13,7 +13,8 @@ import trio
 
 from relay.config import Config, ConfigError, Upstream
 from relay.logs import log
-from relay.net.dial import UpstreamError, connect, resolve
+from relay.net.dial import connect, resolve
+from relay.net.faults import Fault, UpstreamError
 from relay.net.sockets import receive_some, reset, write_all
 from relay.proto.liveness import LIVENESS_REQUESTS
 
@@ -96,7 +97,7 @@ class Attempts:
         self.states = iter([None] if direct else candidates)
         self.state: UpstreamState | None = None
         self.target: tuple[str, int] | None = None  # what to ask for next; None: nothing left
-        self.error = UpstreamError("no healthy upstream", "no-healthy-upstream")
+        self.error = UpstreamError("no healthy upstream", "no-healthy-upstream", Fault.PROXY)
         self._next_upstream()
 
     def next(self) -> tuple[Upstream, list, tuple[str, int]]:
@@ -109,7 +110,7 @@ class Attempts:
 
     def failed(self, error: UpstreamError) -> None:
         self.error = error
-        if self.target != self.dst and error.about_target:  # the proxy cannot reach the name
+        if self.target != self.dst and error.retry_by_address:  # the proxy cannot reach the name
             self.record.retried = error.reason
             self.target = self.dst
         elif self.state is not None and error.proxy_fault:
@@ -211,7 +212,7 @@ class UpstreamPool:
         """One active check: connect (and, with --health-target, a full handshake); raises UpstreamError."""
         config = self.config
         if state.tunnel is not None and not state.tunnel.up:
-            raise UpstreamError("its ssh tunnel is down", "connect-tunnel-down")
+            raise UpstreamError("its ssh tunnel is down", "connect-tunnel-down", Fault.PROXY)
         if config.health_target is None:
             sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
         else:

@@ -9,6 +9,7 @@ final reply are the start of the tunnel, in ``trailing_data``.
 import functools
 import ipaddress
 
+from relay.addresses import format_address
 from relay.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 MAX_HOSTNAME_SIZE = 255
@@ -45,11 +46,6 @@ def encode_hostname(host: str) -> bytes:
     return encoded
 
 
-def format_target(host: str, port: int) -> str:
-    """``host:port``, with the host in brackets when it has a colon (IPv6) of its own."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Handshake:
     """The client side of one proxy handshake, without the protocol.
 
@@ -65,7 +61,7 @@ class Handshake:
 
     def __init__(self, host: str, port: int) -> None:
         validate_port(port)
-        self._target = format_target(host, port)
+        self._target = format_address((host, port))
         self._outgoing = bytearray()
         self._trailing = bytearray()
         self._established = False

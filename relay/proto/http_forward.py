@@ -10,6 +10,8 @@ body by them.
 
 import h11
 
+from relay.addresses import bracketed
+
 # Hop-by-hop fields, plus the ones the client meant for a proxy it does not know it has.
 HOP_BY_HOP = frozenset(
     {
@@ -42,7 +44,7 @@ def needs_tunnel(request: h11.Request) -> bool:
 
 def authority(host: str, port: int) -> bytes:
     """``host[:port]`` for an absolute-form URL (port 80 is implied by http://)."""
-    shown = f"[{host}]" if ":" in host else host
+    shown = bracketed(host)
     return (shown if port == 80 else f"{shown}:{port}").encode("ascii")
 
 

@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from relay.config import Upstream
-from relay.net.dial import Dialer, UpstreamError
+from relay.net.dial import Dialer
+from relay.net.faults import Fault, UpstreamError
 
 SOCKS5 = Upstream("socks5", "127.0.0.1", 1)
 SOCKS5_GREETING = b"\x05\x01\x00"
@@ -184,15 +185,15 @@ async def test_refused_everywhere_names_the_first_address():
 
 
 @pytest.mark.parametrize(
-    "reply, reason, about_target",
+    "reply, reason, fault, retry_by_address",
     [
-        (b"", "proxy-closed", True),  # e.g. ssh -D when the far side fails
-        (b"\x05\x00\x05\x04\x00\x01" + bytes(6), "socks5-host-unreachable", True),
-        (b"HTTP/1.1 200 OK\r\n\r\n", "proxy-protocol-error", False),
-        (b"\x05\xff", "socks5-no-acceptable-method", False),
+        (b"", "proxy-closed", Fault.TARGET, True),  # e.g. ssh -D when the far side fails
+        (b"\x05\x00\x05\x04\x00\x01" + bytes(6), "socks5-host-unreachable", Fault.TARGET, True),
+        (b"HTTP/1.1 200 OK\r\n\r\n", "proxy-protocol-error", Fault.PROXY, False),
+        (b"\x05\xff", "socks5-no-acceptable-method", Fault.PROXY, False),
     ],
 )
-async def test_failed_handshakes_reset_the_proxy_and_say_why(reply, reason, about_target):
+async def test_failed_handshakes_reset_the_proxy_and_say_why(reply, reason, fault, retry_by_address):
     with listener() as proxy:
         async with running_dialer() as dialer:
             outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
@@ -205,7 +206,7 @@ async def test_failed_handshakes_reset_the_proxy_and_say_why(reply, reason, abou
                     conn.shutdown(socket.SHUT_WR)
                 kind, error = await outcome.wait()
                 assert kind == "failed" and isinstance(error, UpstreamError)
-                assert (error.reason, error.about_target) == (reason, about_target)
+                assert (error.reason, error.fault, error.retry_by_address) == (reason, fault, retry_by_address)
                 await assert_reset(conn)
             assert len(dialer) == 0
 

@@ -19,7 +19,7 @@ def served(upstream: str = "127.0.0.1:1", **settings) -> Server:
 
 def assert_ended_alone(server: Server, client, conn, slots: int, how: str) -> None:
     """The connection is reset, its slot and per-source count given back, its end counted once."""
-    assert server.slots.value == slots and server.per_source == {}
+    assert server.connections.slots.value == slots and server.connections.per_source == {}
     assert conn.fileno() == -1
     with pytest.raises(ConnectionResetError):
         client.recv(1)
@@ -34,12 +34,12 @@ async def test_a_bug_while_sniffing_costs_only_that_connection(monkeypatch, capl
     monkeypatch.setattr(Sniffer, "receive_data", lambda self, data: [][0])
     client, conn = tcp_pair()
     client.sendall(b"\x16\x03\x01")
-    slots = server.slots.value
-    await server.slots.acquire()  # as accept_loop does
-    server.accepted(conn, client.getsockname())
+    slots = server.connections.slots.value
+    await server.connections.slots.acquire()  # as accept_loop does
+    server.connections.accepted(conn, client.getsockname())
     assert "internal error while relaying" in caplog.text
     assert_ended_alone(server, client, conn, slots, "error")
-    server.waiting.close()
+    server.connections.waiting.close()
 
 
 async def test_a_dial_the_dialer_cannot_watch_ends_once_as_the_relays_shortage(monkeypatch):
@@ -63,9 +63,9 @@ async def test_a_dial_the_dialer_cannot_watch_ends_once_as_the_relays_shortage(m
 
         monkeypatch.setattr(server.dialer, "_epoll", FullEpoll(server.dialer._epoll))
         client, conn = tcp_pair()
-        slots = server.slots.value
-        await server.slots.acquire()
-        server.accepted(conn, client.getsockname())
+        slots = server.connections.slots.value
+        await server.connections.slots.acquire()
+        server.connections.accepted(conn, client.getsockname())
         assert_ended_alone(server, client, conn, slots, "refused:relay-enospc")
         assert len(server.dialer) == 0 and all(entry[2].deadline != entry[0] for entry in server.dialer._deadlines)
-        server.waiting.close()
+        server.connections.waiting.close()

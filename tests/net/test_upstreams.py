@@ -1,16 +1,26 @@
 """Choosing among upstreams: order, turns, passive health; the probe behind --confirm-eof."""
 
+import errno
+import os
 import socket
 import struct
+from types import SimpleNamespace
 
 import pytest
 import trio
 
 from relay.config import Config
 from relay.metrics import Metrics
-from relay.net.dial import UpstreamError
-from relay.net.server import ConnectionRecord
+from relay.net.faults import (
+    UpstreamError,
+    cancelled,
+    connect_failure,
+    connect_timed_out,
+    handshake_failure,
+    handshake_timed_out,
+)
 from relay.net.upstreams import DIRECT, Attempts, UpstreamPool, UpstreamState
+from relay.proto.errors import ProxyRefused, RemoteProtocolError
 
 
 def pool(strategy="failover", failures=2):
@@ -46,7 +56,7 @@ def test_round_robin_takes_turns():
 def test_proxy_failures_in_a_row_make_it_unhealthy_and_a_success_heals():
     upstreams = pool(failures=2)
     first = upstreams.states[0]
-    timeout = UpstreamError("timed out", "connect-timeout")
+    timeout = connect_timed_out("10.0.0.1:3128", 5)
     upstreams.failed(first, timeout)
     assert first.healthy
     upstreams.succeeded(first)  # the count is of failures in a row
@@ -59,13 +69,27 @@ def test_proxy_failures_in_a_row_make_it_unhealthy_and_a_success_heals():
     assert first.healthy
 
 
+def refused(reason, host_unreachable=False):
+    return handshake_failure(ProxyRefused("x", reason, host_unreachable))
+
+
+def connect_error(code):
+    return connect_failure(OSError(code, os.strerror(code)), "10.0.0.1:3128")
+
+
 def test_refusals_about_the_destination_are_not_proxy_faults():
-    assert UpstreamError("x", "connect-econnrefused").proxy_fault
-    assert not UpstreamError("x", "relay-eaddrnotavail").proxy_fault  # our shortage, not the proxy's
-    assert UpstreamError("x", "handshake-timeout").proxy_fault
-    assert UpstreamError("x", "http-407").proxy_fault
-    assert not UpstreamError("x", "http-503", about_target=True).proxy_fault
-    assert not UpstreamError("x", "socks5-host-unreachable", about_target=True).proxy_fault
+    assert connect_error(errno.ECONNREFUSED).proxy_fault
+    assert connect_error(errno.ECONNREFUSED).reason == "connect-econnrefused"
+    shortage = connect_error(errno.EADDRNOTAVAIL)  # our shortage, not the proxy's
+    assert not shortage.proxy_fault and shortage.reason == "relay-eaddrnotavail"
+    assert handshake_timed_out(10).proxy_fault
+    assert refused("http-407").proxy_fault and not refused("http-407").retry_by_address
+    assert not refused("http-503").proxy_fault and refused("http-503").retry_by_address
+    unreachable = refused("socks5-host-unreachable", host_unreachable=True)
+    assert not unreachable.proxy_fault and unreachable.retry_by_address
+    assert not refused("socks5-connection-refused").retry_by_address
+    assert handshake_failure(RemoteProtocolError("garbage")).proxy_fault
+    assert handshake_failure(ConnectionResetError(errno.ECONNRESET, "reset")).reason == "proxy-econnreset"
 
 
 DST = ("10.9.9.9", 443)
@@ -73,7 +97,7 @@ BY_NAME = ("example.org", 443)
 
 
 def attempts(upstreams, name="example.org", direct=False):
-    record = ConnectionRecord(("10.1.1.1", 5000), DST, name, 0.0)
+    record = SimpleNamespace(name=name, retried=None, via=None)  # what Attempts reads and writes of a connection
     return Attempts(upstreams, upstreams.candidates(), direct, DST, record), record
 
 
@@ -86,9 +110,9 @@ def test_attempts_ask_by_name_then_by_address_when_the_proxy_cannot_reach_the_na
     upstreams = pool()
     plan, record = attempts(upstreams)
     assert tried(plan) == ("10.0.0.1", BY_NAME) and record.via.host == "10.0.0.1"
-    plan.failed(UpstreamError("x", "http-502", about_target=True))
+    plan.failed(refused("http-502"))
     assert tried(plan) == ("10.0.0.1", DST) and record.retried == "http-502"
-    plan.failed(UpstreamError("x", "http-502", about_target=True))  # by address too: the destination's fault
+    plan.failed(refused("http-502"))  # by address too: the destination's fault
     with pytest.raises(UpstreamError) as ended:
         plan.next()
     assert ended.value.reason == "http-502" and upstreams.states[0].failures == 0
@@ -97,14 +121,14 @@ def test_attempts_ask_by_name_then_by_address_when_the_proxy_cannot_reach_the_na
 def test_attempts_move_on_when_a_proxy_fails_and_count_it():
     upstreams = pool(failures=5)
     plan, record = attempts(upstreams)
-    plan.failed(UpstreamError("x", "connect-econnrefused"))
+    plan.failed(connect_error(errno.ECONNREFUSED))
     assert upstreams.states[0].failures == 1
     assert tried(plan) == ("10.0.0.2", BY_NAME) and record.via.host == "10.0.0.2"
-    plan.failed(UpstreamError("x", "handshake-timeout"))
+    plan.failed(handshake_timed_out(10))
     assert tried(plan) == ("10.0.0.3", BY_NAME)
     assert plan.succeeded() is upstreams.states[2]
-    upstreams.failed(upstreams.states[2], UpstreamError("x", "handshake-timeout"))
-    plan.failed(UpstreamError("x", "socks5-connection-refused"))  # the destination refused: no use elsewhere
+    upstreams.failed(upstreams.states[2], handshake_timed_out(10))
+    plan.failed(refused("socks5-connection-refused"))  # the destination refused: no use elsewhere
     with pytest.raises(UpstreamError) as ended:
         plan.next()
     assert ended.value.reason == "socks5-connection-refused"
@@ -115,7 +139,7 @@ def test_attempts_end_with_the_last_proxy_failure_or_no_healthy_upstream():
     plan, _ = attempts(upstreams, name=None)
     for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
         assert tried(plan) == (host, DST)
-        plan.failed(UpstreamError(host, "connect-etimedout"))
+        plan.failed(connect_failure(OSError(errno.ETIMEDOUT, "timed out"), host))
     with pytest.raises(UpstreamError, match="10.0.0.3"):
         plan.next()
     for state in upstreams.states:
@@ -130,7 +154,7 @@ def test_attempts_direct_is_one_attempt_by_address():
     upstreams = pool()
     plan, record = attempts(upstreams, direct=True)
     assert plan.next() == (DIRECT, [], DST) and record.via is DIRECT
-    plan.failed(UpstreamError("x", "connect-econnrefused"))
+    plan.failed(connect_error(errno.ECONNREFUSED))
     with pytest.raises(UpstreamError):
         plan.next()
     assert plan.succeeded() is None and all(state.failures == 0 for state in upstreams.states)
@@ -250,10 +274,10 @@ async def test_a_health_check_cut_short_by_shutdown_says_nothing_about_the_upstr
     upstreams.config.health_interval = 0.01
     state = upstreams.states[0]
 
-    async def cancelled(_state):
-        raise UpstreamError("the relay is shutting down", "cancelled")
+    async def shutting_down(_state):
+        raise cancelled()
 
-    monkeypatch.setattr(upstreams, "check", cancelled)
+    monkeypatch.setattr(upstreams, "check", shutting_down)
     with trio.fail_after(2):
         await upstreams._check_forever(state)  # returns: no more checks once shutting down
     assert state.healthy and state.failures == 0

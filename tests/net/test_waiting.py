@@ -180,14 +180,14 @@ async def test_a_connection_the_room_cannot_take_costs_only_itself(monkeypatch):
     server = Server(config, Metrics(version="t", fast_path="python"))
     await server.pool.resolve()  # an HTTP proxy: the client's first bytes are wanted
     full = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(server.waiting, "add", lambda *args: (_ for _ in ()).throw(full))
+    monkeypatch.setattr(server.connections.waiting, "add", lambda *args: (_ for _ in ()).throw(full))
     client, conn = tcp_pair()
-    slots = server.slots.value
-    await server.slots.acquire()  # as accept_loop does
-    server.accepted(conn, client.getsockname())
-    assert server.slots.value == slots and server.per_source == {}
+    slots = server.connections.slots.value
+    await server.connections.slots.acquire()  # as accept_loop does
+    server.connections.accepted(conn, client.getsockname())
+    assert server.connections.slots.value == slots and server.connections.per_source == {}
     assert conn.fileno() == -1
     with pytest.raises(ConnectionResetError):
         client.recv(1)
     assert 'relay_connections_ended_total{how="relay-enospc"} 1' in server.metrics.render()
-    server.waiting.close()
+    server.connections.waiting.close()

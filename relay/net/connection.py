@@ -1,0 +1,406 @@
+"""One relayed connection, from accept to its end.
+
+A connection moves through named states; TRANSITIONS says which may follow
+which, and any other move is a bug of ours (it raises). Whatever ends it,
+``Connection.end()`` runs exactly once: it closes what the connection still
+holds and gives back its slot, its per-source count and its waiting-room
+turn, then writes the log line and counts the metric.
+
+One connection, read top to bottom:
+  relay.net.listener     accepts it, holding a slot for it
+  relay.net.connections  what every connection shares (Connections.accepted)
+  relay.net.admission    loops, destination policy, per-source cap (Connection.admit)
+  relay.net.waiting      until its client's first bytes, without a task (Connection.first_bytes)
+  relay.proto.sniff      the name in them (TLS SNI, HTTP Host)
+  relay.net.upstreams    which upstream and target, in which order (Attempts)
+  relay.net.dial         its tunnel, without a task (Connection.dial, opened, failed)
+  relay.net.http_forward plain HTTP in absolute form instead, in a task (Connection.forward)
+  relay.net.pump         the relayed bytes, in the engine, until either side ends (Connection.relayed)
+"""
+
+import enum
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from relay.addresses import format_address
+from relay.config import Config
+from relay.logs import conn_log, log
+from relay.net import admission
+from relay.net.faults import UpstreamError, errno_word, shortage
+from relay.net.http_forward import NeedsTunnel, forward
+from relay.net.sockets import receive_some, reset
+from relay.net.upstreams import NAMED_SCHEMES, Attempts, UpstreamPool
+from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, Sniffed, Sniffer
+
+if TYPE_CHECKING:
+    from relay.net.connections import Connections
+
+
+class State(enum.Enum):
+    ACCEPTED = "accepted"  # holds a slot; admission not decided yet
+    ADMITTED = "admitted"  # counted against its source; its first bytes not read yet
+    WAITING = "waiting"  # for its client's first bytes: in the waiting room, or a task reading the rest
+    DIALING = "dialing"  # its tunnel is being opened, attempt after attempt
+    FORWARDING = "forwarding"  # plain HTTP forwarded in absolute form, in a task
+    RELAYING = "relaying"  # both sockets belong to the pump
+    ENDED = "ended"
+
+
+TRANSITIONS = {
+    State.ACCEPTED: {State.ADMITTED, State.ENDED},
+    State.ADMITTED: {State.WAITING, State.DIALING, State.FORWARDING, State.ENDED},
+    State.WAITING: {State.DIALING, State.FORWARDING, State.ENDED},
+    State.FORWARDING: {State.DIALING, State.ENDED},  # an Upgrade is tunnelled as it came
+    State.DIALING: {State.RELAYING, State.ENDED},
+    State.RELAYING: {State.ENDED},
+    State.ENDED: set(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A connection was moved where TRANSITIONS does not allow: a bug of the relay's."""
+
+
+class Connection:
+    """One client connection: its state, what it holds, and what its log line says."""
+
+    __slots__ = (
+        "owner", "sock", "peer", "dst", "config", "pool", "started", "sniff_deadline", "state",
+        "counted", "silent_turn", "described", "first", "candidates", "attempts", "attempt_started",
+        "name", "retried", "via", "source", "up", "down", "http_requests",
+    )  # fmt: skip
+
+    def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
+        owner.live += 1
+        self.owner, self.sock, self.peer = owner, sock, peer  # sock: None once closed or the pump's
+        self.config, self.pool = config, pool  # as they were at accept: a reload affects new connections only
+        self.started = time.monotonic()
+        self.sniff_deadline = trio.current_time() + config.sniff_timeout
+        self.state = State.ACCEPTED
+        self.dst = None
+        self.counted = False  # in owner.per_source
+        self.silent_turn = False  # holds one of the waiting room's turns for silent connections
+        self.described = False  # its first bytes are known: it gets a log line
+        self.first = b""  # the client's bytes read so far: they go upstream first
+        self.candidates = []
+        self.attempts: Attempts | None = None
+        self.attempt_started = 0.0
+        self.name = None  # the sniffed hostname, when it is used
+        self.retried = None  # the proxy's reason for refusing the name, when we then asked by address
+        self.via = None
+        self.source = None  # the upstream socket's local address, while it is in owner.own_sources
+        self.up = self.down = 0
+        self.http_requests = None  # forwarded in absolute form, when not tunnelled
+
+    def move(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"connection from {format_address(self.peer)}: {self.state.value} -> {state.value}")
+        self.state = state
+
+    # -- accepted: admission ------------------------------------------------------------
+
+    def admit(self) -> None:
+        owner = self.owner
+        owner.metrics.connection_accepted()
+        try:
+            self.dst = owner.original_destination(self.sock, self.config.mode)
+        except OSError as exc:
+            self.client_failed(exc)
+            return
+        refusal = owner.refusal(self.config, self.peer, self.dst)
+        if refusal:
+            ended, why, limiter, key = refusal
+            limiter.warning(key, f"refused {format_address(self.peer)} -> {format_address(self.dst)}: {why}")
+            self.end(ended)
+            return
+        owner.per_source[self.peer[0]] = owner.per_source.get(self.peer[0], 0) + 1
+        self.counted = True
+        self.move(State.ADMITTED)
+        if owner.waiting.closed:  # shutting down: an accept loop woken just before it was cancelled
+            self.end("cancelled")
+            return
+        try:
+            self.sock.setblocking(False)
+        except OSError as exc:
+            self.client_failed(exc)
+            return
+        self.first_bytes(spoke=True)
+
+    # -- its first bytes ------------------------------------------------------------------
+
+    def left_waiting_room(self, spoke: bool) -> None:
+        """From the waiting room: the client spoke (or closed), or stayed silent for --sniff-timeout,
+        and then holds one of the room's turns until it has dialed."""
+        self.silent_turn = not spoke
+        self.first_bytes(spoke)
+
+    def first_bytes(self, spoke: bool) -> None:
+        """Sniff what the client sent, then open the tunnel or forward. Without a task when its
+        first bytes are all here (the common case) or it was silent; a client that has not spoken
+        yet waits in the waiting room; a task only for the rest of its first bytes and for
+        plain HTTP forwarding."""
+        sniffer = None
+        try:
+            if spoke and wants_sniffing(self.config, self.pool):
+                data = self.sock.recv(MAX_SNIFF_BYTES)
+                sniffer = Sniffer()
+                if data:
+                    sniffer.receive_data(data)
+                else:  # closed before a word: connected by address, it may still want to hear
+                    sniffer.give_up()
+        except BlockingIOError:
+            self.wait_for_first_bytes()
+            return
+        except OSError as exc:
+            self.client_failed(exc)
+            return
+        except Exception:  # the client's bytes must not take the accept loop down with them
+            self.internal_error()
+            return
+        if sniffer is not None and sniffer.result is None:
+            self.move_unless(State.WAITING)
+            self.owner.tasks.start_soon(self.in_task, self.sniff_rest, sniffer)
+            return
+        try:
+            self.go_on(*((sniffer.result, sniffer.buffered) if sniffer else (NOT_RECOGNISED, b"")))
+        except Exception:
+            self.internal_error()
+
+    def wait_for_first_bytes(self) -> None:
+        self.move_unless(State.WAITING)
+        try:
+            self.owner.waiting.add(self.sock, self, self.sniff_deadline)
+        except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
+            peer = format_address(self.peer)
+            self.owner.warnings.warning(f"wait-{exc.errno}", f"cannot take a connection from {peer}: {exc}")
+            self.end(shortage(exc.errno))
+
+    async def sniff_rest(self, sniffer: Sniffer) -> None:
+        """Read until the first bytes are recognised or --sniff-timeout after the accept: a client
+        that stops in the middle is then connected by address, as a silent one is."""
+        while sniffer.result is None:
+            data = await receive_some(self.sock, MAX_SNIFF_BYTES, self.sniff_deadline)
+            if not data:  # None: the client is still silent at the deadline
+                break
+            sniffer.receive_data(data)
+        self.go_on(sniffer.give_up(), sniffer.buffered)
+
+    def go_on(self, sniffed: Sniffed, first: bytes) -> None:
+        """What the connection will try, now that its first bytes are known; then try it."""
+        config = self.config
+        self.described = True
+        self.first = first
+        self.name = sniffed.hostname if config.sniff else None
+        direct = admission.bypassed(config, self.dst, sniffed.hostname)
+        self.candidates = [] if direct else self.pool.candidates()
+        if sniffed.protocol == HTTP and forwards_http(config, self.candidates):
+            self.move(State.FORWARDING)
+            self.owner.tasks.start_soon(self.in_task, self.forward)
+            return
+        self.attempts = Attempts(self.pool, self.candidates, direct, self.dst, self)
+        self.move(State.DIALING)
+        self.dial()
+
+    # -- what waits on the client, in a task -------------------------------------------------
+
+    async def in_task(self, work, *args) -> None:
+        """Run ``work``: whatever it raises ends this connection, unless it was handed on."""
+        try:
+            await work(*args)
+        except OSError as exc:
+            if self.in_task_still():
+                self.client_failed(exc)
+        except Exception:
+            if self.in_task_still():
+                self.internal_error()
+            else:  # a bug after the dialer took it: the dialer ends it
+                log.exception("internal error after handing on %s", format_address(self.peer))
+        except BaseException:  # cancelled (shutdown): the client must not see a clean end of data
+            if self.in_task_still():
+                self.end("cancelled")
+            raise
+
+    def in_task_still(self) -> bool:
+        """Whether the task still has it: not handed to the dialer or the pump, not ended."""
+        return self.state in (State.WAITING, State.FORWARDING)
+
+    async def forward(self) -> None:
+        """Plain HTTP to an HTTP proxy in absolute form (see relay.net.http_forward)."""
+        self.sock = trio.socket.from_stdlib_socket(self.sock)
+        try:
+            ended, detail, clean = await forward(self.sock, self.first, self, self.config, self.pool, self.candidates)
+        except NeedsTunnel as exc:  # e.g. a WebSocket upgrade: tunnel it as it came
+            self.first = exc.data
+            self.attempts = Attempts(self.pool, self.candidates, False, self.dst, self)
+            self.move(State.DIALING)
+            self.dial()
+            return
+        self.end(ended, detail, clean=clean)
+
+    # -- its tunnel, without a task -------------------------------------------------------
+
+    def dial(self) -> None:
+        """The next attempt at opening the tunnel (see Attempts), or the end if none is left."""
+        try:
+            upstream, addresses, target = self.attempts.next()
+        except UpstreamError as exc:
+            if exc.reason in ("cancelled", "internal-error"):  # shutting down; a bug, logged already
+                self.end("cancelled" if exc.reason == "cancelled" else "error")
+            else:
+                self.end(f"refused:{exc.reason}", str(exc))
+            return
+        config = self.config
+        self.attempt_started = time.monotonic()
+        self.owner.dialer.open(
+            upstream,
+            addresses,
+            target,
+            mark=config.mark,
+            connect_timeout=config.connect_timeout,
+            handshake_timeout=config.handshake_timeout,
+            on_open=self.opened,
+            on_fail=self.failed,
+        )
+
+    def failed(self, error: UpstreamError) -> None:
+        """From the Dialer: this attempt failed."""
+        try:
+            self.attempts.failed(error)
+            self.dial()
+        except Exception:
+            self.internal_error()
+
+    def opened(self, upstream: socket.socket, early: bytes) -> None:
+        """From the Dialer: the tunnel is open; hand both sides to the pump."""
+        owner, config = self.owner, self.config
+        try:
+            state = self.attempts.succeeded()
+            owner.metrics.handshake_done(str(self.via), time.monotonic() - self.attempt_started)
+            self.source = upstream.getsockname()[:2]
+            owner.pump.add(
+                self.sock,
+                upstream,
+                self,
+                to_upstream_first=self.first,
+                to_client_first=early,
+                idle_timeout=config.idle_timeout,
+                half_closed_timeout=config.half_closed_timeout,
+                pipe_size=config.pipe_size,
+                confirm_eof=state.still_there if config.confirm_eof and state else None,
+            )
+        except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
+            reset(upstream)
+            self.source = None
+            self.end(shortage(exc.errno))
+            return
+        except Exception:
+            reset(upstream)
+            self.source = None
+            self.internal_error()
+            return
+        self.sock = None  # the pump's now, and relayed() will end the connection
+        self.move(State.RELAYING)
+        owner.own_sources.add(self.source)
+        self.give_back_silent_turn()
+
+    def relayed(self, ended: str, sent_up: int, sent_down: int) -> None:
+        """From the pump: done relaying (it closed both sockets)."""
+        self.up, self.down = sent_up, sent_down
+        self.end(ended)
+
+    # -- its end -------------------------------------------------------------------------
+
+    def end(self, ended: str, detail: str | None = None, *, clean: bool = False) -> None:
+        """The one way a connection ends: what it holds is let go, then it is logged and counted.
+        A client socket still held is reset, or closed with a FIN when ``clean``."""
+        self.move(State.ENDED)
+        owner = self.owner
+        if self.sock is not None:
+            if clean:
+                self.sock.close()
+            else:
+                reset(self.sock)
+            self.sock = None
+        if self.source is not None:
+            owner.own_sources.discard(self.source)
+            self.source = None
+        self.give_back_silent_turn()
+        if self.counted:
+            left = owner.per_source.pop(self.peer[0]) - 1
+            if left:
+                owner.per_source[self.peer[0]] = left
+            self.counted = False
+        owner.slots.release()
+        owner.live -= 1
+        if self.described:
+            self.log(ended, detail)
+        owner.metrics.connection_closed(ended, self.up, self.down)
+
+    def end_unless_ended(self, ended: str) -> None:
+        if self.state is not State.ENDED:
+            self.end(ended)
+
+    def move_unless(self, state: State) -> None:
+        if self.state is not state:
+            self.move(state)
+
+    def give_back_silent_turn(self) -> None:
+        if self.silent_turn:
+            self.silent_turn = False
+            self.owner.waiting.done_silent()
+
+    def client_failed(self, exc: OSError) -> None:
+        """The client's socket failed: reset it and say so (rate-limited)."""
+        self.owner.warnings.warning(f"conn-{exc.errno}", f"connection from {format_address(self.peer)} failed: {exc}")
+        self.end("client-" + errno_word(exc.errno))
+
+    def internal_error(self) -> None:
+        """A bug must cost one connection, not the relay and every other connection."""
+        dst = format_address(self.dst) if self.dst else "?"
+        log.exception("internal error while relaying %s -> %s", format_address(self.peer), dst)
+        self.end_unless_ended("error")
+
+    def log(self, ended: str, detail: str | None) -> None:
+        """The per-connection log line (-v)."""
+        if not conn_log.isEnabledFor(logging.INFO):
+            return  # most routers run without -v: build nothing
+        fields = {"event": "conn", "client": format_address(self.peer), "dst": format_address(self.dst)}
+        if self.name:
+            fields["name"] = self.name
+        if self.retried:
+            fields["retried-by-ip"] = self.retried
+        if self.http_requests is not None:
+            fields["http-requests"] = self.http_requests
+        fields.update(
+            via=str(self.via or "-"),
+            up=self.up,
+            down=self.down,
+            time=f"{time.monotonic() - self.started:.3f}s",
+            end=ended,
+        )
+        if detail:
+            fields["error"] = detail
+        text = " ".join(
+            f"{key}={value!r}" if key == "error" else f"{key}={value}"
+            for key, value in fields.items()
+            if key != "event"
+        )
+        conn_log.info("conn %s", text, extra={"fields": fields})
+
+
+def wants_sniffing(config: Config, pool: UpstreamPool) -> bool:
+    """Whether a connection's first bytes matter: for a name to ask for, a bypassed domain, or
+    plain HTTP to forward."""
+    return (
+        (config.sniff and any(state.upstream.scheme in NAMED_SCHEMES for state in pool.states))
+        or bool(config.bypass_domain)
+        or forwards_http(config, pool.states)
+    )
+
+
+def forwards_http(config: Config, candidates) -> bool:
+    return config.http_mode == "forward" and bool(candidates) and candidates[0].upstream.scheme == "http"
