@@ -1,9 +1,6 @@
 """Opening the upstream side: TCP connect (with SO_MARK), then the proxy handshake."""
 
 import errno
-import heapq
-import itertools
-import math
 import os
 import select
 import socket
@@ -25,6 +22,7 @@ from relay.net.faults import (
     handshake_timed_out,
     internal_error,
 )
+from relay.net.readiness import ReadinessLoop, Timer
 from relay.net.sockets import family_of, reset
 from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
@@ -32,8 +30,6 @@ from relay.proto.socks import Socks4Client, Socks5Client
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
-MAX_EVENTS = 256  # per epoll_wait; more wait for the next pass
-STALE_MIN = 256  # stale deadline entries tolerated before the heap is rebuilt
 
 
 def handshake_for(upstream: Upstream, host: str, port: int):
@@ -153,8 +149,7 @@ class Dialing:
         "last_error",
         "handshaking",
         "outgoing",
-        "deadline",
-        "events",
+        "timer",
     )
 
     def __init__(self, upstream, addresses, machine, mark, connect_timeout, handshake_timeout, on_open, on_fail):
@@ -166,19 +161,18 @@ class Dialing:
         self.last_error: OSError | None = None
         self.handshaking = False
         self.outgoing = b""  # handshake bytes the socket did not take yet
-        self.deadline = math.inf  # of the current phase, on Trio's clock; inf while nothing waits
-        self.events = 0  # what its socket is watched for
+        self.timer: Timer | None = None  # the time limit of the current phase; None while nothing waits
 
 
 class Dialer:
-    """Opens upstream connections without a task each: one epoll, one task (``run``).
+    """Opens upstream connections without a task each: one ReadinessLoop, one task (``run``).
 
     A relayed connection used to open its upstream in its own task: a Trio
     wait (and an epoll registration, and a scheduler pass) for the connect and
     for every reply of the proxy, which cost more than the rest of the
-    connection's Python. Here a connection being opened is a registration in
-    this epoll and a deadline in a heap; the handshake machine is driven from
-    the readiness events, and the caller hears the outcome through one of two
+    connection's Python. Here a connection being opened is a watched socket and
+    a timer in the loop; the handshake machine is driven from the readiness
+    calls, and the caller hears the outcome through one of two
     callbacks, called from ``open()`` itself when nothing had to wait:
 
     - ``on_open(sock, early)``: a connected non-blocking stdlib socket, whose
@@ -188,19 +182,15 @@ class Dialer:
     """
 
     def __init__(self):
-        self._epoll = select.epoll()
-        self._dialing: dict[int, Dialing] = {}  # fd -> the connection being opened on it
-        self._deadlines: list = []  # heap of (deadline, order, dialing); stale entries are skipped
-        self._order = itertools.count()
-        self._stale = 0  # heap entries of dials that finished or moved on to a later deadline
-        self._alarm: trio.CancelScope | None = None
+        self._loop = ReadinessLoop()
+        self._dialing: dict[int, Dialing] = {}  # fd -> the connection being opened on it (and watched)
 
     def __len__(self) -> int:
         return len(self._dialing)
 
     @property
     def closed(self) -> bool:
-        return self._epoll.closed
+        return self._loop.closed
 
     def open(
         self,
@@ -230,10 +220,7 @@ class Dialer:
         if self.closed:
             self._call(on_fail, cancelled())
             return dialing
-        try:
-            self._connect_next(dialing)
-        except Exception:  # a bug must cost this connection only, and end it once
-            self._internal_error(dialing)
+        self._step(self._connect_next, dialing)
         return dialing
 
     async def open_async(
@@ -283,49 +270,17 @@ class Dialer:
     async def run(self) -> None:
         """Drive every connection being opened until close(), or until cancelled (then close())."""
         try:
-            await self._drive()
+            await self._loop.run()
         finally:
             self.close()
-
-    async def _drive(self) -> None:
-        while not self.closed:
-            while self._deadlines and not self._live(self._deadlines[0]):
-                heapq.heappop(self._deadlines)  # a finished dial's: no wakeup for it
-                self._stale -= 1
-            deadline = self._deadlines[0][0] if self._deadlines else math.inf
-            with trio.CancelScope(deadline=deadline) as self._alarm:
-                try:
-                    await trio.lowlevel.wait_readable(self._epoll.fileno())
-                except trio.ClosedResourceError:
-                    return
-            self._alarm = None
-            if self.closed:
-                return
-            for fd, _ in self._epoll.poll(0, MAX_EVENTS):
-                dialing = self._dialing.get(fd)
-                if dialing is None:
-                    continue  # ended by an earlier callback of this pass
-                try:
-                    self._ready(dialing)
-                except Exception:  # a bug (in a handshake machine) must cost one connection, not all
-                    self._internal_error(dialing)
-            now = trio.current_time()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                entry = heapq.heappop(self._deadlines)
-                if self._live(entry):
-                    entry[2].deadline = math.inf  # popped: not stale
-                    self._timed_out(entry[2])
-                else:
-                    self._stale -= 1
 
     def close(self) -> None:
         """Fail every connection still being opened (reason "cancelled"), and every later open()."""
         if self.closed:
             return
-        trio.lowlevel.notify_closing(self._epoll.fileno())  # wakes run(), if it waits
-        self._epoll.close()
+        self._loop.close()  # wakes run(), if it waits
         left = list(self._dialing.values())
-        self._dialing, self._deadlines, self._stale = {}, [], 0
+        self._dialing = {}
         for dialing in left:
             self._fail(dialing, cancelled())
 
@@ -352,7 +307,7 @@ class Dialer:
             if connected:
                 self._connected(dialing)
                 return
-            if dialing.deadline == math.inf:  # one connect timeout for all the addresses
+            if dialing.timer is None:  # one connect timeout for all the addresses
                 self._set_deadline(dialing, dialing.connect_timeout)
             self._watch(dialing, select.EPOLLOUT)
             return
@@ -433,27 +388,28 @@ class Dialer:
 
     # -- bookkeeping ------------------------------------------------------------------
 
+    def _step(self, step, dialing: Dialing) -> None:
+        """``step(dialing)``: a bug in it (in a handshake machine) must cost this connection only, and
+        end it once."""
+        try:
+            step(dialing)
+        except Exception:
+            log.exception("internal error while opening an upstream connection")
+            self._fail(dialing, internal_error())
+
     def _watch(self, dialing: Dialing, events: int) -> None:
         """Wait for ``events`` on its socket; if the epoll cannot take it (its watch limit, memory),
         the dial fails as the relay's own shortage, not the proxy's."""
         fd = dialing.sock.fileno()
         try:
-            if fd not in self._dialing:
-                self._epoll.register(fd, events)
-                self._dialing[fd] = dialing
-            elif events != dialing.events:
-                self._epoll.modify(fd, events)
+            self._loop.watch(fd, events, self._step, self._ready, dialing)
         except OSError as exc:
             self._fail(dialing, cannot_watch(exc))
             return
-        dialing.events = events
-
-    def _internal_error(self, dialing: Dialing) -> None:
-        log.exception("internal error while opening an upstream connection")
-        self._fail(dialing, internal_error())
+        self._dialing[fd] = dialing
 
     def _finish(self, dialing: Dialing) -> socket.socket:
-        """Its socket, out of the epoll; the rest let go (a stale heap entry keeps the rest a while)."""
+        """Its socket, out of the loop; the rest let go."""
         self._forget(dialing)
         sock, dialing.sock = dialing.sock, None
         dialing.machine = dialing.on_open = dialing.on_fail = None
@@ -461,36 +417,19 @@ class Dialer:
         return sock
 
     def _drop_deadline(self, dialing: Dialing) -> None:
-        """Its heap entry will never fire. Finished dials' entries would otherwise stay until their
-        deadline (10 s of connections at the default handshake timeout): once they are more than
-        half the heap, the heap is rebuilt without them."""
-        if dialing.deadline == math.inf:
-            return
-        dialing.deadline = math.inf
-        self._stale += 1
-        if self._stale > STALE_MIN and self._stale * 2 > len(self._deadlines):
-            self._deadlines = [entry for entry in self._deadlines if self._live(entry)]
-            heapq.heapify(self._deadlines)
-            self._stale = 0
-
-    @staticmethod
-    def _live(entry) -> bool:
-        deadline, _, dialing = entry
-        return dialing.deadline == deadline
+        if dialing.timer is not None:
+            self._loop.cancel(dialing.timer)
+            dialing.timer = None
 
     def _forget(self, dialing: Dialing) -> None:
         fd = dialing.sock.fileno()
         if self._dialing.get(fd) is dialing:
             del self._dialing[fd]
-            if not self.closed:
-                self._epoll.unregister(fd)
+            self._loop.unwatch(fd)
 
     def _set_deadline(self, dialing: Dialing, timeout: float) -> None:
         self._drop_deadline(dialing)  # the connect timeout's, now that the handshake's replaces it
-        dialing.deadline = trio.current_time() + timeout
-        heapq.heappush(self._deadlines, (dialing.deadline, next(self._order), dialing))
-        if self._alarm is not None and dialing.deadline < self._alarm.deadline:
-            self._alarm.deadline = dialing.deadline
+        dialing.timer = self._loop.call_at(trio.current_time() + timeout, self._step, self._timed_out, dialing)
 
     @staticmethod
     def _call(callback, *args) -> None:

@@ -361,7 +361,7 @@ async def test_handshake_bytes_the_socket_cannot_take_at_once_are_sent_later(mon
 async def test_finished_dials_do_not_pile_up_in_the_deadline_heap():
     """Each handshake leaves a deadline in the heap; those of finished dials are dropped once they
     are more than half of it, instead of staying until their time (10 s of connections)."""
-    from relay.net.dial import STALE_MIN
+    from relay.net.readiness import STALE_MIN
 
     with listener(backlog=1024) as proxy:
         async with running_dialer() as dialer:
@@ -369,10 +369,10 @@ async def test_finished_dials_do_not_pile_up_in_the_deadline_heap():
                 open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=60)
                 for _ in range(3 * STALE_MIN)
             ]
-            assert len(dialer) == 3 * STALE_MIN and len(dialer._deadlines) == 3 * STALE_MIN
+            assert len(dialer) == 3 * STALE_MIN and len(dialer._loop._timers) == 3 * STALE_MIN
             for outcome in outcomes:
                 dialer.cancel(outcome.dialing)
-            assert len(dialer) == 0 and len(dialer._deadlines) <= STALE_MIN
+            assert len(dialer) == 0 and len(dialer._loop._timers) <= STALE_MIN
             late = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=0.2)
             kind, error = await late.wait()  # the live deadline still fires among the stale ones
             assert error.reason == "handshake-timeout"

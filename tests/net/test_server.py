@@ -61,11 +61,11 @@ async def test_a_dial_the_dialer_cannot_watch_ends_once_as_the_relays_shortage(m
             def __getattr__(self, name):
                 return getattr(self.real, name)
 
-        monkeypatch.setattr(server.dialer, "_epoll", FullEpoll(server.dialer._epoll))
+        monkeypatch.setattr(server.dialer._loop, "_epoll", FullEpoll(server.dialer._loop._epoll))
         client, conn = tcp_pair()
         slots = server.connections.slots.value
         await server.connections.slots.acquire()
         server.connections.accepted(conn, client.getsockname())
         assert_ended_alone(server, client, conn, slots, "refused:relay-enospc")
-        assert len(server.dialer) == 0 and all(entry[2].deadline != entry[0] for entry in server.dialer._deadlines)
+        assert len(server.dialer) == 0 and all(timer.callback is None for _, _, timer in server.dialer._loop._timers)
         server.connections.waiting.close()
