@@ -102,8 +102,7 @@ cdef struct Way:
     bint write_blocked  # bytes wait for room in the destination: only EPOLLOUT there moves this way
     bint queued  # in the backlog: its share of a run's budget ran out
     bint paused  # EPOLLIN is off on the source while write_blocked: its data would only wake us in vain
-    bint held  # the FIN is kept from the destination until release() says whether it is genuine
-    bint confirmed  # release() said it is: forward it
+    bint held  # the FIN is kept from the destination until release() or abort()
     Py_ssize_t pending  # bytes in the pipe
     PyObject *first  # bytes read before the engine took over, sent before the pipe's; NULL once sent
     Py_ssize_t first_sent
@@ -120,6 +119,6 @@ cdef struct Conn:
     int pipe_size
     bint in_use
     bint half_closed
-    bint hold_upstream_eof  # an upstream FIN waits for release() (--confirm-eof)
+    bint hold_upstream_eof  # hold the upstream's FIN (--confirm-eof); release() clears it
     unsigned int generation  # bumped as the slot is freed, so a stale handle matches nothing
     PyObject *token

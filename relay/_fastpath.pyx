@@ -4,7 +4,8 @@ the Engine that relays established connections with splice(), socket -> pipe
 -> socket, without copying bytes through Python.
 
 ``relay/_fastpath_py.py`` is its pure-Python twin with the same API; the tests
-run against both.
+run against both. Policy stays in Python: the words a connection ends with
+(relay/ends.py), and whether a held FIN is genuine (relay/net/pump.py).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -12,7 +13,7 @@ from cpython.exc cimport PyErr_SetFromErrno
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdlib cimport free, realloc
 
-from relay._fastpath_common import local_failure
+from relay import ends
 
 NAME = "cython"
 
@@ -207,8 +208,8 @@ cdef class Engine:
         """Take over a connection: on success the engine owns (and will close) both fds.
 
         Both must be non-blocking sockets (splice would block on the socket otherwise).
-        With ``hold_upstream_eof``, the upstream's FIN is not forwarded until
-        release() says so (see take_held()). Returns the connection's handle.
+        With ``hold_upstream_eof``, the upstream's FIN is held: see take_held().
+        Returns the connection's handle.
         """
         cdef int side
         cdef epoll_event event
@@ -235,7 +236,7 @@ cdef class Engine:
             way = &conn.way[side]
             way.pipe_r = way.pipe_w = -1
             way.capacity = way.pending = way.first_sent = way.moved = 0
-            way.eof = way.shut = way.write_blocked = way.queued = way.paused = way.held = way.confirmed = False
+            way.eof = way.shut = way.write_blocked = way.queued = way.paused = way.held = False
             first = to_upstream_first if side == 0 else to_client_first
             way.first = NULL
             if first:
@@ -306,7 +307,7 @@ cdef class Engine:
             way.write_blocked = False
             if way.eof:
                 give_back_pipe(way)
-                if side == 1 and conn.hold_upstream_eof and not way.confirmed:
+                if side == 1 and conn.hold_upstream_eof:
                     way.held = True
                     return HELD
                 if shutdown(dst, SHUT_WR) != 0:
@@ -348,11 +349,11 @@ cdef class Engine:
                 self.backlog_count += 1
         elif outcome == FAILED:
             if self._failure == LOCAL:
-                self.finish(slot, local_failure(self._failure_errno), finished)
+                self.finish(slot, ends.local_failure(self._failure_errno), False, finished)
             else:
-                self.finish(slot, "client-reset" if self._failure == 0 else "upstream-reset", finished)
+                self.finish(slot, ends.RESET_BY[self._failure], False, finished)
         elif outcome == FINISHED and conn.way[1 - side].shut:
-            self.finish(slot, "closed", finished)
+            self.finish(slot, ends.CLOSED, True, finished)
         elif outcome == HELD:
             self.held.append((handle_of(conn, slot), <object>conn.token))
         elif conn.way[side].paused != conn.way[side].write_blocked:
@@ -370,8 +371,8 @@ cdef class Engine:
         if epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.conns[slot].fd[side], &event) == 0:
             self.conns[slot].way[side].paused = paused
 
-    cdef int finish(self, int slot, str ended, list finished) except -1:
-        """Close both sockets (with a reset unless it ended cleanly) and report the connection."""
+    cdef int finish(self, int slot, str ended, bint clean, list finished) except -1:
+        """Close both sockets (with a reset unless ``clean``) and report the connection ended ``ended``."""
         cdef Conn *conn = &self.conns[slot]
         cdef linger reset_now
         cdef int side
@@ -379,7 +380,7 @@ cdef class Engine:
         reset_now.l_linger = 0
         for side in range(2):
             # We hold the only descriptor of each socket, so closing also unregisters it from epoll.
-            if ended != "closed":
+            if not clean:
                 setsockopt(conn.fd[side], SOL_SOCKET, SO_LINGER, &reset_now, sizeof(reset_now))
             close(conn.fd[side])
             give_back_pipe(&conn.way[side])
@@ -439,7 +440,7 @@ cdef class Engine:
                 error = 0
                 getsockopt(conn.fd[side], SOL_SOCKET, SO_ERROR, &error, &size)
                 if error:
-                    self.finish(slot, "client-reset" if side == 0 else "upstream-reset", finished)
+                    self.finish(slot, ends.RESET_BY[side], False, finished)
                     continue
             if ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR) and not conn.way[side].write_blocked:
                 self.step(slot, side, budget, now, finished)
@@ -448,36 +449,40 @@ cdef class Engine:
                 self.step(slot, 1 - side, budget, now, finished)
         return 0
 
+    cdef int live_slot(self, long long handle) noexcept:
+        """The slot of the connection ``handle`` names, or -1 if that connection has ended."""
+        cdef long long slot = handle & 0xffffffff
+        if slot >= self.size or not self.conns[slot].in_use or handle_of(&self.conns[slot], slot) != handle:
+            return -1
+        return slot
+
     def take_held(self):
-        """The upstream FINs held since the last call, as (handle, token): each waits for release().
-        A connection that ended meanwhile (in the same run, or by expire()) is left out."""
-        cdef list held = []
-        cdef Conn *conn
-        for handle, token in self.held:
-            conn = &self.conns[handle & 0xffffffff]
-            if conn.in_use and handle_of(conn, handle & 0xffffffff) == handle:
-                held.append((handle, token))
+        """The upstream FINs held since the last call, as (handle, token): each waits for release()
+        or abort(). A connection that ended meanwhile (in the same run, or by expire()) is left out."""
+        cdef list held = [(handle, token) for handle, token in self.held if self.live_slot(handle) >= 0]
         self.held = []
         return held
 
-    def release(self, long long handle, double now, bint genuine):
-        """Forward a held upstream FIN (``genuine``), or reset both sides: the connection ends
-        "upstream-down". Returns the connections that ended, as run() does; a handle whose
-        connection already ended (a reset, a timeout) is ignored."""
+    def release(self, long long handle, double now):
+        """Forward a held upstream FIN. Returns the connections that ended, as run() does; a handle
+        whose FIN is not held, or whose connection already ended (a reset, a timeout), is ignored."""
         cdef list finished = []
-        cdef int slot = handle & 0xffffffff
         cdef Py_ssize_t budget = 1 << 30  # only the FIN is left to move
-        if slot < 0 or slot >= self.size:
+        cdef int slot = self.live_slot(handle)
+        if slot < 0 or not self.conns[slot].way[1].held:
             return finished
-        cdef Conn *conn = &self.conns[slot]
-        if not conn.in_use or handle_of(conn, slot) != handle or not conn.way[1].held:
-            return finished
-        conn.way[1].held = False
-        if not genuine:
-            self.finish(slot, "upstream-down", finished)
-        else:
-            conn.way[1].confirmed = True
-            self.step(slot, 1, &budget, now, finished)
+        self.conns[slot].way[1].held = False
+        self.conns[slot].hold_upstream_eof = False  # the upstream has no other FIN to hold
+        self.step(slot, 1, &budget, now, finished)
+        return finished
+
+    def abort(self, long long handle, str ended not None):
+        """Reset both sides of a connection (one whose FIN is held, say) and report it ended ``ended``,
+        as run() does; a handle whose connection already ended is ignored."""
+        cdef list finished = []
+        cdef int slot = self.live_slot(handle)
+        if slot >= 0:
+            self.finish(slot, ended, False, finished)
         return finished
 
     def expire(self, double now):
@@ -495,19 +500,19 @@ cdef class Engine:
                 limit = conn.half_closed_timeout
             deadline = conn.last_active + limit
             if deadline <= now:
-                self.finish(slot, "half-closed-timeout" if conn.half_closed else "idle-timeout", finished)
+                self.finish(slot, ends.HALF_CLOSED_TIMEOUT if conn.half_closed else ends.IDLE_TIMEOUT, False, finished)
             elif deadline < next_deadline:
                 next_deadline = deadline
         self.next_deadline = next_deadline
         return finished
 
     def close(self):
-        """Reset every connection left (shutdown); returns them as run() does, ended "cancelled"."""
+        """Reset every connection left (shutdown); returns them as run() does, ended ends.CANCELLED."""
         cdef list finished = []
         cdef int slot
         for slot in range(self.size):
             if self.conns[slot].in_use:
-                self.finish(slot, "cancelled", finished)
+                self.finish(slot, ends.CANCELLED, False, finished)
         if self.epfd >= 0:
             close(self.epfd)
             self.epfd = -1

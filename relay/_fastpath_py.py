@@ -12,7 +12,7 @@ import select
 import socket
 import struct
 
-from relay._fastpath_common import local_failure
+from relay import ends
 
 NAME = "python"
 
@@ -86,7 +86,6 @@ class _Way:
         "queued",
         "paused",
         "held",
-        "confirmed",
         "first",
         "moved",
     )
@@ -94,7 +93,7 @@ class _Way:
     def __init__(self, first: bytes):
         self.view = None
         self.start = self.pending = self.moved = 0
-        self.eof = self.shut = self.write_blocked = self.queued = self.paused = self.held = self.confirmed = False
+        self.eof = self.shut = self.write_blocked = self.queued = self.paused = self.held = False
         self.first = memoryview(first) if first else None
 
     def give_back(self):
@@ -178,8 +177,8 @@ class Engine:
     ):
         """Take over a connection: on success the engine owns (and will close) both fds (non-blocking).
 
-        With ``hold_upstream_eof``, the upstream's FIN is not forwarded until
-        release() says so (see take_held()). Returns the connection's handle.
+        With ``hold_upstream_eof``, the upstream's FIN is held: see take_held().
+        Returns the connection's handle.
         """
         if not self._free:
             self._conns.append(_Conn())
@@ -254,7 +253,7 @@ class Engine:
             way.write_blocked = False
             if way.eof:
                 way.give_back()
-                if side == 1 and conn.hold_upstream_eof and not way.confirmed:
+                if side == 1 and conn.hold_upstream_eof:
                     way.held = True
                     return HELD, budget
                 try:
@@ -300,11 +299,9 @@ class Engine:
                 self._backlog.append(slot * 2 + side)
         elif outcome == FAILED:
             who, error = self._failure
-            self._finish(
-                slot, local_failure(error) if who == LOCAL else ("client-reset", "upstream-reset")[who], finished
-            )
+            self._finish(slot, ends.local_failure(error) if who == LOCAL else ends.RESET_BY[who], False, finished)
         elif outcome == FINISHED and conn.ways[1 - side].shut:
-            self._finish(slot, "closed", finished)
+            self._finish(slot, ends.CLOSED, True, finished)
         elif outcome == HELD:
             self._held.append((_handle_of(conn, slot), conn.token))
         elif conn.ways[side].paused != conn.ways[side].write_blocked:
@@ -322,13 +319,13 @@ class Engine:
             return  # still armed for everything: only more wakeups
         conn.ways[side].paused = paused
 
-    def _finish(self, slot, ended, finished):
-        """Close both sockets (with a reset unless it ended cleanly) and report the connection."""
+    def _finish(self, slot, ended, clean, finished):
+        """Close both sockets (with a reset unless ``clean``) and report the connection ended ``ended``."""
         conn = self._conns[slot]
         for side, fd in enumerate(conn.fds):
             self._epoll.unregister(fd)
             del self._slots[fd]
-            if ended != "closed":
+            if not clean:
                 try:
                     _with_socket(fd, lambda sock: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
                 except OSError:
@@ -375,7 +372,7 @@ class Engine:
                 errors = []
                 _with_socket(conn.fds[side], lambda sock, out=errors: out.append(so_error(sock)))
                 if errors[0]:
-                    self._finish(slot, ("client-reset", "upstream-reset")[side], finished)
+                    self._finish(slot, ends.RESET_BY[side], False, finished)
                     continue
             if ready & READABLE and not conn.ways[side].write_blocked:
                 budget = self._step(slot, side, budget, now, finished)
@@ -388,35 +385,39 @@ class Engine:
                 budget = self._step(slot, 1 - side, budget, now, finished)
         return budget
 
+    def _live_slot(self, handle):
+        """The slot of the connection ``handle`` names, or -1 if that connection has ended."""
+        slot = handle & 0xFFFFFFFF
+        if slot >= len(self._conns) or not self._conns[slot].in_use or _handle_of(self._conns[slot], slot) != handle:
+            return -1
+        return slot
+
     def take_held(self):
-        """The upstream FINs held since the last call, as (handle, token): each waits for release().
-        A connection that ended meanwhile (in the same run, or by expire()) is left out."""
-        held = [
-            (handle, token)
-            for handle, token in self._held
-            if self._conns[handle & 0xFFFFFFFF].in_use
-            and _handle_of(self._conns[handle & 0xFFFFFFFF], handle & 0xFFFFFFFF) == handle
-        ]
+        """The upstream FINs held since the last call, as (handle, token): each waits for release()
+        or abort(). A connection that ended meanwhile (in the same run, or by expire()) is left out."""
+        held = [(handle, token) for handle, token in self._held if self._live_slot(handle) >= 0]
         self._held = []
         return held
 
-    def release(self, handle, now, genuine):
-        """Forward a held upstream FIN (``genuine``), or reset both sides: the connection ends
-        "upstream-down". Returns the connections that ended, as run() does; a handle whose
-        connection already ended (a reset, a timeout) is ignored."""
+    def release(self, handle, now):
+        """Forward a held upstream FIN. Returns the connections that ended, as run() does; a handle
+        whose FIN is not held, or whose connection already ended (a reset, a timeout), is ignored."""
         finished = []
-        slot = handle & 0xFFFFFFFF
-        if slot >= len(self._conns):
+        slot = self._live_slot(handle)
+        if slot < 0 or not self._conns[slot].ways[1].held:
             return finished
-        conn = self._conns[slot]
-        if not conn.in_use or _handle_of(conn, slot) != handle or not conn.ways[1].held:
-            return finished
-        conn.ways[1].held = False
-        if not genuine:
-            self._finish(slot, "upstream-down", finished)
-        else:
-            conn.ways[1].confirmed = True
-            self._step(slot, 1, 1 << 30, now, finished)  # only the FIN is left to move
+        self._conns[slot].ways[1].held = False
+        self._conns[slot].hold_upstream_eof = False  # the upstream has no other FIN to hold
+        self._step(slot, 1, 1 << 30, now, finished)  # only the FIN is left to move
+        return finished
+
+    def abort(self, handle, ended):
+        """Reset both sides of a connection (one whose FIN is held, say) and report it ended ``ended``,
+        as run() does; a handle whose connection already ended is ignored."""
+        finished = []
+        slot = self._live_slot(handle)
+        if slot >= 0:
+            self._finish(slot, ended, False, finished)
         return finished
 
     def expire(self, now):
@@ -429,18 +430,18 @@ class Engine:
             limit = min(conn.idle_timeout, conn.half_closed_timeout) if conn.half_closed else conn.idle_timeout
             deadline = conn.last_active + limit
             if deadline <= now:
-                self._finish(slot, "half-closed-timeout" if conn.half_closed else "idle-timeout", finished)
+                self._finish(slot, ends.HALF_CLOSED_TIMEOUT if conn.half_closed else ends.IDLE_TIMEOUT, False, finished)
             else:
                 next_deadline = min(next_deadline, deadline)
         self.next_deadline = next_deadline
         return finished
 
     def close(self):
-        """Reset every connection left (shutdown); returns them as run() does, ended "cancelled"."""
+        """Reset every connection left (shutdown); returns them as run() does, ended ends.CANCELLED."""
         finished = []
         for slot, conn in enumerate(self._conns):
             if conn.in_use:
-                self._finish(slot, "cancelled", finished)
+                self._finish(slot, ends.CANCELLED, False, finished)
         self._epoll.close()
         self.next_deadline = math.inf
         self._backlog = []

@@ -6,11 +6,15 @@ The Engine, which relays connections, has its own tests in tests/test_fastpath_e
 import errno
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
-from relay import _fastpath_py, fastpath
+import relay
+from relay import _fastpath_py, ends, fastpath
 from tests.sockpairs import tcp_pair
+
+SOURCES = Path(relay.__file__).parent
 
 
 def test_selected_implementation_matches_environment():
@@ -23,6 +27,14 @@ def test_selected_implementation_matches_environment():
 def test_both_twins_offer_the_same_api(impl):
     for name in ("NAME", "Engine", "original_dst", "set_transparent", "pooled_pipes"):
         assert hasattr(impl, name)
+
+
+def test_neither_twin_spells_an_end_word():
+    """relay.ends is the one place the words are written: the twins cannot drift apart on them."""
+    words = [value for name, value in vars(ends).items() if name.isupper() and isinstance(value, str)]
+    for source in ("_fastpath.pyx", "_fastpath_py.py"):
+        text = (SOURCES / source).read_text()
+        assert [word for word in words if f'"{word}"' in text] == [], source
 
 
 def test_original_dst_without_nat_is_an_error(impl):

@@ -91,7 +91,7 @@ def test_both_twins_offer_the_same_engine_api(impl):
     engine = impl.Engine()
     assert isinstance(engine.fileno(), int) and len(engine) == 0 and not engine.backlogged
     assert engine.run(0.0, 1) == [] and engine.expire(0.0) == [] and engine.next_deadline == float("inf")
-    assert engine.take_held() == [] and engine.release(12345, 0.0, True) == []
+    assert engine.take_held() == [] and engine.release(12345, 0.0) == [] and engine.abort(12345, "x") == []
     assert engine.close() == []
 
 
@@ -271,7 +271,7 @@ def test_a_held_upstream_fin_waits_for_release(engine):
     app_client.sendall(b"the client still talks")  # the other direction is untouched
     run(engine, seconds=0.2)
     assert app_server.recv(100) == b"the client still talks"
-    assert engine.release(handle, 1.0, True) == []
+    assert engine.release(handle, 1.0) == []
     app_client.settimeout(10)
     assert read_to_eof(app_client) == b""
     assert engine.next_deadline == 1.0 + HALF_CLOSED  # half-closed from the release on
@@ -280,12 +280,12 @@ def test_a_held_upstream_fin_waits_for_release(engine):
     assert read_to_eof(app_server) == b""
 
 
-def test_a_denied_release_resets_both_sides(engine):
+def test_an_aborted_held_fin_resets_both_sides(engine):
     handle, app_client, app_server = held_until_released(engine)
-    assert engine.release(handle, 1.0, False) == [("t", "upstream-down", 0, 14)]
+    assert engine.abort(handle, "upstream-down") == [("t", "upstream-down", 0, 14)]
     assert len(engine) == 0
     assert_reset(app_client)
-    assert engine.release(handle, 1.0, True) == []  # once only
+    assert engine.release(handle, 1.0) == [] and engine.abort(handle, "again") == []  # once only
 
 
 def test_a_stale_handle_touches_nothing(engine):
@@ -295,7 +295,7 @@ def test_a_stale_handle_touches_nothing(engine):
     successor_client, successor_server = relayed(engine, "successor", hold_upstream_eof=True)  # the same slot
     send_then_fin(successor_server, b"x")
     run(engine, seconds=0.2)
-    assert engine.release(handle, 1.0, False) == []
+    assert engine.abort(handle, "upstream-down") == [] and engine.release(handle, 1.0) == []
     assert len(engine) == 1 and successor_client.recv(1) == b"x"
 
 

@@ -21,6 +21,7 @@ sockets cleanly. With ``confirm_eof`` a connection's upstream FIN is held
 until a probe *started after it* shows the proxy still there; if not, the
 client gets a reset rather than a clean end of a truncated transfer. Probes
 are shared: one per proxy at a time, covering every FIN that came before it.
+The engine only holds the FIN; what to do with it is decided here.
 """
 
 import select
@@ -28,7 +29,7 @@ import time
 
 import trio
 
-from relay import fastpath
+from relay import ends, fastpath
 from relay.logs import log
 from relay.net.scheduler import SchedulerPeek
 
@@ -47,10 +48,9 @@ BUSY_TURN = 0.002
 class Pump:
     """``on_finished(token, ended, sent_up, sent_down)`` is called once per added connection.
 
-    ``ended`` is "closed", "client-reset", "upstream-reset", "idle-timeout",
-    "half-closed-timeout", "upstream-down" (the proxy died: see confirm_eof),
-    "cancelled", or "relay-<errno>" when the relay itself ran out of something
-    (e.g. relay-emfile).
+    ``ended`` is one of the words in relay.ends (UPSTREAM_DOWN: the proxy died,
+    see confirm_eof), or ends.local_failure() when the relay itself ran out of
+    something (e.g. relay-emfile). ``impl`` picks a fast-path twin (tests).
     """
 
     def __init__(self, on_finished, impl=None):
@@ -109,7 +109,7 @@ class Pump:
             self.alarm.deadline = self.engine.next_deadline
 
     async def run(self) -> None:
-        """Drive the engine until cancelled, then reset every connection left (ended "cancelled")."""
+        """Drive the engine until cancelled, then reset every connection left (ended ends.CANCELLED)."""
         try:
             async with trio.open_nursery() as self.nursery:
                 self.nursery.start_soon(self.keep_time)
@@ -205,13 +205,16 @@ class Pump:
                     genuine = True
                 now = trio.current_time()
                 for handle in handles:
-                    self.report(self.engine.release(handle, now, genuine))
+                    if genuine:
+                        self.report(self.engine.release(handle, now))
+                    else:
+                        self.report(self.engine.abort(handle, ends.UPSTREAM_DOWN))
                 self.rearm()
         finally:
             del self.unconfirmed[probe]
 
     def close(self) -> None:
-        """Reset every connection left (they end "cancelled") and end run(); later calls do nothing."""
+        """Reset every connection left (they end ends.CANCELLED) and end run(); later calls do nothing."""
         if self.engine.fileno() >= 0:
             trio.lowlevel.notify_closing(self.engine.fileno())
         self.report(self.engine.close())

@@ -1,0 +1,21 @@
+"""How a relayed connection ended: the word in its log line and its metric label.
+
+Dashboards and alerts match these words, so none may change. Both fast-path
+twins end connections with them; the pump adds UPSTREAM_DOWN.
+"""
+
+import errno
+
+CLOSED = "closed"  # both directions finished with a FIN
+CLIENT_RESET = "client-reset"
+UPSTREAM_RESET = "upstream-reset"
+RESET_BY = (CLIENT_RESET, UPSTREAM_RESET)  # indexed by the engine's side: 0 the client, 1 the upstream
+IDLE_TIMEOUT = "idle-timeout"
+HALF_CLOSED_TIMEOUT = "half-closed-timeout"  # one direction finished, the other went silent
+UPSTREAM_DOWN = "upstream-down"  # --confirm-eof: the upstream's FIN came from a proxy that died
+CANCELLED = "cancelled"  # the relay shut down
+
+
+def local_failure(error: int) -> str:
+    """How a connection ended when the relay itself ran out of something, e.g. "relay-emfile"."""
+    return "relay-" + errno.errorcode.get(error, "error").lower()
