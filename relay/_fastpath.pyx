@@ -53,7 +53,8 @@ def set_transparent(sock):
 
 # Empty pipes kept for the next connection, so a short connection costs no
 # pipe2()/fcntl()/close() calls. Only pipes known to be empty come back here.
-DEF POOL_MAX = 64
+cpdef enum:
+    POOL_MAX = 64
 cdef int _pool_read[POOL_MAX]
 cdef int _pool_write[POOL_MAX]
 cdef int _pool_capacity[POOL_MAX]
@@ -119,8 +120,8 @@ cdef inline long long handle_of(Conn *conn, int slot) noexcept:
     return (<long long>(conn.generation & 0x7fffffff) << 32) | slot
 
 
-SOCKET_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-PAUSED_EVENTS = EPOLLOUT | EPOLLET  # errors and hangups are reported anyway
+cdef unsigned int SOCKET_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+cdef unsigned int PAUSED_EVENTS = EPOLLOUT | EPOLLET  # errors and hangups are reported anyway
 
 
 cdef class Engine:
@@ -152,6 +153,9 @@ cdef class Engine:
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             PyErr_SetFromErrno(OSError)
+
+    def __init__(self):
+        """Takes no arguments (with __cinit__ alone, Cython would ignore any)."""
 
     def __dealloc__(self):
         cdef int slot, side

@@ -7,6 +7,8 @@ next read, so it behaves exactly like the splice version, one copy slower.
 
 import errno
 import math
+import mmap
+import operator
 import os
 import select
 import socket
@@ -16,20 +18,20 @@ from relay import ends
 
 NAME = "python"
 
-SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
-IP6T_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv6/ip6_tables.h>
-IP_TRANSPARENT = 19  # <linux/in.h>
-IPV6_TRANSPARENT = 75  # <linux/in6.h>
-DEFAULT_BUFFER = 65536  # the kernel's default pipe size, so both twins buffer alike
+_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
+_IP6T_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv6/ip6_tables.h>
+_IP_TRANSPARENT = 19  # <linux/in.h>
+_IPV6_TRANSPARENT = 75  # <linux/in6.h>
+_PIPE_BUFFER = 65536  # the kernel's default pipe size, so both twins buffer alike
 
 
 def original_dst(sock):
     """The address a REDIRECTed connection was sent to, as (host, port)."""
     if sock.family == socket.AF_INET:
-        raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
+        raw = sock.getsockopt(socket.IPPROTO_IP, _SO_ORIGINAL_DST, 16)  # struct sockaddr_in
         port, packed = struct.unpack_from("!2xH4s", raw)
         return socket.inet_ntop(socket.AF_INET, packed), port
-    raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, _IP6T_SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
     port, packed = struct.unpack_from("!2xH4x16s", raw)
     return socket.inet_ntop(socket.AF_INET6, packed), port
 
@@ -37,9 +39,9 @@ def original_dst(sock):
 def set_transparent(sock):
     """Let a TPROXY listener accept connections addressed to any IP (needs CAP_NET_ADMIN)."""
     if sock.family == socket.AF_INET:
-        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_TRANSPARENT, 1)
     else:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
 
 
 POOL_MAX = 64
@@ -53,18 +55,57 @@ def pooled_pipes():
 
 
 def _take_buffer(wanted: int) -> memoryview:
-    size = wanted if wanted > 0 else DEFAULT_BUFFER
-    pooled = _pool.pop() if _pool else None
-    return pooled if pooled is not None and len(pooled) == size else memoryview(bytearray(size))
+    """An empty buffer (pooled if any), of ``wanted`` bytes if that is > 0, as the extension takes a pipe."""
+    buffer = _pool.pop() if _pool else memoryview(bytearray(_PIPE_BUFFER))
+    if wanted > 0 and len(buffer) != _pipe_size(wanted):
+        buffer = memoryview(bytearray(_pipe_size(wanted)))
+    return buffer
+
+
+def _pipe_size(wanted: int) -> int:
+    """The size F_SETPIPE_SZ gives a pipe asked for ``wanted`` bytes: a power of two pages."""
+    pages = -(-wanted // mmap.PAGESIZE)
+    return mmap.PAGESIZE << (pages - 1).bit_length()
+
+
+# Arguments are converted as Cython converts the extension's typed ones, so that
+# both twins accept, truncate and refuse the same values.
+def _c_int(value, bits: int = 32) -> int:
+    """As a C ``int`` (or ``long long``) argument: through __int__, so a float is truncated."""
+    if not hasattr(type(value), "__int__"):
+        raise TypeError(f"an integer is required, not {type(value).__name__}")
+    number = int(value)
+    if not -(1 << (bits - 1)) <= number < 1 << (bits - 1):
+        raise OverflowError(f"value too large to convert to a {bits}-bit integer")
+    return number
+
+
+def _c_size(value) -> int:
+    """As a ``Py_ssize_t`` argument: integers only (through __index__)."""
+    return _c_int(operator.index(value), 64)
+
+
+def _c_double(value) -> float:
+    """As a C ``double`` argument: a number, never a string."""
+    if not (hasattr(type(value), "__float__") or hasattr(type(value), "__index__")):
+        raise TypeError(f"must be real number, not {type(value).__name__}")
+    return float(value)
+
+
+def _exactly(kind: type, value, name: str, none_allowed: bool):
+    """As an argument typed ``bytes`` or ``str``: that very type (or None where Cython lets it through)."""
+    if type(value) is not kind and not (none_allowed and value is None):
+        raise TypeError(f"Argument '{name}' has incorrect type (expected {kind.__name__}, got {type(value).__name__})")
+    return value
 
 
 # What advancing one way came to (see the extension's Engine).
-WAITING, FINISHED, OUT_OF_BUDGET, FAILED, HELD = range(5)
-LOCAL = 2  # who failed, besides the sides 0 (client) and 1 (upstream)
-MAX_EVENTS = 256
-SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-PAUSED_EVENTS = select.EPOLLOUT | select.EPOLLET  # errors and hangups are reported anyway
-READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WAITING, _FINISHED, _OUT_OF_BUDGET, _FAILED, _HELD = range(5)
+_LOCAL = 2  # who failed, besides the sides 0 (client) and 1 (upstream)
+_MAX_EVENTS = 256
+_SOCKET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_PAUSED_EVENTS = select.EPOLLOUT | select.EPOLLET  # errors and hangups are reported anyway
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -128,7 +169,7 @@ def _with_socket(fd: int, action) -> None:
         sock.detach()
 
 
-def so_error(sock) -> int:
+def _so_error(sock) -> int:
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
@@ -139,17 +180,38 @@ class Engine:
     edge-triggered; a way reads until the source is empty or the destination full.
     """
 
+    # No other attributes, as on the extension's type.
+    __slots__ = ("_conns", "_free", "_backlog", "_failure", "_held", "_next_deadline", "_moved", "_slots", "_epoll")
+
     def __init__(self):
-        self._epoll = select.epoll()
         self._conns: list[_Conn] = []
         self._free: list[int] = []
         self._backlog: list[int] = []
         self._failure = (0, 0)
         self._held = []  # (handle, token) of upstream FINs not yet reported by take_held()
-        self.next_deadline = math.inf  # no connection times out before this (inf: none can)
-        self.moved = 0  # bytes moved by the last run()
+        self._next_deadline = math.inf
+        self._moved = 0
         # fd -> slot * 2 + side: epoll here reports fds, not the extension's 64-bit cookies.
         self._slots: dict[int, int] = {}
+        self._epoll = select.epoll()
+
+    def __del__(self):
+        # As the extension's __dealloc__: close() was not called, so no one is told, but nothing leaks.
+        for conn in getattr(self, "_conns", ()):  # none if __init__ failed early
+            if conn.in_use:
+                for fd, way in zip(conn.fds, conn.ways):
+                    os.close(fd)
+                    way.give_back()
+
+    @property
+    def next_deadline(self):
+        """No connection times out before this (inf: none can)."""
+        return self._next_deadline
+
+    @property
+    def moved(self):
+        """Bytes moved by the last run()."""
+        return self._moved
 
     def fileno(self):
         return -1 if self._epoll.closed else self._epoll.fileno()
@@ -180,14 +242,19 @@ class Engine:
         With ``hold_upstream_eof``, the upstream's FIN is held: see take_held().
         Returns the connection's handle.
         """
+        client_fd, upstream_fd, pipe_size = _c_int(client_fd), _c_int(upstream_fd), _c_int(pipe_size)
+        now, idle_timeout, half_closed_timeout = _c_double(now), _c_double(idle_timeout), _c_double(half_closed_timeout)
+        to_upstream_first = _exactly(bytes, to_upstream_first, "to_upstream_first", none_allowed=True)
+        to_client_first = _exactly(bytes, to_client_first, "to_client_first", none_allowed=True)
+        hold_upstream_eof = bool(hold_upstream_eof)
         if not self._free:
             self._conns.append(_Conn())
             self._conns[-1].generation = 0
             self._free.append(len(self._conns) - 1)
         slot = self._free[-1]
-        self._epoll.register(client_fd, SOCKET_EVENTS)
+        self._epoll.register(client_fd, _SOCKET_EVENTS)
         try:
-            self._epoll.register(upstream_fd, SOCKET_EVENTS)
+            self._epoll.register(upstream_fd, _SOCKET_EVENTS)
         except OSError:
             self._epoll.unregister(client_fd)
             raise
@@ -196,7 +263,7 @@ class Engine:
         conn.fds = (client_fd, upstream_fd)
         conn.ways = (_Way(to_upstream_first), _Way(to_client_first))
         conn.last_active = now
-        self.next_deadline = min(self.next_deadline, now + idle_timeout)
+        self._next_deadline = min(self._next_deadline, now + idle_timeout)
         conn.idle_timeout, conn.half_closed_timeout = idle_timeout, half_closed_timeout
         conn.pipe_size = pipe_size
         conn.half_closed = False
@@ -209,7 +276,7 @@ class Engine:
 
     def _fail(self, who, error):
         self._failure = (who, error)
-        return FAILED
+        return _FAILED
 
     def _advance(self, conn, side, budget, now):
         """Move one way's bytes until it blocks, finishes, fails or the budget is spent.
@@ -219,16 +286,16 @@ class Engine:
         way = conn.ways[side]
         src, dst = conn.fds[side], conn.fds[1 - side]
         if way.shut:
-            return FINISHED, budget
+            return _FINISHED, budget
         if way.held:
-            return WAITING, budget  # nothing moves this way until release()
+            return _WAITING, budget  # nothing moves this way until release()
         while True:
             while way.first is not None:
                 try:
                     n = os.write(dst, way.first)
                 except BlockingIOError:
                     way.write_blocked = True
-                    return WAITING, budget
+                    return _WAITING, budget
                 except OSError as exc:
                     return self._fail(1 - side, exc.errno), budget
                 way.moved += n
@@ -244,7 +311,7 @@ class Engine:
                     return self._fail(1 - side, exc.errno), budget
                 if n == 0:
                     way.write_blocked = True
-                    return WAITING, budget
+                    return _WAITING, budget
                 way.start += n
                 way.pending -= n
                 way.moved += n
@@ -255,7 +322,7 @@ class Engine:
                 way.give_back()
                 if side == 1 and conn.hold_upstream_eof:
                     way.held = True
-                    return HELD, budget
+                    return _HELD, budget
                 try:
                     _with_socket(dst, lambda sock: sock.shutdown(socket.SHUT_WR))
                 except OSError as exc:
@@ -265,20 +332,22 @@ class Engine:
                     # From now on the silence allowed is the (shorter) half-closed timeout.
                     conn.half_closed = True
                     conn.last_active = now
-                    self.next_deadline = min(self.next_deadline, now + min(conn.idle_timeout, conn.half_closed_timeout))
-                return FINISHED, budget
+                    self._next_deadline = min(
+                        self._next_deadline, now + min(conn.idle_timeout, conn.half_closed_timeout)
+                    )
+                return _FINISHED, budget
             if budget <= 0:
-                return OUT_OF_BUDGET, budget
+                return _OUT_OF_BUDGET, budget
             if way.view is None:
                 try:
                     way.view = _take_buffer(conn.pipe_size)
                 except MemoryError:
-                    return self._fail(LOCAL, errno.ENOMEM), budget
+                    return self._fail(_LOCAL, errno.ENOMEM), budget
             try:
                 n = os.readv(src, [way.view])
             except BlockingIOError:
                 way.give_back()  # empty: an idle connection holds no buffer
-                return WAITING, budget
+                return _WAITING, budget
             except OSError as exc:
                 return self._fail(side, exc.errno), budget
             if n == 0:
@@ -290,19 +359,19 @@ class Engine:
         """Advance one way; end the connection if that finished or failed it. Returns the budget left."""
         conn = self._conns[slot]
         if budget <= 0:
-            outcome = OUT_OF_BUDGET  # no I/O at all: the way just waits for the next run
+            outcome = _OUT_OF_BUDGET  # no I/O at all: the way just waits for the next run
         else:
             outcome, budget = self._advance(conn, side, budget, now)
-        if outcome == OUT_OF_BUDGET:
+        if outcome == _OUT_OF_BUDGET:
             if not conn.ways[side].queued:
                 conn.ways[side].queued = True
                 self._backlog.append(slot * 2 + side)
-        elif outcome == FAILED:
+        elif outcome == _FAILED:
             who, error = self._failure
-            self._finish(slot, ends.local_failure(error) if who == LOCAL else ends.RESET_BY[who], False, finished)
-        elif outcome == FINISHED and conn.ways[1 - side].shut:
+            self._finish(slot, ends.local_failure(error) if who == _LOCAL else ends.RESET_BY[who], False, finished)
+        elif outcome == _FINISHED and conn.ways[1 - side].shut:
             self._finish(slot, ends.CLOSED, True, finished)
-        elif outcome == HELD:
+        elif outcome == _HELD:
             self._held.append((_handle_of(conn, slot), conn.token))
         elif conn.ways[side].paused != conn.ways[side].write_blocked:
             self._pause_reading(conn, side, conn.ways[side].write_blocked)
@@ -314,7 +383,7 @@ class Engine:
         Turning EPOLLIN back on reports the source at once if it has data, so no edge is lost.
         """
         try:
-            self._epoll.modify(conn.fds[side], PAUSED_EVENTS if paused else SOCKET_EVENTS)
+            self._epoll.modify(conn.fds[side], _PAUSED_EVENTS if paused else _SOCKET_EVENTS)
         except OSError:
             return  # still armed for everything: only more wakeups
         conn.ways[side].paused = paused
@@ -342,9 +411,10 @@ class Engine:
         """Handle what is ready (never blocks); returns the connections that ended, as
         (token, ended, sent_up, sent_down). Stops after about ``budget`` bytes: see ``backlogged``;
         ``moved`` then says how many bytes it moved."""
+        now, budget = _c_double(now), _c_size(budget)
         finished = []
-        self.moved = 0  # and stays 0 if the run fails
-        self.moved = budget - self._run(now, budget, finished)
+        self._moved = 0  # and stays 0 if the run fails
+        self._moved = budget - self._run(now, budget, finished)
         return finished
 
     def _run(self, now, budget, finished):
@@ -359,7 +429,7 @@ class Engine:
         if budget <= 0:
             return budget  # edge-triggered events wait in the kernel's ready list, not lost
         try:
-            events = self._epoll.poll(0, MAX_EVENTS)
+            events = self._epoll.poll(0, _MAX_EVENTS)
         except InterruptedError:
             return budget
         for fd, ready in events:
@@ -370,11 +440,11 @@ class Engine:
             conn = self._conns[slot]
             if ready & select.EPOLLERR:
                 errors = []
-                _with_socket(conn.fds[side], lambda sock, out=errors: out.append(so_error(sock)))
+                _with_socket(conn.fds[side], lambda sock, out=errors: out.append(_so_error(sock)))
                 if errors[0]:
                     self._finish(slot, ends.RESET_BY[side], False, finished)
                     continue
-            if ready & READABLE and not conn.ways[side].write_blocked:
+            if ready & _READABLE and not conn.ways[side].write_blocked:
                 budget = self._step(slot, side, budget, now, finished)
             other = conn.ways[1 - side] if conn.in_use else None
             if (
@@ -402,6 +472,7 @@ class Engine:
     def release(self, handle, now):
         """Forward a held upstream FIN. Returns the connections that ended, as run() does; a handle
         whose FIN is not held, or whose connection already ended (a reset, a timeout), is ignored."""
+        handle, now = _c_int(handle, 64), _c_double(now)
         finished = []
         slot = self._live_slot(handle)
         if slot < 0 or not self._conns[slot].ways[1].held:
@@ -414,6 +485,7 @@ class Engine:
     def abort(self, handle, ended):
         """Reset both sides of a connection (one whose FIN is held, say) and report it ended ``ended``,
         as run() does; a handle whose connection already ended is ignored."""
+        handle, ended = _c_int(handle, 64), _exactly(str, ended, "ended", none_allowed=False)
         finished = []
         slot = self._live_slot(handle)
         if slot >= 0:
@@ -422,6 +494,7 @@ class Engine:
 
     def expire(self, now):
         """End the connections silent for longer than their timeout; returns them as run() does."""
+        now = _c_double(now)
         finished = []
         next_deadline = math.inf
         for slot, conn in enumerate(self._conns):
@@ -433,7 +506,7 @@ class Engine:
                 self._finish(slot, ends.HALF_CLOSED_TIMEOUT if conn.half_closed else ends.IDLE_TIMEOUT, False, finished)
             else:
                 next_deadline = min(next_deadline, deadline)
-        self.next_deadline = next_deadline
+        self._next_deadline = next_deadline
         return finished
 
     def close(self):
@@ -443,7 +516,7 @@ class Engine:
             if conn.in_use:
                 self._finish(slot, ends.CANCELLED, False, finished)
         self._epoll.close()
-        self.next_deadline = math.inf
+        self._next_deadline = math.inf
         self._backlog = []
         self._held = []
         return finished

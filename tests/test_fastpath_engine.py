@@ -4,12 +4,14 @@ Time is whatever the test passes as ``now``: nothing here waits for a timeout.
 """
 
 import errno
+import gc
 import hashlib
 import os
 import select
 import socket
 import threading
 import time
+from fractions import Fraction
 
 import pytest
 
@@ -93,6 +95,66 @@ def test_both_twins_offer_the_same_engine_api(impl):
     assert engine.run(0.0, 1) == [] and engine.expire(0.0) == [] and engine.next_deadline == float("inf")
     assert engine.take_held() == [] and engine.release(12345, 0.0) == [] and engine.abort(12345, "x") == []
     assert engine.close() == []
+
+
+def test_the_engine_s_attributes_are_read_only(engine):
+    for name, value in [("next_deadline", 0.0), ("moved", 1), ("backlogged", True), ("anything_else", 1)]:
+        with pytest.raises(AttributeError):
+            setattr(engine, name, value)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda engine: engine.run("0", 1),  # a time is a number, never a string
+        lambda engine: engine.run(0.0, 1.5),  # a budget is a count of bytes
+        lambda engine: engine.expire(None),
+        lambda engine: engine.release("1", 0.0),
+        lambda engine: engine.abort(1, None),
+        lambda engine: engine.abort(1, b"upstream-down"),
+        lambda engine: engine.add("3", 4, "t", 0.0, 1.0, 1.0),
+        lambda engine: engine.add(3, 4, "t", 0.0, 1.0, 1.0, to_upstream_first=bytearray(b"x")),
+        lambda engine: type(engine)("an argument"),
+    ],
+)
+def test_both_twins_refuse_the_same_arguments(engine, call):
+    with pytest.raises(TypeError):
+        call(engine)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda engine: engine.run(0.0, 1 << 63),
+        lambda engine: engine.release(1 << 63, 0.0),
+        lambda engine: engine.add(1 << 40, 4, "t", 0.0, 1.0, 1.0),
+    ],
+)
+def test_both_twins_refuse_the_same_out_of_range_integers(engine, call):
+    with pytest.raises(OverflowError):
+        call(engine)
+
+
+def test_both_twins_convert_arguments_alike(engine):
+    assert engine.run(0, True) == [] and engine.expire(Fraction(1, 2)) == []
+    assert engine.release(1.0, 0) == [] and engine.abort(True, "x") == []  # C integers: floats are truncated
+    app_client, app_server = relayed(engine, "t", now=1, idle=Fraction(30), to_upstream_first=None, hold_upstream_eof=1)
+    assert engine.next_deadline == 31.0 and isinstance(engine.next_deadline, float)
+    app_server.shutdown(socket.SHUT_WR)
+    run(engine, seconds=0.2)
+    assert [token for _, token in engine.take_held()] == ["t"]
+
+
+def test_an_engine_dropped_unclosed_closes_its_connections(impl):
+    """As close() was not called, nobody is told, and nobody is reset: but no fd is left open."""
+    engine = impl.Engine()
+    epoll_fd = engine.fileno()
+    app_client, app_server = relayed(engine, "t")
+    del engine
+    gc.collect()
+    assert read_to_eof(app_client) == b"" and read_to_eof(app_server) == b""
+    with pytest.raises(OSError):
+        os.fstat(epoll_fd)
 
 
 @pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 << 20])
@@ -348,6 +410,37 @@ def test_a_pipe_with_bytes_left_is_not_pooled(impl):
     holding = impl.pooled_pipes()
     assert engine.close() == [("t", "cancelled", ANY_COUNT, 0)]
     assert impl.pooled_pipes() == holding  # dropped, not given back with stale bytes in it
+
+
+def test_the_pool_keeps_at_most_pool_max_pipes(impl):
+    """More connections than POOL_MAX hold a pipe at once (their upstream reads nothing); when they all end,
+    POOL_MAX pipes wait in the pool and the rest are closed."""
+    engine = impl.Engine()
+    ends = []
+    for token in range(impl.POOL_MAX + 8):
+        app_client, relay_client = tcp_pair()
+        relay_upstream, app_server = tcp_pair(buffer_size=4096)
+        relay_client.setblocking(False)
+        relay_upstream.setblocking(False)
+        engine.add(relay_client.detach(), relay_upstream.detach(), token, 0.0, IDLE, HALF_CLOSED)
+        app_client.setblocking(False)
+        app_client.send(bytes(256 << 10))  # what fits: more than the upstream side takes
+        app_client.shutdown(socket.SHUT_WR)
+        app_server.settimeout(10)
+        ends.append(app_server)
+    run(engine, seconds=0.5)
+    assert impl.pooled_pipes() == 0  # every connection holds one
+
+    def drain_each():
+        for app_server in ends:
+            read_to_eof(app_server)
+            app_server.shutdown(socket.SHUT_WR)
+
+    in_thread(drain_each)
+    finished = run(engine, count_of(len(ends)), seconds=30)
+    assert sorted(ended for _, ended, _, _ in finished) == ["closed"] * len(ends)
+    assert impl.pooled_pipes() == impl.POOL_MAX
+    engine.close()
 
 
 class _AnyCount:
