@@ -1,4 +1,4 @@
-"""Selects the fast-path implementation once, at import time.
+"""The fast path: ``from relay.fastpath import Engine``, whichever twin was chosen at import time.
 
 The Cython extension is used when it is built, unless RELAY_NO_EXTENSIONS is
 set (to anything but "" or "0"), which forces the pure-Python twin.
@@ -6,23 +6,28 @@ set (to anything but "" or "0"), which forces the pure-Python twin.
 
 import os
 
-from relay import _fastpath_py
-
 
 def _forced_pure() -> bool:
     return os.environ.get("RELAY_NO_EXTENSIONS", "") not in ("", "0")
 
 
 if _forced_pure():
-    impl = _fastpath_py
+    from relay import _fastpath_py as _twin
+
     WHY = "pure python, forced by RELAY_NO_EXTENSIONS"
 else:
     try:
-        from relay import _fastpath as impl
+        from relay import _fastpath as _twin
     except ImportError:
-        impl = _fastpath_py
+        from relay import _fastpath_py as _twin
+
         WHY = "pure python, the extension is not built"
     else:
         WHY = "cython extension"
 
-NAME = impl.NAME
+NAME = _twin.NAME
+POOL_MAX = _twin.POOL_MAX
+Engine = _twin.Engine
+original_dst = _twin.original_dst
+pooled_pipes = _twin.pooled_pipes
+set_transparent = _twin.set_transparent

@@ -66,7 +66,7 @@ class Connections:
         if mode == "tproxy":
             return sock.getsockname()[:2]
         try:
-            return fastpath.impl.original_dst(sock)
+            return fastpath.original_dst(sock)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise

@@ -35,7 +35,7 @@ async def open_listener(host: str, port: int, transparent: bool, reuse_port: boo
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 gets its own socket
         if transparent:
             try:
-                fastpath.impl.set_transparent(sock)
+                fastpath.set_transparent(sock)
             except PermissionError:
                 raise ConfigError("--mode tproxy needs CAP_NET_ADMIN (run as root, or grant the capability)") from None
         await sock.bind((host, port))

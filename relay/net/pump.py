@@ -2,7 +2,7 @@
 
 Once its tunnel is open (relay.net.dial.Dialer) a connection is handed to
 Pump.add(): an idle connection costs a row in the engine's table
-(relay._fastpath Engine, or its pure twin), not a task and its frames. The engine moves bytes
+(relay.fastpath.Engine), not a task and its frames. The engine moves bytes
 both ways, forwards a FIN as shutdown(SHUT_WR) while the other direction goes
 on, resets both sides when either resets, and enforces the idle timeouts. One
 task runs it whenever its epoll fd is readable, another when the next timeout
@@ -54,7 +54,7 @@ class Pump:
     """
 
     def __init__(self, on_finished, impl=None):
-        self.engine = (impl or fastpath.impl).Engine()
+        self.engine = (impl or fastpath).Engine()
         self.on_finished = on_finished
         self.alarm: trio.CancelScope | None = None  # keep_time()'s sleep until the next expiry
         self.nursery: trio.Nursery | None = None  # the probes', while run() runs
