@@ -3,9 +3,10 @@
 the Engine that relays established connections with splice(), socket -> pipe
 -> socket, without copying bytes through Python.
 
-``relay/_fastpath_py.py`` is its pure-Python twin with the same API; the tests
-run against both. Policy stays in Python: the words a connection ends with
-(relay/ends.py), and whether a held FIN is genuine (relay/net/pump.py).
+``relay/_fastpath_py.py`` is its pure-Python twin with the same API
+(``_fastpath.pyi``); the tests run against both. Policy stays in Python: the
+words a connection ends with (relay/ends.py), and whether a held FIN is
+genuine (relay/net/pump.py).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE

@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``relay/_fastpath.pyx``: same functions, same Engine API.
+"""Pure-Python twin of ``relay/_fastpath.pyx``: same functions, same Engine API (``_fastpath.pyi``).
 
 Used when the extension is not built or RELAY_NO_EXTENSIONS=1. Instead of a
 pipe, each direction copies through one bounded buffer, drained before the

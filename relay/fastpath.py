@@ -1,7 +1,8 @@
 """The fast path: ``from relay.fastpath import Engine``, whichever twin was chosen at import time.
 
 The Cython extension is used when it is built, unless RELAY_NO_EXTENSIONS is
-set (to anything but "" or "0"), which forces the pure-Python twin.
+set (to anything but "" or "0"), which forces the pure-Python twin. Both
+offer the API of relay/_fastpath.pyi.
 """
 
 import os

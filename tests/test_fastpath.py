@@ -1,8 +1,9 @@
-"""The fast path and its pure twin: original destination, transparent sockets, the selection.
+"""The fast path and its pure twin: the API they share, original destination, transparent sockets, the selection.
 
 The Engine, which relays connections, has its own tests in tests/test_fastpath_engine.py.
 """
 
+import ast
 import errno
 import importlib
 import inspect
@@ -24,9 +25,47 @@ def public_names(namespace) -> set[str]:
     return {name for name, value in vars(namespace).items() if not name.startswith("_") and not inspect.ismodule(value)}
 
 
-def test_both_twins_offer_the_same_api(impl):
-    for name in ("NAME", "Engine", "original_dst", "set_transparent", "pooled_pipes"):
-        assert hasattr(impl, name)
+def stub_api() -> tuple[dict, dict]:
+    """What relay/_fastpath.pyi declares: {name: parameter names, or None for a constant} at the top and in Engine."""
+    declared, engine = {}, {}
+    for node in ast.parse((SOURCES / "_fastpath.pyi").read_text()).body:
+        if isinstance(node, ast.AnnAssign) and not node.target.id.startswith("_"):
+            declared[node.target.id] = None
+        elif isinstance(node, ast.FunctionDef):
+            declared[node.name] = [arg.arg for arg in node.args.args]
+        elif isinstance(node, ast.ClassDef):
+            declared[node.name] = None
+            for member in node.body:
+                if not member.name.startswith("_"):
+                    is_property = any(getattr(d, "id", None) == "property" for d in member.decorator_list)
+                    engine[member.name] = None if is_property else [arg.arg for arg in member.args.args]
+    return declared, engine
+
+
+def test_both_twins_offer_the_api_of_the_stub(extension):
+    declared, engine = stub_api()
+    for twin in (extension, _fastpath_py):
+        assert public_names(twin) == set(declared), twin.__name__
+        assert public_names(twin.Engine) == set(engine), twin.__name__
+        for name, parameters in [*declared.items(), *((f"Engine.{n}", p) for n, p in engine.items())]:
+            if parameters is not None:
+                target = twin
+                for part in name.split("."):
+                    target = getattr(target, part)
+                assert list(inspect.signature(target).parameters) == parameters, f"{twin.__name__}.{name}"
+
+
+def test_both_twins_have_the_same_signatures_and_constants(extension):
+    for name in public_names(extension):
+        ours, theirs = getattr(extension, name), getattr(_fastpath_py, name)
+        if inspect.isroutine(ours):
+            assert inspect.signature(ours) == inspect.signature(theirs), name
+    for name in public_names(extension.Engine):
+        ours, theirs = getattr(extension.Engine, name), getattr(_fastpath_py.Engine, name)
+        if inspect.isroutine(ours):
+            assert inspect.signature(ours) == inspect.signature(theirs), f"Engine.{name}"
+    assert extension.POOL_MAX == _fastpath_py.POOL_MAX
+    assert (extension.NAME, _fastpath_py.NAME) == ("cython", "python")
 
 
 def test_neither_twin_spells_an_end_word():
