@@ -14,8 +14,19 @@ IDLE_TIMEOUT = "idle-timeout"
 HALF_CLOSED_TIMEOUT = "half-closed-timeout"  # one direction finished, the other went silent
 UPSTREAM_DOWN = "upstream-down"  # --confirm-eof: the upstream's FIN came from a proxy that died
 CANCELLED = "cancelled"  # the relay shut down
+ERROR = "error"  # a bug of the relay's, logged with its traceback
 
 
-def local_failure(error: int) -> str:
+def errno_word(code: int | None) -> str:
+    """The short word for an errno in logs and metric labels: "econnrefused"; "error" if unknown."""
+    return errno.errorcode.get(code, "error").lower() if code else "error"
+
+
+def local_failure(code: int | None) -> str:
     """How a connection ended when the relay itself ran out of something, e.g. "relay-emfile"."""
-    return "relay-" + errno.errorcode.get(error, "error").lower()
+    return "relay-" + errno_word(code)
+
+
+def client_failure(code: int | None) -> str:
+    """How a connection ended when its client's socket failed, e.g. "client-econnreset"."""
+    return "client-" + errno_word(code)

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from relay import ends
 from relay.addresses import format_address
 from relay.config import Config
+from relay.ends import client_failure, local_failure
 from relay.logs import conn_log, log
 from relay.net import admission
-from relay.net.faults import UpstreamError, errno_word, shortage
+from relay.net.faults import UpstreamError
 from relay.net.http_forward import NeedsTunnel, forward
 from relay.net.sockets import receive_some, reset
 from relay.net.upstreams import NAMED_SCHEMES, Attempts, UpstreamPool
@@ -121,7 +123,7 @@ class Connection:
         self.counted = True
         self.move(State.ADMITTED)
         if owner.waiting.closed:  # shutting down: an accept loop woken just before it was cancelled
-            self.end("cancelled")
+            self.end(ends.CANCELLED)
             return
         try:
             self.sock.setblocking(False)
@@ -177,7 +179,7 @@ class Connection:
         except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
             peer = format_address(self.peer)
             self.owner.warnings.warning(f"wait-{exc.errno}", f"cannot take a connection from {peer}: {exc}")
-            self.end(shortage(exc.errno))
+            self.end(local_failure(exc.errno))
 
     async def sniff_rest(self, sniffer: Sniffer) -> None:
         """Read until the first bytes are recognised or --sniff-timeout after the accept: a client
@@ -221,7 +223,7 @@ class Connection:
                 log.exception("internal error after handing on %s", format_address(self.peer))
         except BaseException:  # cancelled (shutdown): the client must not see a clean end of data
             if self.in_task_still():
-                self.end("cancelled")
+                self.end(ends.CANCELLED)
             raise
 
     def in_task_still(self) -> bool:
@@ -248,8 +250,8 @@ class Connection:
         try:
             upstream, addresses, target = self.attempts.next()
         except UpstreamError as exc:
-            if exc.reason in ("cancelled", "internal-error"):  # shutting down; a bug, logged already
-                self.end("cancelled" if exc.reason == "cancelled" else "error")
+            if exc.reason in (ends.CANCELLED, "internal-error"):  # shutting down; a bug, logged already
+                self.end(ends.CANCELLED if exc.reason == ends.CANCELLED else ends.ERROR)
             else:
                 self.end(f"refused:{exc.reason}", str(exc))
             return
@@ -295,7 +297,7 @@ class Connection:
         except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
             reset(upstream)
             self.source = None
-            self.end(shortage(exc.errno))
+            self.end(local_failure(exc.errno))
             return
         except Exception:
             reset(upstream)
@@ -356,13 +358,13 @@ class Connection:
     def client_failed(self, exc: OSError) -> None:
         """The client's socket failed: reset it and say so (rate-limited)."""
         self.owner.warnings.warning(f"conn-{exc.errno}", f"connection from {format_address(self.peer)} failed: {exc}")
-        self.end("client-" + errno_word(exc.errno))
+        self.end(client_failure(exc.errno))
 
     def internal_error(self) -> None:
         """A bug must cost one connection, not the relay and every other connection."""
         dst = format_address(self.dst) if self.dst else "?"
         log.exception("internal error while relaying %s -> %s", format_address(self.peer), dst)
-        self.end_unless_ended("error")
+        self.end_unless_ended(ends.ERROR)
 
     def log(self, ended: str, detail: str | None) -> None:
         """The per-connection log line (-v)."""

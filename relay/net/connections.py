@@ -11,7 +11,7 @@ import socket
 
 import trio
 
-from relay import fastpath
+from relay import ends, fastpath
 from relay.addresses import format_address
 from relay.config import Config
 from relay.logs import RateLimited, log
@@ -43,7 +43,7 @@ class Connections:
         self.pump = Pump(Connection.relayed)  # its tokens are the connections
         self.waiting = WaitingRoom(
             lambda sock, connection, spoke: connection.left_waiting_room(spoke),
-            lambda sock, connection: connection.end("cancelled"),  # the room closed: shutting down
+            lambda sock, connection: connection.end(ends.CANCELLED),  # the room closed: shutting down
         )
         self.tasks: trio.Nursery | None = None  # for what waits on a client, while serving
         self.live = 0  # connections not ended
@@ -60,7 +60,7 @@ class Connections:
         except Exception:
             # A bug must cost one connection, not the accept loop and every connection after it.
             log.exception("internal error while admitting %s", format_address(peer))
-            connection.end_unless_ended("error")
+            connection.end_unless_ended(ends.ERROR)
 
     def original_destination(self, sock: socket.socket, mode: str) -> tuple[str, int]:
         if mode == "tproxy":

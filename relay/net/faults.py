@@ -12,6 +12,8 @@ import enum
 import errno
 import os
 
+from relay import ends
+from relay.ends import errno_word, local_failure
 from relay.proto.errors import ProxyRefused, RemoteProtocolError
 
 
@@ -20,16 +22,6 @@ class Fault(enum.Enum):
     TARGET = "target"  # the proxy answered: it cannot or will not reach the destination
     RELAY = "relay"  # this process: out of something, shutting down, or a bug
     CLIENT = "client"  # the LAN client: reset, vanished, or sent what cannot be relayed
-
-
-def errno_word(code: int | None) -> str:
-    """The short word for an errno in logs and metric labels: "econnrefused"; "error" if unknown."""
-    return errno.errorcode.get(code, "error").lower() if code else "error"
-
-
-def shortage(code: int | None) -> str:
-    """How a connection ends when the relay itself ran out of something, e.g. "relay-emfile"."""
-    return "relay-" + errno_word(code)
 
 
 # Out of local ports, fds or memory is the relay's shortage, not the proxy's fault: it must
@@ -56,7 +48,7 @@ class UpstreamError(Exception):
 
 
 def cancelled() -> UpstreamError:
-    return UpstreamError("the relay is shutting down", "cancelled", Fault.RELAY)
+    return UpstreamError("the relay is shutting down", ends.CANCELLED, Fault.RELAY)
 
 
 def internal_error() -> UpstreamError:
@@ -65,14 +57,14 @@ def internal_error() -> UpstreamError:
 
 def cannot_watch(exc: OSError) -> UpstreamError:
     """epoll could not take the socket (its watch limit, memory): the relay's shortage."""
-    return UpstreamError(f"cannot wait for the upstream socket: {exc.strerror}", shortage(exc.errno), Fault.RELAY)
+    return UpstreamError(f"cannot wait for the upstream socket: {exc.strerror}", local_failure(exc.errno), Fault.RELAY)
 
 
 def connect_failure(error: OSError, where: str) -> UpstreamError:
     """What a failed connect() (or socket()) means: the proxy's fault, or the relay's own shortage."""
     why = os.strerror(error.errno) if error.errno else str(error)
     if error.errno in LOCAL_SHORTAGES:
-        return UpstreamError(f"connecting to {where} failed: {why}", shortage(error.errno), Fault.RELAY)
+        return UpstreamError(f"connecting to {where} failed: {why}", local_failure(error.errno), Fault.RELAY)
     return UpstreamError(f"connecting to {where} failed: {why}", "connect-" + errno_word(error.errno), Fault.PROXY)
 
 

@@ -17,6 +17,7 @@ reached the client yet.
 import h11
 import trio
 
+from relay import ends
 from relay.config import Config
 from relay.net.dial import connect
 from relay.net.faults import UpstreamError
@@ -29,7 +30,7 @@ READ_SIZE = 65536
 MAX_HEAD = 16384
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # How a reused proxy connection ends when the proxy closed it as our request went out.
-CROSSED_CLOSE = frozenset({"proxy-closed", "upstream-reset"})
+CROSSED_CLOSE = frozenset({"proxy-closed", ends.UPSTREAM_RESET})
 
 
 class NeedsTunnel(Exception):
@@ -94,7 +95,7 @@ class HttpForwarder:
             try:
                 data = await self.client.recv(READ_SIZE)
             except OSError:
-                raise self.fail("client-reset") from None
+                raise self.fail(ends.CLIENT_RESET) from None
             self.check_end(data)
             self.touch()
             if self.unparsed is not None and len(self.unparsed) <= MAX_SNIFF_BYTES:
@@ -109,7 +110,7 @@ class HttpForwarder:
             try:
                 data = await self.proxy.recv(READ_SIZE)
             except OSError:
-                raise self.fail("upstream-reset") from None
+                raise self.fail(ends.UPSTREAM_RESET) from None
             self.check_end(data)
             if not data and not self.answering:
                 raise self.fail("proxy-closed")  # before a byte of the answer: maybe it crossed our request
@@ -123,7 +124,7 @@ class HttpForwarder:
             try:
                 await write_all(self.client, data)
             except OSError:
-                raise self.fail("client-reset") from None
+                raise self.fail(ends.CLIENT_RESET) from None
             self.sent_down += len(data)
 
     async def to_upstream(self, event):
@@ -132,7 +133,7 @@ class HttpForwarder:
             try:
                 await write_all(self.proxy, data)
             except OSError:
-                raise self.fail("upstream-reset") from None
+                raise self.fail(ends.UPSTREAM_RESET) from None
             self.sent_up += len(data)
 
     def target_authority(self, request: h11.Request) -> bytes:
@@ -149,7 +150,7 @@ class HttpForwarder:
         try:
             with self.idle:
                 return await self._exchanges()
-            raise ForwardFailed("idle-timeout")
+            raise ForwardFailed(ends.IDLE_TIMEOUT)
         except BaseException:
             if self.proxy is not None:
                 reset(self.proxy)  # as the client is reset: the proxy must not see an end of data either
@@ -167,7 +168,7 @@ class HttpForwarder:
                     raise NeedsTunnel(bytes(self.unparsed)) from None
                 raise ForwardFailed("client-protocol-error") from None
             if isinstance(request, h11.ConnectionClosed):
-                return "closed"
+                return ends.CLOSED
             if needs_tunnel(request):
                 if self.unparsed is not None:
                     raise NeedsTunnel(bytes(self.unparsed))
@@ -175,7 +176,7 @@ class HttpForwarder:
             self.unparsed = None
             await self._exchange(request)
             if not self._next_cycle():
-                return "closed"
+                return ends.CLOSED
 
     async def _exchange(self, request: h11.Request) -> None:
         reused = self.to_proxy is not None and self.to_proxy.our_state is h11.IDLE and not closed_by_peer(self.proxy)
@@ -307,7 +308,7 @@ async def forward(client, first: bytes, record, config: Config, pool, candidates
         idle_timeout=config.idle_timeout,
     )
     record.via = upstream
-    ended, detail, clean = "closed", None, True
+    ended, detail, clean = ends.CLOSED, None, True
     try:
         ended = await forwarder.run()
     except ForwardFailed as exc:

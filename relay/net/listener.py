@@ -8,6 +8,7 @@ import trio
 from relay import fastpath
 from relay.addresses import format_address
 from relay.config import DEFAULT_PORT, ConfigError
+from relay.ends import errno_word
 from relay.logs import RateLimited
 from relay.net.sockets import family_of
 
@@ -110,7 +111,7 @@ async def accept_loop(listener, accepted, warnings: RateLimited, slots: trio.Sem
                 raise
             if exc.errno in RESOURCE_ERRNOS:
                 warnings.warning(
-                    "accept-" + errno.errorcode[exc.errno],
+                    "accept-" + errno_word(exc.errno),
                     f"accept() failed: {exc.strerror}; pausing {ACCEPT_PAUSE:g} s (raise the fd limit?)",
                 )
                 await trio.sleep(ACCEPT_PAUSE)

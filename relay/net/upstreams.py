@@ -11,6 +11,7 @@ import itertools
 
 import trio
 
+from relay import ends
 from relay.config import Config, ConfigError, Upstream
 from relay.logs import log
 from relay.net.dial import connect, resolve
@@ -200,7 +201,7 @@ class UpstreamPool:
             try:
                 await self.check(state)
             except UpstreamError as exc:
-                if exc.reason == "cancelled":
+                if exc.reason == ends.CANCELLED:
                     return  # the relay is shutting down: that says nothing about the upstream
                 # A failed active check is decisive: no waiting for more failures in a row.
                 state.failures = max(state.failures, self.config.health_failures - 1)
