@@ -80,28 +80,41 @@ def throughput_plan(settings: Settings, cases: list[Case]) -> list[tuple[int, bo
     ]
 
 
+def throughput_run(bed: Testbed, case: Case, seconds: int, streams: int, reverse: bool) -> dict:
+    """One throughput test through ``case``, with the relay's CPU seconds per GB."""
+    bed.use(case)
+    before = case.relay.cpu_seconds() if case.relay else 0.0
+    try:
+        if case.throughput_client == "bulk":
+            run = bed.bulk(case, seconds, streams, reverse)
+        else:
+            run = bed.iperf3(seconds, streams, reverse)
+    except BenchError:
+        if case.throughput_client == "iperf3":
+            bed.restart_iperf3()
+        raise
+    if case.relay:
+        run["cpu_s"] = case.relay.cpu_seconds() - before
+        run["cpu_s_per_gb"] = run["cpu_s"] / (run["bytes"] / 1e9)
+    return run
+
+
+def describe_throughput(run: dict) -> str:
+    cpu = f", {run['cpu_s_per_gb']:.2f} CPU s/GB" if "cpu_s_per_gb" in run else ""
+    return f"{run['gbit_s']:.2f} Gbit/s{cpu}"
+
+
 def measure_throughput(bed: Testbed, cases: list[Case], settings: Settings, progress: Progress) -> dict:
     runs: dict[str, dict[str, list[dict]]] = {}
     for streams, reverse, rep, case in throughput_plan(settings, cases):
         figure = figure_name(streams, reverse)
         label = f"throughput {figure:<7} {case.name:<16} {rep + 1}/{settings.repeat}"
         try:
-            bed.use(case)
-            before = case.relay.cpu_seconds() if case.relay else 0.0
-            if case.throughput_client == "bulk":
-                run = bed.bulk(case, settings.seconds, streams, reverse)
-            else:
-                run = bed.iperf3(settings.seconds, streams, reverse)
-            if case.relay:
-                run["cpu_s"] = case.relay.cpu_seconds() - before
-                run["cpu_s_per_gb"] = run["cpu_s"] / (run["bytes"] / 1e9)
-            cpu = f", {run['cpu_s_per_gb']:.2f} CPU s/GB" if case.relay else ""
-            progress.report(f"{label}: {run['gbit_s']:.2f} Gbit/s{cpu}")
+            run = throughput_run(bed, case, settings.seconds, streams, reverse)
+            progress.report(f"{label}: {describe_throughput(run)}")
         except BenchError as error:
             run = {"error": str(error)}
             progress.report(f"{label}: FAILED {error}")
-            if case.throughput_client == "iperf3":
-                bed.restart_iperf3()
         runs.setdefault(figure, {}).setdefault(case.name, []).append(run)
     return {
         figure: {

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from measure import CAPPED, WORKER_CAP
 from testbed import REDSOCKS_FDS_PER_CONNECTION
 
+RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("routed", "direct", "redsocks", "relay")
 UPSTREAM_KINDS = {"squid": "HTTP CONNECT", "dante": "SOCKS5"}
 GENERATOR_BOUND = 0.9  # relayed conn/s this close to the routed path's: the generator may be the limit
@@ -89,6 +93,14 @@ def rows(results: dict, upstream: str) -> list[Row]:
         by_case = {name: by_count.get(str(count), {}) for name, by_count in idle.items()}
         table.append(Row(f"idle KiB/conn @{count}", values(by_case, "kib_per_conn"), 2, IDLE_KIB_PER_CONN))
     return table
+
+
+def save(kind: str, record: dict) -> Path:
+    """Write ``record`` to bench/results/KIND-DATE.json."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(record, indent=2))
+    return out
 
 
 def number(value: float | None, decimals: int) -> str:

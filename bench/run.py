@@ -17,24 +17,32 @@ Run as root on a machine set up by scripts/setup:  python bench/run.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 import traceback
 from dataclasses import asdict
-from pathlib import Path
 
 import measure
 import report
-from testbed import NOFILE, RELAY_KINDS, UPSTREAMS, BenchError, Case, RelayRejected, RelayUnderTest, Testbed
+from testbed import (
+    NOFILE,
+    RELAY_KINDS,
+    UPSTREAMS,
+    BenchError,
+    Case,
+    RelayRejected,
+    RelayUnderTest,
+    Testbed,
+    cannot_run,
+    first_line,
+    machine,
+)
 
 from relay.lab import Lab, LabError
 
-RESULTS = Path(__file__).parent / "results"
 TESTS = ("throughput", "short", "idle")
 NEEDED_COMMANDS = ("redsocks", "squid", "danted", "iperf3", "gcc", "prlimit", "ss", "iptables")
 FIRST_RELAY_PORT = 12345
@@ -117,24 +125,6 @@ def calibration_case() -> Case:
     return Case("routed/bulk", "routed", throughput_client="bulk")
 
 
-def versions() -> dict[str, str]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            return str(error)
-        return (result.stdout or result.stderr).strip().splitlines()[0] if (result.stdout or result.stderr) else ""
-
-    return {
-        "relay": first_line([sys.executable, "-m", "relay", "--version"]),
-        "redsocks": first_line(["dpkg-query", "-W", "-f", "${Version}", "redsocks"]),
-        "squid": first_line(["squid", "-v"]),
-        "dante": first_line(["danted", "-v"]),
-        "iperf3": first_line(["iperf3", "--version"]),
-        "kernel": os.uname().release,
-    }
-
-
 def run(args: argparse.Namespace, settings: measure.Settings, results: dict) -> None:
     tests = [test for test in TESTS if test in args.only]
     with Lab() as lab:
@@ -153,18 +143,15 @@ def run(args: argparse.Namespace, settings: measure.Settings, results: dict) -> 
 
 def main() -> int:
     args = parse_args()
-    if os.geteuid() != 0:
-        print("bench/run.py: needs root (network namespaces, iptables)", file=sys.stderr)
-        return 2
-    if missing := [command for command in NEEDED_COMMANDS if not shutil.which(command)]:
-        print(f"bench/run.py: missing {', '.join(missing)}; run scripts/setup first", file=sys.stderr)
+    if why := cannot_run(NEEDED_COMMANDS):
+        print(f"bench/run.py: {why}", file=sys.stderr)
         return 2
     settings = settings_from(args)
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv[1:],
         "settings": asdict(settings),
-        "machine": {"cpus": os.cpu_count(), "nofile": NOFILE, **versions()},
+        "machine": {**machine(), "relay": first_line([sys.executable, "-m", "relay", "--version"])},
         "results": {},
     }
     status = 0
@@ -181,9 +168,7 @@ def main() -> int:
     notes = report.make_notes(record["results"], args.upstreams, os.cpu_count(), NOFILE)
     table, record["table"] = report.render(record["results"], args.upstreams, notes)
     record["notes"] = notes
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(record, indent=2))
+    out = report.save("bench", record)
     print(table)
     print(f"\nraw results: {out}{' (partial: ' + record['aborted'] + ')' if 'aborted' in record else ''}")
     return status

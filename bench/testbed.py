@@ -44,6 +44,38 @@ START_TIMEOUT = 20.0
 PROBE_CONNECTIONS = 20  # a case must relay all of these before it is measured
 
 
+def cannot_run(commands: tuple[str, ...]) -> str | None:
+    """Why the benchmark cannot run on this machine, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, iptables)"
+    if missing := [command for command in commands if not shutil.which(command)]:
+        return f"missing {', '.join(missing)}; run scripts/setup first"
+    return None
+
+
+def first_line(argv: list[str]) -> str:
+    """The first line a command prints (a version), or why it could not run."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def machine() -> dict[str, object]:
+    """What a result depends on besides the relay: cores, fd limit, the other programs' versions."""
+    return {
+        "cpus": os.cpu_count(),
+        "nofile": NOFILE,
+        "redsocks": first_line(["dpkg-query", "-W", "-f", "${Version}", "redsocks"]),
+        "squid": first_line(["squid", "-v"]),
+        "dante": first_line(["danted", "-v"]),
+        "iperf3": first_line(["iperf3", "--version"]),
+        "kernel": os.uname().release,
+    }
+
+
 class BenchError(RuntimeError):
     """A case could not be set up or does not relay."""
 
