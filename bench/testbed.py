@@ -187,6 +187,8 @@ class RelayUnderTest:
     port: int
     extra_args: list[str] = field(default_factory=list)
     label: str = ""
+    # The command that runs the relay's Python; bench/ab.py gives each version its own.
+    python: list[str] = field(default_factory=lambda: [sys.executable])
     pid: int = 0
     name: str = ""  # of the current process in the lab
     _starts: int = 0
@@ -201,7 +203,7 @@ class RelayUnderTest:
             # No -v: one log line per connection would cost the relay CPU in the short test.
             argv = [
                 *RAISE_NOFILE,
-                sys.executable,
+                *self.python,
                 "-m",
                 "relay",
                 "--upstream",
