@@ -50,7 +50,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +57,7 @@ import measure
 import report
 from testbed import UPSTREAMS, BenchError, Case, RelayRejected, RelayUnderTest, Testbed, cannot_run, machine
 
-from relay.lab import Lab, LabError
+from relay.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = {"short": ("dante", "squid"), "download": ("dante",)}  # test -> upstreams it runs through
@@ -229,7 +228,8 @@ def build(version: Version) -> None:
         )
 
 
-def prepare(args: argparse.Namespace, scratch: Path) -> list[Version]:
+def prepare(args: argparse.Namespace, scratch: Path, versions: list[Version]) -> None:
+    """Copies and builds A, then B, adding each to ``versions`` once it is built."""
     base = Version("A", args.base, scratch / "A")
     if args.candidate:
         candidate, copy_candidate = Version("B", args.candidate, scratch / "B"), copy_revision
@@ -247,7 +247,7 @@ def prepare(args: argparse.Namespace, scratch: Path) -> list[Version]:
             file=sys.stderr,
             flush=True,
         )
-    return [base, candidate]
+        versions.append(version)
 
 
 def check_own_code(lab: Lab, version: Version) -> None:
@@ -346,7 +346,7 @@ def verdict(metric: Metric, ratios: list[float]) -> str:
         return "within spread"
     better = (min(ratios) > 1) == metric.higher_is_better
     weak = f", weak: {len(ratios)} rounds" if len(ratios) < FIRM_ROUNDS else ""
-    return f"B {'better' if better else 'worse'} ({statistics.median(ratios) - 1:+.0%}{weak})"
+    return f"B {'better' if better else 'worse'} ({statistics.median(ratios) - 1:+.1%}{weak})"
 
 
 def summarize(runs: dict, rounds: int) -> list[dict]:
@@ -413,14 +413,28 @@ def make_notes(runs: dict, versions: list[Version], rounds: int, connections: in
     return notes
 
 
+def compare(
+    args: argparse.Namespace, settings: measure.Settings, scratch: Path, versions: list[Version], runs: dict
+) -> None:
+    """Fills ``versions`` as they are built and checked, then ``runs`` round after round."""
+    prepare(args, scratch, versions)
+    needed = {upstream for test in args.tests for upstream in TESTS[test]}
+    upstreams = [name for name in UPSTREAMS if name in needed]
+    with Lab() as lab:
+        bed = Testbed(lab, upstreams)
+        for version in versions:
+            check_own_code(lab, version)
+            print(f"{version.describe()}: every relay module from {version.copy}", file=sys.stderr)
+        cases = start_relays(bed, versions, upstreams, settings.relay_args)
+        measure_rounds(bed, cases, args.tests, settings, args.rounds, runs)
+
+
 def main() -> int:
     args = parse_args()
     if why := cannot_run(NEEDED_COMMANDS):
         print(f"bench/ab.py: {why}", file=sys.stderr)
         return 2
     settings = measure.Settings(seconds=args.seconds, short_count=args.connections, relay_args=args.relay_args)
-    needed = {upstream for test in args.tests for upstream in TESTS[test]}
-    upstreams = [name for name in UPSTREAMS if name in needed]
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv[1:],
@@ -436,32 +450,19 @@ def main() -> int:
         "runs": {},
     }
     versions: list[Version] = []
-    status = 0
     with tempfile.TemporaryDirectory(prefix="relay-ab-") as scratch:
-        try:
-            versions = prepare(args, Path(scratch))
-            with Lab() as lab:
-                bed = Testbed(lab, upstreams)
-                for version in versions:
-                    check_own_code(lab, version)
-                    print(f"{version.describe()}: every relay module from {version.copy}", file=sys.stderr)
-                cases = start_relays(bed, versions, upstreams, settings.relay_args)
-                measure_rounds(bed, cases, args.tests, settings, args.rounds, record["runs"])
-        except (SetupError, RelayRejected) as error:
-            record["aborted"] = str(error)
-            print(f"bench/ab.py: {error}", file=sys.stderr)
-            status = 2
-        except (BenchError, LabError, OSError, subprocess.SubprocessError, KeyboardInterrupt) as error:
-            record["aborted"] = f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-            status = 1
+        status = report.attempt(
+            record,
+            "bench/ab.py",
+            lambda: compare(args, settings, Path(scratch), versions, record["runs"]),
+            (SetupError, RelayRejected),
+        )
     record["versions"] = {version.name: version.as_json() for version in versions}
     record["summary"] = summarize(record["runs"], args.rounds)
     record["notes"] = make_notes(record["runs"], versions, args.rounds, args.connections)
-    out = report.save("ab", record)
     if record["runs"]:
         print(render(record["summary"], versions, record["notes"]))
-    print(f"\nraw results: {out}{' (partial: ' + record['aborted'] + ')' if 'aborted' in record else ''}")
+    report.save("ab", record)
     return status
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from measure import CAPPED, WORKER_CAP
-from testbed import REDSOCKS_FDS_PER_CONNECTION
+from testbed import REDSOCKS_FDS_PER_CONNECTION, BenchError
+
+from relay.lab import LabError
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("routed", "direct", "redsocks", "relay")
@@ -95,12 +101,28 @@ def rows(results: dict, upstream: str) -> list[Row]:
     return table
 
 
-def save(kind: str, record: dict) -> Path:
-    """Write ``record`` to bench/results/KIND-DATE.json."""
+def attempt(record: dict, program: str, body: Callable[[], object], setup_errors: tuple[type[Exception], ...]) -> int:
+    """Run ``body``, a tool's measuring; a failure goes into record["aborted"], so that what was
+    measured until then is still reported. Returns the exit status: 0, 2 for ``setup_errors``, or 1."""
+    try:
+        body()
+    except setup_errors as error:
+        record["aborted"] = str(error)
+        print(f"{program}: {error}", file=sys.stderr)
+        return 2
+    except (BenchError, LabError, OSError, subprocess.SubprocessError, KeyboardInterrupt) as error:
+        record["aborted"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def save(kind: str, record: dict) -> None:
+    """Write ``record`` to bench/results/KIND-DATE.json, and say where."""
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=2))
-    return out
+    print(f"\nraw results: {out}{' (partial: ' + record['aborted'] + ')' if 'aborted' in record else ''}")
 
 
 def number(value: float | None, decimals: int) -> str:

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 import time
-import traceback
 from dataclasses import asdict
 
 import measure
@@ -31,7 +29,6 @@ from testbed import (
     NOFILE,
     RELAY_KINDS,
     UPSTREAMS,
-    BenchError,
     Case,
     RelayRejected,
     RelayUnderTest,
@@ -41,7 +38,7 @@ from testbed import (
     machine,
 )
 
-from relay.lab import Lab, LabError
+from relay.lab import Lab
 
 TESTS = ("throughput", "short", "idle")
 NEEDED_COMMANDS = ("redsocks", "squid", "danted", "iperf3", "gcc", "prlimit", "ss", "iptables")
@@ -154,23 +151,12 @@ def main() -> int:
         "machine": {**machine(), "relay": first_line([sys.executable, "-m", "relay", "--version"])},
         "results": {},
     }
-    status = 0
-    try:
-        run(args, settings, record["results"])
-    except RelayRejected as error:
-        record["aborted"] = str(error)
-        print(f"bench/run.py: the relay does not start with --relay-args: {error}", file=sys.stderr)
-        status = 2
-    except (BenchError, LabError, OSError, subprocess.SubprocessError, KeyboardInterrupt) as error:
-        record["aborted"] = f"{type(error).__name__}: {error}"
-        traceback.print_exc()
-        status = 1
+    status = report.attempt(record, "bench/run.py", lambda: run(args, settings, record["results"]), (RelayRejected,))
     notes = report.make_notes(record["results"], args.upstreams, os.cpu_count(), NOFILE)
     table, record["table"] = report.render(record["results"], args.upstreams, notes)
     record["notes"] = notes
-    out = report.save("bench", record)
     print(table)
-    print(f"\nraw results: {out}{' (partial: ' + record['aborted'] + ')' if 'aborted' in record else ''}")
+    report.save("bench", record)
     return status
 
 
