@@ -1,0 +1,132 @@
+"""Property: whatever happens to a set of connections (client bytes, FIN, reset, silence, dial
+success or failure, a reload, a drain at any point), each ends exactly once and gives back
+everything it held exactly once; on both fast-path twins."""
+
+import socket
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.config import Config
+from relay.metrics import Metrics
+from relay.net.connection import TRANSITIONS, Connection, InvalidTransition, State
+from relay.net.pump import Pump
+from relay.net.server import Server
+from tests.sockpairs import hard_close
+
+CLIENT_ACTIONS = ("speak", "fin", "reset", "silent", "partial")
+# bypass-domain makes the relay read first bytes (and so use the waiting room) with a direct upstream.
+SETTINGS = {"upstream": ["direct"], "allow-dest": ["127.0.0.0/8"], "bypass-domain": ["example.org"]}
+
+
+def make_server(sniff_timeout: str) -> Server:
+    config = Config.from_values({**SETTINGS, "sniff-timeout": sniff_timeout})
+    return Server(config, Metrics(version="t", fast_path="python"))
+
+
+async def scenario(impl, actions, target_open, reload_after, settle):
+    server = make_server("0.05")
+    connections = server.connections
+    connections.pump = Pump(Connection.relayed, impl=impl)
+    await server.pool.resolve()
+    budget = connections.slots.value
+    ends: dict[Connection, list[str]] = {}  # holds each connection, so no id is reused
+    real_end = Connection.end
+
+    def counted_end(self, ended, detail=None, *, clean=False):
+        ends.setdefault(self, []).append(ended)
+        real_end(self, ended, detail, clean=clean)
+
+    Connection.end = counted_end
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(64)  # the destination: dialed directly (its address is what the client connected to)
+    clients, served = [], []
+    try:
+        async with trio.open_nursery() as services:
+            services.start_soon(connections.pump.run)
+            services.start_soon(server.dialer.run)
+            services.start_soon(connections.waiting.run)
+            async with trio.open_nursery() as connections.tasks:
+                accepted = []
+                for action in actions:
+                    client = socket.create_connection(target.getsockname())
+                    accepted.append(target.accept())
+                    clients.append(client)
+                    if action == "speak":
+                        client.sendall(b"GET / HTTP/1.1\r\nHost: h.example\r\n\r\n")
+                    elif action == "partial":
+                        client.sendall(b"\x16\x03\x01\x02")  # a ClientHello's start: more is awaited
+                    elif action == "fin":
+                        client.shutdown(socket.SHUT_WR)
+                    elif action == "reset":
+                        hard_close(client)
+                if not target_open:
+                    target.close()  # every dial is refused
+                for index, (conn, peer) in enumerate(accepted):
+                    if index == reload_after:
+                        connections.config = Config.from_values({**SETTINGS, "sniff-timeout": "0.02"})
+                    await connections.slots.acquire()  # as accept_loop does
+                    connections.accepted(conn, peer)
+                await trio.sleep(settle)
+                if target_open:
+                    target.setblocking(False)
+                    while True:  # the dials' server ends, so relayed ones see both sides
+                        try:
+                            served.append(target.accept()[0])
+                        except (BlockingIOError, OSError):
+                            break
+                connections.waiting.close()
+                connections.tasks.cancel_scope.cancel()
+            server.dialer.close()
+            connections.pump.close()
+            services.cancel_scope.cancel()
+    finally:
+        Connection.end = real_end
+        target.close()
+        for sock in clients + served:
+            sock.close()
+    return connections, budget, ends
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    actions=st.lists(st.sampled_from(CLIENT_ACTIONS), min_size=1, max_size=6),
+    target_open=st.booleans(),
+    reload_after=st.integers(0, 6),
+    settle=st.sampled_from([0.0, 0.01, 0.1]),
+)
+def test_every_connection_ends_once_and_gives_back_everything(impl, actions, target_open, reload_after, settle):
+    connections, budget, ends = trio.run(scenario, impl, actions, target_open, reload_after, settle)
+    assert len(ends) == len(actions) and all(len(each) == 1 for each in ends.values()), ends
+    assert len(connections) == 0
+    assert connections.slots.value == budget
+    assert connections.per_source == {} and connections.own_sources == set()
+    assert connections.metrics.active == 0
+
+
+def test_the_table_allows_no_move_out_of_ended_and_every_state_can_end():
+    assert TRANSITIONS[State.ENDED] == set()
+    assert all(State.ENDED in moves for state, moves in TRANSITIONS.items() if state is not State.ENDED)
+
+
+def test_a_second_end_raises_before_releasing_anything():
+
+    async def body():
+        server = make_server("0.3")
+        connections = server.connections
+        budget = connections.slots.value
+        a, b = socket.socketpair()
+        await connections.slots.acquire()
+        connection = Connection(connections, b, ("127.0.0.1", 1), connections.config, connections.pool)
+        connection.end("cancelled")
+        with pytest.raises(InvalidTransition):
+            connection.end("cancelled")
+        a.close()
+        return connections, budget
+
+    connections, budget = trio.run(body)
+    assert connections.slots.value == budget and len(connections) == 0
+    assert connections.metrics.ended == {"cancelled": 1}
