@@ -82,6 +82,7 @@ class Metrics:
         self.bytes_down = 0
         self.ended: dict[str, int] = {}
         self.failed: dict[str, int] = {}
+        self.attempts_failed: dict[tuple[str, str], int] = {}
         self.handshakes: dict[str, _Histogram] = {}
         self.upstream_healthy: dict[str, bool] = {}
         self.tunnel_restarts: dict[tuple[str, str], int] = {}
@@ -99,6 +100,11 @@ class Metrics:
         if ended.startswith(REFUSED_PREFIX):
             reason = ended[len(REFUSED_PREFIX) :]
             self.failed[reason] = self.failed.get(reason, 0) + 1
+
+    def attempt_failed(self, upstream: str, fault: str) -> None:
+        """One attempt at opening a tunnel through ``upstream`` failed; ``fault``: whose (relay.net.faults)."""
+        key = (redact_url(upstream), fault)
+        self.attempts_failed[key] = self.attempts_failed.get(key, 0) + 1
 
     def handshake_done(self, upstream: str, seconds: float) -> None:
         label = redact_url(upstream)
@@ -137,6 +143,14 @@ class Metrics:
         family("relay_connections_failed_total", "counter", "Client connections refused, by reason.")
         for reason, count in sorted(self.failed.items()):
             lines.append(_sample("relay_connections_failed_total", {"reason": reason}, count))
+
+        family(
+            "relay_upstream_attempts_failed_total",
+            "counter",
+            "Attempts at opening a tunnel that failed, by upstream and whose fault (proxy, target, relay, client).",
+        )
+        for (upstream, fault), count in sorted(self.attempts_failed.items()):
+            lines.append(_sample("relay_upstream_attempts_failed_total", {"upstream": upstream, "fault": fault}, count))
 
         family("relay_bytes_total", "counter", "Bytes relayed: up is client to upstream, down is upstream to client.")
         lines.append(_sample("relay_bytes_total", {"direction": "up"}, self.bytes_up))

@@ -160,6 +160,18 @@ def test_connection_counters_move():
     assert sample(text, "relay_bytes_total", direction="down") == 2002
 
 
+def test_failed_attempts_are_counted_by_upstream_and_fault_without_the_password():
+    m = new_metrics()
+    m.attempt_failed("http://u:secret@10.0.0.1:3128", "proxy")
+    m.attempt_failed("http://u:secret@10.0.0.1:3128", "proxy")
+    m.attempt_failed("http://u:secret@10.0.0.1:3128", "target")
+    text = m.render()
+    upstream = "http://u:***@10.0.0.1:3128"
+    assert sample(text, "relay_upstream_attempts_failed_total", upstream=upstream, fault="proxy") == 2
+    assert sample(text, "relay_upstream_attempts_failed_total", upstream=upstream, fault="target") == 1
+    assert "secret" not in text
+
+
 @given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(0, 2**40)), max_size=20))
 def test_bytes_add_up(transfers):
     m = new_metrics()

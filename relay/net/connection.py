@@ -73,7 +73,7 @@ class Connection:
     __slots__ = (
         "owner", "sock", "peer", "dst", "config", "pool", "started", "sniff_deadline", "state",
         "counted", "silent_turn", "described", "first", "candidates", "attempts", "attempt_started",
-        "name", "retried", "via", "source", "up", "down", "http_requests",
+        "name", "retried", "via", "fault", "source", "up", "down", "http_requests",
     )  # fmt: skip
 
     def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
@@ -94,6 +94,7 @@ class Connection:
         self.name = None  # the sniffed hostname, when it is used
         self.retried = None  # the proxy's reason for refusing the name, when we then asked by address
         self.via = None
+        self.fault = None  # whose fault the last failed attempt was (relay.net.faults.Fault)
         self.source = None  # the upstream socket's local address, while it is in owner.own_sources
         self.up = self.down = 0
         self.http_requests = None  # forwarded in absolute form, when not tunnelled
@@ -270,6 +271,8 @@ class Connection:
 
     def failed(self, error: UpstreamError) -> None:
         """From the Dialer: this attempt failed."""
+        self.fault = error.fault
+        self.owner.metrics.attempt_failed(str(self.via), error.fault.value)
         try:
             self.attempts.failed(error)
             self.dial()
@@ -386,6 +389,8 @@ class Connection:
         )
         if detail:
             fields["error"] = detail
+        if self.fault is not None and ended.startswith("refused:"):
+            fields["fault"] = self.fault.value
         text = " ".join(
             f"{key}={value!r}" if key == "error" else f"{key}={value}"
             for key, value in fields.items()

@@ -312,7 +312,8 @@ class Dialer:
             self._watch(dialing, select.EPOLLOUT)
             return
         dialing.sock = None
-        self._fail(dialing, connect_failure(dialing.last_error, format_address(dialing.addresses[0][1])))
+        where, direct = format_address(dialing.addresses[0][1]), dialing.machine is None
+        self._fail(dialing, connect_failure(dialing.last_error, where, direct=direct))
 
     def _connected(self, dialing: Dialing) -> None:
         if dialing.machine is None:
@@ -368,7 +369,8 @@ class Dialer:
         if dialing.handshaking:
             error = handshake_timed_out(dialing.handshake_timeout)
         else:
-            error = connect_timed_out(format_address(dialing.addresses[0][1]), dialing.connect_timeout)
+            where, direct = format_address(dialing.addresses[0][1]), dialing.machine is None
+            error = connect_timed_out(where, dialing.connect_timeout, direct=direct)
         self._fail(dialing, error)
 
     def _opened(self, dialing: Dialing, early: bytes) -> None:

@@ -60,16 +60,19 @@ def cannot_watch(exc: OSError) -> UpstreamError:
     return UpstreamError(f"cannot wait for the upstream socket: {exc.strerror}", local_failure(exc.errno), Fault.RELAY)
 
 
-def connect_failure(error: OSError, where: str) -> UpstreamError:
-    """What a failed connect() (or socket()) means: the proxy's fault, or the relay's own shortage."""
+def connect_failure(error: OSError, where: str, *, direct: bool = False) -> UpstreamError:
+    """What a failed connect() (or socket()) means: the proxy's fault (the target's when there is
+    no proxy: ``direct``), or the relay's own shortage."""
     why = os.strerror(error.errno) if error.errno else str(error)
     if error.errno in LOCAL_SHORTAGES:
         return UpstreamError(f"connecting to {where} failed: {why}", local_failure(error.errno), Fault.RELAY)
-    return UpstreamError(f"connecting to {where} failed: {why}", "connect-" + errno_word(error.errno), Fault.PROXY)
+    fault = Fault.TARGET if direct else Fault.PROXY
+    return UpstreamError(f"connecting to {where} failed: {why}", "connect-" + errno_word(error.errno), fault)
 
 
-def connect_timed_out(where: str, timeout: float) -> UpstreamError:
-    return UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout", Fault.PROXY)
+def connect_timed_out(where: str, timeout: float, *, direct: bool = False) -> UpstreamError:
+    fault = Fault.TARGET if direct else Fault.PROXY
+    return UpstreamError(f"connecting to {where} timed out after {timeout:g} s", "connect-timeout", fault)
 
 
 def handshake_timed_out(timeout: float) -> UpstreamError:

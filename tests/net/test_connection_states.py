@@ -2,6 +2,7 @@
 success or failure, a reload, a drain at any point), each ends exactly once and gives back
 everything it held exactly once; on both fast-path twins."""
 
+import logging
 import socket
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.config import Config
+from relay.logs import conn_log
 from relay.metrics import Metrics
 from relay.net.connection import TRANSITIONS, Connection, InvalidTransition, State
 from relay.net.pump import Pump
@@ -130,3 +132,24 @@ def test_a_second_end_raises_before_releasing_anything():
     connections, budget = trio.run(body)
     assert connections.slots.value == budget and len(connections) == 0
     assert connections.metrics.ended == {"cancelled": 1}
+
+
+def test_a_refused_end_says_whose_fault_in_the_log_line_and_the_metrics(impl):
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.fields)
+
+    handler, level = Collect(), conn_log.level
+    conn_log.addHandler(handler)
+    conn_log.setLevel(logging.INFO)
+    try:
+        connections, _, ends = trio.run(scenario, impl, ["speak"], False, 9, 0.1)
+    finally:
+        conn_log.removeHandler(handler)
+        conn_log.setLevel(level)
+    assert list(ends.values()) == [["refused:connect-econnrefused"]]
+    # No proxy in the way (direct): the destination refused, not an upstream.
+    assert [(line["end"], line["fault"]) for line in lines] == [("refused:connect-econnrefused", "target")]
+    assert connections.metrics.attempts_failed == {("direct", "target"): 1}

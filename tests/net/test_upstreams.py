@@ -12,6 +12,7 @@ import trio
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.net.faults import (
+    Fault,
     UpstreamError,
     cancelled,
     connect_failure,
@@ -90,6 +91,15 @@ def test_refusals_about_the_destination_are_not_proxy_faults():
     assert not refused("socks5-connection-refused").retry_by_address
     assert handshake_failure(RemoteProtocolError("garbage")).proxy_fault
     assert handshake_failure(ConnectionResetError(errno.ECONNRESET, "reset")).reason == "proxy-econnreset"
+
+
+def test_without_a_proxy_a_failed_connect_is_the_targets_fault():
+    refused_direct = connect_failure(OSError(errno.ECONNREFUSED, "refused"), "10.9.9.9:443", direct=True)
+    assert refused_direct.fault is Fault.TARGET and refused_direct.reason == "connect-econnrefused"
+    assert connect_timed_out("10.9.9.9:443", 5, direct=True).fault is Fault.TARGET
+    assert connect_timed_out("10.9.9.9:443", 5).fault is Fault.PROXY
+    shortage = connect_failure(OSError(errno.EMFILE, "too many"), "10.9.9.9:443", direct=True)
+    assert shortage.fault is Fault.RELAY
 
 
 DST = ("10.9.9.9", 443)
