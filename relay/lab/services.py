@@ -145,10 +145,25 @@ class Squid(Service):
         ]
 
 
-def _squid_own_conf(listen: list[Endpoint]) -> str:
+# What README tells operators to add, so that a name the far side resolves to its own
+# loopback or link-local addresses does not reach the proxy's machine itself.
+SQUID_DENY_OWN_MACHINE = (
+    "acl to_linklocal dst 169.254.0.0/16 fe80::/10",
+    "http_access deny to_localhost",
+    "http_access deny to_linklocal",
+)
+DANTE_DENY_OWN_MACHINE = (
+    "socks block { from: 0.0.0.0/0 to: 127.0.0.0/8 }",
+    "socks block { from: 0.0.0.0/0 to: 169.254.0.0/16 }",
+    "socks block { from: ::/0 to: ::1/128 }",
+)
+
+
+def _squid_own_conf(listen: list[Endpoint], deny_own_machine: bool = False) -> str:
     return "\n".join(
         [
             *(f"http_port {_bracketed(address)}:{port}" for address, port in listen),
+            *(SQUID_DENY_OWN_MACHINE if deny_own_machine else ()),
             "http_access allow all",
             "cache deny all",
             "pinger_enable off",  # no ICMP helper process
@@ -177,17 +192,19 @@ def start_squid(
     listen: Endpoints = (("127.0.0.1", 3128),),
     debian_default_conf: bool = False,
     name: str = "squid",
+    deny_own_machine: bool = False,
 ) -> Squid:
     """Squid 5 (``squid -N``) on ``listen``.
 
     By default with its own permissive config (any CONNECT allowed, no cache).
     ``debian_default_conf=True`` keeps Debian's rules instead, i.e. only
     localhost may use it and CONNECT is refused except to port 443.
+    ``deny_own_machine``: with README's lines that keep clients off squid's own loopback.
     """
     endpoints = _endpoints(listen)
     directory = _service_dir(lab, name)
     shutil.chown(directory, "proxy", "proxy")  # squid writes its logs after dropping to "proxy"
-    rules = _squid_debian_conf(endpoints) if debian_default_conf else _squid_own_conf(endpoints)
+    rules = _squid_debian_conf(endpoints) if debian_default_conf else _squid_own_conf(endpoints, deny_own_machine)
     access_log = directory / "access.log"
     conf = directory / "squid.conf"
     conf.write_text(
@@ -255,11 +272,13 @@ def start_dante(
     external: str | Sequence[str] = (ADDR.far_server_side4, ADDR.far_server_side6),
     auth: tuple[str, str] | None = None,
     name: str = "dante",
+    deny_own_machine: bool = False,
 ) -> Dante:
     """Dante's danted SOCKS server, allowing everything (the lab is a closed network).
 
     ``auth=(user, password)`` requires RFC 1929 username/password checked
     against the system password database (see :func:`ensure_lab_user`).
+    ``deny_own_machine``: with README's rules that keep clients off dante's own loopback.
     """
     endpoints = _endpoints(listen)
     externals = [external] if isinstance(external, str) else list(external)
@@ -279,6 +298,7 @@ def start_dante(
                 "user.privileged: root",
                 "user.unprivileged: nobody",
                 "client pass { from: 0/0 to: 0/0 }",
+                *(DANTE_DENY_OWN_MACHINE if deny_own_machine else ()),
                 "socks pass { from: 0/0 to: 0/0 }",
                 "",
             ]

@@ -9,6 +9,7 @@ is asked by the caller's ``is_local`` (see LocalAddresses).
 import functools
 import ipaddress
 import resource
+import socket
 import time
 
 from relay.config import Config
@@ -29,6 +30,8 @@ FDS_PER_CONNECTION = 6
 RESERVED_FDS = 200
 LOCAL_ADDRESS_TTL = 10.0  # seconds a "is this one of our addresses" answer is kept
 LOCAL_ADDRESSES_KEPT = 1024
+HOSTS_FILE = "/etc/hosts"
+HOSTS_FILE_MAX_BYTES = 1 << 20  # more than any hosts file; what is past it is not read
 
 
 def connection_budget(config: Config) -> int:
@@ -68,6 +71,47 @@ class LocalAddresses:
                 self._known.clear()
             known = self._known[host] = (self._probe(host), now + LOCAL_ADDRESS_TTL)
         return known[0]
+
+
+def names_of_own_addresses(hosts_text: str, is_own_address) -> set[str]:
+    """The names a hosts file gives to addresses ``is_own_address`` says are this machine's."""
+    names = set()
+    for line in hosts_text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            address = ipaddress.ip_address(fields[0].split("%", 1)[0])
+        except ValueError:
+            continue
+        if is_own_address(str(address)):
+            names.update(name.lower().removesuffix(".") for name in fields[1:])
+    return names
+
+
+class OwnNames:
+    """``own_names(name)``: whether a name means this router, so a proxy on its loopback (ssh -L,
+    a local squid) would reach the router itself: its hostname, and whatever the hosts file maps
+    to loopback or to one of its addresses. Read at start and on reload."""
+
+    def __init__(self, is_local, hosts_file: str = HOSTS_FILE, hostname=socket.gethostname):
+        self._is_local, self._hosts_file, self._hostname = is_local, hosts_file, hostname
+        self.names: frozenset[str] = frozenset()
+        self.load()
+
+    def load(self) -> None:
+        hostname = self._hostname().lower().removesuffix(".")
+        names = {hostname, hostname.split(".", 1)[0]} if hostname else set()
+        try:
+            with open(self._hosts_file, encoding="utf-8", errors="replace") as hosts:
+                text = hosts.read(HOSTS_FILE_MAX_BYTES)
+        except OSError:
+            text = ""
+        names |= names_of_own_addresses(text, lambda host: in_refused_network(host) or self._is_local(host))
+        self.names = frozenset(names)
+
+    def __call__(self, name: str) -> bool:
+        return name in self.names
 
 
 def loop_reason(peer, dst, *, own_sources, proxy_addresses, listening, is_local) -> str | None:

@@ -197,7 +197,7 @@ class Connection:
         config = self.config
         self.described = True
         self.first = first
-        self.name = sniffed.hostname if config.sniff else None
+        self.name = self.usable_name(sniffed.hostname)
         direct = admission.bypassed(config, self.dst, sniffed.hostname)
         self.candidates = [] if direct else self.pool.candidates()
         if sniffed.protocol == HTTP and forwards_http(config, self.candidates):
@@ -207,6 +207,13 @@ class Connection:
         self.attempts = Attempts(self.pool, self.candidates, direct, self.dst, self)
         self.move(State.DIALING)
         self.dial()
+
+    def usable_name(self, name: str | None) -> str | None:
+        """``name`` if a proxy may be asked for it: sniffing is on and it is not one of this router's
+        own names (through a proxy on its loopback, that would reach the router itself)."""
+        if name is None or not self.config.sniff or self.owner.own_names(name):
+            return None
+        return name
 
     # -- what waits on the client, in a task -------------------------------------------------
 

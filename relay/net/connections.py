@@ -38,6 +38,7 @@ class Connections:
         self.listening: set[tuple[str, int]] = set()
         self.refused_endpoints: set[tuple[str, int]] = set()  # the SSH server
         self.is_local = admission.LocalAddresses()
+        self.own_names = admission.OwnNames(self.is_local)
         self.warnings = RateLimited()
         self.refusals = RateLimited(interval=60.0)  # refused destinations: once per destination per minute
         self.pump = Pump(Connection.relayed)  # its tokens are the connections

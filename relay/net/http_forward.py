@@ -53,11 +53,11 @@ class HttpForwarder:
     """Serves one client connection. ``open_proxy`` is an async callable that returns a
     connected socket to the proxy (or raises UpstreamError)."""
 
-    def __init__(self, client, first: bytes, dst, open_proxy, *, use_names: bool, proxy_authorization, idle_timeout):
+    def __init__(self, client, first: bytes, dst, open_proxy, *, usable_name, proxy_authorization, idle_timeout):
         self.client = client
         self.dst = dst
         self.open_proxy = open_proxy
-        self.use_names = use_names
+        self.usable_name = usable_name  # the Host header's name, or None to ask by address
         self.proxy_authorization = proxy_authorization
         self.idle_timeout = idle_timeout
         self.from_client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -138,10 +138,9 @@ class HttpForwarder:
 
     def target_authority(self, request: h11.Request) -> bytes:
         host = None
-        if self.use_names:
-            for name, value in request.headers:
-                if name == b"host":
-                    host = hostname_from_authority(value.decode("ascii", "replace"))
+        for name, value in request.headers:
+            if name == b"host":
+                host = self.usable_name(hostname_from_authority(value.decode("ascii", "replace")))
         return authority(host or self.dst[0], self.dst[1])
 
     async def run(self) -> str:
@@ -303,7 +302,7 @@ async def forward(client, first: bytes, record, config: Config, pool, candidates
         first,
         record.dst,
         open_proxy,
-        use_names=config.sniff,
+        usable_name=record.usable_name,
         proxy_authorization=basic_credentials(upstream.username, password) if password is not None else None,
         idle_timeout=config.idle_timeout,
     )

@@ -149,6 +149,7 @@ class Server:
         health.cancel()
         self.config, self.pool = new, pool
         self.connections.config, self.connections.pool = new, pool
+        self.connections.own_names.load()
         log.info("SIGHUP: configuration reloaded; upstream %s", ", ".join(str(u) for u in new.upstreams))
         systemd.notify("READY=1")
         return await services.start(self.run_health_checks, pool)

@@ -28,6 +28,10 @@ _SNI_HOST_NAME = 0x00
 # A request line: METHOD SP target SP HTTP/1.x; methods are short upper-case tokens.
 _REQUEST_LINE = re.compile(rb"[A-Z]{1,20} [\x21-\x7e]+ HTTP/1\.[01]\r?\n")
 _METHOD_SO_FAR = re.compile(rb"[A-Z]{1,20}( [\x21-\x7e]*( [HTP/1.\r]*)?)?")
+# A name whose last label is a number is an IPv4 address to some resolver: inet_aton reads
+# 127.1, 0x7f000001, 0177.0.0.01 and 0x7F.0.0.0x1 as 127.0.0.1, and the URL standard takes
+# any name ending in a number for an address.
+_NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
@@ -92,7 +96,7 @@ def valid_hostname(name: str) -> str | None:
     labels = name.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
         return None
-    if labels[-1].isdigit() or name == "localhost" or name.endswith(".localhost"):
+    if _NUMBER.fullmatch(labels[-1]) or name == "localhost" or name.endswith(".localhost"):
         return None  # an IPv4 literal in disguise, or the proxy's own loopback
     return name
 

@@ -21,3 +21,40 @@ def test_max_connections_wins(monkeypatch):
         {"upstream": ["127.0.0.1:3128"], "max-connections": "5000"}, source="test", complete=True
     )
     assert admission.connection_budget(config) == 5000
+
+
+HOSTS = """\
+127.0.0.1\tlocalhost
+127.0.1.1\trouter.lan router  # Debian's line for the hostname
+::1     localhost ip6-localhost ip6-loopback
+ff02::1 ip6-allnodes
+10.0.0.1 Gateway.Example.  admin-panel
+10.9.9.9 mirror.example
+fe80::1%eth0 linklocal-thing
+not-an-address name
+#127.0.0.1 commented-out
+"""
+
+
+def test_names_of_own_addresses_are_those_the_hosts_file_maps_to_this_machine():
+    own = admission.names_of_own_addresses(HOSTS, lambda host: admission.in_refused_network(host) or host == "10.0.0.1")
+    assert own == {
+        "localhost", "router.lan", "router", "ip6-localhost", "ip6-loopback", "gateway.example", "admin-panel",
+        "linklocal-thing",
+    }  # fmt: skip
+
+
+def test_own_names_include_the_hostname_and_are_read_again_on_load(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    own = admission.OwnNames(lambda host: False, hosts_file=str(hosts), hostname=lambda: "Router.lan")
+    assert own("router.lan") and own("router") and own("localhost") and not own("mirror.example")
+    hosts.write_text("127.0.1.1 mirror.example\n")
+    assert not own("mirror.example")
+    own.load()
+    assert own("mirror.example") and not own("localhost")
+
+
+def test_own_names_without_a_hosts_file_are_the_hostname(tmp_path):
+    own = admission.OwnNames(lambda host: False, hosts_file=str(tmp_path / "missing"), hostname=lambda: "box")
+    assert own.names == {"box"}

@@ -153,3 +153,19 @@ def test_a_refused_end_says_whose_fault_in_the_log_line_and_the_metrics(impl):
     # No proxy in the way (direct): the destination refused, not an upstream.
     assert [(line["end"], line["fault"]) for line in lines] == [("refused:connect-econnrefused", "target")]
     assert connections.metrics.attempts_failed == {("direct", "target"): 1}
+
+
+def test_a_name_of_this_router_is_never_asked_for():
+    async def body():
+        server = make_server("0.3")
+        connections = server.connections
+        connections.own_names.names = frozenset({"router.lan"})
+        a, b = socket.socketpair()
+        await connections.slots.acquire()
+        connection = Connection(connections, b, ("127.0.0.1", 1), connections.config, connections.pool)
+        names = [connection.usable_name(name) for name in ("router.lan", "mirror.example", None)]
+        connection.end("cancelled")
+        a.close()
+        return names
+
+    assert trio.run(body) == [None, "mirror.example", None]

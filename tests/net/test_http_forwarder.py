@@ -100,7 +100,7 @@ def forwarder_for(proxy, client_side, first=b""):
         first,
         ("10.9.9.9", 8080),
         open_proxy,
-        use_names=True,
+        usable_name=lambda name: name,
         proxy_authorization=b"Basic cHJveHk6cGFzcw==",
         idle_timeout=10,
     )
@@ -297,7 +297,13 @@ def forwarder_to(relay_proxy, client_side):
         return relay_proxy
 
     return HttpForwarder(
-        client_side, b"", ("10.9.9.9", 80), open_proxy, use_names=True, proxy_authorization=None, idle_timeout=10
+        client_side,
+        b"",
+        ("10.9.9.9", 80),
+        open_proxy,
+        usable_name=lambda name: name,
+        proxy_authorization=None,
+        idle_timeout=10,
     )
 
 

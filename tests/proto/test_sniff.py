@@ -1,5 +1,6 @@
 """Sniffing SNI and Host: whole, byte by byte, any split, several TLS records, garbage."""
 
+import socket
 import ssl
 
 import pytest
@@ -169,3 +170,41 @@ def test_sni_with_forbidden_characters_gives_no_name():
 )
 def test_valid_hostname(name, expected):
     assert valid_hostname(name) == expected
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["2130706433", "0x7f000001", "0X7F000001", "0x7f.0.0.0x1", "0177.0.0.01", "017700000001", "127.1", "127.0.1",
+     "0x7f.1", "127.0x0.0.1", "0x7F000001.", "0x", "0", "a.0x1f", "example.123"],
+)  # fmt: skip
+def test_every_spelling_of_an_ipv4_address_gives_no_name(spelling):
+    assert valid_hostname(spelling) is None
+    assert sniff(b"GET / HTTP/1.1\r\nHost: " + spelling.encode() + b":9109\r\n\r\n") == Sniffed(HTTP, None)
+
+
+def test_an_ipv4_mapped_ipv6_literal_in_brackets_gives_no_name():
+    for host in (b"[::ffff:127.0.0.1]", b"[::ffff:7f00:1]:22", b"[0:0:0:0:0:ffff:127.0.0.1]:80"):
+        assert sniff(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n") == Sniffed(HTTP, None)
+
+
+_NUMBERS = st.one_of(
+    st.integers(0, 2**32 - 1).map(str),
+    st.integers(0, 2**32 - 1).map(lambda n: f"0{n:o}"),
+    st.integers(0, 2**32 - 1).map(lambda n: f"0x{n:x}"),
+    st.integers(0, 2**32 - 1).map(lambda n: f"0X{n:X}"),
+)
+
+
+@given(st.lists(_NUMBERS, min_size=1, max_size=4), st.booleans())
+def test_names_a_resolver_reads_as_an_address_give_no_name(parts, trailing_dot):
+    name = ".".join(parts) + ("." if trailing_dot else "")
+    assert valid_hostname(name) is None
+
+
+@given(st.from_regex(r"[a-zA-Z0-9x.]{1,30}", fullmatch=True))
+def test_no_name_inet_aton_accepts_is_valid(name):
+    try:
+        socket.inet_aton(name)
+    except OSError:
+        return
+    assert valid_hostname(name) is None
