@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import sys
 import time
 
@@ -35,22 +36,40 @@ def setup(verbose: int, log_format: str = "text") -> None:
 
 
 class RateLimited:
-    """Logs the first of a kind of message, then at most one per ``interval`` with a count of the rest."""
+    """Logs the first of a kind of message, then at most one per ``interval`` with a count of the rest.
 
-    def __init__(self, interval: float = 10.0, clock=time.monotonic):
-        self.interval = interval
-        self.clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+    Bounded whatever the clients do: at most ``max_kinds`` kinds are remembered (the one logged
+    longest ago is forgotten first) and at most ``max_lines`` lines are written per ``interval``
+    across all kinds; what that holds back is counted in the next line written."""
+
+    def __init__(self, interval: float = 10.0, clock=time.monotonic, max_kinds: int = 1024, max_lines: int = 20):
+        self.interval, self.clock = interval, clock
+        self.max_kinds, self.max_lines = max_kinds, max_lines
+        self._kinds: dict[str, list] = {}  # key -> [when last logged, suppressed since]; oldest first
+        self._window_started = -math.inf
+        self._lines_in_window = 0
+        self._held_back = 0  # by the overall cap, or counts of forgotten kinds
 
     def warning(self, key: str, message: str) -> None:
         now = self.clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        kind = self._kinds.get(key)
+        if kind is not None and now - kind[0] < self.interval:
+            kind[1] += 1
             return
-        self._last[key] = now
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            message += f" ({suppressed} more like this suppressed)"
+        if now - self._window_started >= self.interval:
+            self._window_started, self._lines_in_window = now, 0
+        if self._lines_in_window >= self.max_lines:
+            self._held_back += 1
+            return
+        self._lines_in_window += 1
+        if kind is not None:
+            del self._kinds[key]  # re-inserted as the newest
+            if kind[1]:
+                message += f" ({kind[1]} more like this suppressed)"
+        self._kinds[key] = [now, 0]
+        while len(self._kinds) > self.max_kinds:
+            self._held_back += self._kinds.pop(next(iter(self._kinds)))[1]
+        if self._held_back:
+            message += f" ({self._held_back} other warnings suppressed)"
+            self._held_back = 0
         log.warning("%s", message)

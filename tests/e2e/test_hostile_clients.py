@@ -1,15 +1,19 @@
 """What a hostile LAN client tried against the relay (issue 21), end to end with the real proxy."""
 
+import contextlib
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from relay.lab import ADDR, start_dante, start_squid
+from relay.lab.netns import run_in_netns
 from relay.lab.servers import BannerServer
 from relay.lab.services import DANTE_DENY_OWN_MACHINE, SQUID_DENY_OWN_MACHINE
 from tests.e2e.clients import connect, expect_reset
 from tests.e2e.conftest import UPSTREAMS
+from tests.e2e.health import usage
 
 FAR_LOOPBACK_PORT = 7012  # served on the far host's loopback only; closed on the server
 LOOPBACK_SPELLINGS = ["0x7f000001", "0X7F000001.", "0x7f.0.0.0x1", "0177.0.0.01", "127.1", "2130706433"]
@@ -75,3 +79,31 @@ def test_readmes_dante_rules_keep_clients_off_dantes_own_loopback(lab, far_loopb
         reply = sock.recv(10)
         assert reply[:2] == b"\x05\x02", reply  # "connection not allowed by ruleset"
     assert far_loopback_service.connections == 0
+
+
+def test_a_flood_of_refused_destinations_grows_neither_memory_nor_the_log(run_relay, lab, figures):
+    """800 000 connections to distinct 169.254.x.y:port from one client took the relay from 68 to
+    157 MB and wrote a warning line for each: the limiter kept every destination forever."""
+    relay = run_relay(UPSTREAMS["dante"])
+    pid = lab.process(relay.name).pid
+    rss_before, lines_before = usage(pid).rss_kib, relay.log_text().count("refused")
+    count = 20_000
+
+    def flood():
+        for n in range(count):
+            with socket.socket() as sock:
+                sock.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):  # the relay's reset, even of connect()
+                    sock.connect((f"169.254.{n >> 8 & 255}.{n & 255 or 1}", 1024 + n))
+                    sock.recv(1)  # this one is done before the next
+
+    started = time.monotonic()
+    run_in_netns(lab.ns("client"), flood, timeout=300)
+    took = time.monotonic() - started
+    warnings = relay.log_text().count("refused") - lines_before
+    grew_mib = (usage(pid).rss_kib - rss_before) / 1024
+    figures(
+        "refused distinct destinations", f"{count} in {took:.1f} s: {warnings} warning lines, RSS +{grew_mib:.1f} MiB"
+    )
+    assert warnings <= 2 * 20  # at most 20 lines a minute, whatever the flood
+    assert grew_mib < 16
