@@ -490,6 +490,21 @@ cdef class Engine:
             self.finish(slot, ended, False, finished)
         return finished
 
+    def reclaim(self, str ended not None):
+        """Reset the connection idle longest among those whose client has not sent a byte, and
+        report it ended ``ended``, as run() does; nothing if every client has spoken."""
+        cdef list finished = []
+        cdef int slot, chosen = -1
+        cdef Conn *conn
+        for slot in range(self.size):
+            conn = &self.conns[slot]
+            if (conn.in_use and conn.way[0].moved == 0 and conn.way[0].pending == 0 and conn.way[0].first == NULL
+                    and (chosen < 0 or conn.last_active < self.conns[chosen].last_active)):
+                chosen = slot
+        if chosen >= 0:
+            self.finish(chosen, ended, False, finished)
+        return finished
+
     def expire(self, double now):
         """End the connections silent for longer than their timeout; returns them as run() does."""
         cdef list finished = []

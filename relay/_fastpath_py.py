@@ -492,6 +492,20 @@ class Engine:
             self._finish(slot, ended, False, finished)
         return finished
 
+    def reclaim(self, ended):
+        """Reset the connection idle longest among those whose client has not sent a byte, and
+        report it ended ``ended``, as run() does; nothing if every client has spoken."""
+        ended = _exactly(str, ended, "ended", none_allowed=False)
+        finished = []
+        silent = [
+            (conn.last_active, slot)
+            for slot, conn in enumerate(self._conns)
+            if conn.in_use and conn.ways[0].moved == 0 and conn.ways[0].pending == 0 and conn.ways[0].first is None
+        ]
+        if silent:
+            self._finish(min(silent)[1], ended, False, finished)
+        return finished
+
     def expire(self, now):
         """End the connections silent for longer than their timeout; returns them as run() does."""
         now = _c_double(now)

@@ -288,10 +288,11 @@ SETTINGS = [
     Setting(
         "max-per-source",
         parse_count,
-        0,
+        None,
         False,
         "N",
-        "relayed connections at once from one client address (default: no limit)",
+        "relayed connections at once from one client address; 0: no limit "
+        "(default: a quarter of --max-connections, at least 256 of it)",
     ),
     Setting(
         "allow-dest",

@@ -14,6 +14,7 @@ IDLE_TIMEOUT = "idle-timeout"
 HALF_CLOSED_TIMEOUT = "half-closed-timeout"  # one direction finished, the other went silent
 UPSTREAM_DOWN = "upstream-down"  # --confirm-eof: the upstream's FIN came from a proxy that died
 CANCELLED = "cancelled"  # the relay shut down
+RECLAIMED = "reclaimed"  # every slot was taken: its client had not sent a byte, and a new one waited
 ERROR = "error"  # a bug of the relay's, logged with its traceback
 
 

@@ -94,7 +94,7 @@ def test_both_twins_offer_the_same_engine_api(impl):
     assert isinstance(engine.fileno(), int) and len(engine) == 0 and not engine.backlogged
     assert engine.run(0.0, 1) == [] and engine.expire(0.0) == [] and engine.next_deadline == float("inf")
     assert engine.take_held() == [] and engine.release(12345, 0.0) == [] and engine.abort(12345, "x") == []
-    assert engine.close() == []
+    assert engine.reclaim("reclaimed") == [] and engine.close() == []
 
 
 def test_the_engine_s_attributes_are_read_only(engine):
@@ -112,6 +112,7 @@ def test_the_engine_s_attributes_are_read_only(engine):
         lambda engine: engine.release("1", 0.0),
         lambda engine: engine.abort(1, None),
         lambda engine: engine.abort(1, b"upstream-down"),
+        lambda engine: engine.reclaim(None),
         lambda engine: engine.add("3", 4, "t", 0.0, 1.0, 1.0),
         lambda engine: engine.add(3, 4, "t", 0.0, 1.0, 1.0, to_upstream_first=bytearray(b"x")),
         lambda engine: type(engine)("an argument"),
@@ -247,6 +248,25 @@ def test_idle_timeout_resets_both(engine):
     assert len(engine) == 0
     assert_reset(app_client)
     assert_reset(app_server)
+
+
+def test_reclaim_takes_the_idlest_connection_whose_client_never_spoke(engine):
+    spoke_client, spoke_server = relayed(engine, "spoke", now=0.0)
+    spoke_client.sendall(b"hello")
+    run(engine, now=1.0, seconds=0.2)
+    assert spoke_server.recv(10) == b"hello"
+    early = relayed(engine, "early bytes", now=0.0, to_upstream_first=b"sniffed")
+    newer = relayed(engine, "silent, newer", now=5.0)
+    older_client, older_server = relayed(engine, "silent, server spoke", now=2.0)
+    older_server.sendall(b"banner")  # the server speaking keeps it active, but its client is still silent
+    run(engine, now=3.0, seconds=0.2)
+    assert older_client.recv(10) == b"banner" and early[1].recv(10) == b"sniffed"
+    assert engine.reclaim("reclaimed") == [("silent, server spoke", "reclaimed", 0, 6)]
+    assert_reset(older_client)
+    assert engine.reclaim("reclaimed") == [("silent, newer", "reclaimed", 0, 0)]
+    assert_reset(newer[0])
+    assert engine.reclaim("reclaimed") == []  # every client left has spoken
+    assert len(engine) == 2
 
 
 def test_traffic_postpones_the_idle_timeout(engine):

@@ -28,6 +28,10 @@ FDS_PER_CONNECTION = 6
 # (Pooled pipes come from connections that ended, so they fit in the freed slots' share.)
 # A quarter of a small limit is plenty; 256 fds then still relay 32 connections, not 9.
 RESERVED_FDS = 200
+# One client address may hold this share of the budget by default, but at least PER_SOURCE_FLOOR:
+# a host cannot lock the others out, and a busy one (a docker pull, a NATed LAN) is not cut short.
+PER_SOURCE_SHARE = 4
+PER_SOURCE_FLOOR = 256
 LOCAL_ADDRESS_TTL = 10.0  # seconds a "is this one of our addresses" answer is kept
 LOCAL_ADDRESSES_KEPT = 1024
 HOSTS_FILE = "/etc/hosts"
@@ -144,10 +148,18 @@ def destination_refusal(config: Config, dst, *, refused_endpoints, is_local) -> 
     return None
 
 
-def per_source_refusal(config: Config, source: str, per_source: dict[str, int]) -> str | None:
-    """Why another connection from ``source`` is refused (--max-per-source)."""
-    if config.max_per_source and per_source.get(source, 0) >= config.max_per_source:
-        return f"{config.max_per_source} connections from {source} already (--max-per-source)"
+def per_source_cap(config: Config, budget: int) -> int:
+    """--max-per-source (0: no limit), or by default a quarter of the budget, at least
+    PER_SOURCE_FLOOR of it."""
+    if config.max_per_source is not None:
+        return config.max_per_source
+    return max(budget // PER_SOURCE_SHARE, min(PER_SOURCE_FLOOR, budget))
+
+
+def per_source_refusal(cap: int, source: str, per_source: dict[str, int]) -> str | None:
+    """Why another connection from ``source`` is refused (--max-per-source, or its default ``cap``)."""
+    if cap and per_source.get(source, 0) >= cap:
+        return f"{cap} connections from {source} already (--max-per-source)"
     return None
 
 

@@ -31,7 +31,8 @@ class Connections:
         self.config, self.pool = config, pool  # for new connections: a reload replaces both
         self.metrics = metrics
         self.dialer = dialer
-        self.slots = trio.Semaphore(admission.connection_budget(config))
+        self.budget = admission.connection_budget(config)
+        self.slots = trio.Semaphore(self.budget)
         self.per_source: dict[str, int] = {}
         # Local addresses of our open upstream sockets: a client coming *from* one is our own traffic looped back.
         self.own_sources: set[tuple[str, int]] = set()
@@ -63,6 +64,12 @@ class Connections:
             log.exception("internal error while admitting %s", format_address(peer))
             connection.end_unless_ended(ends.ERROR)
 
+    def reclaim(self) -> bool:
+        """Every slot is taken and a client waits: end the connection idle longest among those whose
+        client has not sent a byte since accept, so one host's silent connections cannot lock the
+        others out. Whether one was found (its end gave back its slot)."""
+        return self.pump.reclaim(ends.RECLAIMED)
+
     def original_destination(self, sock: socket.socket, mode: str) -> tuple[str, int]:
         if mode == "tproxy":
             return sock.getsockname()[:2]
@@ -90,7 +97,7 @@ class Connections:
         )
         if why:
             return "refused:destination", why, self.refusals, f"dst {dst}"
-        why = admission.per_source_refusal(config, peer[0], self.per_source)
+        why = admission.per_source_refusal(admission.per_source_cap(config, self.budget), peer[0], self.per_source)
         if why:
             return "refused:per-source-limit", why, self.warnings, f"source {peer[0]}"
         return None

@@ -1,6 +1,8 @@
 """Listening sockets and the accept loop."""
 
 import errno
+import math
+import select
 import socket
 
 import trio
@@ -21,6 +23,8 @@ ACCEPT_PAUSE = 0.1
 CLIENT_GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
 # Connections accepted in a row without waiting before the loop lets other tasks run.
 ACCEPT_BATCH = 16
+# With every slot taken, how often to look for a client waiting in the backlog (to reclaim a slot).
+RECLAIM_POLL = 0.05
 
 
 async def open_listener(host: str, port: int, transparent: bool, reuse_port: bool = False) -> socket.socket:
@@ -75,13 +79,39 @@ async def open_listeners(
     return listeners
 
 
-async def accept_loop(listener, accepted, warnings: RateLimited, slots: trio.Semaphore | None = None) -> None:
+def client_waiting(listener) -> bool:
+    """Whether a connection waits in ``listener``'s backlog."""
+    poll = select.poll()
+    poll.register(listener, select.POLLIN)
+    return bool(poll.poll(0))
+
+
+async def take_slot(listener, slots: trio.Semaphore, reclaim) -> None:
+    """A slot for the next client: a free one, or, while every slot is taken and a client waits in
+    the backlog, one that ``reclaim()`` frees (it says whether it could)."""
+    while True:
+        try:
+            slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        if reclaim is not None and client_waiting(listener) and reclaim():
+            continue
+        with trio.move_on_after(RECLAIM_POLL if reclaim is not None else math.inf):
+            await slots.acquire()
+            return
+
+
+async def accept_loop(
+    listener, accepted, warnings: RateLimited, slots: trio.Semaphore | None = None, reclaim=None
+) -> None:
     """Accept forever, handing each connection to ``accepted(conn, peer)``: a plain function that
     takes the (stdlib) socket and starts whatever handles it.
 
     With ``slots``, one is taken before each accept and whoever has the
     connection must give it back: past the budget, new clients wait in the kernel's backlog instead of
-    being accepted and then failing for lack of fds.
+    being accepted and then failing for lack of fds, unless ``reclaim()`` frees a slot for them
+    (see take_slot).
 
     ``listener`` is a non-blocking stdlib socket (open_listener). While
     connections are waiting, up to ACCEPT_BATCH are accepted in a row: Trio's
@@ -95,7 +125,7 @@ async def accept_loop(listener, accepted, warnings: RateLimited, slots: trio.Sem
                 slots.acquire_nowait()
             except trio.WouldBlock:
                 in_a_row = 0
-                await slots.acquire()
+                await take_slot(listener, slots, reclaim)
         try:
             while True:
                 try:

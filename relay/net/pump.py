@@ -213,6 +213,12 @@ class Pump:
         finally:
             del self.unconfirmed[probe]
 
+    def reclaim(self, ended: str) -> bool:
+        """End the idlest connection whose client never sent a byte (see Engine.reclaim): whether one was."""
+        finished = self.engine.reclaim(ended)
+        self.report(finished)
+        return bool(finished)
+
     def close(self) -> None:
         """Reset every connection left (they end ends.CANCELLED) and end run(); later calls do nothing."""
         if self.engine.fileno() >= 0:

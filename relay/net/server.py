@@ -116,7 +116,12 @@ class Server:
                     for listener in self.listeners:
                         connections = self.connections
                         nursery.start_soon(
-                            accept_loop, listener, connections.accepted, connections.warnings, connections.slots
+                            accept_loop,
+                            listener,
+                            connections.accepted,
+                            connections.warnings,
+                            connections.slots,
+                            connections.reclaim,
                         )
         finally:
             for listener in self.listeners:  # closed only once no task waits on them

@@ -1,6 +1,7 @@
 """Limits from the hardening work: connection budget, per-source cap, half-closed timeout,
 destination policy."""
 
+import select
 import socket
 
 import pytest
@@ -23,11 +24,18 @@ def banner_connection(lab, source=None):
     return sock
 
 
+def spoken_banner_connection(lab):
+    """A connection whose client has spoken: the relay never reclaims its slot."""
+    sock = banner_connection(lab)
+    assert sock.recv(100) == BannerServer.banner
+    sock.sendall(b"hello")
+    assert sock.recv(100) == b"hello"  # echoed: the relay moved the client's byte
+    return sock
+
+
 def test_past_the_budget_clients_wait_in_the_backlog(run_relay, lab):
     relay = run_relay(DANTE, "--max-connections", "2", "--listen", "0.0.0.0:12345")
-    held = [banner_connection(lab) for _ in range(2)]
-    for sock in held:
-        assert sock.recv(100) == BannerServer.banner
+    held = [spoken_banner_connection(lab) for _ in range(2)]
     waiting = banner_connection(lab)  # the kernel completes the handshake; the relay does not accept yet
     waiting.settimeout(1)
     with pytest.raises(socket.timeout):
@@ -40,20 +48,49 @@ def test_past_the_budget_clients_wait_in_the_backlog(run_relay, lab):
     assert relay.connections(at_least=2)
 
 
-def test_per_source_cap_leaves_other_clients_served(run_relay, lab):
+def test_a_client_waiting_past_the_budget_reclaims_a_silent_connections_slot(run_relay, lab):
+    """Silent connections from one host held every slot until the idle timeout (600 s)."""
+    relay = run_relay(DANTE, "--max-connections", "3", "--listen", "0.0.0.0:12345")
+    spoken = spoken_banner_connection(lab)
+    silent = [banner_connection(lab) for _ in range(2)]  # the server speaks; these clients never do
+    for sock in silent:
+        assert sock.recv(100) == BannerServer.banner
+    with banner_connection(lab) as newcomer:
+        assert newcomer.recv(100) == BannerServer.banner  # at once, not after the idle timeout
+    readable, _, _ = select.select(silent, [], [], 2)
+    assert len(readable) == 1  # one of them (their banners came in the same instant), not both
+    expect_reset(readable[0], within=2)
+    for sock in (spoken, *(sock for sock in silent if sock is not readable[0])):
+        sock.sendall(b"still here")
+        assert sock.recv(100) == b"still here"
+    assert [line["end"] for line in relay.connections(at_least=2)].count("reclaimed") == 1
+    for sock in [spoken, *silent]:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    "args,cap",
+    [
+        (["--max-per-source", "2"], 2),
+        # 3400 silent connections from one address filled the default budget: others waited 600 s.
+        (["--max-connections", "1200"], 300),  # by default a quarter of the budget per client address
+    ],
+)
+def test_per_source_cap_leaves_other_clients_served(run_relay, lab, args, cap):
     lab.run("client", ["ip", "addr", "add", f"{SECOND_CLIENT}/24", "dev", ADDR.client_if])
+    held = []
     try:
-        relay = run_relay(DANTE, "--max-per-source", "2")
-        held = [banner_connection(lab) for _ in range(2)]
+        relay = run_relay(DANTE, *args)
+        held.extend(banner_connection(lab) for _ in range(cap))
         for sock in held:
             assert sock.recv(100) == BannerServer.banner
         connect_expecting_reset(lab, "client", ADDR.server4, BANNER_PORT, within=2)
         with banner_connection(lab, source=SECOND_CLIENT) as other:
             assert other.recv(100) == BannerServer.banner
-        assert relay.wait_for_log("--max-per-source")
+        assert relay.wait_for_log(f"{cap} connections from {ADDR.client4} already (--max-per-source)")
+    finally:
         for sock in held:
             sock.close()
-    finally:
         lab.run("client", ["ip", "addr", "del", f"{SECOND_CLIENT}/24", "dev", ADDR.client_if])
 
 

@@ -58,3 +58,19 @@ def test_own_names_include_the_hostname_and_are_read_again_on_load(tmp_path):
 def test_own_names_without_a_hosts_file_are_the_hostname(tmp_path):
     own = admission.OwnNames(lambda host: False, hosts_file=str(tmp_path / "missing"), hostname=lambda: "box")
     assert own.names == {"box"}
+
+
+@pytest.mark.parametrize(
+    "budget,given,cap",
+    [(3300, None, 825), (1000, None, 256), (300, None, 256), (37, None, 37), (3300, "0", 0), (3300, "10", 10)],
+)
+def test_one_client_address_gets_a_share_of_the_budget_by_default(budget, given, cap):
+    values = {"upstream": ["127.0.0.1:3128"], **({"max-per-source": given} if given else {})}
+    config = Config.from_values(values, source="test", complete=True)
+    assert admission.per_source_cap(config, budget) == cap
+
+
+def test_per_source_refusal_counts_against_the_cap():
+    assert admission.per_source_refusal(2, "10.0.0.2", {"10.0.0.2": 1}) is None
+    assert "2 connections from 10.0.0.2" in admission.per_source_refusal(2, "10.0.0.2", {"10.0.0.2": 2})
+    assert admission.per_source_refusal(0, "10.0.0.2", {"10.0.0.2": 10**6}) is None  # 0: no limit
