@@ -3,6 +3,7 @@ destination policy."""
 
 import select
 import socket
+import time
 
 import pytest
 
@@ -48,15 +49,17 @@ def test_past_the_budget_clients_wait_in_the_backlog(run_relay, lab):
     assert relay.connections(at_least=2)
 
 
-def test_a_client_waiting_past_the_budget_reclaims_a_silent_connections_slot(run_relay, lab):
+def test_a_client_waiting_past_the_budget_reclaims_a_silent_connections_slot(run_relay, lab, figures):
     """Silent connections from one host held every slot until the idle timeout (600 s)."""
     relay = run_relay(DANTE, "--max-connections", "3", "--listen", "0.0.0.0:12345")
     spoken = spoken_banner_connection(lab)
     silent = [banner_connection(lab) for _ in range(2)]  # the server speaks; these clients never do
     for sock in silent:
         assert sock.recv(100) == BannerServer.banner
+    started = time.monotonic()
     with banner_connection(lab) as newcomer:
         assert newcomer.recv(100) == BannerServer.banner  # at once, not after the idle timeout
+    figures("newcomer past the budget served after", f"{(time.monotonic() - started) * 1000:.0f} ms")
     readable, _, _ = select.select(silent, [], [], 2)
     assert len(readable) == 1  # one of them (their banners came in the same instant), not both
     expect_reset(readable[0], within=2)
