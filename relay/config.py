@@ -6,11 +6,12 @@ for one line on stderr, and no password ever reaches a message or a repr.
 
 import copy
 import ipaddress
+import re
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 
-from relay.addresses import format_address
+from relay.addresses import bracketed, format_address
 
 UPSTREAM_SCHEMES = ("http", "socks5", "socks4", "socks4a")
 DEFAULT_PORT = 12345
@@ -142,6 +143,52 @@ def parse_domain_suffix(text: str) -> str:
     return suffix
 
 
+@dataclass(frozen=True)
+class DnsUpstream:
+    """Where the DNS service resolves: ``udp`` (directly), ``tcp`` or ``https`` (DoH, RFC 8484),
+    both through the relay's own upstream proxy."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str = ""  # https only
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{bracketed(self.host)}:{self.port}{self.path}"
+
+
+DNS_PORTS = {"udp": 53, "tcp": 53, "https": 443}
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def parse_dns_upstream(text: str) -> DnsUpstream:
+    usage = "a DNS upstream is udp://IP[:PORT], tcp://IP[:PORT] or https://HOST[:PORT]/PATH"
+    scheme, separator, rest = text.partition("://")
+    if not separator or scheme not in DNS_PORTS:
+        raise ConfigError(f"{text!r}: {usage}")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:  # not quoted: it would show a password
+        raise ConfigError("a DNS upstream URL takes no user or password")
+    if slash and scheme != "https":
+        raise ConfigError(f"{text!r}: {usage}")
+    if authority.startswith("["):
+        host, closed, after = authority[1:].partition("]")
+        port_text = after[1:] if after.startswith(":") else None if after or not closed else ""
+    else:
+        host, _, port_text = authority.partition(":")
+    if port_text is None or (port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536)):
+        raise ConfigError(f"{text!r}: the port must be 1-65535")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        if scheme != "https" or not _DNS_NAME.fullmatch(host):
+            raise ConfigError(f"{text!r}: {usage}") from None
+    path = "/" + (path or "dns-query") if scheme == "https" else ""  # RFC 8484's usual path when none is given
+    return DnsUpstream(scheme, host.lower(), int(port_text or DNS_PORTS[scheme]), path)
+
+
 def parse_seconds(value, allow_zero: bool = False) -> float:
     try:
         seconds = float(value) if not isinstance(value, bool) else None
@@ -220,6 +267,12 @@ class Setting:
     def field(self) -> str:
         return self.attribute or self.key.replace("-", "_")
 
+
+DNS_ALLOW_DEFAULT = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+    "fc00::/7", "fe80::/10", "::1/128",
+)  # fmt: skip
+DNS_UPSTREAM_DEFAULT = ("https://1.1.1.1/dns-query", "https://8.8.8.8/dns-query")
 
 SETTINGS = [
     Setting(
@@ -406,6 +459,58 @@ SETTINGS = [
     Setting(
         "lan-iface", _text, [], True, "IFACE", "for 'relay rules': LAN interface whose TCP is intercepted; repeatable"
     ),
+    Setting(
+        "dns",
+        lambda v: parse_host_port(v, "DNS service address"),
+        [],
+        True,
+        "HOST:PORT",
+        "serve DNS (UDP and TCP) here, resolved through the tunnel; repeatable (default: no DNS service)",
+    ),
+    Setting(
+        "dns-allow",
+        parse_cidr,
+        [parse_cidr(text) for text in DNS_ALLOW_DEFAULT],
+        True,
+        "CIDR",
+        "clients the DNS service answers; others get REFUSED; repeatable (default: private, loopback and "
+        "link-local ranges)",
+    ),
+    Setting(
+        "dns-upstream",
+        parse_dns_upstream,
+        [parse_dns_upstream(text) for text in DNS_UPSTREAM_DEFAULT],
+        True,
+        "URL",
+        "https://HOST[:PORT]/PATH (DoH) or tcp://IP[:PORT], through the upstream proxy, or udp://IP[:PORT] "
+        f"directly; repeatable, tried in order (default: {' then '.join(DNS_UPSTREAM_DEFAULT)})",
+    ),
+    Setting("dns-ca", _text, None, False, "FILE", "CA certificates for DoH upstreams (default: the system's)"),
+    Setting(
+        "dns-timeout",
+        parse_seconds,
+        5.0,
+        False,
+        "S",
+        "give up on a query (SERVFAIL) after this long, all DNS upstreams tried (default: 5)",
+    ),
+    Setting(
+        "dns-min-ttl",
+        lambda v: parse_seconds(v, True),
+        0.0,
+        False,
+        "S",
+        "cache answers at least this long (default: 0)",
+    ),
+    Setting("dns-max-ttl", parse_seconds, 86400.0, False, "S", "cache answers at most this long (default: 86400)"),
+    Setting(
+        "dns-cache-size",
+        parse_count,
+        10000,
+        False,
+        "N",
+        "answers kept in the DNS cache, least recently used dropped first; 0: no cache (default: 10000)",
+    ),
     Setting("verbose", parse_count, 0, False, None, "1: one line per connection; 2: debug"),
 ]
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -426,7 +531,7 @@ class Config:
     half_closed_timeout: float
     confirm_eof: bool  # hold upstream FINs until the proxy is seen alive (see relay.net.pump)
     max_connections: int  # 0: derived from RLIMIT_NOFILE
-    max_per_source: int  # 0: no limit
+    max_per_source: int | None  # None: a share of the budget (relay.net.admission); 0: no limit
     allow_dest: list
     sniff: bool  # ask the proxy for the SNI/Host name instead of the IP
     sniff_timeout: float  # how long to wait for the client's first bytes
@@ -446,6 +551,14 @@ class Config:
     workers: int
     pipe_size: int  # fewer, larger splices per wakeup; 0: the kernel's default
     lan_iface: list[str]
+    dns: list[tuple[str, int]]  # empty: no DNS service
+    dns_allow: list
+    dns_upstream: list[DnsUpstream]
+    dns_ca: str | None
+    dns_timeout: float
+    dns_min_ttl: float
+    dns_max_ttl: float
+    dns_cache_size: int
     verbose: int
 
     @property

@@ -1,6 +1,17 @@
+import ipaddress
+
 import pytest
 
-from relay.config import ConfigError, Secret, Upstream, parse_host_port, parse_upstream, redact_url
+from relay.config import (
+    Config,
+    ConfigError,
+    Secret,
+    Upstream,
+    parse_dns_upstream,
+    parse_host_port,
+    parse_upstream,
+    redact_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -87,3 +98,44 @@ def test_bad_host_ports(text):
 def test_secret_equality_without_exposure():
     assert Secret("a") == Secret("a") and Secret("a") != Secret("b")
     assert "a" not in repr(Secret("a"))
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        ("udp://9.9.9.9", "udp://9.9.9.9:53"),
+        ("tcp://[2001:db8::1]:5353", "tcp://[2001:db8::1]:5353"),
+        ("https://1.1.1.1/dns-query", "https://1.1.1.1:443/dns-query"),
+        ("https://Dns.Example:8443/q?x=1", "https://dns.example:8443/q?x=1"),
+        ("https://dns.example", "https://dns.example:443/dns-query"),
+    ],
+)
+def test_dns_upstreams(text, shown):
+    assert str(parse_dns_upstream(text)) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["tcp://name.example", "ftp://1.1.1.1", "https://1.1.1.1:0/x", "udp://1.1.1.1/x", "https://[::1", "1.1.1.1",
+     "https://-bad-.example/q", "udp://1.1.1.1:99999"],
+)  # fmt: skip
+def test_bad_dns_upstreams_are_refused(text):
+    with pytest.raises(ConfigError):
+        parse_dns_upstream(text)
+
+
+def test_a_dns_upstream_with_a_password_is_refused_without_showing_it():
+    with pytest.raises(ConfigError) as caught:
+        parse_dns_upstream("https://user:Secret-1@dns.example/q")
+    assert "Secret-1" not in str(caught.value)
+
+
+def test_dns_defaults_resolve_through_the_tunnel_and_answer_private_ranges_only():
+    config = Config.from_values({"upstream": ["127.0.0.1:3128"]})
+    assert config.dns == [] and [str(u) for u in config.dns_upstream] == [
+        "https://1.1.1.1:443/dns-query",
+        "https://8.8.8.8:443/dns-query",
+    ]
+    allowed = lambda address: any(ipaddress.ip_address(address) in net for net in config.dns_allow)  # noqa: E731
+    assert allowed("192.168.1.20") and allowed("fd00::5") and allowed("127.0.0.1")
+    assert not allowed("203.0.113.9") and not allowed("2001:db8::1")
