@@ -754,6 +754,9 @@ def test_10000_idle_relayed_connections_held_and_released(relays, lab, figures):
             "2",
             "--max-connections",
             "6000",
+            # one client host opens all of them: lift the default per-source cap
+            "--max-per-source",
+            "0",
             "--sniff",
             "off",
             "--listen",
