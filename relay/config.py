@@ -67,7 +67,7 @@ class Upstream:
 
 
 def redact_url(text: str) -> str:
-    """The URL as typed, with any password replaced by ***, for error messages."""
+    """The URL with any password replaced by ***, for metric labels."""
     scheme, sep, rest = text.rpartition("://")
     userinfo, at, hostpart = rest.rpartition("@")
     if not at or ":" not in userinfo:
@@ -76,37 +76,83 @@ def redact_url(text: str) -> str:
     return f"{scheme}{sep}{user}:***@{hostpart}"
 
 
-def parse_upstream(text: str) -> Upstream:
-    """Parse ``HOST:PORT`` (an HTTP proxy), ``SCHEME://[user:pass@]HOST:PORT`` or ``direct``."""
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def parse_upstream(text) -> Upstream:
+    """Parse ``HOST:PORT`` (an HTTP proxy), ``SCHEME://[user:pass@]HOST:PORT`` or ``direct``.
+
+    The userinfo is everything before the last ``@``, so a password may hold any
+    character (``%XX`` in it is decoded). A mistyped URL can put the password
+    anywhere, so no message quotes any part of what follows the scheme.
+    """
+    if not isinstance(text, str):
+        raise ConfigError("invalid upstream: write it as a string (a URL or 'direct')")
     if text == "direct":
         return Upstream("direct")
-    shown = redact_url(text)
-    if "://" not in text:
-        text = "http://" + text
-    try:
-        parts = urllib.parse.urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"invalid upstream {shown!r}: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in UPSTREAM_SCHEMES:
-        known = ", ".join(f"{s}://" for s in UPSTREAM_SCHEMES)
-        raise ConfigError(f"invalid upstream {shown!r}: unknown scheme {scheme!r} (use {known} or direct)")
-    if not parts.hostname:
-        raise ConfigError(f"invalid upstream {shown!r}: no host")
-    if port is None or port == 0:
-        raise ConfigError(f"invalid upstream {shown!r}: a port is required (HOST:PORT)")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"invalid upstream {shown!r}: only SCHEME://[user:pass@]HOST:PORT is allowed")
-    username = urllib.parse.unquote(parts.username) if parts.username is not None else None
-    password = Secret(urllib.parse.unquote(parts.password)) if parts.password is not None else None
+    scheme_match = _SCHEME.match(text)
+    if scheme_match is None:
+        if "@" in text:
+            raise ConfigError("invalid upstream: user:password@ needs a scheme (http:// or socks5://)")
+        scheme, authority = "http", text
+    else:
+        scheme, authority = scheme_match[1].lower(), text[scheme_match.end() :]
+        if scheme not in UPSTREAM_SCHEMES:
+            known = ", ".join(f"{s}://" for s in UPSTREAM_SCHEMES)
+            raise ConfigError(f"invalid upstream: unknown scheme {scheme!r} (use {known} or direct)")
+    userinfo, at, host_part = authority.rpartition("@")
+    host, port = _proxy_address(host_part)
+    username = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = urllib.parse.unquote(user_text)
+        password = Secret(urllib.parse.unquote(password_text)) if colon else None
     if scheme in ("http", "socks5") and username is not None and password is None:
-        raise ConfigError(f"invalid upstream {shown!r}: give the password too (user:password@)")
+        raise ConfigError("invalid upstream: give the password too (user:password@)")
     if scheme == "http" and username is not None and ":" in username:
-        raise ConfigError(f"invalid upstream {shown!r}: an HTTP Basic user name cannot contain ':'")
+        raise ConfigError("invalid upstream: an HTTP Basic user name cannot contain ':'")
     if password is not None and scheme in ("socks4", "socks4a"):
-        raise ConfigError(f"invalid upstream {shown!r}: SOCKS4 has no passwords (only a user id)")
-    return Upstream(scheme, parts.hostname, port, username, password)
+        raise ConfigError("invalid upstream: SOCKS4 has no passwords (only a user id)")
+    return Upstream(scheme, host, port, username, password)
+
+
+def _proxy_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``, with an optional trailing ``/``, of an upstream URL."""
+    text = text.removesuffix("/")
+    if any(c in text for c in "/?#"):
+        raise ConfigError("invalid upstream: only SCHEME://[user:pass@]HOST:PORT is allowed (no path or query)")
+    if text.startswith("["):
+        host, bracket, port_part = text[1:].partition("]")
+        if not bracket:
+            raise ConfigError("invalid upstream: an IPv6 address needs its closing ']'")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ConfigError("invalid upstream: what is in [] is not an IPv6 address") from None
+        if port_part and not port_part.startswith(":"):
+            raise ConfigError("invalid upstream: expected :PORT after ']'")
+        port_text = port_part[1:]
+    else:
+        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+        if ":" in host:
+            raise ConfigError("invalid upstream: write an IPv6 address as [ADDR]:PORT")
+        if not host.isprintable() or any(c.isspace() or c in "[]" for c in host):
+            raise ConfigError("invalid upstream: the host is not a name or an address")
+        host = host.lower()
+    if not host:
+        raise ConfigError("invalid upstream: no host")
+    if not port_text:
+        raise ConfigError("invalid upstream: a port is required (HOST:PORT)")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ConfigError("invalid upstream: the port is not a number")
+    if not 0 < int(port_text) < 65536:
+        raise ConfigError("invalid upstream: the port is out of range (1-65535)")
+    return host, int(port_text)
+
+
+def _which(option: str, number: int, count: int) -> str:
+    """The option, and which of its values when it has several."""
+    return f"{option} #{number}" if count > 1 else option
 
 
 def parse_host_port(text: str, what: str = "address") -> tuple[str, int]:
@@ -580,14 +626,14 @@ class Config:
             setting = SETTINGS_BY_KEY.get(key)
             if setting is None:
                 raise ConfigError(f"{source}unknown setting {key_prefix}{key!r}")
-            try:
-                if setting.repeatable:
-                    items = raw if isinstance(raw, list) else [raw]
-                    fields[setting.field] = [setting.parse(item) for item in items]
-                else:
-                    fields[setting.field] = setting.parse(raw)
-            except ConfigError as exc:
-                raise ConfigError(f"{source}{key_prefix}{key}: {exc}") from None
+            items = (raw if isinstance(raw, list) else [raw]) if setting.repeatable else [raw]
+            parsed = []
+            for number, item in enumerate(items, 1):
+                try:
+                    parsed.append(setting.parse(item))
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}{_which(key_prefix + key, number, len(items))}: {exc}") from None
+            fields[setting.field] = parsed if setting.repeatable else parsed[0]
         if not complete:
             return None
         if not fields.get("upstreams"):

@@ -114,3 +114,44 @@ def unused_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_password_with_url_delimiters_is_in_no_error():
+    """`#`, `/`, `?` used to cut the URL short, and the parser's message quoted what came before."""
+    result = run(["--upstream", "socks5://admin:Hunter#24@127.0.0.1:99999"])
+    assert result.returncode == 2 and "out of range" in result.stderr and "Hunter" not in result.stderr
+    rules = run(["rules", "--mark", "1", "--upstream", "socks5://admin:Hunter/24@127.0.0.1:port"])
+    assert rules.returncode == 2 and "not a number" in rules.stderr and "Hunter" not in rules.stderr
+    rules = run(["rules", "--mark", "1", "--upstream", "socks5://admin:Hunter?24@127.0.0.1:1081"])
+    assert rules.returncode == 0 and "Hunter" not in rules.stdout + rules.stderr, rules.stderr
+
+
+def _start(args):
+    """A relay started in the background, with what it has printed up to "listening on"."""
+    process = subprocess.Popen([*RELAY, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process, _read_until(process, "listening on")
+
+
+def _read_until(process, text: str) -> str:
+    deadline = time.monotonic() + 15
+    output = ""
+    while text not in output:
+        assert time.monotonic() < deadline and process.poll() is None, output
+        output += process.stdout.readline()
+    return output
+
+
+def test_a_reloaded_config_file_with_a_hash_in_a_password_shows_none(tmp_path, unused_port):
+    config = tmp_path / "relay.toml"
+    listen = f'listen = ["127.0.0.1:{unused_port}"]\n'
+    config.write_text('upstream = ["127.0.0.1:3128"]\n' + listen)
+    process, _ = _start(["--config", str(config)])
+    try:
+        config.write_text('upstream = ["socks5://admin:Hunter#2024@127.0.0.1:1081"]\n' + listen)
+        process.send_signal(signal.SIGHUP)
+        output = _read_until(process, "SIGHUP")
+        process.send_signal(signal.SIGTERM)
+        output += process.communicate(timeout=10)[0]
+    finally:
+        process.kill()
+    assert "configuration reloaded; upstream socks5://admin:***@127.0.0.1:1081" in output and "Hunter" not in output
