@@ -9,7 +9,7 @@ import ipaddress
 import re
 import tomllib
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relay.addresses import bracketed, format_address
 
@@ -77,6 +77,8 @@ def redact_url(text: str) -> str:
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+MAX_SOCKS5_CREDENTIAL = 255  # bytes, RFC 1929
+MAX_PASSWORD_FILE = 4096  # bytes
 
 
 def parse_upstream(text) -> Upstream:
@@ -84,7 +86,8 @@ def parse_upstream(text) -> Upstream:
 
     The userinfo is everything before the last ``@``, so a password may hold any
     character (``%XX`` in it is decoded). A mistyped URL can put the password
-    anywhere, so no message quotes any part of what follows the scheme.
+    anywhere, so no message quotes any part of what follows the scheme. A user
+    without a password is completed by Config (--upstream-password-file).
     """
     if not isinstance(text, str):
         raise ConfigError("invalid upstream: write it as a string (a URL or 'direct')")
@@ -107,8 +110,10 @@ def parse_upstream(text) -> Upstream:
         user_text, colon, password_text = userinfo.partition(":")
         username = urllib.parse.unquote(user_text)
         password = Secret(urllib.parse.unquote(password_text)) if colon else None
-    if scheme in ("http", "socks5") and username is not None and password is None:
-        raise ConfigError("invalid upstream: give the password too (user:password@)")
+    try:  # a byte that is not UTF-8 on the command line arrives as a lone surrogate
+        f"{username or ''}{password.reveal() if password else ''}".encode()
+    except UnicodeEncodeError:
+        raise ConfigError("invalid upstream: the user name and password must be UTF-8 text") from None
     if scheme == "http" and username is not None and ":" in username:
         raise ConfigError("invalid upstream: an HTTP Basic user name cannot contain ':'")
     if password is not None and scheme in ("socks4", "socks4a"):
@@ -148,6 +153,53 @@ def _proxy_address(text: str) -> tuple[str, int]:
     if not 0 < int(port_text) < 65536:
         raise ConfigError("invalid upstream: the port is out of range (1-65535)")
     return host, int(port_text)
+
+
+def read_password_file(path) -> Secret:
+    """The one line of a password file, without its line ending; no message shows what it holds."""
+    path = _text(path)
+    try:
+        with open(path, "rb") as file:
+            content = file.read(MAX_PASSWORD_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if len(content) > MAX_PASSWORD_FILE:
+        raise ConfigError(f"{path} is longer than {MAX_PASSWORD_FILE} bytes")
+    try:
+        password = content.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    if not password:
+        raise ConfigError(f"{path} is empty")
+    if "\n" in password or "\r" in password:
+        raise ConfigError(f"{path} holds more than one line (only the password belongs there)")
+    return Secret(password)
+
+
+def _complete_passwords(upstreams: list[Upstream], password: Secret | None, key_prefix: str) -> list[Upstream]:
+    """Give ``password`` (from the password file) to each upstream that names a user but no password."""
+    waiting = [u.scheme in ("http", "socks5") and u.username is not None and u.password is None for u in upstreams]
+    if password is not None and not any(waiting):
+        raise ConfigError(
+            f"{key_prefix}upstream-password-file: no upstream names a user without a password "
+            "(write socks5://USER@HOST:PORT or http://USER@HOST:PORT)"
+        )
+    completed = []
+    for number, (upstream, needs_password) in enumerate(zip(upstreams, waiting), 1):
+        which = _which(f"{key_prefix}upstream", number, len(upstreams))
+        if needs_password:
+            if password is None:
+                raise ConfigError(
+                    f"{which}: a user but no password: give the password too (user:password@), "
+                    f"or {key_prefix}upstream-password-file"
+                )
+            upstream = replace(upstream, password=password)
+        if upstream.scheme == "socks5" and upstream.password is not None:
+            for name, value in (("user name", upstream.username), ("password", upstream.password.reveal())):
+                if len(value.encode()) > MAX_SOCKS5_CREDENTIAL:
+                    raise ConfigError(f"{which}: the SOCKS5 {name} is longer than {MAX_SOCKS5_CREDENTIAL} bytes")
+        completed.append(upstream)
+    return completed
 
 
 def _which(option: str, number: int, count: int) -> str:
@@ -330,6 +382,16 @@ SETTINGS = [
         "HOST:PORT or http://[user:pass@]HOST:PORT (HTTP CONNECT), socks5://[user:pass@]HOST:PORT, "
         "socks4://HOST:PORT, socks4a://HOST:PORT, or 'direct'; repeatable (failover in order)",
         "upstreams",
+    ),
+    Setting(
+        "upstream-password-file",
+        read_password_file,
+        None,
+        False,
+        "FILE",
+        "the password of each upstream that names a user and no password (socks5://USER@HOST:PORT); "
+        "one line, read again on SIGHUP",
+        "upstream_password",
     ),
     Setting(
         "upstream-strategy",
@@ -567,6 +629,7 @@ class Config:
     """Every setting's value; its default is the Setting's (see from_values)."""
 
     upstreams: list[Upstream]
+    upstream_password: Secret | None  # from the password file; already given to the upstreams that needed it
     upstream_strategy: str
     mode: str
     listen: list[tuple[str, int]]  # empty: the defaults
@@ -638,6 +701,7 @@ class Config:
             return None
         if not fields.get("upstreams"):
             raise ConfigError("an upstream is required (for example: --upstream 127.0.0.1:3128)")
+        fields["upstreams"] = _complete_passwords(fields["upstreams"], fields["upstream_password"], key_prefix)
         return cls(**fields)
 
 

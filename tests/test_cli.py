@@ -126,6 +126,14 @@ def test_a_password_with_url_delimiters_is_in_no_error():
     assert rules.returncode == 0 and "Hunter" not in rules.stdout + rules.stderr, rules.stderr
 
 
+def test_an_unreadable_password_file_is_one_line_and_status_2(tmp_path):
+    result = run(["--upstream", "socks5://admin@h:1", "--upstream-password-file", str(tmp_path / "missing")])
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"relay: error: --upstream-password-file: cannot read {tmp_path / 'missing'}: No such file or directory"
+    ]
+
+
 def _start(args):
     """A relay started in the background, with what it has printed up to "listening on"."""
     process = subprocess.Popen([*RELAY, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,17 +149,36 @@ def _read_until(process, text: str) -> str:
     return output
 
 
+def _reload_and_stop(process, change) -> str:
+    """Make ``change``, SIGHUP, then SIGTERM: what the relay printed from then on."""
+    try:
+        change()
+        process.send_signal(signal.SIGHUP)
+        output = _read_until(process, "SIGHUP")
+        process.send_signal(signal.SIGTERM)
+        return output + process.communicate(timeout=10)[0]
+    finally:
+        process.kill()
+
+
 def test_a_reloaded_config_file_with_a_hash_in_a_password_shows_none(tmp_path, unused_port):
     config = tmp_path / "relay.toml"
     listen = f'listen = ["127.0.0.1:{unused_port}"]\n'
     config.write_text('upstream = ["127.0.0.1:3128"]\n' + listen)
     process, _ = _start(["--config", str(config)])
-    try:
-        config.write_text('upstream = ["socks5://admin:Hunter#2024@127.0.0.1:1081"]\n' + listen)
-        process.send_signal(signal.SIGHUP)
-        output = _read_until(process, "SIGHUP")
-        process.send_signal(signal.SIGTERM)
-        output += process.communicate(timeout=10)[0]
-    finally:
-        process.kill()
+    output = _reload_and_stop(
+        process, lambda: config.write_text('upstream = ["socks5://admin:Hunter#2024@127.0.0.1:1081"]\n' + listen)
+    )
     assert "configuration reloaded; upstream socks5://admin:***@127.0.0.1:1081" in output and "Hunter" not in output
+
+
+def test_a_reload_reads_the_password_file_again(tmp_path, unused_port):
+    password = tmp_path / "password"
+    password.write_text("Hunter-1\n")
+    process, _ = _start(
+        ["--upstream", "socks5://admin@127.0.0.1:1081", "--upstream-password-file", str(password)]
+        + ["--listen", f"127.0.0.1:{unused_port}"]
+    )
+    output = _reload_and_stop(process, password.unlink)
+    assert f"keeping the old configuration: --upstream-password-file: cannot read {password}" in output
+    assert "Hunter" not in output

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from relay.config import SETTINGS
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -20,3 +22,9 @@ def test_readme_names_setup_plus_demo_then_tests():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci
+
+
+def test_the_readme_documents_every_option():
+    readme = (ROOT / "README.md").read_text()
+    options = [f"--{setting.key}" for setting in SETTINGS if setting.key != "verbose"]
+    assert [option for option in options if f"`{option} " not in readme and f"`{option}`" not in readme] == []

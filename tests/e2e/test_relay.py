@@ -212,8 +212,16 @@ def test_out_of_fds_pauses_accept_instead_of_spinning(run_relay, lab):
 
 
 def test_password_never_logged(run_relay, lab):
-    relay = run_relay(UPSTREAMS["dante-auth"], "-vv")
+    """The right password from --upstream-password-file (so not in /proc/PID/cmdline), a wrong one in the URL."""
+    password_file = lab.tmpdir / "dante-password"
+    password_file.write_text(DANTE_PASSWORD + "\n")
+    password_file.chmod(0o600)
+    user_only = UPSTREAMS["dante-auth"].replace(f":{DANTE_PASSWORD}@", "@")
+    relay = run_relay(user_only, "-vv", "--upstream-password-file", str(password_file))
+    cmdline = open(f"/proc/{lab.process(relay.name).pid}/cmdline", "rb").read()
+    assert b"--upstream-password-file" in cmdline and DANTE_PASSWORD.encode() not in cmdline
     upload(lab, b"hello")
+    assert relay.connections(at_least=1)[0]["end"] == "closed"
     relay.stop()
     wrong = UPSTREAMS["dante-auth"].replace(DANTE_PASSWORD, "Wrong-pass-99")
     relay2 = run_relay(wrong, "-vv")
