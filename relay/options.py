@@ -2,16 +2,37 @@
 the Config it gives (the config file's values, overridden by the command line's)."""
 
 import argparse
+import sys
 
 from relay import __version__, fastpath
 from relay.config import SETTINGS, Config, load_file
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument gives one line on stderr and exit status 2."""
+    """argparse, but a bad argument gives one line on stderr and exit status 2, without the
+    userinfo of any URL it quotes (a mistyped option name is quoted with its value)."""
+
+    arguments: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.arguments = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
+        for argument in self.arguments:
+            message = message.replace(argument, _hide_userinfo(argument))
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _hide_userinfo(argument: str) -> str:
+    """``argument`` with what lies between its first ``://`` (or ``=``, or its start) and its last ``@`` as ***."""
+    head, at, host_part = argument.rpartition("@")
+    if not at:
+        return argument
+    for mark in ("://", "="):
+        if mark in head:
+            return f"{head[: head.index(mark) + len(mark)]}***@{host_part}"
+    return f"***@{host_part}"
 
 
 def build_parser(prog: str = "relay") -> argparse.ArgumentParser:

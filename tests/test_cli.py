@@ -38,6 +38,8 @@ def test_version_names_the_active_fast_path():
         (["--upstream", "h:1", "--workers", "0"], "--workers: '0' is not a whole number of at least 1"),
         (["--upstream", "h:1", "--bypass", "10.0.0.0/33"], "--bypass: invalid CIDR"),
         (["--upstream", "h:1", "--bogus"], "unrecognized arguments"),
+        (["--upstrem", "socks5://u:hunter2@h:1"], "unrecognized arguments: --upstrem socks5://***@h:1"),
+        (["--upstream", "h:1", "--ups=socks5://u:a://hunter2@h:1"], "ambiguous option: --ups=socks5://***@h:1"),
     ],
 )
 def test_bad_arguments_give_one_line_and_status_2(args, message):
