@@ -380,7 +380,9 @@ SETTINGS = [
         True,
         "URL",
         "HOST:PORT or http://[user:pass@]HOST:PORT (HTTP CONNECT), socks5://[user:pass@]HOST:PORT, "
-        "socks4://HOST:PORT, socks4a://HOST:PORT, or 'direct'; repeatable (failover in order)",
+        "socks4://HOST:PORT, socks4a://HOST:PORT, or 'direct'; repeatable (failover in order). "
+        "Every local user can read a password given here in /proc/PID/cmdline: use "
+        "--upstream-password-file or --config instead",
         "upstreams",
     ),
     Setting(

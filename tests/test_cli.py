@@ -136,6 +136,11 @@ def test_an_unreadable_password_file_is_one_line_and_status_2(tmp_path):
     ]
 
 
+def test_help_says_where_to_keep_a_password():
+    shown = " ".join(run(["--help"]).stdout.split())
+    assert "--upstream-password-file FILE" in shown and "/proc/PID/cmdline" in shown
+
+
 def _start(args):
     """A relay started in the background, with what it has printed up to "listening on"."""
     process = subprocess.Popen([*RELAY, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

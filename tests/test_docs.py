@@ -28,3 +28,10 @@ def test_the_readme_documents_every_option():
     readme = (ROOT / "README.md").read_text()
     options = [f"--{setting.key}" for setting in SETTINGS if setting.key != "verbose"]
     assert [option for option in options if f"`{option} " not in readme and f"`{option}`" not in readme] == []
+
+
+def test_the_readme_says_where_a_password_shows():
+    """Logs, errors and metrics show `***`, but the command line is readable by every local user."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`***` everywhere" not in readme
+    assert "/proc/PID/cmdline" in readme and "--upstream-password-file" in readme
