@@ -4,8 +4,8 @@ Through an HTTP proxy, plain HTTP goes as ``GET http://host/path HTTP/1.1``
 rather than inside a CONNECT tunnel: stock squid refuses CONNECT to port 80,
 and the proxy then resolves ``host`` itself. Hop-by-hop headers (RFC 9110
 7.6.1) are dropped on the way in both directions; framing headers
-(Content-Length, Transfer-Encoding) stay, because h11 frames the forwarded
-body by them.
+(Content-Length, Transfer-Encoding) stay even where the Connection header names
+them, because h11 frames the forwarded body by them.
 """
 
 import h11
@@ -27,10 +27,18 @@ HOP_BY_HOP = frozenset(
 )
 
 
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
 def end_to_end_headers(headers) -> list[tuple[bytes, bytes]]:
-    """``headers`` without hop-by-hop fields, including those the Connection header names."""
+    """``headers`` as forwarded: without hop-by-hop fields, including those the Connection header
+    names other than the framing ones, and without a Content-Length that Transfer-Encoding
+    overrides (RFC 9112 6.3: a next hop framing by it would read a different body)."""
     named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
-    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named]
+    dropped = HOP_BY_HOP | (named - FRAMING)
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        dropped |= {b"content-length"}
+    return [(name, value) for name, value in headers if name not in dropped]
 
 
 def needs_tunnel(request: h11.Request) -> bool:

@@ -424,3 +424,40 @@ async def test_a_client_reset_mid_request_body_reaches_the_proxy_as_a_reset(answ
             _, how = await rest(proxy)
     assert how == "reset" and ended == ["client-reset"]
     proxy.close()
+
+
+# Framing a client chose to name in its Connection header.
+
+
+@pytest.mark.parametrize(
+    "head,body",
+    [
+        ("Connection: content-length\r\nContent-Length: 5", b"hello"),
+        ("Connection: keep-alive, Content-Length\r\nContent-Length: 5", b"hello"),
+        ("Connection: transfer-encoding\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+)
+async def test_a_body_framed_by_a_header_that_connection_names_arrives_whole(proxy, head, body):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side)
+    await client.send(f"POST /up HTTP/1.1\r\nHost: h\r\n{head}\r\n\r\n".encode() + body)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run)
+        got = await responses(client, ["POST"])
+        client.shutdown(trio.socket.SHUT_WR)
+    assert got == [(200, hashlib.sha256(b"hello").hexdigest().encode())]
+    assert [request[3] for request in proxy.requests] == [b"hello"]
+
+
+async def test_content_length_next_to_chunked_is_not_forwarded(proxy):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side)
+    head = b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    await client.send(head + b"5\r\nhello\r\n0\r\n\r\n")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run)
+        got = await responses(client, ["POST"])
+        client.shutdown(trio.socket.SHUT_WR)
+    assert got == [(200, hashlib.sha256(b"hello").hexdigest().encode())]
+    [(_, _, headers, body)] = proxy.requests
+    assert b"content-length" not in headers and headers[b"transfer-encoding"] == b"chunked" and body == b"hello"

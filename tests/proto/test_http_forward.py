@@ -90,6 +90,27 @@ def test_hop_by_hop_and_connection_named_headers_are_dropped():
     assert end_to_end_headers(headers) == [(b"host", b"h"), (b"x-kept", b"yes"), (b"content-length", b"3")]
 
 
+def test_framing_headers_stay_whatever_connection_names():
+    """A body is framed by them: a Connection option naming one must not unframe it (RFC 9110 7.6.1
+    makes named fields hop-by-hop, but the forwarded message still needs its framing)."""
+    headers = [
+        (b"host", b"h"),
+        (b"connection", b"Content-Length, transfer-encoding, x-hop"),
+        (b"content-length", b"5"),
+        (b"x-hop", b"1"),
+    ]
+    assert end_to_end_headers(headers) == [(b"host", b"h"), (b"content-length", b"5")]
+    chunked = [(b"connection", b"transfer-encoding"), (b"transfer-encoding", b"chunked")]
+    assert end_to_end_headers(chunked) == [(b"transfer-encoding", b"chunked")]
+
+
+def test_content_length_next_to_transfer_encoding_is_removed():
+    """RFC 9112 6.3: Transfer-Encoding overrides it, and a sender must remove it before forwarding;
+    kept, a next hop framing by it would read the chunked body differently (request smuggling)."""
+    headers = [(b"host", b"h"), (b"content-length", b"3"), (b"transfer-encoding", b"chunked")]
+    assert end_to_end_headers(headers) == [(b"host", b"h"), (b"transfer-encoding", b"chunked")]
+
+
 def test_http_10_request_without_host_gets_one():
     request = h11.Request(method="GET", target="/", headers=[], http_version="1.0")
     assert (b"host", b"10.0.0.1:8080") in absolute_form(request, authority("10.0.0.1", 8080), None).headers
