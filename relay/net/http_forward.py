@@ -165,7 +165,7 @@ class HttpForwarder:
             except h11.RemoteProtocolError:
                 if self.unparsed is not None:
                     raise NeedsTunnel(bytes(self.unparsed)) from None
-                raise ForwardFailed("client-protocol-error") from None
+                raise ForwardFailed(ends.CLIENT_PROTOCOL_ERROR) from None
             if isinstance(request, h11.ConnectionClosed):
                 return ends.CLOSED
             if needs_tunnel(request):
@@ -229,7 +229,7 @@ class HttpForwarder:
             try:
                 event = await self.client_event()
             except h11.RemoteProtocolError:  # e.g. an end of data before the body is complete
-                raise self.fail("client-protocol-error") from None
+                raise self.fail(ends.CLIENT_PROTOCOL_ERROR) from None
             if isinstance(event, h11.ConnectionClosed):
                 raise self.fail("client-closed-mid-request")
             await self.to_upstream(event)

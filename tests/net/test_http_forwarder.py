@@ -9,10 +9,12 @@ import h11
 import pytest
 import trio
 
+from relay.addresses import format_address
 from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.sockets import reset
 from tests.net.test_pump import trio_pair
-from tests.sockpairs import hard_close
+from tests.net.test_server import served
+from tests.sockpairs import hard_close, tcp_pair
 
 
 class FakeProxy:
@@ -30,7 +32,10 @@ class FakeProxy:
 
         async def next_event():
             while (event := http.next_event()) is h11.NEED_DATA:
-                http.receive_data(await stream.receive_some(65536))
+                try:
+                    http.receive_data(await stream.receive_some(65536))
+                except trio.BrokenResourceError:  # the relay reset it, as it does when the client fails
+                    return None
             return event
 
         async def send(*events):
@@ -461,3 +466,30 @@ async def test_content_length_next_to_chunked_is_not_forwarded(proxy):
     assert got == [(200, hashlib.sha256(b"hello").hexdigest().encode())]
     [(_, _, headers, body)] = proxy.requests
     assert b"content-length" not in headers and headers[b"transfer-encoding"] == b"chunked" and body == b"hello"
+
+
+# Through a whole connection: what a client's protocol error costs the log.
+
+
+async def test_a_client_protocol_error_costs_one_rate_limited_warning_and_never_a_traceback(proxy, caplog):
+    server = served(f"http://127.0.0.1:{proxy.port}")
+    await server.pool.resolve()
+    malformed = get("/a") + b"GET /b HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n"  # the first falls back to a tunnel
+    naming_its_length = b"POST /up HTTP/1.1\r\nHost: h\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
+    seen, peers = [], []
+    async with trio.open_nursery() as server.connections.tasks:
+        for sent in (malformed, malformed, naming_its_length):
+            client, conn = tcp_pair()
+            peers.append(format_address(client.getsockname()))
+            client.sendall(sent)
+            await server.connections.slots.acquire()  # as accept_loop does
+            server.connections.accepted(conn, client.getsockname())
+            with trio.socket.from_stdlib_socket(client) as client:
+                [(status, _)] = await responses(client, ["GET" if sent == malformed else "POST"])
+                if sent != malformed:  # done; the other is reset at its next request
+                    client.shutdown(trio.socket.SHUT_WR)
+                seen.append((status, (await rest(client))[1]))
+    assert seen == [(200, "reset"), (200, "reset"), (200, "end")]
+    assert "internal error" not in caplog.text
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"connection from {peers[0]}: malformed HTTP request, reset (client-protocol-error)"]
