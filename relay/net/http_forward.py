@@ -8,7 +8,7 @@ and the response run concurrently, which is what ``Expect: 100-continue`` and
 early error responses need.
 
 A kept-alive proxy connection is reused only if the proxy has not closed it
-meanwhile. If it closes anyway as the next request goes out (the two cross),
+meanwhile, nor sent anything after its response. If it closes anyway as the next request goes out (the two cross),
 a request that is idempotent and has no body is sent once more on a new
 connection, as RFC 9112 (9.3.1) allows, provided nothing of a response
 reached the client yet.
@@ -252,7 +252,9 @@ class HttpForwarder:
 
     def _next_cycle(self) -> bool:
         """Ready both sides for the next request; False if the client connection must end."""
-        if self.to_proxy.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
+        done = self.to_proxy.states == {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
+        # Bytes after the response, read with it, that nobody asked for: they would answer the next request.
+        if not done or self.to_proxy.trailing_data != (b"", False):
             self.proxy.close()
             self.proxy = self.to_proxy = None
         else:

@@ -2,6 +2,7 @@
 HEAD, early responses, the proxy ending keep-alive, and when to fall back to a tunnel."""
 
 import hashlib
+import math
 import os
 from functools import partial
 
@@ -466,6 +467,60 @@ async def test_content_length_next_to_chunked_is_not_forwarded(proxy):
     assert got == [(200, hashlib.sha256(b"hello").hexdigest().encode())]
     [(_, _, headers, body)] = proxy.requests
     assert b"content-length" not in headers and headers[b"transfer-encoding"] == b"chunked" and body == b"hello"
+
+
+# A proxy the test plays by hand, one connection after another.
+
+
+def forwarder_to_played(client_side, idle_timeout=10):
+    """A forwarder, and a channel that hands the test the proxy's end of each connection it opens."""
+    opened, accepted = trio.open_memory_channel(math.inf)
+
+    async def open_proxy():
+        relay_end, proxy_end = trio_pair()
+        opened.send_nowait(proxy_end)
+        return relay_end
+
+    forwarder = HttpForwarder(
+        client_side,
+        b"",
+        ("10.9.9.9", 80),
+        open_proxy,
+        use_names=True,
+        proxy_authorization=None,
+        idle_timeout=idle_timeout,
+    )
+    return forwarder, accepted
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def test_unrequested_bytes_after_a_response_never_answer_the_next_request():
+    # A second complete response right behind the first, in one segment: it lands in h11's buffer,
+    # where a peek at the socket does not see it.
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client)
+
+    async def second_connection():
+        proxy = await accepted.receive()
+        await until(proxy, b"\r\n\r\n")
+        await proxy.send(ok(b"asked for"))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await client.send(get("/a"))
+            first = await accepted.receive()
+            await until(first, b"\r\n\r\n")
+            await first.send(ok(b"first") + ok(b"unrequested"))
+            assert await responses(client, ["GET"]) == [(200, b"first")]
+            nursery.start_soon(second_connection)
+            await client.send(get("/b"))
+            assert await responses(client, ["GET"]) == [(200, b"asked for")]
+            client.shutdown(trio.socket.SHUT_WR)
+    assert ended == ["closed"] and forwarder.requests == 2
 
 
 # Through a whole connection: what a client's protocol error costs the log.
