@@ -27,6 +27,8 @@ from relay.proto.http_forward import absolute_form, authority, forwarded_respons
 from relay.proto.sniff import MAX_SNIFF_BYTES, hostname_from_authority
 
 READ_SIZE = 65536
+# 1xx responses to one request: more than a real exchange sends (one 100 Continue, a few 103 Early Hints).
+MAX_INFORMATIONAL = 32
 MAX_HEAD = 16384
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # How a reused proxy connection ends when the proxy closed it as our request went out.
@@ -237,6 +239,7 @@ class HttpForwarder:
                 return
 
     async def _response(self) -> None:
+        informational = 0
         while True:
             try:
                 event = await self.proxy_event()
@@ -244,6 +247,10 @@ class HttpForwarder:
                 raise self.fail("proxy-protocol-error") from None
             if isinstance(event, h11.ConnectionClosed):
                 raise self.fail("proxy-closed")
+            if isinstance(event, h11.InformationalResponse):
+                informational += 1
+                if informational > MAX_INFORMATIONAL:  # a proxy sending them without end
+                    raise self.fail("proxy-protocol-error")
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
                 event = forwarded_response(event)
             await self.to_client(event)

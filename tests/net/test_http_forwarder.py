@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from relay.addresses import format_address
-from relay.net.http_forward import ForwardFailed, HttpForwarder, NeedsTunnel
+from relay.net.http_forward import MAX_INFORMATIONAL, ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.sockets import reset
 from tests.net.test_pump import trio_pair
 from tests.net.test_server import served
@@ -521,6 +521,41 @@ async def test_unrequested_bytes_after_a_response_never_answer_the_next_request(
             assert await responses(client, ["GET"]) == [(200, b"asked for")]
             client.shutdown(trio.socket.SHUT_WR)
     assert ended == ["closed"] and forwarder.requests == 2
+
+
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def test_interim_responses_are_bounded_per_exchange():
+    # A proxy sending 100 Continue without end kept the relay busy until a timeout; this one
+    # stops after a thousand and then answers.
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client)
+
+    async def flood(proxy):
+        try:
+            for _ in range(100):
+                await proxy.send(INTERIM * 10)
+            await proxy.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+        except OSError:
+            pass  # the relay gave up on it
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await client.send(get("/"))
+            proxy = await accepted.receive()
+            await until(proxy, b"\r\n\r\n")
+            nursery.start_soon(flood, proxy)
+            seen = b""
+            try:
+                while b" 204 " not in seen and (chunk := await client.recv(65536)):
+                    seen += chunk
+            except ConnectionResetError:
+                pass
+            client.close()
+    assert seen.count(b" 100 ") <= MAX_INFORMATIONAL and b" 204 " not in seen
+    assert ended == ["proxy-protocol-error"]
 
 
 # Through a whole connection: what a client's protocol error costs the log.
