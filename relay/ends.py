@@ -14,6 +14,7 @@ IDLE_TIMEOUT = "idle-timeout"
 HALF_CLOSED_TIMEOUT = "half-closed-timeout"  # one direction finished, the other went silent
 UPSTREAM_DOWN = "upstream-down"  # --confirm-eof: the upstream's FIN came from a proxy that died
 CLIENT_PROTOCOL_ERROR = "client-protocol-error"  # plain HTTP forwarded: the client's request was malformed
+CLIENT_CLOSED_MID_REQUEST = "client-closed-mid-request"  # plain HTTP forwarded: the client left before its answer
 CANCELLED = "cancelled"  # the relay shut down
 RECLAIMED = "reclaimed"  # every slot was taken: its client had not sent a byte, and a new one waited
 ERROR = "error"  # a bug of the relay's, logged with its traceback

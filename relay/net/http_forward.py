@@ -5,13 +5,14 @@ proxy's responses (we are its client). Bodies stream through in events of at
 most READ_SIZE bytes, and a side is only read when the next event is needed,
 so memory stays bounded and a slow reader slows the sender. The request body
 and the response run concurrently, which is what ``Expect: 100-continue`` and
-early error responses need.
+early error responses need; once the body is sent, the client is watched until
+the response is complete, so that its leaving ends the exchange at once.
 
 A kept-alive proxy connection is reused only if the proxy has not closed it
-meanwhile, nor sent anything after its response. If it closes anyway as the next request goes out (the two cross),
-a request that is idempotent and has no body is sent once more on a new
-connection, as RFC 9112 (9.3.1) allows, provided nothing of a response
-reached the client yet.
+meanwhile, nor sent anything after its response. If it closes anyway as the
+next request goes out (the two cross), a request that is idempotent and has
+no body is sent once more on a new connection, as RFC 9112 (9.3.1) allows,
+provided nothing of a response reached the client yet.
 """
 
 import h11
@@ -211,8 +212,7 @@ class HttpForwarder:
             await self.to_upstream(h11.EndOfMessage())
         try:
             async with trio.open_nursery() as nursery:
-                if not body_read:
-                    nursery.start_soon(self._request_body)
+                nursery.start_soon(self._rest_of_request, body_read)
                 await self._response()
                 # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
                 nursery.cancel_scope.cancel()
@@ -226,6 +226,23 @@ class HttpForwarder:
         self.proxy = await self.open_proxy()
         self.to_proxy = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
+    async def _rest_of_request(self, body_read: bool) -> None:
+        """The request's body (unless read already), then a watch on the client until the response is complete."""
+        if not body_read:
+            await self._request_body()
+        await self._watch_client()
+
+    async def _watch_client(self) -> None:
+        """A client that leaves ends the exchange at once, as a proxy ends a request its own client
+        left (squid: half_closed_clients off), not when the proxy next sends. Bytes of a next
+        request mean it is still there: they wait their turn, unread."""
+        try:
+            if await self.client.recv(1, trio.socket.MSG_PEEK):
+                return
+        except OSError:
+            raise self.fail(ends.CLIENT_RESET) from None
+        raise self.fail(ends.CLIENT_CLOSED_MID_REQUEST)
+
     async def _request_body(self) -> None:
         while True:
             try:
@@ -233,7 +250,7 @@ class HttpForwarder:
             except h11.RemoteProtocolError:  # e.g. an end of data before the body is complete
                 raise self.fail(ends.CLIENT_PROTOCOL_ERROR) from None
             if isinstance(event, h11.ConnectionClosed):
-                raise self.fail("client-closed-mid-request")
+                raise self.fail(ends.CLIENT_CLOSED_MID_REQUEST)
             await self.to_upstream(event)
             if isinstance(event, h11.EndOfMessage):
                 return

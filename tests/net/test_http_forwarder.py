@@ -493,6 +493,14 @@ def forwarder_to_played(client_side, idle_timeout=10):
     return forwarder, accepted
 
 
+async def request_reaching_proxy(client, accepted, path="/"):
+    """The client asks for ``path``: the proxy's end of the connection it came on, the request read."""
+    await client.send(get(path))
+    proxy = await accepted.receive()
+    await until(proxy, b"\r\n\r\n")
+    return proxy
+
+
 def ok(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -511,9 +519,7 @@ async def test_unrequested_bytes_after_a_response_never_answer_the_next_request(
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
-            await client.send(get("/a"))
-            first = await accepted.receive()
-            await until(first, b"\r\n\r\n")
+            first = await request_reaching_proxy(client, accepted, "/a")
             await first.send(ok(b"first") + ok(b"unrequested"))
             assert await responses(client, ["GET"]) == [(200, b"first")]
             nursery.start_soon(second_connection)
@@ -543,10 +549,7 @@ async def test_interim_responses_are_bounded_per_exchange():
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
-            await client.send(get("/"))
-            proxy = await accepted.receive()
-            await until(proxy, b"\r\n\r\n")
-            nursery.start_soon(flood, proxy)
+            nursery.start_soon(flood, await request_reaching_proxy(client, accepted))
             seen = b""
             try:
                 while b" 204 " not in seen and (chunk := await client.recv(65536)):
@@ -556,6 +559,43 @@ async def test_interim_responses_are_bounded_per_exchange():
             client.close()
     assert seen.count(b" 100 ") <= MAX_INFORMATIONAL and b" 204 " not in seen
     assert ended == ["proxy-protocol-error"]
+
+
+@pytest.mark.parametrize("leaves", ["fin", "reset"])
+@pytest.mark.parametrize("answering", [False, True])
+async def test_a_client_leaving_while_its_response_is_awaited_ends_the_exchange_at_once(leaves, answering):
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client, idle_timeout=3600)
+    with trio.fail_after(5):  # the proxy stops sending: only the client's leaving ends it
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            proxy = await request_reaching_proxy(client, accepted, "/slow")
+            if answering:
+                await proxy.send(RESPONSE_HEADS["content-length"] + b"partial")
+                await until(client, b"partial")
+            if leaves == "fin":
+                client.shutdown(trio.socket.SHUT_WR)
+            else:
+                hard_close(client)
+            _, how = await rest(proxy)
+    assert how == "reset"  # squid drops the request it was working on, as for a client of its own
+    assert ended == ["client-closed-mid-request" if leaves == "fin" else "client-reset"]
+
+
+async def test_pipelined_requests_are_not_taken_for_a_client_leaving():
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            proxy = await request_reaching_proxy(client, accepted, "/a")
+            await client.send(get("/b"))  # while the relay waits for the answer to /a
+            await proxy.send(ok(b"a"))
+            await until(proxy, b"/b HTTP/1.1\r\n")
+            await proxy.send(ok(b"b"))
+            assert await responses(client, ["GET", "GET"]) == [(200, b"a"), (200, b"b")]
+            client.shutdown(trio.socket.SHUT_WR)
+    assert ended == ["closed"]
 
 
 # Through a whole connection: what a client's protocol error costs the log.
