@@ -257,6 +257,7 @@ class HttpForwarder:
 
     async def _response(self) -> None:
         informational = 0
+        old_client = self.from_client.their_http_version == b"1.0"
         while True:
             try:
                 event = await self.proxy_event()
@@ -268,8 +269,12 @@ class HttpForwarder:
                 informational += 1
                 if informational > MAX_INFORMATIONAL:  # a proxy sending them without end
                     raise self.fail("proxy-protocol-error")
+                if old_client:  # RFC 9110 15.2: it may not know what a 1xx is
+                    continue
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
                 event = forwarded_response(event)
+            elif isinstance(event, h11.EndOfMessage) and old_client:
+                event = h11.EndOfMessage()  # its response ends with the close: no room for trailers
             await self.to_client(event)
             if isinstance(event, h11.EndOfMessage):
                 return

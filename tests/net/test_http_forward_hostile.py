@@ -2,7 +2,7 @@
 ends as a response, a failure with a name, or a tunnel; never an exception (which the connection
 would log as an internal error, with a traceback). And what reaches the proxy is well framed: each
 request it reads is one the client sent, with the body h11 read from the client, and never with
-both framings."""
+both framings. Nor does anything a proxy answers, to any client, make forwarding raise."""
 
 import h11
 import trio
@@ -109,6 +109,16 @@ def as_the_relay_reads(data: bytes) -> list[bytes]:
         return bodies
 
 
+async def how_it_ends(forwarder: HttpForwarder) -> str:
+    """Its end word, or "tunnel"; any other exception fails the test."""
+    try:
+        return await forwarder.run()
+    except ForwardFailed as exc:
+        return exc.ended
+    except NeedsTunnel:
+        return "tunnel"
+
+
 async def forward(data: bytes):
     """Forward what a client sends as ``data`` to a StrictProxy: how the forwarder ended, and the proxy."""
     proxy = StrictProxy()
@@ -139,12 +149,7 @@ async def forward(data: bytes):
 
         nursery.start_soon(read_answers)
         await client.send(data)
-        try:
-            ended = await forwarder.run()
-        except ForwardFailed as exc:
-            ended = exc.ended
-        except NeedsTunnel:
-            ended = "tunnel"
+        ended = await how_it_ends(forwarder)
         relay_client.close()
     client.close()
     return ended, proxy
@@ -162,3 +167,74 @@ def test_hostile_framing_is_forwarded_well_framed_or_refused_never_an_internal_e
     for forwarded, _ in proxy.requests:
         names = [name for name, _ in forwarded.headers]
         assert not (b"content-length" in names and b"transfer-encoding" in names)
+
+
+@st.composite
+def proxy_answers(draw) -> bytes:
+    """A final response, maybe after a 1xx, framed in any way, right or wrong, maybe with trailers."""
+    interim = draw(st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\n\r\n"]))
+    status = draw(st.sampled_from([b"200 OK", b"200 OK", b"204 No Content", b"304 Not Modified", b"101 Switching"]))
+    framing = draw(
+        st.sampled_from(
+            [
+                [],
+                [b"Content-Length: 5"],
+                [b"Transfer-Encoding: chunked"],
+                [b"Content-Length: 5", b"Transfer-Encoding: chunked"],
+            ]
+        )
+    )
+    others = [b"Content-Length: 5, 5", b"Connection: close", b"Connection: content-length, transfer-encoding"]
+    fields = framing + draw(st.lists(st.sampled_from(others), max_size=2, unique=True))
+    body = draw(st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"]))
+    return interim + b"HTTP/1.1 " + status + b"\r\n" + b"".join(field + b"\r\n" for field in fields) + b"\r\n" + body
+
+
+async def answer(request: bytes, method: str, response: bytes):
+    """The proxy sends ``response`` to ``request`` and closes; how the forwarder ended."""
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+
+    async def open_proxy():
+        return relay_proxy
+
+    forwarder = HttpForwarder(
+        relay_client, b"", ("10.9.9.9", 80), open_proxy, use_names=True, proxy_authorization=None, idle_timeout=10
+    )
+
+    async def read_answer():
+        """Read until a whole response came (then leave, as a client does) or the relay ends it."""
+        http = h11.Connection(h11.CLIENT)
+        http.send(h11.Request(method=method, target="/", headers=[("Host", "h")]))
+        http.send(h11.EndOfMessage())
+        try:
+            while not isinstance(event := http.next_event(), (h11.EndOfMessage, h11.ConnectionClosed)):
+                if event is h11.NEED_DATA:
+                    http.receive_data(await client.recv(65536))
+        except (OSError, h11.RemoteProtocolError):
+            pass
+        client.close()
+
+    async def play_proxy():
+        await proxy.recv(65536)  # the request, in one piece on loopback
+        await proxy.send(response)
+        proxy.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_answer)
+        nursery.start_soon(play_proxy)
+        await client.send(request)
+        ended = await how_it_ends(forwarder)
+        relay_client.close()
+    return ended
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client=st.sampled_from([("GET", "1.1"), ("GET", "1.0"), ("HEAD", "1.1"), ("HEAD", "1.0")]),
+    response=proxy_answers(),
+)
+def test_whatever_the_proxy_answers_forwarding_never_raises(client, response):
+    method, version = client
+    request = f"{method} /x HTTP/{version}\r\nHost: h\r\n\r\n".encode()
+    assert isinstance(trio.run(answer, request, method, response), str)

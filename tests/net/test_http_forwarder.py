@@ -493,9 +493,9 @@ def forwarder_to_played(client_side, idle_timeout=10):
     return forwarder, accepted
 
 
-async def request_reaching_proxy(client, accepted, path="/"):
-    """The client asks for ``path``: the proxy's end of the connection it came on, the request read."""
-    await client.send(get(path))
+async def request_reaching_proxy(client, accepted, request: bytes):
+    """The client sends ``request``: the proxy's end of the connection it came on, the request read."""
+    await client.send(request)
     proxy = await accepted.receive()
     await until(proxy, b"\r\n\r\n")
     return proxy
@@ -519,7 +519,7 @@ async def test_unrequested_bytes_after_a_response_never_answer_the_next_request(
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
-            first = await request_reaching_proxy(client, accepted, "/a")
+            first = await request_reaching_proxy(client, accepted, get("/a"))
             await first.send(ok(b"first") + ok(b"unrequested"))
             assert await responses(client, ["GET"]) == [(200, b"first")]
             nursery.start_soon(second_connection)
@@ -549,7 +549,7 @@ async def test_interim_responses_are_bounded_per_exchange():
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
-            nursery.start_soon(flood, await request_reaching_proxy(client, accepted))
+            nursery.start_soon(flood, await request_reaching_proxy(client, accepted, get("/")))
             seen = b""
             try:
                 while b" 204 " not in seen and (chunk := await client.recv(65536)):
@@ -569,7 +569,7 @@ async def test_a_client_leaving_while_its_response_is_awaited_ends_the_exchange_
     with trio.fail_after(5):  # the proxy stops sending: only the client's leaving ends it
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
-            proxy = await request_reaching_proxy(client, accepted, "/slow")
+            proxy = await request_reaching_proxy(client, accepted, get("/slow"))
             if answering:
                 await proxy.send(RESPONSE_HEADS["content-length"] + b"partial")
                 await until(client, b"partial")
@@ -588,13 +588,31 @@ async def test_pipelined_requests_are_not_taken_for_a_client_leaving():
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
-            proxy = await request_reaching_proxy(client, accepted, "/a")
+            proxy = await request_reaching_proxy(client, accepted, get("/a"))
             await client.send(get("/b"))  # while the relay waits for the answer to /a
             await proxy.send(ok(b"a"))
             await until(proxy, b"/b HTTP/1.1\r\n")
             await proxy.send(ok(b"b"))
             assert await responses(client, ["GET", "GET"]) == [(200, b"a"), (200, b"b")]
             client.shutdown(trio.socket.SHUT_WR)
+    assert ended == ["closed"]
+
+
+async def test_an_http_10_client_gets_neither_interim_responses_nor_trailers():
+    # RFC 9110 15.2: no 1xx to an HTTP/1.0 client. Nor trailers: its response is delimited by the
+    # close, and h11 raised on them (an internal error, with its traceback).
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            proxy = await request_reaching_proxy(client, accepted, b"GET /old HTTP/1.0\r\n\r\n")
+            await proxy.send(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+            await proxy.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"
+            )
+            seen, how = await rest(client)
+    assert seen.startswith(b"HTTP/1.1 200 ") and seen.endswith(b"\r\n\r\nhello") and how == "end"
     assert ended == ["closed"]
 
 
