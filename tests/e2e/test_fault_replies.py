@@ -1,8 +1,10 @@
 """Fault cases 2, 9 and 10: a scripted proxy answers the relay's real handshake with early
 server bytes, malformed, truncated, oversized or slow replies. Only a valid success opens the
 tunnel, bytes after the reply reach the client exactly, everything else is a reset (and the
-Relays helper checks that nothing leaked and no traceback was logged)."""
+Relays helper checks that nothing leaked and no traceback was logged). Then the same proxy
+misbehaving in its answers to plain HTTP forwarded in absolute form."""
 
+import os
 import socket
 import struct
 import time
@@ -127,3 +129,52 @@ def test_slow_proxy_hits_the_handshake_timeout(run_relay, lab, fake_proxy, then)
     took = time.monotonic() - started
     assert 1.5 < took < 4, took  # --handshake-timeout 2
     assert relay.connections(at_least=1)[0]["end"] == "refused:handshake-timeout"
+
+
+# Plain HTTP forwarded in absolute form: the fake proxy answers the forwarded request.
+
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def cpu_seconds(pid: int) -> float:
+    utime, stime = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[11:13]
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+
+def test_endless_interim_responses_are_cut_off(run_relay, lab, fake_proxy, figures):
+    proxy = fake_proxy("http", [INTERIM * 1000] * 1000)  # 25 MB of 100 Continue, as fast as it goes
+    relay = through(run_relay, proxy)
+    leader = lab.process(relay.name).pid
+    cpu_before, started = cpu_seconds(leader), time.monotonic()
+    with connect(lab, timeout=5) as sock:
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: h.example\r\n\r\n")
+        seen = b""
+        try:
+            while chunk := sock.recv(65536):
+                seen += chunk
+        except ConnectionResetError:
+            took = time.monotonic() - started
+        else:
+            raise AssertionError("the connection ended with a FIN, not a reset")
+    assert seen.count(b" 100 ") == 32
+    assert relay.connections(at_least=1)[0]["end"] == "proxy-protocol-error"
+    figures(
+        "endless 100 Continue",
+        f"reset after 32 of them, {took * 1000:.0f} ms, {cpu_seconds(leader) - cpu_before:.2f} CPU-s",
+    )
+
+
+def test_a_response_nobody_asked_for_never_answers_the_next_request(run_relay, lab, fake_proxy):
+    proxy = fake_proxy("http", [ok(b"asked for") + ok(b"unrequested")], then="hold")
+    relay = through(run_relay, proxy)
+    with connect(lab, timeout=5) as sock:
+        for path in ("/a", "/b"):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: h.example\r\n\r\n".encode())
+            assert receive_exactly(sock, len(ok(b"asked for"))).endswith(b"\r\n\r\nasked for")
+    assert len(proxy.requests) == 2  # each on a connection of its own
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "closed" and line["http-requests"] == "2"

@@ -9,12 +9,15 @@ proxy for the *name* gets the client to the server.
 import hashlib
 import os
 import ssl
+import statistics
+import time
 
 import pytest
 import trustme
 
 from relay.lab import ADDR, Lab, start_dante, start_privoxy, start_squid, start_ssh_tunnel, start_sshd, start_tinyproxy
 from relay.lab.servers import HttpServer, NxdomainDns, pattern_sha256
+from tests.e2e.clients import expect_reset
 from tests.e2e.conftest import Relays, require_root
 
 NAME = "cdn.relaylab.test"
@@ -139,6 +142,41 @@ def test_a_body_framed_by_a_header_that_connection_names_reaches_squid_whole(run
     assert result.stdout.strip() == hashlib.sha256(body).hexdigest()
     [line] = relay.connections(at_least=1)
     assert line["end"] == "closed" and line["http-requests"] == "1"
+
+
+def test_malformed_requests_are_reset_and_cost_one_log_line_per_10_s(run_relay, names_lab, figures):
+    relay = run_relay(STOCK_SQUID)
+    started, took = time.monotonic(), []
+    for _ in range(100):
+        with names_lab.connect("client", ADDR.server4, 80, timeout=10) as sock:
+            sock.sendall(f"GET /hello HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode())
+            answer = b""
+            while not answer.endswith(b"hello from the lab server\n"):
+                answer += sock.recv(4096)
+            sock.sendall(b"GET /hello HTTP/1.1\r\nBad Header\r\n\r\n")  # past the first: no tunnel
+            took.append(expect_reset(sock, within=5))
+    elapsed = time.monotonic() - started
+    assert [line["end"] for line in relay.connections(at_least=100)] == ["client-protocol-error"] * 100
+    warnings = [line for line in relay.log_text().splitlines() if "malformed HTTP request" in line]
+    assert 1 <= len(warnings) <= 1 + elapsed / 10
+    figures(
+        "100 malformed second requests",
+        f"reset after {statistics.median(took) * 1000:.1f} ms (median), "
+        f"{max(took) * 1000:.1f} ms (max); {len(warnings)} log line(s) in {elapsed:.1f} s",
+    )
+
+
+def test_a_client_leaving_ends_the_request_squid_works_on_at_once(run_relay, names_lab, figures):
+    silent = names_lab.socket("server")
+    silent.bind((ADDR.server4, 7300))
+    silent.listen(4)  # accepted by the kernel, never answered: squid waits for its reply
+    relay = run_relay(STOCK_SQUID)
+    with names_lab.connect("client", ADDR.server4, 7300, timeout=10) as sock:
+        sock.sendall(f"GET /never HTTP/1.1\r\nHost: {NAME}:7300\r\n\r\n".encode())
+        time.sleep(1)  # the request reaches squid, and squid the silent server
+    [line] = relay.connections(at_least=1, timeout=10)
+    assert line["end"] == "client-closed-mid-request" and line["http-requests"] == "1"
+    figures("client closed while squid waited", f"relay ended it {float(line['time'][:-1]) - 1:.3f} s after")
 
 
 @pytest.mark.parametrize("proxy", STOCK_PROXIES)
