@@ -133,7 +133,13 @@ async def forward(data: bytes):
 
         # A short idle timeout ends the forwarder where the client still owes part of a request.
         forwarder = HttpForwarder(
-            relay_client, b"", ("10.9.9.9", 80), open_proxy, use_names=True, proxy_authorization=None, idle_timeout=0.2
+            relay_client,
+            b"",
+            ("10.9.9.9", 80),
+            open_proxy,
+            usable_name=lambda name: name,
+            proxy_authorization=None,
+            idle_timeout=0.2,
         )
 
         async def read_answers():
@@ -199,7 +205,13 @@ async def answer(request: bytes, method: str, response: bytes):
         return relay_proxy
 
     forwarder = HttpForwarder(
-        relay_client, b"", ("10.9.9.9", 80), open_proxy, use_names=True, proxy_authorization=None, idle_timeout=10
+        relay_client,
+        b"",
+        ("10.9.9.9", 80),
+        open_proxy,
+        usable_name=lambda name: name,
+        proxy_authorization=None,
+        idle_timeout=10,
     )
 
     async def read_answer():

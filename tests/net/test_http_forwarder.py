@@ -486,7 +486,7 @@ def forwarder_to_played(client_side, idle_timeout=10):
         b"",
         ("10.9.9.9", 80),
         open_proxy,
-        use_names=True,
+        usable_name=lambda name: name,
         proxy_authorization=None,
         idle_timeout=idle_timeout,
     )
