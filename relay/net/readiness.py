@@ -101,9 +101,11 @@ class ReadinessLoop:
             self._alarm = None
             if self.closed:
                 return
-            for fd, _ in self._epoll.poll(0, MAX_EVENTS):
-                watched = self._watched.get(fd)
-                if watched is not None:  # else unwatched by an earlier call of this pass
+            # What each fd was watched for when it was found ready: a call of this pass may unwatch
+            # another fd, close it, and watch a new socket that got the same number.
+            ready = [(fd, self._watched.get(fd)) for fd, _ in self._epoll.poll(0, MAX_EVENTS)]
+            for fd, watched in ready:
+                if watched is not None and self._watched.get(fd) is watched:  # else unwatched or replaced
                     self._call(watched[1], watched[2])
             now = trio.current_time()
             while self._timers and self._timers[0][0] <= now:

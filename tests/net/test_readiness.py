@@ -78,6 +78,34 @@ async def test_an_fd_unwatched_by_an_earlier_call_of_the_same_pass_is_not_called
     assert calls in (["first"], ["second"])
 
 
+async def test_an_fd_closed_and_reused_in_the_same_pass_is_not_called_for_the_old_event(loop, socketpair):
+    """A call that ends another watched socket and opens one that gets the same fd number (a won
+    dial cancelling its rival, then another connection dialing): the event the pass already holds
+    for the old socket must not reach the new one's callback."""
+    calls = []
+    first, first_peer = socketpair()
+    second, second_peer = socketpair()
+    reused = []
+
+    def ready(name, other):
+        calls.append(name)
+        number = other.fileno()
+        loop.unwatch(number)
+        other.close()
+        fresh, fresh_peer = socketpair()  # nothing to read on it
+        assert fresh.fileno() == number  # the lowest free number: the one just closed
+        reused.append(fresh)
+        loop.watch(number, select.EPOLLIN, calls.append, "fresh")
+
+    loop.watch(first.fileno(), select.EPOLLIN | select.EPOLLONESHOT, ready, "first", second)
+    loop.watch(second.fileno(), select.EPOLLIN | select.EPOLLONESHOT, ready, "second", first)
+    first_peer.send(b"x")
+    second_peer.send(b"x")
+    await until(lambda: calls)
+    await trio.sleep(0.05)
+    assert calls in (["first"], ["second"])
+
+
 async def test_timers_are_called_once_due_in_time_order_and_ties_in_the_order_set(loop):
     calls = []
 
