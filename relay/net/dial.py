@@ -133,7 +133,8 @@ async def connect_now(sock: socket.socket, address, deadline: float) -> None:
 
 class Dialing:
     """One upstream connection being opened by a Dialer: connecting to ``addresses`` in turn, then
-    the proxy handshake (``machine``; None for a direct connection)."""
+    the proxy handshake (``machine``; None for a direct connection), and, if ``on_slow`` is set,
+    a call to it once the proxy has not answered for ``slow_after`` seconds."""
 
     __slots__ = (
         "upstream",
@@ -144,6 +145,8 @@ class Dialing:
         "handshake_timeout",
         "on_open",
         "on_fail",
+        "slow_after",
+        "on_slow",
         "sock",
         "next_address",
         "last_error",
@@ -152,10 +155,10 @@ class Dialing:
         "timer",
     )
 
-    def __init__(self, upstream, addresses, machine, mark, connect_timeout, handshake_timeout, on_open, on_fail):
+    def __init__(self, upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow=None):
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
-        self.connect_timeout, self.handshake_timeout = connect_timeout, handshake_timeout
-        self.on_open, self.on_fail = on_open, on_fail
+        self.connect_timeout, self.handshake_timeout, self.slow_after = timeouts
+        self.on_open, self.on_fail, self.on_slow = on_open, on_fail, on_slow
         self.sock: socket.socket | None = None  # None once it opened, failed or was cancelled
         self.next_address = 0
         self.last_error: OSError | None = None
@@ -178,7 +181,11 @@ class Dialer:
     - ``on_open(sock, early)``: a connected non-blocking stdlib socket, whose
       other end is the destination, and the bytes that followed the proxy's
       reply (the start of the tunnel); the caller owns the socket;
-    - ``on_fail(error)``: an UpstreamError, the socket already reset.
+    - ``on_fail(error)``: an UpstreamError, the socket already reset;
+
+    and, if given, ``on_slow()`` once the proxy, connected, has not given its
+    final answer within ``slow_after`` seconds: the dial goes on, with the
+    handshake's own deadline.
     """
 
     def __init__(self):
@@ -203,20 +210,23 @@ class Dialer:
         handshake_timeout: float,
         on_open,
         on_fail,
+        slow_after: float | None = None,
+        on_slow=None,
     ) -> Dialing:
         """Open a connection to ``target`` through ``upstream`` (at ``addresses``, resolved once)."""
         host, port = target
         machine = None
+        timeouts = connect_timeout, handshake_timeout, slow_after
         if upstream.scheme == "direct":
             addresses = [(family_of(host), target)]
         else:
             try:
                 machine = handshake_for(upstream, host, port)
             except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
-                dialing = Dialing(upstream, addresses, None, mark, connect_timeout, handshake_timeout, on_open, on_fail)
+                dialing = Dialing(upstream, addresses, None, mark, timeouts, on_open, on_fail)
                 self._call(on_fail, UpstreamError(str(exc), "unsupported-destination", Fault.TARGET))
                 return dialing
-        dialing = Dialing(upstream, addresses, machine, mark, connect_timeout, handshake_timeout, on_open, on_fail)
+        dialing = Dialing(upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow)
         if self.closed:
             self._call(on_fail, cancelled())
             return dialing
@@ -320,7 +330,14 @@ class Dialer:
             self._opened(dialing, b"")
             return
         dialing.handshaking = True
-        self._set_deadline(dialing, dialing.handshake_timeout)
+        if dialing.on_slow is not None and dialing.slow_after < dialing.handshake_timeout:
+            # One timer at a time: the call for a slow answer, which then sets the handshake's deadline.
+            self._drop_deadline(dialing)  # the connect timeout's
+            now = trio.current_time()
+            deadline = now + dialing.handshake_timeout
+            dialing.timer = self._loop.call_at(now + dialing.slow_after, self._step, self._slow, dialing, deadline)
+        else:
+            self._set_deadline(dialing, dialing.handshake_timeout)
         dialing.outgoing = dialing.machine.data_to_send()
         self._handshake(dialing, readable=False)
 
@@ -365,6 +382,11 @@ class Dialer:
             return
         self._watch(dialing, select.EPOLLIN | (select.EPOLLOUT if dialing.outgoing else 0))
 
+    def _slow(self, dialing: Dialing, deadline: float) -> None:
+        dialing.timer = self._loop.call_at(deadline, self._step, self._timed_out, dialing)
+        on_slow, dialing.on_slow = dialing.on_slow, None
+        self._call(on_slow)
+
     def _timed_out(self, dialing: Dialing) -> None:
         if dialing.handshaking:
             error = handshake_timed_out(dialing.handshake_timeout)
@@ -384,17 +406,17 @@ class Dialer:
             reset(self._finish(dialing))
         else:
             self._drop_deadline(dialing)
-        dialing.machine = dialing.on_open = dialing.on_fail = None
+        dialing.machine = dialing.on_open = dialing.on_fail = dialing.on_slow = None
         if on_fail is not None:
             self._call(on_fail, error)
 
     # -- bookkeeping ------------------------------------------------------------------
 
-    def _step(self, step, dialing: Dialing) -> None:
-        """``step(dialing)``: a bug in it (in a handshake machine) must cost this connection only, and
-        end it once."""
+    def _step(self, step, dialing: Dialing, *args) -> None:
+        """``step(dialing, *args)``: a bug in it (in a handshake machine) must cost this connection only,
+        and end it once."""
         try:
-            step(dialing)
+            step(dialing, *args)
         except Exception:
             log.exception("internal error while opening an upstream connection")
             self._fail(dialing, internal_error())
@@ -414,7 +436,7 @@ class Dialer:
         """Its socket, out of the loop; the rest let go."""
         self._forget(dialing)
         sock, dialing.sock = dialing.sock, None
-        dialing.machine = dialing.on_open = dialing.on_fail = None
+        dialing.machine = dialing.on_open = dialing.on_fail = dialing.on_slow = None
         self._drop_deadline(dialing)
         return sock
 

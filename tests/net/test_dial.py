@@ -376,3 +376,55 @@ async def test_finished_dials_do_not_pile_up_in_the_deadline_heap():
             late = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=0.2)
             kind, error = await late.wait()  # the live deadline still fires among the stale ones
             assert error.reason == "handshake-timeout"
+
+
+def open_reporting_slow(dialer, proxy, slow, *, slow_after, handshake_timeout=5.0) -> Outcome:
+    outcome = Outcome()
+    outcome.dialing = dialer.open(
+        SOCKS5,
+        [(socket.AF_INET, proxy.getsockname())],
+        ("10.0.0.1", 443),
+        mark=None,
+        connect_timeout=2,
+        handshake_timeout=handshake_timeout,
+        on_open=outcome.opened,
+        on_fail=outcome.failed,
+        slow_after=slow_after,
+        on_slow=lambda: slow.append(list(outcome.calls)),
+    )
+    return outcome
+
+
+async def test_a_proxy_slow_to_answer_is_reported_once_and_the_dial_goes_on():
+    """on_slow: the proxy was reached but has not given its final answer within slow_after; the
+    handshake keeps its own deadline. A proxy that answers in time is never reported."""
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            slow = []
+            outcome = open_reporting_slow(dialer, proxy, slow, slow_after=0.1)
+            with await accept(proxy) as conn:
+                await play_socks5_until_the_reply(conn)
+                with trio.fail_after(2):
+                    while not slow:
+                        await trio.sleep(0.01)
+                await conn.send(SOCKS5_SUCCESS)
+                kind, sock, _ = await outcome.wait()
+                assert kind == "opened" and slow == [[]]  # reported before it opened, once
+                sock.close()
+
+            quick = []
+            outcome = open_reporting_slow(dialer, proxy, quick, slow_after=0.2)
+            with await accept(proxy) as conn:
+                await play_socks5_until_the_reply(conn)
+                await conn.send(SOCKS5_SUCCESS)
+                kind, sock, _ = await outcome.wait()
+                sock.close()
+            await trio.sleep(0.3)
+            assert kind == "opened" and quick == []
+
+            silent = []
+            outcome = open_reporting_slow(dialer, proxy, silent, slow_after=0.1, handshake_timeout=0.4)
+            with await accept(proxy):
+                kind, error = await outcome.wait()
+            assert kind == "failed" and error.reason == "handshake-timeout" and silent == [[]]
+            assert outcome.dialing.timer is None and len(dialer) == 0
