@@ -422,6 +422,15 @@ SETTINGS = [
     Setting("mark", parse_mark, None, False, "N", "SO_MARK for upstream sockets, so firewall rules can exempt them"),
     Setting("connect-timeout", parse_seconds, 5.0, False, "S", "upstream TCP connect (default: 5)"),
     Setting("handshake-timeout", parse_seconds, 10.0, False, "S", "proxy handshake (default: 10)"),
+    Setting(
+        "name-wait",
+        parse_seconds,
+        2.0,
+        False,
+        "S",
+        "when the proxy has not answered for a sniffed name this long, ask it for the address too, and keep "
+        "whichever opens first (default: 2; at or above --handshake-timeout: never)",
+    ),
     Setting("idle-timeout", parse_seconds, 600.0, False, "S", "reset connections idle this long (default: 600)"),
     Setting(
         "half-closed-timeout",
@@ -638,6 +647,7 @@ class Config:
     mark: int | None
     connect_timeout: float
     handshake_timeout: float
+    name_wait: float  # a by-name attempt unanswered this long races one by address
     idle_timeout: float
     half_closed_timeout: float
     confirm_eof: bool  # hold upstream FINs until the proxy is seen alive (see relay.net.pump)

@@ -35,6 +35,7 @@ def test_version_names_the_active_fast_path():
         (["--upstream", "h:1", "--listen", "nowhere"], "invalid listen address"),
         (["--upstream", "h:1", "--mark", "-3"], "between 1 and"),
         (["--upstream", "h:1", "--idle-timeout", "0"], "--idle-timeout: '0' is not a number of seconds above 0"),
+        (["--upstream", "h:1", "--name-wait", "0"], "--name-wait: '0' is not a number of seconds above 0"),
         (["--upstream", "h:1", "--workers", "0"], "--workers: '0' is not a whole number of at least 1"),
         (["--upstream", "h:1", "--bypass", "10.0.0.0/33"], "--bypass: invalid CIDR"),
         (["--upstream", "h:1", "--bogus"], "unrecognized arguments"),

@@ -13,7 +13,7 @@ One connection, read top to bottom:
   relay.net.waiting      until its client's first bytes, without a task (Connection.first_bytes)
   relay.proto.sniff      the name in them (TLS SNI, HTTP Host)
   relay.net.upstreams    which upstream and target, in which order (Attempts)
-  relay.net.dial         its tunnel, without a task (Connection.dial, opened, failed)
+  relay.net.dial         its tunnel, without a task (Connection.dial, name_slow, won, attempt_failed)
   relay.net.http_forward plain HTTP in absolute form instead, in a task (Connection.forward)
   relay.net.pump         the relayed bytes, in the engine, until either side ends (Connection.relayed)
 """
@@ -73,7 +73,8 @@ class Connection:
     __slots__ = (
         "owner", "sock", "peer", "dst", "config", "pool", "started", "sniff_deadline", "state",
         "counted", "silent_turn", "described", "first", "candidates", "attempts", "attempt_started",
-        "name", "retried", "via", "fault", "source", "up", "down", "http_requests",
+        "dialing", "racer", "racer_started", "name", "retried", "via", "fault", "source", "up", "down",
+        "http_requests",
     )  # fmt: skip
 
     def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
@@ -91,10 +92,13 @@ class Connection:
         self.candidates = []
         self.attempts: Attempts | None = None
         self.attempt_started = 0.0
+        self.dialing = None  # the attempt under way (relay.net.dial.Dialing), while dialing
+        self.racer = None  # the by-address attempt racing a slow by-name one
+        self.racer_started = 0.0
         self.name = None  # the sniffed hostname, when it is used
-        self.retried = None  # the proxy's reason for refusing the name, when we then asked by address
+        self.retried = None  # why we asked by address: the proxy's refusal of the name, or "slow-name"
         self.via = None
-        self.fault = None  # whose fault the last failed attempt was (relay.net.faults.Fault)
+        self.fault = None  # whose fault the failure it would end with was (relay.net.faults.Fault)
         self.source = None  # the upstream socket's local address, while it is in owner.own_sources
         self.up = self.down = 0
         self.http_requests = None  # forwarded in absolute form, when not tunnelled
@@ -266,35 +270,76 @@ class Connection:
             else:
                 self.end(f"refused:{exc.reason}", str(exc))
             return
-        config = self.config
         self.attempt_started = time.monotonic()
-        self.owner.dialer.open(
+        self.dialing = self.racer = None  # every earlier attempt is over
+        on_slow = self.name_slow if self.attempts.may_race() else None
+        dialing = self.open_attempt(upstream, addresses, target, self.opened, self.failed, on_slow)
+        if dialing is not None:
+            self.dialing = dialing
+
+    def open_attempt(self, upstream, addresses, target, on_open, on_fail, on_slow=None):
+        """One attempt through the Dialer: its Dialing while it is under way, else None (over already:
+        its callback, called inside, may have begun the next attempt, which is the one to keep)."""
+        config = self.config
+        dialing = self.owner.dialer.open(
             upstream,
             addresses,
             target,
             mark=config.mark,
             connect_timeout=config.connect_timeout,
             handshake_timeout=config.handshake_timeout,
-            on_open=self.opened,
-            on_fail=self.failed,
+            on_open=on_open,
+            on_fail=on_fail,
+            slow_after=config.name_wait if on_slow else None,
+            on_slow=on_slow,
         )
+        return dialing if dialing.under_way else None
+
+    def name_slow(self) -> None:
+        """From the Dialer: the proxy has not answered for the name within --name-wait. Ask it for the
+        address too; the first to open wins. The client's bytes wait for the winner (the Dialer sends
+        only the proxy's handshake), so the destination never sees them twice."""
+        try:
+            self.racer_started = time.monotonic()
+            racer = self.open_attempt(*self.attempts.race(), self.racer_opened, self.racer_failed)
+            if racer is not None:
+                self.racer = racer
+        except Exception:
+            self.internal_error()
 
     def failed(self, error: UpstreamError) -> None:
-        """From the Dialer: this attempt failed."""
-        self.fault = error.fault
+        """From the Dialer: the attempt under way failed."""
+        self.attempt_failed(error, racer=False)
+
+    def racer_failed(self, error: UpstreamError) -> None:
+        """From the Dialer: the by-address attempt of a race failed."""
+        self.attempt_failed(error, racer=True)
+
+    def attempt_failed(self, error: UpstreamError, racer: bool) -> None:
         self.owner.metrics.attempt_failed(str(self.via), error.fault.value)
         try:
-            self.attempts.failed(error)
-            self.dial()
+            if self.attempts.failed(error, racer):
+                self.dial()
         except Exception:
             self.internal_error()
 
     def opened(self, upstream: socket.socket, early: bytes) -> None:
-        """From the Dialer: the tunnel is open; hand both sides to the pump."""
+        """From the Dialer: the attempt under way opened the tunnel."""
+        self.won(upstream, early, racer=False)
+
+    def racer_opened(self, upstream: socket.socket, early: bytes) -> None:
+        """From the Dialer: the by-address attempt of a race opened the tunnel."""
+        self.won(upstream, early, racer=True)
+
+    def won(self, upstream: socket.socket, early: bytes, racer: bool) -> None:
+        """A tunnel is open: the other attempt of a race, if any, is closed unheard (its proxy's
+        bytes never reach the client), and both sides go to the pump."""
         owner, config = self.owner, self.config
         try:
-            state = self.attempts.succeeded()
-            owner.metrics.handshake_done(str(self.via), time.monotonic() - self.attempt_started)
+            self.stop_dialing()
+            state = self.attempts.succeeded(racer)
+            started = self.racer_started if racer else self.attempt_started
+            owner.metrics.handshake_done(str(self.via), time.monotonic() - started)
             self.source = upstream.getsockname()[:2]
             owner.pump.add(
                 self.sock,
@@ -334,6 +379,7 @@ class Connection:
         A client socket still held is reset, or closed with a FIN when ``clean``."""
         self.move(State.ENDED)
         owner = self.owner
+        self.stop_dialing()
         if self.sock is not None:
             if clean:
                 self.sock.close()
@@ -354,6 +400,13 @@ class Connection:
         if self.described:
             self.log(ended, detail)
         owner.metrics.connection_closed(ended, self.up, self.down)
+
+    def stop_dialing(self) -> None:
+        """Close whatever attempt is still under way, without its callbacks (nothing if none is)."""
+        for dialing in (self.dialing, self.racer):
+            if dialing is not None:
+                self.owner.dialer.cancel(dialing)
+        self.dialing = self.racer = None
 
     def end_unless_ended(self, ended: str) -> None:
         if self.state is not State.ENDED:

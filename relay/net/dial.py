@@ -166,6 +166,11 @@ class Dialing:
         self.outgoing = b""  # handshake bytes the socket did not take yet
         self.timer: Timer | None = None  # the time limit of the current phase; None while nothing waits
 
+    @property
+    def under_way(self) -> bool:
+        """Neither opened, failed nor cancelled yet (its callbacks may have been called inside open())."""
+        return self.sock is not None
+
 
 class Dialer:
     """Opens upstream connections without a task each: one ReadinessLoop, one task (``run``).

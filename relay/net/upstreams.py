@@ -41,6 +41,9 @@ PROBE_TIMEOUT = 1.0  # seconds
 DIRECT = Upstream("direct")
 # Upstreams that can be asked for a hostname (SOCKS4 and direct only take addresses).
 NAMED_SCHEMES = ("http", "socks5", "socks4a")
+# retried-by-ip= when the by-address attempt, started because the proxy was slow to answer for
+# the name, answered first.
+SLOW_NAME = "slow-name"
 _NO_MORE = object()
 
 
@@ -89,9 +92,15 @@ class Attempts:
     there; a proxy's failure counts against its health and the next one is
     tried. Direct (no upstream): one attempt. Nothing has reached the client
     before the tunnel opens, so nothing is lost by trying again.
+
+    A race: when the proxy is slow to answer for the name (--name-wait), the
+    address is asked through the same upstream alongside (``race``), and the
+    first to open wins. One failing leaves the other going; when both have
+    failed, a proxy's fault among them counts once against its health, and
+    the next upstream is tried only if both were the proxy's fault.
     """
 
-    __slots__ = ("pool", "record", "dst", "states", "state", "target", "error")
+    __slots__ = ("pool", "record", "dst", "states", "state", "target", "error", "racing", "first_failure")
 
     def __init__(self, pool: "UpstreamPool", candidates: list[UpstreamState], direct: bool, dst, record):
         self.pool, self.record, self.dst = pool, record, dst
@@ -99,6 +108,8 @@ class Attempts:
         self.state: UpstreamState | None = None
         self.target: tuple[str, int] | None = None  # what to ask for next; None: nothing left
         self.error = UpstreamError("no healthy upstream", "no-healthy-upstream", Fault.PROXY)
+        self.racing = False  # a by-name and a by-address attempt are both under way (or one failed)
+        self.first_failure: UpstreamError | None = None  # the race's attempt that failed first
         self._next_upstream()
 
     def next(self) -> tuple[Upstream, list, tuple[str, int]]:
@@ -109,8 +120,31 @@ class Attempts:
             return DIRECT, [], self.target
         return self.state.upstream, self.state.addresses, self.target
 
-    def failed(self, error: UpstreamError) -> None:
-        self.error = error
+    def may_race(self) -> bool:
+        """Whether the attempt now asks a proxy for a name, whose retry would be by address."""
+        return self.state is not None and self.target != self.dst and not self.racing
+
+    def race(self) -> tuple[Upstream, list, tuple[str, int]]:
+        """The by-address attempt to run alongside the by-name one (see may_race), through the same upstream."""
+        self.racing, self.first_failure = True, None
+        self.record.retried = SLOW_NAME
+        return self.state.upstream, self.state.addresses, self.dst
+
+    def failed(self, error: UpstreamError, racer: bool = False) -> bool:
+        """An attempt failed (``racer``: the by-address one of a race). Whether to call next() now;
+        False while the other attempt of a race is still under way."""
+        if self.racing:
+            if self.first_failure is None:
+                self.first_failure = error
+                if not racer and error.retry_by_address:  # the proxy cannot reach the name, as below
+                    self.record.retried = error.reason
+                return False
+            self.racing = False
+            by_name, by_address = (self.first_failure, error) if racer else (error, self.first_failure)
+            self.first_failure = None
+            self._race_lost(by_name, by_address)
+            return True
+        self._ends_with(error)
         if self.target != self.dst and error.retry_by_address:  # the proxy cannot reach the name
             self.record.retried = error.reason
             self.target = self.dst
@@ -119,12 +153,35 @@ class Attempts:
             self._next_upstream()
         else:
             self.target = None
+        return True
 
-    def succeeded(self) -> UpstreamState | None:
-        """The upstream that opened it (None: direct)."""
+    def succeeded(self, racer: bool = False) -> UpstreamState | None:
+        """The upstream that opened it (None: direct); ``racer``: the by-address attempt of a race won."""
+        if self.racing and not racer:
+            self.record.retried = None  # the name answered first: the tunnel is by name after all
+        self.racing, self.first_failure = False, None
         if self.state is not None:
             self.pool.succeeded(self.state)
         return self.state
+
+    def _race_lost(self, by_name: UpstreamError, by_address: UpstreamError) -> None:
+        """Both attempts of a race failed. What the proxy said of the destination (a target's fault)
+        is worth more than its own failure; between equals, the address's (what the client asked for)."""
+        proxy_faults = [error for error in (by_address, by_name) if error.proxy_fault]
+        if proxy_faults:
+            self.pool.failed(self.state, proxy_faults[0])
+        if len(proxy_faults) == 2:
+            self._ends_with(by_address)
+            self._next_upstream()
+            return
+        useful = by_name if by_name.fault is Fault.TARGET and by_address.fault is not Fault.TARGET else by_address
+        self._ends_with(useful)
+        self.target = None
+
+    def _ends_with(self, error: UpstreamError) -> None:
+        """The error the connection ends with, and whose fault it says, if nothing else is tried."""
+        self.error = error
+        self.record.fault = error.fault
 
     def _next_upstream(self) -> None:
         state = next(self.states, _NO_MORE)

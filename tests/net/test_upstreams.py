@@ -107,7 +107,7 @@ BY_NAME = ("example.org", 443)
 
 
 def attempts(upstreams, name="example.org", direct=False):
-    record = SimpleNamespace(name=name, retried=None, via=None)  # what Attempts reads and writes of a connection
+    record = SimpleNamespace(name=name, retried=None, via=None, fault=None)  # what Attempts reads and writes
     return Attempts(upstreams, upstreams.candidates(), direct, DST, record), record
 
 
@@ -176,6 +176,74 @@ def test_attempts_ask_socks4_by_address_only():
     upstreams.states = [UpstreamState(config.upstreams[0], [(2, ("10.0.0.4", 1080))])]
     plan, _ = attempts(upstreams)
     assert tried(plan) == ("10.0.0.4", DST)
+
+
+def test_a_slow_name_races_the_address_through_the_same_upstream_and_either_may_win():
+    upstreams = pool()
+    plan, record = attempts(upstreams)
+    assert tried(plan) == ("10.0.0.1", BY_NAME) and plan.may_race()
+    upstream, _, target = plan.race()
+    assert (upstream.host, target) == ("10.0.0.1", DST) and not plan.may_race()
+    assert plan.succeeded(racer=True) is upstreams.states[0]
+    assert record.retried == "slow-name"  # the address answered first
+
+    plan, record = attempts(upstreams)
+    plan.race()
+    assert plan.succeeded() is upstreams.states[0] and record.retried is None  # the name did: it was used
+
+
+def test_no_race_by_address_or_without_a_proxy():
+    upstreams = pool()
+    assert not attempts(upstreams, name=None)[0].may_race()
+    assert not attempts(upstreams, direct=True)[0].may_race()
+    plan, _ = attempts(upstreams)
+    plan.failed(refused("http-502"))  # asked by address in turn: nothing left to race
+    assert tried(plan) == ("10.0.0.1", DST) and not plan.may_race()
+
+
+def test_in_a_race_one_failure_waits_for_the_other():
+    upstreams = pool()
+    plan, record = attempts(upstreams)
+    plan.race()
+    assert plan.failed(refused("http-500")) is False  # the name failed: the address goes on, nothing to dial
+    assert record.retried == "http-500"  # why the address was needed, as when asked in turn
+    assert plan.succeeded(racer=True) is upstreams.states[0] and record.retried == "http-500"
+
+    plan, record = attempts(upstreams)
+    plan.race()
+    assert plan.failed(refused("http-502"), racer=True) is False
+    assert plan.succeeded() is upstreams.states[0] and record.retried is None
+
+
+def test_a_race_both_failing_ends_with_what_the_proxy_said_of_the_destination():
+    upstreams = pool(failures=5)
+    plan, record = attempts(upstreams)
+    plan.race()
+    plan.failed(refused("http-503"))
+    assert plan.failed(refused("http-502"), racer=True) is True
+    with pytest.raises(UpstreamError) as ended:
+        plan.next()
+    assert ended.value.reason == "http-502" and record.fault is Fault.TARGET  # the address's: the client's own
+    assert upstreams.states[0].failures == 0
+
+    plan, record = attempts(upstreams)  # the name timed out, the address was refused by the far side
+    plan.race()
+    plan.failed(refused("http-502"), racer=True)
+    assert plan.failed(handshake_timed_out(10)) is True
+    with pytest.raises(UpstreamError) as ended:
+        plan.next()
+    assert ended.value.reason == "http-502" and record.fault is Fault.TARGET
+    assert upstreams.states[0].failures == 1  # the timeout still counts against the proxy, once
+
+
+def test_a_race_both_failing_on_the_proxy_counts_once_and_moves_on():
+    upstreams = pool(failures=5)
+    plan, record = attempts(upstreams)
+    plan.race()
+    plan.failed(handshake_timed_out(10))
+    assert plan.failed(handshake_timed_out(10), racer=True) is True
+    assert upstreams.states[0].failures == 1
+    assert tried(plan) == ("10.0.0.2", BY_NAME) and plan.may_race() and record.fault is Fault.PROXY
 
 
 class FakeTunnel:
