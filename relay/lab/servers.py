@@ -216,13 +216,16 @@ class HttpServer(_ThreadedServer):
 
 
 class NxdomainDns:
-    """A DNS server on UDP port 53 that knows no name: every query gets NXDOMAIN at once.
+    """A DNS server on UDP port 53 that knows no name: every query gets NXDOMAIN at once, except
+    queries for the names in ``unanswered``, which get no answer at all.
 
     Daemons on a lab host then fail a lookup immediately, as with a real
-    resolver, instead of waiting out their DNS timeouts.
+    resolver, instead of waiting out their DNS timeouts; for an unanswered name
+    they wait them out (squid: 30 s), as behind a resolver that drops queries.
     """
 
-    def __init__(self, lab: Lab, host: str, address: str = "127.0.0.1"):
+    def __init__(self, lab: Lab, host: str, address: str = "127.0.0.1", unanswered: frozenset[str] = frozenset()):
+        self.unanswered = {name.lower() for name in unanswered}
         self.sock = lab.socket(host, socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((address, 53))
         threading.Thread(target=self._serve, daemon=True).start()
@@ -233,8 +236,18 @@ class NxdomainDns:
                 query, client = self.sock.recvfrom(4096)
             except OSError:
                 return  # closed at teardown
-            if len(query) < 12:
+            if len(query) < 12 or question_name(query) in self.unanswered:
                 continue
             # Same id and question; QR=1, RD copied, RA=1, RCODE=3 (NXDOMAIN); no answers.
             flags = bytes([0x80 | (query[2] & 0x01), 0x83])
             self.sock.sendto(query[:2] + flags + query[4:6] + b"\0\0\0\0\0\0" + query[12:], client)
+
+
+def question_name(query: bytes) -> str:
+    """The name a DNS query asks about (its first question), lowercased; "" if it cannot be read."""
+    labels, offset = [], 12
+    while offset < len(query) and query[offset]:
+        length = query[offset]
+        labels.append(query[offset + 1 : offset + 1 + length].decode("ascii", "replace"))
+        offset += 1 + length
+    return ".".join(labels).lower()

@@ -22,6 +22,7 @@ from tests.e2e.conftest import Relays, require_root
 
 NAME = "cdn.relaylab.test"
 FAR_UNKNOWN = "elsewhere.relaylab.test"  # right address on the client, unknown on the far side
+SLOW_NAME = "slow.relaylab.test"  # right address on the client; the far side's DNS never answers for it
 WRONG_ADDRESS = ADDR.far_server_side4  # "the CDN node for another region": nothing listens on 80/443 there
 STOCK_SQUID = "127.0.0.1:3128"  # Debian's squid.conf, through ssh -L
 OPEN_SQUID = "127.0.0.1:3129"  # allows CONNECT to any port, through ssh -L
@@ -33,9 +34,9 @@ STOCK_PROXIES = {"squid": STOCK_SQUID, "privoxy": "127.0.0.1:8118", "tinyproxy":
 def names_lab():
     require_root()
     with Lab() as lab:
-        lab.set_hosts("client", {NAME: WRONG_ADDRESS, FAR_UNKNOWN: ADDR.server4})
+        lab.set_hosts("client", {NAME: WRONG_ADDRESS, FAR_UNKNOWN: ADDR.server4, SLOW_NAME: ADDR.server4})
         lab.set_hosts("far", {NAME: ADDR.server4})
-        NxdomainDns(lab, "far")
+        NxdomainDns(lab, "far", unanswered={SLOW_NAME})
         sshd = start_sshd(lab)
         lab.stock_squid = start_squid(lab, listen=[("127.0.0.1", 3128)], debian_default_conf=True)
         start_squid(lab, listen=[("127.0.0.1", 3129)], name="open-squid")
@@ -51,7 +52,7 @@ def names_lab():
         start_dante(lab)
         ca = trustme.CA()
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(NAME, FAR_UNKNOWN).configure_cert(tls)
+        ca.issue_cert(NAME, FAR_UNKNOWN, SLOW_NAME).configure_cert(tls)
         lab.ca_file = str(lab.tmpdir / "ca.pem")
         ca.cert_pem.write_to_path(lab.ca_file)
         lab.http = HttpServer(lab, "server", "::", 80)
@@ -197,6 +198,28 @@ def test_name_the_far_side_cannot_resolve_is_retried_by_address(run_relay, names
     assert curl(names_lab, f"https://{FAR_UNKNOWN}/hello").stdout == "hello from the lab server\n"
     [line] = relay.connections(at_least=1)
     assert line["name"] == FAR_UNKNOWN and line["retried-by-ip"].startswith(refusal) and line["end"] == "closed"
+
+
+def test_a_name_squid_is_slow_to_fail_is_raced_by_address(run_relay, names_lab, figures):
+    """squid waits out its DNS timeout (30 s) before failing a name its resolver never answers.
+    With --name-wait 2 the address is asked alongside and answers at once; without the race (a
+    wait at the handshake timeout) the client is reset at the 10 s handshake timeout."""
+    hello, first_byte = "hello from the lab server\n", "%{time_starttransfer}"
+    relay = run_relay(STOCK_SQUID)
+    # Within the name wait and a margin, well under the 10 s handshake timeout.
+    raced = curl(names_lab, "--max-time", "6", "-w", first_byte, f"https://{SLOW_NAME}/hello")
+    assert raced.stdout.startswith(hello)
+    [line] = relay.connections(at_least=1)
+    assert line["name"] == SLOW_NAME and line["retried-by-ip"] == "slow-name" and line["end"] == "closed"
+    figures("first byte with the race (--name-wait 2)", f"{float(raced.stdout[len(hello) :]):.2f} s")
+    relay.stop()
+
+    without = run_relay(STOCK_SQUID, "--name-wait", "10")
+    unraced = curl(names_lab, "-w", "%{time_total}", f"https://{SLOW_NAME}/hello", check=False)
+    assert unraced.returncode != 0 and "reset" in unraced.stderr.lower()
+    [line] = without.connections(at_least=1)
+    assert line["end"] == "refused:handshake-timeout" and line["fault"] == "proxy"
+    figures("client reset without the race (--name-wait 10)", f"{float(unraced.stdout):.2f} s")
 
 
 def test_socks5_asks_for_the_name(run_relay, names_lab):
