@@ -517,7 +517,12 @@ SETTINGS = [
         "connect directly when the sniffed hostname ends with SUFFIX; repeatable",
     ),
     Setting(
-        "health-interval", parse_seconds, 10.0, False, "S", "active upstream health checks this often (default: 10)"
+        "health-interval",
+        parse_seconds,
+        10.0,
+        False,
+        "S",
+        "active upstream health checks this often; a lone upstream only while it is marked down (default: 10)",
     ),
     Setting(
         "health-target",
@@ -525,7 +530,8 @@ SETTINGS = [
         None,
         False,
         "HOST:PORT",
-        "active checks do a full proxy handshake to this destination (default: only connect to the proxy)",
+        "active checks do a full proxy handshake to this destination (default: ask the proxy a question it answers "
+        "itself)",
     ),
     Setting(
         "health-failures",

@@ -2,7 +2,8 @@
 
 Health is passive (N proxy failures in a row make an upstream unhealthy, a
 success makes it healthy again) and active (every --health-interval a real
-connection, with a full handshake when --health-target is set). Connections
+connection and a question the proxy answers itself, or a full handshake when
+--health-target is set; a lone upstream only while it is marked down). Connections
 go to healthy upstreams only, in order (failover) or in turn (round-robin);
 when none is healthy they are reset at once rather than left to time out.
 """
@@ -15,9 +16,9 @@ from relay import ends
 from relay.config import Config, ConfigError, Upstream
 from relay.logs import log
 from relay.net.dial import connect, resolve
-from relay.net.faults import Fault, UpstreamError
+from relay.net.faults import Fault, UpstreamError, handshake_failure, handshake_timed_out
 from relay.net.sockets import receive_some, reset, write_all
-from relay.proto.liveness import LIVENESS_REQUESTS
+from relay.proto.liveness import HEALTH_QUESTIONS, LIVENESS_REQUESTS
 
 
 class UpstreamState:
@@ -38,6 +39,7 @@ class UpstreamState:
 
 
 PROBE_TIMEOUT = 1.0  # seconds
+HEALTH_ANSWER_LIMIT = 65536  # bytes of a health check's answer read at most (squid's 400 page: 3.5 KiB)
 DIRECT = Upstream("direct")
 # Upstreams that can be asked for a hostname (SOCKS4 and direct only take addresses).
 NAMED_SCHEMES = ("http", "socks5", "socks4a")
@@ -255,6 +257,10 @@ class UpstreamPool:
     async def _check_forever(self, state: UpstreamState) -> None:
         while True:
             await trio.sleep(self.config.health_interval)
+            if state.healthy and len(self.states) == 1:
+                # Alone, it has nowhere to fail over to, and failing connections mark it down:
+                # checks are only needed to find it back, and each costs a line in the proxy's log.
+                continue
             try:
                 await self.check(state)
             except UpstreamError as exc:
@@ -267,13 +273,12 @@ class UpstreamPool:
             self.succeeded(state)
 
     async def check(self, state: UpstreamState) -> None:
-        """One active check: connect (and, with --health-target, a full handshake); raises UpstreamError."""
+        """One active check; raises UpstreamError. With --health-target a full handshake to it;
+        otherwise a connect and a question the proxy answers itself (relay.proto.liveness)."""
         config = self.config
         if state.tunnel is not None and not state.tunnel.up:
             raise UpstreamError("its ssh tunnel is down", "connect-tunnel-down", Fault.PROXY)
-        if config.health_target is None:
-            sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
-        else:
+        if config.health_target is not None:
             sock, _ = await self.dialer.open_async(
                 state.upstream,
                 state.addresses,
@@ -282,4 +287,39 @@ class UpstreamPool:
                 connect_timeout=config.connect_timeout,
                 handshake_timeout=config.handshake_timeout,
             )
-        reset(sock)
+            reset(sock)
+            return
+        sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
+        question = HEALTH_QUESTIONS.get(state.upstream.scheme)
+        if question is None:  # SOCKS4: the connect is the check
+            reset(sock)
+            return
+        try:
+            await answered(sock, *question, config.handshake_timeout)
+        except OSError as exc:
+            reset(sock)
+            raise handshake_failure(exc) from None
+        except BaseException:
+            reset(sock)
+            raise
+        sock.close()  # a FIN: the answer was read to its end
+
+
+async def answered(sock, question: bytes, answer_size: int | None, timeout: float) -> None:
+    """Ask ``question`` and read the answer (``answer_size`` bytes, or None: until the proxy closes);
+    raises UpstreamError if no byte of it comes within ``timeout``. Once it has answered, its close
+    is awaited for PROBE_TIMEOUT at most: the answer is what counts."""
+    deadline = trio.current_time() + timeout
+    await write_all(sock, question)
+    got = 0
+    while got < (answer_size or HEALTH_ANSWER_LIMIT):
+        data = await receive_some(sock, HEALTH_ANSWER_LIMIT, deadline)
+        if not data:
+            if got:
+                return
+            if data is None:
+                raise handshake_timed_out(timeout)
+            raise UpstreamError("the proxy closed without answering a health check", "proxy-closed", Fault.PROXY)
+        if not got:
+            deadline = min(deadline, trio.current_time() + PROBE_TIMEOUT)
+        got += len(data)

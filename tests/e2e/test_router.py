@@ -140,15 +140,47 @@ def test_failover_between_upstreams_and_reset_when_none_is_healthy(relay_on_rout
     assert relay.wait_for_log(f"upstream {first} is healthy again", timeout=5)
     relay.stop()
 
+    # Alone, an upstream is not checked while healthy: its first failure marks it down here.
     dead = relay_on_router(
-        ["--upstream", f"socks5://{ADDR.far4}:1091", "--health-interval", "0.3", "--connect-timeout", "1"],
+        ["--upstream", f"socks5://{ADDR.far4}:1091", "--health-interval", "0.3", "--health-failures", "1"],
         name="relay-dead",
     )
-    time.sleep(1)  # the first active check marks it unhealthy
+    with connect(lab) as sock:
+        expect_reset(sock, within=3)
     with connect(lab) as sock:
         took = expect_reset(sock, within=3)
     assert took < 0.5
-    assert dead.connections(at_least=1)[0]["end"] == "refused:no-healthy-upstream"
+    ends = [line["end"] for line in dead.connections(at_least=2)]
+    assert ends == ["refused:connect-econnrefused", "refused:no-healthy-upstream"]
+
+
+def test_health_checks_are_whole_exchanges_in_squids_log_and_none_alone_while_healthy(relay_on_router, lab, figures):
+    """A bare connect, as checks were, is logged by squid as NONE_NONE/000
+    error:transaction-end-before-headers (360 lines an hour at the default interval). Now a check
+    is a request squid answers itself, read to its end; and a lone healthy upstream is not checked."""
+    squid_direct = f"http://{ADDR.far4}:3128"  # not through ssh -L: squid sees the checks come from the router
+
+    def checks_logged():
+        return [entry for entry in lab.squid.access_log() if entry.client == ADDR.router_wan4]
+
+    before = len(checks_logged())
+    relay = relay_on_router(["--upstream", squid_direct, "--upstream", SQUID, "--health-interval", "0.2"])
+    deadline = time.monotonic() + 10
+    while len(checks_logged()) < before + 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    relay.stop()
+    checks = checks_logged()[before:]
+    assert len(checks) >= 5
+    assert {(entry.result, entry.method, entry.url) for entry in checks} == {("NONE_NONE/400", "GET", "/")}
+
+    before = len(checks_logged())
+    alone = relay_on_router(["--upstream", squid_direct, "--health-interval", "0.2"], name="relay-alone")
+    time.sleep(2)  # ten check intervals
+    logged = len(checks_logged()) - before
+    assert logged == 0
+    alone.stop()
+    figures("squid log lines per check", "1 (NONE_NONE/400 GET /), was 1 error:transaction-end-before-headers")
+    figures("squid log lines per hour, one healthy upstream", f"{logged * 1800:g} (was 3600 / --health-interval: 360)")
 
 
 def test_bypass_by_address_and_by_domain_goes_direct(relay_on_router, lab):

@@ -359,3 +359,104 @@ async def test_a_health_check_cut_short_by_shutdown_says_nothing_about_the_upstr
     with trio.fail_after(2):
         await upstreams._check_forever(state)  # returns: no more checks once shutting down
     assert state.healthy and state.failures == 0
+
+
+async def checks_made(upstreams, state, seconds=0.3) -> int:
+    """How many active checks of ``state`` its check loop makes in ``seconds`` (each succeeds)."""
+    made = []
+
+    async def check(checked):
+        made.append(checked)
+
+    upstreams.check = check
+    with trio.move_on_after(seconds):
+        await upstreams._check_forever(state)
+    return len(made)
+
+
+async def test_one_upstream_is_checked_only_while_it_is_marked_down():
+    """Alone, a healthy upstream gains nothing from checks (failing connections mark it down, and
+    there is nowhere else to go): each would cost a line in its proxy's log."""
+    upstreams = pool()
+    upstreams.states = upstreams.states[:1]
+    upstreams.config.health_interval = 0.01
+    [state] = upstreams.states
+    assert await checks_made(upstreams, state) == 0
+    state.healthy = False
+    assert await checks_made(upstreams, state) == 1 and state.healthy  # found back, then left alone
+
+
+async def test_several_upstreams_are_each_checked_while_healthy():
+    upstreams = pool()
+    upstreams.config.health_interval = 0.01
+    assert await checks_made(upstreams, upstreams.states[1]) > 3
+
+
+def proxy_on_loopback(scheme: str, **settings):
+    config = Config.from_values({"upstream": [f"{scheme}://127.0.0.1:1"], "handshake-timeout": 2, **settings})
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    upstreams = UpstreamPool(config, Metrics(version="t", fast_path="python"))
+    state = UpstreamState(config.upstreams[0], [(socket.AF_INET, listener.getsockname())])
+    return listener, upstreams, state
+
+
+def played(listener, answer: bytes | None, close_after_answer: bool) -> tuple[bytes, bytes | str]:
+    """Accept one check, read its question, answer (None: say nothing); then what the check did:
+    b"" for a clean close, "reset", or what else it sent."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(5)
+        question = conn.recv(100)
+        if answer is not None:
+            conn.sendall(answer)
+            if close_after_answer:
+                conn.shutdown(socket.SHUT_WR)
+        try:
+            after = conn.recv(100)
+        except ConnectionResetError:
+            after = "reset"
+    return question, after
+
+
+@pytest.mark.parametrize(
+    "scheme, question, answer, close_after_answer",
+    [
+        ("http", b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", True),
+        ("socks5", b"\x05\x01\x00", b"\x05\x00", False),  # it then waits for a request: the check closes
+    ],
+)
+async def test_a_check_is_a_question_the_proxy_answers_itself_then_a_clean_close(
+    scheme, question, answer, close_after_answer
+):
+    """Not a bare connect: squid logs one of those as error:transaction-end-before-headers. A
+    request squid answers without going anywhere (a 400 to a request without a host), read to
+    its end, then a FIN: a whole exchange in its log."""
+    listener, upstreams, state = proxy_on_loopback(scheme)
+    with listener:
+        seen = []
+
+        async def proxy():
+            seen.append(await trio.to_thread.run_sync(played, listener, answer, close_after_answer))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(proxy)
+            await upstreams.check(state)
+    assert seen == [(question, b"")]
+
+
+@pytest.mark.parametrize("answer, reason", [(None, "handshake-timeout"), (b"", "proxy-closed")])
+async def test_a_proxy_that_accepts_but_does_not_answer_fails_its_check(answer, reason):
+    """e.g. ssh -L whose far side is gone: ssh accepts, then closes; or a hung proxy."""
+    listener, upstreams, state = proxy_on_loopback("http", **{"handshake-timeout": 0.3})
+    with listener:
+
+        async def proxy():
+            await trio.to_thread.run_sync(played, listener, answer, True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(proxy)
+            with pytest.raises(UpstreamError) as failed:
+                await upstreams.check(state)
+    assert failed.value.reason == reason and failed.value.proxy_fault
