@@ -1,0 +1,196 @@
+"""DNS messages as the service needs them: parse a client's query, build its replies, judge upstream responses.
+
+Callers pass and get wire bytes; dnspython does every encoding and decoding. Nothing here raises on
+malformed input except ``parse_query`` (``BadQuery``): the other functions answer SERVFAIL, False or None.
+"""
+
+import struct
+from dataclasses import dataclass, field
+
+import dns.edns
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+MAX_UDP_PAYLOAD = 4096  # what we honour of a client's EDNS buffer size at most
+MIN_UDP_PAYLOAD = 512  # RFC 1035: what every client can take
+# What we advertise, upstream and to clients: unfragmented on any IPv6 path (DNS flag day 2020).
+EDNS_PAYLOAD = 1232
+HEADER_SIZE = 12
+
+# dnspython mostly raises DNSException on bad wire data, but its rdata validators raise ValueError
+# (UnicodeError among them) and some readers index or unpack past the end.
+PARSE_ERRORS = (dns.exception.DNSException, ValueError, IndexError, KeyError, struct.error)
+
+# Question types that any record in the answer section answers: no CNAME chain follows them.
+ANSWERED_BY_ANY_RECORD = (dns.rdatatype.CNAME, dns.rdatatype.ANY)
+
+Key = tuple[str, int, int]  # (lower-cased qname text with trailing dot, rdtype, rdclass)
+
+
+class BadQuery(Exception):
+    """A datagram or frame that is not a query we answer.
+
+    ``reply`` is the error to send back (FORMERR, NOTIMP for other opcodes, BADVERS for EDNS > 0) when the header
+    could be read; None: drop it silently (too short to address, or a response: answering those invites loops).
+    """
+
+    def __init__(self, message: str, reply: bytes | None):
+        super().__init__(message)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Query:
+    id: int
+    key: Key
+    udp_limit: int  # 512 without EDNS, else the client's size clamped to [512, MAX_UDP_PAYLOAD]
+    wire: bytes  # as received
+    message: dns.message.Message = field(repr=False, compare=False)  # parsed from wire; never modified
+
+
+def parse_query(wire: bytes) -> Query:
+    """The query in ``wire``, or BadQuery with the reply it deserves."""
+    if len(wire) < HEADER_SIZE:
+        raise BadQuery("shorter than a DNS header", None)
+    # The two header fields that decide how to answer, read before dnspython: it cannot parse every opcode.
+    id_, flags = struct.unpack_from("!HH", wire)
+    if flags & dns.flags.QR:
+        raise BadQuery("a response, not a query", None)
+    if dns.opcode.from_flags(flags) != dns.opcode.QUERY:
+        raise BadQuery("opcode is not QUERY", _header_reply(id_, flags, dns.rcode.NOTIMP))
+    try:
+        message = dns.message.from_wire(wire)
+    except PARSE_ERRORS as e:
+        raise BadQuery(f"malformed query: {type(e).__name__}", _header_reply(id_, flags, dns.rcode.FORMERR)) from None
+    # As unbound: a query asks one question and carries no records but OPT.
+    if len(message.question) != 1 or message.answer or message.authority:
+        raise BadQuery("not exactly one question", _header_reply(id_, flags, dns.rcode.FORMERR))
+    if message.edns > 0:
+        raise BadQuery("EDNS version above 0", _reply(message, dns.rcode.BADVERS).to_wire())
+    question = message.question[0]
+    udp_limit = MIN_UDP_PAYLOAD if message.edns < 0 else min(max(message.payload, MIN_UDP_PAYLOAD), MAX_UDP_PAYLOAD)
+    key = (question.name.to_text().lower(), int(question.rdtype), int(question.rdclass))
+    return Query(id=id_, key=key, udp_limit=udp_limit, wire=wire, message=message)
+
+
+def upstream_query(key: Key, *, id: int) -> bytes:
+    """The query we send upstream for ``key``: RD set, EDNS0 with payload 1232, no client options copied."""
+    name, rdtype, rdclass = key
+    query = dns.message.make_query(
+        dns.name.from_text(name), rdtype, rdclass, use_edns=0, payload=EDNS_PAYLOAD, options=[], id=id
+    )
+    return query.to_wire()
+
+
+def refused(query: Query) -> bytes:
+    return _reply(query.message, dns.rcode.REFUSED).to_wire()
+
+
+def servfail(query: Query) -> bytes:
+    return _reply(query.message, dns.rcode.SERVFAIL, recursion_available=True).to_wire()
+
+
+def reply_for(query: Query, response: bytes) -> bytes:
+    """The upstream or cached ``response`` re-addressed to this client: its ID, its question as asked (0x20 casing),
+    its RD and CD bits, OPT only if it sent one (ours, without upstream's options). SERVFAIL if unusable."""
+    try:
+        message = dns.message.from_wire(response)
+    except PARSE_ERRORS:
+        return servfail(query)
+    rcode = message.rcode()
+    if query.message.edns < 0 and rcode > 0xF:
+        return servfail(query)  # an extended rcode cannot be told to a client without EDNS
+    message.id = query.id
+    message.question = [query.message.question[0]]
+    copied = int(dns.flags.RD | dns.flags.CD)
+    message.flags = dns.flags.Flag((int(message.flags) & ~copied) | (int(query.message.flags) & copied))
+    if query.message.edns < 0:
+        message.use_edns(False)
+    else:
+        message.use_edns(0, payload=EDNS_PAYLOAD, options=[])
+    message.set_rcode(rcode)  # use_edns resets the extended rcode bits
+    try:
+        return message.to_wire()
+    except PARSE_ERRORS:  # TooBig: over 65535 bytes once re-encoded
+        return servfail(query)
+
+
+def truncated_for_udp(reply: bytes, limit: int) -> bytes:
+    """``reply`` if it fits in ``limit`` bytes, else its header, question and OPT with TC set (RFC 1035 4.2.1,
+    RFC 7766 5): the client retries over TCP. ``limit`` is at least 512, which always fits those.
+    Empty (send nothing) if ``reply`` is too long and cannot be parsed: it was not one of ours."""
+    if len(reply) <= limit:
+        return reply
+    try:
+        message = dns.message.from_wire(reply)
+        message.answer.clear()
+        message.authority.clear()
+        message.additional.clear()
+        message.flags |= dns.flags.TC
+        wire = message.to_wire()
+    except PARSE_ERRORS:
+        return b""
+    return wire if len(wire) <= limit else b""
+
+
+def response_matches(key: Key, id: int, response: bytes) -> bool:
+    """Whether ``response`` answers our query for ``key`` with ``id``; anything else is discarded (RFC 5452)."""
+    try:
+        message = dns.message.from_wire(response)
+    except PARSE_ERRORS:
+        return False
+    if not message.flags & dns.flags.QR or message.id != id or message.opcode() != dns.opcode.QUERY:
+        return False
+    if len(message.question) != 1:
+        return False
+    question = message.question[0]
+    name, rdtype, rdclass = key
+    return (question.name, question.rdtype, question.rdclass) == (dns.name.from_text(name), rdtype, rdclass)
+
+
+def ttl_of(response: bytes) -> int | None:
+    """How long ``response`` may be cached, in seconds; None: not at all.
+
+    Positive answers: the lowest TTL of the answer section. Negative ones (NXDOMAIN, or no record of the type asked,
+    CNAME chains included): also the SOA's negative TTL, min(SOA TTL, SOA MINIMUM) (RFC 2308 5); without an SOA they
+    are not cached. Nor are SERVFAIL, REFUSED and other errors, or truncated responses.
+    """
+    try:
+        message = dns.message.from_wire(response)
+    except PARSE_ERRORS:
+        return None
+    rcode = message.rcode()
+    if message.flags & dns.flags.TC or rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or not message.question:
+        return None
+    ttls = [rrset.ttl for rrset in message.answer]
+    asked = message.question[0].rdtype
+    answered = any(asked in (rrset.rdtype, *ANSWERED_BY_ANY_RECORD) for rrset in message.answer)
+    if rcode == dns.rcode.NXDOMAIN or not answered:
+        soas = [rrset for rrset in message.authority if rrset.rdtype == dns.rdatatype.SOA]
+        if not soas:
+            return None
+        ttls += [min(rrset.ttl, rdata.minimum) for rrset in soas for rdata in rrset]
+    return min(ttls) if ttls else None
+
+
+def _reply(query: dns.message.Message, rcode: int, recursion_available: bool = False) -> dns.message.Message:
+    """An empty reply to ``query`` with ``rcode``: its ID, question, RD and CD; OPT if the query had one."""
+    reply = dns.message.make_response(query, recursion_available=recursion_available, our_payload=EDNS_PAYLOAD)
+    reply.flags |= query.flags & dns.flags.CD  # make_response copies RD only; RFC 4035 3.2.2 wants CD too
+    reply.set_rcode(rcode)
+    return reply
+
+
+def _header_reply(id_: int, flags: int, rcode: int) -> bytes:
+    """A header-only reply for a query we could not parse: nothing of it is echoed but its ID, opcode and RD."""
+    reply = dns.message.Message(id=id_)
+    reply.flags = dns.flags.QR | (flags & dns.flags.RD)
+    reply.set_opcode(dns.opcode.from_flags(flags))
+    reply.set_rcode(rcode)
+    return reply.to_wire()
