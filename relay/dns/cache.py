@@ -1,0 +1,98 @@
+"""The DNS cache: responses by question, aged on the way out, served stale when upstreams fail (RFC 2308, 8767).
+
+Bounded by entries (least recently used goes first) and by entry size; the clock is injected.
+"""
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import dns.message
+
+from relay.dns.message import PARSE_ERRORS, Key, ttl_of
+
+STALE_TTL = 30  # RFC 8767 4: the TTL of stale records, so clients come back soon for fresh ones
+MAX_RESPONSE = 65535  # larger only via TCP/DoH, and a DNS message cannot be larger anyway
+
+
+@dataclass
+class _Entry:
+    response: bytes
+    stored_at: float
+    lifetime: float  # the response's TTL clamped to [min_ttl, max_ttl]
+
+    @property
+    def expires(self) -> float:
+        return self.stored_at + self.lifetime
+
+
+class Cache:
+    def __init__(
+        self,
+        max_entries: int,
+        min_ttl: float,
+        max_ttl: float,
+        stale_for: float = 86400,
+        clock=time.monotonic,
+    ):
+        self.max_entries = max_entries
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
+        self.stale_for = stale_for
+        self._clock = clock
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Key) -> tuple[bytes, bool] | None:
+        """(the response with every TTL lowered to the time left, True) while fresh; (with STALE_TTL, False) for
+        ``stale_for`` seconds after it expired; None after that or when absent."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        fresh = now < entry.expires
+        if not fresh and now >= entry.expires + self.stale_for:
+            del self._entries[key]
+            return None
+        elapsed = max(0.0, now - entry.stored_at)
+
+        def aged_ttl(ttl: int) -> int:
+            # Never promise a client more than we keep it ourselves: at most the time left, rounded down.
+            return int(max(0, min(ttl, entry.lifetime) - elapsed)) if fresh else STALE_TTL
+
+        aged = _with_ttls(entry.response, aged_ttl)
+        if aged is None:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return aged, fresh
+
+    def put(self, key: Key, response: bytes) -> None:
+        """Keep ``response`` for its TTL (message.ttl_of) clamped to [min_ttl, max_ttl]; nothing when it may not be
+        cached, is too large, or its clamped TTL is 0."""
+        if self.max_entries <= 0 or len(response) > MAX_RESPONSE:
+            return
+        ttl = ttl_of(response)
+        if ttl is None:
+            return
+        lifetime = min(max(ttl, self.min_ttl), self.max_ttl)
+        if lifetime <= 0:
+            return
+        self._entries[key] = _Entry(response, self._clock(), lifetime)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+def _with_ttls(response: bytes, new_ttl) -> bytes | None:
+    """``response`` with each record's TTL replaced by ``new_ttl(ttl)`` (OPT is no record); None if unreadable."""
+    try:
+        message = dns.message.from_wire(response)
+        for section in (message.answer, message.authority, message.additional):
+            for rrset in section:
+                rrset.ttl = new_ttl(rrset.ttl)
+        return message.to_wire()
+    except PARSE_ERRORS:
+        return None
