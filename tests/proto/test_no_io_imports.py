@@ -1,14 +1,18 @@
-"""relay.proto must stay sans-IO: no module in it may import an I/O library."""
+"""relay.proto and the sans-IO modules of relay.dns must stay so: none may import an I/O library."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
+import relay.dns
 import relay.proto
 
-FORBIDDEN_MODULES = {"trio", "socket", "asyncio", "selectors"}
-PROTO_SOURCES = sorted(Path(relay.proto.__file__).parent.glob("*.py"))
+FORBIDDEN_MODULES = {"trio", "socket", "ssl", "select", "asyncio", "selectors"}
+DNS_SANS_IO = ["__init__.py", "message.py", "cache.py", "framing.py"]
+SANS_IO_SOURCES = sorted(Path(relay.proto.__file__).parent.glob("*.py")) + [
+    Path(relay.dns.__file__).parent / name for name in DNS_SANS_IO
+]
 
 
 def forbidden_imports(source: str) -> list[str]:
@@ -31,6 +35,7 @@ def test_the_checker_sees_every_import_form():
         "import os, socket as s\n"
         "from asyncio import sleep\n"
         "from selectors import DefaultSelector\n"
+        "import ssl, select\n"
         "def f():\n"
         "    import trio.lowlevel\n"
         "import ipaddress, h11\n"
@@ -41,15 +46,20 @@ def test_the_checker_sees_every_import_form():
         "socket",
         "asyncio",
         "selectors",
+        "ssl",
+        "select",
         "trio.lowlevel",
     ]
 
 
-def test_the_handshake_modules_are_checked():
-    names = {path.name for path in PROTO_SOURCES}
-    assert {"__init__.py", "errors.py", "handshake.py", "http_connect.py", "socks.py"} <= names
+def test_the_handshake_and_dns_modules_are_checked():
+    names = {(path.parent.name, path.name) for path in SANS_IO_SOURCES if path.exists()}
+    handshake = {
+        ("proto", name) for name in ["__init__.py", "errors.py", "handshake.py", "http_connect.py", "socks.py"]
+    }
+    assert handshake | {("dns", name) for name in DNS_SANS_IO} <= names
 
 
-@pytest.mark.parametrize("path", PROTO_SOURCES, ids=lambda path: path.name)
+@pytest.mark.parametrize("path", SANS_IO_SOURCES, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_no_io_imports(path):
     assert forbidden_imports(path.read_text(encoding="utf-8")) == []
