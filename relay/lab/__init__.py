@@ -2,7 +2,7 @@
 
 Used by the end-to-end tests and by ``relay demo``; needs root. See
 :mod:`relay.lab.netns` for the topology and :mod:`relay.lab.services` for the
-daemons (squid, danted, privoxy, tinyproxy, sshd, ssh tunnels).
+daemons (squid, danted, privoxy, tinyproxy, sshd, ssh tunnels, unbound).
 """
 
 from relay.lab.netns import ADDR, HOSTS, Addresses, Lab, LabCommandError, LabError, remove_stale_labs
@@ -13,6 +13,7 @@ from relay.lab.services import (
     SquidLogEntry,
     Sshd,
     SshTunnel,
+    Unbound,
     ensure_lab_user,
     start_dante,
     start_privoxy,
@@ -20,6 +21,7 @@ from relay.lab.services import (
     start_ssh_tunnel,
     start_sshd,
     start_tinyproxy,
+    start_unbound,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "SquidLogEntry",
     "Sshd",
     "SshTunnel",
+    "Unbound",
     "ensure_lab_user",
     "start_dante",
     "start_privoxy",
@@ -43,4 +46,5 @@ __all__ = [
     "start_ssh_tunnel",
     "start_sshd",
     "start_tinyproxy",
+    "start_unbound",
 ]

@@ -317,6 +317,113 @@ def start_dante(
     return dante
 
 
+# -- unbound ---------------------------------------------------------------------
+
+# The lab's names: what unbound answers from local-data, never looking anything up outside.
+LAB_ZONE = "example."
+LAB_DNS_DATA = {
+    "far-only.example.": [("A", ADDR.server4), ("AAAA", ADDR.server6)],
+    "server.example.": [("A", ADDR.server4)],
+}
+
+
+@dataclass(kw_only=True)
+class Unbound(Service):
+    address: str  # where it serves DNS (UDP and TCP 53) and DoH (HTTPS, HTTP/2)
+    direct_address: str  # where the router reaches its plain DNS without a proxy
+    https_port: int
+    ca_file: Path  # the lab CA that signed its certificate: what --dns-ca gets
+
+    @property
+    def doh_url(self) -> str:
+        return f"https://{_bracketed(self.address)}:{self.https_port}/dns-query"
+
+
+def _lab_certificate(directory: Path, addresses: Sequence[str]) -> tuple[Path, Path, Path]:
+    """A CA of the lab's own and a certificate it signed for ``addresses`` (IP SANs): (ca, key, chain)."""
+    import trustme  # a test dependency, as the lab is
+
+    ca = trustme.CA(organization_name="relay lab")
+    issued = ca.issue_cert(*addresses)
+    ca_file, key_file, chain_file = directory / "ca.pem", directory / "server.key", directory / "server.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    issued.private_key_pem.write_to_path(str(key_file))
+    chain_file.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    return ca_file, key_file, chain_file
+
+
+def start_unbound(
+    lab: Lab,
+    host: str = "far",
+    address: str = ADDR.far_server_side4,
+    direct_address: str = ADDR.far4,
+    https_port: int = 443,
+    data: dict[str, list[tuple[str, str]]] | None = None,
+    name: str = "unbound",
+) -> Unbound:
+    """unbound answering the lab's names (``data``, by default LAB_DNS_DATA) over UDP and TCP 53 and
+    DoH (HTTP/2 on ``https_port``) at ``address``, and plain DNS at ``direct_address`` too.
+
+    It recurses nowhere: names under example. that it does not hold are
+    NXDOMAIN (with the zone's SOA), anything else is REFUSED. Its certificate
+    names both addresses; the lab CA's file is ``ca_file``. By default it
+    listens on far's server-side address, which the proxies reach and the
+    router does not: DNS over TCP and DoH can only get there through them.
+    """
+    directory = _service_dir(lab, name)
+    ca_file, key_file, chain_file = _lab_certificate(directory, [address, direct_address])
+    records = data if data is not None else LAB_DNS_DATA
+    conf = directory / "unbound.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "server:",
+                f'    directory: "{directory}"',
+                f'    pidfile: "{directory}/unbound.pid"',
+                '    username: ""',
+                '    chroot: ""',
+                "    use-syslog: no",
+                '    logfile: ""',
+                "    verbosity: 1",
+                "    num-threads: 1",
+                f"    interface: {address}@53",
+                f"    interface: {address}@{https_port}",
+                f"    interface: {direct_address}@53",
+                f"    https-port: {https_port}",
+                f'    tls-service-key: "{key_file}"',
+                f'    tls-service-pem: "{chain_file}"',
+                "    access-control: 0.0.0.0/0 allow",
+                "    access-control: ::/0 allow",
+                '    module-config: "iterator"',  # no DNSSEC validation: no trust anchor in the lab
+                '    local-zone: "." refuse',
+                f'    local-zone: "{LAB_ZONE}" static',
+                f'    local-data: "{LAB_ZONE} 3600 IN SOA ns.{LAB_ZONE} hostmaster.{LAB_ZONE} 1 3600 600 86400 60"',
+                *(
+                    f'    local-data: "{owner} 60 IN {rrtype} {value}"'
+                    for owner, entries in records.items()
+                    for rrtype, value in entries
+                ),
+                "remote-control:",
+                "    control-enable: no",
+                "",
+            ]
+        )
+    )
+    unbound = Unbound(
+        lab,
+        host,
+        name,
+        ["unbound", "-d", "-c", str(conf)],
+        ready=(address, 53),  # a bare TCP connect to the DoH port would log a failed TLS handshake
+        address=address,
+        direct_address=direct_address,
+        https_port=https_port,
+        ca_file=ca_file,
+    )
+    unbound.start()
+    return unbound
+
+
 # -- privoxy and tinyproxy ----------------------------------------------------------
 
 

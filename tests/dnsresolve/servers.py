@@ -2,6 +2,7 @@
 the way a test asks: right, late, wrong, garbled or not at all."""
 
 import ssl
+from contextlib import asynccontextmanager
 
 import dns.message
 import dns.rrset
@@ -11,9 +12,32 @@ import h2.events
 import h2.settings
 import trio
 
+from relay.config import Config
 from relay.dns.framing import Framer, frame
+from relay.dns.resolvers import make_resolver
+from relay.metrics import Metrics
+from relay.net.dial import Dialer
+from relay.net.upstreams import UpstreamPool
 
 ANSWER_ADDRESS = "192.0.2.53"
+
+
+@asynccontextmanager
+async def resolver_for(url: str, ca_file=None, upstream: str = "direct"):
+    """The resolver for ``url``, its tunnels opened through ``upstream`` by a running Dialer."""
+    values = {"upstream": upstream, "connect-timeout": 2, **({"dns-ca": str(ca_file)} if ca_file else {})}
+    config = Config.from_values(values)
+    pool = UpstreamPool(config, Metrics(version="t", fast_path="python"))
+    await pool.resolve()
+    dialer = Dialer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dialer.run)
+        resolver = make_resolver(url, pool=pool, dialer=dialer, config=config)
+        try:
+            yield resolver
+        finally:
+            await resolver.aclose()
+            dialer.close()
 
 
 def answer_for(query_wire: bytes, address: str = ANSWER_ADDRESS, truncated: bool = False) -> bytes:

@@ -11,13 +11,9 @@ import trio
 import trio.testing
 import trustme
 
-from relay.config import Config
 from relay.dns import resolvers
-from relay.dns.resolvers import ResolverError, Resolvers, make_resolver
-from relay.metrics import Metrics
-from relay.net.dial import Dialer
-from relay.net.upstreams import UpstreamPool
-from tests.dnsresolve.servers import ANSWER_ADDRESS, DnsServer, DohServer, answer_for
+from relay.dns.resolvers import ResolverError, Resolvers
+from tests.dnsresolve.servers import ANSWER_ADDRESS, DnsServer, DohServer, answer_for, resolver_for
 
 KEY = ("host.example.", dns.rdatatype.A, 1)
 
@@ -36,23 +32,6 @@ def ca_file(ca, tmp_path):
     path = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return str(path)
-
-
-@asynccontextmanager
-async def resolver_for(url: str, ca_file: str | None = None):
-    """The resolver for ``url``, its tunnels opened "direct" by a running Dialer."""
-    config = Config.from_values({"upstream": "direct", **({"dns-ca": ca_file} if ca_file else {})})
-    pool = UpstreamPool(config, Metrics(version="t", fast_path="python"))
-    await pool.resolve()
-    dialer = Dialer()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(dialer.run)
-        resolver = make_resolver(url, pool=pool, dialer=dialer, config=config)
-        try:
-            yield resolver
-        finally:
-            await resolver.aclose()
-            dialer.close()
 
 
 @asynccontextmanager
