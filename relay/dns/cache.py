@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import dns.message
 
-from relay.dns.message import PARSE_ERRORS, Key, ttl_of
+from relay.dns.message import MAX_MESSAGE, PARSE_ERRORS, Key, ttl_of
 
 STALE_TTL = 30  # RFC 8767 4: the TTL of stale records, so clients come back soon for fresh ones
 MAX_RESPONSE = 65535  # larger only via TCP/DoH, and a DNS message cannot be larger anyway
@@ -93,6 +93,6 @@ def _with_ttls(response: bytes, new_ttl) -> bytes | None:
         for section in (message.answer, message.authority, message.additional):
             for rrset in section:
                 rrset.ttl = new_ttl(rrset.ttl)
-        return message.to_wire()
+        return message.to_wire(max_size=MAX_MESSAGE)
     except PARSE_ERRORS:
         return None

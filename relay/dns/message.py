@@ -22,6 +22,8 @@ MIN_UDP_PAYLOAD = 512  # RFC 1035: what every client can take
 # What we advertise, upstream and to clients: unfragmented on any IPv6 path (DNS flag day 2020).
 EDNS_PAYLOAD = 1232
 HEADER_SIZE = 12
+# dnspython caps to_wire() at a message's own EDNS payload unless told otherwise; we truncate for UDP ourselves.
+MAX_MESSAGE = 65535
 
 # dnspython mostly raises DNSException on bad wire data, but its rdata validators raise ValueError
 # (UnicodeError among them) and some readers index or unpack past the end.
@@ -92,6 +94,11 @@ def refused(query: Query) -> bytes:
     return _reply(query.message, dns.rcode.REFUSED).to_wire()
 
 
+def no_data(query: Query) -> bytes:
+    """NOERROR with an empty answer: the name may exist, but has no record of this type for this client."""
+    return _reply(query.message, dns.rcode.NOERROR, recursion_available=True).to_wire()
+
+
 def servfail(query: Query) -> bytes:
     return _reply(query.message, dns.rcode.SERVFAIL, recursion_available=True).to_wire()
 
@@ -116,7 +123,7 @@ def reply_for(query: Query, response: bytes) -> bytes:
         message.use_edns(0, payload=EDNS_PAYLOAD, options=[])
     message.set_rcode(rcode)  # use_edns resets the extended rcode bits
     try:
-        return message.to_wire()
+        return message.to_wire(max_size=MAX_MESSAGE)
     except PARSE_ERRORS:  # TooBig: over 65535 bytes once re-encoded
         return servfail(query)
 
@@ -133,7 +140,7 @@ def truncated_for_udp(reply: bytes, limit: int) -> bytes:
         message.authority.clear()
         message.additional.clear()
         message.flags |= dns.flags.TC
-        wire = message.to_wire()
+        wire = message.to_wire(max_size=MAX_MESSAGE)
     except PARSE_ERRORS:
         return b""
     return wire if len(wire) <= limit else b""
@@ -194,3 +201,21 @@ def _header_reply(id_: int, flags: int, rcode: int) -> bytes:
     reply.set_opcode(dns.opcode.from_flags(flags))
     reply.set_rcode(rcode)
     return reply.to_wire()
+
+
+# Metric labels stay few: any other type counts as "other".
+LABELLED_TYPES = frozenset(
+    dns.rdatatype.from_text(name)
+    for name in ("A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "HTTPS", "SVCB", "CAA", "DS", "DNSKEY")
+)
+
+
+def type_label(rdtype: int) -> str:
+    return dns.rdatatype.to_text(rdtype) if rdtype in LABELLED_TYPES else "other"
+
+
+def rcode_text(response: bytes) -> str:
+    """The response code's name (NOERROR, NXDOMAIN, ...), from the header alone; "short" if there is none."""
+    if len(response) < HEADER_SIZE:
+        return "short"
+    return dns.rcode.to_text(response[3] & 0x0F)

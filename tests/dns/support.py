@@ -93,3 +93,12 @@ def valid_queries(draw) -> bytes:
     )
     message.flags = dns.flags.Flag(draw(st.sampled_from([0, dns.flags.RD, dns.flags.CD, dns.flags.RD | dns.flags.CD])))
     return message.to_wire()
+
+
+def big_response() -> bytes:
+    """200 A records (about 3.2 KB) with an OPT offering 1232 bytes: larger than its own payload."""
+    message = dns.message.from_wire(positive(use_edns=0))
+    message.answer = [
+        dns.rrset.from_text_list("www.example.com.", 300, "IN", "A", [f"192.0.2.{i}" for i in range(1, 201)])
+    ]
+    return message.to_wire(max_size=65535)

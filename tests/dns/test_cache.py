@@ -4,7 +4,7 @@ import dns.rcode
 import pytest
 
 from relay.dns.cache import MAX_RESPONSE, STALE_TTL, Cache
-from tests.dns.support import KEY_A, SOA, nxdomain, positive, response, ttls
+from tests.dns.support import KEY_A, SOA, big_response, nxdomain, positive, response, ttls
 
 KEY_B = ("b.example.", 1, 1)
 KEY_C = ("c.example.", 1, 1)
@@ -166,3 +166,11 @@ def test_the_soa_minimum_bounds_a_negative_entry(clock):
     assert cache.get(KEY_A)[1] is True
     clock.now += 1
     assert cache.get(KEY_A) is None
+
+
+def test_an_answer_larger_than_its_edns_payload_is_kept_and_served(clock):
+    cache = make_cache(clock)
+    big = big_response()
+    cache.put(KEY_A, big)
+    served = cache.get(KEY_A)
+    assert served is not None and len(dns.message.from_wire(served[0]).answer[0]) == 200

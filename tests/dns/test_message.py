@@ -25,7 +25,7 @@ from relay.dns.message import (
     ttl_of,
     upstream_query,
 )
-from tests.dns.support import KEY_A, nxdomain, positive, query, response, valid_queries, with_counts
+from tests.dns.support import KEY_A, big_response, nxdomain, positive, query, response, valid_queries, with_counts
 
 # --- parse_query ---------------------------------------------------------------------------------------------------
 
@@ -441,3 +441,10 @@ def test_how_long_a_response_may_be_cached(wire, ttl):
 )
 def test_what_is_not_cached(wire):
     assert ttl_of(wire) is None
+
+
+def test_an_answer_larger_than_any_edns_payload_is_readdressed_whole():
+    """dnspython would cap the re-encoded message at its OPT's payload; truncating is truncated_for_udp's job."""
+    big = big_response()
+    reply = dns.message.from_wire(reply_for(parse_query(query(use_edns=0)), big))
+    assert reply.rcode() == dns.rcode.NOERROR and len(reply.answer[0]) == 200
