@@ -636,6 +636,14 @@ SETTINGS = [
         "N",
         "answers kept in the DNS cache, least recently used dropped first; 0: no cache (default: 10000)",
     ),
+    Setting(
+        "dns-aaaa",
+        parse_switch,
+        True,
+        False,
+        "on|off",
+        "answer AAAA queries; off: no IPv6 address for any name, for routers without an IPv6 path (default: on)",
+    ),
     Setting("verbose", parse_count, 0, False, None, "1: one line per connection; 2: debug"),
 ]
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -686,6 +694,7 @@ class Config:
     dns_min_ttl: float
     dns_max_ttl: float
     dns_cache_size: int
+    dns_aaaa: bool
     verbose: int
 
     @property
@@ -720,6 +729,9 @@ class Config:
         if not fields.get("upstreams"):
             raise ConfigError("an upstream is required (for example: --upstream 127.0.0.1:3128)")
         fields["upstreams"] = _complete_passwords(fields["upstreams"], fields["upstream_password"], key_prefix)
+        if fields["dns"] and fields["workers"] > 1:
+            # The names a DNS answer taught one process would be unknown to the worker that gets the connection.
+            raise ConfigError("--dns needs --workers 1")
         return cls(**fields)
 
 

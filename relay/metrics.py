@@ -86,6 +86,9 @@ class Metrics:
         self.handshakes: dict[str, _Histogram] = {}
         self.upstream_healthy: dict[str, bool] = {}
         self.tunnel_restarts: dict[tuple[str, str], int] = {}
+        self.dns_queries: dict[tuple[str, str], int] = {}
+        self.dns_upstream_failures: dict[str, int] = {}
+        self.dns_upstream = _Histogram()
 
     def connection_accepted(self) -> None:
         self.accepted += 1
@@ -119,6 +122,17 @@ class Metrics:
     def tunnel_restarted(self, tunnel: str, reason: str) -> None:
         key = (redact_url(tunnel), reason)
         self.tunnel_restarts[key] = self.tunnel_restarts.get(key, 0) + 1
+
+    def dns_query(self, qtype: str, outcome: str) -> None:
+        """One query answered (or dropped): ``qtype`` from message.type_label, ``outcome`` a fixed word."""
+        key = (qtype, outcome)
+        self.dns_queries[key] = self.dns_queries.get(key, 0) + 1
+
+    def dns_upstream_answered(self, seconds: float) -> None:
+        self.dns_upstream.observe(seconds)
+
+    def dns_upstream_failed(self, reason: str) -> None:
+        self.dns_upstream_failures[reason] = self.dns_upstream_failures.get(reason, 0) + 1
 
     def render(self) -> str:
         lines: list[str] = []
@@ -162,16 +176,26 @@ class Metrics:
 
         family("relay_handshake_seconds", "histogram", "Time to set up a connection through the upstream.")
         for upstream, histogram in sorted(self.handshakes.items()):
-            cumulative = 0
-            for le, count in zip(_BUCKET_LABELS, histogram.counts):
-                cumulative += count
-                lines.append(_sample("relay_handshake_seconds_bucket", {"upstream": upstream, "le": le}, cumulative))
-            lines.append(_sample("relay_handshake_seconds_sum", {"upstream": upstream}, repr(histogram.total)))
-            lines.append(_sample("relay_handshake_seconds_count", {"upstream": upstream}, cumulative))
+            _histogram_lines(lines, "relay_handshake_seconds", {"upstream": upstream}, histogram)
 
         family("relay_tunnel_restarts_total", "counter", "Tunnel restarts, by tunnel and reason.")
         for (tunnel, reason), count in sorted(self.tunnel_restarts.items()):
             lines.append(_sample("relay_tunnel_restarts_total", {"tunnel": tunnel, "reason": reason}, count))
+
+        family(
+            "relay_dns_queries_total",
+            "counter",
+            "DNS queries, by type and outcome (cache, upstream, stale, servfail, refused, formerr, no-data, dropped).",
+        )
+        for (qtype, outcome), count in sorted(self.dns_queries.items()):
+            lines.append(_sample("relay_dns_queries_total", {"type": qtype, "outcome": outcome}, count))
+
+        family("relay_dns_upstream_failures_total", "counter", "Questions no DNS upstream answered, by reason.")
+        for reason, count in sorted(self.dns_upstream_failures.items()):
+            lines.append(_sample("relay_dns_upstream_failures_total", {"reason": reason}, count))
+
+        family("relay_dns_upstream_seconds", "histogram", "Time for a DNS upstream to answer a question.")
+        _histogram_lines(lines, "relay_dns_upstream_seconds", {}, self.dns_upstream)
 
         family(
             "relay_tasks", "gauge", "Trio tasks alive in this process: flat under a steady load, or something leaks."
@@ -180,6 +204,15 @@ class Metrics:
 
         lines.append("")
         return "\n".join(lines)
+
+
+def _histogram_lines(lines: list[str], name: str, labels: dict[str, str], histogram: _Histogram) -> None:
+    cumulative = 0
+    for le, count in zip(_BUCKET_LABELS, histogram.counts):
+        cumulative += count
+        lines.append(_sample(f"{name}_bucket", {**labels, "le": le}, cumulative))
+    lines.append(_sample(f"{name}_sum", labels, repr(histogram.total)))
+    lines.append(_sample(f"{name}_count", labels, cumulative))
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -47,13 +47,14 @@ class Resolver(Protocol):
     async def aclose(self) -> None: ...
 
 
-def make_resolver(upstream: DnsUpstream | str, *, pool, dialer, config) -> Resolver:
-    """The resolver for a --dns-upstream (udp://, tcp:// or https://)."""
+def make_resolver(upstream: DnsUpstream | str, *, pool, dialer, config, tunnels: "Tunnels | None" = None) -> Resolver:
+    """The resolver for a --dns-upstream (udp://, tcp:// or https://); ``tunnels``: shared ones, which a
+    reload can point at a new pool."""
     if isinstance(upstream, str):
         upstream = parse_dns_upstream(upstream)
     if upstream.scheme == "udp":
         return UdpResolver(upstream, mark=config.mark)
-    tunnel = Tunnels(pool, dialer, config)
+    tunnel = tunnels or Tunnels(pool, dialer, config)
     if upstream.scheme == "tcp":
         return TcpResolver(upstream, tunnel)
     return DohResolver(upstream, tunnel, ssl_context(config.dns_ca))

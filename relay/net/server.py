@@ -14,6 +14,8 @@ import trio
 from relay import fastpath, systemd
 from relay.addresses import format_address
 from relay.config import Config, ConfigError
+from relay.dns.resolvers import Resolvers, Tunnels, make_resolver
+from relay.dns.service import DnsService
 from relay.logs import log
 from relay.net.connections import Connections
 from relay.net.dial import Dialer, apply_mark
@@ -22,7 +24,10 @@ from relay.net.tunnel import make_tunnels
 from relay.net.upstreams import UpstreamPool
 
 # Settings a reload cannot change on a running process (they shape sockets, processes or privileges).
-RESTART_ONLY = ("mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "log_format")
+RESTART_ONLY = (
+    "mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "log_format",
+    "dns", "dns_upstream", "dns_ca", "dns_min_ttl", "dns_max_ttl", "dns_cache_size",
+)  # fmt: skip
 
 
 class Server:
@@ -35,6 +40,15 @@ class Server:
         self.pool = UpstreamPool(config, metrics, self.dialer)
         self.tunnels = []
         self.connections = Connections(config, metrics, self.pool, self.dialer)
+        self.dns: DnsService | None = None
+        if config.dns:
+            # One set of tunnels for every DNS upstream, so a reload can point them at the new pool.
+            self.dns_tunnels = Tunnels(self.pool, self.dialer, config)
+            resolvers = [
+                make_resolver(upstream, pool=self.pool, dialer=self.dialer, config=config, tunnels=self.dns_tunnels)
+                for upstream in config.dns_upstream
+            ]
+            self.dns = DnsService(config, Resolvers(resolvers), metrics)
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""
@@ -57,6 +71,8 @@ class Server:
             config.listen, transparent=config.mode == "tproxy", reuse_port=config.workers > 1
         )
         self.connections.listening = {sock.getsockname()[:2] for sock in self.listeners}
+        if self.dns is not None:
+            self.dns.open()
 
     async def serve(self, signals) -> None:
         """Accept and relay until SIGINT/SIGTERM arrives on ``signals``, then drain; SIGHUP reloads."""
@@ -66,6 +82,8 @@ class Server:
             if self.tunnels:
                 await self.pool.resolve(self.tunnels)
             health = await services.start(self.run_health_checks, self.pool)
+            if self.dns is not None:
+                await services.start(self.dns.serve)
             connections = self.connections
             services.start_soon(connections.pump.run)
             services.start_soon(self.dialer.run)
@@ -80,6 +98,9 @@ class Server:
                     connections.tasks.cancel_scope.cancel()  # what is left is reset
             self.dialer.close()  # reset the connections still being opened
             connections.pump.close()  # handshakes are over: reset the relayed connections left
+            if self.dns is not None:
+                with trio.move_on_after(1):  # say goodbye to DoH servers, but do not wait on a dead tunnel
+                    await self.dns.resolvers.aclose()
             services.cancel_scope.cancel()
 
     async def serve_until_stopped(self, services, signals, health, accepting: trio.CancelScope) -> None:
@@ -91,6 +112,12 @@ class Server:
             ", ".join(str(u) for u in self.config.upstreams),
             fastpath.WHY,
         )
+        if self.dns is not None:
+            log.info(
+                "DNS on %s (UDP and TCP), resolved through %s",
+                ", ".join(format_address(a) for a in self.dns.addresses),
+                " then ".join(str(u) for u in self.config.dns_upstream),
+            )
         systemd.notify("READY=1")
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -154,6 +181,9 @@ class Server:
         health.cancel()
         self.config, self.pool = new, pool
         self.connections.config, self.connections.pool = new, pool
+        if self.dns is not None:
+            self.dns.config = new
+            self.dns_tunnels.pool, self.dns_tunnels.config = pool, new
         self.connections.own_names.load()
         log.info("SIGHUP: configuration reloaded; upstream %s", ", ".join(str(u) for u in new.upstreams))
         systemd.notify("READY=1")

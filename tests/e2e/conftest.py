@@ -4,7 +4,7 @@ Each test starts its own relay on the router with the interception it needs."""
 
 import pytest
 
-from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd
+from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd, start_unbound
 from relay.lab.servers import BannerServer, TrafficServer
 from relay.lab.services import clear_interception, intercept, start_relay
 from tests import root
@@ -112,6 +112,15 @@ def pytest_terminal_summary(terminalreporter):
 
 def require_root():
     root.require_root("end-to-end tests need root (network namespaces, iptables)")
+
+
+@pytest.fixture(scope="session")
+def unbound(lab):
+    """The lab's unbound on far (relay.lab.start_unbound): DoH and DNS over TCP that only the proxies reach.
+    One for the session: its directory in the lab is named after it."""
+    server = start_unbound(lab)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from relay.dns.resolvers import ResolverError
-from relay.lab import ADDR, start_unbound
+from relay.lab import ADDR
 from relay.lab.netns import run_in_netns
 from tests.dnsresolve.servers import resolver_for
 from tests.e2e.conftest import UPSTREAMS
@@ -22,13 +22,6 @@ from tests.e2e.conftest import UPSTREAMS
 A, AAAA = dns.rdatatype.A, dns.rdatatype.AAAA
 SILENT_PORT = 5353
 TIMEOUT = 2.0
-
-
-@pytest.fixture(scope="module")
-def unbound(lab):
-    server = start_unbound(lab)
-    yield server
-    server.stop()
 
 
 def in_router(lab, scenario, timeout: float = 120):

@@ -1,0 +1,353 @@
+"""The DNS service: UDP and TCP on each --dns address, answered from the cache or through the tunnel.
+
+Only clients in --dns-allow are answered; anyone else gets REFUSED, so the
+router is never an open resolver. Everything a client can make it hold is
+bounded: queries per second per source, questions in flight and clients
+waiting on them, TCP connections, queries in flight per TCP connection, and
+TCP idle time (RFC 7766). Identical questions asked at once go upstream once.
+"""
+
+import ipaddress
+import logging
+import socket
+import time
+
+import dns.rdatatype
+import trio
+
+from relay.addresses import format_address
+from relay.config import Config, ConfigError
+from relay.dns import message
+from relay.dns.cache import Cache
+from relay.dns.framing import FrameError, Framer, frame
+from relay.dns.resolvers import ResolverError
+from relay.logs import RateLimited, conn_log, log
+from relay.net.sockets import family_of
+
+UDP_RECEIVE_SIZE = 4096  # a query is far smaller; more is not a query
+MAX_IN_FLIGHT = 1024  # distinct questions being resolved upstream at once, all clients together
+MAX_WAITING = 4096  # client queries waiting for an upstream answer, all clients together
+MAX_TCP_CONNECTIONS = 256
+MAX_TCP_PIPELINE = 32  # queries in flight on one TCP connection
+TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 6.2.3: seconds, not minutes
+TCP_WRITE_TIMEOUT = 10.0
+TCP_RECEIVE_SIZE = 65536
+TCP_BACKLOG = 128
+PORT_TRIES = 20  # with port 0, for a port free for TCP as well as UDP
+ANSWER_GRACE = 1.0  # beyond --dns-timeout, before a resolver that overran it is abandoned
+# Per client address: a burst of this many queries, refilled at this rate per second.
+SOURCE_BURST = 200
+SOURCE_RATE = 100.0
+SOURCES_KEPT = 4096
+
+
+class SourceRates:
+    """A token bucket per client address; bounded (when full, buckets that have refilled are forgotten)."""
+
+    def __init__(self, burst: int = SOURCE_BURST, rate: float = SOURCE_RATE, kept: int = SOURCES_KEPT, clock=None):
+        self.burst, self.rate, self.kept = burst, rate, kept
+        self.clock = clock or time.monotonic
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, when)
+
+    def allow(self, source: str) -> bool:
+        now = self.clock()
+        tokens, when = self._buckets.get(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        if tokens < 1:
+            self._buckets[source] = (tokens, now)
+            return False
+        if source not in self._buckets and len(self._buckets) >= self.kept:
+            self._forget_refilled(now)
+        self._buckets[source] = (tokens - 1, now)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _forget_refilled(self, now: float) -> None:
+        full = [key for key, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
+        # None refilled: a flood from many sources; forget the older half rather than grow.
+        for key in full or list(self._buckets)[: len(self._buckets) // 2]:
+            del self._buckets[key]
+
+
+class Question:
+    """One question on its way upstream; whoever asks it meanwhile waits for the same answer."""
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.response: bytes | None = None  # None once done: every upstream failed
+
+
+class DnsService:
+    """Answers DNS queries on every --dns address (see the module's docstring).
+
+    ``resolvers`` has ``await resolve(key, timeout) -> bytes`` (relay.dns.resolvers); ``answered(client_ip,
+    reply)`` is told of every reply a client gets, so connections can learn the names behind addresses.
+    """
+
+    def __init__(self, config: Config, resolvers, metrics, answered=None, cache: Cache | None = None):
+        self.config, self.resolvers, self.metrics = config, resolvers, metrics
+        self.answered = answered
+        if cache is None:
+            cache = Cache(config.dns_cache_size, config.dns_min_ttl, config.dns_max_ttl)
+        self.cache = cache
+        self.rates = SourceRates()
+        self.questions: dict[message.Key, Question] = {}
+        self.waiting = 0
+        self.tcp_slots = trio.Semaphore(MAX_TCP_CONNECTIONS)
+        self.warnings = RateLimited()
+        self.sockets: list[socket.socket] = []
+        self._nursery: trio.Nursery | None = None
+
+    def open(self) -> None:
+        """Bind every --dns address, UDP and TCP; ConfigError with what stands in the way."""
+        try:
+            for host, port in self.config.dns:
+                self.sockets.extend(_bound_pair(host, port))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where it listens (ports chosen by the kernel filled in), one entry per address."""
+        return [sock.getsockname()[:2] for sock in self.sockets if sock.type == socket.SOCK_DGRAM]
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for sock in self.sockets:
+                    serve = self.serve_udp if sock.type == socket.SOCK_DGRAM else self.serve_tcp
+                    nursery.start_soon(serve, trio.socket.from_stdlib_socket(sock))
+                task_status.started()
+        finally:
+            self.close()
+
+    def allowed(self, host: str) -> bool:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.dns_allow)
+
+    # -- UDP ---------------------------------------------------------------------------------------
+
+    async def serve_udp(self, sock) -> None:
+        while True:
+            try:
+                wire, peer = await sock.recvfrom(UDP_RECEIVE_SIZE)
+            except OSError as exc:  # an ICMP error for an earlier reply, reported here: not this socket's fault
+                self.warnings.warning(f"dns-receive-{exc.errno}", f"DNS receive failed: {exc}")
+                continue
+            reply = self.answer_now(wire, peer[0], over_udp=True)
+            if isinstance(reply, message.Query):
+                self._nursery.start_soon(self.resolve_for_udp, sock, reply, peer)
+            elif reply is not None:
+                await self.send_udp(sock, reply, peer)
+
+    async def resolve_for_udp(self, sock, query: message.Query, peer) -> None:
+        reply = await self.resolve(query, peer[0])
+        await self.send_udp(sock, message.truncated_for_udp(reply, query.udp_limit), peer)
+
+    async def send_udp(self, sock, reply: bytes, peer) -> None:
+        if not reply:
+            return  # an upstream answer too large and unparsable: the client will retry over TCP or elsewhere
+        try:
+            await sock.sendto(reply, peer)
+        except OSError as exc:
+            self.warnings.warning(f"dns-send-{exc.errno}", f"DNS reply to {format_address(peer)} failed: {exc}")
+
+    # -- TCP ---------------------------------------------------------------------------------------
+
+    async def serve_tcp(self, listener) -> None:
+        while True:
+            await self.tcp_slots.acquire()
+            try:
+                conn, peer = await listener.accept()
+            except OSError as exc:
+                self.tcp_slots.release()
+                self.warnings.warning(f"dns-accept-{exc.errno}", f"DNS accept() failed: {exc}")
+                await trio.sleep(0.1)  # out of fds: wait rather than spin
+                continue
+            except BaseException:
+                self.tcp_slots.release()
+                raise
+            self._nursery.start_soon(self.converse, conn, peer)
+
+    async def converse(self, conn, peer) -> None:
+        """One TCP client: queries in, each answer out when ready (so out of order), until the client closes,
+        is idle for TCP_IDLE_TIMEOUT, or sends what cannot be DNS; answers owed are sent before the close."""
+        stream = trio.SocketStream(conn)
+        framer, writing, pipeline = Framer(), trio.Lock(), trio.Semaphore(MAX_TCP_PIPELINE)
+        try:
+            async with trio.open_nursery() as answers:
+                while True:
+                    with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
+                        data = await stream.receive_some(TCP_RECEIVE_SIZE)
+                    if idle.cancelled_caught or not data:
+                        break
+                    try:
+                        wires = framer.receive_data(data)
+                    except FrameError:
+                        break
+                    for wire in wires:
+                        await pipeline.acquire()  # no reading while MAX_TCP_PIPELINE are unanswered
+                        answers.start_soon(self.answer_tcp, stream, wire, peer[0], writing, pipeline)
+        except trio.BrokenResourceError:
+            pass  # reset by the client: the answers owed fail the same way
+        finally:
+            conn.close()
+            self.tcp_slots.release()
+
+    async def answer_tcp(self, stream, wire: bytes, client: str, writing: trio.Lock, pipeline: trio.Semaphore) -> None:
+        try:
+            reply = self.answer_now(wire, client, over_udp=False)
+            if isinstance(reply, message.Query):
+                reply = await self.resolve(reply, client)
+            if reply is not None:
+                async with writing:
+                    with trio.move_on_after(TCP_WRITE_TIMEOUT):
+                        await stream.send_all(frame(reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            pipeline.release()
+
+    # -- answering ---------------------------------------------------------------------------------
+
+    def answer_now(self, wire: bytes, client: str, over_udp: bool):
+        """The reply to send at once (bytes), None to send nothing, or the Query to resolve upstream."""
+        try:
+            query = message.parse_query(wire)
+        except message.BadQuery as exc:
+            self.metrics.dns_query("-", "formerr" if exc.reply else "dropped")
+            return exc.reply if self.allowed(client) else None  # strangers get no reply to amplify with
+        qtype = message.type_label(query.key[1])
+        if not self.allowed(client):
+            self.metrics.dns_query(qtype, "refused")
+            return message.refused(query)
+        if not self.rates.allow(client):
+            self.metrics.dns_query(qtype, "dropped")
+            return None  # a flood gets nothing, not even an error to count on
+        if query.key[1] == dns.rdatatype.AAAA and not self.config.dns_aaaa:
+            self.metrics.dns_query(qtype, "no-data")
+            return message.no_data(query)
+        cached = self.cache.get(query.key)
+        if cached is not None and cached[1]:
+            self.metrics.dns_query(qtype, "cache")
+            reply = self.told(client, message.reply_for(query, cached[0]))
+            return message.truncated_for_udp(reply, query.udp_limit) if over_udp else reply
+        if self.waiting >= MAX_WAITING or (query.key not in self.questions and len(self.questions) >= MAX_IN_FLIGHT):
+            self.metrics.dns_query(qtype, "servfail")
+            return message.servfail(query)
+        return query
+
+    async def resolve(self, query: message.Query, client: str) -> bytes:
+        """The reply to ``query`` from upstream (a question asked once however many ask it at once),
+        a stale cached answer if every upstream failed (RFC 8767), or SERVFAIL."""
+        key = query.key
+        question = self.questions.get(key)
+        self.waiting += 1
+        try:
+            if question is None:
+                question = self.questions[key] = Question()
+                try:
+                    question.response = await self.ask_upstream(key, client)
+                finally:
+                    del self.questions[key]
+                    question.done.set()
+            else:
+                await question.done.wait()
+        finally:
+            self.waiting -= 1
+        qtype = message.type_label(key[1])
+        if question.response is not None:
+            self.metrics.dns_query(qtype, "upstream")
+            return self.told(client, message.reply_for(query, question.response))
+        stale = self.cache.get(key)
+        if stale is not None:
+            self.metrics.dns_query(qtype, "stale")
+            return self.told(client, message.reply_for(query, stale[0]))
+        self.metrics.dns_query(qtype, "servfail")
+        return message.servfail(query)
+
+    def told(self, client: str, reply: bytes) -> bytes:
+        if self.answered is not None:
+            self.answered(client, reply)
+        return reply
+
+    async def ask_upstream(self, key: message.Key, client: str) -> bytes | None:
+        started = time.monotonic()
+        try:
+            # The resolvers keep to the timeout; this makes sure, since clients wait on it.
+            with trio.fail_after(self.config.dns_timeout + ANSWER_GRACE):
+                response = await self.resolvers.resolve(key, self.config.dns_timeout)
+        except trio.TooSlowError:
+            return self.failed(key, client, started, ResolverError("no DNS upstream answered in time", "timeout"))
+        except ResolverError as exc:
+            return self.failed(key, client, started, exc)
+        except Exception:  # a bug costs one question, not the service
+            log.exception("internal error while resolving a DNS question")
+            return None
+        self.metrics.dns_upstream_answered(time.monotonic() - started)
+        self.cache.put(key, response)
+        self.log_question(key, client, started, message.rcode_text(response))
+        return response
+
+    def failed(self, key: message.Key, client: str, started: float, exc: ResolverError) -> None:
+        self.metrics.dns_upstream_failed(exc.reason)
+        self.warnings.warning(f"dns-{exc.reason}", f"DNS upstreams failed: {exc}")
+        self.log_question(key, client, started, f"failed:{exc.reason}")
+
+    def log_question(self, key: message.Key, client: str, started: float, outcome: str) -> None:
+        """One line per question that went upstream, with -v only: it says what a client looked up."""
+        if conn_log.isEnabledFor(logging.INFO):
+            conn_log.info(
+                "dns client=%s name=%s type=%s time=%.3fs result=%s",
+                client,
+                key[0],
+                dns.rdatatype.to_text(key[1]),
+                time.monotonic() - started,
+                outcome,
+            )
+
+
+def _bound_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets bound to ``host``:``port``; port 0: one free port for both."""
+    for _ in range(PORT_TRIES):
+        udp = _bound(host, port, socket.SOCK_DGRAM)
+        try:
+            return udp, _bound(host, udp.getsockname()[1], socket.SOCK_STREAM)
+        except ConfigError:
+            udp.close()
+            if port != 0:
+                raise
+    raise ConfigError(f"no port free for both UDP and TCP on {host}")
+
+
+def _bound(host: str, port: int, kind: int) -> socket.socket:
+    family = family_of(host)
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 gets its own socket
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(TCP_BACKLOG)
+    except PermissionError:
+        sock.close()
+        raise ConfigError(
+            f"--dns {format_address((host, port))}: a port below 1024 needs root or CAP_NET_BIND_SERVICE"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        protocol = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
+        raise ConfigError(f"cannot serve DNS on {format_address((host, port))} ({protocol}): {exc.strerror}") from None
+    return sock

@@ -1,0 +1,345 @@
+"""The DNS service over real loopback UDP and TCP sockets, with scripted resolvers behind it."""
+
+import functools
+import ipaddress
+import logging
+import socket
+import struct
+from contextlib import asynccontextmanager
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+import trio
+
+from relay.config import Config, ConfigError
+from relay.dns import service as service_module
+from relay.dns.cache import STALE_TTL, Cache
+from relay.dns.resolvers import ResolverError
+from relay.dns.service import DnsService, SourceRates
+from relay.metrics import Metrics
+
+
+class ScriptedResolvers:
+    """Answers every question with ``count`` A records from 192.0.2.0/24, after ``delay`` seconds; or fails."""
+
+    def __init__(self, delay: float = 0.0, ttl: int = 300, count: int = 1, delays: dict | None = None):
+        self.delay, self.ttl, self.count = delay, ttl, count
+        self.delays = delays or {}
+        self.asked: list = []
+        self.failing: ResolverError | None = None
+        self.hanging = False
+
+    async def resolve(self, key, timeout: float) -> bytes:
+        self.asked.append(key)
+        if self.hanging:
+            await trio.sleep_forever()
+        await trio.sleep(self.delays.get(key[0], self.delay))
+        if self.failing is not None:
+            raise self.failing
+        query = dns.message.make_query(key[0], key[1])
+        response = dns.message.make_response(query)
+        if key[1] == dns.rdatatype.A:
+            addresses = [str(ipaddress.ip_address("192.0.2.1") + i) for i in range(self.count)]
+            response.answer.append(dns.rrset.from_text_list(key[0], self.ttl, "IN", "A", addresses))
+        return response.to_wire()
+
+    async def aclose(self) -> None:
+        pass
+
+
+def config_for(**values) -> Config:
+    config = Config.from_values({"upstream": ["127.0.0.1:3128"], "dns": ["127.0.0.1:53"], **values})
+    if "dns" not in values:
+        config.dns = [("127.0.0.1", 0)]  # a free port, UDP and TCP alike (the command line wants 1-65535)
+    return config
+
+
+@asynccontextmanager
+async def running(resolvers=None, cache=None, answered=None, **values):
+    config = config_for(**values)
+    service = DnsService(config, resolvers or ScriptedResolvers(), Metrics(version="t", fast_path="t"), answered, cache)
+    service.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.serve)
+        yield service
+        nursery.cancel_scope.cancel()
+
+
+async def ask_udp(service, name="host.example.", rdtype="A", *, query=None, use_edns=None, timeout=3.0):
+    query = query or dns.message.make_query(name, rdtype, use_edns=use_edns)
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.sendto(query.to_wire(), service.addresses[0])
+        with trio.fail_after(timeout):
+            wire = await sock.recv(65535)
+    return dns.message.from_wire(wire)
+
+
+async def silence_udp(service, wire: bytes, wait: float = 0.3) -> bool:
+    """Whether ``wire`` sent by UDP gets no reply within ``wait``."""
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.sendto(wire, service.addresses[0])
+        with trio.move_on_after(wait):
+            await sock.recv(65535)
+            return False
+    return True
+
+
+async def tcp_connection(service):
+    return await trio.open_tcp_stream(*service.addresses[0])
+
+
+async def read_frames(stream, count: int, timeout: float = 3.0) -> list[dns.message.Message]:
+    buffer, messages = b"", []
+    with trio.fail_after(timeout):
+        while len(messages) < count:
+            data = await stream.receive_some(65536)
+            assert data, "closed before all answers came"
+            buffer += data
+            while len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack("!H", buffer[:2])[0]:
+                length = struct.unpack("!H", buffer[:2])[0]
+                messages.append(dns.message.from_wire(buffer[2 : 2 + length]))
+                buffer = buffer[2 + length :]
+    return messages
+
+
+def framed(message: dns.message.Message) -> bytes:
+    wire = message.to_wire()
+    return struct.pack("!H", len(wire)) + wire
+
+
+def addresses_of(reply: dns.message.Message) -> list[str]:
+    return [rdata.address for rrset in reply.answer for rdata in rrset]
+
+
+async def test_a_second_question_is_answered_from_the_cache_with_the_time_left():
+    resolvers = ScriptedResolvers(ttl=300)
+    async with running(resolvers) as service:
+        first = await ask_udp(service)
+        second = await ask_udp(service, "HOST.example.")
+    assert addresses_of(first) == addresses_of(second) == ["192.0.2.1"]
+    assert len(resolvers.asked) == 1
+    assert second.answer[0].ttl <= first.answer[0].ttl <= 300
+    assert str(second.question[0].name) == "HOST.example."  # the client's own casing (0x20)
+    assert service.metrics.dns_queries == {("A", "upstream"): 1, ("A", "cache"): 1}
+
+
+async def test_identical_questions_asked_at_once_go_upstream_once():
+    resolvers = ScriptedResolvers(delay=0.2)
+    replies = []
+    async with running(resolvers) as service:
+
+        async def ask(i):
+            query = dns.message.make_query("same.example.", "A")
+            query.id = 1000 + i
+            replies.append((query.id, await ask_udp(service, query=query)))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(ask, i)
+    assert len(resolvers.asked) == 1
+    assert len(replies) == 20 and all(reply.id == asked and addresses_of(reply) for asked, reply in replies)
+    assert service.questions == {} and service.waiting == 0
+
+
+async def test_a_client_outside_dns_allow_is_refused_and_nothing_is_asked_upstream():
+    resolvers = ScriptedResolvers()
+    async with running(resolvers, **{"dns-allow": ["10.0.0.0/8"]}) as service:
+        reply = await ask_udp(service)
+        garbage_answered = not await silence_udp(service, b"\x12\x34" + b"\x00" * 3)
+    assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
+    assert resolvers.asked == [] and not garbage_answered
+
+
+async def test_every_upstream_failing_is_servfail_and_a_hang_is_cut_at_the_timeout():
+    resolvers = ScriptedResolvers()
+    resolvers.failing = ResolverError("down", "no-healthy-upstream")
+    async with running(resolvers, **{"dns-timeout": "0.3"}) as service:
+        failed = await ask_udp(service)
+        resolvers.failing, resolvers.hanging = None, True
+        started = trio.current_time()
+        hung = await ask_udp(service, "other.example.", timeout=5)
+        waited = trio.current_time() - started
+    assert failed.rcode() == hung.rcode() == dns.rcode.SERVFAIL
+    assert waited < 0.3 + service_module.ANSWER_GRACE + 1  # bounded, well short of the 5 s the client waits
+    assert service.metrics.dns_upstream_failures == {"no-healthy-upstream": 1, "timeout": 1}
+
+
+async def test_an_expired_answer_is_served_stale_while_upstreams_fail():
+    now = [0.0]
+    cache = Cache(100, 0, 86400, clock=lambda: now[0])
+    resolvers = ScriptedResolvers(ttl=60)
+    async with running(resolvers, cache) as service:
+        fresh = await ask_udp(service)
+        now[0] += 120
+        resolvers.failing = ResolverError("down", "connect-timeout")
+        stale = await ask_udp(service)
+    assert addresses_of(stale) == addresses_of(fresh)
+    assert stale.answer[0].ttl == STALE_TTL
+    assert len(resolvers.asked) == 2 and ("A", "stale") in service.metrics.dns_queries
+
+
+async def test_tcp_answers_pipelined_queries_as_they_are_ready_and_keeps_their_ids():
+    resolvers = ScriptedResolvers(delays={"slow.example.": 0.3})
+    async with running(resolvers) as service:
+        stream = await tcp_connection(service)
+        slow = dns.message.make_query("slow.example.", "A")
+        fast = dns.message.make_query("fast.example.", "A")
+        slow.id, fast.id = 1, 2
+        await stream.send_all(framed(slow) + framed(fast))  # one segment
+        answers = await read_frames(stream, 2)
+        await stream.aclose()
+    assert [answer.id for answer in answers] == [2, 1]
+    assert [str(answer.question[0].name) for answer in answers] == ["fast.example.", "slow.example."]
+
+
+async def test_tcp_frames_split_byte_by_byte_are_answered():
+    async with running() as service:
+        stream = await tcp_connection(service)
+        for byte in framed(dns.message.make_query("split.example.", "A")):
+            await stream.send_all(bytes([byte]))
+        [answer] = await read_frames(stream, 1)
+        await stream.aclose()
+    assert addresses_of(answer) == ["192.0.2.1"]
+
+
+async def test_an_idle_tcp_client_is_closed(monkeypatch):
+    monkeypatch.setattr(service_module, "TCP_IDLE_TIMEOUT", 0.2)
+    async with running() as service:
+        stream = await tcp_connection(service)
+        with trio.fail_after(2):
+            assert await stream.receive_some(100) == b""
+        await stream.aclose()
+        # every slot free again but the one the accept loop holds for the next client
+        assert service.tcp_slots.value == service_module.MAX_TCP_CONNECTIONS - 1
+
+
+async def test_an_empty_tcp_frame_closes_the_connection_and_the_service_goes_on():
+    async with running() as service:
+        stream = await tcp_connection(service)
+        await stream.send_all(b"\x00\x00")
+        with trio.fail_after(2):
+            assert await stream.receive_some(100) == b""
+        await stream.aclose()
+        reply = await ask_udp(service)
+    assert reply.rcode() == dns.rcode.NOERROR
+
+
+@pytest.mark.parametrize(
+    "wire,rcode",
+    [
+        (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example", dns.rcode.FORMERR),  # cut in its question
+        (b"\x12\x34\x81\x80" + b"\x00" * 8, None),  # a response: never answered, or two relays loop
+        (b"\x12", None),  # shorter than a header
+    ],
+)
+async def test_malformed_queries_get_formerr_or_nothing_and_the_next_is_answered(wire, rcode):
+    async with running() as service:
+        if rcode is None:
+            assert await silence_udp(service, wire)
+        else:
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                await sock.sendto(wire, service.addresses[0])
+                with trio.fail_after(2):
+                    reply = await sock.recv(512)
+            assert reply[:2] == b"\x12\x34" and reply[3] & 0x0F == rcode
+        assert (await ask_udp(service)).rcode() == dns.rcode.NOERROR
+
+
+async def test_an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp():
+    resolvers = ScriptedResolvers(count=100)  # 100 A records: about 1.6 KB
+    async with running(resolvers) as service:
+        small = await ask_udp(service, "big.example.")
+        large = await ask_udp(service, "big.example.", use_edns=0)  # dnspython offers 1232 bytes: still too small
+        stream = await tcp_connection(service)
+        await stream.send_all(framed(dns.message.make_query("big.example.", "A")))
+        [whole] = await read_frames(stream, 1)
+        await stream.aclose()
+    assert small.flags & dns.flags.TC and not small.answer
+    assert large.flags & dns.flags.TC and not large.answer
+    assert len(addresses_of(whole)) == 100 and not whole.flags & dns.flags.TC
+
+
+async def test_a_flood_from_one_source_is_dropped_past_its_burst():
+    async with running() as service:
+        service.rates = SourceRates(burst=5, rate=0.001)
+        answered = [not await silence_udp(service, dns.message.make_query("x.example.", "A").to_wire(), 0.5)]
+        for _ in range(7):
+            answered.append(not await silence_udp(service, dns.message.make_query("x.example.", "A").to_wire(), 0.1))
+    assert answered == [True] * 5 + [False] * 3
+    assert service.metrics.dns_queries[("A", "dropped")] == 3
+
+
+def test_source_rates_stay_bounded_under_many_sources():
+    now = [0.0]
+    rates = SourceRates(burst=2, rate=1.0, kept=100, clock=lambda: now[0])
+    for i in range(10_000):
+        assert rates.allow(f"10.0.{i // 256}.{i % 256}")
+        now[0] += 0.0001
+    assert len(rates) <= 100
+    assert rates.allow("192.168.0.1") and rates.allow("192.168.0.1") and not rates.allow("192.168.0.1")
+    now[0] += 1.0
+    assert rates.allow("192.168.0.1")
+
+
+async def test_aaaa_off_answers_no_data_without_asking():
+    resolvers = ScriptedResolvers()
+    async with running(resolvers, **{"dns-aaaa": "off"}) as service:
+        aaaa = await ask_udp(service, rdtype="AAAA")
+        a = await ask_udp(service, rdtype="A")
+    assert aaaa.rcode() == dns.rcode.NOERROR and not aaaa.answer
+    assert [key[1] for key in resolvers.asked] == [dns.rdatatype.A] and addresses_of(a)
+
+
+async def test_too_many_questions_in_flight_are_servfail_at_once(monkeypatch):
+    monkeypatch.setattr(service_module, "MAX_IN_FLIGHT", 2)
+    resolvers = ScriptedResolvers(delay=10)
+    async with running(resolvers) as service:
+        async with trio.open_nursery() as nursery:
+            for name in ("one.example.", "two.example."):
+                nursery.start_soon(functools.partial(ask_udp, service, name, timeout=15))
+            await trio.sleep(0.2)
+            third = await ask_udp(service, "three.example.", timeout=1)
+            nursery.cancel_scope.cancel()
+    assert third.rcode() == dns.rcode.SERVFAIL and len(resolvers.asked) == 2
+
+
+async def test_every_reply_with_addresses_is_told_with_its_client():
+    told = []
+    async with running(answered=lambda client, reply: told.append((client, reply))) as service:
+        await ask_udp(service)
+        await ask_udp(service)  # from the cache
+    assert [client for client, _ in told] == ["127.0.0.1", "127.0.0.1"]
+    assert all(addresses_of(dns.message.from_wire(reply)) == ["192.0.2.1"] for _, reply in told)
+
+
+def test_a_taken_port_is_a_clear_error():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        service = DnsService(config_for(dns=[f"127.0.0.1:{port}"]), ScriptedResolvers(), None)
+        with pytest.raises(ConfigError, match=rf"cannot serve DNS on 127.0.0.1:{port} \(UDP\)"):
+            service.open()
+    assert service.sockets == []
+
+
+def test_dns_with_several_workers_is_refused():
+    with pytest.raises(ConfigError, match="--dns needs --workers 1"):
+        config_for(workers="2")
+
+
+@pytest.mark.parametrize("level,shown", [(logging.WARNING, False), (logging.INFO, True)])
+async def test_what_a_client_looked_up_is_logged_with_v_only(caplog, level, shown):
+    caplog.set_level(level, logger="relay")
+    resolvers = ScriptedResolvers()
+    resolvers.failing = ResolverError("down", "connect-timeout")  # the failure warning must not name it either
+    async with running(resolvers) as service:
+        await ask_udp(service, "private-lookup.example.")
+        resolvers.failing = None
+        await ask_udp(service, "another-private.example.")
+    assert ("private-lookup.example" in caplog.text) is shown
+    assert ("another-private.example" in caplog.text) is shown
+    assert "DNS upstreams failed" in caplog.text or level > logging.WARNING

@@ -1,0 +1,115 @@
+"""`relay --dns`: dig on the LAN asks the router, which resolves on the far side (DoH through squid
+via ssh -L, or DNS over TCP through dante) at the lab's unbound, which only the proxies can reach."""
+
+import re
+import sys
+import time
+
+import pytest
+
+from relay.lab import ADDR
+from tests.e2e.conftest import UPSTREAMS
+
+DNS = f"{ADDR.router_lan4}:53"
+METRICS_PORT = 9253
+
+
+def dig(lab, *args: str, server: str = ADDR.router_lan4) -> tuple[str, list[str]]:
+    """(status, answer records' data) of ``dig @server args`` from the client."""
+    out = lab.run("client", ["dig", f"@{server}", "+time=4", "+tries=1", "+nocookie", *args], check=False).stdout
+    status = re.search(r"status: ([A-Z]+)", out)
+    answers = re.search(r";; ANSWER SECTION:\n(.*?)(?:\n\n|\Z)", out, re.S)
+    data = [line.split()[-1] for line in answers.group(1).splitlines()] if answers else []
+    return (status.group(1) if status else f"no reply: {out.strip()[-200:]}"), sorted(data)
+
+
+def metric(lab, name: str, **labels: str) -> float:
+    """A labelled sample's value from the relay's metrics; 0 when absent."""
+    text = lab.run("router", ["curl", "-s", f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    found = re.search(rf"^{name}{{{wanted}}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def start(relays, upstream: str, *extra: str):
+    return relays.start(["--upstream", upstream, "--dns", DNS, "--metrics", f"127.0.0.1:{METRICS_PORT}", *extra])
+
+
+@pytest.mark.parametrize(
+    "proxy,scheme", [("squid-via-ssh-L", "https"), ("dante", "https"), ("dante", "tcp")], ids=lambda v: v
+)
+def test_dig_over_udp_and_tcp_gets_the_far_sides_answers(lab, relays, unbound, proxy, scheme):
+    dns_upstream = unbound.doh_url if scheme == "https" else f"tcp://{unbound.address}:53"
+    relay = start(relays, UPSTREAMS[proxy], "--dns-upstream", dns_upstream, "--dns-ca", str(unbound.ca_file))
+    assert dig(lab, "far-only.example", "A") == ("NOERROR", [ADDR.server4])
+    assert dig(lab, "+tcp", "far-only.example", "AAAA") == ("NOERROR", [ADDR.server6])
+    assert dig(lab, "+tcp", "nowhere.example", "A") == ("NXDOMAIN", [])
+    assert dig(lab, "far-only.example", "A") == ("NOERROR", [ADDR.server4])  # from the cache
+    assert metric(lab, "relay_dns_queries_total", type="A", outcome="cache") == 1
+    assert metric(lab, "relay_dns_queries_total", type="A", outcome="upstream") == 2
+    upstream_lines = [line for line in relay.log_text().splitlines() if " dns client=" in line]
+    assert len(upstream_lines) == 3, relay.log_text()[-2000:]  # -v: one per question that went upstream
+
+
+def test_a_client_outside_dns_allow_is_refused(lab, relays, unbound):
+    relay = start(
+        relays,
+        UPSTREAMS["dante"],
+        "--dns-upstream",
+        unbound.doh_url,
+        "--dns-ca",
+        str(unbound.ca_file),
+        "--dns-allow",
+        "10.77.9.0/24",
+    )
+    assert dig(lab, "far-only.example", "A") == ("REFUSED", [])
+    assert dig(lab, "+tcp", "far-only.example", "A") == ("REFUSED", [])
+    assert " dns client=" not in relay.log_text()  # nothing went upstream
+
+
+def test_a_dns_upstream_the_proxy_refuses_is_servfail_at_once(lab, relays, unbound, figures):
+    """squid (stock rules: CONNECT to 443 only) refuses a DoH server on another port: SERVFAIL, quickly."""
+    start(
+        relays,
+        UPSTREAMS["squid-via-ssh-L"],
+        "--dns-upstream",
+        f"https://{unbound.address}:8443/dns-query",
+        "--dns-timeout",
+        "2",
+    )
+    started = time.monotonic()
+    assert dig(lab, "far-only.example", "A") == ("SERVFAIL", [])
+    figures("SERVFAIL with the DoH server out of squid's reach", f"{time.monotonic() - started:.2f} s")
+    assert time.monotonic() - started < 2 + 1 + 1  # --dns-timeout, the service's grace, dig's own start
+
+
+def test_a_dns_port_taken_is_a_clear_error(lab):
+    lab.spawn("router", [sys.executable, "-c", HOLD_UDP_53], name="udp53-holder")
+    deadline = time.monotonic() + 10
+    while f"{DNS} " not in lab.run("router", ["ss", "-Hlun"]).stdout:
+        assert time.monotonic() < deadline, "the holder never bound port 53"
+        time.sleep(0.05)
+    argv = [
+        sys.executable,
+        "-m",
+        "relay",
+        "--upstream",
+        UPSTREAMS["dante"],
+        "--dns",
+        DNS,
+        "--listen",
+        "127.0.0.1:12399",
+    ]
+    result = lab.run("router", argv, check=False, timeout=20)
+    lab.stop("udp53-holder")
+    assert result.returncode == 2, result
+    assert f"cannot serve DNS on {DNS} (UDP): Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+HOLD_UDP_53 = f"""
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("{ADDR.router_lan4}", 53))
+time.sleep(60)
+"""
