@@ -90,6 +90,10 @@ class DohClient:
         self._send_body(stream_id, stream)
         return stream_id
 
+    def ping(self) -> None:
+        """Ask the server for a PING acknowledgement: proof that the connection still carries bytes."""
+        self._h2.ping(b"relaydns")
+
     def cancel(self, stream_id: int) -> None:
         """The caller no longer waits for this query: reset its stream (RST_STREAM CANCEL)."""
         if self._streams.pop(stream_id, None) is not None:

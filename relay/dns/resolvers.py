@@ -27,6 +27,7 @@ from relay.net.sockets import family_of
 MAX_TCP_IN_FLIGHT = 100  # queries pipelined on one TCP connection
 RECEIVE_SIZE = 65536
 UDP_RESEND_AFTER = 1.0  # a lost datagram is sent again rather than waited for until the timeout
+PING_WAIT = 1.0  # an HTTP/2 PING unanswered this long: the connection is given up
 DOWN_FOR = 30.0  # seconds a resolver that failed again and again is skipped while another one answers
 SERVFAIL, REFUSED = 2, 5
 
@@ -221,6 +222,7 @@ class Session:
         self.waiters: dict[int, Waiter] = {}
         self.alive = True
         self.error: ResolverError | None = None  # why it ended
+        self.heard_at = trio.current_time()  # when the server last sent anything
         self._wake_writer = trio.Event()
         self._changed = trio.lowlevel.ParkingLot()  # queries waiting for room on this connection
         self._scope = trio.CancelScope()
@@ -259,6 +261,7 @@ class Session:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 raise ResolverError(f"{self.url} closed the connection", "closed")
+            self.heard_at = trio.current_time()
             self.received(data)
             self.wake()
 
@@ -288,6 +291,17 @@ class Session:
     def accepting(self) -> bool:
         """New queries may be sent on it."""
         return self.alive
+
+    def given_up(self, asked_at: float) -> None:
+        """A query asked at ``asked_at`` went unanswered. If the server has sent nothing since, the path
+        may be dead without a FIN or RST (a blackholed tunnel), which TCP would notice only after many
+        minutes: ``probe`` it."""
+        if self.heard_at < asked_at:
+            self.probe()
+
+    def probe(self) -> None:
+        """DNS over TCP has no ping: a connection that went silent is closed, the next query opens another."""
+        self.close()
 
     def close(self) -> None:
         self.alive = False
@@ -367,11 +381,13 @@ class TcpSession(Session):
         self.keys[query_id] = key
         self.queue.append(frame(upstream_query(key, id=query_id)))
         self.wake()
+        asked_at = trio.current_time()
         try:
             return await waiter.wait()
         finally:
             if self.waiters.get(query_id) is waiter:
                 self.forget(query_id)
+                self.given_up(asked_at)
             self.wake()
 
 
@@ -404,6 +420,7 @@ class TcpResolver:
 class DohSession(Session):
     def __init__(self, stream, url: str, client: doh.DohClient):
         self.client = client
+        self.pinged_at: float | None = None
         super().__init__(stream, url)
         self.wake()  # the connection preface
 
@@ -428,7 +445,20 @@ class DohSession(Session):
 
     @property
     def accepting(self) -> bool:
-        return self.alive and self.client.accepting
+        return self.alive and self.client.accepting and not self.unresponsive
+
+    @property
+    def unresponsive(self) -> bool:
+        """A PING has gone unanswered for PING_WAIT: queries go to a new connection."""
+        pinged_at = self.pinged_at
+        return pinged_at is not None and self.heard_at < pinged_at and trio.current_time() - pinged_at >= PING_WAIT
+
+    def probe(self) -> None:
+        """A server that is alive but slow on one query answers a PING at once."""
+        if self.pinged_at is None or self.heard_at >= self.pinged_at:
+            self.pinged_at = trio.current_time()
+            self.client.ping()
+            self.wake()
 
     async def query(self, wire: bytes) -> bytes:
         while self.accepting and not self.client.can_start():
@@ -438,11 +468,13 @@ class DohSession(Session):
         stream_id = self.client.start_query(wire)
         waiter = self.waiters[stream_id] = Waiter()
         self.wake()
+        asked_at = trio.current_time()
         try:
             return await waiter.wait()
         finally:
             if self.waiters.pop(stream_id, None) is not None:  # given up on: reset its stream
                 self.client.cancel(stream_id)
+                self.given_up(asked_at)
             self.wake()
 
 

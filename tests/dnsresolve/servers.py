@@ -121,6 +121,7 @@ class DohServer:
         self.requests: list[tuple[dict, bytes]] = []
         self.most_open = 0  # the most requests open at once on a connection
         self.port = 0
+        self.open: list[_Connection] = []
 
     async def start(self, nursery) -> "DohServer":
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -137,11 +138,14 @@ class DohServer:
         )
         connection.initiate_connection()
         state = _Connection(stream, connection)
+        self.open.append(state)
         headers: dict[int, dict] = {}
         try:
             await state.flush()
             async with trio.open_nursery() as nursery:
                 async for data in stream:
+                    if state.frozen:
+                        continue
                     for event in connection.receive_data(data):
                         if isinstance(event, h2.events.RequestReceived):
                             headers[event.stream_id] = dict(event.headers)
@@ -161,6 +165,11 @@ class DohServer:
                     await state.flush()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
+
+    def freeze_open_connections(self) -> None:
+        """The connections open now go silent, PING included; new ones work."""
+        for state in self.open:
+            state.frozen = True
 
     async def _answer(self, state: "_Connection", stream_id: int) -> None:
         await trio.sleep(0.01)  # so that requests overlap
@@ -197,6 +206,7 @@ class _Connection:
     def __init__(self, stream, connection):
         self.stream, self.connection = stream, connection
         self.bodies: dict[int, bytes] = {}  # requests not answered yet
+        self.frozen = False  # reads and drops everything, as a path that died silently would
         self.window_opened = trio.Event()
         self.lock = trio.Lock()
 

@@ -143,7 +143,12 @@ async def test_tcp_server_that_reads_and_says_nothing_times_out():
         async with resolver_for(f"tcp://127.0.0.1:{server.port}") as resolver:
             with trio.fail_after(5), pytest.raises(ResolverError) as error:
                 await resolver.resolve(KEY, 1)
+            silent = resolver.sessions.session
+            server.tcp_answer = True
+            answer = await resolver.resolve(KEY, 5)
     assert error.value.reason == "timeout"
+    assert not silent.alive and resolver.sessions.opened == 2  # said nothing since the query: replaced
+    assert addresses_in(answer) == [ANSWER_ADDRESS]
 
 
 async def test_tcp_bounds_the_queries_in_flight_on_a_connection(monkeypatch):
@@ -256,6 +261,22 @@ async def test_doh_silent_server_times_out_and_the_stream_is_cancelled(ca, ca_fi
             answer = await resolver.resolve(KEY, 5)
         assert server.connections == 1
     assert error.value.reason == "timeout"
+    assert addresses_in(answer) == [ANSWER_ADDRESS]
+
+
+async def test_doh_a_connection_gone_silent_is_replaced_once_a_ping_goes_unanswered(ca, ca_file, monkeypatch):
+    """Without a FIN or RST (a blackholed tunnel), TCP would hold the dead connection for many minutes."""
+    monkeypatch.setattr(resolvers, "PING_WAIT", 0.2)
+    async with doh_server(ca) as server:
+        async with resolver_for(f"https://127.0.0.1:{server.port}/dns-query", ca_file) as resolver:
+            await resolver.resolve(KEY, 5)
+            server.freeze_open_connections()
+            with pytest.raises(ResolverError):
+                await resolver.resolve(KEY, 0.3)
+            assert resolver.sessions.session.accepting  # the PING has had no time yet
+            await trio.sleep(0.25)
+            answer = await resolver.resolve(KEY, 5)
+        assert server.connections == 2
     assert addresses_in(answer) == [ANSWER_ADDRESS]
 
 
