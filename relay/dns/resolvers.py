@@ -168,6 +168,7 @@ class Tunnels:
                 )
             except UpstreamError as exc:
                 last = exc
+                self.pool.metrics.attempt_failed(str(state.upstream), exc.fault.value)
                 if not exc.proxy_fault:
                     break  # the proxy answered: it cannot reach the resolver, nor would the next one
                 self.pool.failed(state, exc)

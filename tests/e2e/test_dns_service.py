@@ -1,13 +1,14 @@
 """`relay --dns`: dig on the LAN asks the router, which resolves on the far side (DoH through squid
 via ssh -L, or DNS over TCP through dante) at the lab's unbound, which only the proxies can reach."""
 
+import math
 import re
 import sys
 import time
 
 import pytest
 
-from relay.lab import ADDR
+from relay.lab import ADDR, start_ssh_tunnel
 from tests.e2e.conftest import UPSTREAMS
 
 DNS = f"{ADDR.router_lan4}:53"
@@ -113,3 +114,56 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("{ADDR.router_lan4}", 53))
 time.sleep(60)
 """
+
+
+QUERY_LOOP = """
+import sys, time
+import dns.message, dns.query, dns.rcode
+server, seconds = sys.argv[1], float(sys.argv[2])
+end, i = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    i += 1
+    asked = time.time()  # wall clock: the test compares it with when it killed the proxy
+    try:
+        reply = dns.query.udp(dns.message.make_query(f"nx-{i}.example.", "A"), server, timeout=3)
+        outcome = dns.rcode.to_text(reply.rcode())
+    except dns.exception.Timeout:
+        outcome = "TIMEOUT"
+    print(f"{asked:.3f} {outcome}", flush=True)
+    time.sleep(0.01)
+"""
+
+
+def test_the_first_proxy_killed_under_queries_fails_over_within_a_few_queries(lab, relays, unbound, figures):
+    """A stream of questions that all miss the cache, DoH through an ssh -D tunnel that is killed, with
+    dante as the second upstream: the HTTP/2 connection is reopened through dante."""
+    victim = start_ssh_tunnel(lab, lab.sshd, forwards=("-D", "127.0.0.1:1096"), name="ssh-D-dns-victim")
+    start(
+        relays,
+        "socks5://127.0.0.1:1096",
+        "--upstream",
+        UPSTREAMS["dante"],
+        "--dns-upstream",
+        unbound.doh_url,
+        "--dns-ca",
+        str(unbound.ca_file),
+    )
+    assert dig(lab, "far-only.example", "A") == ("NOERROR", [ADDR.server4])  # the connection is open
+    lab.spawn("client", [sys.executable, "-c", QUERY_LOOP, ADDR.router_lan4, "4"], name="dns-query-loop")
+    time.sleep(1.5)
+    killed = time.time()
+    victim.kill()
+    lab.process("dns-query-loop").wait(timeout=30)
+    outcomes = [line.split() for line in lab.log_text("dns-query-loop").splitlines() if line[:1].isdigit()]
+    after = [(float(at), outcome) for at, outcome in outcomes if float(at) >= killed]
+    failed = [outcome for _, outcome in after if outcome != "NXDOMAIN"]
+    recovered = next((at for at, outcome in after if outcome == "NXDOMAIN"), math.inf) - killed
+    figures(
+        "ssh -D killed under a stream of DoH questions",
+        f"{len(failed)} of {len(after)} failed, answered again after {recovered:.2f} s",
+    )
+    assert len(outcomes) > 50 and len(after) > 20, lab.log_text("dns-query-loop")[-1000:]
+    assert all(outcome == "NXDOMAIN" for _, outcome in after[-10:])
+    assert len(failed) <= 3, after[:10]
+    # the DoH connection was opened again, through dante, after the dead tunnel refused it
+    assert metric(lab, "relay_upstream_attempts_failed_total", upstream="socks5://127.0.0.1:1096", fault="proxy") >= 1
