@@ -1,0 +1,119 @@
+"""Which name each client was given each address for: the DNS service's replies, remembered for connections.
+
+A connection to an address the relay's DNS service gave its client can be opened by the name the client asked
+for, at accept time, without waiting for the client's first bytes (relay.net.connection). Sans-IO: the caller
+passes the wire reply and the time. Bounded by entries (least recently used goes first), and an entry lives as
+long as the record's TTL says, within [MIN_LIFETIME, MAX_LIFETIME].
+"""
+
+import functools
+import ipaddress
+from collections import OrderedDict
+
+import dns.flags
+import dns.message
+import dns.rdataclass
+import dns.rdatatype
+
+from relay.dns.message import PARSE_ERRORS
+from relay.proto.sniff import valid_hostname
+
+# Clients keep using an address a little past its TTL (a connection begun just before it ran out, a cache that
+# rounds up): a short TTL still leaves the name known this long.
+MIN_LIFETIME = 10.0
+# A long TTL is kept no longer than this: the book is for connections that follow a lookup.
+MAX_LIFETIME = 3600.0
+# How often at most learn() drops every expired entry, so that they do not sit in the book until evicted.
+SWEEP_INTERVAL = 60.0
+ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+
+
+@functools.lru_cache(maxsize=4096)
+def normalized(address: str) -> str:
+    """``address`` as the book keys it: canonical text, an IPv4-mapped IPv6 address as its IPv4 address.
+    ValueError if it is not an address. Cached: a connection asks for the same few addresses over and over."""
+    parsed = ipaddress.ip_address(address)
+    if parsed.version == 6 and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(parsed)
+
+
+class NameBook:
+    """(client, address) -> the name that client last asked for and was answered that address with."""
+
+    def __init__(self, max_entries: int = 65536):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()  # -> (name, expires)
+        self._next_sweep = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def learn(self, client: str, reply: bytes, now: float) -> None:
+        """Remember the addresses of ``reply`` (a wire DNS response sent to ``client``) under the name it answers.
+        A reply that cannot be read, or names nothing a proxy may be asked for, is ignored."""
+        try:
+            client = normalized(client)
+            answered = _answered(reply)
+        except PARSE_ERRORS:  # ValueError among them: a client that is no address
+            return
+        if now >= self._next_sweep:
+            self._sweep(now)
+        if answered is None:
+            return
+        name, addresses = answered
+        for address, ttl in addresses:
+            key = (client, address)
+            self._entries[key] = (name, now + min(max(ttl, MIN_LIFETIME), MAX_LIFETIME))
+            self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def name_for(self, client: str, address: str, now: float) -> str | None:
+        """The name ``client`` was last given ``address`` for, unless that has expired."""
+        try:
+            key = (normalized(client), normalized(address))
+        except ValueError:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        name, expires = entry
+        if now >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return name
+
+    def _sweep(self, now: float) -> None:
+        for key in [key for key, (_, expires) in self._entries.items() if now >= expires]:
+            del self._entries[key]
+        self._next_sweep = now + SWEEP_INTERVAL
+
+
+def _answered(reply: bytes) -> tuple[str, list[tuple[str, int]]] | None:
+    """(the name asked, [(address, TTL)] of every A and AAAA record reached from it through CNAMEs), or None when
+    ``reply`` answers no such name with addresses. Raises one of PARSE_ERRORS if it is not a DNS message."""
+    message = dns.message.from_wire(reply)
+    if not message.flags & dns.flags.QR or len(message.question) != 1:
+        return None
+    question = message.question[0]
+    name = valid_hostname(question.name.to_text())
+    if name is None or question.rdclass != dns.rdataclass.IN:
+        return None
+    # The chain from the name asked: a CNAME's target is an alias of it only if its owner is one already.
+    aliases = {question.name}
+    cnames = {rrset.name: rrset for rrset in message.answer if rrset.rdtype == dns.rdatatype.CNAME}
+    owner = question.name
+    while owner in cnames:
+        owner = cnames[owner][0].target
+        if owner in aliases:  # a loop: no address at its end
+            break
+        aliases.add(owner)
+    addresses = [
+        (normalized(rdata.address), rrset.ttl)
+        for rrset in message.answer
+        if rrset.rdtype in ADDRESS_TYPES and rrset.rdclass == dns.rdataclass.IN and rrset.name in aliases
+        for rdata in rrset
+    ]
+    return (name, addresses) if addresses else None
