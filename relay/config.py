@@ -514,7 +514,7 @@ SETTINGS = [
         [],
         True,
         "SUFFIX",
-        "connect directly when the sniffed hostname ends with SUFFIX; repeatable",
+        "connect directly when the hostname (sniffed, or from the DNS service) ends with SUFFIX; repeatable",
     ),
     Setting(
         "health-interval",

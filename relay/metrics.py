@@ -82,6 +82,7 @@ class Metrics:
         self.bytes_down = 0
         self.ended: dict[str, int] = {}
         self.failed: dict[str, int] = {}
+        self.named: dict[str, int] = {}  # connections opened by a name, by where it came from
         self.attempts_failed: dict[tuple[str, str], int] = {}
         self.handshakes: dict[str, _Histogram] = {}
         self.upstream_healthy: dict[str, bool] = {}
@@ -103,6 +104,10 @@ class Metrics:
         if ended.startswith(REFUSED_PREFIX):
             reason = ended[len(REFUSED_PREFIX) :]
             self.failed[reason] = self.failed.get(reason, 0) + 1
+
+    def connection_named(self, source: str) -> None:
+        """A connection will ask for a hostname; ``source``: "dns", "sni" or "host"."""
+        self.named[source] = self.named.get(source, 0) + 1
 
     def attempt_failed(self, upstream: str, fault: str) -> None:
         """One attempt at opening a tunnel through ``upstream`` failed; ``fault``: whose (relay.net.faults)."""
@@ -157,6 +162,14 @@ class Metrics:
         family("relay_connections_failed_total", "counter", "Client connections refused, by reason.")
         for reason, count in sorted(self.failed.items()):
             lines.append(_sample("relay_connections_failed_total", {"reason": reason}, count))
+
+        family(
+            "relay_connections_named_total",
+            "counter",
+            "Client connections opened by a hostname, by where it came from (dns, sni, host).",
+        )
+        for source, count in sorted(self.named.items()):
+            lines.append(_sample("relay_connections_named_total", {"source": source}, count))
 
         family(
             "relay_upstream_attempts_failed_total",

@@ -10,8 +10,9 @@ One connection, read top to bottom:
   relay.net.listener     accepts it, holding a slot for it
   relay.net.connections  what every connection shares (Connections.accepted)
   relay.net.admission    loops, destination policy, per-source cap (Connection.admit)
+  relay.dns.names        the name its client's DNS answer gave (Connection.admit): then it need not wait
   relay.net.waiting      until its client's first bytes, without a task (Connection.first_bytes)
-  relay.proto.sniff      the name in them (TLS SNI, HTTP Host)
+  relay.proto.sniff      the name in them (TLS SNI, HTTP Host), which wins over the DNS one
   relay.net.upstreams    which upstream and target, in which order (Attempts)
   relay.net.dial         its tunnel, without a task (Connection.dial, name_slow, won, attempt_failed)
   relay.net.http_forward plain HTTP in absolute form instead, in a task (Connection.forward)
@@ -36,7 +37,7 @@ from relay.net.faults import UpstreamError
 from relay.net.http_forward import NeedsTunnel, forward
 from relay.net.sockets import receive_some, reset
 from relay.net.upstreams import NAMED_SCHEMES, Attempts, UpstreamPool
-from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, Sniffed, Sniffer
+from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, TLS, Sniffed, Sniffer
 
 if TYPE_CHECKING:
     from relay.net.connections import Connections
@@ -73,8 +74,8 @@ class Connection:
     __slots__ = (
         "owner", "sock", "peer", "dst", "config", "pool", "started", "sniff_deadline", "state",
         "counted", "silent_turn", "described", "first", "candidates", "attempts", "attempt_started",
-        "dialing", "racer", "racer_started", "name", "retried", "via", "fault", "source", "up", "down",
-        "http_requests",
+        "dialing", "racer", "racer_started", "name", "name_from", "dns_name", "retried", "via", "fault", "source",
+        "up", "down", "http_requests",
     )  # fmt: skip
 
     def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
@@ -95,7 +96,9 @@ class Connection:
         self.dialing = None  # the attempt under way (relay.net.dial.Dialing), while dialing
         self.racer = None  # the by-address attempt racing a slow by-name one
         self.racer_started = 0.0
-        self.name = None  # the sniffed hostname, when it is used
+        self.name = None  # the hostname asked for, when one is used
+        self.name_from = None  # where that name came from: "dns", "sni" or "host"
+        self.dns_name = None  # the usable name the relay's DNS service gave this client for dst, if any
         self.retried = None  # why we asked by address: the proxy's refusal of the name, or "slow-name"
         self.via = None
         self.fault = None  # whose fault the failure it would end with was (relay.net.faults.Fault)
@@ -135,6 +138,7 @@ class Connection:
         except OSError as exc:
             self.client_failed(exc)
             return
+        self.dns_name = self.usable_name(owner.names.name_for(self.peer[0], self.dst[0], trio.current_time()))
         self.first_bytes(spoke=True)
 
     # -- its first bytes ------------------------------------------------------------------
@@ -148,8 +152,8 @@ class Connection:
     def first_bytes(self, spoke: bool) -> None:
         """Sniff what the client sent, then open the tunnel or forward. Without a task when its
         first bytes are all here (the common case) or it was silent; a client that has not spoken
-        yet waits in the waiting room; a task only for the rest of its first bytes and for
-        plain HTTP forwarding."""
+        yet waits in the waiting room, unless its DNS answer named the destination (needs_first_bytes);
+        a task only for the rest of its first bytes and for plain HTTP forwarding."""
         sniffer = None
         try:
             if spoke and wants_sniffing(self.config, self.pool):
@@ -160,8 +164,10 @@ class Connection:
                 else:  # closed before a word: connected by address, it may still want to hear
                     sniffer.give_up()
         except BlockingIOError:
-            self.wait_for_first_bytes()
-            return
+            if self.needs_first_bytes():
+                self.wait_for_first_bytes()
+                return
+            sniffer = None  # the DNS name is enough: what the client sends goes through the tunnel
         except OSError as exc:
             self.client_failed(exc)
             return
@@ -176,6 +182,12 @@ class Connection:
             self.go_on(*((sniffer.result, sniffer.buffered) if sniffer else (NOT_RECOGNISED, b"")))
         except Exception:
             self.internal_error()
+
+    def needs_first_bytes(self) -> bool:
+        """Whether a client that has not spoken yet must be waited for. Not when its DNS answer named the
+        destination, unless plain HTTP may have to be forwarded in absolute form: only its bytes can tell, and
+        most HTTP proxies refuse CONNECT to other ports than 443."""
+        return self.dns_name is None or forwards_http(self.config, self.pool.states)
 
     def wait_for_first_bytes(self) -> None:
         self.move_unless(State.WAITING)
@@ -201,8 +213,15 @@ class Connection:
         config = self.config
         self.described = True
         self.first = first
-        self.name = self.usable_name(sniffed.hostname)
-        direct = admission.bypassed(config, self.dst, sniffed.hostname)
+        if sniffed.hostname:  # what the client itself says wins over what its DNS answer said
+            hostname, source = sniffed.hostname, "sni" if sniffed.protocol == TLS else "host"
+        else:
+            hostname, source = self.dns_name, "dns"
+        self.name = self.usable_name(hostname)
+        if self.name:
+            self.name_from = source
+            self.owner.metrics.connection_named(source)
+        direct = admission.bypassed(config, self.dst, hostname)
         self.candidates = [] if direct else self.pool.candidates()
         if sniffed.protocol == HTTP and forwards_http(config, self.candidates):
             self.move(State.FORWARDING)
@@ -439,6 +458,7 @@ class Connection:
         fields = {"event": "conn", "client": format_address(self.peer), "dst": format_address(self.dst)}
         if self.name:
             fields["name"] = self.name
+            fields["name-from"] = self.name_from
         if self.retried:
             fields["retried-by-ip"] = self.retried
         if self.http_requests is not None:

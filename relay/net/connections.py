@@ -14,6 +14,7 @@ import trio
 from relay import ends, fastpath
 from relay.addresses import format_address
 from relay.config import Config
+from relay.dns.names import NameBook
 from relay.logs import RateLimited, log
 from relay.net import admission
 from relay.net.connection import Connection
@@ -27,10 +28,11 @@ class Connections:
     """What every connection of this process shares: the settings and upstreams for new ones,
     the slots and per-source counts they hold, and the machinery that carries them."""
 
-    def __init__(self, config: Config, metrics, pool: UpstreamPool, dialer: Dialer):
+    def __init__(self, config: Config, metrics, pool: UpstreamPool, dialer: Dialer, names: NameBook):
         self.config, self.pool = config, pool  # for new connections: a reload replaces both
         self.metrics = metrics
         self.dialer = dialer
+        self.names = names
         self.budget = admission.connection_budget(config)
         self.slots = trio.Semaphore(self.budget)
         self.per_source: dict[str, int] = {}

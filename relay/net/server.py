@@ -14,6 +14,7 @@ import trio
 from relay import fastpath, systemd
 from relay.addresses import format_address
 from relay.config import Config, ConfigError
+from relay.dns.names import NameBook
 from relay.dns.resolvers import Resolvers, Tunnels, make_resolver
 from relay.dns.service import DnsService
 from relay.logs import log
@@ -39,7 +40,8 @@ class Server:
         self.dialer = Dialer()
         self.pool = UpstreamPool(config, metrics, self.dialer)
         self.tunnels = []
-        self.connections = Connections(config, metrics, self.pool, self.dialer)
+        self.names = NameBook()  # what the DNS service answered whom: connections are opened by those names
+        self.connections = Connections(config, metrics, self.pool, self.dialer, self.names)
         self.dns: DnsService | None = None
         if config.dns:
             # One set of tunnels for every DNS upstream, so a reload can point them at the new pool.
@@ -48,7 +50,10 @@ class Server:
                 make_resolver(upstream, pool=self.pool, dialer=self.dialer, config=config, tunnels=self.dns_tunnels)
                 for upstream in config.dns_upstream
             ]
-            self.dns = DnsService(config, Resolvers(resolvers), metrics)
+            self.dns = DnsService(config, Resolvers(resolvers), metrics, self.learn_names)
+
+    def learn_names(self, client: str, reply: bytes) -> None:
+        self.names.learn(client, reply, trio.current_time())
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""
