@@ -371,6 +371,8 @@ DNS_ALLOW_DEFAULT = (
     "fc00::/7", "fe80::/10", "::1/128",
 )  # fmt: skip
 DNS_UPSTREAM_DEFAULT = ("https://1.1.1.1/dns-query", "https://8.8.8.8/dns-query")
+# Suffixes no public resolver answers: RFC 8375's, ICANN's private-use TLD, and OpenWrt's default LAN domain.
+DNS_LOCAL_DOMAIN_DEFAULT = ("home.arpa", "internal", "lan")
 
 SETTINGS = [
     Setting(
@@ -610,6 +612,25 @@ SETTINGS = [
         "https://HOST[:PORT]/PATH (DoH) or tcp://IP[:PORT], through the upstream proxy, or udp://IP[:PORT] "
         f"directly; repeatable, tried in order (default: {' then '.join(DNS_UPSTREAM_DEFAULT)})",
     ),
+    Setting(
+        "dns-local",
+        parse_dns_upstream,
+        [],
+        True,
+        "URL",
+        "the LAN's own resolver, asked for names under --dns-local-domain or --bypass-domain and for the reverse "
+        "(PTR) names of private addresses; the same forms as --dns-upstream; repeatable, tried in order "
+        "(default: the nameservers in /etc/resolv.conf, read at start)",
+    ),
+    Setting(
+        "dns-local-domain",
+        parse_domain_suffix,
+        list(DNS_LOCAL_DOMAIN_DEFAULT),
+        True,
+        "SUFFIX",
+        "names ending with SUFFIX are resolved by --dns-local; repeatable "
+        f"(default: {', '.join(DNS_LOCAL_DOMAIN_DEFAULT)})",
+    ),
     Setting("dns-ca", _text, None, False, "FILE", "CA certificates for DoH upstreams (default: the system's)"),
     Setting(
         "dns-timeout",
@@ -689,6 +710,8 @@ class Config:
     dns: list[tuple[str, int]]  # empty: no DNS service
     dns_allow: list
     dns_upstream: list[DnsUpstream]
+    dns_local: list[DnsUpstream]  # empty: the nameservers in /etc/resolv.conf (see local_dns_upstreams)
+    dns_local_domain: list[str]
     dns_ca: str | None
     dns_timeout: float
     dns_min_ttl: float
@@ -733,6 +756,73 @@ class Config:
             # The names a DNS answer taught one process would be unknown to the worker that gets the connection.
             raise ConfigError("--dns needs --workers 1")
         return cls(**fields)
+
+
+RESOLV_CONF = "/etc/resolv.conf"
+MAX_RESOLV_CONF = 65536  # bytes read of it; a resolv.conf is a few lines
+RESOLV_CONF_NAMESERVERS = 3  # glibc's MAXNS: the system uses no more than the first three either
+
+
+def resolv_conf_nameservers(text: str) -> list[DnsUpstream]:
+    """The nameservers of a resolv.conf, as udp:// resolvers in order; a line whose address is not an IP is
+    skipped, as glibc skips it."""
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:
+            address = ipaddress.ip_address(words[1])
+        except ValueError:
+            continue
+        found.append(DnsUpstream("udp", str(address), DNS_PORTS["udp"]))
+        if len(found) == RESOLV_CONF_NAMESERVERS:
+            break
+    return found
+
+
+def _is_the_relays_own(upstream: DnsUpstream, service: list[tuple[str, int]]) -> bool:
+    """Whether ``upstream`` is an address the relay's own DNS service (--dns) answers on."""
+    if upstream.scheme == "https":  # the service answers no DoH
+        return False
+    host = ipaddress.ip_address(upstream.host)
+    for address, port in service:
+        listening = ipaddress.ip_address(address)
+        if port == upstream.port and (listening == host or (listening.is_unspecified and host.is_loopback)):
+            return True
+    return False
+
+
+def local_dns_upstreams(config: Config, resolv_conf: str = RESOLV_CONF) -> list[DnsUpstream]:
+    """--dns-local; by default, the nameservers in ``resolv_conf`` but the relay's own --dns (a router that asks
+    the relay for its own lookups must not have its local questions sent back to the relay).
+
+    ConfigError when that leaves none, or when a --dns-local is the relay's own --dns: each would ask itself.
+    """
+    if config.dns_local:
+        for number, upstream in enumerate(config.dns_local, 1):
+            if _is_the_relays_own(upstream, config.dns):
+                raise ConfigError(
+                    f"{_which('--dns-local', number, len(config.dns_local))}: {upstream} is this relay's own --dns, "
+                    "which would ask itself"
+                )
+        return config.dns_local
+    try:
+        with open(resolv_conf, "rb") as file:
+            text = file.read(MAX_RESOLV_CONF).decode("utf-8", "replace")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {resolv_conf} for the local DNS resolver: {exc.strerror}; give --dns-local"
+        ) from None
+    nameservers = resolv_conf_nameservers(text)
+    others = [upstream for upstream in nameservers if not _is_the_relays_own(upstream, config.dns)]
+    if not others:
+        what = "only this relay's own --dns" if nameservers else "no nameserver"
+        raise ConfigError(
+            f"{resolv_conf} names {what}: give the LAN's resolver with --dns-local udp://IP "
+            "(it answers --dns-local-domain and --bypass-domain names and private addresses' PTR)"
+        )
+    return others
 
 
 def load_file(path: str) -> dict:
