@@ -8,17 +8,20 @@ each of them, and nothing else owns it. ``aclose`` ends it; so does the end of
 the Trio run.
 """
 
+import functools
 import secrets
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
-from relay.config import DnsUpstream, parse_dns_upstream
+from relay.config import RESOLV_CONF, DnsUpstream, local_dns_upstreams, parse_dns_upstream
 from relay.dns import doh
 from relay.dns.framing import FrameError, Framer, frame
-from relay.dns.message import response_matches, upstream_query
+from relay.dns.message import Key, response_matches, upstream_query
+from relay.dns.split import goes_local
 from relay.logs import log
 from relay.net.dial import apply_mark, connect
 from relay.net.faults import UpstreamError
@@ -584,3 +587,44 @@ class Resolvers:
     async def aclose(self) -> None:
         for resolver in self.resolvers:
             await resolver.aclose()
+
+
+# -- split: the LAN's own resolvers or the far side's -----------------------------------------
+
+
+class SplitResolvers:
+    """Each question asked of the far side's resolvers or of the LAN's, as ``goes_local(key)`` says; the same
+    ``resolve`` and ``aclose`` as Resolvers. A local question that fails is not asked of the far side: it would
+    tell the far side the LAN's names and addresses, and get no answer the LAN would want."""
+
+    def __init__(self, far: Resolvers, local: Resolvers, goes_local: Callable[[Key], bool]):
+        self.far, self.local = far, local
+        self.goes_local = goes_local
+
+    async def resolve(self, key, timeout: float) -> bytes:
+        resolvers = self.local if self.goes_local(key) else self.far
+        return await resolvers.resolve(key, timeout)
+
+    async def aclose(self) -> None:
+        try:
+            await self.far.aclose()
+        finally:
+            await self.local.aclose()
+
+
+def make_resolvers(config, *, pool, dialer, resolv_conf: str = RESOLV_CONF) -> SplitResolvers:
+    """The DNS service's resolvers: --dns-upstream, and --dns-local (by default the nameservers in
+    ``resolv_conf``, read now) for names under --dns-local-domain or --bypass-domain and local reverse names.
+
+    Raises ConfigError when there is no local resolver (see relay.config.local_dns_upstreams).
+    """
+
+    def in_order(upstreams: list[DnsUpstream]) -> Resolvers:
+        resolvers = [make_resolver(upstream, pool=pool, dialer=dialer, config=config) for upstream in upstreams]
+        return Resolvers(resolvers, failures=config.health_failures)
+
+    local = local_dns_upstreams(config, resolv_conf)
+    chooser = functools.partial(
+        goes_local, local_suffixes=tuple(config.dns_local_domain), bypass_suffixes=tuple(config.bypass_domain)
+    )
+    return SplitResolvers(in_order(config.dns_upstream), in_order(local), chooser)

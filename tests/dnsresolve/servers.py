@@ -14,7 +14,7 @@ import trio
 
 from relay.config import Config
 from relay.dns.framing import Framer, frame
-from relay.dns.resolvers import make_resolver
+from relay.dns.resolvers import make_resolver, make_resolvers
 from relay.metrics import Metrics
 from relay.net.dial import Dialer
 from relay.net.upstreams import UpstreamPool
@@ -23,21 +23,35 @@ ANSWER_ADDRESS = "192.0.2.53"
 
 
 @asynccontextmanager
-async def resolver_for(url: str, ca_file=None, upstream: str = "direct"):
-    """The resolver for ``url``, its tunnels opened through ``upstream`` by a running Dialer."""
-    values = {"upstream": upstream, "connect-timeout": 2, **({"dns-ca": str(ca_file)} if ca_file else {})}
-    config = Config.from_values(values)
+async def resolving(values: dict, build):
+    """``build(config, pool, dialer)`` for the Config of ``values``, its upstream pool and a running Dialer;
+    closed at the end."""
+    config = Config.from_values({"connect-timeout": 2, **values})
     pool = UpstreamPool(config, Metrics(version="t", fast_path="python"))
     await pool.resolve()
     dialer = Dialer()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dialer.run)
-        resolver = make_resolver(url, pool=pool, dialer=dialer, config=config)
+        resolver = build(config, pool, dialer)
         try:
             yield resolver
         finally:
             await resolver.aclose()
             dialer.close()
+
+
+def resolver_for(url: str, ca_file=None, upstream: str = "direct"):
+    """The resolver for ``url``, its tunnels opened through ``upstream``."""
+    values = {"upstream": upstream, **({"dns-ca": str(ca_file)} if ca_file else {})}
+    return resolving(values, lambda config, pool, dialer: make_resolver(url, pool=pool, dialer=dialer, config=config))
+
+
+def split_resolvers_for(values: dict, resolv_conf: str):
+    """make_resolvers for the settings ``values``, the default --dns-local read from ``resolv_conf``."""
+    return resolving(
+        values,
+        lambda config, pool, dialer: make_resolvers(config, pool=pool, dialer=dialer, resolv_conf=resolv_conf),
+    )
 
 
 def answer_for(query_wire: bytes, address: str = ANSWER_ADDRESS, truncated: bool = False) -> bytes:
