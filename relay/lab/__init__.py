@@ -2,12 +2,13 @@
 
 Used by the end-to-end tests and by ``relay demo``; needs root. See
 :mod:`relay.lab.netns` for the topology and :mod:`relay.lab.services` for the
-daemons (squid, danted, privoxy, tinyproxy, sshd, ssh tunnels, unbound).
+daemons (squid, danted, privoxy, tinyproxy, sshd, ssh tunnels, unbound, dnsmasq).
 """
 
 from relay.lab.netns import ADDR, HOSTS, Addresses, Lab, LabCommandError, LabError, remove_stale_labs
 from relay.lab.services import (
     Dante,
+    Dnsmasq,
     Service,
     Squid,
     SquidLogEntry,
@@ -16,6 +17,7 @@ from relay.lab.services import (
     Unbound,
     ensure_lab_user,
     start_dante,
+    start_dnsmasq,
     start_privoxy,
     start_squid,
     start_ssh_tunnel,
@@ -33,6 +35,7 @@ __all__ = [
     "LabError",
     "remove_stale_labs",
     "Dante",
+    "Dnsmasq",
     "Service",
     "Squid",
     "SquidLogEntry",
@@ -41,6 +44,7 @@ __all__ = [
     "Unbound",
     "ensure_lab_user",
     "start_dante",
+    "start_dnsmasq",
     "start_privoxy",
     "start_squid",
     "start_ssh_tunnel",

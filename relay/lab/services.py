@@ -1,4 +1,4 @@
-"""The real Debian daemons (squid, danted, sshd, ssh) running inside a :class:`Lab`.
+"""The real Debian daemons (squid, danted, unbound, dnsmasq, sshd, ssh) running inside a :class:`Lab`.
 
 Each ``start_*`` function writes its configuration under ``lab.tmpdir``, starts
 the daemon in the foreground inside a namespace, waits until it accepts TCP
@@ -385,6 +385,7 @@ def start_unbound(
                 "    use-syslog: no",
                 '    logfile: ""',
                 "    verbosity: 1",
+                "    log-queries: yes",  # a test can tell which names reached the far side
                 "    num-threads: 1",
                 f"    interface: {address}@53",
                 f"    interface: {address}@{https_port}",
@@ -422,6 +423,48 @@ def start_unbound(
     )
     unbound.start()
     return unbound
+
+
+# -- dnsmasq ---------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Dnsmasq(Service):
+    address: str  # where it serves DNS, UDP and TCP 53
+
+    def asked(self) -> list[str]:
+        """The names it was asked about so far, in order (from its --log-queries lines)."""
+        return re.findall(r" query\[\w+\] (\S+) from ", self.log_text())
+
+
+def start_dnsmasq(
+    lab: Lab, records: dict[str, str], host: str = "client", address: str = ADDR.client4, name: str = "dnsmasq"
+) -> Dnsmasq:
+    """dnsmasq answering ``records`` (name -> address: its A or AAAA, and the address's PTR back to the name) on
+    ``address``, as a LAN's own resolver would; it forwards nothing, and refuses any other name."""
+    directory = _service_dir(lab, name)
+    dnsmasq = Dnsmasq(
+        lab,
+        host,
+        name,
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",  # none of the machine's configuration
+            "--no-resolv",
+            "--no-hosts",
+            f"--listen-address={address}",
+            "--bind-interfaces",
+            f"--pid-file={directory}/dnsmasq.pid",
+            "--log-facility=-",
+            "--log-queries",
+            *(f"--host-record={owner},{value}" for owner, value in records.items()),
+        ],
+        ready=(address, 53),
+        address=address,
+    )
+    dnsmasq.start()
+    return dnsmasq
 
 
 # -- privoxy and tinyproxy ----------------------------------------------------------
