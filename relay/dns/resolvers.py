@@ -8,11 +8,9 @@ each of them, and nothing else owns it. ``aclose`` ends it; so does the end of
 the Trio run.
 """
 
-import functools
 import secrets
 import socket
 import ssl
-from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -593,13 +591,17 @@ class Resolvers:
 
 
 class SplitResolvers:
-    """Each question asked of the far side's resolvers or of the LAN's, as ``goes_local(key)`` says; the same
-    ``resolve`` and ``aclose`` as Resolvers. A local question that fails is not asked of the far side: it would
-    tell the far side the LAN's names and addresses, and get no answer the LAN would want."""
+    """Each question asked of the far side's resolvers or of the LAN's, as relay.dns.split.goes_local says for
+    ``config``'s --dns-local-domain and --bypass-domain; the same ``resolve`` and ``aclose`` as Resolvers.
+    A local question that fails is not asked of the far side: that would tell the far side the LAN's names and
+    addresses, and get no answer the LAN wants. A reload may give it a new ``config``."""
 
-    def __init__(self, far: Resolvers, local: Resolvers, goes_local: Callable[[Key], bool]):
+    def __init__(self, far: Resolvers, local: Resolvers, config):
         self.far, self.local = far, local
-        self.goes_local = goes_local
+        self.config = config
+
+    def goes_local(self, key: Key) -> bool:
+        return goes_local(key, self.config.dns_local_domain, self.config.bypass_domain)
 
     async def resolve(self, key, timeout: float) -> bytes:
         resolvers = self.local if self.goes_local(key) else self.far
@@ -612,19 +614,24 @@ class SplitResolvers:
             await self.local.aclose()
 
 
-def make_resolvers(config, *, pool, dialer, resolv_conf: str = RESOLV_CONF) -> SplitResolvers:
+def make_resolvers(
+    config, *, pool, dialer, tunnels: Tunnels | None = None, resolv_conf: str = RESOLV_CONF
+) -> SplitResolvers:
     """The DNS service's resolvers: --dns-upstream, and --dns-local (by default the nameservers in
     ``resolv_conf``, read now) for names under --dns-local-domain or --bypass-domain and local reverse names.
+    ``tunnels``, as for make_resolver: shared ones, which a reload can point at a new pool.
 
-    Raises ConfigError when there is no local resolver (see relay.config.local_dns_upstreams).
+    Raises ConfigError, before anything is made, when there is no local resolver (see
+    relay.config.local_dns_upstreams).
     """
+    local = local_dns_upstreams(config, resolv_conf)
 
     def in_order(upstreams: list[DnsUpstream]) -> Resolvers:
-        resolvers = [make_resolver(upstream, pool=pool, dialer=dialer, config=config) for upstream in upstreams]
-        return Resolvers(resolvers, failures=config.health_failures)
+        return Resolvers(
+            [
+                make_resolver(upstream, pool=pool, dialer=dialer, config=config, tunnels=tunnels)
+                for upstream in upstreams
+            ]
+        )
 
-    local = local_dns_upstreams(config, resolv_conf)
-    chooser = functools.partial(
-        goes_local, local_suffixes=tuple(config.dns_local_domain), bypass_suffixes=tuple(config.bypass_domain)
-    )
-    return SplitResolvers(in_order(config.dns_upstream), in_order(local), chooser)
+    return SplitResolvers(in_order(config.dns_upstream), in_order(local), config)

@@ -37,7 +37,7 @@ class FakeResolvers:
 
 
 def split(far: FakeResolvers, local: FakeResolvers) -> SplitResolvers:
-    return SplitResolvers(far, local, lambda key: key[0].endswith(".lan."))
+    return SplitResolvers(far, local, Config.from_values({"upstream": "direct"}))
 
 
 async def test_each_question_is_asked_of_one_side_with_the_whole_timeout():
@@ -60,6 +60,17 @@ async def test_a_far_question_that_fails_is_not_asked_of_the_local_side():
     with pytest.raises(ResolverError):
         await split(far, local).resolve(FAR_KEY, 1)
     assert local.asked == []
+
+
+async def test_a_reload_s_suffixes_apply_to_the_next_question():
+    far, local = FakeResolvers(b"far answer"), FakeResolvers(b"local answer")
+    resolvers = split(far, local)
+    key = ("wiki.corp.", A, 1)
+    assert await resolvers.resolve(key, 1) == b"far answer"
+    assert await resolvers.resolve(LOCAL_KEY, 1) == b"local answer"
+    resolvers.config = Config.from_values({"upstream": "direct", "dns-local-domain": ["corp"]})
+    assert await resolvers.resolve(key, 1) == b"local answer"
+    assert await resolvers.resolve(LOCAL_KEY, 1) == b"far answer"  # "lan" was a default the new one replaced
 
 
 async def test_closing_closes_both_sides_even_when_the_first_fails_to():
