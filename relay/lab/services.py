@@ -324,6 +324,8 @@ LAB_ZONE = "example."
 LAB_DNS_DATA = {
     "far-only.example.": [("A", ADDR.server4), ("AAAA", ADDR.server6)],
     "server.example.": [("A", ADDR.server4)],
+    # A domestic CDN's name: the LAN's own resolver answers it otherwise (split resolution, --bypass-domain).
+    "cdn.domestic.example.": [("A", ADDR.server4)],
 }
 
 
