@@ -5,6 +5,7 @@ answers; so do the reverse names of the LAN's own kinds of addresses, which only
 would tell the far side what addresses the LAN uses. Everything else goes far.
 """
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -32,12 +33,17 @@ def goes_local(key: Key, local_suffixes: Iterable[str], bypass_suffixes: Iterabl
     reverse name of a LOCAL_NETWORKS address (whatever the type: PTR, or the SOA a tool asks to find the zone)."""
     name = dns.name.from_text(key[0])
     for suffix in (*local_suffixes, *bypass_suffixes):
-        if name.is_subdomain(dns.name.from_text(suffix)):
+        if name.is_subdomain(_suffix_name(suffix)):
             return True
     network = reverse_network(name)
     return network is not None and any(
         network.version == local.version and network.subnet_of(local) for local in LOCAL_NETWORKS
     )
+
+
+@functools.lru_cache(maxsize=1024)  # the settings' suffixes, parsed once rather than on every question
+def _suffix_name(suffix: str) -> dns.name.Name:
+    return dns.name.from_text(suffix)
 
 
 def reverse_network(name: dns.name.Name) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
