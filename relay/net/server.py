@@ -15,7 +15,7 @@ from relay import fastpath, systemd
 from relay.addresses import format_address
 from relay.config import Config, ConfigError
 from relay.dns.names import NameBook
-from relay.dns.resolvers import Resolvers, Tunnels, make_resolver
+from relay.dns.resolvers import Tunnels, make_resolvers
 from relay.dns.service import DnsService
 from relay.logs import log
 from relay.net.connections import Connections
@@ -27,7 +27,7 @@ from relay.net.upstreams import UpstreamPool
 # Settings a reload cannot change on a running process (they shape sockets, processes or privileges).
 RESTART_ONLY = (
     "mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "log_format",
-    "dns", "dns_upstream", "dns_ca", "dns_min_ttl", "dns_max_ttl", "dns_cache_size",
+    "dns", "dns_upstream", "dns_local", "dns_ca", "dns_min_ttl", "dns_max_ttl", "dns_cache_size",
 )  # fmt: skip
 
 
@@ -46,11 +46,8 @@ class Server:
         if config.dns:
             # One set of tunnels for every DNS upstream, so a reload can point them at the new pool.
             self.dns_tunnels = Tunnels(self.pool, self.dialer, config)
-            resolvers = [
-                make_resolver(upstream, pool=self.pool, dialer=self.dialer, config=config, tunnels=self.dns_tunnels)
-                for upstream in config.dns_upstream
-            ]
-            self.dns = DnsService(config, Resolvers(resolvers), metrics, self.learn_names)
+            resolvers = make_resolvers(config, pool=self.pool, dialer=self.dialer, tunnels=self.dns_tunnels)
+            self.dns = DnsService(config, resolvers, metrics, self.learn_names)
 
     def learn_names(self, client: str, reply: bytes) -> None:
         self.names.learn(client, reply, trio.current_time())
@@ -187,7 +184,7 @@ class Server:
         self.config, self.pool = new, pool
         self.connections.config, self.connections.pool = new, pool
         if self.dns is not None:
-            self.dns.config = new
+            self.dns.config = self.dns.resolvers.config = new
             self.dns_tunnels.pool, self.dns_tunnels.config = pool, new
         self.connections.own_names.load()
         log.info("SIGHUP: configuration reloaded; upstream %s", ", ".join(str(u) for u in new.upstreams))
