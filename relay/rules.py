@@ -14,6 +14,16 @@ atomically:
   one ``nft -f`` transaction.
 - TPROXY: packets carrying ``tproxy_mark`` are routed to the local host by an
   ``ip rule`` and a ``local`` route in ``route_table``, for IPv4 and IPv6.
+- DNS (``dns``, the relay's ``--dns`` addresses): UDP and TCP to port 53
+  arriving from the LAN go to the DNS service by NAT (REDIRECT, or DNAT to the
+  address it is bound to), in both modes: the service answers from ordinary
+  sockets, and only NAT puts the address the client asked back on its replies
+  (TPROXY would need a transparent socket replying from that address).
+  LAN TCP to port 53 is then left out of the jumps to the relay, whatever the
+  order of chains. No destination is exempt: whichever resolver a client asks
+  (the router's own dnsmasq included) is covered. The router's own queries
+  never pass a LAN interface's PREROUTING, so neither they nor the relay's
+  upstream queries are redirected.
 
 Never intercepted, in this order: packets carrying the relay's own mark
 (``--mark``, matched under a mask so bits other tools set do not matter),
@@ -40,12 +50,14 @@ RESERVED_ROUTE_TABLES = (253, 254, 255)  # default, main, local
 
 CHAIN = "RELAY"
 OUTPUT_CHAIN = "RELAY_OUTPUT"  # TPROXY of the router's own traffic: marks it in mangle OUTPUT
-OUR_CHAINS = (CHAIN, OUTPUT_CHAIN)
+DNS_CHAIN = "RELAY_DNS"  # in nat whatever the mode: the LAN's port 53 to the DNS service
+OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, DNS_CHAIN)
 IPTABLES_TABLES = ("nat", "mangle")  # where our chains can be: REDIRECT in nat, TPROXY in mangle
 NFT_TABLE = "inet relay"
 
 COMMAND_TIMEOUT_SECONDS = 20.0
 IPTABLES_LOCK_WAIT_SECONDS = "5"  # less than the command timeout, so a held xtables lock gives its own error
+DNS_PORT = 53  # where the LAN's resolvers, whichever they are, are asked
 
 LOOPBACK = {4: ("127.0.0.0/8",), 6: ("::1/128",)}
 PRIVATE_AND_RESERVED = {
@@ -82,6 +94,7 @@ class RuleSettings:
     route_table: int = DEFAULT_ROUTE_TABLE  # TPROXY: the table holding that local route
     ipv6: bool = True
     exempt_private: bool = True  # never intercept private and reserved destinations
+    dns: tuple[tuple[str, int], ...] = ()  # the DNS service's (address, port)s; the LAN's port 53 goes there
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -103,6 +116,11 @@ class RuleSettings:
             )
         for text in self.exempt:
             _network(text)
+        for host, port in self.dns:
+            _dns_address(host, port)
+        if self.dns:
+            for version in _versions(self):
+                _dns_target(self, version)
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -121,6 +139,47 @@ def _exempt_networks(settings: RuleSettings, version: int) -> list[str]:
     networks = list(PRIVATE_AND_RESERVED[version]) if settings.exempt_private else []
     networks += [str(network) for network in map(_network, settings.exempt) if network.version == version]
     return networks
+
+
+_WILDCARD = {4: "0.0.0.0", 6: "::"}
+
+
+def _dns_address(host: str, port: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if not 0 < port < 65536:
+        raise RulesError(f"DNS port {port} is not in 1-65535")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        raise RulesError(f"invalid DNS service address {host!r}") from None
+
+
+def _dns_target(settings: RuleSettings, version: int) -> tuple[str | None, int]:
+    """Where this family's redirected queries go: (None, port) for REDIRECT to the address they came in
+    on, when the service is bound to the wildcard; else (address, port) for DNAT.
+
+    The wildcard wins, then any other address, then loopback: IPv4 reaches it from the LAN only with
+    route_localnet (checked on apply), IPv6 not at all.
+    """
+    candidates = [(_dns_address(host, port), port) for host, port in settings.dns]
+    candidates = [(address, port) for address, port in candidates if address.version == version]
+    if not candidates:
+        raise RulesError(
+            f"--dns has no IPv{version} address, so the LAN's DNS over IPv{version} would pass it by: "
+            f"add one, such as {_dns_text(_WILDCARD[version], settings.dns[0][1])}"
+        )
+    address, port = min(candidates, key=lambda candidate: (not candidate[0].is_unspecified, candidate[0].is_loopback))
+    if address.is_unspecified:
+        return None, port
+    if address.version == 6 and address.is_loopback:
+        raise RulesError(
+            f"--dns {_dns_text(str(address), port)} is on loopback, where the LAN's queries cannot be redirected "
+            f"(IPv6 has no route_localnet): bind it to {_dns_text('::', port)} or a LAN address"
+        )
+    return str(address), port
+
+
+def _dns_text(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _mask(value: int) -> str:
@@ -147,13 +206,48 @@ def _exemption_rules(chain: str, settings: RuleSettings, version: int) -> list[s
     ]
 
 
+def _lan_inputs(settings: RuleSettings) -> list[str]:
+    return [f"-i {iface}" for iface in settings.lan_ifaces] or ["! -i lo"]
+
+
 def _lan_jumps(settings: RuleSettings) -> list[str]:
-    inputs = [f"-i {iface}" for iface in settings.lan_ifaces] or ["! -i lo"]
-    return [f"-A PREROUTING {match} -p tcp -j {CHAIN}" for match in inputs]
+    tcp = f"-p tcp ! --dport {DNS_PORT}" if settings.dns else "-p tcp"  # port 53 is the DNS service's
+    return [f"-A PREROUTING {match} {tcp} -j {CHAIN}" for match in _lan_inputs(settings)]
+
+
+def _iptables_dns(settings: RuleSettings, version: int) -> _Table:
+    """The nat chain sending the LAN's port 53 to the DNS service, and the jumps to it."""
+    address, port = _dns_target(settings, version)
+    if address is None:
+        target = f"REDIRECT --to-ports {port}"
+    else:
+        target = f"DNAT --to-destination {_dns_text(address, port)}"
+    protocols = ("udp", "tcp")
+    return _Table(
+        [DNS_CHAIN],
+        [f"-A {DNS_CHAIN} -p {protocol} -j {target}" for protocol in protocols],
+        [
+            f"-A PREROUTING {match} -p {protocol} --dport {DNS_PORT} -j {DNS_CHAIN}"
+            for match in _lan_inputs(settings)
+            for protocol in protocols
+        ],
+    )
 
 
 def _iptables_ruleset(settings: RuleSettings, version: int) -> dict[str, _Table]:
     """The wanted ruleset of one family, by table."""
+    tables = _iptables_tcp(settings, version)
+    if settings.dns:
+        dns = _iptables_dns(settings, version)
+        nat = tables.setdefault("nat", _Table([], [], []))
+        nat.chains += dns.chains
+        nat.rules += dns.rules
+        nat.jumps += dns.jumps
+    return tables
+
+
+def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
+    """The ruleset handing LAN TCP to the relay, by table."""
     own_mark = f"-m mark --mark {_mask(settings.mark)}"
     if settings.mode == "redirect":
         rules = [
@@ -285,12 +379,14 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
     from_lan = f"iifname {{ {lan} }}" if lan else 'iifname != "lo"'
     # Without IPv6, the inet table must leave IPv6 alone.
     tcp = "meta l4proto tcp" if settings.ipv6 else "meta nfproto ipv4 meta l4proto tcp"
+    lan_tcp = f"{from_lan} {tcp}" + (f" tcp dport != {DNS_PORT}" if settings.dns else "")  # 53: the DNS service's
     port = settings.port
+    dns = _nft_dns_chain(settings, from_lan) if settings.dns else []
 
     if settings.mode == "redirect":
         body = _nft_chain(
             "prerouting",
-            [f"{from_lan} {tcp} jump intercept"],
+            [f"{lan_tcp} jump intercept"],
             "type nat hook prerouting priority dstnat; policy accept;",
         )
         if settings.redirect_output:
@@ -298,8 +394,10 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             body += _nft_chain(
                 "output", [f"{tcp} jump intercept"], "type nat hook output priority -100; policy accept;"
             )
-        return body + _nft_chain(
-            "intercept", [own_mark, *_nft_exemptions(settings), f"meta l4proto tcp redirect to :{port}"]
+        return (
+            body
+            + _nft_chain("intercept", [own_mark, *_nft_exemptions(settings), f"meta l4proto tcp redirect to :{port}"])
+            + dns
         )
 
     set_mark = f"meta mark set meta mark | {settings.tproxy_mark:#x}"
@@ -307,7 +405,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
     tproxy = [f"meta nfproto ipv4 meta l4proto tcp tproxy ip to :{port} {set_mark} accept"]
     if settings.ipv6:
         tproxy.append(f"meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :{port} {set_mark} accept")
-    prerouting = [f"{from_lan} {tcp} jump intercept"]
+    prerouting = [f"{lan_tcp} jump intercept"]
     if settings.redirect_output:
         prerouting.append(f'iifname "lo" {has_mark} {tcp} jump intercept')
     body = _nft_chain("prerouting", prerouting, "type filter hook prerouting priority mangle; policy accept;")
@@ -325,15 +423,30 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
                 set_mark,
             ],
         )
-    return body + _nft_chain(
-        "intercept",
-        [
-            own_mark,
-            f"socket transparent 1 {set_mark} accept",  # connections the relay already holds
-            *_nft_exemptions(settings),
-            *tproxy,
-        ],
+    return (
+        body
+        + _nft_chain(
+            "intercept",
+            [
+                own_mark,
+                f"socket transparent 1 {set_mark} accept",  # connections the relay already holds
+                *_nft_exemptions(settings),
+                *tproxy,
+            ],
+        )
+        + dns
     )
+
+
+def _nft_dns_chain(settings: RuleSettings, from_lan: str) -> list[str]:
+    """The LAN's UDP and TCP to port 53, to the DNS service: NAT in both modes (see the module's docstring)."""
+    rules = []
+    for version in _versions(settings):
+        address, port = _dns_target(settings, version)
+        family = "ip" if version == 4 else "ip6"
+        nat = f"redirect to :{port}" if address is None else f"dnat {family} to {_dns_text(address, port)}"
+        rules.append(f"{from_lan} meta nfproto ipv{version} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} {nat}")
+    return _nft_chain("dns", rules, "type nat hook prerouting priority dstnat; policy accept;")
 
 
 def _nft_delete_script() -> str:
@@ -412,6 +525,45 @@ def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
+def _sysctl(*path: str) -> str:
+    """A sysctl's value from /proc/sys (path parts, as interface names may hold dots); "" if it is not there."""
+    try:
+        with open("/proc/sys/" + "/".join(path)) as file:
+            return file.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _loopback_dns(settings: RuleSettings) -> str | None:
+    """The DNS service's IPv4 address:port when it is on loopback: the kernel drops the LAN's queries
+    DNATed there as martians unless route_localnet is on for the interface they came in on."""
+    if not settings.dns:
+        return None
+    address, port = _dns_target(settings, 4)
+    return _dns_text(address, port) if address and ipaddress.ip_address(address).is_loopback else None
+
+
+def _route_localnet_commands(ifaces: tuple[str, ...]) -> str:
+    # sysctl takes "/" for a dot inside a name (eth0.10).
+    return "; ".join(f"sysctl -w net.ipv4.conf.{iface.replace('.', '/')}.route_localnet=1" for iface in ifaces)
+
+
+def _check_dns_reachable(settings: RuleSettings) -> None:
+    loopback = _loopback_dns(settings)
+    if loopback is None:
+        return
+    ifaces = settings.lan_ifaces or ("all",)  # every interface: only "all" covers them all
+    if _sysctl("net", "ipv4", "conf", "all", "route_localnet") == "1":
+        return
+    missing = tuple(iface for iface in ifaces if _sysctl("net", "ipv4", "conf", iface, "route_localnet") != "1")
+    if missing:
+        raise RulesError(
+            f"--dns {loopback} is on loopback, which the LAN's queries reach only with route_localnet "
+            f"({_route_localnet_commands(missing)}; it opens the router's other loopback services to the LAN "
+            "too): better bind --dns to 0.0.0.0 or a LAN address"
+        )
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise RulesError(f"unknown firewall backend {backend!r} (use iptables or nft)")
@@ -420,6 +572,7 @@ def _check_backend(backend: str) -> None:
 def apply(settings: RuleSettings, backend: str) -> None:
     """Install the routes, then the rules (replacing whatever an earlier apply installed)."""
     _check_backend(backend)
+    _check_dns_reachable(settings)
     if settings.mode == "tproxy":
         _apply_routes(settings)  # first: until a rule marks packets, the route is unused
     if backend == "nft":
@@ -453,6 +606,10 @@ def describe(settings: RuleSettings, backend: str) -> str:
         for version in _versions(settings):
             tool = "iptables-restore" if version == 4 else "ip6tables-restore"
             parts += [f"# {tool} --noflush", iptables_restore(settings, version).rstrip("\n")]
+    loopback = _loopback_dns(settings)
+    if loopback:
+        ifaces = settings.lan_ifaces or ("all",)
+        parts.append(f"# --dns {loopback} is on loopback: needs {_route_localnet_commands(ifaces)}")
     commands = route_commands(settings, "add")
     if commands:
         parts += [

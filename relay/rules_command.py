@@ -13,7 +13,8 @@ def build_rules_parser() -> argparse.ArgumentParser:
     parser = build_parser("relay rules")
     parser.description = (
         "Print the iptables or nftables rules (and, for TPROXY, the ip rule/route lines) that send LAN TCP "
-        "to a relay with these options; --apply installs them in their own chain/table, --remove takes them out."
+        "to a relay with these options, and with --dns the LAN's UDP and TCP port 53 to its DNS service; "
+        "--apply installs them in their own chains/table, --remove takes them out."
     )
     action = parser.add_mutually_exclusive_group()
     action.add_argument(
@@ -36,8 +37,8 @@ def _addresses(host: str) -> list[str]:
 
 
 def settings_for(config: Config, redirect_output: bool = False, keep_private: bool = False) -> RuleSettings:
-    """The rules a relay with ``config`` needs: its port, LAN interfaces and mark, and every
-    address its own traffic goes to (proxies, the SSH server, bypassed networks) exempt."""
+    """The rules a relay with ``config`` needs: its port, LAN interfaces, mark and DNS service, and
+    every address its own traffic goes to (proxies, the SSH server, bypassed networks) exempt."""
     if config.mark is None:
         raise ConfigError("relay rules needs --mark: the rules exempt the relay's own (marked) traffic")
     ports = {port for _, port in config.listen} or {DEFAULT_PORT}
@@ -60,6 +61,7 @@ def settings_for(config: Config, redirect_output: bool = False, keep_private: bo
         exempt=tuple(dict.fromkeys(exempt)),
         redirect_output=redirect_output,
         exempt_private=not keep_private,
+        dns=tuple(config.dns),
     )
 
 

@@ -129,6 +129,21 @@ def test_a_password_with_url_delimiters_is_in_no_error():
     assert rules.returncode == 0 and "Hunter" not in rules.stdout + rules.stderr, rules.stderr
 
 
+def test_rules_with_dns_print_its_chain_or_say_what_is_missing():
+    rules = ["rules", "--mark", "1", "--upstream", "127.0.0.1:3128", "--lan-iface", "lan0", "--dns", "0.0.0.0:5353"]
+    both = run([*rules, "--dns", "[fd00::1]:5353"])
+    assert both.returncode == 0, both.stderr
+    assert 'iifname { "lan0" } meta nfproto ipv6 meta l4proto { tcp, udp } th dport 53 dnat ip6 to [fd00::1]:5353' in (
+        both.stdout
+    )
+    v4_only = run(rules)
+    assert v4_only.returncode == 2 and v4_only.stdout == ""
+    assert v4_only.stderr.splitlines() == [
+        "relay rules: error: --dns has no IPv6 address, so the LAN's DNS over IPv6 would pass it by: "
+        "add one, such as [::]:5353"
+    ]
+
+
 def test_an_unreadable_password_file_is_one_line_and_status_2(tmp_path):
     result = run(["--upstream", "socks5://admin@h:1", "--upstream-password-file", str(tmp_path / "missing")])
     assert result.returncode == 2

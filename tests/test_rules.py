@@ -11,20 +11,33 @@ from relay import rules
 from relay.rules import RulesError, RuleSettings, describe, iptables_restore, nft_script, route_commands
 
 EXEMPT = ("198.51.100.7", "2001:db8::/32", "203.0.113.0/24")
+# Each kind of target in each family: REDIRECT (wildcard), DNAT to an address, DNAT to 127.0.0.1.
+DNS_SERVICES = {
+    "": (),
+    "-dns": (("0.0.0.0", 5353), ("fd00::53", 5353)),
+    "-dns-lo": (("127.0.0.1", 5353), ("::", 5354)),
+}
 ALL_SETTINGS = [
-    RuleSettings(mode, 12345, ifaces, 0x1, EXEMPT, redirect_output=output, ipv6=ipv6)
+    RuleSettings(mode, 12345, ifaces, 0x1, EXEMPT, redirect_output=output, ipv6=ipv6, dns=dns)
     for mode in rules.MODES
     for ifaces in ((), ("lan0", "wlan0"))
     for output in (False, True)
     for ipv6 in (True, False)
+    for dns in DNS_SERVICES.values()
 ]
 
 
 def settings_id(settings):
+    dns = next(name for name, services in DNS_SERVICES.items() if services == settings.dns)
     return (
         f"{settings.mode}-{'+'.join(settings.lan_ifaces) or 'all'}"
-        f"{'-output' if settings.redirect_output else ''}{'' if settings.ipv6 else '-v4only'}"
+        f"{'-output' if settings.redirect_output else ''}{'' if settings.ipv6 else '-v4only'}{dns}"
     )
+
+
+def host_of(endpoint):
+    """The address of "192.0.2.1:53" or "[2001:db8::1]:53"."""
+    return endpoint.rpartition(":")[0].strip("[]")
 
 
 def chain_rules(text, chain):
@@ -72,13 +85,15 @@ def test_the_mark_is_matched_under_its_own_mask():
 def test_each_family_gets_only_its_own_addresses(settings):
     for version in (4, 6):
         text = iptables_restore(settings, version)
-        destinations = re.findall(r"-d (\S+)", text)
+        destinations = re.findall(r"-d (\S+)", text) + list(map(host_of, re.findall(r"--to-destination (\S+)", text)))
         assert destinations and all(ipaddress.ip_network(d).version == version for d in destinations)
     script = nft_script(settings)
     for keyword, version in (("ip", 4), ("ip6", 6)):
         for match in re.findall(rf"\b{keyword} daddr (\{{[^}}]*\}}|\S+)", script):
             networks = match.strip("{} ").split(", ")
             assert all(ipaddress.ip_network(n).version == version for n in networks), match
+        for endpoint in re.findall(rf"dnat {keyword} to (\S+)", script):
+            assert ipaddress.ip_address(host_of(endpoint)).version == version
     if not settings.ipv6:
         assert "ip6 " not in script
 
@@ -142,6 +157,69 @@ def test_nft_replaces_its_table_in_one_transaction():
     assert script.startswith("table inet relay\ndelete table inet relay\ntable inet relay {\n")
 
 
+DNS = (("0.0.0.0", 5353), ("fd00::53", 5354))
+
+
+@pytest.mark.parametrize("mode", rules.MODES)
+def test_iptables_sends_the_lans_port_53_to_the_dns_service_and_not_to_the_relay(mode):
+    settings = RuleSettings(mode, 12345, ("lan0", "wlan0"), 0x1, dns=DNS)
+    v4, v6 = iptables_restore(settings, 4), iptables_restore(settings, 6)
+    assert chain_rules(v4, "RELAY_DNS") == [
+        "-A RELAY_DNS -p udp -j REDIRECT --to-ports 5353",
+        "-A RELAY_DNS -p tcp -j REDIRECT --to-ports 5353",
+    ]
+    assert chain_rules(v6, "RELAY_DNS") == [
+        "-A RELAY_DNS -p udp -j DNAT --to-destination [fd00::53]:5354",
+        "-A RELAY_DNS -p tcp -j DNAT --to-destination [fd00::53]:5354",
+    ]
+    for text in (v4, v6):
+        nat = text.split("*nat\n", 1)[1].split("COMMIT", 1)[0]
+        assert chain_rules(nat, "PREROUTING")[-4:] == [
+            f"-A PREROUTING -i {iface} -p {protocol} --dport 53 -j RELAY_DNS"
+            for iface in ("lan0", "wlan0")
+            for protocol in ("udp", "tcp")
+        ]
+        relay_jumps = [rule for rule in chain_rules(text, "PREROUTING") if rule.endswith("-j RELAY")]
+        assert relay_jumps == [f"-A PREROUTING -i {iface} -p tcp ! --dport 53 -j RELAY" for iface in ("lan0", "wlan0")]
+
+
+@pytest.mark.parametrize("mode", rules.MODES)
+def test_nft_sends_the_lans_port_53_to_the_dns_service_and_not_to_the_relay(mode):
+    script = nft_script(RuleSettings(mode, 12345, ("lan0",), 0x1, dns=DNS))
+    assert nft_chain(script, "dns") == [
+        "type nat hook prerouting priority dstnat; policy accept;",
+        'iifname { "lan0" } meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 redirect to :5353',
+        'iifname { "lan0" } meta nfproto ipv6 meta l4proto { tcp, udp } th dport 53 dnat ip6 to [fd00::53]:5354',
+    ]
+    assert nft_chain(script, "prerouting")[1] == 'iifname { "lan0" } meta l4proto tcp tcp dport != 53 jump intercept'
+
+
+def test_without_ipv6_dns_leaves_ipv6_alone_and_needs_no_ipv6_address():
+    settings = RuleSettings("redirect", 12345, (), 0x1, ipv6=False, dns=(("10.0.0.1", 53),))
+    assert nft_chain(nft_script(settings), "dns")[1:] == [
+        'iifname != "lo" meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 dnat ip to 10.0.0.1:53'
+    ]
+
+
+def test_without_dns_port_53_is_relayed_like_any_tcp():
+    settings = RuleSettings("tproxy", 12345, ("lan0",), 0x1)
+    assert "53" not in iptables_restore(settings, 4) and "RELAY_DNS" not in iptables_restore(settings, 6)
+    assert "chain dns" not in nft_script(settings) and "dport" not in nft_script(settings)
+
+
+@pytest.mark.parametrize(
+    "dns,v4,v6",
+    [
+        ((("127.0.0.1", 1), ("10.0.0.1", 2), ("0.0.0.0", 3), ("::", 4)), "redirect to :3", "redirect to :4"),
+        ((("127.0.0.1", 1), ("10.0.0.1", 2), ("fd00::1", 5)), "dnat ip to 10.0.0.1:2", "dnat ip6 to [fd00::1]:5"),
+        ((("127.0.0.1", 1), ("::1", 6), ("fd00::1", 5)), "dnat ip to 127.0.0.1:1", "dnat ip6 to [fd00::1]:5"),
+    ],
+)
+def test_dns_target_is_the_wildcard_then_an_address_then_loopback(dns, v4, v6):
+    rules_text = nft_chain(nft_script(RuleSettings("redirect", 12345, (), 0x1, dns=dns)), "dns")[1:]
+    assert [rule.split("th dport 53 ")[1] for rule in rules_text] == [v4, v6]
+
+
 def test_route_commands():
     settings = RuleSettings("tproxy", 12345, (), 0x1, tproxy_mark=0x100, route_table=123)
     assert route_commands(settings, "add") == [
@@ -188,6 +266,10 @@ def test_describe_shows_everything_apply_installs():
         (dict(mode="tproxy", mark=0x101), "shares bits with the TPROXY mark"),
         (dict(exempt=("10.0.0.300",)), "invalid address or CIDR"),
         (dict(route_table=254), "reserved"),
+        (dict(dns=(("0.0.0.0", 5353),)), r"--dns has no IPv6 address.*add one, such as \[::\]:5353"),
+        (dict(dns=(("[::]", 5353),)), "invalid DNS service address"),
+        (dict(dns=(("0.0.0.0", 0), ("::", 53))), "DNS port 0"),
+        (dict(dns=(("0.0.0.0", 53), ("::1", 53))), r"\[::1\]:53 is on loopback.*bind it to \[::\]:53"),
     ],
 )
 def test_bad_settings_give_one_line(arguments, message):
@@ -259,6 +341,70 @@ def test_iptables_remove_when_nothing_is_installed_runs_no_restore(monkeypatch):
     monkeypatch.setattr(rules, "_run", host)
     rules.remove(RuleSettings("redirect", 12345, (), 0x1), "iptables")
     assert [argv[0] for argv, _ in host.calls] == ["iptables", "iptables", "ip6tables", "ip6tables"]
+
+
+NAT_WITH_AN_EARLIER_DNS = """-P PREROUTING ACCEPT
+-N RELAY
+-N RELAY_DNS
+-A PREROUTING -i lan0 -p tcp -m tcp ! --dport 53 -j RELAY
+-A PREROUTING -i lan0 -p udp -m udp --dport 53 -j RELAY_DNS
+"""
+
+
+def test_iptables_remove_takes_the_dns_chain_out_too(monkeypatch):
+    host = FakeHost({"iptables -w 5 -t nat -S": NAT_WITH_AN_EARLIER_DNS})
+    monkeypatch.setattr(rules, "_run", host)
+    rules.remove(RuleSettings("redirect", 12345, ("lan0",), 0x1), "iptables")  # no --dns given this time
+    [(_, script)] = [call for call in host.calls if call[0][0] == "iptables-restore"]
+    assert script.splitlines() == [
+        "*nat",
+        "-D PREROUTING -i lan0 -p tcp -m tcp ! --dport 53 -j RELAY",
+        "-D PREROUTING -i lan0 -p udp -m udp --dport 53 -j RELAY_DNS",
+        "-F RELAY",
+        "-F RELAY_DNS",
+        "-X RELAY",
+        "-X RELAY_DNS",
+        "COMMIT",
+    ]
+
+
+LOOPBACK_DNS = RuleSettings("redirect", 12345, ("lan0", "eth0.10"), 0x1, dns=(("127.0.0.1", 5353), ("::", 5353)))
+
+
+def fake_sysctls(monkeypatch, values):
+    monkeypatch.setattr(rules, "_sysctl", lambda *path: values.get("/".join(path), ""))
+
+
+def test_loopback_dns_is_not_applied_without_route_localnet(monkeypatch):
+    fake_sysctls(monkeypatch, {"net/ipv4/conf/lan0/route_localnet": "1", "net/ipv4/conf/all/route_localnet": "0"})
+    host = FakeHost({})
+    monkeypatch.setattr(rules, "_run", host)
+    with pytest.raises(RulesError) as caught:
+        rules.apply(LOOPBACK_DNS, "nft")
+    assert str(caught.value) == (
+        "--dns 127.0.0.1:5353 is on loopback, which the LAN's queries reach only with route_localnet "
+        "(sysctl -w net.ipv4.conf.eth0/10.route_localnet=1; it opens the router's other loopback services "
+        "to the LAN too): better bind --dns to 0.0.0.0 or a LAN address"
+    )
+    assert host.calls == []
+    assert "# --dns 127.0.0.1:5353 is on loopback: needs sysctl -w net.ipv4.conf.lan0.route_localnet=1; " in (
+        describe(LOOPBACK_DNS, "nft")
+    )
+
+
+@pytest.mark.parametrize(
+    "sysctls",
+    [
+        {"net/ipv4/conf/all/route_localnet": "1"},
+        {"net/ipv4/conf/lan0/route_localnet": "1", "net/ipv4/conf/eth0.10/route_localnet": "1"},
+    ],
+)
+def test_loopback_dns_is_applied_with_route_localnet(monkeypatch, sysctls):
+    fake_sysctls(monkeypatch, sysctls)
+    host = FakeHost({})
+    monkeypatch.setattr(rules, "_run", host)
+    rules.apply(LOOPBACK_DNS, "nft")
+    assert [argv for argv, _ in host.calls] == [["nft", "-f", "-"]]
 
 
 def test_tproxy_apply_adds_an_ip_rule_only_once(monkeypatch):
