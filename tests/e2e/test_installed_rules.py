@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from relay.lab import ADDR
+from relay.lab import ADDR, LabCommandError
 from relay.lab.servers import pattern_sha256
 from relay.rules import BACKENDS, DEFAULT_ROUTE_TABLE, MODES, RuleSettings
 from tests.e2e.clients import connect, download, expect_reset, read_all
 from tests.e2e.conftest import RELAY_PORT, TRAFFIC_PORT, UPSTREAMS
+from tests.e2e.dns_responder import DnsResponder
 
 MARK = 0x10
 SIZE = 256 << 10
@@ -207,3 +208,102 @@ def test_without_mark_the_relay_refuses_its_own_looped_connection(lab, firewall,
     assert line["end"].startswith("refused:")
     assert relay.running
     assert len(os.listdir(f"/proc/{lab.process(relay.name).pid}/fd")) < 30
+
+
+# -- --dns: the LAN's port 53 to the DNS service ------------------------------------
+
+DNS_SERVICE_PORT = 5353
+SERVICE_ANSWER = "192.0.2.53"  # what the stand-in for relay's DNS service answers
+FAR_ANSWER = "192.0.2.99"  # what the resolver on far answers
+# Resolvers a LAN client may have been given: one it could reach through the router, one nowhere,
+# and the router itself (where nothing listens on port 53).
+CLIENT_RESOLVERS = (ADDR.far4, "198.51.100.1", ADDR.router_lan4, ADDR.far6, "2001:db8::53", ADDR.router_lan6)
+
+
+@contextlib.contextmanager
+def dns_responders(lab, host, addresses, port, answer):
+    responders = [DnsResponder(lab, host, address, port, answer) for address in addresses]
+    try:
+        yield responders
+    finally:
+        for responder in responders:
+            responder.close()
+
+
+@pytest.fixture
+def far_resolver(lab):
+    """A resolver on far's port 53, which the router reaches directly."""
+    with dns_responders(lab, "far", (ADDR.far4, ADDR.far6), 53, FAR_ANSWER) as responders:
+        yield responders
+
+
+def dig(lab, host, resolver, transport="+notcp") -> str:
+    """The A record ``resolver`` gives for a name, asked from ``host``; dig's complaint if none."""
+    command = ["dig", "+short", "+time=2", "+tries=1", transport, f"@{resolver}", "probe.example", "A"]
+    result = lab.run(host, command, check=False)
+    return (result.stdout + result.stderr).strip()
+
+
+def answers(lab, host, resolvers) -> dict:
+    return {
+        (resolver, transport): dig(lab, host, resolver, transport)
+        for resolver in resolvers
+        for transport in ("+notcp", "+tcp")
+    }
+
+
+@pytest.mark.parametrize(
+    "bound", [("0.0.0.0", ADDR.router_lan6), (ADDR.router_lan4, "::")], ids=["v4-wildcard+v6-lan", "v4-lan+v6-wildcard"]
+)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_lans_dns_goes_to_the_dns_service_whichever_resolver_it_asks(
+    lab, firewall, dante_relays, far_resolver, backend, mode, bound
+):
+    """A wildcard --dns address is reached by REDIRECT, any other by DNAT; the router's own queries
+    and TCP to other ports are left as they were."""
+    relay = dante_relays(mode, "--mark", hex(MARK))
+    settings = lab_settings(mode, dns=tuple((address, DNS_SERVICE_PORT) for address in bound))
+    with dns_responders(lab, "router", bound, DNS_SERVICE_PORT, SERVICE_ANSWER) as service:
+        firewall.apply(settings, backend)
+        asked = answers(lab, "client", CLIENT_RESOLVERS)
+        assert asked == dict.fromkeys(asked, SERVICE_ANSWER)
+        for responder, client in zip(service, (ADDR.client4, ADDR.client6)):
+            assert sorted(responder.queries) == [("tcp", client)] * 3 + [("udp", client)] * 3
+
+        # The router's own queries go where they are sent, over UDP and TCP alike.
+        own = answers(lab, "router", (ADDR.far4, ADDR.far6))
+        assert own == dict.fromkeys(own, FAR_ANSWER)
+        assert [sorted(resolver.queries) for resolver in far_resolver] == [
+            [("tcp", ADDR.router_wan4), ("udp", ADDR.router_wan4)],
+            [("tcp", ADDR.router_wan6), ("udp", ADDR.router_wan6)],
+        ]
+
+        # Other TCP still goes to the relay, and no port 53 ever reached it.
+        download(lab, SIZE, address=ADDR.server4)
+        assert [line["dst"] for line in relay.connections(at_least=1)] == [f"{ADDR.server4}:{TRAFFIC_PORT}"]
+
+        firewall.remove(settings, backend)
+        assert "192.0.2" not in dig(lab, "client", ADDR.router_lan4) + dig(lab, "client", ADDR.far4, "+tcp")
+        assert len(service[0].queries) == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dns_service_on_loopback_is_reached_only_with_route_localnet(lab, firewall, backend):
+    settings = lab_settings("redirect", dns=(("127.0.0.1", DNS_SERVICE_PORT), (ADDR.router_lan6, DNS_SERVICE_PORT)))
+    route_localnet = f"net.ipv4.conf.{ADDR.router_lan_if}.route_localnet"
+    with dns_responders(lab, "router", ("127.0.0.1", ADDR.router_lan6), DNS_SERVICE_PORT, SERVICE_ANSWER):
+        with pytest.raises(LabCommandError) as refused:
+            firewall.apply(settings, backend)
+        assert f"sysctl -w {route_localnet}=1" in refused.value.stderr
+        assert firewall.state() == firewall.before  # refused before anything was installed
+
+        lab.run("router", ["sysctl", "-qw", f"{route_localnet}=1"])
+        try:
+            firewall.apply(settings, backend)
+            asked = answers(lab, "client", (ADDR.far4, ADDR.far6))
+            assert asked == dict.fromkeys(asked, SERVICE_ANSWER)
+        finally:
+            lab.run("router", ["sysctl", "-qw", f"{route_localnet}=0"])
+        # What the check is for: without it, the kernel drops what was DNATed to loopback as a martian.
+        assert "timed out" in dig(lab, "client", ADDR.far4)
