@@ -232,6 +232,22 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ConfigError(f"invalid CIDR {text!r}") from None
 
 
+MIN_FAKE_IP_ADDRESSES = 256  # fewer, and names would take each other's addresses within minutes
+
+
+def parse_fake_ip_range(text) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        hint = " (host bits set? write the network's own address)" if "host bits" in str(exc) else ""
+        raise ConfigError(f"{text!r} is not a network in CIDR form{hint}") from None
+    if network.num_addresses < MIN_FAKE_IP_ADDRESSES:
+        raise ConfigError(
+            f"{text} is too small for fake addresses: at least /{network.max_prefixlen - 8} (256 addresses)"
+        )
+    return network
+
+
 def parse_domain_suffix(text: str) -> str:
     suffix = text.lower().strip(".")
     if not suffix or any(
@@ -373,6 +389,18 @@ DNS_ALLOW_DEFAULT = (
 DNS_UPSTREAM_DEFAULT = ("https://1.1.1.1/dns-query", "https://8.8.8.8/dns-query")
 # Suffixes no public resolver answers: RFC 8375's, ICANN's private-use TLD, and OpenWrt's default LAN domain.
 DNS_LOCAL_DOMAIN_DEFAULT = ("home.arpa", "internal", "lan")
+FAKE_IP_RANGE_DEFAULT = ("198.18.0.0/15", "fc00::/18")  # RFC 2544 benchmarking; the start of the ULA range
+# Names that must get their real addresses in fake-ip mode: local names, names used over UDP (which fake addresses
+# do not carry: NTP, STUN), and connectivity checks that compare the answer with a known address (Windows NCSI) or
+# must work while the relay restarts (Android, Apple, Windows, Firefox, Ubuntu, GNOME).
+FAKE_IP_EXCLUDE_DEFAULT = (
+    "local", "lan", "home.arpa", "localdomain", "internal",
+    "pool.ntp.org", "time.windows.com", "time.apple.com", "time.google.com", "time.android.com",
+    "time.cloudflare.com", "ntp.ubuntu.com", "stun.l.google.com",
+    "connectivitycheck.gstatic.com", "connectivitycheck.android.com", "clients3.google.com",
+    "captive.apple.com", "msftconnecttest.com", "msftncsi.com", "detectportal.firefox.com",
+    "connectivity-check.ubuntu.com", "nmcheck.gnome.org",
+)  # fmt: skip
 
 SETTINGS = [
     Setting(
@@ -665,6 +693,41 @@ SETTINGS = [
         "on|off",
         "answer AAAA queries; off: no IPv6 address for any name, for routers without an IPv6 path (default: on)",
     ),
+    Setting(
+        "dns-mode",
+        one_of("real", "fake-ip"),
+        "real",
+        False,
+        "real|fake-ip",
+        "real: answer A/AAAA with the far side's addresses; fake-ip: with addresses from --fake-ip-range that "
+        "the relay maps back to the name (default: real)",
+    ),
+    Setting(
+        "fake-ip-range",
+        parse_fake_ip_range,
+        [parse_fake_ip_range(text) for text in FAKE_IP_RANGE_DEFAULT],
+        True,
+        "CIDR",
+        "where fake addresses come from, at least 256 addresses each; repeatable "
+        f"(default: {' and '.join(FAKE_IP_RANGE_DEFAULT)})",
+    ),
+    Setting(
+        "fake-ip-exclude",
+        parse_domain_suffix,
+        list(FAKE_IP_EXCLUDE_DEFAULT),
+        True,
+        "SUFFIX",
+        "names ending with SUFFIX get real answers in fake-ip mode; repeatable, replaces the defaults "
+        "(default: local names, NTP and STUN servers, connectivity checks; see README)",
+    ),
+    Setting(
+        "state-dir",
+        _text,
+        "/var/lib/relay",
+        False,
+        "DIR",
+        "where the fake-ip mapping is kept across restarts (default: /var/lib/relay)",
+    ),
     Setting("verbose", parse_count, 0, False, None, "1: one line per connection; 2: debug"),
 ]
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -718,6 +781,10 @@ class Config:
     dns_max_ttl: float
     dns_cache_size: int
     dns_aaaa: bool
+    dns_mode: str  # "real" or "fake-ip"
+    fake_ip_range: list  # IPv4 and IPv6 networks, none overlapping another
+    fake_ip_exclude: list[str]  # suffixes answered as in real mode
+    state_dir: str
     verbose: int
 
     @property
@@ -755,6 +822,11 @@ class Config:
         if fields["dns"] and fields["workers"] > 1:
             # The names a DNS answer taught one process would be unknown to the worker that gets the connection.
             raise ConfigError("--dns needs --workers 1")
+        if fields["dns_mode"] == "fake-ip" and not fields["dns"]:
+            raise ConfigError(
+                f"{key_prefix}dns-mode fake-ip needs {key_prefix}dns: the fake addresses come from its answers"
+            )
+        _check_fake_ip_ranges(fields["fake_ip_range"], key_prefix)
         return cls(**fields)
 
 
@@ -823,6 +895,13 @@ def local_dns_upstreams(config: Config, resolv_conf: str = RESOLV_CONF) -> list[
             "(it answers --dns-local-domain and --bypass-domain names and private addresses' PTR)"
         )
     return others
+
+
+def _check_fake_ip_ranges(networks: list, key_prefix: str) -> None:
+    for number, network in enumerate(networks):
+        for other in networks[:number]:
+            if network.overlaps(other):
+                raise ConfigError(f"{key_prefix}fake-ip-range: {network} overlaps {other}")
 
 
 def load_file(path: str) -> dict:

@@ -250,6 +250,46 @@ def test_a_local_resolver_that_is_the_relays_own_dns_service_is_refused():
     assert str(caught.value) == "--dns-local #2: tcp://127.0.0.1:53 is this relay's own --dns, which would ask itself"
 
 
+def test_fake_ip_defaults_are_the_benchmarking_range_and_the_start_of_ula():
+    config = Config.from_values({"upstream": ["127.0.0.1:3128"]})
+    assert config.dns_mode == "real" and config.state_dir == "/var/lib/relay"
+    assert [str(network) for network in config.fake_ip_range] == ["198.18.0.0/15", "fc00::/18"]
+    assert {"pool.ntp.org", "msftncsi.com", "captive.apple.com", "local", "lan"} <= set(config.fake_ip_exclude)
+
+
+def test_fake_ip_ranges_given_replace_the_defaults():
+    config = Config.from_values(
+        {
+            "upstream": ["127.0.0.1:3128"],
+            "dns": ["127.0.0.1:53"],
+            "dns-mode": "fake-ip",
+            "fake-ip-range": ["10.99.0.0/24"],
+        }
+    )
+    assert [str(network) for network in config.fake_ip_range] == ["10.99.0.0/24"]
+
+
+@pytest.mark.parametrize(
+    "ranges,complaint",
+    [
+        (["198.18.0.1/15"], "host bits set"),
+        (["198.18.0.0/25"], "too small for fake addresses: at least /24"),
+        (["fc00::/121"], "at least /120"),
+        (["198.18.0.1"], "too small"),
+        (["not-a-network"], "not a network in CIDR form"),
+        (["198.18.0.0/15", "198.19.0.0/16"], "198.19.0.0/16 overlaps 198.18.0.0/15"),
+    ],
+)
+def test_bad_fake_ip_ranges_are_clear_errors(ranges, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        Config.from_values({"upstream": ["127.0.0.1:3128"], "dns": ["127.0.0.1:53"], "fake-ip-range": ranges})
+
+
+def test_fake_ip_mode_without_a_dns_service_is_an_error():
+    with pytest.raises(ConfigError, match="--dns-mode fake-ip needs --dns"):
+        Config.from_values({"upstream": ["127.0.0.1:3128"], "dns-mode": "fake-ip"}, key_prefix="--")
+
+
 @pytest.mark.parametrize("password", ["Pass#2024", "a/b", "a?b", "a@b", "a:b", "#/?@:", "://x@y", "pä€🔑", "50%off"])
 def test_a_password_may_hold_url_delimiters(password):
     """The userinfo ends at the last '@' and the password at nothing: '#', '/', '?' belong to it."""
