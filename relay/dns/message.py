@@ -16,6 +16,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 
 MAX_UDP_PAYLOAD = 4096  # what we honour of a client's EDNS buffer size at most
 MIN_UDP_PAYLOAD = 512  # RFC 1035: what every client can take
@@ -97,6 +98,14 @@ def refused(query: Query) -> bytes:
 def no_data(query: Query) -> bytes:
     """NOERROR with an empty answer: the name may exist, but has no record of this type for this client."""
     return _reply(query.message, dns.rcode.NOERROR, recursion_available=True).to_wire()
+
+
+def address_reply(query: Query, address: str, ttl: int) -> bytes:
+    """NOERROR with one A or AAAA record (as asked) holding ``address``, owned by the name as the client wrote it."""
+    reply = _reply(query.message, dns.rcode.NOERROR, recursion_available=True)
+    question = query.message.question[0]
+    reply.answer.append(dns.rrset.from_text(question.name, ttl, question.rdclass, question.rdtype, address))
+    return reply.to_wire()
 
 
 def servfail(query: Query) -> bytes:

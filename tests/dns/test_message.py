@@ -16,6 +16,7 @@ from relay.dns.message import (
     EDNS_PAYLOAD,
     MAX_UDP_PAYLOAD,
     BadQuery,
+    address_reply,
     parse_query,
     refused,
     reply_for,
@@ -251,6 +252,15 @@ def test_reply_for_keeps_the_records_and_the_asked_casing():
     reply = assert_addressed_to(reply_for(parsed, positive(id=0x9999)), parsed.wire)
     assert reply.question[0].name.to_text() == "WWW.example.COM."
     assert reply.answer == [dns.rrset.from_text("www.example.com.", 300, "IN", "A", "192.0.2.1")]
+
+
+@pytest.mark.parametrize("rdtype,address", [("A", "198.18.0.7"), ("AAAA", "fc00::7")])
+def test_an_address_reply_holds_one_record_for_the_name_as_asked(rdtype, address):
+    parsed = parse_query(query("Www.Example.com", rdtype, id=0x4321, use_edns=0))
+    reply = assert_addressed_to(address_reply(parsed, address, 1), parsed.wire)
+    assert reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.RA
+    assert reply.answer == [dns.rrset.from_text("Www.Example.com.", 1, "IN", rdtype, address)]
+    assert str(reply.answer[0].name) == "Www.Example.com."
 
 
 def test_reply_for_a_client_without_edns_has_no_opt():

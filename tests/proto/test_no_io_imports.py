@@ -9,7 +9,7 @@ import relay.dns
 import relay.proto
 
 FORBIDDEN_MODULES = {"trio", "socket", "ssl", "select", "asyncio", "selectors"}
-DNS_SANS_IO = ["__init__.py", "message.py", "cache.py", "framing.py", "doh.py", "names.py", "split.py"]
+DNS_SANS_IO = ["__init__.py", "message.py", "cache.py", "framing.py", "doh.py", "names.py", "split.py", "fakeip.py"]
 SANS_IO_SOURCES = sorted(Path(relay.proto.__file__).parent.glob("*.py")) + [
     Path(relay.dns.__file__).parent / name for name in DNS_SANS_IO
 ]
