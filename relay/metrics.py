@@ -90,6 +90,7 @@ class Metrics:
         self.dns_queries: dict[tuple[str, str], int] = {}
         self.dns_upstream_failures: dict[str, int] = {}
         self.dns_upstream = _Histogram()
+        self.fake_ips = None  # the fake-IP pool (relay.dns.fakeip) in fake-ip mode, for its use
 
     def connection_accepted(self) -> None:
         self.accepted += 1
@@ -209,6 +210,17 @@ class Metrics:
 
         family("relay_dns_upstream_seconds", "histogram", "Time for a DNS upstream to answer a question.")
         _histogram_lines(lines, "relay_dns_upstream_seconds", {}, self.dns_upstream)
+
+        if self.fake_ips is not None:
+            family("relay_dns_fake_ips_in_use", "gauge", "Names holding a fake address, by IP version.")
+            for version, count in sorted(self.fake_ips.in_use().items()):
+                lines.append(_sample("relay_dns_fake_ips_in_use", {"family": f"ipv{version}"}, count))
+            family(
+                "relay_dns_fake_ips_recycled_total",
+                "counter",
+                "Fake addresses taken from the name used longest ago, the pool being full.",
+            )
+            lines.append(_sample("relay_dns_fake_ips_recycled_total", {}, self.fake_ips.recycled()))
 
         family(
             "relay_tasks", "gauge", "Trio tasks alive in this process: flat under a steady load, or something leaks."

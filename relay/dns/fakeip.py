@@ -211,6 +211,19 @@ class FakeIps:
         return families, left_out
 
 
+def for_config(config) -> FakeIps | None:
+    """The pool a relay.config.Config asks for: None in real mode."""
+    if config.dns_mode != "fake-ip":
+        return None
+    return FakeIps(config.fake_ip_range, excluded_suffixes(config))
+
+
+def excluded_suffixes(config) -> list[str]:
+    """Names answered as in real mode: --fake-ip-exclude, and --bypass-domain (connected directly, so by the real
+    address: the relay cannot connect directly to a fake one)."""
+    return [*config.fake_ip_exclude, *config.bypass_domain]
+
+
 def fakeable(name: str) -> str | None:
     """``name`` lower-cased, without its trailing dot, if a proxy could be asked for it; a single label is a LAN name
     (or one a search domain was meant to complete), which the far side cannot reach."""

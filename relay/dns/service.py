@@ -84,11 +84,13 @@ class DnsService:
 
     ``resolvers`` has ``await resolve(key, timeout) -> bytes`` (relay.dns.resolvers); ``answered(client_ip,
     reply)`` is told of every reply a client gets, so connections can learn the names behind addresses.
+    ``fake_ips`` (relay.dns.fakeip) answers what it takes in fake-ip mode; None in real mode.
     """
 
-    def __init__(self, config: Config, resolvers, metrics, answered=None, cache: Cache | None = None):
+    def __init__(self, config: Config, resolvers, metrics, answered=None, cache: Cache | None = None, fake_ips=None):
         self.config, self.resolvers, self.metrics = config, resolvers, metrics
         self.answered = answered
+        self.fake_ips = fake_ips
         if cache is None:
             cache = Cache(config.dns_cache_size, config.dns_min_ttl, config.dns_max_ttl)
         self.cache = cache
@@ -238,6 +240,12 @@ class DnsService:
         if query.key[1] == dns.rdatatype.AAAA and not self.config.dns_aaaa:
             self.metrics.dns_query(qtype, "no-data")
             return message.no_data(query)
+        if self.fake_ips is not None:
+            faked = self.fake_ips.answer(query)  # the pool's own answer: not for `answered`, it maps addresses itself
+            if faked is not None:
+                outcome, reply = faked
+                self.metrics.dns_query(qtype, outcome)
+                return reply  # one record at most: always fits 512 bytes
         cached = self.cache.get(query.key)
         if cached is not None and cached[1]:
             self.metrics.dns_query(qtype, "cache")

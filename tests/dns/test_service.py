@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from relay.config import Config, ConfigError
+from relay.dns import fakeip
 from relay.dns import service as service_module
 from relay.dns.cache import STALE_TTL, Cache
 from relay.dns.resolvers import ResolverError
@@ -61,7 +62,8 @@ def config_for(**values) -> Config:
 @asynccontextmanager
 async def running(resolvers=None, cache=None, answered=None, **values):
     config = config_for(**values)
-    service = DnsService(config, resolvers or ScriptedResolvers(), Metrics(version="t", fast_path="t"), answered, cache)
+    metrics = Metrics(version="t", fast_path="t")
+    service = DnsService(config, resolvers or ScriptedResolvers(), metrics, answered, cache, fakeip.for_config(config))
     service.open()
     async with trio.open_nursery() as nursery:
         await nursery.start(service.serve)
