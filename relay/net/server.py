@@ -14,6 +14,7 @@ import trio
 from relay import fastpath, systemd
 from relay.addresses import format_address
 from relay.config import Config, ConfigError
+from relay.dns import fakeip, fakeip_store
 from relay.dns.names import NameBook
 from relay.dns.resolvers import Tunnels, make_resolvers
 from relay.dns.service import DnsService
@@ -28,6 +29,7 @@ from relay.net.upstreams import UpstreamPool
 RESTART_ONLY = (
     "mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "log_format",
     "dns", "dns_upstream", "dns_local", "dns_ca", "dns_min_ttl", "dns_max_ttl", "dns_cache_size",
+    "dns_mode", "fake_ip_range", "state_dir",
 )  # fmt: skip
 
 
@@ -43,11 +45,13 @@ class Server:
         self.names = NameBook()  # what the DNS service answered whom: connections are opened by those names
         self.connections = Connections(config, metrics, self.pool, self.dialer, self.names)
         self.dns: DnsService | None = None
+        # In fake-ip mode, the names behind the fake addresses; connections to them are opened by name.
+        self.fake_ips = metrics.fake_ips = fakeip.for_config(config)
         if config.dns:
             # One set of tunnels for every DNS upstream, so a reload can point them at the new pool.
             self.dns_tunnels = Tunnels(self.pool, self.dialer, config)
             resolvers = make_resolvers(config, pool=self.pool, dialer=self.dialer, tunnels=self.dns_tunnels)
-            self.dns = DnsService(config, resolvers, metrics, self.learn_names)
+            self.dns = DnsService(config, resolvers, metrics, self.learn_names, fake_ips=self.fake_ips)
 
     def learn_names(self, client: str, reply: bytes) -> None:
         self.names.learn(client, reply, trio.current_time())
@@ -73,6 +77,9 @@ class Server:
             config.listen, transparent=config.mode == "tproxy", reuse_port=config.workers > 1
         )
         self.connections.listening = {sock.getsockname()[:2] for sock in self.listeners}
+        if self.fake_ips is not None:
+            fakeip_store.prepare(config.state_dir, config.user)
+            fakeip_store.load(self.fake_ips, config.state_dir)
         if self.dns is not None:
             self.dns.open()
 
@@ -86,6 +93,8 @@ class Server:
             health = await services.start(self.run_health_checks, self.pool)
             if self.dns is not None:
                 await services.start(self.dns.serve)
+            if self.fake_ips is not None:  # cancelled with the other services at exit: it writes the store then
+                services.start_soon(fakeip_store.keep_saved, self.fake_ips, self.config.state_dir)
             connections = self.connections
             services.start_soon(connections.pump.run)
             services.start_soon(self.dialer.run)
@@ -116,8 +125,9 @@ class Server:
         )
         if self.dns is not None:
             log.info(
-                "DNS on %s (UDP and TCP), resolved through %s",
+                "DNS on %s (UDP and TCP, %s mode), resolved through %s",
                 ", ".join(format_address(a) for a in self.dns.addresses),
+                self.config.dns_mode,
                 " then ".join(str(u) for u in self.config.dns_upstream),
             )
         systemd.notify("READY=1")
@@ -186,6 +196,8 @@ class Server:
         if self.dns is not None:
             self.dns.config = self.dns.resolvers.config = new
             self.dns_tunnels.pool, self.dns_tunnels.config = pool, new
+        if self.fake_ips is not None:
+            self.fake_ips.excluded = fakeip.excluded_suffixes(new)
         self.connections.own_names.load()
         log.info("SIGHUP: configuration reloaded; upstream %s", ", ".join(str(u) for u in new.upstreams))
         systemd.notify("READY=1")
