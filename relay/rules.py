@@ -30,6 +30,14 @@ Never intercepted, in this order: packets carrying the relay's own mark
 loopback, the router's own addresses, private and reserved ranges (unless
 ``exempt_private=False``), and ``exempt``: the upstream proxy's and SSH
 server's addresses and the user's ``--bypass`` CIDRs.
+
+Fake-IP mode (``fake_ip_ranges``): TCP to the fake ranges is always
+intercepted, before any exemption (they are reserved ranges, and a fake
+address means nothing beyond the relay), and UDP to them from the LAN (and
+from the router itself with ``redirect_output``) is rejected with an ICMP port
+unreachable in a filter chain (``RELAY_FAKE_UDP``, or ``fake_udp`` in nft):
+the relay carries only TCP, and a QUIC client told at once falls back to TCP
+instead of waiting for a timeout.
 """
 
 from __future__ import annotations
@@ -51,8 +59,9 @@ RESERVED_ROUTE_TABLES = (253, 254, 255)  # default, main, local
 CHAIN = "RELAY"
 OUTPUT_CHAIN = "RELAY_OUTPUT"  # TPROXY of the router's own traffic: marks it in mangle OUTPUT
 DNS_CHAIN = "RELAY_DNS"  # in nat whatever the mode: the LAN's port 53 to the DNS service
-OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, DNS_CHAIN)
-IPTABLES_TABLES = ("nat", "mangle")  # where our chains can be: REDIRECT in nat, TPROXY in mangle
+FAKE_UDP_CHAIN = "RELAY_FAKE_UDP"  # fake-ip mode: rejects UDP to the fake ranges, in filter
+OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, DNS_CHAIN, FAKE_UDP_CHAIN)
+IPTABLES_TABLES = ("nat", "mangle", "filter")  # where our chains can be: REDIRECT in nat, TPROXY in mangle
 NFT_TABLE = "inet relay"
 
 COMMAND_TIMEOUT_SECONDS = 20.0
@@ -95,6 +104,7 @@ class RuleSettings:
     ipv6: bool = True
     exempt_private: bool = True  # never intercept private and reserved destinations
     dns: tuple[tuple[str, int], ...] = ()  # the DNS service's (address, port)s; the LAN's port 53 goes there
+    fake_ip_ranges: tuple[str, ...] = ()  # fake-ip mode: TCP there always intercepted, UDP rejected
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -114,7 +124,7 @@ class RuleSettings:
                 f"the relay's mark {self.mark:#x} shares bits with the TPROXY mark {self.tproxy_mark:#x}: "
                 "its own connections would be routed back to it"
             )
-        for text in self.exempt:
+        for text in (*self.exempt, *self.fake_ip_ranges):
             _network(text)
         for host, port in self.dns:
             _dns_address(host, port)
@@ -182,6 +192,10 @@ def _dns_text(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def _fake_ip_networks(settings: RuleSettings, version: int) -> list[str]:
+    return [str(network) for network in map(_network, settings.fake_ip_ranges) if network.version == version]
+
+
 def _mask(value: int) -> str:
     return f"{value:#x}/{value:#x}"
 
@@ -204,6 +218,11 @@ def _exemption_rules(chain: str, settings: RuleSettings, version: int) -> list[s
         f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
         *(f"-A {chain} -d {network} -j RETURN" for network in _exempt_networks(settings, version)),
     ]
+
+
+def _fake_ip_rules(chain: str, settings: RuleSettings, version: int, target: str) -> list[str]:
+    """TCP to the fake ranges to ``target``, before the exemptions that would spare these reserved ranges."""
+    return [f"-A {chain} -d {network} -p tcp -j {target}" for network in _fake_ip_networks(settings, version)]
 
 
 def _lan_inputs(settings: RuleSettings) -> list[str]:
@@ -234,6 +253,15 @@ def _iptables_dns(settings: RuleSettings, version: int) -> _Table:
     )
 
 
+def _fake_udp_table(settings: RuleSettings, version: int) -> _Table:
+    """The filter chain rejecting UDP to the fake ranges, and its jumps from FORWARD (and OUTPUT)."""
+    rules = [f"-A {FAKE_UDP_CHAIN} -d {network} -j REJECT" for network in _fake_ip_networks(settings, version)]
+    jumps = [f"-A FORWARD {match} -p udp -j {FAKE_UDP_CHAIN}" for match in _lan_inputs(settings)]
+    if settings.redirect_output:
+        jumps.append(f"-A OUTPUT -p udp -j {FAKE_UDP_CHAIN}")
+    return _Table([FAKE_UDP_CHAIN], rules, jumps)
+
+
 def _iptables_ruleset(settings: RuleSettings, version: int) -> dict[str, _Table]:
     """The wanted ruleset of one family, by table."""
     tables = _iptables_tcp(settings, version)
@@ -243,6 +271,8 @@ def _iptables_ruleset(settings: RuleSettings, version: int) -> dict[str, _Table]
         nat.chains += dns.chains
         nat.rules += dns.rules
         nat.jumps += dns.jumps
+    if _fake_ip_networks(settings, version):
+        tables["filter"] = _fake_udp_table(settings, version)
     return tables
 
 
@@ -250,10 +280,12 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
     """The ruleset handing LAN TCP to the relay, by table."""
     own_mark = f"-m mark --mark {_mask(settings.mark)}"
     if settings.mode == "redirect":
+        redirect = f"REDIRECT --to-ports {settings.port}"
         rules = [
             f"-A {CHAIN} {own_mark} -j RETURN",
+            *_fake_ip_rules(CHAIN, settings, version, redirect),
             *_exemption_rules(CHAIN, settings, version),
-            f"-A {CHAIN} -p tcp -j REDIRECT --to-ports {settings.port}",
+            f"-A {CHAIN} -p tcp -j {redirect}",
         ]
         jumps = _lan_jumps(settings)
         if settings.redirect_output:
@@ -261,13 +293,15 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
         return {"nat": _Table([CHAIN], rules, jumps)}
 
     tproxy_mark = _mask(settings.tproxy_mark)
+    tproxy = f"TPROXY --on-port {settings.port} --tproxy-mark {tproxy_mark}"
     rules = [
         f"-A {CHAIN} {own_mark} -j RETURN",
         # Packets of connections the relay already holds: route them to it, skip the rest.
         f"-A {CHAIN} -p tcp -m socket --transparent -j MARK --set-xmark {tproxy_mark}",
         f"-A {CHAIN} -p tcp -m socket --transparent -j ACCEPT",
+        *_fake_ip_rules(CHAIN, settings, version, tproxy),
         *_exemption_rules(CHAIN, settings, version),
-        f"-A {CHAIN} -p tcp -j TPROXY --on-port {settings.port} --tproxy-mark {tproxy_mark}",
+        f"-A {CHAIN} -p tcp -j {tproxy}",
     ]
     chains, jumps = [CHAIN], _lan_jumps(settings)
     if settings.redirect_output:
@@ -278,6 +312,7 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
             f"-A {OUTPUT_CHAIN} {own_mark} -j RETURN",
             # The relay's answers to intercepted clients carry the server's address, not ours.
             f"-A {OUTPUT_CHAIN} -m addrtype ! --src-type LOCAL -j RETURN",
+            *_fake_ip_rules(OUTPUT_CHAIN, settings, version, f"MARK --set-xmark {tproxy_mark}"),
             *_exemption_rules(OUTPUT_CHAIN, settings, version),
             f"-A {OUTPUT_CHAIN} -j MARK --set-xmark {tproxy_mark}",
         ]
@@ -369,6 +404,32 @@ def _nft_exemptions(settings: RuleSettings) -> list[str]:
     return rules
 
 
+def _nft_fake_ip(settings: RuleSettings, statement) -> list[str]:
+    """One rule per family with fake ranges: ``statement(keyword)`` (keyword "ip" or "ip6") for their addresses."""
+    rules = []
+    for version, keyword in ((4, "ip"), (6, "ip6")):
+        networks = _fake_ip_networks(settings, version) if version in _versions(settings) else []
+        if networks:
+            rules.append(f"{keyword} daddr {{ {', '.join(networks)} }} {statement(keyword)}")
+    return rules
+
+
+def _nft_fake_udp(settings: RuleSettings, from_lan: str) -> list[str]:
+    """The chains rejecting UDP to the fake ranges (see the module's docstring)."""
+    body = _nft_chain(
+        "fake_udp",
+        [f"{from_lan} {rule}" for rule in _nft_fake_ip(settings, lambda _: "meta l4proto udp reject")],
+        "type filter hook forward priority filter; policy accept;",
+    )
+    if settings.redirect_output:
+        body += _nft_chain(
+            "fake_udp_output",
+            _nft_fake_ip(settings, lambda _: "meta l4proto udp reject"),
+            "type filter hook output priority filter; policy accept;",
+        )
+    return body
+
+
 def _nft_chain(name: str, rules: list[str], hook: str = "") -> list[str]:
     return [f"\tchain {name} {{", *(f"\t\t{line}" for line in ([hook] if hook else []) + rules), "\t}"]
 
@@ -382,6 +443,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
     lan_tcp = f"{from_lan} {tcp}" + (f" tcp dport != {DNS_PORT}" if settings.dns else "")  # 53: the DNS service's
     port = settings.port
     dns = _nft_dns_chain(settings, from_lan) if settings.dns else []
+    fake_udp = _nft_fake_udp(settings, from_lan) if _nft_fake_ip(settings, str) else []
 
     if settings.mode == "redirect":
         body = _nft_chain(
@@ -394,10 +456,10 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             body += _nft_chain(
                 "output", [f"{tcp} jump intercept"], "type nat hook output priority -100; policy accept;"
             )
+        redirect = f"meta l4proto tcp redirect to :{port}"
+        fake_ips = _nft_fake_ip(settings, lambda _: redirect)
         return (
-            body
-            + _nft_chain("intercept", [own_mark, *_nft_exemptions(settings), f"meta l4proto tcp redirect to :{port}"])
-            + dns
+            body + _nft_chain("intercept", [own_mark, *fake_ips, *_nft_exemptions(settings), redirect]) + dns + fake_udp
         )
 
     set_mark = f"meta mark set meta mark | {settings.tproxy_mark:#x}"
@@ -419,10 +481,12 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             [
                 own_mark,
                 "fib saddr type != local return",  # the relay's answers to intercepted clients
+                *_nft_fake_ip(settings, lambda _: f"meta l4proto tcp {set_mark} return"),
                 *_nft_exemptions(settings),
                 set_mark,
             ],
         )
+    fake_ips = _nft_fake_ip(settings, lambda keyword: f"meta l4proto tcp tproxy {keyword} to :{port} {set_mark} accept")
     return (
         body
         + _nft_chain(
@@ -430,11 +494,13 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             [
                 own_mark,
                 f"socket transparent 1 {set_mark} accept",  # connections the relay already holds
+                *fake_ips,
                 *_nft_exemptions(settings),
                 *tproxy,
             ],
         )
         + dns
+        + fake_udp
     )
 
 

@@ -37,8 +37,9 @@ def _addresses(host: str) -> list[str]:
 
 
 def settings_for(config: Config, redirect_output: bool = False, keep_private: bool = False) -> RuleSettings:
-    """The rules a relay with ``config`` needs: its port, LAN interfaces, mark and DNS service, and
-    every address its own traffic goes to (proxies, the SSH server, bypassed networks) exempt."""
+    """The rules a relay with ``config`` needs: its port, LAN interfaces, mark and DNS service, every
+    address its own traffic goes to (proxies, the SSH server, bypassed networks) exempt, and in fake-ip
+    mode its fake ranges."""
     if config.mark is None:
         raise ConfigError("relay rules needs --mark: the rules exempt the relay's own (marked) traffic")
     ports = {port for _, port in config.listen} or {DEFAULT_PORT}
@@ -62,6 +63,7 @@ def settings_for(config: Config, redirect_output: bool = False, keep_private: bo
         redirect_output=redirect_output,
         exempt_private=not keep_private,
         dns=tuple(config.dns),
+        fake_ip_ranges=tuple(map(str, config.fake_ip_range)) if config.dns_mode == "fake-ip" else (),
     )
 
 

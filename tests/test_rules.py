@@ -8,7 +8,9 @@ import subprocess
 import pytest
 
 from relay import rules
+from relay.config import Config
 from relay.rules import RulesError, RuleSettings, describe, iptables_restore, nft_script, route_commands
+from relay.rules_command import settings_for
 
 EXEMPT = ("198.51.100.7", "2001:db8::/32", "203.0.113.0/24")
 # Each kind of target in each family: REDIRECT (wildcard), DNAT to an address, DNAT to 127.0.0.1.
@@ -17,13 +19,15 @@ DNS_SERVICES = {
     "-dns": (("0.0.0.0", 5353), ("fd00::53", 5353)),
     "-dns-lo": (("127.0.0.1", 5353), ("::", 5354)),
 }
+FAKE_IP_RANGES = ("198.18.0.0/15", "fc00::/18")
 ALL_SETTINGS = [
-    RuleSettings(mode, 12345, ifaces, 0x1, EXEMPT, redirect_output=output, ipv6=ipv6, dns=dns)
+    RuleSettings(mode, 12345, ifaces, 0x1, EXEMPT, redirect_output=output, ipv6=ipv6, dns=dns, fake_ip_ranges=fake)
     for mode in rules.MODES
     for ifaces in ((), ("lan0", "wlan0"))
     for output in (False, True)
     for ipv6 in (True, False)
     for dns in DNS_SERVICES.values()
+    for fake in ((), FAKE_IP_RANGES)
 ]
 
 
@@ -32,6 +36,7 @@ def settings_id(settings):
     return (
         f"{settings.mode}-{'+'.join(settings.lan_ifaces) or 'all'}"
         f"{'-output' if settings.redirect_output else ''}{'' if settings.ipv6 else '-v4only'}{dns}"
+        f"{'-fake-ip' if settings.fake_ip_ranges else ''}"
     )
 
 
@@ -144,6 +149,102 @@ def test_private_ranges_can_be_left_to_interception():
         "-A RELAY -p tcp -j REDIRECT --to-ports 12345",
     ]
     assert "10.0.0.0/8" not in nft_script(settings) and "fc00::/7" not in iptables_restore(settings, 6)
+
+
+def test_tcp_to_the_fake_ranges_is_redirected_before_any_exemption():
+    """198.18.0.0/15 and fc00::/18 are reserved ranges (fc00::/7 is exempt), and a --bypass may cover them too."""
+    settings = RuleSettings("redirect", 12345, ("lan0",), 0x1, ("198.18.0.0/16",), fake_ip_ranges=FAKE_IP_RANGES)
+    assert chain_rules(iptables_restore(settings, 4), "RELAY")[:3] == [
+        "-A RELAY -m mark --mark 0x1/0x1 -j RETURN",
+        "-A RELAY -d 198.18.0.0/15 -p tcp -j REDIRECT --to-ports 12345",
+        "-A RELAY -d 127.0.0.0/8 -j RETURN",
+    ]
+    assert chain_rules(iptables_restore(settings, 6), "RELAY")[1] == (
+        "-A RELAY -d fc00::/18 -p tcp -j REDIRECT --to-ports 12345"
+    )
+    assert nft_chain(nft_script(settings), "intercept")[1:3] == [
+        "ip daddr { 198.18.0.0/15 } meta l4proto tcp redirect to :12345",
+        "ip6 daddr { fc00::/18 } meta l4proto tcp redirect to :12345",
+    ]
+
+
+def test_tcp_to_the_fake_ranges_is_tproxied_after_the_connections_the_relay_holds():
+    settings = RuleSettings("tproxy", 4000, (), 0x4, redirect_output=True, fake_ip_ranges=FAKE_IP_RANGES)
+    text = iptables_restore(settings, 4)
+    assert chain_rules(text, "RELAY")[3] == (
+        "-A RELAY -d 198.18.0.0/15 -p tcp -j TPROXY --on-port 4000 --tproxy-mark 0x100/0x100"
+    )
+    assert (
+        chain_rules(text, "RELAY_OUTPUT")[2]
+        == "-A RELAY_OUTPUT -d 198.18.0.0/15 -p tcp -j MARK --set-xmark 0x100/0x100"
+    )
+    script = nft_script(settings)
+    assert nft_chain(script, "intercept")[2:4] == [
+        "ip daddr { 198.18.0.0/15 } meta l4proto tcp tproxy ip to :4000 meta mark set meta mark | 0x100 accept",
+        "ip6 daddr { fc00::/18 } meta l4proto tcp tproxy ip6 to :4000 meta mark set meta mark | 0x100 accept",
+    ]
+    assert nft_chain(script, "mark_output")[2] == (
+        "ip daddr { 198.18.0.0/15 } meta l4proto tcp meta mark set meta mark | 0x100 return"
+    )
+
+
+@pytest.mark.parametrize("output", [False, True])
+def test_udp_to_the_fake_ranges_is_rejected(output):
+    settings = RuleSettings(
+        "redirect", 12345, ("lan0", "wlan0"), 0x1, redirect_output=output, fake_ip_ranges=FAKE_IP_RANGES
+    )
+    for version, network in ((4, "198.18.0.0/15"), (6, "fc00::/18")):
+        text = iptables_restore(settings, version)
+        filter_table = text.split("*filter\n", 1)[1]
+        assert filter_table.splitlines() == [
+            ":RELAY_FAKE_UDP - [0:0]",
+            f"-A RELAY_FAKE_UDP -d {network} -j REJECT",
+            "-A FORWARD -i lan0 -p udp -j RELAY_FAKE_UDP",
+            "-A FORWARD -i wlan0 -p udp -j RELAY_FAKE_UDP",
+            *(["-A OUTPUT -p udp -j RELAY_FAKE_UDP"] if output else []),
+            "COMMIT",
+        ]
+    script = nft_script(settings)
+    assert nft_chain(script, "fake_udp") == [
+        "type filter hook forward priority filter; policy accept;",
+        'iifname { "lan0", "wlan0" } ip daddr { 198.18.0.0/15 } meta l4proto udp reject',
+        'iifname { "lan0", "wlan0" } ip6 daddr { fc00::/18 } meta l4proto udp reject',
+    ]
+    assert ("chain fake_udp_output" in script) == output
+
+
+def test_without_fake_ranges_there_is_no_filter_chain():
+    settings = RuleSettings("redirect", 12345, (), 0x1, redirect_output=True)
+    assert "*filter" not in iptables_restore(settings, 4) and "fake_udp" not in nft_script(settings)
+
+
+def test_only_the_families_with_a_fake_range_get_rules():
+    settings = RuleSettings("redirect", 12345, (), 0x1, fake_ip_ranges=("10.99.0.0/24",))
+    assert "*filter" not in iptables_restore(settings, 6) and "-d 10.99.0.0/24 -p tcp" in iptables_restore(settings, 4)
+    assert "ip6 daddr { fc00" not in nft_script(settings)
+
+
+def test_a_bad_fake_range_gives_one_line():
+    with pytest.raises(RulesError, match="invalid address or CIDR 'nope'"):
+        RuleSettings("redirect", 12345, (), 0x1, fake_ip_ranges=("nope",))
+
+
+def test_iptables_apply_takes_out_a_fake_udp_chain_left_by_an_earlier_apply(monkeypatch):
+    host = FakeHost(
+        {
+            "iptables -w 5 -t filter -S": "-P FORWARD ACCEPT\n-N RELAY_FAKE_UDP\n"
+            "-A FORWARD -i lan0 -p udp -j RELAY_FAKE_UDP\n-A RELAY_FAKE_UDP -d 198.18.0.0/15 -j REJECT\n"
+        }
+    )
+    monkeypatch.setattr(rules, "_run", host)
+    rules.apply(RuleSettings("redirect", 12345, ("lan0",), 0x1, ipv6=False), "iptables")
+    [(_, script)] = [call for call in host.calls if call[0][0] == "iptables-restore"]
+    assert script.split("COMMIT\n")[1].splitlines() == [
+        "*filter",
+        "-D FORWARD -i lan0 -p udp -j RELAY_FAKE_UDP",
+        "-F RELAY_FAKE_UDP",
+        "-X RELAY_FAKE_UDP",
+    ]
 
 
 def test_nft_merges_a_bypass_inside_a_private_range():
@@ -340,7 +441,7 @@ def test_iptables_remove_when_nothing_is_installed_runs_no_restore(monkeypatch):
     host = FakeHost({})
     monkeypatch.setattr(rules, "_run", host)
     rules.remove(RuleSettings("redirect", 12345, (), 0x1), "iptables")
-    assert [argv[0] for argv, _ in host.calls] == ["iptables", "iptables", "ip6tables", "ip6tables"]
+    assert [argv[0] for argv, _ in host.calls] == ["iptables"] * 3 + ["ip6tables"] * 3  # nat, mangle, filter
 
 
 NAT_WITH_AN_EARLIER_DNS = """-P PREROUTING ACCEPT
@@ -451,3 +552,9 @@ def test_iptables_restore_accepts_the_text(settings):
 def test_nft_accepts_the_script(settings):
     require_root()
     check_in_new_netns(["nft", "-c", "-f", "-"], nft_script(settings))
+
+
+@pytest.mark.parametrize("mode,ranges", [("real", ()), ("fake-ip", FAKE_IP_RANGES)])
+def test_relay_rules_takes_the_fake_ranges_in_fake_ip_mode_only(mode, ranges):
+    values = {"upstream": ["127.0.0.1:3128"], "mark": "0x1", "dns": ["0.0.0.0:53", "[::]:53"], "dns-mode": mode}
+    assert settings_for(Config.from_values(values)).fake_ip_ranges == ranges
