@@ -159,13 +159,12 @@ class FakeIps:
     # -- the store -------------------------------------------------------------------------------------------------
 
     def dump(self) -> bytes:
-        lines = [
-            f"{family.address(number)} {name}\n"
-            for family in self.families.values()
-            for name, number in family.by_name.items()
-        ]
+        return encode(self.snapshot())
+
+    def snapshot(self) -> list:
+        """What the store will hold, copied so that ``encode`` may run in another thread while the pool changes."""
         self.changes = 0
-        return STORE_HEADER + zlib.compress("".join(lines).encode("ascii"))
+        return [(family, list(family.by_name.items())) for family in self.families.values()]
 
     def load(self, data: bytes) -> int:
         """Replace the pool with the store in ``data``; how many names were left out, their address no longer in a
@@ -209,6 +208,12 @@ class FakeIps:
             family.never_used = max(family.by_number, default=-1) + 1
             family.freed = sorted(set(range(family.never_used)) - family.by_number.keys(), reverse=True)
         return families, left_out
+
+
+def encode(snapshot: list) -> bytes:
+    """The store's bytes for a ``FakeIps.snapshot()``: a second or so at 65536 names, hence apart from it."""
+    lines = [f"{family.address(number)} {name}\n" for family, names in snapshot for name, number in names]
+    return STORE_HEADER + zlib.compress("".join(lines).encode("ascii"))
 
 
 def for_config(config) -> FakeIps | None:

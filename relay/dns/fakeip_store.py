@@ -13,7 +13,7 @@ import tempfile
 import trio
 
 from relay.config import ConfigError
-from relay.dns.fakeip import MAX_STORE_BYTES, CorruptStore, FakeIps
+from relay.dns.fakeip import MAX_STORE_BYTES, CorruptStore, FakeIps, encode
 from relay.logs import RateLimited, log
 
 STORE_NAME = "fake-ips"
@@ -80,6 +80,10 @@ def write(directory: str, data: bytes) -> None:
         os.close(directory_fd)
 
 
+def write_snapshot(directory: str, snapshot: list) -> None:
+    write(directory, encode(snapshot))
+
+
 async def keep_saved(fake_ips: FakeIps, directory: str, interval: float = SAVE_INTERVAL) -> None:
     """Until cancelled: write the store after each change, at most once per ``interval``; then a last time."""
     warnings = RateLimited(interval=600.0)
@@ -87,9 +91,8 @@ async def keep_saved(fake_ips: FakeIps, directory: str, interval: float = SAVE_I
         while True:
             await trio.sleep(interval)
             if fake_ips.changes:
-                data = fake_ips.dump()
-                try:
-                    await trio.to_thread.run_sync(write, directory, data)
+                try:  # encoded in the thread too: a second or so with a full pool
+                    await trio.to_thread.run_sync(write_snapshot, directory, fake_ips.snapshot())
                 except OSError as exc:
                     fake_ips.changes += 1  # written next time, or at exit
                     warnings.warning("fake-ip-store", f"fake-ip store not written in {directory}: {exc}")

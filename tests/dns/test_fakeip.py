@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dns.fakeip import MAX_STORE_TEXT, STORE_HEADER, CorruptStore, FakeIps
+from relay.dns.fakeip import MAX_STORE_TEXT, STORE_HEADER, CorruptStore, FakeIps, encode
 from relay.dns.message import parse_query
 from tests.dns.support import query
 
@@ -301,3 +301,13 @@ def test_the_pool_stays_a_bounded_one_to_one_map_whatever_happens(steps):
             assert len(family.by_name) == len(family.by_number) <= 16
             assert all(family.by_number[number] == name for name, number in family.by_name.items())
             assert all(number < family.capacity for number in family.by_number)
+
+
+def test_a_snapshot_encodes_the_pool_as_it_was_however_it_changed_since():
+    fake_ips = filled(3)
+    snapshot = fake_ips.snapshot()
+    address(fake_ips, "later.example")
+    address(fake_ips, "n0.example")
+    restored = pool()
+    restored.load(encode(snapshot))
+    assert restored.name_for("198.18.0.4") is None and list(restored.families[4].by_name)[-1] == "n2.example"

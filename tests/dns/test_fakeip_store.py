@@ -5,6 +5,7 @@ import ipaddress
 import logging
 import os
 import stat
+import time
 
 import pytest
 import trio
@@ -127,3 +128,18 @@ async def test_a_write_that_fails_is_tried_again_and_warned_of_once(tmp_path, mo
         nursery.cancel_scope.cancel()
     assert len(attempts) == 3 and fake_ips.changes == 0
     assert caplog.text.count("fake-ip store not written") == 1
+
+
+async def test_the_store_is_encoded_and_written_apart_from_the_event_loop(tmp_path, monkeypatch):
+    """A full pool takes a second or so to encode: DNS answers must not wait for it."""
+    monkeypatch.setattr(fakeip_store, "encode", lambda snapshot: time.sleep(0.5) or b"")
+    fake_ips = asked(pool(), "a.example")
+    longest = 0.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_saved, fake_ips, str(tmp_path), 0.05)
+        for _ in range(40):
+            before = time.monotonic()
+            await trio.sleep(0.01)
+            longest = max(longest, time.monotonic() - before)
+        nursery.cancel_scope.cancel()
+    assert longest < 0.2
