@@ -31,7 +31,8 @@ ADDRESS_TYPES = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}
 STORE_HEADER = b"relay fake-ips 1\n"  # then zlib: one "ADDRESS NAME" line per name, used longest ago first
 _LONGEST_LINE = len("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff") + 1 + 253 + 1
 MAX_STORE_TEXT = 2 * MAX_NAMES_PER_FAMILY * _LONGEST_LINE
-MAX_STORE_BYTES = len(STORE_HEADER) + MAX_STORE_TEXT + 1024  # zlib adds a little to what it cannot compress
+# zlib's compressBound(): what it adds at worst to what it cannot compress.
+MAX_STORE_BYTES = len(STORE_HEADER) + MAX_STORE_TEXT + (MAX_STORE_TEXT >> 12) + (MAX_STORE_TEXT >> 14) + 13
 
 
 class CorruptStore(Exception):
@@ -169,7 +170,7 @@ class FakeIps:
     def load(self, data: bytes) -> int:
         """Replace the pool with the store in ``data``; how many names were left out, their address no longer in a
         fake range (the ranges changed). CorruptStore, and the pool left empty, if ``data`` is not a whole store."""
-        self.families = self.empty_families()
+        self.families = self.empty_families()  # what stays if read_store raises
         self.changes = 0
         self.families, left_out = self.read_store(data)
         return left_out

@@ -1,6 +1,7 @@
 """The fake-IP pool: allocation, recycling, the reverse map, its DNS answers and its store."""
 
 import ipaddress
+import os
 import zlib
 
 import dns.message
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dns.fakeip import MAX_STORE_TEXT, STORE_HEADER, CorruptStore, FakeIps, encode
+from relay.dns.fakeip import MAX_STORE_BYTES, MAX_STORE_TEXT, STORE_HEADER, CorruptStore, FakeIps, encode
 from relay.dns.message import parse_query
 from tests.dns.support import query
 
@@ -311,3 +312,8 @@ def test_a_snapshot_encodes_the_pool_as_it_was_however_it_changed_since():
     restored = pool()
     restored.load(encode(snapshot))
     assert restored.name_for("198.18.0.4") is None and list(restored.families[4].by_name)[-1] == "n2.example"
+
+
+def test_the_largest_store_zlib_can_make_is_not_refused_as_too_large():
+    text = os.urandom(MAX_STORE_TEXT)  # incompressible: what zlib adds at most
+    assert len(STORE_HEADER + zlib.compress(text)) <= MAX_STORE_BYTES
