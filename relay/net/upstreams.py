@@ -100,16 +100,36 @@ class Attempts:
     first to open wins. One failing leaves the other going; when both have
     failed, a proxy's fault among them counts once against its health, and
     the next upstream is tried only if both were the proxy's fault.
+
+    ``by_name_only`` (a fake destination, see relay.net.fake_ips): only the
+    upstreams that take names, by name alone, and no race.
     """
 
-    __slots__ = ("pool", "record", "dst", "states", "state", "target", "error", "racing", "first_failure")
+    __slots__ = (
+        "pool", "record", "dst", "by_name_only", "states", "state", "target", "error", "racing", "first_failure",
+    )  # fmt: skip
 
-    def __init__(self, pool: "UpstreamPool", candidates: list[UpstreamState], direct: bool, dst, record):
+    def __init__(
+        self, pool: "UpstreamPool", candidates: list[UpstreamState], direct: bool, dst, record, by_name_only=False
+    ):
         self.pool, self.record, self.dst = pool, record, dst
-        self.states = iter([None] if direct else candidates)
+        # A fake destination (fake-ip mode): its address means nothing beyond the relay, so only its name is asked
+        # for, of the upstreams that take names; never by address, never direct.
+        self.by_name_only = by_name_only
+        states = [None] if direct else candidates
+        self.error = UpstreamError("no healthy upstream", "no-healthy-upstream", Fault.PROXY)
+        if by_name_only:
+            named = [state for state in states if state is not None and state.upstream.scheme in NAMED_SCHEMES]
+            if states and not named:
+                self.error = UpstreamError(
+                    "a fake address is opened by name, and no upstream for it takes names",
+                    "no-named-upstream",
+                    Fault.RELAY,
+                )
+            states = named
+        self.states = iter(states)
         self.state: UpstreamState | None = None
         self.target: tuple[str, int] | None = None  # what to ask for next; None: nothing left
-        self.error = UpstreamError("no healthy upstream", "no-healthy-upstream", Fault.PROXY)
         self.racing = False  # a by-name and a by-address attempt are both under way (or one failed)
         self.first_failure: UpstreamError | None = None  # the race's attempt that failed first
         self._next_upstream()
@@ -124,7 +144,7 @@ class Attempts:
 
     def may_race(self) -> bool:
         """Whether the attempt now asks a proxy for a name, whose retry would be by address."""
-        return self.state is not None and self.target != self.dst and not self.racing
+        return self.state is not None and self.target != self.dst and not self.racing and not self.by_name_only
 
     def race(self) -> tuple[Upstream, list, tuple[str, int]]:
         """The by-address attempt to run alongside the by-name one (see may_race), through the same upstream."""
@@ -147,7 +167,9 @@ class Attempts:
             self._race_lost(by_name, by_address)
             return True
         self._ends_with(error)
-        if self.target != self.dst and error.retry_by_address:  # the proxy cannot reach the name
+        if (
+            self.target != self.dst and error.retry_by_address and not self.by_name_only
+        ):  # the proxy cannot reach the name
             self.record.retried = error.reason
             self.target = self.dst
         elif self.state is not None and error.proxy_fault:

@@ -106,9 +106,9 @@ DST = ("10.9.9.9", 443)
 BY_NAME = ("example.org", 443)
 
 
-def attempts(upstreams, name="example.org", direct=False):
+def attempts(upstreams, name="example.org", direct=False, by_name_only=False):
     record = SimpleNamespace(name=name, retried=None, via=None, fault=None)  # what Attempts reads and writes
-    return Attempts(upstreams, upstreams.candidates(), direct, DST, record), record
+    return Attempts(upstreams, upstreams.candidates(), direct, DST, record, by_name_only), record
 
 
 def tried(plan):
@@ -176,6 +176,30 @@ def test_attempts_ask_socks4_by_address_only():
     upstreams.states = [UpstreamState(config.upstreams[0], [(2, ("10.0.0.4", 1080))])]
     plan, _ = attempts(upstreams)
     assert tried(plan) == ("10.0.0.4", DST)
+
+
+def test_a_fake_destination_is_asked_by_name_only_and_never_raced():
+    """Its address means nothing beyond the relay: a proxy that cannot reach the name ends it there."""
+    upstreams = pool()
+    plan, record = attempts(upstreams, by_name_only=True)
+    assert tried(plan) == ("10.0.0.1", BY_NAME) and not plan.may_race()
+    plan.failed(refused("http-502"))
+    with pytest.raises(UpstreamError) as ended:
+        plan.next()
+    assert ended.value.reason == "http-502" and record.retried is None
+
+
+def test_a_fake_destination_skips_upstreams_that_take_no_names_and_is_never_direct():
+    config = Config.from_values({"upstream": ["socks4://10.0.0.4:1080", "socks5://10.0.0.5:1080"]})
+    upstreams = UpstreamPool(config, Metrics(version="t", fast_path="python"))
+    upstreams.states = [UpstreamState(upstream, [(2, (upstream.host, 1080))]) for upstream in config.upstreams]
+    plan, _ = attempts(upstreams, by_name_only=True)
+    assert tried(plan) == ("10.0.0.5", BY_NAME)
+    upstreams.states = upstreams.states[:1]
+    for plan, _ in (attempts(upstreams, by_name_only=True), attempts(upstreams, direct=True, by_name_only=True)):
+        with pytest.raises(UpstreamError) as ended:
+            plan.next()
+        assert ended.value.reason == "no-named-upstream" and ended.value.fault is Fault.RELAY
 
 
 def test_a_slow_name_races_the_address_through_the_same_upstream_and_either_may_win():
