@@ -190,8 +190,13 @@ class DnsService:
         try:
             async with trio.open_nursery() as answers:
                 while True:
-                    with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
-                        data = await stream.receive_some(TCP_RECEIVE_SIZE)
+                    # Caught here, not around the nursery, which would wrap it in an ExceptionGroup: a
+                    # reset would then escape to serve() and end the service and the relay with it.
+                    try:
+                        with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
+                            data = await stream.receive_some(TCP_RECEIVE_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break  # reset by the client: the answers owed fail the same way
                     if idle.cancelled_caught or not data:
                         break
                     try:
@@ -201,8 +206,6 @@ class DnsService:
                     for wire in wires:
                         await pipeline.acquire()  # no reading while MAX_TCP_PIPELINE are unanswered
                         answers.start_soon(self.answer_tcp, stream, wire, peer[0], writing, pipeline)
-        except trio.BrokenResourceError:
-            pass  # reset by the client: the answers owed fail the same way
         finally:
             conn.close()
             self.tcp_slots.release()

@@ -230,6 +230,23 @@ async def test_an_empty_tcp_frame_closes_the_connection_and_the_service_goes_on(
     assert reply.rcode() == dns.rcode.NOERROR
 
 
+@pytest.mark.parametrize("owed", [False, True], ids=["idle", "answer-owed"])
+async def test_a_tcp_client_that_resets_its_connection_costs_that_connection_only(owed):
+    """A reset surfaces in the connection's reading loop; it must not end the service (and with it the relay)."""
+    async with running(ScriptedResolvers(delay=0.2)) as service:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await sock.connect(service.addresses[0])
+        if owed:
+            await sock.send(framed(dns.message.make_query("slow.example.", "A")))
+        await trio.sleep(0.05)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        await trio.sleep(0.3)
+        reply = await ask_udp(service)
+        assert service.tcp_slots.value == service_module.MAX_TCP_CONNECTIONS - 1
+    assert reply.rcode() == dns.rcode.NOERROR
+
+
 @pytest.mark.parametrize(
     "wire,rcode",
     [
