@@ -217,8 +217,12 @@ class DnsService:
                 reply = await self.resolve(reply, client)
             if reply is not None:
                 async with writing:
-                    with trio.move_on_after(TCP_WRITE_TIMEOUT):
+                    with trio.move_on_after(TCP_WRITE_TIMEOUT) as stalled:
                         await stream.send_all(frame(reply))
+                    if stalled.cancelled_caught:
+                        # Part of the frame may be out: whatever followed would be read as garbage. Closing
+                        # ends the reading loop and fails the answers still owed.
+                        await trio.aclose_forcefully(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

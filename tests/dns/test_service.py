@@ -247,6 +247,32 @@ async def test_a_tcp_client_that_resets_its_connection_costs_that_connection_onl
     assert reply.rcode() == dns.rcode.NOERROR
 
 
+async def test_a_tcp_client_that_stops_reading_is_closed_never_sent_half_a_frame_then_more(monkeypatch):
+    """A write that times out may have sent part of a frame: anything written after it would be read as
+    garbage, so the connection is closed instead (what the client then has ends at most with one cut frame)."""
+    monkeypatch.setattr(service_module, "TCP_WRITE_TIMEOUT", 0.3)
+    queries = [dns.message.make_query(f"n{number}.example.", "A") for number in range(2000)]
+    async with running(ScriptedResolvers(count=250)) as service:  # answers of about 4 KB
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(service.addresses[0])
+        stream = trio.SocketStream(sock)
+        with trio.move_on_after(1):
+            await stream.send_all(b"".join(framed(query) for query in queries))  # stalls: nothing is read
+        await trio.sleep(1)  # the server's writes time out meanwhile
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(1 << 20):
+                data += chunk
+        await stream.aclose()
+    whole = 0
+    while len(data) >= 2 and len(data) >= 2 + struct.unpack("!H", data[:2])[0]:
+        length = struct.unpack("!H", data[:2])[0]
+        assert dns.message.from_wire(data[2 : 2 + length]).answer  # raises on a cut frame with another after it
+        whole, data = whole + 1, data[2 + length :]
+    assert whole > 0
+
+
 @pytest.mark.parametrize(
     "wire,rcode",
     [
