@@ -39,6 +39,7 @@ ANSWER_GRACE = 1.0  # beyond --dns-timeout, before a resolver that overran it is
 SOURCE_BURST = 200
 SOURCE_RATE = 100.0
 SOURCES_KEPT = 4096
+REFRESHED = ("NOERROR", "NXDOMAIN")  # upstream answers that replace a stale one
 
 
 class SourceRates:
@@ -282,13 +283,19 @@ class DnsService:
         finally:
             self.waiting -= 1
         qtype = message.type_label(key[1])
-        if question.response is not None:
+        response = question.response
+        # RFC 8767 4: an answer with any other rcode (SERVFAIL, REFUSED: the resolver is up but cannot
+        # resolve) is a failure to refresh, as a timeout is: a stale answer is better.
+        if response is not None and message.rcode_text(response) in REFRESHED:
             self.metrics.dns_query(qtype, "upstream")
-            return self.told(client, message.reply_for(query, question.response))
+            return self.told(client, message.reply_for(query, response))
         stale = self.cache.get(key)
         if stale is not None:
             self.metrics.dns_query(qtype, "stale")
             return self.told(client, message.reply_for(query, stale[0]))
+        if response is not None:
+            self.metrics.dns_query(qtype, "upstream")
+            return self.told(client, message.reply_for(query, response))
         self.metrics.dns_query(qtype, "servfail")
         return message.servfail(query)
 

@@ -170,18 +170,49 @@ async def test_every_upstream_failing_is_servfail_and_a_hang_is_cut_at_the_timeo
     assert service.metrics.dns_upstream_failures == {"no-healthy-upstream": 1, "timeout": 1}
 
 
-async def test_an_expired_answer_is_served_stale_while_upstreams_fail():
+class AnsweringWith(ScriptedResolvers):
+    """Answers with ``rcode`` and no records once ``rcode`` is set: a resolver that is up but cannot resolve."""
+
+    rcode: int | None = None
+
+    async def resolve(self, key, timeout: float) -> bytes:
+        wire = await super().resolve(key, timeout)
+        if self.rcode is None:
+            return wire
+        response = dns.message.make_response(dns.message.make_query(key[0], key[1]))
+        response.set_rcode(self.rcode)
+        return response.to_wire()
+
+
+def no_answer(resolvers):
+    resolvers.failing = ResolverError("down", "connect-timeout")
+
+
+def answering(rcode):
+    return lambda resolvers: setattr(resolvers, "rcode", rcode)
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [no_answer, answering(dns.rcode.SERVFAIL), answering(dns.rcode.REFUSED)],
+    ids=["no-answer", "servfail", "refused"],
+)
+async def test_an_expired_answer_is_served_stale_while_upstreams_fail(fail):
+    """RFC 8767 4: an answer with any rcode but NOERROR or NXDOMAIN is a failure to refresh, as no answer is."""
     now = [0.0]
     cache = Cache(100, 0, 86400, clock=lambda: now[0])
-    resolvers = ScriptedResolvers(ttl=60)
+    resolvers = AnsweringWith(ttl=60)
     async with running(resolvers, cache) as service:
         fresh = await ask_udp(service)
         now[0] += 120
-        resolvers.failing = ResolverError("down", "connect-timeout")
+        fail(resolvers)
         stale = await ask_udp(service)
-    assert addresses_of(stale) == addresses_of(fresh)
+        uncached = await ask_udp(service, "never-asked.example.")
+    assert stale.rcode() == dns.rcode.NOERROR and addresses_of(stale) == addresses_of(fresh)
     assert stale.answer[0].ttl == STALE_TTL
-    assert len(resolvers.asked) == 2 and ("A", "stale") in service.metrics.dns_queries
+    assert len(resolvers.asked) == 3 and ("A", "stale") in service.metrics.dns_queries
+    # Nothing stale to serve: the upstream's own answer, or SERVFAIL when there was none.
+    assert uncached.rcode() == (resolvers.rcode or dns.rcode.SERVFAIL)
 
 
 async def test_tcp_answers_pipelined_queries_as_they_are_ready_and_keeps_their_ids():
