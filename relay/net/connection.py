@@ -33,6 +33,8 @@ from relay.config import Config
 from relay.ends import client_failure, local_failure
 from relay.logs import conn_log, log
 from relay.net import admission
+from relay.net.fake_ips import NAME_FROM as FAKE_IP_NAME_FROM
+from relay.net.fake_ips import UNKNOWN, fake_ip_name, refuse_unknown
 from relay.net.faults import UpstreamError
 from relay.net.http_forward import NeedsTunnel, forward
 from relay.net.sockets import receive_some, reset
@@ -74,8 +76,8 @@ class Connection:
     __slots__ = (
         "owner", "sock", "peer", "dst", "config", "pool", "started", "sniff_deadline", "state",
         "counted", "silent_turn", "described", "first", "candidates", "attempts", "attempt_started",
-        "dialing", "racer", "racer_started", "name", "name_from", "dns_name", "retried", "via", "fault", "source",
-        "up", "down", "http_requests",
+        "dialing", "racer", "racer_started", "name", "name_from", "dns_name", "fake_name", "retried", "via", "fault",
+        "source", "up", "down", "http_requests",
     )  # fmt: skip
 
     def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
@@ -99,6 +101,7 @@ class Connection:
         self.name = None  # the hostname asked for, when one is used
         self.name_from = None  # where that name came from: "dns", "sni" or "host"
         self.dns_name = None  # the usable name the relay's DNS service gave this client for dst, if any
+        self.fake_name = None  # fake-ip mode: the name dst stands for; it can be reached by that name only
         self.retried = None  # why we asked by address: the proxy's refusal of the name, or "slow-name"
         self.via = None
         self.fault = None  # whose fault the failure it would end with was (relay.net.faults.Fault)
@@ -138,6 +141,12 @@ class Connection:
         except OSError as exc:
             self.client_failed(exc)
             return
+        fake_name = fake_ip_name(owner.fake_ips, self.dst[0])
+        if fake_name is UNKNOWN:
+            self.described = True
+            self.end(refuse_unknown(owner.warnings, self.peer, self.dst))
+            return
+        self.fake_name = fake_name
         self.dns_name = self.usable_name(owner.names.name_for(self.peer[0], self.dst[0], trio.current_time()))
         self.first_bytes(spoke=True)
 
@@ -187,7 +196,8 @@ class Connection:
         """Whether a client that has not spoken yet must be waited for. Not when its DNS answer named the
         destination, unless plain HTTP may have to be forwarded in absolute form: only its bytes can tell, and
         most HTTP proxies refuse CONNECT to other ports than 443."""
-        return self.dns_name is None or forwards_http(self.config, self.pool.states)
+        named = self.dns_name is not None or self.fake_name is not None
+        return not named or forwards_http(self.config, self.pool.states)
 
     def wait_for_first_bytes(self) -> None:
         self.move_unless(State.WAITING)
@@ -215,9 +225,13 @@ class Connection:
         self.first = first
         if sniffed.hostname:  # what the client itself says wins over what its DNS answer said
             hostname, source = sniffed.hostname, "sni" if sniffed.protocol == TLS else "host"
+        elif self.fake_name:
+            hostname, source = self.fake_name, FAKE_IP_NAME_FROM
         else:
             hostname, source = self.dns_name, "dns"
         self.name = self.usable_name(hostname)
+        if self.name is None and self.fake_name:  # a fake address goes nowhere by address: its name, always
+            self.name, source = hostname, source = self.fake_name, FAKE_IP_NAME_FROM
         if self.name:
             self.name_from = source
             self.owner.metrics.connection_named(source)
@@ -227,7 +241,8 @@ class Connection:
             self.move(State.FORWARDING)
             self.owner.tasks.start_soon(self.in_task, self.forward)
             return
-        self.attempts = Attempts(self.pool, self.candidates, direct, self.dst, self)
+        by_name_only = self.fake_name is not None
+        self.attempts = Attempts(self.pool, self.candidates, direct, self.dst, self, by_name_only=by_name_only)
         self.move(State.DIALING)
         self.dial()
 

@@ -33,6 +33,7 @@ class Connections:
         self.metrics = metrics
         self.dialer = dialer
         self.names = names
+        self.fake_ips = None  # fake-ip mode: relay.dns.fakeip's pool, which names the fake destinations
         self.budget = admission.connection_budget(config)
         self.slots = trio.Semaphore(self.budget)
         self.per_source: dict[str, int] = {}

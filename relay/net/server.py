@@ -46,7 +46,7 @@ class Server:
         self.connections = Connections(config, metrics, self.pool, self.dialer, self.names)
         self.dns: DnsService | None = None
         # In fake-ip mode, the names behind the fake addresses; connections to them are opened by name.
-        self.fake_ips = metrics.fake_ips = fakeip.for_config(config)
+        self.fake_ips = self.connections.fake_ips = metrics.fake_ips = fakeip.for_config(config)
         if config.dns:
             # One set of tunnels for every DNS upstream, so a reload can point them at the new pool.
             self.dns_tunnels = Tunnels(self.pool, self.dialer, config)

@@ -80,8 +80,10 @@ def test_relay_rules_send_tcp_to_fake_addresses_to_the_relay_and_reject_udp(lab,
     """With the rules `relay rules --dns-mode fake-ip` installs, TCP to a fake address reaches the relay (though the
     fake ranges are reserved, fc00::/18 inside the exempt fc00::/7), and UDP to one is refused at once."""
     options = ["--upstream", UPSTREAMS["dante"], "--mark", "0x1", "--listen", f"0.0.0.0:{RELAY_PORT}"]
-    options += ["--listen", f"[::]:{RELAY_PORT}", "--dns", DNS, "--dns-mode", "fake-ip"]
+    options += ["--listen", f"[::]:{RELAY_PORT}", "--dns", DNS]
     options += [
+        "--dns-mode",
+        "fake-ip",
         "--state-dir",
         str(lab.tmpdir / f"fake-ip-rules-{backend}"),
         "--dns-upstream",
@@ -89,6 +91,7 @@ def test_relay_rules_send_tcp_to_fake_addresses_to_the_relay_and_reject_udp(lab,
     ]
     relay = relays.start(options)
     rules = [sys.executable, "-m", "relay", "rules", *options, "--lan-iface", ADDR.router_lan_if, "--backend", backend]
+    rules += ["--dns", f"[{ADDR.router_lan6}]:53"]  # relay rules wants a DNS address in each family
     # A real router has a default route, so UDP to a fake address would be forwarded; here the router has none.
     routes = [
         ["ip", "route", "add", "198.18.0.0/15", "via", ADDR.far4],
