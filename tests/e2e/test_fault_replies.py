@@ -160,7 +160,8 @@ def test_endless_interim_responses_are_cut_off(run_relay, lab, fake_proxy, figur
             took = time.monotonic() - started
         else:
             raise AssertionError("the connection ended with a FIN, not a reset")
-    assert seen.count(b" 100 ") == 32
+    # At most 32 passed on; a reset may drop some of those still unread in the client's socket.
+    assert 0 < seen.count(b" 100 ") <= 32
     assert relay.connections(at_least=1)[0]["end"] == "proxy-protocol-error"
     figures(
         "endless 100 Continue",
