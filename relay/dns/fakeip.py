@@ -18,6 +18,7 @@ from collections import OrderedDict
 import dns.rdataclass
 import dns.rdatatype
 
+from relay.addresses import plain_address
 from relay.dns import message
 from relay.proto.sniff import valid_hostname
 
@@ -140,12 +141,12 @@ class FakeIps:
 
     def is_fake(self, address: str) -> bool:
         """Whether ``address`` lies in a fake range (held by a name or not)."""
-        parsed = _parsed(address)
+        parsed = plain_address(address)
         return any(parsed in network for network in self.networks)
 
     def name_for(self, address: str) -> str | None:
         """The name holding ``address``, now counted as used; None if none does."""
-        parsed = _parsed(address)
+        parsed = plain_address(address)
         family = self.families.get(parsed.version)
         return family.name_of(parsed) if family is not None else None
 
@@ -235,11 +236,3 @@ def fakeable(name: str) -> str | None:
     (or one a search domain was meant to complete), which the far side cannot reach."""
     hostname = valid_hostname(name)
     return hostname if hostname is not None and "." in hostname else None
-
-
-def _parsed(address: str):
-    """``address`` parsed; an IPv4-mapped IPv6 address as the IPv4 address it is. ValueError if it is none."""
-    parsed = ipaddress.ip_address(address)
-    if parsed.version == 6 and parsed.ipv4_mapped is not None:
-        return parsed.ipv4_mapped
-    return parsed

@@ -7,7 +7,6 @@ long as the record's TTL says, within [MIN_LIFETIME, MAX_LIFETIME].
 """
 
 import functools
-import ipaddress
 from collections import OrderedDict
 
 import dns.flags
@@ -15,6 +14,7 @@ import dns.message
 import dns.rdataclass
 import dns.rdatatype
 
+from relay.addresses import plain_address
 from relay.dns.message import PARSE_ERRORS
 from relay.proto.sniff import valid_hostname
 
@@ -32,10 +32,7 @@ ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 def normalized(address: str) -> str:
     """``address`` as the book keys it: canonical text, an IPv4-mapped IPv6 address as its IPv4 address.
     ValueError if it is not an address. Cached: a connection asks for the same few addresses over and over."""
-    parsed = ipaddress.ip_address(address)
-    if parsed.version == 6 and parsed.ipv4_mapped is not None:
-        return str(parsed.ipv4_mapped)
-    return str(parsed)
+    return str(plain_address(address))
 
 
 class NameBook:

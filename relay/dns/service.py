@@ -7,7 +7,6 @@ waiting on them, TCP connections, queries in flight per TCP connection, and
 TCP idle time (RFC 7766). Identical questions asked at once go upstream once.
 """
 
-import ipaddress
 import logging
 import socket
 import time
@@ -15,7 +14,7 @@ import time
 import dns.rdatatype
 import trio
 
-from relay.addresses import format_address
+from relay.addresses import format_address, plain_address
 from relay.config import Config, ConfigError
 from relay.dns import message
 from relay.dns.cache import Cache
@@ -134,9 +133,7 @@ class DnsService:
             self.close()
 
     def allowed(self, host: str) -> bool:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        address = plain_address(host.split("%", 1)[0])
         return any(address in network for network in self.config.dns_allow)
 
     # -- UDP ---------------------------------------------------------------------------------------
@@ -286,13 +283,11 @@ class DnsService:
         response = question.response
         # RFC 8767 4: an answer with any other rcode (SERVFAIL, REFUSED: the resolver is up but cannot
         # resolve) is a failure to refresh, as a timeout is: a stale answer is better.
-        if response is not None and message.rcode_text(response) in REFRESHED:
-            self.metrics.dns_query(qtype, "upstream")
-            return self.told(client, message.reply_for(query, response))
-        stale = self.cache.get(key)
-        if stale is not None:
-            self.metrics.dns_query(qtype, "stale")
-            return self.told(client, message.reply_for(query, stale[0]))
+        if response is None or message.rcode_text(response) not in REFRESHED:
+            stale = self.cache.get(key)
+            if stale is not None:
+                self.metrics.dns_query(qtype, "stale")
+                return self.told(client, message.reply_for(query, stale[0]))
         if response is not None:
             self.metrics.dns_query(qtype, "upstream")
             return self.told(client, message.reply_for(query, response))
