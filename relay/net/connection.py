@@ -231,7 +231,8 @@ class Connection:
             hostname, source = self.dns_name, "dns"
         self.name = self.usable_name(hostname)
         if self.name is None and self.fake_name:  # a fake address goes nowhere by address: its name, always
-            self.name, source = hostname, source = self.fake_name, FAKE_IP_NAME_FROM
+            hostname, source = self.fake_name, FAKE_IP_NAME_FROM
+            self.name = hostname
         if self.name:
             self.name_from = source
             self.owner.metrics.connection_named(source)
