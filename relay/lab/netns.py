@@ -451,6 +451,15 @@ class Lab:
         (directory / "hosts").write_text("\n".join(lines) + "\n")
         (directory / "resolv.conf").write_text("nameserver 127.0.0.1\n")
 
+    def set_resolver(self, host: str, nameserver: str) -> None:
+        """Give ``host`` a resolv.conf naming only ``nameserver`` (its /etc/hosts stays the machine's).
+
+        Only processes started afterwards see it; it is removed with the namespace.
+        """
+        directory = ETC_NETNS_DIR / self.ns(host)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolv.conf").write_text(f"nameserver {nameserver}\n")
+
     # -- sockets -------------------------------------------------------------
 
     def socket(

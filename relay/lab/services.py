@@ -362,9 +362,15 @@ def start_unbound(
     https_port: int = 443,
     data: dict[str, list[tuple[str, str]]] | None = None,
     name: str = "unbound",
+    wildcards: dict[str, list[tuple[str, str]]] | None = None,
+    ttl: int = 60,
 ) -> Unbound:
     """unbound answering the lab's names (``data``, by default LAB_DNS_DATA) over UDP and TCP 53 and
     DoH (HTTP/2 on ``https_port``) at ``address``, and plain DNS at ``direct_address`` too.
+
+    ``wildcards`` maps a zone under example. to its records: every name in that zone, however
+    new, gets them (a redirect zone), which is how a benchmark asks a fresh name each time.
+    ``ttl`` is every record's.
 
     It recurses nowhere: names under example. that it does not hold are
     NXDOMAIN (with the zone's SOA), anything else is REFUSED. Its certificate
@@ -402,9 +408,17 @@ def start_unbound(
                 f'    local-zone: "{LAB_ZONE}" static',
                 f'    local-data: "{LAB_ZONE} 3600 IN SOA ns.{LAB_ZONE} hostmaster.{LAB_ZONE} 1 3600 600 86400 60"',
                 *(
-                    f'    local-data: "{owner} 60 IN {rrtype} {value}"'
+                    f'    local-data: "{owner} {ttl} IN {rrtype} {value}"'
                     for owner, entries in records.items()
                     for rrtype, value in entries
+                ),
+                *(
+                    line
+                    for zone, entries in (wildcards or {}).items()
+                    for line in (
+                        f'    local-zone: "{zone}" redirect',
+                        *(f'    local-data: "{zone} {ttl} IN {rrtype} {value}"' for rrtype, value in entries),
+                    )
                 ),
                 "remote-control:",
                 "    control-enable: no",
