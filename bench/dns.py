@@ -121,6 +121,9 @@ def machine() -> dict[str, object]:
         "kernel": os.uname().release,
         "relay": first_line([sys.executable, "-m", "relay", "--version"]),
         "commit": first_line(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"]),
+        "uncommitted_changes": bool(
+            first_line(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"])
+        ),
         **{name: package(name) for name in ("sshuttle", "dnsmasq-base", "unbound", "dante-server", "openssh-server")},
     }
 
