@@ -5,11 +5,9 @@ Bounded by entries (least recently used goes first) and by entry size; the clock
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import dns.message
-
-from relay.dns.message import MAX_MESSAGE, PARSE_ERRORS, Key, ttl_of
+from relay.dns.message import PARSE_ERRORS, Key, Peek, ReplyTemplate, ttl_of, with_ttls
 
 STALE_TTL = 30  # RFC 8767 4: the TTL of stale records, so clients come back soon for fresh ones
 MAX_RESPONSE = 65535  # larger only via TCP/DoH, and a DNS message cannot be larger anyway
@@ -20,6 +18,7 @@ class _Entry:
     response: bytes
     stored_at: float
     lifetime: float  # the response's TTL clamped to [min_ttl, max_ttl]
+    templates: dict[bool, ReplyTemplate | None] = field(default_factory=dict)  # by whether the client has EDNS
 
     @property
     def expires(self) -> float:
@@ -59,15 +58,33 @@ class Cache:
         elapsed = max(0.0, now - entry.stored_at)
 
         def aged_ttl(ttl: int) -> int:
-            # Never promise a client more than we keep it ourselves: at most the time left, rounded down.
-            return int(max(0, min(ttl, entry.lifetime) - elapsed)) if fresh else STALE_TTL
+            return _aged(ttl, entry.lifetime, elapsed) if fresh else STALE_TTL
 
-        aged = _with_ttls(entry.response, aged_ttl)
-        if aged is None:
+        try:
+            aged = with_ttls(entry.response, aged_ttl)
+        except PARSE_ERRORS:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
         return aged, fresh
+
+    def hit(self, peek: Peek) -> tuple[ReplyTemplate, object] | None:
+        """For the hot path: the template of the fresh answer to ``peek`` and the TTL function to render it with
+        (what ``get`` and ``message.reply_for`` would make of it, byte for byte); None when there is none."""
+        entry = self._entries.get(peek.key)
+        if entry is None:
+            return None
+        elapsed = self._clock() - entry.stored_at
+        if not 0 <= elapsed < entry.lifetime:
+            return None  # stale: the slow path decides whether to serve it
+        template = entry.templates.get(peek.edns, False)
+        if template is False:
+            template = entry.templates[peek.edns] = ReplyTemplate.build(peek.key, entry.response, peek.edns)
+        if template is None:
+            return None
+        self._entries.move_to_end(peek.key)
+        lifetime = entry.lifetime
+        return template, lambda ttl: _aged(ttl, lifetime, elapsed)
 
     def put(self, key: Key, response: bytes) -> None:
         """Keep ``response`` for its TTL (message.ttl_of) clamped to [min_ttl, max_ttl]; nothing when it may not be
@@ -86,13 +103,6 @@ class Cache:
             self._entries.popitem(last=False)
 
 
-def _with_ttls(response: bytes, new_ttl) -> bytes | None:
-    """``response`` with each record's TTL replaced by ``new_ttl(ttl)`` (OPT is no record); None if unreadable."""
-    try:
-        message = dns.message.from_wire(response)
-        for section in (message.answer, message.authority, message.additional):
-            for rrset in section:
-                rrset.ttl = new_ttl(rrset.ttl)
-        return message.to_wire(max_size=MAX_MESSAGE)
-    except PARSE_ERRORS:
-        return None
+def _aged(ttl: int, lifetime: float, elapsed: float) -> int:
+    """Never promise a client more than we keep it ourselves: at most the time left, rounded down."""
+    return int(max(0, min(ttl, lifetime) - elapsed))

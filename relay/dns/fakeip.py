@@ -121,18 +121,24 @@ class FakeIps:
 
     def answer(self, query: message.Query) -> tuple[str, bytes] | None:
         """(the metric's outcome, the reply) for a query fake-ip mode answers itself; None: resolve it as usual."""
-        name, rdtype, rdclass = query.key
-        if rdclass != dns.rdataclass.IN or (rdtype not in ADDRESS_TYPES and rdtype not in NO_DATA_TYPES):
+        hostname = self.takes(query.key)
+        if hostname is None:
             return None
-        hostname = fakeable(name)
-        if hostname is None or self.is_excluded(hostname):
-            return None
+        rdtype = query.key[1]
         family = self.families.get(ADDRESS_TYPES.get(rdtype))
         if family is None:  # HTTPS/SVCB, or no fake range of this family: no address at all, rather than a real one
             return "no-data", message.no_data(query)
         address, new = family.address_of(hostname)
         self.changes += new
         return "fake-ip", message.address_reply(query, address, ANSWER_TTL)
+
+    def takes(self, key: message.Key) -> str | None:
+        """The hostname of a question this mode answers itself; None for those it resolves as usual."""
+        name, rdtype, rdclass = key
+        if rdclass != dns.rdataclass.IN or (rdtype not in ADDRESS_TYPES and rdtype not in NO_DATA_TYPES):
+            return None
+        hostname = fakeable(name)
+        return None if hostname is None or self.is_excluded(hostname) else hostname
 
     def is_excluded(self, hostname: str) -> bool:
         return any(hostname == suffix or hostname.endswith("." + suffix) for suffix in self.excluded)

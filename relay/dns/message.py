@@ -4,6 +4,7 @@ Callers pass and get wire bytes; dnspython does every encoding and decoding. Not
 malformed input except ``parse_query`` (``BadQuery``): the other functions answer SERVFAIL, False or None.
 """
 
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -82,6 +83,135 @@ def parse_query(wire: bytes) -> Query:
     return Query(id=id_, key=key, udp_limit=udp_limit, wire=wire, message=message)
 
 
+@dataclass(frozen=True)
+class Peek:
+    """What the cache-hit path needs of a query, read by ``peek_query`` without dnspython."""
+
+    id: int
+    flags: int
+    key: Key
+    qname: bytes  # the question's name as the client wrote it on the wire (its 0x20 casing kept)
+    edns: bool
+    udp_limit: int
+
+
+_HEADER = struct.Struct("!HHHHHH")
+_TYPE_CLASS = struct.Struct("!HH")
+_OPT = struct.Struct("!BHHBBHH")  # root name, type, payload, extended rcode, version, flags, rdata length
+_OPTION = struct.Struct("!HH")
+_OPT_TYPE = 41
+_COOKIE = 10  # RFC 7873: dig sends one with every query; client cookie 8 bytes, with a server cookie 16-40
+# Labels the hot path takes: what dnspython writes back as the same text, lower-cased, with no escapes.
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_MAX_NAME = 255
+
+
+def peek_query(wire: bytes) -> Peek | None:
+    """The usual shape of a query read fast, for answering it from the cache: one question whose name is plain
+    letters, digits, ``-`` and ``_``, no records but an optional version-0 OPT carrying at most a cookie, and
+    nothing after it. None for anything else: ``parse_query`` decides those. Wherever this returns a Peek,
+    ``parse_query`` accepts the same bytes and reads the same ID, key, EDNS presence and UDP limit (tested)."""
+    if len(wire) < HEADER_SIZE + 5:
+        return None
+    id_, flags, questions, answers, authorities, additionals = _HEADER.unpack_from(wire)
+    if flags & 0xF800 or questions != 1 or answers or authorities or additionals > 1:  # QR and opcode: 0
+        return None
+    labels, offset = [], HEADER_SIZE
+    while True:
+        length = wire[offset] if offset < len(wire) else 0xFF
+        if length == 0:
+            break
+        if length > 63:  # a compression pointer, or the end of the message
+            return None
+        labels.append(wire[offset + 1 : offset + 1 + length])
+        offset += 1 + length
+    offset += 1
+    if offset - HEADER_SIZE > _MAX_NAME or not labels or offset + 4 > len(wire):
+        return None
+    name = b".".join(labels)
+    if _PLAIN_NAME.fullmatch(name) is None or name.count(b".") != len(labels) - 1:  # no dot within a label
+        return None
+    rdtype, rdclass = _TYPE_CLASS.unpack_from(wire, offset)
+    qname = wire[HEADER_SIZE:offset]
+    offset += 4
+    key = (name.decode("ascii").lower() + ".", rdtype, rdclass)
+    if not additionals:
+        return Peek(id_, flags, key, qname, False, MIN_UDP_PAYLOAD) if offset == len(wire) else None
+    if offset + _OPT.size > len(wire):
+        return None
+    root, opt_type, payload, _, version, _, length = _OPT.unpack_from(wire, offset)
+    offset += _OPT.size
+    if root or opt_type != _OPT_TYPE or version or offset + length != len(wire):
+        return None
+    while offset < len(wire):
+        if offset + _OPTION.size > len(wire):
+            return None
+        code, size = _OPTION.unpack_from(wire, offset)
+        if code != _COOKIE or not (size == 8 or 16 <= size <= 40):
+            return None
+        offset += _OPTION.size + size
+    if offset != len(wire):
+        return None
+    return Peek(id_, flags, key, qname, True, min(max(payload, MIN_UDP_PAYLOAD), MAX_UDP_PAYLOAD))
+
+
+MAX_TTL = 0x7FFFFFFF  # RFC 2181 8: one with the top bit set reads as 0
+_ID_FLAGS = struct.Struct("!HH")
+_TTL = struct.Struct("!I")
+_COPIED_FLAGS = int(dns.flags.RD | dns.flags.CD)
+
+
+class ReplyTemplate:
+    """A cached response already re-addressed as ``reply_for`` would, less what differs per client and per moment:
+    the ID, the RD and CD bits, the question's casing (same length) and the TTLs, patched in place by ``render``."""
+
+    def __init__(self, wire: bytes, ttl_offsets: list[int], ttls: list[int]):
+        self.wire, self.ttl_offsets, self.ttls = wire, ttl_offsets, ttls
+        self.flags = _ID_FLAGS.unpack_from(wire)[1]
+        self.names = None  # what relay.dns.names read of it, kept there so that it is read once
+
+    @classmethod
+    def build(cls, key: Key, response: bytes, edns: bool) -> "ReplyTemplate | None":
+        """The template of ``response`` for clients asking ``key`` with EDNS or without; None if ``reply_for``
+        would not answer with it (unreadable, or SERVFAIL in its place)."""
+        name, rdtype, rdclass = key
+        try:
+            asked = dns.message.make_query(name, rdtype, rdclass, use_edns=0 if edns else False, options=[], id=0)
+            query = Query(0, key, MIN_UDP_PAYLOAD, b"", asked)
+            # Rendered with every TTL at 0 and then at its most, the only bytes that differ are the TTL fields.
+            wire = reply_for(query, response)
+            lowest = reply_for(query, with_ttls(response, lambda _: 0))
+            highest = reply_for(query, with_ttls(response, lambda _: MAX_TTL))
+        except PARSE_ERRORS:
+            return None
+        if len(lowest) != len(wire) or len(highest) != len(wire) or wire[3] & 0x0F != response[3] & 0x0F:
+            return None  # not the response re-addressed: a SERVFAIL in its place
+        differ = [i for i in range(len(wire)) if lowest[i] != highest[i]]
+        offsets = differ[::4]
+        if len(differ) != 4 * len(offsets) or any(differ[j] != differ[j - j % 4] + j % 4 for j in range(len(differ))):
+            return None
+        return cls(wire, offsets, [_TTL.unpack_from(wire, i)[0] for i in offsets])
+
+    def render(self, peek: Peek, ttl_of) -> bytes:
+        """The reply to ``peek``, each record's TTL replaced by ``ttl_of(ttl)``."""
+        reply = bytearray(self.wire)
+        _ID_FLAGS.pack_into(reply, 0, peek.id, (self.flags & ~_COPIED_FLAGS) | (peek.flags & _COPIED_FLAGS))
+        reply[HEADER_SIZE : HEADER_SIZE + len(peek.qname)] = peek.qname
+        for offset, ttl in zip(self.ttl_offsets, self.ttls):
+            _TTL.pack_into(reply, offset, ttl_of(ttl))
+        return bytes(reply)
+
+
+def with_ttls(response: bytes, new_ttl) -> bytes:
+    """``response`` with each record's TTL replaced by ``new_ttl(ttl)`` (OPT is no record). Raises one of
+    PARSE_ERRORS if it cannot be read."""
+    message = dns.message.from_wire(response)
+    for section in (message.answer, message.authority, message.additional):
+        for rrset in section:
+            rrset.ttl = new_ttl(rrset.ttl)
+    return message.to_wire(max_size=MAX_MESSAGE, want_shuffle=False)
+
+
 def upstream_query(key: Key, *, id: int) -> bytes:
     """The query we send upstream for ``key``: RD set, EDNS0 with payload 1232, no client options copied."""
     name, rdtype, rdclass = key
@@ -132,7 +262,9 @@ def reply_for(query: Query, response: bytes) -> bytes:
         message.use_edns(0, payload=EDNS_PAYLOAD, options=[])
     message.set_rcode(rcode)  # use_edns resets the extended rcode bits
     try:
-        return message.to_wire(max_size=MAX_MESSAGE)
+        # The records in the resolver's order (dnspython would shuffle them): the same reply from the cache's
+        # template as from here, and the resolver's own rotation, if any, kept.
+        return message.to_wire(max_size=MAX_MESSAGE, want_shuffle=False)
     except PARSE_ERRORS:  # TooBig: over 65535 bytes once re-encoded
         return servfail(query)
 

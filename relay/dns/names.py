@@ -15,7 +15,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from relay.addresses import plain_address
-from relay.dns.message import PARSE_ERRORS
+from relay.dns.message import PARSE_ERRORS, ReplyTemplate
 from relay.proto.sniff import valid_hostname
 
 # Clients keep using an address a little past its TTL (a connection begun just before it ran out, a cache that
@@ -50,9 +50,24 @@ class NameBook:
         """Remember the addresses of ``reply`` (a wire DNS response sent to ``client``) under the name it answers.
         A reply that cannot be read, or names nothing a proxy may be asked for, is ignored."""
         try:
-            client = normalized(client)
             answered = _answered(reply)
-        except PARSE_ERRORS:  # ValueError among them: a client that is no address
+        except PARSE_ERRORS:
+            answered = None
+        self._remember(client, answered, lambda ttl: ttl, now)
+
+    def learn_template(self, client: str, template: ReplyTemplate, ttl_of, now: float) -> None:
+        """As ``learn`` for ``template`` rendered with ``ttl_of`` (message.ReplyTemplate), which is read once."""
+        if template.names is None:
+            try:
+                template.names = _answered(template.wire) or ()
+            except PARSE_ERRORS:
+                template.names = ()
+        self._remember(client, template.names or None, ttl_of, now)
+
+    def _remember(self, client: str, answered, ttl_of, now: float) -> None:
+        try:
+            client = normalized(client)
+        except ValueError:  # a client that is no address
             return
         if now >= self._next_sweep:
             self._sweep(now)
@@ -61,7 +76,7 @@ class NameBook:
         name, addresses = answered
         for address, ttl in addresses:
             key = (client, address)
-            self._entries[key] = (name, now + min(max(ttl, MIN_LIFETIME), MAX_LIFETIME))
+            self._entries[key] = (name, now + min(max(ttl_of(ttl), MIN_LIFETIME), MAX_LIFETIME))
             self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -51,10 +51,7 @@ class Server:
             # One set of tunnels for every DNS upstream, so a reload can point them at the new pool.
             self.dns_tunnels = Tunnels(self.pool, self.dialer, config)
             resolvers = make_resolvers(config, pool=self.pool, dialer=self.dialer, tunnels=self.dns_tunnels)
-            self.dns = DnsService(config, resolvers, metrics, self.learn_names, fake_ips=self.fake_ips)
-
-    def learn_names(self, client: str, reply: bytes) -> None:
-        self.names.learn(client, reply, trio.current_time())
+            self.dns = DnsService(config, resolvers, metrics, self.names, fake_ips=self.fake_ips)
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""

@@ -19,6 +19,7 @@ from relay.config import Config, ConfigError
 from relay.dns import fakeip
 from relay.dns import service as service_module
 from relay.dns.cache import STALE_TTL, Cache
+from relay.dns.names import NameBook
 from relay.dns.resolvers import ResolverError
 from relay.dns.service import DnsService, SourceRates
 from relay.metrics import Metrics
@@ -60,10 +61,10 @@ def config_for(**values) -> Config:
 
 
 @asynccontextmanager
-async def running(resolvers=None, cache=None, answered=None, **values):
+async def running(resolvers=None, cache=None, names=None, **values):
     config = config_for(**values)
     metrics = Metrics(version="t", fast_path="t")
-    service = DnsService(config, resolvers or ScriptedResolvers(), metrics, answered, cache, fakeip.for_config(config))
+    service = DnsService(config, resolvers or ScriptedResolvers(), metrics, names, cache, fakeip.for_config(config))
     service.open()
     async with trio.open_nursery() as nursery:
         await nursery.start(service.serve)
@@ -339,14 +340,18 @@ async def test_an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp():
     assert len(addresses_of(whole)) == 100 and not whole.flags & dns.flags.TC
 
 
-async def test_a_flood_from_one_source_is_dropped_past_its_burst():
+async def test_a_flood_of_upstream_questions_from_one_source_is_dropped_past_its_burst():
     async with running() as service:
         service.rates = SourceRates(burst=5, rate=0.001)
-        answered = [not await silence_udp(service, dns.message.make_query("x.example.", "A").to_wire(), 0.5)]
-        for _ in range(7):
-            answered.append(not await silence_udp(service, dns.message.make_query("x.example.", "A").to_wire(), 0.1))
-    assert answered == [True] * 5 + [False] * 3
+        answered = []
+        for index in range(8):
+            wire = dns.message.make_query(f"n{index}.example.", "A").to_wire()
+            answered.append(not await silence_udp(service, wire, 0.5 if index < 5 else 0.1))
+        # The cache costs no upstream question: its answers are not limited.
+        cached = [not await silence_udp(service, dns.message.make_query("n0.example.", "A").to_wire(), 0.5)]
+    assert answered == [True] * 5 + [False] * 3 and cached == [True]
     assert service.metrics.dns_queries[("A", "dropped")] == 3
+    assert service.metrics.dns_queries[("A", "cache")] == 1
 
 
 def test_source_rates_stay_bounded_under_many_sources():
@@ -383,13 +388,16 @@ async def test_too_many_questions_in_flight_are_servfail_at_once(monkeypatch):
     assert third.rcode() == dns.rcode.SERVFAIL and len(resolvers.asked) == 2
 
 
-async def test_every_reply_with_addresses_is_told_with_its_client():
-    told = []
-    async with running(answered=lambda client, reply: told.append((client, reply))) as service:
+async def test_every_reply_with_addresses_is_learnt_for_its_client():
+    names = NameBook()
+    async with running(names=names) as service:
         await ask_udp(service)
-        await ask_udp(service)  # from the cache
-    assert [client for client, _ in told] == ["127.0.0.1", "127.0.0.1"]
-    assert all(addresses_of(dns.message.from_wire(reply)) == ["192.0.2.1"] for _, reply in told)
+        learnt = names.name_for("127.0.0.1", "192.0.2.1", trio.current_time())
+        service.names = fresh = NameBook()
+        await ask_udp(service)  # from the cache, by the hot path
+        relearnt = fresh.name_for("127.0.0.1", "192.0.2.1", trio.current_time())
+    assert learnt == relearnt == "host.example"
+    assert service.metrics.dns_queries[("A", "cache")] == 1
 
 
 def test_a_taken_port_is_a_clear_error():
