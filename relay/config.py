@@ -625,11 +625,11 @@ SETTINGS = [
     Setting(
         "dns-allow",
         parse_cidr,
-        [parse_cidr(text) for text in DNS_ALLOW_DEFAULT],
+        [],
         True,
         "CIDR",
-        "clients the DNS service answers; others get REFUSED; repeatable (default: private, loopback and "
-        "link-local ranges)",
+        "clients the DNS service answers; others get REFUSED; repeatable (default: the networks of --lan-iface, "
+        "without it the private, loopback and link-local ranges)",
     ),
     Setting(
         "dns-upstream",

@@ -15,6 +15,7 @@ from relay.config import (
     parse_upstream,
     redact_url,
 )
+from relay.dns.service import allowed_networks
 from relay.options import build_parser, load_config
 
 
@@ -149,7 +150,8 @@ def test_dns_defaults_resolve_through_the_tunnel_and_answer_private_ranges_only(
         "https://1.1.1.1:443/dns-query",
         "https://8.8.8.8:443/dns-query",
     ]
-    allowed = lambda address: any(ipaddress.ip_address(address) in net for net in config.dns_allow)  # noqa: E731
+    networks = allowed_networks(config)
+    allowed = lambda address: any(ipaddress.ip_address(address) in net for net in networks)  # noqa: E731
     assert allowed("192.168.1.20") and allowed("fd00::5") and allowed("127.0.0.1")
     assert not allowed("203.0.113.9") and not allowed("2001:db8::1")
 

@@ -7,15 +7,18 @@ waiting on them, TCP connections, queries in flight per TCP connection, and
 TCP idle time (RFC 7766). Identical questions asked at once go upstream once.
 """
 
+import ipaddress
+import json
 import logging
 import socket
+import subprocess
 import time
 
 import dns.rdatatype
 import trio
 
 from relay.addresses import format_address, plain_address
-from relay.config import Config, ConfigError
+from relay.config import DNS_ALLOW_DEFAULT, Config, ConfigError
 from relay.dns import message
 from relay.dns.cache import Cache
 from relay.dns.framing import FrameError, Framer, frame
@@ -102,11 +105,13 @@ class DnsService:
         self.warnings = RateLimited()
         self.sockets: list[socket.socket] = []
         self._nursery: trio.Nursery | None = None
-        self._allowed: dict[str, bool] = {}  # by client address, for self._allowed_by
-        self._allowed_by = config
+        self.allow: list = []  # the networks answered (allowed_networks), set by open()
+        self._allowed: dict[str, bool] = {}  # by client address, for the networks in self._allowed_by
+        self._allowed_by = self.allow
 
     def open(self) -> None:
         """Bind every --dns address, UDP and TCP; ConfigError with what stands in the way."""
+        self.allow = allowed_networks(self.config)
         try:
             for host, port in self.config.dns:
                 self.sockets.extend(_bound_pair(host, port))
@@ -136,12 +141,12 @@ class DnsService:
             self.close()
 
     def allowed(self, host: str) -> bool:
-        if self._allowed_by is not self.config:  # reloaded: --dns-allow may have changed
-            self._allowed, self._allowed_by = {}, self.config
+        if self._allowed_by is not self.allow:  # reloaded
+            self._allowed, self._allowed_by = {}, self.allow
         allowed = self._allowed.get(host)
         if allowed is None:
             address = plain_address(host.split("%", 1)[0])
-            allowed = any(address in network for network in self.config.dns_allow)
+            allowed = any(address in network for network in self.allow)
             if len(self._allowed) >= SOURCES_KEPT:
                 self._allowed.clear()
             self._allowed[host] = allowed
@@ -385,6 +390,51 @@ class DnsService:
                 time.monotonic() - started,
                 outcome,
             )
+
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def allowed_networks(config: Config) -> list:
+    """The clients the service answers: --dns-allow; by default the networks of every --lan-iface (and the
+    router's own loopback), or without --lan-iface the private, loopback and link-local ranges. ConfigError
+    if a --lan-iface cannot be read."""
+    if config.dns_allow:
+        return list(config.dns_allow)
+    if not config.lan_iface:
+        return [ipaddress.ip_network(text) for text in DNS_ALLOW_DEFAULT]
+    networks = list(LOOPBACK)
+    for iface in config.lan_iface:
+        found = interface_networks(_ip_addr_json(iface))
+        if not found:
+            log.warning("--lan-iface %s has no address: the DNS service answers none of its clients", iface)
+        networks += found
+    return networks
+
+
+def interface_networks(ip_json: str) -> list:
+    """The networks of the addresses in ``ip -json addr show`` output (IPv4 and IPv6, link-local included)."""
+    networks = []
+    for link in json.loads(ip_json):
+        for address in link.get("addr_info", ()):
+            try:
+                network = ipaddress.ip_interface(f"{address['local']}/{address['prefixlen']}").network
+            except (KeyError, ValueError):
+                continue
+            if network not in networks:
+                networks.append(network)
+    return networks
+
+
+def _ip_addr_json(iface: str) -> str:
+    try:
+        done = subprocess.run(["ip", "-json", "addr", "show", "dev", iface], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConfigError(f"--lan-iface {iface}: cannot read its addresses for --dns-allow: {exc}") from None
+    if done.returncode != 0:
+        reason = done.stderr.strip() or f"ip exited with status {done.returncode}"
+        raise ConfigError(f"--lan-iface {iface}: cannot read its addresses for --dns-allow: {reason}")
+    return done.stdout
 
 
 def _bound_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:

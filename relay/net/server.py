@@ -17,7 +17,7 @@ from relay.config import Config, ConfigError
 from relay.dns import fakeip, fakeip_store
 from relay.dns.names import NameBook
 from relay.dns.resolvers import Tunnels, make_resolvers
-from relay.dns.service import DnsService
+from relay.dns.service import DnsService, allowed_networks
 from relay.logs import log
 from relay.net.connections import Connections
 from relay.net.dial import Dialer, apply_mark
@@ -178,6 +178,7 @@ class Server:
                 await pool.resolve()
             else:
                 await pool.resolve(self.tunnels)
+            dns_allow = allowed_networks(new) if self.dns is not None else None
         except ConfigError as exc:
             log.warning("SIGHUP: keeping the old configuration: %s", exc)
             systemd.notify("READY=1")
@@ -192,6 +193,7 @@ class Server:
         self.connections.config, self.connections.pool = new, pool
         if self.dns is not None:
             self.dns.config = self.dns.resolvers.config = new
+            self.dns.allow = dns_allow
             self.dns_tunnels.pool, self.dns_tunnels.config = pool, new
         if self.fake_ips is not None:
             self.fake_ips.excluded = fakeip.excluded_suffixes(new)

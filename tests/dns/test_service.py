@@ -427,3 +427,39 @@ async def test_what_a_client_looked_up_is_logged_with_v_only(caplog, level, show
     assert ("private-lookup.example" in caplog.text) is shown
     assert ("another-private.example" in caplog.text) is shown
     assert "DNS upstreams failed" in caplog.text or level > logging.WARNING
+
+
+IP_ADDR_JSON = """[{"ifname": "lan0", "addr_info": [
+    {"family": "inet", "local": "192.168.7.1", "prefixlen": 24},
+    {"family": "inet", "local": "192.168.7.1", "prefixlen": 24},
+    {"family": "inet6", "local": "fd00:7::1", "prefixlen": 64},
+    {"family": "inet6", "local": "fe80::1", "prefixlen": 64},
+    {"family": "inet", "prefixlen": 24}, {"family": "inet", "local": "bogus", "prefixlen": 24}]}]"""
+
+
+def test_the_networks_of_an_interface_are_read_from_ip_json():
+    assert [str(network) for network in service_module.interface_networks(IP_ADDR_JSON)] == [
+        "192.168.7.0/24",
+        "fd00:7::/64",
+        "fe80::/64",
+    ]
+
+
+def test_by_default_the_lan_interfaces_networks_are_answered_and_no_other_private_range(monkeypatch):
+    monkeypatch.setattr(service_module, "_ip_addr_json", lambda iface: IP_ADDR_JSON)
+    networks = service_module.allowed_networks(config_for(**{"lan-iface": ["lan0"]}))
+    allowed = lambda address: any(ipaddress.ip_address(address) in net for net in networks)  # noqa: E731
+    assert allowed("192.168.7.20") and allowed("fd00:7::5") and allowed("127.0.0.1") and allowed("::1")
+    assert not allowed("10.0.0.1") and not allowed("192.168.8.1") and not allowed("fd00:8::1")
+    explicit = service_module.allowed_networks(config_for(**{"lan-iface": ["lan0"], "dns-allow": ["10.0.0.0/8"]}))
+    assert [str(network) for network in explicit] == ["10.0.0.0/8"]
+
+
+def test_a_lan_interface_that_does_not_exist_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"--lan-iface no-such-if0: cannot read its addresses for --dns-allow: "):
+        service_module.allowed_networks(config_for(**{"lan-iface": ["no-such-if0"]}))
+
+
+def test_the_loopback_interface_is_read_for_real():
+    networks = service_module.allowed_networks(config_for(**{"lan-iface": ["lo"]}))
+    assert ipaddress.ip_network("127.0.0.0/8") in networks

@@ -68,6 +68,25 @@ def test_a_client_outside_dns_allow_is_refused(lab, relays, unbound):
     assert " dns client=" not in relay.log_text()  # nothing went upstream
 
 
+def test_by_default_only_the_lan_interfaces_network_is_answered(lab, relays, unbound):
+    """With --lan-iface and no --dns-allow, the far side (a private range too) is refused on the WAN address."""
+    start(
+        relays,
+        UPSTREAMS["dante"],
+        "--dns-upstream",
+        unbound.doh_url,
+        "--dns-ca",
+        str(unbound.ca_file),
+        "--dns",
+        f"{ADDR.router_wan4}:53",
+        "--lan-iface",
+        ADDR.router_lan_if,
+    )
+    assert dig(lab, "far-only.example", "A") == ("NOERROR", [ADDR.server4])
+    wan = lab.run("far", ["dig", f"@{ADDR.router_wan4}", "+time=4", "+tries=1", "far-only.example", "A"], check=False)
+    assert "status: REFUSED" in wan.stdout, wan.stdout
+
+
 def test_a_dns_upstream_the_proxy_refuses_is_servfail_at_once(lab, relays, unbound, figures):
     """squid (stock rules: CONNECT to 443 only) refuses a DoH server on another port: SERVFAIL, quickly."""
     start(
