@@ -52,17 +52,14 @@ def test_dig_over_udp_and_tcp_gets_the_far_sides_answers(lab, relays, unbound, p
     assert len(upstream_lines) == 3, relay.log_text()[-2000:]  # -v: one per question that went upstream
 
 
-def test_a_client_outside_dns_allow_is_refused(lab, relays, unbound):
-    relay = start(
-        relays,
-        UPSTREAMS["dante"],
-        "--dns-upstream",
-        unbound.doh_url,
-        "--dns-ca",
-        str(unbound.ca_file),
-        "--dns-allow",
-        "10.77.9.0/24",
+def start_doh_via_dante(relays, unbound, *extra: str):
+    return start(
+        relays, UPSTREAMS["dante"], "--dns-upstream", unbound.doh_url, "--dns-ca", str(unbound.ca_file), *extra
     )
+
+
+def test_a_client_outside_dns_allow_is_refused(lab, relays, unbound):
+    relay = start_doh_via_dante(relays, unbound, "--dns-allow", "10.77.9.0/24")
     assert dig(lab, "far-only.example", "A") == ("REFUSED", [])
     assert dig(lab, "+tcp", "far-only.example", "A") == ("REFUSED", [])
     assert " dns client=" not in relay.log_text()  # nothing went upstream
@@ -70,18 +67,7 @@ def test_a_client_outside_dns_allow_is_refused(lab, relays, unbound):
 
 def test_by_default_only_the_lan_interfaces_network_is_answered(lab, relays, unbound):
     """With --lan-iface and no --dns-allow, the far side (a private range too) is refused on the WAN address."""
-    start(
-        relays,
-        UPSTREAMS["dante"],
-        "--dns-upstream",
-        unbound.doh_url,
-        "--dns-ca",
-        str(unbound.ca_file),
-        "--dns",
-        f"{ADDR.router_wan4}:53",
-        "--lan-iface",
-        ADDR.router_lan_if,
-    )
+    start_doh_via_dante(relays, unbound, "--dns", f"{ADDR.router_wan4}:53", "--lan-iface", ADDR.router_lan_if)
     assert dig(lab, "far-only.example", "A") == ("NOERROR", [ADDR.server4])
     wan = lab.run("far", ["dig", f"@{ADDR.router_wan4}", "+time=4", "+tries=1", "far-only.example", "A"], check=False)
     assert "status: REFUSED" in wan.stdout, wan.stdout
