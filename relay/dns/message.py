@@ -4,6 +4,7 @@ Callers pass and get wire bytes; dnspython does every encoding and decoding. Not
 malformed input except ``parse_query`` (``BadQuery``): the other functions answer SERVFAIL, False or None.
 """
 
+import functools
 import re
 import struct
 from dataclasses import dataclass, field
@@ -287,10 +288,17 @@ def truncated_for_udp(reply: bytes, limit: int) -> bytes:
     return wire if len(wire) <= limit else b""
 
 
+@functools.lru_cache(maxsize=64)
+def read_response(response: bytes) -> dns.message.Message:
+    """``response`` parsed, for readers only (never modify what it returns): an upstream answer is checked,
+    its TTL read and its names learnt, and one parse serves them all. Raises one of PARSE_ERRORS."""
+    return dns.message.from_wire(response)
+
+
 def response_matches(key: Key, id: int, response: bytes) -> bool:
     """Whether ``response`` answers our query for ``key`` with ``id``; anything else is discarded (RFC 5452)."""
     try:
-        message = dns.message.from_wire(response)
+        message = read_response(response)
     except PARSE_ERRORS:
         return False
     if not message.flags & dns.flags.QR or message.id != id or message.opcode() != dns.opcode.QUERY:
@@ -310,7 +318,7 @@ def ttl_of(response: bytes) -> int | None:
     are not cached. Nor are SERVFAIL, REFUSED and other errors, or truncated responses.
     """
     try:
-        message = dns.message.from_wire(response)
+        message = read_response(response)
     except PARSE_ERRORS:
         return None
     rcode = message.rcode()
@@ -351,8 +359,11 @@ LABELLED_TYPES = frozenset(
 )
 
 
+_TYPE_LABELS = {rdtype: dns.rdatatype.to_text(rdtype) for rdtype in LABELLED_TYPES}
+
+
 def type_label(rdtype: int) -> str:
-    return dns.rdatatype.to_text(rdtype) if rdtype in LABELLED_TYPES else "other"
+    return _TYPE_LABELS.get(rdtype, "other")
 
 
 def rcode_text(response: bytes) -> str:

@@ -15,7 +15,7 @@ import dns.rdataclass
 import dns.rdatatype
 
 from relay.addresses import plain_address
-from relay.dns.message import PARSE_ERRORS, ReplyTemplate
+from relay.dns.message import PARSE_ERRORS, ReplyTemplate, read_response
 from relay.proto.sniff import valid_hostname
 
 # Clients keep using an address a little past its TTL (a connection begun just before it ran out, a cache that
@@ -106,7 +106,7 @@ class NameBook:
 def _answered(reply: bytes) -> tuple[str, list[tuple[str, int]]] | None:
     """(the name asked, [(address, TTL)] of every A and AAAA record reached from it through CNAMEs), or None when
     ``reply`` answers no such name with addresses. Raises one of PARSE_ERRORS if it is not a DNS message."""
-    message = dns.message.from_wire(reply)
+    message = read_response(reply)
     if not message.flags & dns.flags.QR or len(message.question) != 1:
         return None
     question = message.question[0]

@@ -325,13 +325,16 @@ class DnsService:
                 return self.told(client, message.reply_for(query, stale[0]))
         if response is not None:
             self.metrics.dns_query(qtype, "upstream")
-            return self.told(client, message.reply_for(query, response))
+            return self.told(client, message.reply_for(query, response), response)
         self.metrics.dns_query(qtype, "servfail")
         return message.servfail(query)
 
-    def told(self, client: str, reply: bytes) -> bytes:
+    def told(self, client: str, reply: bytes, response: bytes | None = None) -> bytes:
+        """``reply`` after the name book learnt it; from ``response``, the upstream answer it re-addresses, when
+        given and not replaced by an error: that one has been read already (message.read_response)."""
         if self.names is not None:
-            self.names.learn(client, reply, trio.current_time())
+            same = response is not None and len(reply) >= 4 and reply[3] & 0x0F == response[3] & 0x0F
+            self.names.learn(client, response if same else reply, trio.current_time())
         return reply
 
     def cache_hit(self, wire: bytes, client: str, over_udp: bool) -> bytes | None:
