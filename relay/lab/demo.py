@@ -8,6 +8,12 @@ The client's own DNS (its /etc/hosts) maps the web server's name to a wrong
 address, as a resolver may hand out the CDN node for another region. The relay
 sniffs the name from the client's first bytes (HTTP Host, TLS SNI) and asks
 squid for the name, so it is resolved on the far side, where it is right.
+
+The LAN's resolver (a dnsmasq on the router) poisons another name; the router
+sends the LAN's DNS to the relay's own DNS service instead, which resolves it
+on the far side (unbound, over DNS over HTTPS through the tunnel), and the
+client's ssh to that name is opened by name at once, though SSH never says a
+name itself.
 Needs root. Everything is torn down at the end, also after an error, Ctrl-C or
 SIGTERM.
 """
@@ -31,7 +37,21 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from relay.addresses import format_address
-from relay.lab import ADDR, Lab, LabError, Squid, SquidLogEntry, start_squid, start_ssh_tunnel, start_sshd
+from relay.lab import (
+    ADDR,
+    Lab,
+    LabError,
+    Squid,
+    SquidLogEntry,
+    Sshd,
+    Unbound,
+    ssh_argv,
+    start_dnsmasq,
+    start_squid,
+    start_ssh_tunnel,
+    start_sshd,
+    start_unbound,
+)
 from relay.lab.servers import HttpServer, NxdomainDns, TrafficServer, pattern_sha256
 from relay.lab.services import RelayProcess, intercept, start_relay
 
@@ -44,6 +64,10 @@ NAME = "mirror.relaylab.test"
 # What the client's DNS says: far's leg on the server network, where no web server listens.
 WRONG_ADDRESS = ADDR.far_server_side4
 HELLO = b"hello from the lab server\n"  # what HttpServer answers on /hello
+SSH_NAME = "git.relaylab.example"  # the name the LAN's resolver poisons; the client logs in to it by ssh
+SSH_GREETING = "hello over ssh from the server"
+LAN_RESOLVER = "10.77.1.53"  # the LAN's own resolver, on the router: what the client's resolv.conf names
+DNS_PORT = 53
 HTTP_FILE_SIZE = 32 << 20
 IPV6_SIZE = 1 << 20
 BULK_SEED, IPV6_SEED = 1, 2
@@ -224,6 +248,29 @@ def _squid_entries(squid: Squid, wanted: set[tuple[str, str]]) -> list[SquidLogE
         time.sleep(0.05)
 
 
+@dataclass
+class NameLookup:
+    poisoned: list[str]  # what the LAN's resolver answers, asked from the router (not redirected)
+    answered: list[str]  # what the client got asking the same resolver: the relay's answer
+    ssh_output: str
+    ssh_seconds: float
+
+
+def _dig(lab: Lab, host: str) -> list[str]:
+    result = lab.run(host, ["dig", "+short", "+time=5", "+tries=1", f"@{LAN_RESOLVER}", SSH_NAME, "A"], check=False)
+    return result.stdout.split()
+
+
+def _ssh_by_name(lab: Lab, sshd: Sshd) -> NameLookup:
+    """The client resolves SSH_NAME by its resolv.conf and logs in by ssh; the router's DNS is the relay's."""
+    poisoned, answered = _dig(lab, "router"), _dig(lab, "client")
+    started = time.monotonic()
+    argv = ssh_argv(sshd, destination=f"root@{SSH_NAME}") + [f"echo {SSH_GREETING}"]
+    result = lab.run("client", argv, check=False, timeout=TRANSFER_TIMEOUT)
+    output = (result.stdout.strip() or result.stderr.strip())[-200:]
+    return NameLookup(poisoned, answered, output, time.monotonic() - started)
+
+
 # -- the report ---------------------------------------------------------------
 
 
@@ -244,7 +291,7 @@ def _rate_text(size: int, seconds: float) -> str:
 
 
 def _relay_end(conn: dict[str, str]) -> str:
-    extras = [f"{key}={conn[key]}" for key in ("http-requests", "retried-by-ip") if key in conn]
+    extras = [f"{key}={conn[key]}" for key in ("name-from", "http-requests", "retried-by-ip") if key in conn]
     return " ".join([conn.get("end", "?"), *extras])
 
 
@@ -263,6 +310,7 @@ def _report(
     fast_path: str,
     squid_entries: list[SquidLogEntry],
     https_note: str,
+    lookup: NameLookup,
     failures: list[str],
 ) -> str:
     vias = ", ".join(sorted({conn.get("via", "?") for conn in connections})) or "-"
@@ -271,9 +319,12 @@ def _report(
         f"  client {ADDR.client4} [{ADDR.client6}]  no proxy settings; its /etc/hosts: {NAME} = {WRONG_ADDRESS}",
         f"  -> router  iptables REDIRECT (IPv4+IPv6) -> relay :{RELAY_PORT} -> ssh -L {_endpoint(*PROXY)}"
         " (no route to the server)",
+        f"     the LAN's resolver {LAN_RESOLVER} (dnsmasq) poisons {SSH_NAME} = {WRONG_ADDRESS}; the client's DNS"
+        f" (UDP and TCP 53) is redirected to the relay's --dns {ADDR.router_lan4}:{DNS_PORT}",
         f"  -> far {ADDR.far4}  sshd, squid on its own {_endpoint(*PROXY)}; its /etc/hosts: {NAME} = {ADDR.server4}",
+        f"     unbound (DNS over HTTPS) on {ADDR.far_server_side4}: {SSH_NAME} = {ADDR.server4}",
         f"  -> server {ADDR.server4} [{ADDR.server6}]  HTTP :{HTTP_PORT}, HTTPS :{HTTPS_PORT}{https_note}, "
-        f"traffic server :{TRAFFIC_PORT}",
+        f"traffic server :{TRAFFIC_PORT}, sshd :22",
         "",
         f"{'transfer from the client':<42} {'size':>10} {'time':>8} {'throughput':>13}  sha256",
     ]
@@ -304,16 +355,40 @@ def _report(
             f"names: the client's DNS says {NAME} = {WRONG_ADDRESS} (wrong: no web server there);",
             f"       the relay asked squid for the name, and squid resolved it on the far side to {resolved}",
         ]
-    lines.append("")
+    lines += [
+        "",
+        f"DNS: the LAN's resolver, asked from the router, says {SSH_NAME} = {', '.join(lookup.poisoned) or 'nothing'};",
+        f"     the client asking it got {', '.join(lookup.answered) or 'nothing'}: answered by the relay, resolved by"
+        " unbound on far over DoH through the tunnel",
+        f"ssh root@{SSH_NAME} 'echo ...' from the client: {lookup.ssh_output!r} in {lookup.ssh_seconds:.2f} s",
+        "",
+    ]
     if failures:
         lines += [f"FAILED: {failure}" for failure in failures]
     else:
         lines += [
             f"all checks passed: sha256 of {len(transfers)} transfers, each relayed (by name where the client "
             "used one),",
-            "  each seen by squid as coming through the ssh tunnel (127.0.0.1) and connecting to the server",
+            "  each seen by squid as coming through the ssh tunnel (127.0.0.1) and connecting to the server;",
+            f"  {SSH_NAME} resolved on the far side, and the ssh connection opened by that name (name-from=dns)",
         ]
     return "\n".join(lines)
+
+
+def _lookup_failures(lookup: NameLookup, connections: list[dict[str, str]], squid: Squid) -> list[str]:
+    failures = []
+    if lookup.poisoned != [WRONG_ADDRESS]:
+        failures.append(f"the LAN's resolver answered {lookup.poisoned}, not the poisoned {WRONG_ADDRESS}")
+    if lookup.answered != [ADDR.server4]:
+        failures.append(f"the client's lookup of {SSH_NAME} got {lookup.answered}, not far's {ADDR.server4}")
+    if lookup.ssh_output != SSH_GREETING:
+        failures.append(f"ssh to {SSH_NAME}: {lookup.ssh_output!r}")
+    by_name = [conn for conn in connections if conn.get("name") == SSH_NAME and conn.get("name-from") == "dns"]
+    if not by_name:
+        failures.append(f"the relay logged no connection opened by the name {SSH_NAME} from its DNS")
+    if f"{SSH_NAME}:22" not in squid.connect_targets():
+        failures.append(f"squid logged no CONNECT {SSH_NAME}:22")
+    return failures
 
 
 def _failures(
@@ -348,29 +423,55 @@ def _failures(
 # -- putting it together --------------------------------------------------------
 
 
-def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess]:
+def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess, Sshd]:
     # Before any daemon or client starts: only processes started afterwards see these files.
     lab.set_hosts("client", {NAME: WRONG_ADDRESS})
-    lab.set_hosts("far", {NAME: ADDR.server4})
+    lab.set_resolver("client", LAN_RESOLVER)  # its hosts file first, then the LAN's resolver
+    lab.set_hosts("far", {NAME: ADDR.server4, SSH_NAME: ADDR.server4})
     NxdomainDns(lab, "far")  # squid's lookups of other names fail at once instead of timing out
-    _progress("starting sshd and squid on far")
+    _progress("starting sshd, squid and unbound on far, sshd on the server, the LAN's dnsmasq on the router")
     sshd = start_sshd(lab)
     squid = start_squid(lab, listen=[PROXY])
+    unbound = start_unbound(lab, data={f"{SSH_NAME}.": [("A", ADDR.server4)]})
+    server_sshd = start_sshd(lab, host="server", name="sshd-server")
+    lab.run("router", ["ip", "addr", "add", f"{LAN_RESOLVER}/24", "dev", ADDR.router_lan_if])
+    start_dnsmasq(lab, {SSH_NAME: WRONG_ADDRESS}, host="router", address=LAN_RESOLVER)
     _progress(f"starting the ssh -L tunnel and the relay on the router{' (pure Python)' if pure else ''}")
     start_ssh_tunnel(lab, sshd, forwards=("-L", f"{_endpoint(*PROXY)}:{_endpoint(*PROXY)}"))
-    relay = start_relay(
-        lab,
-        ["--upstream", _endpoint(*PROXY), "--listen", f"0.0.0.0:{RELAY_PORT}", "--listen", f"[::]:{RELAY_PORT}"],
-        pure=pure,
-    )
+    relay = start_relay(lab, _relay_options(unbound), pure=pure)
+    _intercept_dns(lab)
     intercept(lab, "redirect", RELAY_PORT)
-    return squid, relay
+    return squid, relay, server_sshd
+
+
+def _relay_options(unbound: Unbound) -> list[str]:
+    return [
+        "--upstream",
+        _endpoint(*PROXY),
+        "--listen",
+        f"0.0.0.0:{RELAY_PORT}",
+        "--listen",
+        f"[::]:{RELAY_PORT}",
+        "--dns",
+        f"{ADDR.router_lan4}:{DNS_PORT}",
+        "--dns-upstream",
+        unbound.doh_url,
+        "--dns-ca",
+        str(unbound.ca_file),
+    ]
+
+
+def _intercept_dns(lab: Lab) -> None:
+    """The LAN's DNS, whichever resolver it names, to the relay's DNS service (as `relay rules --dns` does)."""
+    for protocol in ("udp", "tcp"):
+        rule = ["-i", ADDR.router_lan_if, "-p", protocol, "--dport", str(DNS_PORT)]
+        lab.run("router", ["iptables", "-w", "-t", "nat", "-I", "PREROUTING", *rule, "-j", "REDIRECT"])
 
 
 def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
     """Build the deployment, send the traffic; returns the report and the failed checks."""
     _progress(f"lab {lab.prefix} is up, files in {lab.tmpdir}")
-    squid, relay = _start_deployment(lab, pure)
+    squid, relay, server_sshd = _start_deployment(lab, pure)
     fast_path = re.search(r"fast path: (.+)$", relay.log_text(), re.MULTILINE)
     _progress(f"relay is up on the router :{RELAY_PORT}")
     body = os.urandom(HTTP_FILE_SIZE)
@@ -389,9 +490,12 @@ def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
         transfers.append(
             _traffic_download(lab, ADDR.server6, IPV6_SIZE, IPV6_SEED, f"DOWN {_size_text(IPV6_SIZE)} over IPv6")
         )
-    connections = relay.connections(at_least=len(transfers), timeout=LOG_TIMEOUT)
-    squid_entries = _squid_entries(squid, {transfer.squid_request for transfer in transfers})
-    failures = _failures(transfers, connections, squid_entries)
+    _progress(f"client: ssh root@{SSH_NAME}, a name the LAN's resolver poisons")
+    lookup = _ssh_by_name(lab, server_sshd)
+    connections = relay.connections(at_least=len(transfers) + 1, timeout=LOG_TIMEOUT)
+    wanted = {transfer.squid_request for transfer in transfers} | {("CONNECT", f"{SSH_NAME}:22")}
+    squid_entries = _squid_entries(squid, wanted)
+    failures = _failures(transfers, connections, squid_entries) + _lookup_failures(lookup, connections, squid)
     report = _report(
         lab,
         transfers,
@@ -399,6 +503,7 @@ def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
         fast_path[1] if fast_path else "not logged",
         squid_entries,
         "" if ca_file else " (not fetched: trustme not installed)",
+        lookup,
         failures,
     )
     return report, failures

@@ -595,6 +595,36 @@ def start_sshd(lab: Lab, host: str = "far", port: int = 22, name: str = "sshd") 
     return sshd
 
 
+def ssh_argv(sshd: Sshd, *options: str, destination: str | None = None) -> list[str]:
+    """An ssh command logging in to ``sshd`` by the lab's key, with none of the machine's configuration or
+    known hosts; ``destination`` is root@ its address unless given (a name works too: ssh resolves it)."""
+    return [
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-i",
+        str(sshd.client_key),
+        "-p",
+        str(sshd.port),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",  # no "Permanently added ..." on every start
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=5",
+        *options,
+        destination or f"root@{sshd.address}",
+    ]
+
+
 @dataclass(kw_only=True)
 class SshTunnel(Service):
     sshd: Sshd
@@ -623,29 +653,9 @@ def start_ssh_tunnel(
 
     Waits until ``wait`` (by default the first -L/-D listener) accepts.
     """
-    argv = [
-        "ssh",
+    argv = ssh_argv(
+        sshd,
         "-N",
-        "-F",
-        "/dev/null",
-        "-i",
-        str(sshd.client_key),
-        "-p",
-        str(sshd.port),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "GlobalKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",  # no "Permanently added ..." on every start
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ConnectTimeout=5",
         "-o",
         "ExitOnForwardFailure=yes",
         # Notice a dead far end within ~6 s and exit, as a real tunnel would.
@@ -654,8 +664,7 @@ def start_ssh_tunnel(
         "-o",
         "ServerAliveCountMax=3",
         *forwards,
-        f"root@{sshd.address}",
-    ]
+    )
     tunnel = SshTunnel(
         lab, host, name, argv, ready=wait or _first_forward_listener(forwards), sshd=sshd, forwards=list(forwards)
     )

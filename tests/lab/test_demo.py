@@ -77,7 +77,7 @@ def test_demo_reports_every_transfer_intact_and_cleans_up(require_root):
     for transfer in (rf"curl http://{name}/file", rf"curl https://{name}/hello", "DOWN 16 MiB", "DOWN 1 MiB over IPv6"):
         assert re.search(rf"^\s*{transfer}\s.*\sOK$", report, re.MULTILINE), report
     # The client's DNS sent it to the wrong address; the relay asked squid for the name instead.
-    for port, end in ((80, r"closed http-requests=1"), (443, r"closed")):
+    for port, end in ((80, r"closed name-from=host http-requests=1"), (443, r"closed name-from=sni")):
         assert re.search(
             rf"^\s*{re.escape(ADDR.client4)}:\d+\s+{wrong}:{port}\s+{name}\s.*\s{end}$", report, re.MULTILINE
         ), report
@@ -99,9 +99,18 @@ def test_demo_reports_every_transfer_intact_and_cleans_up(require_root):
             re.MULTILINE,
         ), report
     assert re.search(rf"squid resolved it on the far side to {server}$", report, re.MULTILINE), report
+    # The LAN's resolver poisons SSH_NAME; the client's DNS went to the relay's, which asked the far side.
+    ssh_name = re.escape(demo.SSH_NAME)
+    assert re.search(rf"says {ssh_name} = {wrong};$", report, re.MULTILINE), report
+    assert re.search(rf"the client asking it got {server}: answered by the relay", report), report
+    assert re.search(
+        rf"^\s*{re.escape(ADDR.client4)}:\d+\s+{server}:22\s+{ssh_name}\s.*\sclosed name-from=dns$", report, re.M
+    ), report
+    assert re.search(rf"CONNECT {ssh_name}:22\s+TCP_TUNNEL/200\s+HIER_DIRECT/{server}$", report, re.M), report
+    assert f"'{demo.SSH_GREETING}' in " in report
     assert re.search(r"fast path: \w", report), report
     assert "all checks passed" in report and "FAILED" not in report
-    assert 25 <= len(report.splitlines()) <= 35, report
+    assert 30 <= len(report.splitlines()) <= 45, report
     lab = _lab_line(result.stderr)
     assert _leftovers(lab["prefix"], lab["tmpdir"]) == []
 
