@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import socket
+import struct
 import subprocess
 import time
 
@@ -157,10 +158,11 @@ class DnsService:
     async def serve_udp(self, sock: socket.socket) -> None:
         """Datagrams are read and answered without a wait while they keep coming (a cache hit costs no
         scheduling), up to UDP_BATCH in a row before other tasks get a turn."""
+        receive = _receive_with_destination if _is_wildcard(sock) else _receive
         while True:
             for _ in range(UDP_BATCH):
                 try:
-                    wire, peer = sock.recvfrom(UDP_RECEIVE_SIZE)
+                    wire, peer, source = receive(sock)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
                     break
@@ -169,22 +171,26 @@ class DnsService:
                     continue
                 reply = self.answer_now(wire, peer[0], over_udp=True)
                 if isinstance(reply, message.Query):
-                    self._nursery.start_soon(self.resolve_for_udp, sock, reply, peer)
+                    self._nursery.start_soon(self.resolve_for_udp, sock, reply, peer, source)
                 elif reply is not None:
-                    await self.send_udp(sock, reply, peer)
+                    await self.send_udp(sock, reply, peer, source)
             else:
                 await trio.lowlevel.checkpoint()
 
-    async def resolve_for_udp(self, sock: socket.socket, query: message.Query, peer) -> None:
+    async def resolve_for_udp(self, sock: socket.socket, query: message.Query, peer, source) -> None:
         reply = await self.resolve(query, peer[0])
-        await self.send_udp(sock, message.truncated_for_udp(reply, query.udp_limit), peer)
+        await self.send_udp(sock, message.truncated_for_udp(reply, query.udp_limit), peer, source)
 
-    async def send_udp(self, sock: socket.socket, reply: bytes, peer) -> None:
+    async def send_udp(self, sock: socket.socket, reply: bytes, peer, source) -> None:
+        """``source``: None, or the control message that sends from the address the client asked."""
         if not reply:
             return  # an upstream answer too large and unparsable: the client will retry over TCP or elsewhere
         while True:
             try:
-                sock.sendto(reply, peer)
+                if source is not None:
+                    sock.sendmsg([reply], [source], 0, peer)
+                else:
+                    sock.sendto(reply, peer)
                 return
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
@@ -440,6 +446,32 @@ def _ip_addr_json(iface: str) -> str:
     return done.stdout
 
 
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11 does not name it
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, the source to send from, the header's destination
+_CMSG_SPACE = socket.CMSG_SPACE(max(_IN_PKTINFO.size, 20))  # in6_pktinfo: 16-byte address, ifindex
+
+
+def _is_wildcard(sock: socket.socket) -> bool:
+    return sock.getsockname()[0] in ("0.0.0.0", "::")
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, tuple, None]:
+    return *sock.recvfrom(UDP_RECEIVE_SIZE), None
+
+
+def _receive_with_destination(sock: socket.socket) -> tuple[bytes, tuple, tuple | None]:
+    """As _receive, for a socket bound to 0.0.0.0 or ::, where the kernel would choose a reply's source by
+    the route back, not by the address asked: on a router with several, the client would drop the reply."""
+    wire, ancillary, _, address = sock.recvmsg(UDP_RECEIVE_SIZE, _CMSG_SPACE)
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+            _, _, destination = _IN_PKTINFO.unpack_from(data)
+            return wire, address, (level, kind, _IN_PKTINFO.pack(0, destination, bytes(4)))
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+            return wire, address, (level, kind, data)  # the address asked, and its interface
+    return wire, address, None
+
+
 def _bound_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     """UDP and TCP sockets bound to ``host``:``port``; port 0: one free port for both."""
     for _ in range(PORT_TRIES):
@@ -462,6 +494,11 @@ def _bound(host: str, port: int, kind: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 gets its own socket
         sock.bind((host, port))
         sock.setblocking(False)
+        if kind == socket.SOCK_DGRAM and host in ("0.0.0.0", "::"):
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         if kind == socket.SOCK_STREAM:
             sock.listen(TCP_BACKLOG)
     except PermissionError:

@@ -463,3 +463,23 @@ def test_a_lan_interface_that_does_not_exist_is_a_clear_error():
 def test_the_loopback_interface_is_read_for_real():
     networks = service_module.allowed_networks(config_for(**{"lan-iface": ["lo"]}))
     assert ipaddress.ip_network("127.0.0.0/8") in networks
+
+
+@pytest.mark.parametrize("asked", ["127.0.0.2", "127.0.0.1"])
+async def test_on_a_wildcard_address_the_reply_comes_from_the_address_asked(asked):
+    """Bound to 0.0.0.0, the kernel would send from the route's address (127.0.0.1 here): a client that
+    asked 127.0.0.2 would drop it, as a connected socket does."""
+    config = config_for()
+    config.dns = [("0.0.0.0", 0)]
+    service = DnsService(config, ScriptedResolvers(), Metrics(version="t", fast_path="t"))
+    service.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.serve)
+        with trio.socket.socket(type=socket.SOCK_DGRAM) as client:
+            await client.connect((asked, service.addresses[0][1]))
+            for _ in range(2):  # upstream, then from the cache
+                await client.send(dns.message.make_query("host.example.", "A").to_wire())
+                with trio.fail_after(3):
+                    reply = dns.message.from_wire(await client.recv(4096))
+                assert addresses_of(reply) == ["192.0.2.1"]
+        nursery.cancel_scope.cancel()
