@@ -4,6 +4,7 @@ Callers pass and get wire bytes; dnspython does every encoding and decoding. Not
 malformed input except ``parse_query`` (``BadQuery``): the other functions answer SERVFAIL, False or None.
 """
 
+import copy
 import functools
 import re
 import struct
@@ -214,12 +215,26 @@ def with_ttls(response: bytes, new_ttl) -> bytes:
 
 
 def upstream_query(key: Key, *, id: int) -> bytes:
-    """The query we send upstream for ``key``: RD set, EDNS0 with payload 1232, no client options copied."""
+    """The query we send upstream for ``key``: RD set, EDNS0 with payload 1232, no client options copied.
+    Written directly for a plain name (what peek_query takes), byte for byte what dnspython writes (tested)."""
     name, rdtype, rdclass = key
-    query = dns.message.make_query(
-        dns.name.from_text(name), rdtype, rdclass, use_edns=0, payload=EDNS_PAYLOAD, options=[], id=id
-    )
-    return query.to_wire()
+    plain = name[:-1].encode("ascii", "replace")
+    labels = plain.split(b".")
+    if (
+        not name.endswith(".")
+        or _PLAIN_NAME.fullmatch(plain) is None
+        or len(plain) + 2 > _MAX_NAME
+        or max(map(len, labels)) > 63
+    ):
+        query = dns.message.make_query(
+            dns.name.from_text(name), rdtype, rdclass, use_edns=0, payload=EDNS_PAYLOAD, options=[], id=id
+        )
+        return query.to_wire()
+    qname = b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
+    return _HEADER.pack(id, dns.flags.RD, 1, 0, 0, 1) + qname + _TYPE_CLASS.pack(rdtype, rdclass) + _OUR_OPT
+
+
+_OUR_OPT = _OPT.pack(0, _OPT_TYPE, EDNS_PAYLOAD, 0, 0, 0, 0)
 
 
 def refused(query: Query) -> bytes:
@@ -247,7 +262,11 @@ def reply_for(query: Query, response: bytes) -> bytes:
     """The upstream or cached ``response`` re-addressed to this client: its ID, its question as asked (0x20 casing),
     its RD and CD bits, OPT only if it sent one (ours, without upstream's options). SERVFAIL if unusable."""
     try:
-        message = dns.message.from_wire(response)
+        # A copy of the parse the upstream answer's checks made (read_response's is shared): below, only
+        # attributes are set, and the question replaced in a list of sections of the copy's own.
+        parsed = read_response(response)
+        message = copy.copy(parsed)
+        message.sections = list(parsed.sections)
     except PARSE_ERRORS:
         return servfail(query)
     rcode = message.rcode()

@@ -9,13 +9,14 @@ import struct
 import dns.edns
 import dns.flags
 import dns.message
+import dns.rdataclass
 import dns.rdatatype
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.dns.cache import Cache
-from relay.dns.message import BadQuery, parse_query, peek_query, reply_for
+from relay.dns.message import BadQuery, parse_query, peek_query, read_response, reply_for, ttl_of, upstream_query
 from tests.dns.support import SOA, response
 
 LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_", min_size=1, max_size=20)
@@ -196,3 +197,32 @@ def test_bad_queries_stay_bad():
     with pytest.raises(BadQuery):
         parse_query(b"\x00" * 11)
     assert peek_query(b"\x00" * 11) is None
+
+
+@settings(max_examples=500)
+@given(name=NAMES, rdtype=TYPES, id_=st.integers(0, 0xFFFF))
+def test_an_upstream_query_is_what_dnspython_writes(name, rdtype, id_):
+    try:
+        expected = dns.message.make_query(
+            dns.name.from_text(name.lower()), rdtype, use_edns=0, payload=1232, options=[], id=id_
+        ).to_wire()
+    except dns.exception.DNSException:
+        return
+    key = (dns.name.from_text(name.lower()).to_text(), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
+    assert upstream_query(key, id=id_) == expected
+
+
+@pytest.mark.parametrize("name", ["a" * 63 + ".example.", "x." * 127])
+def test_upstream_queries_at_the_name_limits(name):
+    key = (name, dns.rdatatype.A, dns.rdataclass.IN)
+    assert upstream_query(key, id=7) == dns.message.make_query(name, "A", use_edns=0, payload=1232, id=7).to_wire()
+
+
+def test_re_addressing_an_answer_leaves_the_shared_parse_as_it_was():
+    name, rdtype, cached = cached_responses()[3]
+    before = read_response(cached).to_wire()
+    for edns in (False, True):
+        asked = dns.message.make_query(name.upper(), rdtype, use_edns=0 if edns else False, id=99)
+        asked.flags &= ~dns.flags.RD
+        reply_for(parse_query(asked.to_wire()), cached)
+    assert read_response(cached).to_wire() == before and ttl_of(cached) == 120
