@@ -29,6 +29,8 @@ MAX_TCP_IN_FLIGHT = 100  # queries pipelined on one TCP connection
 RECEIVE_SIZE = 65536
 UDP_RESEND_AFTER = 1.0  # a lost datagram is sent again rather than waited for until the timeout
 PING_WAIT = 1.0  # an HTTP/2 PING unanswered this long: the connection is given up
+KEEP_WARM = 300.0  # seconds after a query during which a resolver's closed connection is reopened at once
+REOPEN_TIMEOUT = 10.0
 DOWN_FOR = 30.0  # seconds a resolver that failed again and again is skipped while another one answers
 SERVFAIL, REFUSED = 2, 5
 
@@ -228,6 +230,7 @@ class Session:
         self._wake_writer = trio.Event()
         self._changed = trio.lowlevel.ParkingLot()  # queries waiting for room on this connection
         self._scope = trio.CancelScope()
+        self.on_end = None  # called with this session once it has ended
         trio.lowlevel.spawn_system_task(self._run, name=f"dns session {url}")
 
     async def _run(self) -> None:
@@ -243,6 +246,8 @@ class Session:
                 await trio.aclose_forcefully(self.stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+            if self.on_end is not None:
+                self.on_end(self)
 
     async def _until_failure(self, part, nursery) -> None:
         """Run the reader or the writer; when it ends, the other ends too, and ``error`` says why."""
@@ -317,7 +322,12 @@ class Session:
 
 
 class Sessions:
-    """The one open session of a resolver: opened on the first query, again after it ended."""
+    """The one open session of a resolver: opened on the first query, again after it ended.
+
+    Servers close connections that sat idle (unbound after 30 s); the next query would then wait for a
+    new one, several round trips through the tunnel. So a session that ends after serving a query asked in
+    the last KEEP_WARM seconds is replaced at once, in the background; one that ends unused is not.
+    """
 
     def __init__(self, url: str, open_session):
         self.url = url
@@ -325,17 +335,42 @@ class Sessions:
         self._lock = trio.Lock()
         self.session: Session | None = None
         self.opened = 0  # connections opened so far
+        self.used_at = float("-inf")
+        self.used = False  # whether the current session served a query
+        self.closed = False
 
     async def get(self) -> Session:
+        self.used_at = trio.current_time()
+        session = await self._current()
+        self.used = True
+        return session
+
+    async def _current(self) -> Session:
         async with self._lock:
             if self.session is None or not self.session.accepting:
                 if self.session is not None:
                     self.session.close()
                 self.session = await self._open_session()
+                self.session.on_end = self._ended
                 self.opened += 1
             return self.session
 
+    def _ended(self, session: Session) -> None:
+        if session is self.session and not self.closed and self.used and trio.current_time() - self.used_at < KEEP_WARM:
+            self.used = False
+            trio.lowlevel.spawn_system_task(self._reopen, name=f"dns session {self.url} reopened")
+
+    async def _reopen(self) -> None:
+        with trio.move_on_after(REOPEN_TIMEOUT):
+            try:
+                await self._current()
+            except Exception as exc:  # the next query tries again, and says why if it fails too
+                log.debug("DNS: reopening the connection to %s failed: %s", self.url, exc)
+        if self.closed:
+            self.close()
+
     def close(self) -> None:
+        self.closed = True
         if self.session is not None:
             self.session.close()
             self.session = None

@@ -137,6 +137,27 @@ async def test_tcp_connection_closed_by_the_server_is_opened_again():
     assert addresses_in(answer) == [ANSWER_ADDRESS]
 
 
+async def test_a_connection_the_server_closes_is_reopened_before_the_next_query_once(monkeypatch):
+    """A server closing idle connections costs the next query no reconnection; one reopened and then closed
+    again without a query in between is not reopened again."""
+    monkeypatch.setattr(resolvers, "KEEP_WARM", 1.0)
+    async with dns_server() as server, resolver_for(f"tcp://127.0.0.1:{server.port}") as resolver:
+        await resolver.resolve(KEY, 5)
+        server.close_tcp_connections()
+        await trio.sleep(0.2)
+        reopened = server.tcp_connections
+        server.close_tcp_connections()
+        await trio.sleep(0.2)
+        unused = server.tcp_connections
+        await resolver.resolve(KEY, 5)  # opens one itself
+        asked = server.tcp_connections
+        await trio.sleep(1.0)  # KEEP_WARM
+        server.close_tcp_connections()
+        await trio.sleep(0.2)
+        cold = server.tcp_connections
+    assert (reopened, unused, asked, cold) == (2, 2, 3, 3)
+
+
 async def test_tcp_server_that_reads_and_says_nothing_times_out():
     async with dns_server() as server:
         server.tcp_answer = False
