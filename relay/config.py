@@ -226,6 +226,8 @@ def parse_host_port(text: str, what: str = "address") -> tuple[str, int]:
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(text, str):  # ipaddress would take a TOML number as an address
+        raise ConfigError(f"{text!r} is not a network in CIDR form; write it as a string, in quotes")
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -236,6 +238,8 @@ MIN_FAKE_IP_ADDRESSES = 256  # fewer, and names would take each other's addresse
 
 
 def parse_fake_ip_range(text) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(text, str):
+        raise ConfigError(f"{text!r} is not a network in CIDR form; write it as a string, in quotes")
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
@@ -813,6 +817,14 @@ class Config:
                     parsed.append(setting.parse(item))
                 except ConfigError as exc:
                     raise ConfigError(f"{source}{_which(key_prefix + key, number, len(items))}: {exc}") from None
+                except (AttributeError, TypeError):
+                    if isinstance(item, str):
+                        raise
+                    # A TOML number or boolean where text belongs: the parsers read strings.
+                    raise ConfigError(
+                        f"{source}{_which(key_prefix + key, number, len(items))}: {item!r} is not valid here; "
+                        "write it as a string, in quotes"
+                    ) from None
             fields[setting.field] = parsed if setting.repeatable else parsed[0]
         if not complete:
             return None

@@ -5,12 +5,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import (
+    SETTINGS,
     Config,
     ConfigError,
     Secret,
     Upstream,
     local_dns_upstreams,
+    parse_cidr,
     parse_dns_upstream,
+    parse_fake_ip_range,
     parse_host_port,
     parse_upstream,
     redact_url,
@@ -435,3 +438,15 @@ def test_the_config_file_takes_a_password_with_a_hash_and_a_password_file(tmp_pa
     )
     config = load_config(build_parser().parse_args(["--config", str(tmp_path / "relay.toml")]))
     assert [u.password.reveal() for u in config.upstreams] == ["In#line/?", "From-file#1"]
+
+
+@pytest.mark.parametrize("value", [5, True, 1.5, {"a": 1}, None])
+def test_a_toml_value_of_the_wrong_type_is_a_clear_error_for_every_setting(value):
+    for setting in SETTINGS:
+        values = {"upstream": ["127.0.0.1:3128"], setting.key: [value] if setting.repeatable else value}
+        try:
+            config = Config.from_values(values, source="relay.toml: ")
+        except ConfigError as exc:
+            assert str(exc).startswith(f"relay.toml: {setting.key}"), (setting.key, exc)
+        else:  # taken: then as what it says, never as text or an address made of a number
+            assert setting.parse not in (parse_cidr, parse_fake_ip_range, parse_host_port), (setting.key, config)
