@@ -619,6 +619,16 @@ SETTINGS = [
         "lan-iface", _text, [], True, "IFACE", "for 'relay rules': LAN interface whose TCP is intercepted; repeatable"
     ),
     Setting(
+        "udp-reject",
+        one_of("quic", "all", "off"),
+        "quic",
+        False,
+        "quic|all|off",
+        "for 'relay rules': the relay carries TCP only, so reject with ICMP the LAN's UDP to port 443 (QUIC: "
+        "clients fall back to TCP at once), or all its UDP, where its TCP is intercepted; off: leave UDP to the "
+        "router's own policy (default: quic)",
+    ),
+    Setting(
         "dns",
         lambda v: parse_host_port(v, "DNS service address"),
         [],
@@ -774,6 +784,7 @@ class Config:
     workers: int
     pipe_size: int  # fewer, larger splices per wakeup; 0: the kernel's default
     lan_iface: list[str]
+    udp_reject: str  # "quic", "all" or "off": for relay rules
     dns: list[tuple[str, int]]  # empty: no DNS service
     dns_allow: list
     dns_upstream: list[DnsUpstream]

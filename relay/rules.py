@@ -33,11 +33,17 @@ server's addresses and the user's ``--bypass`` CIDRs.
 
 Fake-IP mode (``fake_ip_ranges``): TCP to the fake ranges is always
 intercepted, before any exemption (they are reserved ranges, and a fake
-address means nothing beyond the relay), and UDP to them from the LAN (and
-from the router itself with ``redirect_output``) is rejected with an ICMP port
-unreachable in a filter chain (``RELAY_FAKE_UDP``, or ``fake_udp`` in nft):
-the relay carries only TCP, and a QUIC client told at once falls back to TCP
-instead of waiting for a timeout.
+address means nothing beyond the relay).
+
+UDP (``udp_reject``): the relay carries only TCP, so UDP the LAN sends where
+its TCP would be intercepted would go around the tunnel. A filter chain
+(``RELAY_UDP``, or ``udp_reject`` in nft), on forwarded LAN UDP (and the
+router's own with ``redirect_output``), rejects with an ICMP port
+unreachable: UDP to the fake ranges always (a fake address means nothing
+without the relay), then, past the same exemptions as the TCP capture, UDP to
+port 443 (``quic``: QUIC clients told at once fall back to TCP instead of
+waiting seconds for a timeout) or all UDP (``all``); other UDP is left to the
+router's own policy (``quic``, ``off``).
 """
 
 from __future__ import annotations
@@ -59,8 +65,10 @@ RESERVED_ROUTE_TABLES = (253, 254, 255)  # default, main, local
 CHAIN = "RELAY"
 OUTPUT_CHAIN = "RELAY_OUTPUT"  # TPROXY of the router's own traffic: marks it in mangle OUTPUT
 DNS_CHAIN = "RELAY_DNS"  # in nat whatever the mode: the LAN's port 53 to the DNS service
-FAKE_UDP_CHAIN = "RELAY_FAKE_UDP"  # fake-ip mode: rejects UDP to the fake ranges, in filter
-OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, DNS_CHAIN, FAKE_UDP_CHAIN)
+UDP_CHAIN = "RELAY_UDP"  # in filter: rejects the LAN's UDP to the fake ranges, and QUIC or all UDP
+OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, DNS_CHAIN, UDP_CHAIN)
+UDP_REJECTS = ("quic", "all", "off")
+QUIC_PORT = 443
 IPTABLES_TABLES = ("nat", "mangle", "filter")  # where our chains can be: REDIRECT in nat, TPROXY in mangle
 NFT_TABLE = "inet relay"
 
@@ -105,10 +113,13 @@ class RuleSettings:
     exempt_private: bool = True  # never intercept private and reserved destinations
     dns: tuple[tuple[str, int], ...] = ()  # the DNS service's (address, port)s; the LAN's port 53 goes there
     fake_ip_ranges: tuple[str, ...] = ()  # fake-ip mode: TCP there always intercepted, UDP rejected
+    udp_reject: str = "off"  # "quic": the LAN's UDP to port 443 rejected where its TCP is intercepted; "all"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise RulesError(f"unknown mode {self.mode!r} (use redirect or tproxy)")
+        if self.udp_reject not in UDP_REJECTS:
+            raise RulesError(f"unknown UDP policy {self.udp_reject!r} (use quic, all or off)")
         if not 0 < self.port < 65536:
             raise RulesError(f"port {self.port} is not in 1-65535")
         for iface in self.lan_ifaces:
@@ -253,13 +264,21 @@ def _iptables_dns(settings: RuleSettings, version: int) -> _Table:
     )
 
 
-def _fake_udp_table(settings: RuleSettings, version: int) -> _Table:
-    """The filter chain rejecting UDP to the fake ranges, and its jumps from FORWARD (and OUTPUT)."""
-    rules = [f"-A {FAKE_UDP_CHAIN} -d {network} -j REJECT" for network in _fake_ip_networks(settings, version)]
-    jumps = [f"-A FORWARD {match} -p udp -j {FAKE_UDP_CHAIN}" for match in _lan_inputs(settings)]
+def _udp_table(settings: RuleSettings, version: int) -> _Table:
+    """The filter chain rejecting the LAN's UDP (see the module's docstring), and its jumps from FORWARD (and
+    OUTPUT)."""
+    rules = [f"-A {UDP_CHAIN} -d {network} -j REJECT" for network in _fake_ip_networks(settings, version)]
+    if settings.udp_reject != "off":
+        port = f" --dport {QUIC_PORT}" if settings.udp_reject == "quic" else ""
+        rules += [
+            f"-A {UDP_CHAIN} -m mark --mark {_mask(settings.mark)} -j RETURN",
+            *_exemption_rules(UDP_CHAIN, settings, version),
+            f"-A {UDP_CHAIN} -p udp{port} -j REJECT",
+        ]
+    jumps = [f"-A FORWARD {match} -p udp -j {UDP_CHAIN}" for match in _lan_inputs(settings)]
     if settings.redirect_output:
-        jumps.append(f"-A OUTPUT -p udp -j {FAKE_UDP_CHAIN}")
-    return _Table([FAKE_UDP_CHAIN], rules, jumps)
+        jumps.append(f"-A OUTPUT -p udp -j {UDP_CHAIN}")
+    return _Table([UDP_CHAIN], rules, jumps)
 
 
 def _iptables_ruleset(settings: RuleSettings, version: int) -> dict[str, _Table]:
@@ -271,8 +290,8 @@ def _iptables_ruleset(settings: RuleSettings, version: int) -> dict[str, _Table]
         nat.chains += dns.chains
         nat.rules += dns.rules
         nat.jumps += dns.jumps
-    if _fake_ip_networks(settings, version):
-        tables["filter"] = _fake_udp_table(settings, version)
+    if _fake_ip_networks(settings, version) or settings.udp_reject != "off":
+        tables["filter"] = _udp_table(settings, version)
     return tables
 
 
@@ -414,20 +433,27 @@ def _nft_fake_ip(settings: RuleSettings, statement) -> list[str]:
     return rules
 
 
-def _nft_fake_udp(settings: RuleSettings, from_lan: str) -> list[str]:
-    """The chains rejecting UDP to the fake ranges (see the module's docstring)."""
+def _nft_udp(settings: RuleSettings, from_lan: str) -> list[str]:
+    """The chains rejecting the LAN's UDP (see the module's docstring)."""
+    udp = "meta l4proto udp" if settings.ipv6 else "meta nfproto ipv4 meta l4proto udp"
     body = _nft_chain(
-        "fake_udp",
-        [f"{from_lan} {rule}" for rule in _nft_fake_ip(settings, lambda _: "meta l4proto udp reject")],
+        "udp_reject",
+        [f"{from_lan} {udp} jump reject_udp"],
         "type filter hook forward priority filter; policy accept;",
     )
     if settings.redirect_output:
         body += _nft_chain(
-            "fake_udp_output",
-            _nft_fake_ip(settings, lambda _: "meta l4proto udp reject"),
-            "type filter hook output priority filter; policy accept;",
+            "udp_reject_output", [f"{udp} jump reject_udp"], "type filter hook output priority filter; policy accept;"
         )
-    return body
+    rules = _nft_fake_ip(settings, lambda _: "reject")
+    if settings.udp_reject != "off":
+        port = f"udp dport {QUIC_PORT} " if settings.udp_reject == "quic" else ""
+        rules += [
+            f"meta mark & {settings.mark:#x} == {settings.mark:#x} return",
+            *_nft_exemptions(settings),
+            f"{port}reject",
+        ]
+    return body + _nft_chain("reject_udp", rules)
 
 
 def _nft_chain(name: str, rules: list[str], hook: str = "") -> list[str]:
@@ -443,7 +469,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
     lan_tcp = f"{from_lan} {tcp}" + (f" tcp dport != {DNS_PORT}" if settings.dns else "")  # 53: the DNS service's
     port = settings.port
     dns = _nft_dns_chain(settings, from_lan) if settings.dns else []
-    fake_udp = _nft_fake_udp(settings, from_lan) if _nft_fake_ip(settings, str) else []
+    udp = _nft_udp(settings, from_lan) if _nft_fake_ip(settings, str) or settings.udp_reject != "off" else []
 
     if settings.mode == "redirect":
         body = _nft_chain(
@@ -458,9 +484,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             )
         redirect = f"meta l4proto tcp redirect to :{port}"
         fake_ips = _nft_fake_ip(settings, lambda _: redirect)
-        return (
-            body + _nft_chain("intercept", [own_mark, *fake_ips, *_nft_exemptions(settings), redirect]) + dns + fake_udp
-        )
+        return body + _nft_chain("intercept", [own_mark, *fake_ips, *_nft_exemptions(settings), redirect]) + dns + udp
 
     set_mark = f"meta mark set meta mark | {settings.tproxy_mark:#x}"
     has_mark = f"meta mark & {settings.tproxy_mark:#x} == {settings.tproxy_mark:#x}"
@@ -500,7 +524,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             ],
         )
         + dns
-        + fake_udp
+        + udp
     )
 
 

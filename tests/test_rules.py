@@ -197,25 +197,51 @@ def test_udp_to_the_fake_ranges_is_rejected(output):
         text = iptables_restore(settings, version)
         filter_table = text.split("*filter\n", 1)[1]
         assert filter_table.splitlines() == [
-            ":RELAY_FAKE_UDP - [0:0]",
-            f"-A RELAY_FAKE_UDP -d {network} -j REJECT",
-            "-A FORWARD -i lan0 -p udp -j RELAY_FAKE_UDP",
-            "-A FORWARD -i wlan0 -p udp -j RELAY_FAKE_UDP",
-            *(["-A OUTPUT -p udp -j RELAY_FAKE_UDP"] if output else []),
+            ":RELAY_UDP - [0:0]",
+            f"-A RELAY_UDP -d {network} -j REJECT",
+            "-A FORWARD -i lan0 -p udp -j RELAY_UDP",
+            "-A FORWARD -i wlan0 -p udp -j RELAY_UDP",
+            *(["-A OUTPUT -p udp -j RELAY_UDP"] if output else []),
             "COMMIT",
         ]
     script = nft_script(settings)
-    assert nft_chain(script, "fake_udp") == [
+    assert nft_chain(script, "udp_reject") == [
         "type filter hook forward priority filter; policy accept;",
-        'iifname { "lan0", "wlan0" } ip daddr { 198.18.0.0/15 } meta l4proto udp reject',
-        'iifname { "lan0", "wlan0" } ip6 daddr { fc00::/18 } meta l4proto udp reject',
+        'iifname { "lan0", "wlan0" } meta l4proto udp jump reject_udp',
     ]
-    assert ("chain fake_udp_output" in script) == output
+    assert nft_chain(script, "reject_udp") == ["ip daddr { 198.18.0.0/15 } reject", "ip6 daddr { fc00::/18 } reject"]
+    assert ("chain udp_reject_output" in script) == output
+
+
+@pytest.mark.parametrize("policy,last", [("quic", "-p udp --dport 443 -j REJECT"), ("all", "-p udp -j REJECT")])
+def test_the_lans_quic_or_all_its_udp_is_rejected_past_the_tcp_captures_exemptions(policy, last):
+    settings = RuleSettings("redirect", 12345, ("lan0",), 0x1, ("198.51.100.7",), udp_reject=policy)
+    assert chain_rules(iptables_restore(settings, 4), "RELAY_UDP") == [
+        "-A RELAY_UDP -m mark --mark 0x1/0x1 -j RETURN",
+        "-A RELAY_UDP -d 127.0.0.0/8 -j RETURN",
+        "-A RELAY_UDP -m addrtype --dst-type LOCAL -j RETURN",
+        *(f"-A RELAY_UDP -d {network} -j RETURN" for network in rules.PRIVATE_AND_RESERVED[4]),
+        "-A RELAY_UDP -d 198.51.100.7/32 -j RETURN",
+        f"-A RELAY_UDP {last}",
+    ]
+    assert "-A FORWARD -i lan0 -p udp -j RELAY_UDP" in iptables_restore(settings, 6)
+    reject = nft_chain(nft_script(settings), "reject_udp")
+    assert reject[0] == "meta mark & 0x1 == 0x1 return" and reject[-1] == (
+        "udp dport 443 reject" if policy == "quic" else "reject"
+    )
+    assert any("198.51.100.7" in rule and rule.endswith(" return") for rule in reject)
+
+
+def test_udp_left_alone_makes_no_filter_chain_and_a_bad_policy_one_line():
+    settings = RuleSettings("redirect", 12345, ("lan0",), 0x1, udp_reject="off")
+    assert "*filter" not in iptables_restore(settings, 4) and "reject" not in nft_script(settings)
+    with pytest.raises(RulesError, match="unknown UDP policy 'some'"):
+        RuleSettings("redirect", 12345, (), 0x1, udp_reject="some")
 
 
 def test_without_fake_ranges_there_is_no_filter_chain():
     settings = RuleSettings("redirect", 12345, (), 0x1, redirect_output=True)
-    assert "*filter" not in iptables_restore(settings, 4) and "fake_udp" not in nft_script(settings)
+    assert "*filter" not in iptables_restore(settings, 4) and "udp" not in nft_script(settings)
 
 
 def test_only_the_families_with_a_fake_range_get_rules():
@@ -229,11 +255,11 @@ def test_a_bad_fake_range_gives_one_line():
         RuleSettings("redirect", 12345, (), 0x1, fake_ip_ranges=("nope",))
 
 
-def test_iptables_apply_takes_out_a_fake_udp_chain_left_by_an_earlier_apply(monkeypatch):
+def test_iptables_apply_takes_out_a_udp_chain_left_by_an_earlier_apply(monkeypatch):
     host = FakeHost(
         {
-            "iptables -w 5 -t filter -S": "-P FORWARD ACCEPT\n-N RELAY_FAKE_UDP\n"
-            "-A FORWARD -i lan0 -p udp -j RELAY_FAKE_UDP\n-A RELAY_FAKE_UDP -d 198.18.0.0/15 -j REJECT\n"
+            "iptables -w 5 -t filter -S": "-P FORWARD ACCEPT\n-N RELAY_UDP\n"
+            "-A FORWARD -i lan0 -p udp -j RELAY_UDP\n-A RELAY_UDP -d 198.18.0.0/15 -j REJECT\n"
         }
     )
     monkeypatch.setattr(rules, "_run", host)
@@ -241,9 +267,9 @@ def test_iptables_apply_takes_out_a_fake_udp_chain_left_by_an_earlier_apply(monk
     [(_, script)] = [call for call in host.calls if call[0][0] == "iptables-restore"]
     assert script.split("COMMIT\n")[1].splitlines() == [
         "*filter",
-        "-D FORWARD -i lan0 -p udp -j RELAY_FAKE_UDP",
-        "-F RELAY_FAKE_UDP",
-        "-X RELAY_FAKE_UDP",
+        "-D FORWARD -i lan0 -p udp -j RELAY_UDP",
+        "-F RELAY_UDP",
+        "-X RELAY_UDP",
     ]
 
 

@@ -4,7 +4,10 @@ remove() puts the router's firewall and routing back exactly as they were."""
 import contextlib
 import os
 import re
+import socket
 import sys
+import threading
+import time
 
 import pytest
 
@@ -49,9 +52,11 @@ class RouterFirewall:
         # leaves them (with legacy iptables they always exist); they are the host's, not ours,
         # so create them before taking the "before" picture.
         for tool in ("iptables", "ip6tables"):
-            for table in ("nat", "mangle"):
-                for chain in ("PREROUTING", "OUTPUT"):
+            for table, chains in (("nat", ("PREROUTING", "OUTPUT")), ("mangle", ("PREROUTING", "OUTPUT"))):
+                for chain in chains:
                     lab.run("router", [tool, "-w", "5", "-t", table, "-P", chain, "ACCEPT"])
+            for chain in ("FORWARD", "OUTPUT"):  # where the UDP rules jump from
+                lab.run("router", [tool, "-w", "5", "-t", "filter", "-P", chain, "ACCEPT"])
         self.before = self.state()
 
     def state(self) -> str:
@@ -314,3 +319,64 @@ def test_a_dns_service_on_loopback_is_reached_only_with_route_localnet(lab, fire
             lab.run("router", ["sysctl", "-qw", f"{route_localnet}=0"])
         # What the check is for: without it, the kernel drops what was DNATed to loopback as a martian.
         assert "timed out" in dig(lab, "client", ADDR.far4)
+
+
+class UdpEcho:
+    """Sends every datagram back, IPv4 and IPv6, on the server host: what QUIC and other UDP reach there."""
+
+    def __init__(self, lab, port: int):
+        self.sock = lab.socket("server", socket.AF_INET6, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.sock.bind(("::", port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(2048)
+                if peer is None:
+                    return  # shut down
+                self.sock.sendto(data, peer)
+            except OSError:
+                return  # closed
+
+    def close(self):
+        with contextlib.suppress(OSError):  # unconnected: shutdown wakes the thread, then says ENOTCONN
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def udp_exchange(lab, address: str, port: int) -> str:
+    """ "echo", "refused" (an ICMP port unreachable came back) or "timeout", for one datagram from the client."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with lab.socket("client", family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        sock.connect((address, port))
+        sock.send(b"quic?")
+        try:
+            return "echo" if sock.recv(100) == b"quic?" else "garbled"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+
+
+@pytest.mark.parametrize("policy", ["quic", "all"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_lans_quic_is_refused_at_once_and_other_udp_left_alone(lab, firewall, backend, policy, figures):
+    """The relay carries TCP only: UDP to 443 (or all UDP) from the LAN gets an ICMP port unreachable from the
+    router where its TCP would be intercepted, so a QUIC client falls back to TCP at once."""
+    echoes = [UdpEcho(lab, port) for port in (443, 4443)]
+    with contextlib.ExitStack() as stack, routes_to_server(lab, far_forwards=True):
+        for echo in echoes:
+            stack.callback(echo.close)
+        for address in (ADDR.server4, ADDR.server6):
+            assert [udp_exchange(lab, address, port) for port in (443, 4443)] == ["echo", "echo"]
+        firewall.apply(lab_settings("redirect", udp_reject=policy), backend)
+        for address in (ADDR.server4, ADDR.server6):
+            started = time.monotonic()
+            assert udp_exchange(lab, address, 443) == "refused"
+            figures(f"QUIC to {address} refused after", f"{(time.monotonic() - started) * 1000:.1f} ms")
+            assert udp_exchange(lab, address, 4443) == ("refused" if policy == "all" else "echo")
+        firewall.remove(lab_settings("redirect", udp_reject=policy), backend)
+        assert udp_exchange(lab, ADDR.server4, 443) == "echo"
