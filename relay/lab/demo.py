@@ -53,7 +53,7 @@ from relay.lab import (
     start_unbound,
 )
 from relay.lab.servers import HttpServer, NxdomainDns, TrafficServer, pattern_sha256
-from relay.lab.services import RelayProcess, intercept, start_relay
+from relay.lab.services import RelayProcess, intercept, intercept_dns, start_relay
 
 RELAY_PORT = 12345
 PROXY = ("127.0.0.1", 3128)  # squid on far's loopback, and the tunnel's end on the router
@@ -439,7 +439,7 @@ def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess, Sshd]:
     _progress(f"starting the ssh -L tunnel and the relay on the router{' (pure Python)' if pure else ''}")
     start_ssh_tunnel(lab, sshd, forwards=("-L", f"{_endpoint(*PROXY)}:{_endpoint(*PROXY)}"))
     relay = start_relay(lab, _relay_options(unbound), pure=pure)
-    _intercept_dns(lab)
+    intercept_dns(lab)
     intercept(lab, "redirect", RELAY_PORT)
     return squid, relay, server_sshd
 
@@ -459,13 +459,6 @@ def _relay_options(unbound: Unbound) -> list[str]:
         "--dns-ca",
         str(unbound.ca_file),
     ]
-
-
-def _intercept_dns(lab: Lab) -> None:
-    """The LAN's DNS, whichever resolver it names, to the relay's DNS service (as `relay rules --dns` does)."""
-    for protocol in ("udp", "tcp"):
-        rule = ["-i", ADDR.router_lan_if, "-p", protocol, "--dport", str(DNS_PORT)]
-        lab.run("router", ["iptables", "-w", "-t", "nat", "-I", "PREROUTING", *rule, "-j", "REDIRECT"])
 
 
 def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:

@@ -796,6 +796,15 @@ def intercept(lab: Lab, mode: str, port: int, host: str = "router", iface: str =
             lab.run(host, ["ip", family, "route", "add", "local", "default", "dev", "lo", "table", "100"])
 
 
+def intercept_dns(lab: Lab, host: str = "router", iface: str = ADDR.router_lan_if) -> None:
+    """The LAN's IPv4 DNS (UDP and TCP 53), whichever resolver it names, to port 53 on ``iface``'s own address,
+    where the relay's --dns serves (as `relay rules --dns` does). Inserted first: ahead of :func:`intercept`'s
+    TCP rule; :func:`clear_interception` removes it."""
+    for protocol in ("udp", "tcp"):
+        rule = ["-i", iface, "-p", protocol, "--dport", "53"]
+        lab.run(host, ["iptables", "-w", "-t", "nat", "-I", "PREROUTING", *rule, "-j", "REDIRECT"])
+
+
 def clear_interception(lab: Lab, host: str = "router") -> None:
     for tables in ("iptables", "ip6tables"):
         for table in ("nat", "mangle"):
