@@ -21,12 +21,20 @@ def build_rules_parser() -> argparse.ArgumentParser:
         "--apply", action="store_true", help="install the rules (atomically; applying twice changes nothing)"
     )
     action.add_argument("--remove", action="store_true", help="remove exactly what --apply installed")
-    parser.add_argument("--backend", choices=("iptables", "nft"), help="default: nft")
+    add_rule_options(parser, "default: nft")
+    return parser
+
+
+RULE_OPTIONS = ("backend", "redirect_output", "keep_private")
+
+
+def add_rule_options(parser: argparse.ArgumentParser, backend_help: str) -> None:
+    """The options that choose the rules besides the relay's own settings (``relay rules``, ``relay check``)."""
+    parser.add_argument("--backend", choices=("iptables", "nft"), help=backend_help)
     parser.add_argument("--redirect-output", action="store_true", help="also intercept the router's own outgoing TCP")
     parser.add_argument(
         "--keep-private", action="store_true", help="intercept private and reserved destinations too (normally exempt)"
     )
-    return parser
 
 
 def _addresses(host: str) -> list[str]:
@@ -70,9 +78,7 @@ def settings_for(config: Config, redirect_output: bool = False, keep_private: bo
 
 def main(argv: list[str]) -> int:
     args = build_rules_parser().parse_args(argv)
-    rule_options = {
-        key: vars(args).pop(key, None) for key in ("apply", "remove", "backend", "redirect_output", "keep_private")
-    }
+    rule_options = {key: vars(args).pop(key, None) for key in ("apply", "remove", *RULE_OPTIONS)}
     try:
         settings = settings_for(
             load_config(args), bool(rule_options["redirect_output"]), bool(rule_options["keep_private"])

@@ -273,6 +273,7 @@ class SshTunnel:
         self.backoff_max = backoff_max
         self.on_restart = on_restart
         self.restarts = 0
+        self.last_failure: str | None = None  # why the latest ssh went down, as logged
         self._up = False
         self._up_since = 0.0
         self._last_uptime = 0.0  # how long the latest ssh stayed up
@@ -363,6 +364,7 @@ class SshTunnel:
                 delays = backoff_delays(self.backoff_start, self.backoff_max)
             delay = next(delays)
             self.restarts += 1
+            self.last_failure = reason
             log.warning("ssh tunnel %s is down: %s; restarting in %g s", self.description, reason, delay)
             if self.on_restart is not None:
                 self.on_restart(kind)
@@ -472,13 +474,16 @@ class SshTunnel:
                 raise ProbeFailed(f"the far host refused to connect to {format_address(self.remote)}")
 
 
-def make_tunnels(config: Config, metrics) -> list[SshTunnel]:
-    """One supervised ssh per upstream: -L to an HTTP/SOCKS4 proxy as the far host sees it, -D for SOCKS5."""
+def make_tunnels(config: Config, metrics=None, *, own_ports: bool = False) -> list[SshTunnel]:
+    """One supervised ssh per upstream: -L to an HTTP/SOCKS4 proxy as the far host sees it, -D for SOCKS5.
+
+    ``own_ports``: every forward on a free loopback port, so that ``relay check`` can run its own beside
+    a running relay's (which holds the SOCKS5 upstreams' addresses)."""
     target = parse_ssh_target(config.ssh)
     tunnels = []
     for upstream in config.upstreams:
         if upstream.scheme == "socks5":
-            forward, remote, local = "socks", None, (upstream.host, upstream.port)
+            forward, remote, local = "socks", None, ("127.0.0.1", 0) if own_ports else (upstream.host, upstream.port)
         else:
             forward, remote, local = "local", (upstream.host, upstream.port), ("127.0.0.1", 0)
         tunnel = SshTunnel(
@@ -489,6 +494,7 @@ def make_tunnels(config: Config, metrics) -> list[SshTunnel]:
             identity=config.ssh_identity,
             options=tuple(config.ssh_option),
         )
-        tunnel.on_restart = lambda reason, name=str(upstream): metrics.tunnel_restarted(name, reason)
+        if metrics is not None:
+            tunnel.on_restart = lambda reason, name=str(upstream): metrics.tunnel_restarted(name, reason)
         tunnels.append(tunnel)
     return tunnels
