@@ -1,5 +1,5 @@
 """Command line: ``relay [OPTIONS]`` runs the relay, ``relay rules`` prints or installs the
-firewall rules, ``relay demo`` runs the namespace demo.
+firewall rules, ``relay check`` checks the router for them, ``relay demo`` runs the namespace demo.
 
 Every option is also a key of the TOML config file (``--config FILE``); options
 given on the command line override the file.
@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         from relay.lab.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["check"]:
+        from relay.check_command import main as check_main
+
+        return check_main(argv[1:])
     if argv[:1] == ["rules"]:
         from relay.rules_command import main as rules_main
 

@@ -1,0 +1,343 @@
+"""``relay check``: gathers facts about this router for a relay configuration and prints the verdicts
+of relay.checks, one line each; exit status 1 if any failed."""
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import trio
+
+from relay import checks
+from relay.addresses import bracketed
+from relay.config import DEFAULT_PORT, Config, ConfigError
+from relay.logs import log
+from relay.options import build_parser, load_config
+from relay.rules import CHAIN, NFT_TABLE, OUR_CHAINS, RulesError, RuleSettings, iptables_restore, nft_script
+from relay.rules_command import RULE_OPTIONS, add_rule_options, settings_for
+
+DEFAULT_CHECK_TARGET = "cloudflare.com:443"  # a CDN's name: any proxy that works at all reaches it
+NON_TLS_PORT = 22  # what git over ssh needs, and stock squid refuses
+COMMAND_TIMEOUT = 20.0
+METRICS_TIMEOUT = 3.0
+SSH_START_TIMEOUT = 15.0
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    parser = build_parser("relay check")
+    parser.description = (
+        "Check this router for a relay with these options: the relay running, its firewall rules installed and "
+        "first, forwarding, IPv6, conntrack, each upstream (through --ssh), and --dns. One line per check: ok, "
+        "warn or FAIL with what to do; exit status 0 when nothing failed, 1 otherwise, 2 for bad options."
+    )
+    add_rule_options(parser, "the rules' backend (default: whichever is installed)")
+    parser.add_argument(
+        "--check-target",
+        metavar="HOST:PORT",
+        help=f"where each upstream is asked to open a tunnel (default: {DEFAULT_CHECK_TARGET})",
+    )
+    parser.add_argument(
+        "--check-name", metavar="NAME", help="the name asked of --dns (default: the check target's, if a name)"
+    )
+    return parser
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``, HOST a name or an address."""
+    host, colon, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--check-target {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def main(argv: list[str]) -> int:
+    args = build_check_parser().parse_args(argv)
+    options = {key: vars(args).pop(key, None) for key in (*RULE_OPTIONS, "check_target", "check_name")}
+    try:
+        config = load_config(args)
+        target = parse_target(options["check_target"] or DEFAULT_CHECK_TARGET)
+        name = options["check_name"] or target[0]
+    except ConfigError as exc:
+        print(f"relay check: error: {exc}", file=sys.stderr)
+        return 2
+    log.disabled = True  # ssh tunnels' restarts are reported as verdicts, not log lines
+    verdicts = []
+
+    def say(verdict: checks.Verdict) -> None:
+        verdicts.append(verdict)
+        print(verdict.line(), flush=True)
+
+    port = _relay_port(config)
+    say(checks.running(port, _listeners(port)))
+    if config.metrics:
+        for worker in range(config.workers):
+            host, metrics_port = config.metrics[0], config.metrics[1] + worker
+            for verdict in checks.metrics(f"{bracketed(host)}:{metrics_port}", *_scrape(host, metrics_port)):
+                say(verdict)
+    ipv6_intercepted = _check_rules(config, options, say)
+    lan_v6 = _lan_ipv6(config.lan_iface)
+    for verdict in checks.forwarding(
+        _sysctl("net/ipv4/ip_forward"), _sysctl("net/ipv6/conf/all/forwarding"), ipv6_intercepted and bool(lan_v6)
+    ):
+        say(verdict)
+    say(checks.ipv6_bypass(lan_v6, ipv6_intercepted))
+    count, maximum = _sysctl("net/netfilter/nf_conntrack_count"), _sysctl("net/netfilter/nf_conntrack_max")
+    say(checks.conntrack(int(count) if count else None, int(maximum) if maximum else None))
+    trio.run(_network_checks, config, target, name, say)
+    return checks.exit_status(verdicts)
+
+
+def _relay_port(config: Config) -> int:
+    return config.listen[0][1] if config.listen else DEFAULT_PORT
+
+
+def _sysctl(path: str) -> str:
+    try:
+        with open(f"/proc/sys/{path}") as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+# -- the relay itself ------------------------------------------------------------
+
+
+def _listeners(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of each process with a listening TCP socket on ``port`` in this namespace."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as file:
+                lines = file.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    owners = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                with open(f"/proc/{pid}/cmdline", "rb") as file:
+                    owners.add((int(pid), file.read().replace(b"\0", b" ").decode(errors="replace").strip()))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return sorted(owners)
+
+
+def _scrape(host: str, port: int) -> tuple[str | None, str | None]:
+    """The metrics text, or None and why not."""
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        host = "127.0.0.1" if address.version == 4 else "::1"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through $http_proxy
+    try:
+        with opener.open(f"http://{bracketed(host)}:{port}/metrics", timeout=METRICS_TIMEOUT) as answer:
+            return answer.read().decode(errors="replace"), None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        return None, reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
+
+
+# -- firewall --------------------------------------------------------------------
+
+
+def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _in_scratch_netns(script: str, stdin: str) -> str:
+    """``script`` (sh) run in a new, empty network namespace: how the firewall tools themselves list a
+    ruleset loaded there, to compare with what is installed here in the same form."""
+    result = _run(["unshare", "--net", "sh", "-c", script], stdin)
+    if result is None or result.returncode != 0:
+        raise RulesError(
+            f"could not list the expected rules in a scratch namespace: {(result.stderr if result else '')}"
+        )
+    return result.stdout
+
+
+COUNTERS = re.compile(r"\s*counter packets \d+ bytes \d+|^\s*# handle \d+|\[\d+:\d+\]")
+
+
+def _check_rules(config: Config, options: dict, say) -> bool:
+    """The rules verdicts; whether IPv6 TCP is intercepted."""
+    try:
+        settings = settings_for(config, bool(options["redirect_output"]), bool(options["keep_private"]))
+    except ConfigError as exc:
+        say(checks.Verdict(checks.WARN, "rules", f"cannot tell which rules this config needs: {exc}"))
+        return False
+    nft = _run(["nft", "list", "table", *NFT_TABLE.split()])
+    nft_installed = nft is not None and nft.returncode == 0
+    saved = {version: _run([f"{_tool(version)}-save"]) for version in (4, 6)}
+    ours = {version: _iptables_ours(result.stdout if result else "") for version, result in saved.items()}
+    backend = options["backend"] or ("nft" if nft_installed or not any(ours.values()) else "iptables")
+    try:
+        if backend == "nft":
+            expected = _in_scratch_netns(f"nft -f - && nft list table {NFT_TABLE}", nft_script(settings))
+            say(checks.rules("nft", COUNTERS.sub("", nft.stdout) if nft_installed else None, expected))
+            ruleset = _run(["nft", "list", "ruleset"])
+            hook_priority = checks.NFT_PRIORITIES["dstnat" if settings.mode == "redirect" else "mangle"]
+            chains = checks.nft_base_chains(ruleset.stdout if ruleset else "")
+            say(checks.nft_shadowing(chains, tuple(NFT_TABLE.split()), "prerouting", hook_priority))
+            return nft_installed
+        expected = "\n".join(
+            f"{_tool(version)} {line}"
+            for version in (4, 6)
+            for line in _iptables_ours(
+                _in_scratch_netns(
+                    f"{_tool(version)}-restore -w 5 --noflush && {_tool(version)}-save",
+                    iptables_restore(settings, version),
+                )
+            )
+        )
+    except RulesError as exc:
+        say(checks.Verdict(checks.WARN, f"rules ({backend})", str(exc)))
+        return False
+    installed = "\n".join(f"{_tool(version)} {line}" for version in (4, 6) for line in ours[version])
+    say(checks.rules("iptables", installed or None, expected))
+    for version in (4, 6):
+        _check_iptables_order(settings, version, saved[version].stdout if saved[version] else "", say)
+    return any(checks.jump_target(line.split()) == CHAIN for line in ours[6])  # IPv6 TCP jumps to the relay
+
+
+def _tool(version: int) -> str:
+    return "iptables" if version == 4 else "ip6tables"
+
+
+def _iptables_ours(saved: str) -> list[str]:
+    """From iptables-save: our chains' rules and the jumps to them, each as "TABLE RULE", in order."""
+    lines, table = [], ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        words = line.split()
+        if line.startswith("-A ") and (words[1] in OUR_CHAINS or set(words) & set(OUR_CHAINS)):
+            lines.append(f"{table} {line}")
+    return lines
+
+
+def _check_iptables_order(settings: RuleSettings, version: int, saved: str, say) -> None:
+    """Where the LAN's TCP jumps to us, is anything before the jump taking it?"""
+    table = "nat" if settings.mode == "redirect" else "mangle"
+    prerouting, current = [], ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            current = line[1:]
+        elif current == table and line.startswith("-A PREROUTING "):
+            prerouting.append(line)
+    if any(f"-j {CHAIN}" in line for line in prerouting):
+        say(checks.iptables_shadowing(_tool(version), table, prerouting, CHAIN, list(settings.lan_ifaces)))
+
+
+def _lan_ipv6(lan_ifaces: list[str]) -> dict[str, list[str]]:
+    """Global IPv6 addresses of the LAN interfaces (every one but lo if none is named)."""
+    result = _run(["ip", "-j", "-6", "address", "show", "scope", "global"])
+    try:
+        interfaces = json.loads(result.stdout) if result and result.returncode == 0 else []
+    except ValueError:
+        interfaces = []
+    found = {}
+    for interface in interfaces:
+        name = interface.get("ifname", "")
+        if (name in lan_ifaces) if lan_ifaces else name != "lo":
+            addresses = [info["local"] for info in interface.get("addr_info", []) if "local" in info]
+            if addresses:
+                found[name] = addresses
+    return found
+
+
+# -- through the network ---------------------------------------------------------
+
+
+async def _network_checks(config: Config, target: tuple[str, int], name: str, say) -> None:
+    from relay.net.dial import Dialer, resolve
+    from relay.net.tunnel import make_tunnels
+
+    dialer = Dialer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dialer.run)
+        tunnels = make_tunnels(config, own_ports=True) if config.ssh else [None] * len(config.upstreams)
+        for tunnel in filter(None, tunnels):
+            tunnel.start_timeout = SSH_START_TIMEOUT
+            started = trio.current_time()
+            await nursery.start(tunnel.run)
+            up = trio.current_time() - started if tunnel.up else None
+            say(checks.ssh_tunnel(tunnel.description, up, tunnel.last_failure))
+        target_text = f"{bracketed(target[0])}:{target[1]}"
+        for upstream, tunnel in zip(config.upstreams, tunnels):
+            if upstream.scheme == "direct":
+                continue
+            try:
+                addresses = await resolve(*(tunnel.local_address if tunnel else (upstream.host, upstream.port)))
+            except OSError as exc:
+                say(checks.upstream(str(upstream), target_text, None, f"cannot resolve: {exc.strerror}", "proxy"))
+                continue
+
+            say(
+                checks.upstream(
+                    str(upstream), target_text, *await _attempt(dialer, config, upstream, addresses, target)
+                )
+            )
+            if upstream.scheme == "http":
+                _, reason, _ = await _attempt(dialer, config, upstream, addresses, (target[0], NON_TLS_PORT))
+                say(checks.non_tls_port(str(upstream), f"{bracketed(target[0])}:{NON_TLS_PORT}", reason))
+        for host, port in config.dns:
+            say(await trio.to_thread.run_sync(_ask_dns, host, port, name, config.dns_timeout + 1))
+        nursery.cancel_scope.cancel()
+
+
+async def _attempt(dialer, config: Config, upstream, addresses, destination) -> tuple:
+    """A tunnel to ``destination`` through ``upstream``, closed at once: (seconds, None, None), or
+    (None, reason, whose fault)."""
+    from relay.net.faults import UpstreamError
+    from relay.net.sockets import reset
+
+    started = trio.current_time()
+    try:
+        sock, _ = await dialer.open_async(
+            upstream,
+            addresses,
+            destination,
+            mark=config.mark,
+            connect_timeout=config.connect_timeout,
+            handshake_timeout=config.handshake_timeout,
+        )
+    except UpstreamError as exc:
+        return None, exc.reason, exc.fault.value
+    reset(sock)
+    return trio.current_time() - started, None, None
+
+
+def _ask_dns(host: str, port: int, name: str, timeout: float) -> checks.Verdict:
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rcode
+    import dns.rdatatype
+
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        host = "127.0.0.1" if address.version == 4 else "::1"
+    where = f"{bracketed(host)}:{port}"
+    started = time.monotonic()
+    try:
+        response = dns.query.udp(dns.message.make_query(name, dns.rdatatype.A), host, port=port, timeout=timeout)
+    except (dns.exception.DNSException, OSError):
+        return checks.dns(where, name, None, None, [])
+    answers = [rdata.to_text() for rrset in response.answer if rrset.rdtype == dns.rdatatype.A for rdata in rrset]
+    return checks.dns(where, name, time.monotonic() - started, dns.rcode.to_text(response.rcode()), answers)

@@ -1,0 +1,314 @@
+"""``relay check``'s judgements: each function takes facts gathered from the router (text, numbers)
+and says ok, warn or FAIL with what to do. Nothing here touches the system; relay.check_command
+gathers the facts."""
+
+import re
+from dataclasses import dataclass
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+CONNTRACK_WARN, CONNTRACK_FAIL = 0.75, 0.95  # when full, the kernel drops new connections' packets
+# iptables targets that end a packet's way through the chain, so a jump after them is never reached.
+TERMINAL_TARGETS = ("ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "REDIRECT", "TPROXY", "MASQUERADE")
+# nft: in a base chain that runs before ours, these take the packet for good. An accept does not:
+# every base chain on a hook sees the packet (a nat chain only until one of them has NATed it).
+NFT_TAKING = re.compile(r"\b(drop|reject|dnat|redirect|tproxy)\b")
+BASE_CHAIN = re.compile(r"type \w+ hook (\w+) .*priority ([^;]+);(?: policy (\w+);)?")
+NFT_PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    level: str  # OK, WARN or FAIL
+    what: str  # what was checked, a few words
+    detail: str  # what was found and, unless ok, what to do
+
+    def line(self) -> str:
+        return f"{self.level:<4}  {self.what}: {self.detail}"
+
+
+def exit_status(verdicts: list[Verdict]) -> int:
+    return 1 if any(verdict.level == FAIL for verdict in verdicts) else 0
+
+
+def running(port: int, owners: list[tuple[int, str]]) -> Verdict:
+    """``owners``: (pid, command line) of each process with a listening TCP socket on the relay's port."""
+    what = "relay running"
+    if not owners:
+        return Verdict(FAIL, what, f"nothing listens on port {port}: start it with this config (systemctl start relay)")
+    strangers = [f"pid {pid} ({command})" for pid, command in owners if "relay" not in command]
+    if strangers:
+        return Verdict(
+            FAIL, what, f"port {port} is held by {', '.join(strangers)}, not relay: stop it or change --listen"
+        )
+    pids = ", ".join(str(pid) for pid, _ in owners)
+    return Verdict(OK, what, f"listening on port {port} (pid {pids})")
+
+
+METRIC_LINE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one metric in Prometheus text: (labels, value)."""
+    samples = []
+    for line in text.splitlines():
+        match = METRIC_LINE.match(line)
+        if match and match["name"] == name:
+            samples.append((dict(LABEL.findall(match["labels"] or "")), float(match["value"])))
+    return samples
+
+
+def metrics(where: str, text: str | None, error: str | None) -> list[Verdict]:
+    """The running relay's metrics endpoint: its answer, and the upstreams it marks unhealthy."""
+    what = f"metrics {where}"
+    if text is None:
+        return [Verdict(FAIL, what, f"no answer ({error}): is relay running with this config?")]
+    info = metric_samples(text, "relay_info")
+    if not info:
+        return [Verdict(FAIL, what, "answers, but not with relay's metrics: another program holds the port")]
+    verdicts = [Verdict(OK, what, f"relay {info[0][0].get('version', '?')} answers")]
+    for labels, value in metric_samples(text, "relay_upstream_healthy"):
+        if value == 0:
+            verdicts.append(
+                Verdict(
+                    WARN,
+                    f"upstream {labels.get('upstream', '?')}",
+                    "the running relay marks it unhealthy (see its log for why)",
+                )
+            )
+    return verdicts
+
+
+def rules(backend: str, installed: str | None, expected: str) -> Verdict:
+    """``installed``/``expected``: our rules as listed by the firewall (None: none installed), in one form."""
+    what = f"rules ({backend})"
+    apply = f"run 'relay rules --apply --backend {backend}' with this config"
+    if installed is None:
+        return Verdict(FAIL, what, f"not installed: {apply}")
+    have, want = _lines(installed), _lines(expected)
+    if have == want:
+        return Verdict(OK, what, "installed as 'relay rules' would install them")
+    extra = next((line for line in have if line not in want), None)
+    missing = next((line for line in want if line not in have), None)
+    found = f"extra: {extra}" if extra else f"missing: {missing}" if missing else "in another order"
+    return Verdict(FAIL, what, f"not what 'relay rules' would install for this config ({found}): {apply}")
+
+
+def _lines(text: str) -> list[str]:
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def iptables_shadowing(tool: str, table: str, chain_rules: list[str], jump_to: str, lan_ifaces: list[str]) -> Verdict:
+    """``chain_rules``: a built-in chain as ``iptables -S`` lists it (``-A PREROUTING ...``), in order.
+    Is anything before our first jump taking the LAN's TCP?"""
+    chain = chain_rules[0].split()[1] if chain_rules else "PREROUTING"
+    what = f"{tool} {table} {chain} order"
+    for rule in chain_rules:
+        words = rule.split()
+        if jump_target(words) == jump_to:
+            return Verdict(OK, what, "relay's jump comes before anything that takes the LAN's TCP")
+        if jump_target(words) not in TERMINAL_TARGETS or not _may_match_lan_tcp(words, lan_ifaces):
+            continue
+        delete = f"{tool} -t {table} -D {rule.removeprefix('-A ')}"
+        level = FAIL if _unconditional(words) else WARN
+        return Verdict(
+            level,
+            what,
+            f"'{rule}' comes before relay's jump, so the LAN's TCP it matches skips the relay: "
+            f"move it after ({delete}, then add it again with -A)",
+        )
+    return Verdict(FAIL, what, f"no jump to {jump_to}: run 'relay rules --apply --backend iptables' with this config")
+
+
+def jump_target(words: list[str]) -> str | None:
+    for option, target in zip(words, words[1:]):
+        if option in ("-j", "--jump", "-g", "--goto"):
+            return target
+    return None
+
+
+def _option(words: list[str], name: str) -> tuple[bool, str] | None:
+    """(negated, value) of an option, or None if the rule does not have it."""
+    for index, word in enumerate(words[:-1]):
+        if word == name:
+            return index > 0 and words[index - 1] == "!", words[index + 1]
+    return None
+
+
+def _may_match_lan_tcp(words: list[str], lan_ifaces: list[str]) -> bool:
+    protocol = _option(words, "-p")
+    if protocol and (protocol[0] or protocol[1] not in ("tcp", "6", "all")):
+        return False
+    interface = _option(words, "-i")
+    if interface:
+        negated, name = interface
+        matches = [_iface_matches(name, iface) for iface in lan_ifaces] if lan_ifaces else [name != "lo"]
+        return not all(matches) if negated else any(matches)
+    return True
+
+
+def _iface_matches(pattern: str, iface: str) -> bool:
+    return iface.startswith(pattern[:-1]) if pattern.endswith("+") else iface == pattern
+
+
+def _unconditional(words: list[str]) -> bool:
+    """No match narrower than protocol and interface: all the LAN's TCP."""
+    matches = words[: words.index("-j")] if "-j" in words else words  # what follows -j is the target's
+    narrowing = [word for word in matches if word.startswith("-") and word not in ("-A", "-p", "-i", "-m")]
+    return not narrowing
+
+
+def nft_base_chains(ruleset: str) -> list[dict]:
+    """Base chains in ``nft list ruleset`` text: family, table, chain, hook, priority, policy, rules."""
+    chains, table, chain = [], None, None
+    for raw in ruleset.splitlines():
+        line = raw.strip()
+        if match := re.match(r"table (\w+) (\S+) \{", line):
+            table = (match[1], match[2])
+        elif match := re.match(r"chain (\S+) \{", line):
+            chain = {"family": table[0], "table": table[1], "chain": match[1], "hook": None, "rules": []}
+        elif chain is not None and (
+            match := re.match(r"type \w+ hook (\w+) .*priority ([^;]+);(?: policy (\w+);)?", line)
+        ):
+            chain.update(hook=match[1], priority=_nft_priority(match[2].strip()), policy=match[3] or "accept")
+        elif line == "}" and chain is not None:
+            if chain["hook"]:
+                chains.append(chain)
+            chain = None
+        elif chain is not None and line:
+            chain["rules"].append(line)
+    return chains
+
+
+def _nft_priority(text: str) -> int:
+    match = re.fullmatch(r"(\w+|-?\d+)\s*(?:([+-])\s*(\d+))?", text)
+    if not match:
+        return 0
+    base = NFT_PRIORITIES.get(match[1])
+    value = base if base is not None else int(match[1])
+    return value + (int(match[3]) * (1 if match[2] == "+" else -1) if match[2] else 0)
+
+
+def nft_shadowing(chains: list[dict], our_table: tuple[str, str], hook: str, priority: int) -> Verdict:
+    """Base chains of other tables on our hook that run before ours (or with ours) and take packets."""
+    what = f"nft {hook} order"
+    for chain in chains:
+        if (chain["family"], chain["table"]) == our_table or chain["hook"] != hook or chain["priority"] > priority:
+            continue
+        if chain["family"] not in ("ip", "ip6", "inet"):
+            continue
+        where = f"table {chain['family']} {chain['table']} chain {chain['chain']} (priority {chain['priority']})"
+        if chain["policy"] == "drop":
+            return Verdict(
+                WARN, what, f"{where} runs before relay's rules with policy drop: check it lets LAN TCP through"
+            )
+        taking = next((rule for rule in chain["rules"] if NFT_TAKING.search(rule)), None)
+        if taking:
+            return Verdict(
+                WARN,
+                what,
+                f"{where} runs before relay's rules and may take the LAN's TCP: '{taking}': "
+                "make sure it does not match it",
+            )
+    return Verdict(OK, what, "nothing before relay's rules takes the LAN's TCP")
+
+
+def forwarding(ipv4: str, ipv6: str, ipv6_needed: bool) -> list[Verdict]:
+    """The sysctls' values ("1" on); IPv6 matters where the LAN has IPv6 addresses and it is intercepted."""
+    verdicts = [_sysctl_on("net.ipv4.ip_forward", ipv4, "the router does not forward the LAN's traffic")]
+    if ipv6_needed:
+        verdicts.append(_sysctl_on("net.ipv6.conf.all.forwarding", ipv6, "while the LAN has IPv6"))
+    return verdicts
+
+
+def _sysctl_on(name: str, value: str, why: str) -> Verdict:
+    if value == "1":
+        return Verdict(OK, name, value)
+    return Verdict(
+        FAIL, name, f"{value or 'missing'}: {why}: sysctl -w {name}=1 (and {name}=1 in /etc/sysctl.d/ to keep it)"
+    )
+
+
+def ipv6_bypass(addresses: dict[str, list[str]], intercepted: bool) -> Verdict:
+    """``addresses``: the LAN interfaces' global IPv6 addresses by interface."""
+    what = "IPv6 on the LAN"
+    found = [f"{address} on {iface}" for iface, listed in addresses.items() for address in listed]
+    if not found:
+        return Verdict(OK, what, "no global IPv6 address on the LAN interfaces")
+    if intercepted:
+        return Verdict(OK, what, f"{found[0]}, and IPv6 TCP is intercepted")
+    return Verdict(
+        WARN,
+        what,
+        f"{found[0]} but no IPv6 interception: the LAN's IPv6 TCP goes around the relay: "
+        "install the IPv6 rules too ('relay rules --apply') or remove the address",
+    )
+
+
+def conntrack(count: int | None, maximum: int | None) -> Verdict:
+    what = "conntrack"
+    if count is None or not maximum:
+        return Verdict(OK, what, "not in use")
+    share = count / maximum
+    fix = f"raise it (sysctl -w net.netfilter.nf_conntrack_max={maximum * 2})"
+    if share >= CONNTRACK_FAIL:
+        return Verdict(FAIL, what, f"{count} of {maximum} entries: new connections are being dropped: {fix}")
+    if share >= CONNTRACK_WARN:
+        return Verdict(WARN, what, f"{count} of {maximum} entries ({share:.0%}): nearly full: {fix}")
+    return Verdict(OK, what, f"{count} of {maximum} entries ({share:.0%})")
+
+
+def upstream(name: str, target: str, seconds: float | None, reason: str | None, fault: str | None) -> Verdict:
+    """A proxy handshake to ``target``: its time, or why and whose fault it failed (relay.net.faults)."""
+    what = f"upstream {name}"
+    if seconds is not None:
+        return Verdict(OK, what, f"opened a tunnel to {target} in {seconds * 1000:.0f} ms")
+    if fault == "target":
+        return Verdict(
+            WARN, what, f"answers, but could not reach {target} ({reason}): try --check-target with a host it can reach"
+        )
+    return Verdict(
+        FAIL, what, f"no tunnel to {target} ({reason}): check that the proxy runs and is reachable from here"
+    )
+
+
+def non_tls_port(name: str, target: str, reason: str | None) -> Verdict:
+    """A CONNECT to a port other than 443 (``target``); ``reason``: why it failed, None if it opened."""
+    what = f"upstream {name} CONNECT to other ports"
+    if reason != "http-403":
+        return Verdict(OK, what, f"not refused by the proxy's rules ({target}: {reason or 'opened'})")
+    return Verdict(
+        WARN,
+        what,
+        f"{target} refused (403): stock squid allows CONNECT only to SSL_ports, so git over ssh "
+        f"and other non-443 TLS fail: add 'acl SSL_ports port {target.rpartition(':')[2]}' to squid.conf "
+        "(before 'http_access deny CONNECT !SSL_ports')",
+    )
+
+
+def ssh_tunnel(description: str, up_seconds: float | None, failure: str | None) -> Verdict:
+    what = "ssh tunnel"
+    if up_seconds is not None:
+        return Verdict(OK, what, f"{description} up in {up_seconds * 1000:.0f} ms")
+    return Verdict(
+        FAIL,
+        what,
+        f"{description} did not come up: {failure or 'no answer'}: "
+        "check --ssh, --ssh-identity and that the far host accepts the key",
+    )
+
+
+def dns(where: str, name: str, seconds: float | None, rcode: str | None, answers: list[str]) -> Verdict:
+    """A query for ``name`` to the relay's DNS service at ``where``; rcode None: no answer at all."""
+    what = f"DNS {where}"
+    if rcode is None:
+        return Verdict(FAIL, what, f"no answer for {name}: is relay running with --dns {where}?")
+    if rcode != "NOERROR":
+        return Verdict(
+            FAIL,
+            what,
+            f"{name}: {rcode}: the DNS upstreams did not answer through the tunnel (see relay's log, --dns-upstream)",
+        )
+    if not answers:
+        return Verdict(WARN, what, f"{name}: no address (try --check-name with a name that has one)")
+    return Verdict(OK, what, f"{name} is {answers[0]}, answered in {seconds * 1000:.0f} ms")
