@@ -110,6 +110,20 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {label}: {value}")
 
 
+def ssh_args(lab) -> list[str]:
+    """--ssh to the lab's sshd as root, with its key and no host key kept."""
+    return [
+        "--ssh",
+        f"root@{lab.sshd.address}",
+        "--ssh-identity",
+        str(lab.sshd.client_key),
+        "--ssh-option",
+        "StrictHostKeyChecking=no",
+        "--ssh-option",
+        "UserKnownHostsFile=/dev/null",
+    ]
+
+
 def require_root():
     root.require_root("end-to-end tests need root (network namespaces, iptables)")
 

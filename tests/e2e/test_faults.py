@@ -20,7 +20,7 @@ from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
 from relay.lab.servers import CHUNK, BannerServer, pattern, pattern_sha256
 from relay.lab.services import clear_interception
 from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all, upload
-from tests.e2e.conftest import BANNER_PORT, CLOSED_PORT, RELAY_PORT, UPSTREAMS
+from tests.e2e.conftest import BANNER_PORT, CLOSED_PORT, RELAY_PORT, UPSTREAMS, ssh_args
 from tests.e2e.health import assert_settled, group_pids, usage
 from tests.e2e.test_installed_rules import routes_to_server
 
@@ -275,14 +275,7 @@ def test_silent_tunnel_death_ends_connections_within_the_keepalive_bound(relays,
             "127.0.0.1:3128",
             "--listen",
             f"0.0.0.0:{RELAY_PORT}",
-            "--ssh",
-            f"root@{lab.sshd.address}",
-            "--ssh-identity",
-            str(lab.sshd.client_key),
-            "--ssh-option",
-            "StrictHostKeyChecking=no",
-            "--ssh-option",
-            "UserKnownHostsFile=/dev/null",
+            *ssh_args(lab),
             "--ssh-option",
             "ServerAliveInterval=1",
             "--ssh-option",

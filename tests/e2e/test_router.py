@@ -14,7 +14,7 @@ import pytest
 from relay.lab import ADDR, start_dante
 from relay.lab.services import clear_interception
 from tests.e2e.clients import connect, download, expect_reset, upload
-from tests.e2e.conftest import RELAY_PORT, UPSTREAMS
+from tests.e2e.conftest import RELAY_PORT, UPSTREAMS, ssh_args
 
 SQUID = UPSTREAMS["squid-via-ssh-L"]
 DANTE = UPSTREAMS["dante"]
@@ -319,14 +319,7 @@ def test_relay_supervises_its_own_ssh_tunnel(relay_on_router, lab):
         [
             "--upstream",
             "127.0.0.1:3128",  # squid on the far host's loopback
-            "--ssh",
-            f"root@{lab.sshd.address}",
-            "--ssh-identity",
-            str(lab.sshd.client_key),
-            "--ssh-option",
-            "StrictHostKeyChecking=no",
-            "--ssh-option",
-            "UserKnownHostsFile=/dev/null",
+            *ssh_args(lab),
             "--health-interval",
             "60",
         ]

@@ -1,0 +1,227 @@
+"""`relay check` on the lab's router: healthy, then each thing broken in turn (rules removed or
+shadowed, forwarding off, the upstream down, stock squid refusing port 22, the relay stopped, an
+IPv6 address without IPv6 rules, DNS down), each with its line and exit status."""
+
+import re
+import sys
+
+import pytest
+
+from relay.lab import ADDR, start_squid
+from tests.e2e.conftest import DANTE_PASSWORD, DANTE_USER, RELAY_PORT, UPSTREAMS, ssh_args
+
+SQUID_PORT = 3140  # a squid of this module's own, on far, that a test may stop
+STOCK_SQUID_PORT = 3141  # Debian's squid.conf, on far's loopback: reached through --ssh
+METRICS = "127.0.0.1:9414"
+
+
+@pytest.fixture(scope="module")
+def squids(lab):
+    own = start_squid(lab, listen=[(ADDR.far4, SQUID_PORT)], name="check-squid")
+    stock = start_squid(lab, listen=[("127.0.0.1", STOCK_SQUID_PORT)], debian_default_conf=True, name="check-stock")
+    yield own, stock
+    own.stop()
+    stock.stop()
+
+
+def options(unbound, upstream=f"{ADDR.far4}:{SQUID_PORT}", *extra):
+    """One configuration for the relay, `relay rules` and `relay check` alike."""
+    return [
+        "--upstream",
+        upstream,
+        "--mark",
+        "0x10",
+        "--listen",
+        f"0.0.0.0:{RELAY_PORT}",
+        "--listen",
+        f"[::]:{RELAY_PORT}",
+        "--lan-iface",
+        ADDR.router_lan_if,
+        "--metrics",
+        METRICS,
+        "--dns",
+        "0.0.0.0:53",
+        "--dns",
+        "[::]:53",
+        "--dns-upstream",
+        unbound.doh_url,
+        "--dns-ca",
+        str(unbound.ca_file),
+        "--dns-local",
+        f"udp://{unbound.direct_address}",
+        *extra,
+    ]
+
+
+CHECK = ["--check-target", f"{ADDR.far_server_side4}:443", "--check-name", "far-only.example"]
+
+
+def relay_command(lab, *args, check=True):
+    return lab.run("router", [sys.executable, "-m", "relay", *args], check=check, timeout=90)
+
+
+def check(lab, args, backend):
+    """relay check's (exit status, {first words of each line: the line})."""
+    result = relay_command(lab, "check", *args, *CHECK, "--backend", backend, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = {}
+    for line in result.stdout.splitlines():
+        level, what = re.match(r"(ok|warn|FAIL)\s+(.+?): ", line).groups()
+        lines[what] = (level, line)
+    print(result.stdout)
+    return result.returncode, lines
+
+
+@pytest.fixture
+def router(lab, relays, unbound, squids):
+    """A relay running with options(), its rules applied (backend chosen by the test), DNS answering."""
+    applied = []
+
+    def start(backend):
+        relays.start(options(unbound))
+        relay_command(lab, "rules", "--apply", "--backend", backend, *options(unbound))
+        applied.append(backend)
+
+    yield start
+    for backend in applied:
+        relay_command(lab, "rules", "--remove", "--backend", backend, *options(unbound))
+
+
+def check_while_broken(lab, args, backend, restore):
+    """check(), then ``restore()`` whatever happened."""
+    try:
+        return check(lab, args, backend)
+    finally:
+        restore()
+
+
+def levels(lines):
+    return {what: level for what, (level, _) in lines.items()}
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nft"])
+def test_a_healthy_router_is_all_ok(lab, router, unbound, backend):
+    router(backend)
+    status, lines = check(lab, options(unbound), backend)
+    assert status == 0
+    assert set(levels(lines).values()) == {"ok"}, lines
+    upstream = f"upstream http://{ADDR.far4}:{SQUID_PORT}"
+    assert re.search(r"opened a tunnel to 10\.77\.3\.1:443 in \d+ ms", lines[upstream][1])
+    assert "not refused" in lines[f"{upstream} CONNECT to other ports"][1]
+    assert re.search(rf"far-only\.example is {ADDR.server4}, answered in \d+ ms", lines["DNS 127.0.0.1:53"][1])
+    assert f"rules ({backend})" in lines and "relay running" in lines and f"metrics {METRICS}" in lines
+
+
+def test_rules_removed_or_shadowed(lab, router, unbound):
+    router("iptables")
+    relay_command(lab, "rules", "--remove", "--backend", "iptables", *options(unbound))
+    status, lines = check(lab, options(unbound), "iptables")
+    assert status == 1 and lines["rules (iptables)"][0] == "FAIL"
+    assert "not installed: run 'relay rules --apply --backend iptables'" in lines["rules (iptables)"][1]
+
+    relay_command(lab, "rules", "--apply", "--backend", "iptables", *options(unbound))
+    accept = ["-t", "nat", "-I", "PREROUTING", "-i", ADDR.router_lan_if, "-p", "tcp", "-j", "ACCEPT"]
+    lab.run("router", ["iptables", "-w", "5", *accept])
+    status, lines = check_while_broken(
+        lab,
+        options(unbound),
+        "iptables",
+        lambda: lab.run("router", ["iptables", "-w", "5", "-t", "nat", "-D", *accept[3:]]),
+    )
+    assert status == 1
+    level, line = lines["iptables nat PREROUTING order"]
+    assert level == "FAIL" and f"'-A PREROUTING -i {ADDR.router_lan_if} -p tcp -j ACCEPT' comes before" in line
+    assert levels(lines)["rules (iptables)"] == "ok"  # our own chains are intact: only the order is wrong
+
+
+def test_an_accept_inside_our_nft_table(lab, router, unbound):
+    router("nft")
+    lab.run("router", ["nft", "insert", "rule", "inet", "relay", "prerouting", "meta", "l4proto", "tcp", "accept"])
+    status, lines = check(lab, options(unbound), "nft")
+    assert status == 1
+    level, line = lines["rules (nft)"]
+    assert level == "FAIL" and "extra: meta l4proto tcp accept" in line
+
+
+def test_forwarding_off(lab, router, unbound):
+    router("iptables")
+    lab.run("router", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"])
+    status, lines = check_while_broken(
+        lab,
+        options(unbound),
+        "iptables",
+        lambda: lab.run("router", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]),
+    )
+    assert status == 1
+    assert (
+        lines["net.ipv4.ip_forward"][0] == "FAIL"
+        and "sysctl -w net.ipv4.ip_forward=1" in lines["net.ipv4.ip_forward"][1]
+    )
+    assert lines["net.ipv6.conf.all.forwarding"][0] == "FAIL"  # the LAN has IPv6, and it is intercepted
+
+
+def test_upstream_down(lab, router, unbound, squids):
+    router("iptables")
+    own, _ = squids
+    own.stop()
+    status, lines = check_while_broken(lab, options(unbound), "iptables", own.start)
+    assert status == 1
+    level, line = lines[f"upstream http://{ADDR.far4}:{SQUID_PORT}"]
+    assert level == "FAIL" and "connect-econnrefused" in line
+
+
+def test_stock_squid_refusing_port_22_through_ssh(lab, unbound, squids):
+    ssh = ssh_args(lab)
+    status, lines = check(lab, options(unbound, f"127.0.0.1:{STOCK_SQUID_PORT}", *ssh), "iptables")
+    assert status == 1  # no relay runs with this configuration
+    assert re.search(
+        r"ok\s+ssh tunnel: -L 127\.0\.0\.1:\d+ via root@10\.77\.2\.2 to 127\.0\.0\.1:3141 up", lines["ssh tunnel"][1]
+    )
+    upstream = f"upstream http://127.0.0.1:{STOCK_SQUID_PORT}"
+    assert levels(lines)[upstream] == "ok"
+    level, line = lines[f"{upstream} CONNECT to other ports"]
+    assert level == "warn" and "add 'acl SSL_ports port 22' to squid.conf" in line
+
+    broken = [*ssh[:3], "/nonexistent-key", *ssh[4:]]
+    status, lines = check(lab, options(unbound, f"127.0.0.1:{STOCK_SQUID_PORT}", *broken), "iptables")
+    assert status == 1 and lines["ssh tunnel"][0] == "FAIL"
+    assert "did not come up: ssh exited with status 255" in lines["ssh tunnel"][1]
+
+
+def test_relay_not_running(lab, router, unbound, relays):
+    router("iptables")
+    for relay in relays.started:
+        relay.stop()
+    status, lines = check(lab, options(unbound), "iptables")
+    assert status == 1
+    assert lines["relay running"][0] == "FAIL" and f"nothing listens on port {RELAY_PORT}" in lines["relay running"][1]
+    assert lines[f"metrics {METRICS}"][0] == "FAIL"
+
+
+def test_ipv6_address_without_ipv6_rules(lab, router, unbound):
+    router("iptables")
+    jump = ["-t", "nat", "-D", "PREROUTING", "-i", ADDR.router_lan_if, "-p", "tcp", "!", "--dport", "53", "-j", "RELAY"]
+    lab.run("router", ["ip6tables", "-w", "5", *jump])
+    status, lines = check(lab, options(unbound), "iptables")
+    assert status == 1  # the rules are not what `relay rules` installs either
+    level, line = lines["IPv6 on the LAN"]
+    assert level == "warn" and f"{ADDR.router_lan6} on {ADDR.router_lan_if} but no IPv6 interception" in line
+
+
+def test_dns_down(lab, router, unbound):
+    router("iptables")
+    unbound.stop()
+    status, lines = check_while_broken(lab, options(unbound), "iptables", unbound.start)
+    assert status == 1
+    level, line = lines["DNS 127.0.0.1:53"]
+    assert level == "FAIL" and "far-only.example: SERVFAIL" in line
+
+
+def test_no_password_in_the_output(lab, unbound):
+    upstream = UPSTREAMS["dante-auth"]
+    result = relay_command(lab, "check", *options(unbound, upstream), *CHECK, check=False)
+    assert re.search(
+        rf"ok\s+upstream socks5://{DANTE_USER}:\*\*\*@{ADDR.far4}:1082: opened a tunnel to 10\.77\.3\.1:443",
+        result.stdout,
+    ), result.stdout
+    assert DANTE_PASSWORD not in result.stdout + result.stderr
