@@ -18,6 +18,7 @@ from relay import checks
 from relay.addresses import bracketed
 from relay.config import DEFAULT_PORT, Config, ConfigError
 from relay.logs import log
+from relay.metrics import read_conntrack
 from relay.options import build_parser, load_config
 from relay.rules import CHAIN, NFT_TABLE, OUR_CHAINS, RulesError, RuleSettings, iptables_restore, nft_script
 from relay.rules_command import RULE_OPTIONS, add_rule_options, settings_for
@@ -89,8 +90,7 @@ def main(argv: list[str]) -> int:
     ):
         say(verdict)
     say(checks.ipv6_bypass(lan_v6, ipv6_intercepted))
-    count, maximum = _sysctl("net/netfilter/nf_conntrack_count"), _sysctl("net/netfilter/nf_conntrack_max")
-    say(checks.conntrack(int(count) if count else None, int(maximum) if maximum else None))
+    say(checks.conntrack(*(read_conntrack() or (None, None))))
     trio.run(_network_checks, config, target, name, say)
     return checks.exit_status(verdicts)
 

@@ -29,6 +29,17 @@ RECEIVE_SIZE = 8192
 # A scrape is a few round trips; a slot held longer than this is a stuck or hostile client.
 CONNECTION_TIMEOUT = 10.0
 MAX_CONCURRENT_SCRAPES = 64
+CONNTRACK_DIR = "/proc/sys/net/netfilter"
+
+
+def read_conntrack(directory: str = CONNTRACK_DIR) -> tuple[int, int] | None:
+    """(entries, maximum) of the kernel's connection tracking in this namespace; None where it is not loaded.
+    A full table drops new connections' packets before the relay ever sees them."""
+    try:
+        with open(f"{directory}/nf_conntrack_count") as count, open(f"{directory}/nf_conntrack_max") as maximum:
+            return int(count.read()), int(maximum.read())
+    except (OSError, ValueError):
+        return None
 
 
 def count_tasks() -> int:
@@ -91,6 +102,7 @@ class Metrics:
         self.dns_upstream_failures: dict[str, int] = {}
         self.dns_upstream = _Histogram()
         self.fake_ips = None  # the fake-IP pool (relay.dns.fakeip) in fake-ip mode, for its use
+        self.conntrack_dir = CONNTRACK_DIR
 
     def connection_accepted(self) -> None:
         self.accepted += 1
@@ -221,6 +233,13 @@ class Metrics:
                 "Fake addresses taken from the name used longest ago, the pool being full.",
             )
             lines.append(_sample("relay_dns_fake_ips_recycled_total", {}, self.fake_ips.recycled()))
+
+        conntrack = read_conntrack(self.conntrack_dir)
+        if conntrack is not None:
+            family("relay_conntrack_entries", "gauge", "Connections the kernel tracks now (nf_conntrack_count).")
+            lines.append(_sample("relay_conntrack_entries", {}, conntrack[0]))
+            family("relay_conntrack_max", "gauge", "The most it tracks; past it new connections are dropped.")
+            lines.append(_sample("relay_conntrack_max", {}, conntrack[1]))
 
         family(
             "relay_tasks", "gauge", "Trio tasks alive in this process: flat under a steady load, or something leaks."

@@ -480,3 +480,14 @@ async def test_task_gauge_counts_live_tasks():
         assert sample(metrics.render(), "relay_tasks") == before + 3
         nursery.cancel_scope.cancel()
     assert sample(metrics.render(), "relay_tasks") == before
+
+
+def test_conntrack_use_is_exported_where_the_kernel_tracks(tmp_path):
+    metrics = Metrics(version="1", fast_path="x")
+    metrics.conntrack_dir = str(tmp_path)
+    assert "relay_conntrack" not in metrics.render()  # not loaded: nothing, rather than a made-up 0
+    (tmp_path / "nf_conntrack_count").write_text("1234\n")
+    (tmp_path / "nf_conntrack_max").write_text("262144\n")
+    samples = parse_exposition(metrics.render())
+    assert samples[("relay_conntrack_entries", ())] == 1234
+    assert samples[("relay_conntrack_max", ())] == 262144
