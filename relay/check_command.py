@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -20,7 +21,16 @@ from relay.config import DEFAULT_PORT, Config, ConfigError
 from relay.logs import log
 from relay.metrics import read_conntrack
 from relay.options import build_parser, load_config
-from relay.rules import CHAIN, NFT_TABLE, OUR_CHAINS, RulesError, RuleSettings, iptables_restore, nft_script
+from relay.rules import (
+    CHAIN,
+    NFT_TABLE,
+    OUR_CHAINS,
+    RulesError,
+    RuleSettings,
+    iptables_restore,
+    nft_script,
+    route_parts,
+)
 from relay.rules_command import RULE_OPTIONS, add_rule_options, settings_for
 
 DEFAULT_CHECK_TARGET = "cloudflare.com:443"  # a CDN's name: any proxy that works at all reaches it
@@ -59,13 +69,23 @@ def parse_target(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str]) -> int:
     args = build_check_parser().parse_args(argv)
     options = {key: vars(args).pop(key, None) for key in (*RULE_OPTIONS, "check_target", "check_name")}
     try:
         config = load_config(args)
         target = parse_target(options["check_target"] or DEFAULT_CHECK_TARGET)
-        name = options["check_name"] or target[0]
+        name = options["check_name"] or (
+            target[0] if not _is_address(target[0]) else parse_target(DEFAULT_CHECK_TARGET)[0]
+        )
     except ConfigError as exc:
         print(f"relay check: error: {exc}", file=sys.stderr)
         return 2
@@ -181,6 +201,11 @@ def _check_rules(config: Config, options: dict, say) -> bool:
     except ConfigError as exc:
         say(checks.Verdict(checks.WARN, "rules", f"cannot tell which rules this config needs: {exc}"))
         return False
+    if os.geteuid() != 0:
+        say(checks.Verdict(checks.WARN, "rules", "not checked: reading the firewall needs root"))
+        return False
+    if settings.mode == "tproxy":
+        say(checks.tproxy_routing(_missing_routes(settings)))
     nft = _run(["nft", "list", "table", *NFT_TABLE.split()])
     nft_installed = nft is not None and nft.returncode == 0
     saved = {version: _run([f"{_tool(version)}-save"]) for version in (4, 6)}
@@ -213,6 +238,21 @@ def _check_rules(config: Config, options: dict, say) -> bool:
     for version in (4, 6):
         _check_iptables_order(settings, version, saved[version].stdout if saved[version] else "", say)
     return any(checks.jump_target(line.split()) == CHAIN for line in ours[6])  # IPv6 TCP jumps to the relay
+
+
+def _missing_routes(settings: RuleSettings) -> list[str]:
+    """The ``ip rule``/``ip route`` commands of TPROXY routing whose rule or route is not there."""
+    missing = []
+    for version in (4, 6) if settings.ipv6 else (4,):
+        rule, route, route_query = route_parts(settings, version)
+        for show, add in (
+            (["rule", "show", *rule], ["rule", "add", *rule]),
+            (["route", "show", *route_query], ["route", "add", *route]),
+        ):
+            result = _run(["ip", f"-{version}", *show])
+            if result is None or not result.stdout.strip():
+                missing.append(shlex.join(["ip", f"-{version}", *add]))
+    return missing
 
 
 def _tool(version: int) -> str:
@@ -310,7 +350,7 @@ async def _attempt(dialer, config: Config, upstream, addresses, destination) -> 
             upstream,
             addresses,
             destination,
-            mark=config.mark,
+            mark=config.mark if os.geteuid() == 0 else None,  # SO_MARK needs CAP_NET_ADMIN
             connect_timeout=config.connect_timeout,
             handshake_timeout=config.handshake_timeout,
         )

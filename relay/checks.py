@@ -213,6 +213,18 @@ def nft_shadowing(chains: list[dict], our_table: tuple[str, str], hook: str, pri
     return Verdict(OK, what, "nothing before relay's rules takes the LAN's TCP")
 
 
+def tproxy_routing(missing: list[str]) -> Verdict:
+    """``missing``: the commands that would add the TPROXY ip rules and routes that are not there."""
+    if not missing:
+        return Verdict(OK, "TPROXY routing", "the ip rules and local routes are there")
+    return Verdict(
+        FAIL,
+        "TPROXY routing",
+        f"missing, so intercepted packets are not delivered to the relay: {'; '.join(missing)} "
+        "(or 'relay rules --apply' with this config)",
+    )
+
+
 def forwarding(ipv4: str, ipv6: str, ipv6_needed: bool) -> list[Verdict]:
     """The sysctls' values ("1" on); IPv6 matters where the LAN has IPv6 addresses and it is intercepted."""
     verdicts = [_sysctl_on("net.ipv4.ip_forward", ipv4, "the router does not forward the LAN's traffic")]

@@ -552,7 +552,7 @@ def nft_script(settings: RuleSettings) -> str:
 # -- TPROXY routing ----------------------------------------------------------------
 
 
-def _route_parts(settings: RuleSettings, version: int) -> tuple[list[str], list[str], list[str]]:
+def route_parts(settings: RuleSettings, version: int) -> tuple[list[str], list[str], list[str]]:
     """(ip rule selector, ip route spec, ip route show selector for that route)."""
     table = str(settings.route_table)
     everything = "0.0.0.0/0" if version == 4 else "::/0"
@@ -573,7 +573,7 @@ def route_commands(settings: RuleSettings, action: str) -> list[list[str]]:
         return []
     commands = []
     for version in _versions(settings):
-        rule, route, _ = _route_parts(settings, version)
+        rule, route, _ = route_parts(settings, version)
         commands.append(["ip", f"-{version}", "rule", action, *rule])
         commands.append(["ip", f"-{version}", "route", "replace" if action == "add" else "del", *route])
     return commands
@@ -581,7 +581,7 @@ def route_commands(settings: RuleSettings, action: str) -> list[list[str]]:
 
 def _apply_routes(settings: RuleSettings) -> None:
     for version in _versions(settings):
-        rule, route, _ = _route_parts(settings, version)
+        rule, route, _ = route_parts(settings, version)
         # "ip rule add" happily adds the same rule twice.
         if not _run(["ip", f"-{version}", "rule", "show", *rule]).strip():
             _run(["ip", f"-{version}", "rule", "add", *rule])
@@ -590,7 +590,7 @@ def _apply_routes(settings: RuleSettings) -> None:
 
 def _remove_routes(settings: RuleSettings) -> None:
     for version in _versions(settings):
-        rule, route, route_query = _route_parts(settings, version)
+        rule, route, route_query = route_parts(settings, version)
         for _ in _run(["ip", f"-{version}", "rule", "show", *rule]).splitlines():
             _run(["ip", f"-{version}", "rule", "del", *rule])
         # A table without routes does not exist, and asking for it fails.

@@ -191,3 +191,9 @@ def test_bad_options_are_status_2_without_the_password(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--upstream", "http://u:Secret-42@p:3128", "--no-such-option"])
     assert exited.value.code == 2 and "Secret-42" not in capsys.readouterr().err
+
+
+def test_tproxy_routing():
+    assert checks.tproxy_routing([]).level == OK
+    missing = checks.tproxy_routing(["ip -4 rule add fwmark 0x100/0x100 lookup 100"])
+    assert missing.level == FAIL and "ip -4 rule add fwmark 0x100/0x100 lookup 100" in missing.detail

@@ -24,7 +24,7 @@ def squids(lab):
     stock.stop()
 
 
-def options(unbound, upstream=f"{ADDR.far4}:{SQUID_PORT}", *extra):
+def options(unbound, *extra, upstream=f"{ADDR.far4}:{SQUID_PORT}"):
     """One configuration for the relay, `relay rules` and `relay check` alike."""
     return [
         "--upstream",
@@ -77,14 +77,14 @@ def router(lab, relays, unbound, squids):
     """A relay running with options(), its rules applied (backend chosen by the test), DNS answering."""
     applied = []
 
-    def start(backend):
-        relays.start(options(unbound))
-        relay_command(lab, "rules", "--apply", "--backend", backend, *options(unbound))
-        applied.append(backend)
+    def start(backend, *extra):
+        relays.start(options(unbound, *extra))
+        relay_command(lab, "rules", "--apply", "--backend", backend, *options(unbound, *extra))
+        applied.append((backend, extra))
 
     yield start
-    for backend in applied:
-        relay_command(lab, "rules", "--remove", "--backend", backend, *options(unbound))
+    for backend, extra in applied:
+        relay_command(lab, "rules", "--remove", "--backend", backend, *options(unbound, *extra))
 
 
 def check_while_broken(lab, args, backend, restore):
@@ -99,10 +99,10 @@ def levels(lines):
     return {what: level for what, (level, _) in lines.items()}
 
 
-@pytest.mark.parametrize("backend", ["iptables", "nft"])
-def test_a_healthy_router_is_all_ok(lab, router, unbound, backend):
-    router(backend)
-    status, lines = check(lab, options(unbound), backend)
+@pytest.mark.parametrize("backend,mode", [("iptables", "redirect"), ("nft", "redirect"), ("nft", "tproxy")])
+def test_a_healthy_router_is_all_ok(lab, router, unbound, backend, mode):
+    router(backend, "--mode", mode)
+    status, lines = check(lab, options(unbound, "--mode", mode), backend)
     assert status == 0
     assert set(levels(lines).values()) == {"ok"}, lines
     upstream = f"upstream http://{ADDR.far4}:{SQUID_PORT}"
@@ -143,6 +143,20 @@ def test_an_accept_inside_our_nft_table(lab, router, unbound):
     assert level == "FAIL" and "extra: meta l4proto tcp accept" in line
 
 
+def test_tproxy_routing_removed(lab, router, unbound):
+    router("iptables", "--mode", "tproxy")
+    lab.run("router", ["ip", "-6", "rule", "del", "fwmark", "0x100/0x100", "lookup", "100"])
+    status, lines = check(lab, options(unbound, "--mode", "tproxy"), "iptables")
+    assert status == 1
+    level, line = lines["TPROXY routing"]
+    assert level == "FAIL"
+    assert line.endswith(
+        "not delivered to the relay: ip -6 rule add fwmark 0x100/0x100 lookup 100 "
+        "(or 'relay rules --apply' with this config)"
+    )
+    assert levels(lines)["iptables mangle PREROUTING order"] == "ok"
+
+
 def test_forwarding_off(lab, router, unbound):
     router("iptables")
     lab.run("router", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"])
@@ -172,7 +186,7 @@ def test_upstream_down(lab, router, unbound, squids):
 
 def test_stock_squid_refusing_port_22_through_ssh(lab, unbound, squids):
     ssh = ssh_args(lab)
-    status, lines = check(lab, options(unbound, f"127.0.0.1:{STOCK_SQUID_PORT}", *ssh), "iptables")
+    status, lines = check(lab, options(unbound, *ssh, upstream=f"127.0.0.1:{STOCK_SQUID_PORT}"), "iptables")
     assert status == 1  # no relay runs with this configuration
     assert re.search(
         r"ok\s+ssh tunnel: -L 127\.0\.0\.1:\d+ via root@10\.77\.2\.2 to 127\.0\.0\.1:3141 up", lines["ssh tunnel"][1]
@@ -183,7 +197,7 @@ def test_stock_squid_refusing_port_22_through_ssh(lab, unbound, squids):
     assert level == "warn" and "add 'acl SSL_ports port 22' to squid.conf" in line
 
     broken = [*ssh[:3], "/nonexistent-key", *ssh[4:]]
-    status, lines = check(lab, options(unbound, f"127.0.0.1:{STOCK_SQUID_PORT}", *broken), "iptables")
+    status, lines = check(lab, options(unbound, *broken, upstream=f"127.0.0.1:{STOCK_SQUID_PORT}"), "iptables")
     assert status == 1 and lines["ssh tunnel"][0] == "FAIL"
     assert "did not come up: ssh exited with status 255" in lines["ssh tunnel"][1]
 
@@ -219,7 +233,7 @@ def test_dns_down(lab, router, unbound):
 
 def test_no_password_in_the_output(lab, unbound):
     upstream = UPSTREAMS["dante-auth"]
-    result = relay_command(lab, "check", *options(unbound, upstream), *CHECK, check=False)
+    result = relay_command(lab, "check", *options(unbound, upstream=upstream), *CHECK, check=False)
     assert re.search(
         rf"ok\s+upstream socks5://{DANTE_USER}:\*\*\*@{ADDR.far4}:1082: opened a tunnel to 10\.77\.3\.1:443",
         result.stdout,
