@@ -33,7 +33,8 @@ from relay.rules import (
 )
 from relay.rules_command import RULE_OPTIONS, add_rule_options, settings_for
 
-DEFAULT_CHECK_TARGET = "cloudflare.com:443"  # a CDN's name: any proxy that works at all reaches it
+DEFAULT_CHECK_HOST = "cloudflare.com"  # a CDN's name: any proxy that works at all reaches it
+DEFAULT_CHECK_TARGET = f"{DEFAULT_CHECK_HOST}:443"
 NON_TLS_PORT = 22  # what git over ssh needs, and stock squid refuses
 COMMAND_TIMEOUT = 20.0
 METRICS_TIMEOUT = 3.0
@@ -83,9 +84,7 @@ def main(argv: list[str]) -> int:
     try:
         config = load_config(args)
         target = parse_target(options["check_target"] or DEFAULT_CHECK_TARGET)
-        name = options["check_name"] or (
-            target[0] if not _is_address(target[0]) else parse_target(DEFAULT_CHECK_TARGET)[0]
-        )
+        name = options["check_name"] or (DEFAULT_CHECK_HOST if _is_address(target[0]) else target[0])
     except ConfigError as exc:
         print(f"relay check: error: {exc}", file=sys.stderr)
         return 2
@@ -185,9 +184,8 @@ def _in_scratch_netns(script: str, stdin: str) -> str:
     ruleset loaded there, to compare with what is installed here in the same form."""
     result = _run(["unshare", "--net", "sh", "-c", script], stdin)
     if result is None or result.returncode != 0:
-        raise RulesError(
-            f"could not list the expected rules in a scratch namespace: {(result.stderr if result else '')}"
-        )
+        why = result.stderr.strip() if result else "unshare did not run"
+        raise RulesError(f"could not list the expected rules in a scratch namespace: {why}")
     return result.stdout
 
 
