@@ -347,6 +347,23 @@ def parse_switch(value) -> bool:
     raise ConfigError(f"{value!r} is not on or off")
 
 
+def parse_ports(value) -> frozenset[int]:
+    """``22,25,587`` (or a TOML number or list of numbers), or ``none``."""
+    if isinstance(value, str):
+        items = [] if value.strip().lower() == "none" else value.split(",")
+    elif isinstance(value, list):
+        items = value
+    else:
+        items = [value]
+    ports = set()
+    for item in items:
+        text = str(item).strip() if not isinstance(item, bool) else ""
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise ConfigError(f"{value!r} is not a list of ports (1-65535, e.g. 22,25) or 'none'")
+        ports.add(int(text))
+    return frozenset(ports)
+
+
 def one_of(*choices):
     def parse(value):
         if value not in choices:
@@ -393,6 +410,9 @@ DNS_ALLOW_DEFAULT = (
 DNS_UPSTREAM_DEFAULT = ("https://1.1.1.1/dns-query", "https://8.8.8.8/dns-query")
 # Suffixes no public resolver answers: RFC 8375's, ICANN's private-use TLD, and OpenWrt's default LAN domain.
 DNS_LOCAL_DOMAIN_DEFAULT = ("home.arpa", "internal", "lan")
+# Protocols whose server speaks first, so the client's first bytes never come before the tunnel opens: FTP control,
+# SSH, SMTP, POP3, IMAP, submission, MySQL.
+SERVER_FIRST_PORTS_DEFAULT = "21,22,25,110,143,587,3306"
 FAKE_IP_RANGE_DEFAULT = ("198.18.0.0/15", "fc00::/18")  # RFC 2544 benchmarking; the start of the ULA range
 # Names that must get their real addresses in fake-ip mode: local names, names used over UDP (which fake addresses
 # do not carry: NTP, STUN), and connectivity checks that compare the answer with a known address (Windows NCSI) or
@@ -524,6 +544,15 @@ SETTINGS = [
         False,
         "S",
         "wait this long for the client's first bytes before connecting by address (default: 0.3)",
+    ),
+    Setting(
+        "server-first-ports",
+        parse_ports,
+        parse_ports(SERVER_FIRST_PORTS_DEFAULT),
+        False,
+        "PORTS|none",
+        "destination ports of protocols where the server speaks first: connected at once, without waiting "
+        f"--sniff-timeout for the client's bytes (default: {SERVER_FIRST_PORTS_DEFAULT})",
     ),
     Setting(
         "http-mode",
@@ -768,6 +797,7 @@ class Config:
     allow_dest: list
     sniff: bool  # ask the proxy for the SNI/Host name instead of the IP
     sniff_timeout: float  # how long to wait for the client's first bytes
+    server_first_ports: frozenset[int]  # destination ports never waited for
     http_mode: str  # plain HTTP through an HTTP proxy: "forward" (absolute form) or "connect"
     bypass: list
     bypass_domain: list[str]

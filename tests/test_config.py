@@ -450,3 +450,19 @@ def test_a_toml_value_of_the_wrong_type_is_a_clear_error_for_every_setting(value
             assert str(exc).startswith(f"relay.toml: {setting.key}"), (setting.key, exc)
         else:  # taken: then as what it says, never as text or an address made of a number
             assert setting.parse not in (parse_cidr, parse_fake_ip_range, parse_host_port), (setting.key, config)
+
+
+def test_server_first_ports_default_to_ssh_mail_ftp_and_mysql_and_may_be_none():
+    default = Config.from_values({"upstream": ["127.0.0.1:3128"]}).server_first_ports
+    assert default == {21, 22, 25, 110, 143, 587, 3306}
+    given = lambda value: Config.from_values({"upstream": ["h:1"], "server-first-ports": value})  # noqa: E731
+    assert given(" 22, 2222").server_first_ports == {22, 2222}
+    assert given([22, "25"]).server_first_ports == {22, 25}  # a TOML list
+    assert given(22).server_first_ports == {22}
+    assert given("NONE").server_first_ports == frozenset()
+
+
+@pytest.mark.parametrize("value", ["", "22,", "0", "65536", "ssh", "22;25", 2.5, True, [True], ["none"]])
+def test_bad_server_first_ports_say_what_is_expected(value):
+    with pytest.raises(ConfigError, match="server-first-ports: .* is not a list of ports"):
+        Config.from_values({"upstream": ["h:1"], "server-first-ports": value}, key_prefix="--")

@@ -161,7 +161,8 @@ class Connection:
     def first_bytes(self, spoke: bool) -> None:
         """Sniff what the client sent, then open the tunnel or forward. Without a task when its
         first bytes are all here (the common case) or it was silent; a client that has not spoken
-        yet waits in the waiting room, unless its DNS answer named the destination (needs_first_bytes);
+        yet waits in the waiting room, unless its server speaks first or its DNS answer named the destination
+        (needs_first_bytes);
         a task only for the rest of its first bytes and for plain HTTP forwarding."""
         sniffer = None
         try:
@@ -176,7 +177,7 @@ class Connection:
             if self.needs_first_bytes():
                 self.wait_for_first_bytes()
                 return
-            sniffer = None  # the DNS name is enough: what the client sends goes through the tunnel
+            sniffer = None  # a server-first port or the DNS name: what the client sends goes through the tunnel
         except OSError as exc:
             self.client_failed(exc)
             return
@@ -193,9 +194,12 @@ class Connection:
             self.internal_error()
 
     def needs_first_bytes(self) -> bool:
-        """Whether a client that has not spoken yet must be waited for. Not when its DNS answer named the
-        destination, unless plain HTTP may have to be forwarded in absolute form: only its bytes can tell, and
-        most HTTP proxies refuse CONNECT to other ports than 443."""
+        """Whether a client that has not spoken yet must be waited for. Not when the destination port is a
+        protocol's whose server speaks first (its client says nothing until the tunnel brings the server's
+        greeting), nor when its DNS answer named the destination, unless plain HTTP may have to be forwarded in
+        absolute form: only its bytes can tell, and most HTTP proxies refuse CONNECT to other ports than 443."""
+        if self.dst[1] in self.config.server_first_ports:
+            return False
         named = self.dns_name is not None or self.fake_name is not None
         return not named or forwards_http(self.config, self.pool.states)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from relay.lab import ADDR
+from relay.lab import ADDR, start_sshd
 from relay.lab.servers import BannerServer
 from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all, upload
 from tests.e2e.conftest import (
@@ -88,6 +88,31 @@ def test_server_that_speaks_first(run_relay, lab, upstream):
         assert banner == BannerServer.banner
         sock.sendall(b"echo me")
         assert sock.recv(100) == b"echo me"
+
+
+@pytest.fixture(scope="module")
+def server_sshd(lab):
+    """A real sshd on the server host's port 22: its banner is what a client reaches by address."""
+    sshd = start_sshd(lab, host="server", name="sshd-server")
+    yield sshd
+    sshd.stop()
+
+
+@pytest.mark.parametrize("waits", [False, True], ids=["port-22-listed", "none-listed"])
+@pytest.mark.parametrize("upstream", ["squid-via-ssh-L", "dante", "ssh-D-socks5"])
+def test_an_ssh_banner_by_address_comes_without_the_sniff_wait(run_relay, lab, server_sshd, upstream, waits, figures):
+    # Listed (the default), a silent client is dialed at the accept: its banner comes long before a
+    # minute's --sniff-timeout. With no port listed, the same client waits the whole --sniff-timeout first.
+    extra = ["--server-first-ports", "none", "--sniff-timeout", "1"] if waits else ["--sniff-timeout", "60"]
+    relay = run_relay(UPSTREAMS[upstream], *extra)
+    started = time.monotonic()
+    with connect(lab, port=22, timeout=10) as sock:
+        assert sock.recv(100).startswith(b"SSH-2.0-OpenSSH")
+        elapsed = time.monotonic() - started
+    assert elapsed >= 1 if waits else elapsed < 10
+    figures("banner after", f"{elapsed * 1000:.0f} ms")
+    [line] = relay.connections(at_least=1)
+    assert line["dst"] == f"{ADDR.server4}:22" and "name" not in line
 
 
 @pytest.mark.parametrize(

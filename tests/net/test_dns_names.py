@@ -5,6 +5,7 @@ without waiting for the client's first bytes; against an HTTP proxy played by th
 import socket
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 
 from relay.config import Config
@@ -28,19 +29,25 @@ def dns_reply(address: str, name: str = NAME) -> bytes:
 
 
 @asynccontextmanager
-async def relay(**settings):
+async def relay(server_first: bool = False, **settings):
     """A relay through a FakeProxy that opens everything; yields (server, proxy, connect, lines), where
     ``connect(first=b"")`` hands it a client that sent ``first`` before the accept, and returns the client's
-    socket and how many attempts the dialer had under way right after the accept."""
+    socket and how many attempts the dialer had under way right after the accept. ``server_first``: the
+    destination's port is the only one in --server-first-ports (otherwise none is)."""
     proxy = FakeProxy({"name": "ok", "address": "ok"})
+    destination = socket.socket()  # the address the client dialled; the fake proxy plays the server
+    destination.bind((CLIENT, 0))
+    destination.listen(4)
     async with trio.open_nursery() as nursery:
         where = await nursery.start(proxy.serve)
-        values = {"upstream": [f"127.0.0.1:{where[1]}"], "allow-dest": ["127.0.0.0/8"], "sniff-timeout": NEVER}
+        values = {
+            "upstream": [f"127.0.0.1:{where[1]}"],
+            "allow-dest": ["127.0.0.0/8"],
+            "sniff-timeout": NEVER,
+            "server-first-ports": str(destination.getsockname()[1]) if server_first else "none",
+        }
         server = Server(Config.from_values({**values, **settings}), Metrics(version="t", fast_path="python"))
         await server.pool.resolve()
-        destination = socket.socket()  # the address the client dialled; the fake proxy plays the server
-        destination.bind((CLIENT, 0))
-        destination.listen(4)
         clients = []
 
         async def connect(first: bytes = b""):
@@ -127,6 +134,31 @@ async def test_no_name_for_another_client_another_address_or_a_name_of_the_route
             await finished(server, client)
     assert dialings == [0, 0]  # both waited for their client's bytes, as without DNS
     assert [line.get("name") for line in lines] == [None, None]
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["by-address", "dns-name"])
+async def test_a_silent_client_of_a_server_first_port_is_dialed_at_the_accept_even_in_forward_mode(named):
+    # Forward mode (the default) would wait for a silent client (the test above); a minute, here.
+    async with relay(server_first=True) as (server, proxy, connect, lines, destination):
+        if named:
+            server.names.learn(CLIENT, dns_reply(CLIENT), trio.current_time())
+        client, dialing = await connect()
+        assert dialing == 1
+        target = f"{NAME if named else CLIENT}:{destination.getsockname()[1]}"
+        assert await greeting(client) == f"hello from {target}".encode()
+        await finished(server, client)
+    assert proxy.asked == [target]
+    [line] = lines
+    assert line.get("name-from") == ("dns" if named else None)
+
+
+async def test_a_server_first_port_still_sniffs_bytes_already_there():
+    async with relay(server_first=True, **{"http-mode": "connect"}) as (server, proxy, connect, lines, destination):
+        client, _ = await connect(client_hello(OTHER_NAME))
+        assert await greeting(client) == f"hello from {OTHER_NAME}:{destination.getsockname()[1]}".encode()
+        await finished(server, client)
+    [line] = lines
+    assert line["name-from"] == "sni"
 
 
 async def test_bypass_domain_applies_to_dns_names():
