@@ -32,13 +32,14 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
 
 
-def handshake_for(upstream: Upstream, host: str, port: int):
-    """The sans-IO machine asking ``upstream`` for a tunnel to host:port, or None for direct."""
+def handshake_for(upstream: Upstream, host: str, port: int, pipelined: bool = False):
+    """The sans-IO machine asking ``upstream`` for a tunnel to host:port, or None for direct;
+    ``pipelined``: a SOCKS5 handshake's messages all at once."""
     password = upstream.password.reveal() if upstream.password else None
     if upstream.scheme == "http":
         return HttpConnectClient(host, port, username=upstream.username, password=password)
     if upstream.scheme == "socks5":
-        return Socks5Client(host, port, username=upstream.username, password=password)
+        return Socks5Client(host, port, username=upstream.username, password=password, pipelined=pipelined)
     if upstream.scheme in ("socks4", "socks4a"):
         return Socks4Client(host, port, user_id=upstream.username or "", use_4a=upstream.scheme == "socks4a")
     return None
@@ -134,10 +135,15 @@ async def connect_now(sock: socket.socket, address, deadline: float) -> None:
 class Dialing:
     """One upstream connection being opened by a Dialer: connecting to ``addresses`` in turn, then
     the proxy handshake (``machine``; None for a direct connection), and, if ``on_slow`` is set,
-    a call to it once the proxy has not answered for ``slow_after`` seconds."""
+    a call to it once the proxy has not answered for ``slow_after`` seconds. ``may_fall_back``: a
+    pipelined SOCKS5 handshake to a proxy not known to take one, which, failing while pipelining
+    may be why, is tried once more one message at a time (``fell_back``)."""
 
     __slots__ = (
         "upstream",
+        "target",
+        "may_fall_back",
+        "fell_back",
         "addresses",
         "machine",
         "mark",
@@ -155,8 +161,10 @@ class Dialing:
         "timer",
     )
 
-    def __init__(self, upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow=None):
+    def __init__(self, upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow=None, target=None):
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
+        self.target = target
+        self.may_fall_back = self.fell_back = False
         self.connect_timeout, self.handshake_timeout, self.slow_after = timeouts
         self.on_open, self.on_fail, self.on_slow = on_open, on_fail, on_slow
         self.sock: socket.socket | None = None  # None once it opened, failed or was cancelled
@@ -196,6 +204,9 @@ class Dialer:
     def __init__(self):
         self._loop = ReadinessLoop()
         self._dialing: dict[int, Dialing] = {}  # fd -> the connection being opened on it (and watched)
+        # Each SOCKS5 upstream's answer to a pipelined handshake: True (took it), False (failed it, then took one
+        # message at a time). One not here yet is tried pipelined, and falls back if that fails.
+        self.pipelining: dict[Upstream, bool] = {}
 
     def __len__(self) -> int:
         return len(self._dialing)
@@ -222,16 +233,18 @@ class Dialer:
         host, port = target
         machine = None
         timeouts = connect_timeout, handshake_timeout, slow_after
+        pipelined = upstream.scheme == "socks5" and self.pipelining.get(upstream) is not False
         if upstream.scheme == "direct":
             addresses = [(family_of(host), target)]
         else:
             try:
-                machine = handshake_for(upstream, host, port)
+                machine = handshake_for(upstream, host, port, pipelined)
             except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
                 dialing = Dialing(upstream, addresses, None, mark, timeouts, on_open, on_fail)
                 self._call(on_fail, UpstreamError(str(exc), "unsupported-destination", Fault.TARGET))
                 return dialing
-        dialing = Dialing(upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow)
+        dialing = Dialing(upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow, target)
+        dialing.may_fall_back = pipelined and upstream not in self.pipelining
         if self.closed:
             self._call(on_fail, cancelled())
             return dialing
@@ -380,7 +393,7 @@ class Dialer:
                 except BlockingIOError:
                     pass
         except (UpstreamError, RemoteProtocolError, OSError) as exc:
-            self._fail(dialing, handshake_failure(exc))
+            self._handshake_failed(dialing, handshake_failure(exc))
             return
         if machine.established and not dialing.outgoing:
             self._opened(dialing, machine.trailing_data)
@@ -392,15 +405,37 @@ class Dialer:
         on_slow, dialing.on_slow = dialing.on_slow, None
         self._call(on_slow)
 
+    def _handshake_failed(self, dialing: Dialing, error: UpstreamError) -> None:
+        """The proxy failed the handshake: ``error``, unless it may have been the pipelining (see Dialing)."""
+        if not (dialing.may_fall_back and dialing.machine.pipelining_unconfirmed):
+            self._fail(dialing, error)
+            return
+        self._forget(dialing)
+        reset(dialing.sock)
+        self._drop_deadline(dialing)
+        dialing.sock, dialing.handshaking, dialing.outgoing, dialing.next_address = None, False, b"", 0
+        dialing.may_fall_back, dialing.fell_back = False, True
+        dialing.machine = handshake_for(dialing.upstream, *dialing.target)
+        self._connect_next(dialing)
+
     def _timed_out(self, dialing: Dialing) -> None:
         if dialing.handshaking:
-            error = handshake_timed_out(dialing.handshake_timeout)
-        else:
-            where, direct = format_address(dialing.addresses[0][1]), dialing.machine is None
-            error = connect_timed_out(where, dialing.connect_timeout, direct=direct)
-        self._fail(dialing, error)
+            self._handshake_failed(dialing, handshake_timed_out(dialing.handshake_timeout))
+            return
+        where, direct = format_address(dialing.addresses[0][1]), dialing.machine is None
+        self._fail(dialing, connect_timed_out(where, dialing.connect_timeout, direct=direct))
 
     def _opened(self, dialing: Dialing, early: bytes) -> None:
+        upstream = dialing.upstream
+        if dialing.fell_back:
+            self.pipelining[upstream] = False
+            log.info(
+                "upstream %s failed a pipelined SOCKS5 handshake and took one message at a time: so from now on",
+                upstream,
+            )
+        elif dialing.may_fall_back:
+            self.pipelining[upstream] = True
+            log.info("upstream %s took a pipelined SOCKS5 handshake: so from now on", upstream)
         on_open = dialing.on_open
         self._call(on_open, self._finish(dialing), early)
 

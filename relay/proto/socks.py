@@ -150,8 +150,14 @@ class _Socks5State(enum.Enum):
 class Socks5Client(_SocksHandshake):
     """SOCKS5 CONNECT, with username/password authentication when credentials are given.
 
-    Messages go out strictly one after another, each after the proxy answered
-    the previous one: some servers drop pipelined handshakes.
+    By default messages go out one after another, each after the proxy
+    answered the previous one: some servers drop pipelined handshakes.
+    ``pipelined``: greeting, authentication and request go out at once, a
+    round trip or two sooner; the greeting then offers only the method whose
+    message follows it (username/password with credentials, else none), and
+    the replies are still checked one by one, in order. Until a byte of the
+    request's reply has come, a failure may be the proxy not taking pipelined
+    messages (``pipelining_unconfirmed``): the caller may try again without.
     """
 
     def __init__(
@@ -160,6 +166,7 @@ class Socks5Client(_SocksHandshake):
         port: int,
         username: str | None = None,
         password: str | None = None,
+        pipelined: bool = False,
     ) -> None:
         super().__init__(host, port)
         if (username is None) != (password is None):
@@ -169,11 +176,22 @@ class Socks5Client(_SocksHandshake):
         self._offered_methods = bytes([METHOD_NO_AUTH])
         if username is not None and password is not None:
             self._auth_request = self._build_auth_request(username, password)
-            self._offered_methods += bytes([METHOD_USERNAME_PASSWORD])
+            self._offered_methods = bytes(
+                [METHOD_USERNAME_PASSWORD] if pipelined else [METHOD_NO_AUTH, METHOD_USERNAME_PASSWORD]
+            )
+        self._pipelined = pipelined
         self._state = _Socks5State.AWAIT_METHOD
         self._bound_address: tuple[str, int] | None = None
         greeting = bytes([SOCKS5_VERSION, len(self._offered_methods)]) + self._offered_methods
         self._outgoing += greeting
+        if pipelined:
+            self._outgoing += self._auth_request + self._connect_request
+
+    @property
+    def pipelining_unconfirmed(self) -> bool:
+        """Pipelined, and no byte of the request's reply has come: the proxy may not take pipelined messages."""
+        replying = self._state is _Socks5State.AWAIT_REPLY and bool(self._incoming)
+        return self._pipelined and not self._established and not replying
 
     @property
     def bound_address(self) -> tuple[str, int] | None:
@@ -234,12 +252,16 @@ class Socks5Client(_SocksHandshake):
                 f"proxy chose the SOCKS5 authentication method {method:#04x}, which we did not offer"
             )
         if method == METHOD_USERNAME_PASSWORD:
-            self._outgoing += self._auth_request
+            self._send_unless_pipelined(self._auth_request)
             self._state = _Socks5State.AWAIT_AUTH
         else:
-            self._outgoing += self._connect_request
+            self._send_unless_pipelined(self._connect_request)
             self._state = _Socks5State.AWAIT_REPLY
         return True
+
+    def _send_unless_pipelined(self, message: bytes) -> None:
+        if not self._pipelined:  # pipelined, it went out with the greeting
+            self._outgoing += message
 
     def _receive_auth_status(self) -> bool:
         if len(self._incoming) < 2:
@@ -254,7 +276,7 @@ class Socks5Client(_SocksHandshake):
                 f"SOCKS5 proxy rejected our username/password for {self._target} (status {status})",
                 "socks5-auth-failed",
             )
-        self._outgoing += self._connect_request
+        self._send_unless_pipelined(self._connect_request)
         self._state = _Socks5State.AWAIT_REPLY
         return True
 

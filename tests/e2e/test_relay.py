@@ -115,6 +115,19 @@ def test_an_ssh_banner_by_address_comes_without_the_sniff_wait(run_relay, lab, s
     assert line["dst"] == f"{ADDR.server4}:22" and "name" not in line
 
 
+@pytest.mark.parametrize("upstream", ["dante", "dante-auth", "ssh-D-socks5"])
+def test_socks5_proxies_take_a_pipelined_handshake(run_relay, lab, upstream):
+    # dante 1.4 and Debian 12's OpenSSH 9.2 both parse greeting, authentication and request sent at once.
+    relay = run_relay(UPSTREAMS[upstream])
+    download(lab, 1 << 20, seed=31)
+    upload(lab, os.urandom(1 << 20))
+    with connect(lab, port=BANNER_PORT, timeout=10) as sock:
+        assert sock.recv(100) == BannerServer.banner
+    assert [line["end"] for line in relay.connections(at_least=3)] == ["closed"] * 3
+    assert relay.log_text().count("took a pipelined SOCKS5 handshake: so from now on") == 1
+    assert "failed a pipelined SOCKS5 handshake" not in relay.log_text()
+
+
 @pytest.mark.parametrize(
     "upstream,reason",
     [("squid-via-ssh-L", "http-503"), ("dante", "socks5-connection-refused"), ("ssh-D-socks5", "proxy-closed")],

@@ -196,6 +196,7 @@ async def test_refused_everywhere_names_the_first_address():
 async def test_failed_handshakes_reset_the_proxy_and_say_why(reply, reason, fault, retry_by_address):
     with listener() as proxy:
         async with running_dialer() as dialer:
+            dialer.pipelining[SOCKS5] = False  # one message at a time: no second try without pipelining
             outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
             conn = await accept(proxy)
             with conn:
@@ -353,7 +354,7 @@ async def test_handshake_bytes_the_socket_cannot_take_at_once_are_sent_later(mon
                 kind, sock, _ = await outcome.wait()
                 assert kind == "opened"
                 sock.close()
-    assert writes[:3] == [3, 2, 2]
+    assert writes[:3] == [13, 12, 12]  # greeting and request at once (pipelined), then the rest of them
     dialing = outcome.dialing
     assert (dialing.sock, dialing.machine, dialing.on_open, dialing.on_fail) == (None, None, None, None)
 
@@ -428,3 +429,62 @@ async def test_a_proxy_slow_to_answer_is_reported_once_and_the_dial_goes_on():
                 kind, error = await outcome.wait()
             assert kind == "failed" and error.reason == "handshake-timeout" and silent == [[]]
             assert outcome.dialing.timer is None and len(dialer) == 0
+
+
+async def test_a_socks5_proxy_that_takes_a_pipelined_handshake_gets_one_from_then_on():
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            conn = await accept(proxy)
+            with conn:
+                assert await receive_exactly(conn, 13) == SOCKS5_GREETING + SOCKS5_REQUEST
+                await conn.send(b"\x05\x00" + SOCKS5_SUCCESS)
+                kind, sock, _ = await outcome.wait()
+                sock.close()
+            assert kind == "opened" and dialer.pipelining == {SOCKS5: True}
+            # Known to take it: a failure is the proxy's answer, not tried again one message at a time.
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+            conn = await accept(proxy)
+            with conn:
+                assert await receive_exactly(conn, 13) == SOCKS5_GREETING + SOCKS5_REQUEST
+                conn.shutdown(socket.SHUT_WR)
+                kind, error = await outcome.wait()
+            assert (kind, error.reason) == ("failed", "proxy-closed")
+            proxy.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                proxy.accept()
+            assert dialer.pipelining == {SOCKS5: True}
+
+
+@pytest.mark.parametrize("refusal", ["closes", "ignores", "garbles"])
+async def test_a_socks5_proxy_that_fails_a_pipelined_handshake_gets_one_message_at_a_time(refusal):
+    """A proxy that reads the greeting alone and then closes, waits for a request it already got (the
+    handshake timeout), or takes it for garbage: the same dial tries once more, one message at a time,
+    and the proxy is remembered as such."""
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=0.5)
+            conn = await accept(proxy)
+            with conn:
+                assert await receive_exactly(conn, 13) == SOCKS5_GREETING + SOCKS5_REQUEST
+                await conn.send(b"\x05\x02" if refusal == "garbles" else b"\x05\x00")  # garbles: a method not offered
+                if refusal == "closes":
+                    conn.shutdown(socket.SHUT_WR)
+                with trio.fail_after(5):  # without the fallback: failed, and no second connection
+                    retry = await accept(proxy)
+                assert outcome.calls == []
+            for _ in range(2):  # the retry, then the next dial, which goes one message at a time from the start
+                with retry:
+                    with trio.move_on_after(0.2):  # nothing but the greeting comes before the proxy answers it
+                        assert await retry.recv(100) == SOCKS5_GREETING
+                        await retry.recv(100)
+                    await retry.send(b"\x05\x00")
+                    assert await receive_exactly(retry, len(SOCKS5_REQUEST)) == SOCKS5_REQUEST
+                    await retry.send(SOCKS5_SUCCESS + b"early")
+                    kind, sock, early = await outcome.wait()
+                    assert (kind, early) == ("opened", b"early")
+                    sock.close()
+                assert dialer.pipelining == {SOCKS5: False}
+                outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
+                retry = await accept(proxy)
+            retry.close()

@@ -475,3 +475,83 @@ def test_socks5_garbage_deeper_in_the_handshake(prefix, garbage, eof, data):
     machine = socks5(username="alice", password="s3cret")
     machine.receive_data(prefix)
     garbage_run(machine, garbage, cuts, eof)
+
+
+# --- pipelined -------------------------------------------------------------------------------------
+
+PIPELINED_AUTH = b"\x05\x01\x02" + b"\x01\x05alice\x06s3cret" + b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"
+
+
+def pipelined(**credentials) -> Socks5Client:
+    return Socks5Client("example.com", 443, pipelined=True, **credentials)
+
+
+@pytest.mark.parametrize(
+    ("credentials", "sent"),
+    [
+        ({}, b"\x05\x01\x00\x05\x01\x00\x03\x0bexample.com\x01\xbb"),
+        ({"username": "alice", "password": "s3cret"}, PIPELINED_AUTH),
+    ],
+    ids=["no-auth", "auth"],
+)
+def test_socks5_pipelined_sends_everything_in_one_write_and_offers_only_the_method_it_follows_with(credentials, sent):
+    machine = pipelined(**credentials)
+    assert machine.data_to_send() == sent
+    assert machine.pipelining_unconfirmed
+    transcript = (METHOD_USER_PASS + AUTH_OK if credentials else METHOD_NO_AUTH) + REPLY_IPV4 + b"SSH-2.0-x"
+    for chunks in ([transcript], [bytes([byte]) for byte in transcript]):
+        machine = started(pipelined(**credentials))
+        for chunk in chunks:
+            machine.receive_data(chunk)
+            assert machine.data_to_send() == b""  # nothing more, ever: it all went out first
+        assert machine.established and machine.trailing_data == b"SSH-2.0-x"
+        assert not machine.pipelining_unconfirmed
+
+
+def test_socks5_pipelining_is_confirmed_by_the_first_byte_of_the_requests_reply():
+    machine = started(pipelined(username="alice", password="s3cret"))
+    for step in (METHOD_USER_PASS, AUTH_OK):
+        machine.receive_data(step)
+        assert machine.pipelining_unconfirmed  # a proxy that took the greeting alone answers this far too
+    machine.receive_data(REPLY_IPV4[:1])
+    assert not machine.pipelining_unconfirmed and not machine.established
+
+
+@pytest.mark.parametrize(
+    ("received", "error", "unconfirmed"),
+    [
+        (METHOD_NO_AUTH, RemoteProtocolError, True),  # offered only username/password
+        (METHOD_USER_PASS, None, True),
+        (METHOD_USER_PASS + AUTH_OK, None, True),
+        (METHOD_USER_PASS + AUTH_OK + b"\x05\x05\x00\x01\0\0\0\0\0\0", ProxyRefused, False),
+    ],
+)
+def test_socks5_pipelined_failures_say_whether_pipelining_may_be_why(received, error, unconfirmed):
+    machine = started(pipelined(username="alice", password="s3cret"))
+    if error:
+        with pytest.raises(error):
+            machine.receive_data(received)
+    else:
+        machine.receive_data(received)
+        with pytest.raises(RemoteProtocolError):
+            machine.receive_data(b"")  # the proxy closed
+    assert machine.pipelining_unconfirmed is unconfirmed
+
+
+def test_socks5_one_message_at_a_time_is_never_unconfirmed_pipelining():
+    machine = socks5()
+    with pytest.raises(RemoteProtocolError):
+        machine.receive_data(b"")
+    assert not machine.pipelining_unconfirmed
+
+
+@settings(max_examples=200, deadline=None)
+@given(authenticate=st.booleans(), reply=socks5_replies, trailing=st.binary(max_size=40), data=st.data())
+def test_socks5_pipelined_any_split_gives_the_whole_feed_result(authenticate, reply, trailing, data):
+    credentials = {"username": "alice", "password": "s3cret"} if authenticate else {}
+    transcript = (METHOD_USER_PASS + AUTH_OK if authenticate else METHOD_NO_AUTH) + reply + trailing
+    cuts = data.draw(st.lists(st.integers(0, len(transcript)), max_size=len(transcript)))
+    result = outcome(started(pipelined(**credentials)), split_at(transcript, cuts))
+    assert result == outcome(started(pipelined(**credentials)), [transcript])
+    if reply[1] == 0:
+        assert result == ("done", True, trailing)
