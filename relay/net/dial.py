@@ -420,20 +420,23 @@ class Dialer:
 
     def _timed_out(self, dialing: Dialing) -> None:
         if dialing.handshaking:
-            self._handshake_failed(dialing, handshake_timed_out(dialing.handshake_timeout))
+            # Not a reason to try again one message at a time: a proxy that dropped pipelined bytes cannot be told
+            # from one still connecting to a blackholed destination, and that would double every such timeout.
+            self._fail(dialing, handshake_timed_out(dialing.handshake_timeout))
             return
         where, direct = format_address(dialing.addresses[0][1]), dialing.machine is None
         self._fail(dialing, connect_timed_out(where, dialing.connect_timeout, direct=direct))
 
     def _opened(self, dialing: Dialing, early: bytes) -> None:
         upstream = dialing.upstream
-        if dialing.fell_back:
+        # Dials begun before the first verdict all bring one: it is said once, when it changes.
+        if dialing.fell_back and self.pipelining.get(upstream) is not False:
             self.pipelining[upstream] = False
             log.info(
                 "upstream %s failed a pipelined SOCKS5 handshake and took one message at a time: so from now on",
                 upstream,
             )
-        elif dialing.may_fall_back:
+        elif dialing.may_fall_back and not dialing.fell_back and upstream not in self.pipelining:
             self.pipelining[upstream] = True
             log.info("upstream %s took a pipelined SOCKS5 handshake: so from now on", upstream)
         on_open = dialing.on_open

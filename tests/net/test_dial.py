@@ -456,11 +456,30 @@ async def test_a_socks5_proxy_that_takes_a_pipelined_handshake_gets_one_from_the
             assert dialer.pipelining == {SOCKS5: True}
 
 
-@pytest.mark.parametrize("refusal", ["closes", "ignores", "garbles"])
+async def test_a_pipelined_socks5_handshake_that_times_out_is_not_tried_again():
+    """A proxy silent after the greeting may have dropped the request, or still be connecting to a blackholed
+    destination; the latter is common, and trying again would double its timeout: one timeout, no retry."""
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            started = trio.current_time()
+            outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=0.5)
+            conn = await accept(proxy)
+            with conn:
+                assert await receive_exactly(conn, 13) == SOCKS5_GREETING + SOCKS5_REQUEST
+                await conn.send(b"\x05\x00")
+                kind, error = await outcome.wait()
+            assert (kind, error.reason) == ("failed", "handshake-timeout")
+            assert trio.current_time() - started < 1.5
+            proxy.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                proxy.accept()
+            assert dialer.pipelining == {}
+
+
+@pytest.mark.parametrize("refusal", ["closes", "garbles"])
 async def test_a_socks5_proxy_that_fails_a_pipelined_handshake_gets_one_message_at_a_time(refusal):
-    """A proxy that reads the greeting alone and then closes, waits for a request it already got (the
-    handshake timeout), or takes it for garbage: the same dial tries once more, one message at a time,
-    and the proxy is remembered as such."""
+    """A proxy that reads the greeting alone and then closes, or takes the rest for garbage: the same dial
+    tries once more, one message at a time, and the proxy is remembered as such."""
     with listener() as proxy:
         async with running_dialer() as dialer:
             outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())], handshake_timeout=0.5)
