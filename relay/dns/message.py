@@ -190,7 +190,7 @@ class ReplyTemplate:
             return None  # not the response re-addressed: a SERVFAIL in its place
         differ = [i for i in range(len(wire)) if lowest[i] != highest[i]]
         offsets = differ[::4]
-        if len(differ) != 4 * len(offsets) or any(differ[j] != differ[j - j % 4] + j % 4 for j in range(len(differ))):
+        if differ != [offset + i for offset in offsets for i in range(_TTL.size)]:  # whole 4-byte fields only
             return None
         return cls(wire, offsets, [_TTL.unpack_from(wire, i)[0] for i in offsets])
 

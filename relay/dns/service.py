@@ -278,7 +278,7 @@ class DnsService:
         if not self.allowed(client):
             self.metrics.dns_query(qtype, "refused")
             return message.refused(query)
-        if query.key[1] == dns.rdatatype.AAAA and not self.config.dns_aaaa:
+        if self.withholds(query.key):
             self.metrics.dns_query(qtype, "no-data")
             return message.no_data(query)
         if self.fake_ips is not None:
@@ -343,6 +343,10 @@ class DnsService:
             self.names.learn(client, response if same else reply, trio.current_time())
         return reply
 
+    def withholds(self, key: message.Key) -> bool:
+        """Whether ``key`` is answered with no data whatever upstream says: AAAA with --dns-aaaa off."""
+        return key[1] == dns.rdatatype.AAAA and not self.config.dns_aaaa
+
     def cache_hit(self, wire: bytes, client: str, over_udp: bool) -> bytes | None:
         """The hot path: the reply to a query of the usual shape (message.peek_query) with a fresh answer in the
         cache, patched from its template without dnspython; None for everything else, which answer_now parses
@@ -350,9 +354,7 @@ class DnsService:
         peek = message.peek_query(wire)
         if peek is None or (self.fake_ips is not None and self.fake_ips.takes(peek.key)):
             return None
-        if peek.key[1] == dns.rdatatype.AAAA and not self.config.dns_aaaa:
-            return None
-        if not self.allowed(client):
+        if self.withholds(peek.key) or not self.allowed(client):
             return None
         hit = self.cache.hit(peek)
         if hit is None:
@@ -494,7 +496,7 @@ def _bound(host: str, port: int, kind: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 gets its own socket
         sock.bind((host, port))
         sock.setblocking(False)
-        if kind == socket.SOCK_DGRAM and host in ("0.0.0.0", "::"):
+        if kind == socket.SOCK_DGRAM and _is_wildcard(sock):
             if family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             else:
