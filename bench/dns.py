@@ -10,7 +10,7 @@ Builds the namespace lab and, on the router, three resolvers for the client:
              (only its cache hits are compared)
 Every one of them asks the same unbound on far (relay.lab.start_unbound), which answers every
 name under bench.example. with one A record. The SSH connection and the proxy connection pass a
-TCP delay line on the router (bench/delayline.py: --rtt-ms, half each way; this kernel has no
+TCP delay line on the router (relay/lab/delayline.py: --rtt-ms, half each way; this kernel has no
 netem), so a miss costs that round trip plus unbound's own time, for relay and sshuttle alike.
 
 Cases, each run by bench/dnsload.py (dnspython, UDP, --concurrency queries in flight, for
@@ -52,7 +52,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
 
 from testbed import BenchError, cannot_run, cpu_seconds, first_line, process_tree  # noqa: E402
 
-from relay.lab import ADDR, Lab, start_dante, start_sshd, start_unbound  # noqa: E402
+from relay.lab import ADDR, Lab, start_dante, start_delay_line, start_sshd, start_unbound  # noqa: E402
 from relay.lab.services import RelayProcess  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -160,15 +160,11 @@ class DnsBench:
         self.unbound = start_unbound(lab, wildcards={ZONE: [("A", ANSWER)]}, ttl=TTL)
         self.sshd = start_sshd(lab)
         self.dante = start_dante(lab, listen=[(ADDR.far4, 1080)], external=ADDR.far_server_side4)
-        one_way = str(self.args.rtt_ms / 2)
         for name, port, target in (
-            ("delay-ssh", DELAY_SSH_PORT, f"{ADDR.far4}:{self.sshd.port}"),
-            ("delay-proxy", DELAY_PROXY_PORT, f"{ADDR.far4}:1080"),
+            ("delay-ssh", DELAY_SSH_PORT, (ADDR.far4, self.sshd.port)),
+            ("delay-proxy", DELAY_PROXY_PORT, (ADDR.far4, 1080)),
         ):
-            lab.spawn(
-                "router", [sys.executable, str(HERE / "delayline.py"), f"127.0.0.1:{port}", target, one_way], name=name
-            )
-            lab.wait_tcp("router", "127.0.0.1", port, name=name)
+            start_delay_line(lab, ("127.0.0.1", port), target, self.args.rtt_ms / 2, name=name)
         batch = lab.tmpdir / "sources.batch"
         batch.write_text("".join(f"address add {source}/24 dev {ADDR.client_if}\n" for source in self.sources))
         lab.run("client", ["ip", "-batch", str(batch)])
@@ -459,7 +455,7 @@ def make_notes(summary: dict, runs: dict, args: argparse.Namespace, checks: dict
         "CPU ms/1000 q is the contender's own processes on the router (relay; dnsmasq; sshuttle with its ssh and "
         "firewall processes)",
         f"the far side is {args.rtt_ms:g} ms away for relay (its proxy connection) and sshuttle (its SSH "
-        "connection), through bench/delayline.py; dnsmasq reaches unbound directly, which only its priming uses",
+        "connection), through relay/lab/delayline.py; dnsmasq reaches unbound directly, which only its priming uses",
         f"the load: {args.concurrency} queries in flight from {args.sources} source addresses (relay answers a "
         "source at most 100 queries a second after a burst of 200: one address could not load it)",
     ]

@@ -672,6 +672,30 @@ def start_ssh_tunnel(
     return tunnel
 
 
+def start_delay_line(
+    lab: Lab,
+    listen: Endpoint,
+    target: Endpoint,
+    one_way_ms: float,
+    host: str = "router",
+    rate_mbit: float | None = None,
+    name: str = "delay-line",
+) -> Service:
+    """A far link's delay (and rate) in front of ``target``: :mod:`relay.lab.delayline` on
+    ``host``, listening on ``listen``; what connects there reaches ``target`` one ``one_way_ms``
+    later each way."""
+    argv = [sys.executable, "-m", "relay.lab.delayline", _joined(listen), _joined(target), f"{one_way_ms:g}"]
+    if rate_mbit is not None:
+        argv.append(f"{rate_mbit:g}")
+    line = Service(lab, host, name, argv, ready=listen)
+    line.start()
+    return line
+
+
+def _joined(endpoint: Endpoint) -> str:
+    return f"{_bracketed(endpoint[0])}:{endpoint[1]}"
+
+
 # -- relay itself ----------------------------------------------------------------
 
 _CONN_FIELD = re.compile(r"([\w-]+)=('[^']*'|\"[^\"]*\"|\S+)")

@@ -1,0 +1,113 @@
+"""The lab's far-link delay line (relay.lab.delayline): it delays, paces and passes ends on, and the
+relay moves bytes intact across it, through ssh -L to squid and to dante."""
+
+import dataclasses
+import hashlib
+import os
+import socket
+import time
+
+import pytest
+
+from relay.lab import ADDR, start_delay_line, start_ssh_tunnel
+from relay.lab.servers import pattern_sha256
+from tests.e2e.clients import download, read_all, receive_exactly, upload
+from tests.e2e.conftest import TRAFFIC_PORT
+
+ONE_WAY_MS = 50
+RTT = 2 * ONE_WAY_MS / 1000
+LINE_PORT = 7100  # on far, to the traffic server: the router reaches it, the server only far
+SSH_LINE_PORT = 7101  # on the router's loopback, to far's sshd
+DANTE_LINE_PORT = 7102  # on the router's loopback, to far's dante
+DELAYED_SQUID = "127.0.0.1:3138"  # ssh -L across the line to squid on far
+
+
+@pytest.fixture(scope="module")
+def direct_line(lab):
+    line = start_delay_line(
+        lab, (ADDR.far4, LINE_PORT), (ADDR.server4, TRAFFIC_PORT), ONE_WAY_MS, host="far", name="delay-direct"
+    )
+    yield line
+    line.stop()
+
+
+@pytest.fixture(scope="module")
+def far_link(lab):
+    """ssh -L and the dante port on the router, both reached across a 100 ms round trip."""
+    lines = [
+        start_delay_line(
+            lab, ("127.0.0.1", SSH_LINE_PORT), (lab.sshd.address, lab.sshd.port), ONE_WAY_MS, name="delay-ssh"
+        ),
+        start_delay_line(lab, ("127.0.0.1", DANTE_LINE_PORT), (ADDR.far4, 1080), ONE_WAY_MS, name="delay-dante"),
+    ]
+    delayed_sshd = dataclasses.replace(lab.sshd, address="127.0.0.1", port=SSH_LINE_PORT)
+    tunnel = start_ssh_tunnel(
+        lab, delayed_sshd, forwards=("-L", f"{DELAYED_SQUID}:127.0.0.1:3128"), name="ssh-L-delayed"
+    )
+    yield
+    tunnel.stop()
+    for line in lines:
+        line.stop()
+
+
+def line_connect(lab):
+    return lab.connect("router", ADDR.far4, LINE_PORT, timeout=30)
+
+
+def test_a_round_trip_across_the_line_takes_twice_its_delay(lab, direct_line):
+    with line_connect(lab) as sock:
+        sock.sendall(b"ECHO\n")
+        for size in (1, 1000, 100_000):
+            data = os.urandom(size)
+            started = time.monotonic()
+            sock.sendall(data)
+            assert receive_exactly(sock, size) == data
+            assert time.monotonic() - started >= RTT
+
+
+def test_bytes_and_half_close_pass_intact(lab, direct_line):
+    size = 8 << 20
+    with line_connect(lab) as sock:
+        sock.sendall(f"DOWN {size} 7\n".encode())
+        assert read_all(sock) == (size, pattern_sha256(size, 7))
+    data = os.urandom(3 << 20)
+    with line_connect(lab) as sock:
+        # The server answers only after the client's FIN crossed the line.
+        sock.sendall(b"UPEOF\n" + data)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100).strip().decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_rate_cap_paces_the_link(lab):
+    size, mbit = 2 << 20, 40
+    line = start_delay_line(
+        lab,
+        (ADDR.far4, LINE_PORT + 10),
+        (ADDR.server4, TRAFFIC_PORT),
+        1,
+        host="far",
+        rate_mbit=mbit,
+        name="delay-capped",
+    )
+    try:
+        with lab.connect("router", ADDR.far4, LINE_PORT + 10, timeout=30) as sock:
+            started = time.monotonic()
+            sock.sendall(f"DOWN {size} 3\n".encode())
+            assert read_all(sock) == (size, pattern_sha256(size, 3))
+            # A floor, not a speed figure: the line may not hand over bytes faster than its rate.
+            assert time.monotonic() - started >= 0.9 * size * 8 / (mbit * 1e6)
+    finally:
+        line.stop()
+
+
+@pytest.mark.parametrize("upstream", [DELAYED_SQUID, f"socks5://127.0.0.1:{DANTE_LINE_PORT}"])
+def test_relay_across_the_far_link_is_byte_exact(lab, far_link, run_relay, upstream):
+    run_relay(upstream)
+    download(lab, 16 << 20, seed=5)
+    upload(lab, os.urandom(4 << 20))
+    with lab.connect("client", ADDR.server4, TRAFFIC_PORT, timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(b"ECHO\nx")
+        assert receive_exactly(sock, 1) == b"x"
+        # The proxy's handshake and the echo each crossed the far link.
+        assert time.monotonic() - started >= 2 * RTT
