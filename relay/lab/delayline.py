@@ -11,6 +11,11 @@ connection holds at most MAX_HELD_BYTES in flight (its window): past that it sto
 TCP pushes back, so one stream moves at most MAX_HELD_BYTES per one-way delay. Closing one side
 (FIN) is passed on after the delay too; a reset or error closes both. Runs until killed.
 
+The kernel completes the client's TCP handshake with the line at once, so the line plays the far
+one's round trip itself: it connects to TARGET one delay after accepting (the SYN's way there),
+and passes the client's first bytes on no sooner than a real client could have sent them, one
+round trip after its connect, so a connect across the line costs what it would across the link.
+
 Put it in front of the far host's sshd and proxies (:func:`relay.lab.services.start_delay_line`),
 and point ``ssh`` or the relay at it: everything crossing it then pays the far link's round trip.
 """
@@ -45,9 +50,10 @@ class Pacer:
 class Line:
     """One direction of one connection: what was read, each with the time it may be written."""
 
-    def __init__(self, delay: float, pacer: Pacer) -> None:
+    def __init__(self, delay: float, pacer: Pacer, not_before: float = 0.0) -> None:
         self.delay = delay
         self.pacer = pacer
+        self.not_before = not_before  # nothing leaves before this (Trio's clock)
         self.held: deque[tuple[float, bytes]] = deque()  # b"" marks the end (FIN)
         self.bytes_held = 0
         self.changed = trio.Event()
@@ -64,7 +70,7 @@ class Line:
             if data:
                 # The link's bandwidth is spent as the bytes enter it; the delay starts after.
                 await self.pacer.wait_turn(len(data))
-            self.held.append((trio.current_time() + self.delay, data))
+            self.held.append((max(trio.current_time(), self.not_before) + self.delay, data))
             self.bytes_held += len(data)
             self._wake()
             if not data:
@@ -86,12 +92,19 @@ class Line:
 
 
 async def carry(client: trio.SocketStream, target: tuple[str, int], delay: float, pacers: tuple[Pacer, Pacer]) -> None:
+    accepted = trio.current_time()
     try:
-        # Trio's streams set TCP_NODELAY: no Nagle wait on top of the delay.
-        async with client, await trio.open_tcp_stream(*target) as server:
-            async with trio.open_nursery() as nursery:
-                for source, sink, pacer in ((client, server, pacers[0]), (server, client, pacers[1])):
-                    line = Line(delay, pacer)
+        async with client:
+            await trio.sleep(delay)  # the SYN crossing the link
+            # Trio's streams set TCP_NODELAY: no Nagle wait on top of the delay.
+            async with await trio.open_tcp_stream(*target) as server, trio.open_nursery() as nursery:
+                # The client could send only once the SYN-ACK came back: a round trip after its connect.
+                after_handshake = accepted + 2 * delay
+                for source, sink, pacer, not_before in (
+                    (client, server, pacers[0], after_handshake),
+                    (server, client, pacers[1], 0.0),
+                ):
+                    line = Line(delay, pacer, not_before)
                     nursery.start_soon(line.read_from, source)
                     nursery.start_soon(line.write_to, sink)
     except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):

@@ -55,8 +55,12 @@ def line_connect(lab):
 
 
 def test_a_round_trip_across_the_line_takes_twice_its_delay(lab, direct_line):
+    started = time.monotonic()
     with line_connect(lab) as sock:
-        sock.sendall(b"ECHO\n")
+        sock.sendall(b"ECHO\n!")
+        assert receive_exactly(sock, 1) == b"!"
+        # The connect's round trip (which the line plays, having accepted at once), then the echo's.
+        assert time.monotonic() - started >= 2 * RTT
         for size in (1, 1000, 100_000):
             data = os.urandom(size)
             started = time.monotonic()
