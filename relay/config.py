@@ -327,6 +327,22 @@ def parse_count(value, minimum: int = 0) -> int:
     return count
 
 
+PRECONNECT_MAX = 64
+
+
+def parse_preconnect(value) -> int | None:
+    """``auto`` (None: sized from the arrival rate), ``off`` (0) or a fixed number per upstream address."""
+    if value in ("auto", "off"):
+        return None if value == "auto" else 0
+    try:
+        count = parse_count(value, minimum=1)
+    except ConfigError:
+        count = 0
+    if not 0 < count <= PRECONNECT_MAX:
+        raise ConfigError(f"{value!r} is not 'auto', 'off' or a number from 1 to {PRECONNECT_MAX}")
+    return count
+
+
 def parse_mark(value) -> int:
     try:
         mark = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value), 0)
@@ -553,6 +569,16 @@ SETTINGS = [
         "PORTS|none",
         "destination ports of protocols where the server speaks first: connected at once, without waiting "
         f"--sniff-timeout for the client's bytes (default: {SERVER_FIRST_PORTS_DEFAULT})",
+    ),
+    Setting(
+        "preconnect",
+        parse_preconnect,
+        None,
+        False,
+        "N|auto|off",
+        "keep this many connections to each proxy opened ahead of clients, so a new one skips the connect's "
+        "round trip (through ssh -L: ssh's channel opening); 'auto' sizes it from the recent arrival rate "
+        "(default: auto)",
     ),
     Setting(
         "http-mode",
@@ -798,6 +824,7 @@ class Config:
     sniff: bool  # ask the proxy for the SNI/Host name instead of the IP
     sniff_timeout: float  # how long to wait for the client's first bytes
     server_first_ports: frozenset[int]  # destination ports never waited for
+    preconnect: int | None  # connections per proxy address opened ahead: None auto, 0 off
     http_mode: str  # plain HTTP through an HTTP proxy: "forward" (absolute form) or "connect"
     bypass: list
     bypass_domain: list[str]

@@ -99,6 +99,7 @@ class Metrics:
         self.upstream_healthy: dict[str, bool] = {}
         self.tunnel_restarts: dict[tuple[str, str], int] = {}
         self.dns_queries: dict[tuple[str, str], int] = {}
+        self.preconnected: dict[str, int] = {}
         self.dns_upstream_failures: dict[str, int] = {}
         self.dns_upstream = _Histogram()
         self.fake_ips = None  # the fake-IP pool (relay.dns.fakeip) in fake-ip mode, for its use
@@ -140,6 +141,10 @@ class Metrics:
     def tunnel_restarted(self, tunnel: str, reason: str) -> None:
         key = (redact_url(tunnel), reason)
         self.tunnel_restarts[key] = self.tunnel_restarts.get(key, 0) + 1
+
+    def preconnect(self, outcome: str) -> None:
+        """A pre-opened connection ``taken`` (``missed``: none ready), or dropped: ``closed`` by the proxy, ``aged``."""
+        self.preconnected[outcome] = self.preconnected.get(outcome, 0) + 1
 
     def dns_query(self, qtype: str, outcome: str) -> None:
         """One query answered (or dropped): ``qtype`` from message.type_label, ``outcome`` a fixed word."""
@@ -203,6 +208,14 @@ class Metrics:
         family("relay_handshake_seconds", "histogram", "Time to set up a connection through the upstream.")
         for upstream, histogram in sorted(self.handshakes.items()):
             _histogram_lines(lines, "relay_handshake_seconds", {"upstream": upstream}, histogram)
+
+        family(
+            "relay_preconnect_total",
+            "counter",
+            "Connections to proxies opened ahead of clients: taken, missed (none ready), closed by the proxy, aged.",
+        )
+        for outcome, count in sorted(self.preconnected.items()):
+            lines.append(_sample("relay_preconnect_total", {"outcome": outcome}, count))
 
         family("relay_tunnel_restarts_total", "counter", "Tunnel restarts, by tunnel and reason.")
         for (tunnel, reason), count in sorted(self.tunnel_restarts.items()):

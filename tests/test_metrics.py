@@ -226,6 +226,15 @@ def test_upstream_health_and_tunnel_restarts():
     assert sample(text, "relay_tunnel_restarts_total", tunnel="ssh-1", reason="stalled") == 1
 
 
+def test_preconnect_outcomes():
+    m = new_metrics()
+    for outcome in ("taken", "taken", "missed", "closed", "aged"):
+        m.preconnect(outcome)
+    text = m.render()
+    assert sample(text, "relay_preconnect_total", outcome="taken") == 2
+    assert [sample(text, "relay_preconnect_total", outcome=o) for o in ("missed", "closed", "aged")] == [1, 1, 1]
+
+
 def test_passwords_never_rendered():
     """Callers must pass redacted URLs; if one slips through, the metrics redact it again."""
     m = new_metrics()

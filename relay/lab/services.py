@@ -193,6 +193,7 @@ def start_squid(
     debian_default_conf: bool = False,
     name: str = "squid",
     deny_own_machine: bool = False,
+    extra: Sequence[str] = (),
 ) -> Squid:
     """Squid 5 (``squid -N``) on ``listen``.
 
@@ -200,6 +201,7 @@ def start_squid(
     ``debian_default_conf=True`` keeps Debian's rules instead, i.e. only
     localhost may use it and CONNECT is refused except to port 443.
     ``deny_own_machine``: with README's lines that keep clients off squid's own loopback.
+    ``extra``: more squid.conf lines, e.g. shorter timeouts.
     """
     endpoints = _endpoints(listen)
     directory = _service_dir(lab, name)
@@ -220,6 +222,7 @@ def start_squid(
                 # Keep any lookup inside the namespace instead of the host's resolvers.
                 "dns_nameservers 127.0.0.1",
                 "shutdown_lifetime 0 seconds",
+                *extra,
                 "",
             ]
         )
@@ -273,12 +276,14 @@ def start_dante(
     auth: tuple[str, str] | None = None,
     name: str = "dante",
     deny_own_machine: bool = False,
+    extra: Sequence[str] = (),
 ) -> Dante:
     """Dante's danted SOCKS server, allowing everything (the lab is a closed network).
 
     ``auth=(user, password)`` requires RFC 1929 username/password checked
     against the system password database (see :func:`ensure_lab_user`).
     ``deny_own_machine``: with README's rules that keep clients off dante's own loopback.
+    ``extra``: more danted.conf lines, e.g. shorter timeouts.
     """
     endpoints = _endpoints(listen)
     externals = [external] if isinstance(external, str) else list(external)
@@ -297,6 +302,7 @@ def start_dante(
                 # root reads /etc/shadow to check passwords; everything else runs as nobody.
                 "user.privileged: root",
                 "user.unprivileged: nobody",
+                *extra,  # settings: before the rules
                 "client pass { from: 0/0 to: 0/0 }",
                 *(DANTE_DENY_OWN_MACHINE if deny_own_machine else ()),
                 "socks pass { from: 0/0 to: 0/0 }",

@@ -4,6 +4,7 @@ import errno
 import os
 import select
 import socket
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,7 +29,12 @@ from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
 from relay.proto.socks import Socks4Client, Socks5Client
 
+if TYPE_CHECKING:
+    from relay.net.preconnect import Preconnector
+
 SO_MARK = getattr(socket, "SO_MARK", 36)
+# How a proxy's end of a pre-opened connection shows when the handshake begins on it.
+STALE_POOLED = frozenset({"proxy-closed", "proxy-econnreset", "proxy-epipe"})
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
 
 
@@ -137,13 +143,16 @@ class Dialing:
     the proxy handshake (``machine``; None for a direct connection), and, if ``on_slow`` is set,
     a call to it once the proxy has not answered for ``slow_after`` seconds. ``may_fall_back``: a
     pipelined SOCKS5 handshake to a proxy not known to take one, which, failing while pipelining
-    may be why, is tried once more one message at a time (``fell_back``)."""
+    may be why, is tried once more one message at a time (``fell_back``). ``pooled``: (pool, opened at)
+    while its socket, from the Preconnector, has not finished a handshake: if the proxy closes it
+    meanwhile, the dial starts again on a new connection."""
 
     __slots__ = (
         "upstream",
         "target",
         "may_fall_back",
         "fell_back",
+        "pooled",
         "addresses",
         "machine",
         "mark",
@@ -165,6 +174,7 @@ class Dialing:
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
         self.target = target
         self.may_fall_back = self.fell_back = False
+        self.pooled = None
         self.connect_timeout, self.handshake_timeout, self.slow_after = timeouts
         self.on_open, self.on_fail, self.on_slow = on_open, on_fail, on_slow
         self.sock: socket.socket | None = None  # None once it opened, failed or was cancelled
@@ -201,8 +211,9 @@ class Dialer:
     handshake's own deadline.
     """
 
-    def __init__(self):
+    def __init__(self, preconnect: "Preconnector | None" = None):
         self._loop = ReadinessLoop()
+        self.preconnect = preconnect  # connections to proxies opened ahead of their clients
         self._dialing: dict[int, Dialing] = {}  # fd -> the connection being opened on it (and watched)
         # Each SOCKS5 upstream's answer to a pipelined handshake: True (took it), False (failed it, then took one
         # message at a time). One not here yet is tried pipelined, and falls back if that fails.
@@ -319,6 +330,12 @@ class Dialer:
         while dialing.next_address < len(dialing.addresses):
             family, address = dialing.addresses[dialing.next_address]
             dialing.next_address += 1
+            if self.preconnect is not None and dialing.machine is not None:
+                lent = self.preconnect.take(dialing.upstream, family, address, dialing.mark)
+                if lent is not None:
+                    dialing.sock, dialing.pooled = lent[0], lent[1:]
+                    self._connected(dialing)
+                    return
             try:
                 sock = new_socket(family, dialing.mark)
             except OSError as exc:  # out of fds or memory: another address will not help
@@ -406,17 +423,30 @@ class Dialer:
         self._call(on_slow)
 
     def _handshake_failed(self, dialing: Dialing, error: UpstreamError) -> None:
-        """The proxy failed the handshake: ``error``, unless it may have been the pipelining (see Dialing)."""
-        if not (dialing.may_fall_back and dialing.machine.pipelining_unconfirmed):
+        """The proxy failed the handshake: ``error``, unless the connection had gone stale in the pool or
+        it may have been the pipelining (see Dialing): then the dial starts again on a new connection."""
+        if dialing.pooled is not None and error.reason in STALE_POOLED:
+            self.preconnect.went_stale(*dialing.pooled)
+            dialing.pooled = None
+            self._start_again(dialing, pipelined=dialing.may_fall_back or self.pipelining.get(dialing.upstream, False))
+        elif dialing.may_fall_back and dialing.machine.pipelining_unconfirmed:
+            dialing.may_fall_back, dialing.fell_back = False, True
+            self._start_again(dialing, pipelined=False)
+        else:
             self._fail(dialing, error)
-            return
+
+    def _start_again(self, dialing: Dialing, pipelined: bool) -> None:
+        """Reset its socket and dial once more from the first address, never from the pool."""
         self._forget(dialing)
         reset(dialing.sock)
         self._drop_deadline(dialing)
         dialing.sock, dialing.handshaking, dialing.outgoing, dialing.next_address = None, False, b"", 0
-        dialing.may_fall_back, dialing.fell_back = False, True
-        dialing.machine = handshake_for(dialing.upstream, *dialing.target)
-        self._connect_next(dialing)
+        dialing.machine = handshake_for(dialing.upstream, *dialing.target, pipelined)
+        preconnect, self.preconnect = self.preconnect, None
+        try:
+            self._connect_next(dialing)
+        finally:
+            self.preconnect = preconnect
 
     def _timed_out(self, dialing: Dialing) -> None:
         if dialing.handshaking:

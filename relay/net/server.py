@@ -22,6 +22,7 @@ from relay.logs import log
 from relay.net.connections import Connections
 from relay.net.dial import Dialer, apply_mark
 from relay.net.listener import accept_loop, open_listeners
+from relay.net.preconnect import Preconnector
 from relay.net.tunnel import make_tunnels
 from relay.net.upstreams import UpstreamPool
 
@@ -39,7 +40,7 @@ class Server:
         self.metrics = metrics
         self.reload = reload  # returns a fresh Config (file re-read, command line re-applied), or raises ConfigError
         self.listeners: list[socket.socket] = []
-        self.dialer = Dialer()
+        self.dialer = Dialer(Preconnector(config.preconnect, config.connect_timeout, metrics))
         self.pool = UpstreamPool(config, metrics, self.dialer)
         self.tunnels = []
         self.names = NameBook()  # what the DNS service answered whom: connections are opened by those names
@@ -95,6 +96,7 @@ class Server:
             connections = self.connections
             services.start_soon(connections.pump.run)
             services.start_soon(self.dialer.run)
+            services.start_soon(self.dialer.preconnect.run)
             services.start_soon(connections.waiting.run)
             async with trio.open_nursery() as connections.tasks:
                 accepting = trio.CancelScope()
@@ -191,6 +193,7 @@ class Server:
         health.cancel()
         self.config, self.pool = new, pool
         self.connections.config, self.connections.pool = new, pool
+        self.dialer.preconnect.configure(new.preconnect, new.connect_timeout)
         if self.dns is not None:
             self.dns.config = self.dns.resolvers.config = new
             self.dns.allow = dns_allow

@@ -1,0 +1,194 @@
+"""Upstream connections opened before a client needs them.
+
+Across a slow tunnel, a new connection's first round trip is the TCP connect to the proxy (through
+``ssh -L``: the local connect is instant, but ssh must open a channel across the link before any
+byte moves). The Preconnector keeps, per upstream address, a few connections already made, so a
+new client's proxy handshake starts at once. How many follows the recent arrival rate (``auto``) or
+is fixed (``--preconnect N``); a pool is kept only while clients come (KEEP_WARM), each connection
+only until MAX_AGE (proxies close connections that never sent a request: dante after 30 s by
+default), and one the proxy has closed (a FIN, a reset or bytes nobody asked for) is dropped, both
+when it is taken and at every sweep. Proxies that close idle connections sooner teach their pool a
+shorter age.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter, deque
+
+import trio
+
+from relay.logs import log
+from relay.net.dial import connect_now, new_socket
+
+MAX_AGE = 20.0  # seconds a pooled connection is kept: below dante's default negotiate timeout (30 s)
+MIN_AGE = 1.0  # the shortest age a proxy's closes may teach
+KEEP_WARM = 300.0  # seconds after the last client that a pool is still refilled
+RATE_WINDOW = 10.0  # seconds of arrivals the auto size is taken from
+AUTO_MAX = 8  # the largest auto pool per upstream address
+SWEEP_INTERVAL = 1.0
+RETRY_AFTER = (1.0, 30.0)  # refill backoff after a failed connect: first, most
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the proxy ended (or wrote on) a connection it has not been asked anything on yet."""
+    try:
+        return True if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None else False
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class Pool:
+    """The pre-opened connections to one upstream address, with its recent arrivals."""
+
+    __slots__ = ("key", "ready", "arrivals", "last_arrival", "max_age", "retry_at", "backoff", "filling")
+
+    def __init__(self, key) -> None:
+        self.key = key  # (upstream, family, sockaddr, mark)
+        self.ready: deque[tuple[float, socket.socket]] = deque()  # (opened at, socket), oldest first
+        self.arrivals: deque[float] = deque(maxlen=1024)
+        self.last_arrival = 0.0
+        self.max_age = MAX_AGE
+        self.retry_at = 0.0
+        self.backoff = 0.0
+        self.filling = 0  # connects under way
+
+    def close(self) -> None:
+        while self.ready:
+            self.ready.popleft()[1].close()
+
+
+class Preconnector:
+    """Pools of connected sockets per upstream address, refilled by ``run()``; ``size`` is a fixed
+    size, or None for auto (from the arrival rate), or 0 (off: ``take`` always misses)."""
+
+    def __init__(self, size: int | None, connect_timeout: float, metrics=None) -> None:
+        self.size = size
+        self.connect_timeout = connect_timeout
+        self.metrics = metrics
+        self.pools: dict[tuple, Pool] = {}
+        self._wake = trio.Event()
+
+    def configure(self, size: int | None, connect_timeout: float) -> None:
+        """A reload: the next sweep sizes the pools anew (off: empties them); new upstreams get
+        pools of their own and the old ones' go cold."""
+        self.size, self.connect_timeout = size, connect_timeout
+        self._wake.set()
+
+    def take(self, upstream, family: int, address, mark: int | None) -> tuple[socket.socket, Pool, float] | None:
+        """A connected socket to ``address`` for ``upstream``'s handshake, with its pool and when it was
+        opened (for ``went_stale``), or None: open one yourself. Counts the arrival, which sizes the pool."""
+        if self.size == 0:
+            return None
+        key = (upstream, family, address, mark)
+        pool = self.pools.get(key)
+        now = time.monotonic()
+        if pool is None:
+            pool = self.pools[key] = Pool(key)
+        pool.arrivals.append(now)
+        pool.last_arrival = now
+        self._wake.set()
+        while pool.ready:
+            opened, sock = pool.ready.popleft()
+            if now - opened < pool.max_age and not closed_by_peer(sock):
+                self._count("taken")
+                return sock, pool, opened
+            self._drop(pool, opened, sock, now)
+        self._count("missed")
+        return None
+
+    def target(self, pool: Pool, now: float) -> int:
+        """How many to keep: the fixed size, or the most clients that came within one second lately
+        (a docker pull opens three layers at once); none once clients stopped coming."""
+        if self.size == 0 or now - pool.last_arrival > KEEP_WARM:
+            return 0
+        if self.size is not None:
+            return self.size
+        seconds = Counter(int(at) for at in pool.arrivals if now - at <= RATE_WINDOW)
+        return min(AUTO_MAX, max(seconds.values(), default=1))
+
+    async def run(self) -> None:
+        """Sweep and refill every pool, every SWEEP_INTERVAL or when a client took from one."""
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    self._sweep(nursery)
+                    with trio.move_on_after(SWEEP_INTERVAL):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
+
+    def _sweep(self, nursery: trio.Nursery) -> None:
+        now = time.monotonic()
+        for key, pool in list(self.pools.items()):
+            for opened, sock in list(pool.ready):
+                if now - opened >= pool.max_age or closed_by_peer(sock):
+                    pool.ready.remove((opened, sock))
+                    self._drop(pool, opened, sock, now)
+            target = self.target(pool, now)
+            if target == 0 and not pool.ready and not pool.filling:
+                del self.pools[key]
+                continue
+            while len(pool.ready) + pool.filling > target:
+                if not pool.ready:
+                    break
+                pool.ready.pop()[1].close()  # the newest: the oldest go first anyway
+            if now < pool.retry_at:
+                continue
+            for _ in range(target - len(pool.ready) - pool.filling):
+                pool.filling += 1
+                nursery.start_soon(self._fill, pool)
+
+    async def _fill(self, pool: Pool) -> None:
+        upstream, family, address, mark = pool.key
+        try:
+            sock = new_socket(family, mark)
+            try:
+                await connect_now(sock, address, trio.current_time() + self.connect_timeout)
+            except BaseException:
+                sock.close()
+                raise
+        except (OSError, trio.TooSlowError) as exc:  # the health checks and the clients' own dials tell of it
+            pool.backoff = min(RETRY_AFTER[1], max(RETRY_AFTER[0], pool.backoff * 2))
+            pool.retry_at = time.monotonic() + pool.backoff
+            log.debug("preconnect to %s failed: %r; next try in %g s", upstream, exc, pool.backoff)
+            return
+        finally:
+            pool.filling -= 1
+        pool.backoff = 0.0
+        if self.pools.get(pool.key) is not pool:  # dropped meanwhile (went cold)
+            sock.close()
+            return
+        pool.ready.append((time.monotonic(), sock))
+
+    def went_stale(self, pool: Pool, opened: float) -> None:
+        """A connection taken from ``pool`` turned out closed when its handshake began: some proxies
+        (dante) notice their negotiation timeout only when the client speaks."""
+        self._closed_early(pool, time.monotonic() - opened)
+
+    def _drop(self, pool: Pool, opened: float, sock: socket.socket, now: float) -> None:
+        age = now - opened
+        if age < pool.max_age:
+            self._closed_early(pool, age)
+        else:
+            self._count("aged")
+        sock.close()
+
+    def _closed_early(self, pool: Pool, age: float) -> None:
+        """The proxy closed one before our own limit: keep them younger from now on."""
+        pool.max_age = max(MIN_AGE, min(pool.max_age, age * 0.75))
+        log.debug("upstream %s closed a pre-opened connection after %.1f s", pool.key[0], age)
+        self._count("closed")
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.preconnect(outcome)
