@@ -21,6 +21,7 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import re
@@ -46,6 +47,7 @@ from relay.lab import (
     Sshd,
     Unbound,
     ssh_argv,
+    start_delay_line,
     start_dnsmasq,
     start_squid,
     start_ssh_tunnel,
@@ -57,6 +59,7 @@ from relay.lab.services import RelayProcess, intercept, intercept_dns, start_rel
 
 RELAY_PORT = 12345
 PROXY = ("127.0.0.1", 3128)  # squid on far's loopback, and the tunnel's end on the router
+DELAY_PORT = 2222  # on the router's loopback: the delay line in front of far's sshd
 HTTP_PORT = 80
 HTTPS_PORT = 443
 TRAFFIC_PORT = 7000
@@ -90,6 +93,7 @@ class Transfer:
     size: int  # bytes the client received
     seconds: float
     sha256_ok: bool
+    first_byte: float  # seconds from the start of the connect to the first byte of the answer
 
 
 def _progress(message: str) -> None:
@@ -156,8 +160,9 @@ def _serving_file(lab: Lab, body: bytes) -> Iterator[None]:
 # -- traffic from the client ----------------------------------------------------
 
 
-def _curl(lab: Lab, url: str, expected: bytes, *options: str) -> tuple[int, float, bool]:
-    """Fetch ``url`` with curl on the client; returns size, seconds and whether the body is ``expected``."""
+def _curl(lab: Lab, url: str, expected: bytes, *options: str) -> tuple[int, float, bool, float]:
+    """Fetch ``url`` with curl on the client; returns size, seconds, whether the body is ``expected``
+    and the time to its first byte."""
     assert lab.tmpdir is not None
     path = lab.tmpdir / "downloaded-file"
     # -q ignores any ~/.curlrc and --noproxy any proxy variables: the client must not know of a proxy.
@@ -175,17 +180,17 @@ def _curl(lab: Lab, url: str, expected: bytes, *options: str) -> tuple[int, floa
             "-o",
             str(path),
             "-w",
-            "%{http_code} %{size_download} %{time_total}",
+            "%{http_code} %{size_download} %{time_total} %{time_starttransfer}",
             url,
         ],
         timeout=TRANSFER_TIMEOUT + 5,
     )
-    status, size, seconds = result.stdout.split()
+    status, size, seconds, first_byte = result.stdout.split()
     if status != "200":
         raise LabError(f"curl {url}: HTTP status {status}")
     sha256_ok = hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(expected).digest()
     path.unlink()
-    return int(size), float(seconds), sha256_ok
+    return int(size), float(seconds), sha256_ok, float(first_byte)
 
 
 def _http_download(lab: Lab, body: bytes) -> Transfer:
@@ -224,18 +229,19 @@ def _serve_https(lab: Lab) -> str | None:
 
 
 def _traffic_download(lab: Lab, address: str, size: int, seed: int, label: str) -> Transfer:
-    digest, received = hashlib.sha256(), 0
-    with lab.connect("client", address, TRAFFIC_PORT) as sock:
-        sock.settimeout(TRANSFER_TIMEOUT)
-        started = time.monotonic()
+    digest, received, first_byte = hashlib.sha256(), 0, None
+    started = time.monotonic()
+    with lab.connect("client", address, TRAFFIC_PORT, timeout=TRANSFER_TIMEOUT) as sock:
         sock.sendall(f"DOWN {size} {seed}\n".encode())
         while data := sock.recv(RECV_SIZE):
+            if first_byte is None:
+                first_byte = time.monotonic() - started
             digest.update(data)
             received += len(data)
         seconds = time.monotonic() - started
     sha256_ok = received == size and digest.hexdigest() == pattern_sha256(size, seed)
     dst = _endpoint(address, TRAFFIC_PORT)
-    return Transfer(label, dst, None, ("CONNECT", dst), address, received, seconds, sha256_ok)
+    return Transfer(label, dst, None, ("CONNECT", dst), address, received, seconds, sha256_ok, first_byte or seconds)
 
 
 def _squid_entries(squid: Squid, wanted: set[tuple[str, str]]) -> list[SquidLogEntry]:
@@ -312,6 +318,7 @@ def _report(
     https_note: str,
     lookup: NameLookup,
     failures: list[str],
+    rtt_ms: float,
 ) -> str:
     vias = ", ".join(sorted({conn.get("via", "?") for conn in connections})) or "-"
     lines = [
@@ -321,16 +328,19 @@ def _report(
         " (no route to the server)",
         f"     the LAN's resolver {LAN_RESOLVER} (dnsmasq) poisons {SSH_NAME} = {WRONG_ADDRESS}; the client's DNS"
         f" (UDP and TCP 53) is redirected to the relay's --dns {ADDR.router_lan4}:{DNS_PORT}",
+        f"     router--far: {f'{rtt_ms:g} ms round trip (a delay line before sshd)' if rtt_ms else 'no delay'};"
+        " 1st byte: from the client's connect",
         f"  -> far {ADDR.far4}  sshd, squid on its own {_endpoint(*PROXY)}; its /etc/hosts: {NAME} = {ADDR.server4}",
         f"     unbound (DNS over HTTPS) on {ADDR.far_server_side4}: {SSH_NAME} = {ADDR.server4}",
         f"  -> server {ADDR.server4} [{ADDR.server6}]  HTTP :{HTTP_PORT}, HTTPS :{HTTPS_PORT}{https_note}, "
         f"traffic server :{TRAFFIC_PORT}, sshd :22",
         "",
-        f"{'transfer from the client':<42} {'size':>10} {'time':>8} {'throughput':>13}  sha256",
+        f"{'transfer from the client':<42} {'size':>10} {'1st byte':>8} {'time':>8} {'throughput':>13}  sha256",
     ]
     for transfer in transfers:
         lines.append(
-            f"  {transfer.label:<40} {_size_text(transfer.size):>10} {transfer.seconds:>7.3f}s "
+            f"  {transfer.label:<40} {_size_text(transfer.size):>10} {transfer.first_byte * 1000:>6.0f}ms "
+            f"{transfer.seconds:>7.3f}s "
             f"{_rate_text(transfer.size, transfer.seconds):>13}  {'OK' if transfer.sha256_ok else 'MISMATCH'}"
         )
     lines += [
@@ -423,7 +433,7 @@ def _failures(
 # -- putting it together --------------------------------------------------------
 
 
-def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess, Sshd]:
+def _start_deployment(lab: Lab, pure: bool, rtt_ms: float) -> tuple[Squid, RelayProcess, Sshd]:
     # Before any daemon or client starts: only processes started afterwards see these files.
     lab.set_hosts("client", {NAME: WRONG_ADDRESS})
     lab.set_resolver("client", LAN_RESOLVER)  # its hosts file first, then the LAN's resolver
@@ -437,6 +447,10 @@ def _start_deployment(lab: Lab, pure: bool) -> tuple[Squid, RelayProcess, Sshd]:
     lab.run("router", ["ip", "addr", "add", f"{LAN_RESOLVER}/24", "dev", ADDR.router_lan_if])
     start_dnsmasq(lab, {SSH_NAME: WRONG_ADDRESS}, host="router", address=LAN_RESOLVER)
     _progress(f"starting the ssh -L tunnel and the relay on the router{' (pure Python)' if pure else ''}")
+    if rtt_ms:
+        # The far link's round trip: ssh reaches far's sshd across a delay line on the router.
+        start_delay_line(lab, ("127.0.0.1", DELAY_PORT), (sshd.address, sshd.port), rtt_ms / 2)
+        sshd = dataclasses.replace(sshd, address="127.0.0.1", port=DELAY_PORT)
     start_ssh_tunnel(lab, sshd, forwards=("-L", f"{_endpoint(*PROXY)}:{_endpoint(*PROXY)}"))
     relay = start_relay(lab, _relay_options(unbound), pure=pure)
     intercept_dns(lab)
@@ -461,10 +475,10 @@ def _relay_options(unbound: Unbound) -> list[str]:
     ]
 
 
-def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
+def _run(lab: Lab, bulk_size: int, pure: bool, rtt_ms: float) -> tuple[str, list[str]]:
     """Build the deployment, send the traffic; returns the report and the failed checks."""
     _progress(f"lab {lab.prefix} is up, files in {lab.tmpdir}")
-    squid, relay, server_sshd = _start_deployment(lab, pure)
+    squid, relay, server_sshd = _start_deployment(lab, pure, rtt_ms)
     fast_path = re.search(r"fast path: (.+)$", relay.log_text(), re.MULTILINE)
     _progress(f"relay is up on the router :{RELAY_PORT}")
     body = os.urandom(HTTP_FILE_SIZE)
@@ -498,6 +512,7 @@ def _run(lab: Lab, bulk_size: int, pure: bool) -> tuple[str, list[str]]:
         "" if ca_file else " (not fetched: trustme not installed)",
         lookup,
         failures,
+        rtt_ms,
     )
     return report, failures
 
@@ -519,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--size-mib", type=_mib, default=256, metavar="N", help="size of the bulk transfer in MiB (default: 256)"
     )
     parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=100.0,
+        metavar="MS",
+        help="round trip of the router--far link, played by a delay line before far's sshd (default: 100; 0: none)",
+    )
+    parser.add_argument(
         "--pure", action="store_true", help="run the relay with its pure-Python fast path (RELAY_NO_EXTENSIONS=1)"
     )
     return parser
@@ -532,7 +554,7 @@ def main(argv: list[str]) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with Lab() as lab:
-            report, failures = _run(lab, args.size_mib << 20, args.pure)
+            report, failures = _run(lab, args.size_mib << 20, args.pure, args.rtt_ms)
             print(report, flush=True)
             _progress("tearing the lab down")
     except KeyboardInterrupt:
