@@ -285,7 +285,9 @@ class Connection:
         """Plain HTTP to an HTTP proxy in absolute form (see relay.net.http_forward)."""
         self.sock = trio.socket.from_stdlib_socket(self.sock)
         try:
-            ended, detail, clean = await forward(self.sock, self.first, self, self.config, self.pool, self.candidates)
+            ended, detail, clean = await forward(
+                self.sock, self.first, self, self.config, self.pool, self.candidates, self.owner.dialer.preconnect
+            )
         except NeedsTunnel as exc:  # e.g. a WebSocket upgrade: tunnel it as it came
             self.first = exc.data
             self.attempts = Attempts(self.pool, self.candidates, False, self.dst, self)

@@ -304,9 +304,12 @@ def replayable(request: h11.Request) -> bool:
     return True
 
 
-async def forward(client, first: bytes, record, config: Config, pool, candidates) -> tuple[str, str | None, bool]:
+async def forward(
+    client, first: bytes, record, config: Config, pool, candidates, preconnect=None
+) -> tuple[str, str | None, bool]:
     """Forward a client's plain HTTP through the first healthy HTTP proxy among ``candidates``
-    (the next one if it cannot be reached); (how it ended, the error, whether cleanly).
+    (the next one if it cannot be reached), on a connection ``preconnect`` opened ahead where it
+    has one; (how it ended, the error, whether cleanly).
 
     ``record`` (the connection) gets the proxy used and the counts; NeedsTunnel
     passes through: the connection then opens a tunnel instead."""
@@ -315,6 +318,10 @@ async def forward(client, first: bytes, record, config: Config, pool, candidates
     async def open_proxy():
         last = None
         for state in http_candidates:
+            lent = preconnect.take(state.upstream, *state.addresses[0], config.mark) if preconnect else None
+            if lent is not None:
+                record.via = state.upstream
+                return trio.socket.from_stdlib_socket(lent[0])
             try:
                 sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
             except UpstreamError as exc:

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
+from relay.lab.servers import HttpServer
 from relay.net.preconnect import AUTO_MAX
 from tests.e2e.clients import download, upload
 from tests.e2e.conftest import RELAY_PORT
@@ -19,6 +20,7 @@ METRICS_PORT = 9141
 SHORT = 2  # seconds the proxies wait for a first request
 IMPATIENT_SQUID = "127.0.0.1:3141"  # through ssh -L
 IMPATIENT_DANTE = f"socks5://{ADDR.far4}:1085"
+HTTP_PORT = 8081
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,9 @@ def impatient(lab):
     )
     tunnel = start_ssh_tunnel(lab, lab.sshd, forwards=("-L", f"{IMPATIENT_SQUID}:127.0.0.1:3141"), name="ssh-L-3141")
     dante = start_dante(lab, listen=[(ADDR.far4, 1085)], name="dante-impatient", extra=[f"timeout.negotiate: {SHORT}"])
+    http = HttpServer(lab, "server", "0.0.0.0", HTTP_PORT)
     yield {"squid": squid, "dante": dante}
+    http.close()
     for service in (tunnel, squid, dante):
         service.stop()
 
@@ -106,3 +110,17 @@ def test_a_proxy_that_dies_and_returns_is_used_again_and_nothing_piles_up(lab, i
     impatient["dante"].start()
     threading.Event().wait(2.5)  # the health check sees it back
     download(lab, 100_000, seed=9)
+
+
+def test_plain_http_forwarded_in_absolute_form_uses_them_too(lab, impatient, relays):
+    start(relays, IMPATIENT_SQUID)
+    request = f"GET /hello HTTP/1.1\r\nHost: {ADDR.server4}:{HTTP_PORT}\r\nConnection: close\r\n\r\n".encode()
+    for _ in range(3):
+        with lab.connect("client", ADDR.server4, HTTP_PORT, timeout=30) as sock:
+            sock.sendall(request)
+            response = b""
+            while data := sock.recv(65536):
+                response += data
+        assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"hello from the lab server\n")
+        threading.Event().wait(0.5)  # the pool refills meanwhile
+    assert counters(lab).get('relay_preconnect_total{outcome="taken"}', 0) >= 2
