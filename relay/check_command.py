@@ -309,7 +309,7 @@ async def _network_checks(config: Config, target: tuple[str, int], name: str, sa
     dialer = Dialer()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dialer.run)
-        tunnels = make_tunnels(config, own_ports=True) if config.ssh else [None] * len(config.upstreams)
+        tunnels = make_tunnels(config, own_ports=True, lanes=1) if config.ssh else [None] * len(config.upstreams)
         for tunnel in filter(None, tunnels):
             tunnel.start_timeout = SSH_START_TIMEOUT
             started = trio.current_time()

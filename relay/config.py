@@ -6,6 +6,7 @@ for one line on stderr, and no password ever reaches a message or a repr.
 
 import copy
 import ipaddress
+import os
 import re
 import tomllib
 import urllib.parse
@@ -328,6 +329,16 @@ def parse_count(value, minimum: int = 0) -> int:
 
 
 PRECONNECT_MAX = 64
+SSH_CONNECTIONS_AUTO_MAX = 4  # ssh encrypts on one core per process; beyond the cores more only share them
+SSH_CONNECTIONS_MAX = 16
+SSH_CONNECTIONS_DEFAULT = max(1, min(os.cpu_count() or 1, SSH_CONNECTIONS_AUTO_MAX))
+
+
+def parse_ssh_connections(value) -> int:
+    count = parse_count(value, minimum=1)
+    if count > SSH_CONNECTIONS_MAX:
+        raise ConfigError(f"{value!r} is more than {SSH_CONNECTIONS_MAX} ssh connections")
+    return count
 
 
 def parse_preconnect(value) -> int | None:
@@ -658,6 +669,15 @@ SETTINGS = [
     ),
     Setting("ssh-identity", _text, None, False, "FILE", "ssh identity file"),
     Setting("ssh-option", parse_option_pair, [], True, "KEY=VALUE", "extra ssh -o option; repeatable"),
+    Setting(
+        "ssh-connections",
+        parse_ssh_connections,
+        SSH_CONNECTIONS_DEFAULT,
+        False,
+        "N",
+        "with --ssh, this many ssh processes (each its own TCP connection) per upstream; a new connection goes to "
+        f"the working one with the fewest (default: the number of cores, at most {SSH_CONNECTIONS_AUTO_MAX})",
+    ),
     Setting("user", _text, None, False, "NAME", "after binding, run as this user, keeping only CAP_NET_ADMIN"),
     Setting(
         "workers", lambda v: parse_count(v, 1), 1, False, "N", "worker processes sharing the listeners (SO_REUSEPORT)"
@@ -837,6 +857,7 @@ class Config:
     ssh: str | None
     ssh_identity: str | None
     ssh_option: list[tuple[str, str]]
+    ssh_connections: int  # ssh processes per upstream
     user: str | None
     workers: int
     pipe_size: int  # fewer, larger splices per wakeup; 0: the kernel's default

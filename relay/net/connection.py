@@ -77,7 +77,7 @@ class Connection:
         "owner", "sock", "peer", "dst", "config", "pool", "started", "sniff_deadline", "state",
         "counted", "silent_turn", "described", "first", "candidates", "attempts", "attempt_started",
         "dialing", "racer", "racer_started", "name", "name_from", "dns_name", "fake_name", "retried", "via", "fault",
-        "source", "up", "down", "http_requests",
+        "source", "lane", "up", "down", "http_requests",
     )  # fmt: skip
 
     def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
@@ -106,6 +106,7 @@ class Connection:
         self.via = None
         self.fault = None  # whose fault the failure it would end with was (relay.net.faults.Fault)
         self.source = None  # the upstream socket's local address, while it is in owner.own_sources
+        self.lane = None  # the UpstreamState it relays through, while it counts in its ``active``
         self.up = self.down = 0
         self.http_requests = None  # forwarded in absolute form, when not tunnelled
 
@@ -379,6 +380,8 @@ class Connection:
         try:
             self.stop_dialing()
             state = self.attempts.succeeded(racer)
+            if state is not None:  # counted while it relays: the next connection takes the least busy lane
+                self.lane, state.active = state, state.active + 1
             started = self.racer_started if racer else self.attempt_started
             owner.metrics.handshake_done(str(self.via), time.monotonic() - started)
             self.source = upstream.getsockname()[:2]
@@ -430,6 +433,9 @@ class Connection:
         if self.source is not None:
             owner.own_sources.discard(self.source)
             self.source = None
+        if self.lane is not None:
+            self.lane.active -= 1
+            self.lane = None
         self.give_back_silent_turn()
         if self.counted:
             left = owner.per_source.pop(self.peer[0]) - 1

@@ -272,6 +272,8 @@ class SshTunnel:
         self.backoff_start = backoff_start
         self.backoff_max = backoff_max
         self.on_restart = on_restart
+        self.upstream = None  # the Upstream it carries (make_tunnels)
+        self.label = ""  # how logs and metrics name it: the upstream, with its lane when there are several
         self.restarts = 0
         self.last_failure: str | None = None  # why the latest ssh went down, as logged
         self._up = False
@@ -474,27 +476,36 @@ class SshTunnel:
                 raise ProbeFailed(f"the far host refused to connect to {format_address(self.remote)}")
 
 
-def make_tunnels(config: Config, metrics=None, *, own_ports: bool = False) -> list[SshTunnel]:
-    """One supervised ssh per upstream: -L to an HTTP/SOCKS4 proxy as the far host sees it, -D for SOCKS5.
+def make_tunnels(config: Config, metrics=None, *, own_ports: bool = False, lanes: int | None = None) -> list[SshTunnel]:
+    """Supervised ssh per upstream, ``lanes`` of them (default --ssh-connections), in the upstreams' order:
+    -L to an HTTP/SOCKS4 proxy as the far host sees it, -D for SOCKS5. Each is its own TCP connection
+    across the link, so one bulk download does not hold up another lane's new connections, and its own
+    process, so their encryption runs on several cores. ``tunnel.upstream`` says whose it is.
 
     ``own_ports``: every forward on a free loopback port, so that ``relay check`` can run its own beside
     a running relay's (which holds the SOCKS5 upstreams' addresses)."""
     target = parse_ssh_target(config.ssh)
+    lanes = config.ssh_connections if lanes is None else lanes
     tunnels = []
     for upstream in config.upstreams:
-        if upstream.scheme == "socks5":
-            forward, remote, local = "socks", None, ("127.0.0.1", 0) if own_ports else (upstream.host, upstream.port)
-        else:
-            forward, remote, local = "local", (upstream.host, upstream.port), ("127.0.0.1", 0)
-        tunnel = SshTunnel(
-            target,
-            forward=forward,
-            remote=remote,
-            local=local,
-            identity=config.ssh_identity,
-            options=tuple(config.ssh_option),
-        )
-        if metrics is not None:
-            tunnel.on_restart = lambda reason, name=str(upstream): metrics.tunnel_restarted(name, reason)
-        tunnels.append(tunnel)
+        for lane in range(lanes):
+            if upstream.scheme == "socks5":
+                # The first lane listens where the configuration says the SOCKS5 proxy is; the others beside it.
+                given = (upstream.host, upstream.port) if lane == 0 and not own_ports else ("127.0.0.1", 0)
+                forward, remote, local = "socks", None, given
+            else:
+                forward, remote, local = "local", (upstream.host, upstream.port), ("127.0.0.1", 0)
+            tunnel = SshTunnel(
+                target,
+                forward=forward,
+                remote=remote,
+                local=local,
+                identity=config.ssh_identity,
+                options=tuple(config.ssh_option),
+            )
+            tunnel.upstream = upstream
+            tunnel.label = str(upstream) if lanes == 1 else f"{upstream}#{lane + 1}"
+            if metrics is not None:
+                tunnel.on_restart = lambda reason, name=tunnel.label: metrics.tunnel_restarted(name, reason)
+            tunnels.append(tunnel)
     return tunnels

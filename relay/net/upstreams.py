@@ -22,20 +22,30 @@ from relay.proto.liveness import HEALTH_QUESTIONS, LIVENESS_REQUESTS
 
 
 class UpstreamState:
-    __slots__ = ("upstream", "addresses", "healthy", "failures", "tunnel", "still_there")
+    """One way to an upstream: the proxy itself, or one of the ssh tunnels to it (a lane), with its health
+    and how many relayed connections it carries now."""
 
-    def __init__(self, upstream: Upstream, addresses, tunnel=None, config: Config | None = None):
+    __slots__ = ("upstream", "addresses", "healthy", "failures", "tunnel", "still_there", "rank", "active")
+
+    def __init__(self, upstream: Upstream, addresses, tunnel=None, config: Config | None = None, rank: int = 0):
         self.upstream = upstream
         self.addresses = addresses  # where to connect: the proxy, or the local end of its ssh tunnel
         self.healthy = True
         self.failures = 0
         self.tunnel = tunnel
+        self.rank = rank  # the upstream's place in the configuration: lanes of one upstream share it
+        self.active = 0  # relayed connections through it now
         # Direct connections have no proxy in between: a FIN is the server's own.
         self.still_there = StillThere(self, config) if config is not None and upstream.scheme != "direct" else None
 
     @property
     def usable(self) -> bool:
         return self.healthy and (self.tunnel is None or self.tunnel.up)
+
+    @property
+    def label(self) -> str:
+        """The upstream, and which of its ssh tunnels when it has several."""
+        return self.tunnel.label if self.tunnel is not None and self.tunnel.label else str(self.upstream)
 
 
 PROBE_TIMEOUT = 1.0  # seconds
@@ -229,27 +239,31 @@ class UpstreamPool:
         self._proxy_addresses: set[tuple[str, int]] = set()
 
     async def resolve(self, tunnels=None) -> None:
-        """Resolve each proxy once; with ssh tunnels, connect to their local ends instead."""
-        for index, upstream in enumerate(self.config.upstreams):
-            tunnel = tunnels[index] if tunnels else None
-            addresses = []
-            if tunnel is not None:
-                addresses = await resolve(*tunnel.local_address)
-            elif upstream.scheme != "direct":
-                try:
-                    addresses = await resolve(upstream.host, upstream.port)
-                except OSError as exc:
-                    raise ConfigError(f"cannot resolve upstream host {upstream.host!r}: {exc.strerror}") from None
-            self.states.append(UpstreamState(upstream, addresses, tunnel, self.config))
-            self._proxy_addresses.update(address[:2] for _, address in addresses)
-            self.metrics.set_upstream_healthy(str(upstream), True)
+        """Resolve each proxy once; with ssh tunnels, connect to their local ends instead (a state each)."""
+        for rank, upstream in enumerate(self.config.upstreams):
+            lanes = [tunnel for tunnel in tunnels or () if tunnel.upstream == upstream] or [None]
+            for tunnel in lanes:
+                addresses = []
+                if tunnel is not None:
+                    addresses = await resolve(*tunnel.local_address)
+                elif upstream.scheme != "direct":
+                    try:
+                        addresses = await resolve(upstream.host, upstream.port)
+                    except OSError as exc:
+                        raise ConfigError(f"cannot resolve upstream host {upstream.host!r}: {exc.strerror}") from None
+                state = UpstreamState(upstream, addresses, tunnel, self.config, rank)
+                self.states.append(state)
+                self._proxy_addresses.update(address[:2] for _, address in addresses)
+                self.metrics.set_upstream_healthy(state.label, True)
 
     def proxy_addresses(self) -> set[tuple[str, int]]:
         """Every address a proxy of ours listens on (a destination equal to one is a loop)."""
         return self._proxy_addresses
 
     def candidates(self) -> list[UpstreamState]:
-        usable = [state for state in self.states if state.usable]
+        """The usable states in the order to try them; of one upstream's ssh tunnels, the one carrying
+        the fewest connections first."""
+        usable = sorted((state for state in self.states if state.usable), key=lambda state: (state.rank, state.active))
         if self.config.upstream_strategy == "round-robin" and usable:
             start = next(self._turn) % len(usable)
             usable = usable[start:] + usable[:start]
@@ -267,8 +281,8 @@ class UpstreamPool:
 
     def _set_health(self, state: UpstreamState, healthy: bool, why: str) -> None:
         state.healthy = healthy
-        self.metrics.set_upstream_healthy(str(state.upstream), healthy)
-        log.warning("upstream %s is %s: %s", state.upstream, "healthy again" if healthy else "unhealthy", why)
+        self.metrics.set_upstream_healthy(state.label, healthy)
+        log.warning("upstream %s is %s: %s", state.label, "healthy again" if healthy else "unhealthy", why)
 
     async def run_health_checks(self) -> None:
         async with trio.open_nursery() as nursery:

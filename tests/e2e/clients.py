@@ -35,6 +35,17 @@ def upload(lab, data: bytes, address=ADDR.server4):
         assert sock.recv(100).strip().decode() == hashlib.sha256(data).hexdigest()
 
 
+def echoing(lab, count: int) -> list[socket.socket]:
+    """``count`` relayed connections to the echo server, each shown to work, held open for the caller."""
+    held = []
+    for _ in range(count):
+        sock = connect(lab)
+        held.append(sock)
+        sock.sendall(b"ECHO\nhello")
+        assert sock.recv(100) == b"hello"
+    return held
+
+
 def receive_exactly(sock, size: int) -> bytes:
     data = b""
     while len(data) < size:

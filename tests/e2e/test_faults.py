@@ -19,7 +19,7 @@ import relay as relay_package
 from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
 from relay.lab.servers import CHUNK, BannerServer, pattern, pattern_sha256
 from relay.lab.services import clear_interception
-from tests.e2e.clients import connect, connect_expecting_reset, download, expect_reset, read_all, upload
+from tests.e2e.clients import connect, connect_expecting_reset, download, echoing, expect_reset, read_all, upload
 from tests.e2e.conftest import BANNER_PORT, CLOSED_PORT, RELAY_PORT, UPSTREAMS, ssh_args
 from tests.e2e.health import assert_settled, group_pids, usage
 from tests.e2e.test_installed_rules import routes_to_server
@@ -285,12 +285,7 @@ def test_silent_tunnel_death_ends_connections_within_the_keepalive_bound(relays,
         ],
         intercept_mode="redirect",
     )
-    held = []
-    for _ in range(10):
-        sock = connect(lab)
-        sock.sendall(b"ECHO\nhello")
-        assert sock.recv(100) == b"hello"
-        held.append(sock)
+    held = echoing(lab, 10)
     drop = ["OUTPUT", "-d", lab.sshd.address, "-p", "tcp", "--dport", str(lab.sshd.port), "-j", "DROP"]
     lab.run("router", ["iptables", "-w", "-I", *drop])
     dropped = time.monotonic()

@@ -13,7 +13,7 @@ import pytest
 
 from relay.lab import ADDR, start_dante
 from relay.lab.services import clear_interception
-from tests.e2e.clients import connect, download, expect_reset, upload
+from tests.e2e.clients import connect, download, echoing, expect_reset, upload
 from tests.e2e.conftest import RELAY_PORT, UPSTREAMS, ssh_args
 
 SQUID = UPSTREAMS["squid-via-ssh-L"]
@@ -320,6 +320,8 @@ def test_relay_supervises_its_own_ssh_tunnel(relay_on_router, lab):
             "--upstream",
             "127.0.0.1:3128",  # squid on the far host's loopback
             *ssh_args(lab),
+            "--ssh-connections",
+            "1",
             "--health-interval",
             "60",
         ]
@@ -345,3 +347,42 @@ def test_relay_supervises_its_own_ssh_tunnel(relay_on_router, lab):
     assert relay.wait_for_log("restart")
     ends = [line["end"] for line in relay.connections(at_least=attempts)]
     assert ends[0] == "closed" and ends[1] == "refused:no-healthy-upstream" and ends[-1] == "closed"
+
+
+def lanes(lab, relay) -> dict[int, int]:
+    """Each ssh the relay runs: its pid -> how many connections it has accepted on its -L port now."""
+    pids = subprocess.run(
+        ["pgrep", "-P", str(lab.process(relay.name).pid), "-x", "ssh"], capture_output=True, text=True
+    ).stdout.split()
+    carried = {}
+    for pid in map(int, pids):
+        listening = lab.run("router", ["ss", "-tlnpH"]).stdout.splitlines()
+        [port] = {line.split()[3].rsplit(":", 1)[1] for line in listening if f"pid={pid}," in line}
+        established = lab.run("router", ["ss", "-tnH", "state", "established", f"( sport = :{port} )"]).stdout
+        carried[pid] = len(established.splitlines())
+    return carried
+
+
+def test_several_ssh_connections_share_the_load_and_stand_in_for_each_other(relay_on_router, lab):
+    """--ssh-connections 2: two ssh processes, new connections to the one carrying fewer; one killed,
+    the other carries new connections at once while the first is restarted on its own."""
+    relay = relay_on_router(
+        # No connections opened ahead: what each ssh carries is then the relayed connections alone.
+        [*("--upstream", "127.0.0.1:3128", *ssh_args(lab)), "--ssh-connections", "2", "--preconnect", "off"]
+    )
+    held = echoing(lab, 6)
+    try:
+        carried = lanes(lab, relay)
+        assert sorted(carried.values()) == [3, 3], carried
+        victim = min(carried)
+        os.kill(victim, signal.SIGKILL)
+        for seed in range(5):  # no reset while the other lane is up: each goes to the survivor
+            download(lab, 1 << 20, seed=seed)
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 15
+    while len(lanes(lab, relay)) < 2:  # the killed one comes back by itself
+        assert time.monotonic() < deadline, relay.log_text()
+        time.sleep(0.2)
+    assert relay.wait_for_log("restart")

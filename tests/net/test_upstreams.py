@@ -20,6 +20,7 @@ from relay.net.faults import (
     handshake_failure,
     handshake_timed_out,
 )
+from relay.net.tunnel import make_tunnels
 from relay.net.upstreams import DIRECT, Attempts, UpstreamPool, UpstreamState
 from relay.proto.errors import ProxyRefused, RemoteProtocolError
 
@@ -484,3 +485,37 @@ async def test_a_proxy_that_accepts_but_does_not_answer_fails_its_check(answer, 
             with pytest.raises(UpstreamError) as failed:
                 await upstreams.check(state)
     assert failed.value.reason == reason and failed.value.proxy_fault
+
+
+async def test_lanes_of_one_upstream_are_tried_least_busy_first_after_the_upstreams_before_them():
+    """--ssh-connections: one state per ssh tunnel; failover keeps the upstreams' order, and among one upstream's
+    lanes the one carrying the fewest connections comes first."""
+    config = Config.from_values(
+        {"upstream": ["10.0.0.1:3128", "socks5://127.0.0.1:1080"], "ssh": "far", "ssh-connections": 3}
+    )
+    tunnels = make_tunnels(config)
+    assert [tunnel.label for tunnel in tunnels] == [
+        *(f"http://10.0.0.1:3128#{lane}" for lane in (1, 2, 3)),
+        *(f"socks5://127.0.0.1:1080#{lane}" for lane in (1, 2, 3)),
+    ]
+    # -D: the first lane where the configuration puts the SOCKS5 proxy, the others on ports of their own.
+    socks = [tunnel.local_address for tunnel in tunnels[3:]]
+    assert socks[0] == ("127.0.0.1", 1080) and len(set(socks)) == 3
+    upstreams = UpstreamPool(config, Metrics(version="t", fast_path="python"))
+    await upstreams.resolve(tunnels)
+    assert [state.tunnel for state in upstreams.states] == tunnels
+    http_lanes = upstreams.states[:3]
+    for state in upstreams.states:
+        state.tunnel._up = True
+    http_lanes[0].active, http_lanes[1].active, http_lanes[2].active = 4, 1, 2
+    assert upstreams.candidates()[:4] == [http_lanes[1], http_lanes[2], http_lanes[0], upstreams.states[3]]
+    for _ in range(config.health_failures):
+        upstreams.failed(http_lanes[1], connect_timed_out("127.0.0.1:1", 5))
+    assert upstreams.candidates()[:2] == [http_lanes[2], http_lanes[0]]  # the unhealthy lane is left out
+    assert 'relay_upstream_healthy{upstream="http://10.0.0.1:3128#2"} 0' in upstreams.metrics.render()
+
+
+def test_one_ssh_connection_per_upstream_keeps_the_plain_labels():
+    config = Config.from_values({"upstream": ["10.0.0.1:3128"], "ssh": "far", "ssh-connections": 1})
+    [tunnel] = make_tunnels(config)
+    assert tunnel.label == "http://10.0.0.1:3128" and tunnel.upstream == config.upstreams[0]
