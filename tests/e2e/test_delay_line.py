@@ -1,16 +1,20 @@
-"""The lab's far-link delay line (relay.lab.delayline): it delays, paces and passes ends on, and the
-relay moves bytes intact across it, through ssh -L to squid and to dante."""
+"""The lab's far-link delay line (relay.lab.delayline): it delays, paces and passes ends on; and the
+relay, with every round-trip saving on (pre-opened connections, pipelined SOCKS5, early data where
+the proxy keeps it), moves bytes intact across it through each proxy: squid, privoxy and tinyproxy
+(stock configurations) behind ssh -L, ssh -D, and dante."""
 
 import dataclasses
 import hashlib
 import os
 import socket
+import ssl
 import time
 
 import pytest
+import trustme
 
-from relay.lab import ADDR, start_delay_line, start_ssh_tunnel
-from relay.lab.servers import pattern_sha256
+from relay.lab import ADDR, start_delay_line, start_privoxy, start_ssh_tunnel, start_tinyproxy
+from relay.lab.servers import HttpServer, pattern_sha256
 from tests.e2e.clients import download, read_all, receive_exactly, upload
 from tests.e2e.conftest import TRAFFIC_PORT
 
@@ -20,6 +24,14 @@ LINE_PORT = 7100  # on far, to the traffic server: the router reaches it, the se
 SSH_LINE_PORT = 7101  # on the router's loopback, to far's sshd
 DANTE_LINE_PORT = 7102  # on the router's loopback, to far's dante
 DELAYED_SQUID = "127.0.0.1:3138"  # ssh -L across the line to squid on far
+# The same ssh also forwards to privoxy and tinyproxy (Debian's configs: CONNECT to 443), and is a SOCKS5 proxy.
+DELAYED = {
+    "squid-via-ssh-L": DELAYED_SQUID,
+    "privoxy-via-ssh-L": "127.0.0.1:8128",
+    "tinyproxy-via-ssh-L": "127.0.0.1:8898",
+    "ssh-D": "socks5://127.0.0.1:1091",
+    "dante": f"socks5://127.0.0.1:{DANTE_LINE_PORT}",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +52,26 @@ def far_link(lab):
         ),
         start_delay_line(lab, ("127.0.0.1", DANTE_LINE_PORT), (ADDR.far4, 1080), ONE_WAY_MS, name="delay-dante"),
     ]
+    proxies = [start_privoxy(lab, name="privoxy-delayed"), start_tinyproxy(lab, name="tinyproxy-delayed")]
     delayed_sshd = dataclasses.replace(lab.sshd, address="127.0.0.1", port=SSH_LINE_PORT)
-    tunnel = start_ssh_tunnel(
-        lab, delayed_sshd, forwards=("-L", f"{DELAYED_SQUID}:127.0.0.1:3128"), name="ssh-L-delayed"
-    )
+    forwards = ["-D", DELAYED["ssh-D"].removeprefix("socks5://")]
+    for local, far_port in (
+        (DELAYED_SQUID, 3128),
+        (DELAYED["privoxy-via-ssh-L"], 8118),
+        (DELAYED["tinyproxy-via-ssh-L"], 8888),
+    ):
+        forwards += ["-L", f"{local}:127.0.0.1:{far_port}"]
+    tunnel = start_ssh_tunnel(lab, delayed_sshd, forwards=forwards, wait=("127.0.0.1", 3138), name="ssh-delayed")
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(ADDR.server4).configure_cert(tls)
+    lab.delayed_ca = str(lab.tmpdir / "delayed-ca.pem")
+    ca.cert_pem.write_to_path(lab.delayed_ca)
+    https = HttpServer(lab, "server", "0.0.0.0", 443, tls=tls)
     yield
-    tunnel.stop()
-    for line in lines:
-        line.stop()
+    https.close()
+    for service in (tunnel, *proxies, *lines):
+        service.stop()
 
 
 def line_connect(lab):
@@ -104,7 +128,7 @@ def test_a_rate_cap_paces_the_link(lab):
         line.stop()
 
 
-@pytest.mark.parametrize("upstream", [DELAYED_SQUID, f"socks5://127.0.0.1:{DANTE_LINE_PORT}"])
+@pytest.mark.parametrize("upstream", [DELAYED_SQUID, DELAYED["dante"]], ids=["squid-via-ssh-L", "dante"])
 def test_relay_across_the_far_link_is_byte_exact(lab, far_link, run_relay, upstream):
     run_relay(upstream)
     download(lab, 16 << 20, seed=5)
@@ -115,3 +139,28 @@ def test_relay_across_the_far_link_is_byte_exact(lab, far_link, run_relay, upstr
         assert receive_exactly(sock, 1) == b"x"
         # The proxy's handshake and the echo each crossed the far link.
         assert time.monotonic() - started >= 2 * RTT
+
+
+@pytest.mark.parametrize("proxy", DELAYED)
+def test_https_through_each_proxy_across_the_far_link_is_byte_exact_both_ways(lab, far_link, run_relay, proxy):
+    """HTTPS (the ClientHello is what early data carries) to the server by address, which every stock proxy allows."""
+    run_relay(DELAYED[proxy])
+    size, seed = 3 << 20, 8
+    body = os.urandom(1 << 20)
+    upload_file = lab.tmpdir / f"upload-{proxy}.bin"
+    upload_file.write_bytes(body)
+    for _ in range(2):  # the second connection finds one opened ahead
+        url = f"https://{ADDR.server4}"
+        result = lab.run(
+            "client",
+            [
+                *("curl", "-sS", "--max-time", "60", "--cacert", lab.delayed_ca),
+                *(f"{url}/blob/{size}/{seed}", "-o", str(lab.tmpdir / "blob")),
+                *("--next", "--cacert", lab.delayed_ca, "-T", str(upload_file), f"{url}/sha256"),
+            ],
+            check=False,
+            timeout=90,
+        )
+        assert result.returncode == 0, result.stderr
+        assert hashlib.sha256((lab.tmpdir / "blob").read_bytes()).hexdigest() == pattern_sha256(size, seed)
+        assert result.stdout.strip() == hashlib.sha256(body).hexdigest()
