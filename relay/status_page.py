@@ -16,6 +16,7 @@ table { border-collapse: collapse; background: #fff; }
 th, td { padding: 2px 8px; border-bottom: 1px solid #e4e4e4; text-align: left; white-space: nowrap; }
 th { background: #eee; font-weight: 600; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.wrap { white-space: normal; min-width: 20em; max-width: 40em; }
 .ok { color: #17702f; font-weight: 600; }
 .bad { color: #b3261e; font-weight: 600; }
 .dim { color: #777; }
@@ -81,12 +82,12 @@ function span(text) {
   return element;
 }
 function spark(history) {
-  const width = 240, height = 36, svg = shape("svg", { width: width, height: height });
+  const width = 360, height = 36, svg = shape("svg", { width: width, height: height });
   const values = history.map((p) => p[2]).filter((v) => v !== null);
-  const top = Math.max(1, ...values), step = width / 120;
+  const top = Math.max(1, ...values), step = width / 120, start = width - history.length * step;
   history.forEach((p, i) => {
     if (!p[1]) {
-      svg.appendChild(shape("rect", { x: i * step, y: 0, width: step, height: height, fill: "#f4c7c3" }));
+      svg.appendChild(shape("rect", { x: start + i * step, y: 0, width: step, height: height, fill: "#f4c7c3" }));
     }
   });
   let points = [];
@@ -100,7 +101,7 @@ function spark(history) {
   };
   history.forEach((p, i) => {
     if (p[2] === null) { flush(); return; }
-    points.push((i * step + step / 2).toFixed(1) + "," + (height - 2 - (p[2] / top) * (height - 4)).toFixed(1));
+    points.push((start + i * step + step / 2).toFixed(1) + "," + (height - 2 - (p[2] / top) * (height - 4)).toFixed(1));
   });
   flush();
   const label = document.createElementNS(SVG, "title");
@@ -133,7 +134,10 @@ function showUpstreams(u) {
     cell(row, x.handshakes, "n");
     cell(row, x.handshake_mean_ms === null ? null : x.handshake_mean_ms + " ms", "n");
     cell(row, Object.entries(x.attempts_failed).map(([k, v]) => k + " " + v).join(", "));
-    row.insertCell().appendChild(spark(x.history));
+    const chart = row.insertCell();
+    chart.appendChild(spark(x.history));
+    const latest = x.history.map((p) => p[2]).filter((v) => v !== null);
+    if (latest.length) chart.appendChild(span(" " + latest[latest.length - 1] + " ms"));
   });
 }
 function showConnections(c) {
@@ -166,7 +170,7 @@ function showDns(d) {
 function showFailures(f) {
   fill($("failures"), f.failures, (row, x) => {
     cell(row, seconds(x.ago), "n"); cell(row, x.client); cell(row, x.name); cell(row, x.destination);
-    cell(row, x.upstream); cell(row, x.reason, "bad"); cell(row, x.fault); cell(row, x.error);
+    cell(row, x.upstream); cell(row, x.reason, "bad"); cell(row, x.fault); cell(row, x.error, "wrap");
   });
 }
 async function tick() {
