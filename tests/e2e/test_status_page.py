@@ -296,3 +296,35 @@ def test_the_relay_carries_a_load_while_the_page_polls(relays, lab, chromium, tm
         figures(label, f"{LOAD_CONNECTIONS} x {LOAD_SIZE // 1024} KiB in {seconds:.2f} s, relay CPU {cpu:.2f} s")
     figures("/api/connections answers while hammered", hammer.answers)
     assert relay.running
+
+
+def test_chromium_shows_dns_and_fake_ip_use_and_the_names_asked_for(relays, lab, unbound, chromium, tmp_path):
+    from tests.e2e.test_dns_service import DNS
+    from tests.e2e.test_fake_ip import dig_records
+
+    relays.run(
+        UPSTREAMS["dante"],
+        "--metrics",
+        f"127.0.0.1:{METRICS_PORT}",
+        "--dns",
+        DNS,
+        "--dns-upstream",
+        f"tcp://{unbound.address}:53",
+        "--dns-mode",
+        "fake-ip",
+        "--fake-ip-exclude",
+        "server.example",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+    status, [(_, fake)] = dig_records(lab, "far-only.example", "A")
+    assert status == "NOERROR" and fake.startswith("198.18.")
+    assert dig_records(lab, "server.example", "A")[0] == "NOERROR"  # excluded: real, through dante, cached
+    # Opened by its name, which dante on far cannot resolve: a refusal that names it.
+    connect_expecting_reset(lab, "client", fake, 7000, within=10)
+    dom = browse(lab, chromium, tmp_path / "profile", "--dump-dom", budget_ms=4000)
+    (tmp_path / "dom.html").write_text(dom)
+    dns = element(dom, "dns", "</p>")
+    assert "mode fake-ip" in dns and "cache 1 / " in dns and "fake addresses ipv4 1 / " in dns
+    [row] = [row for row in element(dom, "failures", "</table>").split("<tr>") if f"{fake}:7000" in row]
+    assert "far-only.example" in row and "socks5-" in row, row
