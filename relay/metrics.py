@@ -334,7 +334,7 @@ async def _answer(
         return
     head_only = request.method == b"HEAD"
     if request.target.partition(b"?")[0] != b"/metrics":
-        answer = status.respond(request.target) if status is not None else None
+        answer = await status.respond(request.target) if status is not None else None
         if answer is None:
             await _send(conn, stream, 404, b"not found, try /metrics\n" if status is None else NOT_FOUND)
             return

@@ -3,16 +3,19 @@
 Read-only, and read on demand: relaying does no work for it beyond keeping the set of open
 connections and the latest refused ones (relay.net.connections). What a request costs is
 bounded whatever the number of connections: the byte counts of every open connection are
-read from the engine at most once per REFRESH whoever asks (one pass in C, one dict), and a
-page of connections is the top N of that snapshot (heapq.nlargest, N at most MAX_OFFSET +
-MAX_LIMIT), never all of them sorted. Upstream URLs are shown as in the metrics, their
-password as ``***``; an error's text goes through redact_text() too.
+read from the engine at most once per REFRESH whoever asks, SLICE connections per turn of the
+event loop (so the relaying never waits long for it), with the totals the page shows; each
+ranking it asks for is the top TOP of that snapshot (heapq.nlargest, slice by slice), made
+once per snapshot, never all of them sorted; an answer is a slice of it. Upstream URLs are
+shown as in the metrics, their password as ``***``; an error's text goes through
+redact_text() too.
 
 Names are what clients looked up: they are shown here, to whoever can reach the metrics
 listener (an operator's address, loopback by default), and never logged by this module.
 """
 
 import heapq
+import inspect
 import json
 import math
 import re
@@ -33,6 +36,8 @@ HISTORY_SAMPLES = 120  # ten minutes of them
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200  # connections in one answer
 MAX_OFFSET = 1000  # the top MAX_OFFSET + MAX_LIMIT at most: paging deeper costs more than it tells
+TOP = MAX_OFFSET + MAX_LIMIT
+SLICE = 1000  # connections read, or ranked, per turn of the event loop
 FAILURES_SHOWN = 50
 MAX_TEXT = 200  # characters of a name or an error shown
 SORTS = ("rate", "age", "bytes")
@@ -122,13 +127,18 @@ def _sort_key(sort: str):
 
 def top_connections(rows: list, now: float, sort: str = "rate", limit: int = DEFAULT_LIMIT, offset: int = 0) -> dict:
     """A page of the snapshot's connections, ranked by ``sort``, without sorting them all."""
-    top = heapq.nlargest(offset + limit, rows, key=_sort_key(sort))[offset:]
+    ranked = heapq.nlargest(offset + limit, rows, key=_sort_key(sort))
+    return page_of(ranked, len(rows), now, sort, limit, offset)
+
+
+def page_of(ranked: list, total: int, now: float, sort: str, limit: int, offset: int) -> dict:
+    """The page at ``offset`` of ``ranked`` (best first): only its rows are rendered."""
     return {
-        "total": len(rows),
+        "total": total,
         "sort": sort,
         "offset": offset,
         "limit": limit,
-        "connections": [connection_row(row, now) for row in top],
+        "connections": [connection_row(row, now) for row in ranked[offset : offset + limit]],
     }
 
 
@@ -161,35 +171,86 @@ class Status:
         self.clock, self.wall = clock, wall  # clock: the one Connection.started is on
         self.started = wall()
         self.taken = -math.inf
+        self.refreshing: trio.Event | None = None  # set when the read under way is done
         self.rows: list[tuple] = []  # (connection, up, down, rate up, rate down) as last read
         self.seen: dict = {}  # connection -> (up, down) as last read, for its rate
+        self.rankings: dict[str, list[tuple]] = {}  # sort -> the top TOP of rows
+        self.totals = (0, 0, 0.0, 0.0)  # of rows: bytes up, down, rates up, down
+        self.by_upstream: dict[str, int] = {}  # of rows: connections by upstream label
         self.history: dict[str, deque] = {}  # upstream label -> (time, healthy, mean handshake ms or None)
         self.handshakes_seen: dict[str, tuple[int, float]] = {}  # label -> (count, total) at the last sample
 
     # -- the connections ---------------------------------------------------------------------------------------
 
-    def snapshot(self) -> list[tuple]:
-        """Every open connection with its bytes and rates, read anew if the last read is REFRESH old."""
+    async def refresh(self) -> list[tuple]:
+        """Every open connection with its bytes and rates, read anew if the last read is REFRESH old
+        (one read at a time: a request during one waits for it), SLICE at a time."""
+        while self.refreshing is not None:
+            await self.refreshing.wait()
         now = self.clock()
         if now - self.taken < REFRESH:
             return self.rows
-        counts = {token: (up, down) for token, up, down in self.connections.pump.counts()}
-        elapsed = now - self.taken
-        rows, seen = [], {}
-        for conn in self.connections.open:
-            up, down = counts.get(conn, (0, 0))
-            before = self.seen.get(conn)
-            if before is None:  # new since the last read: its average so far
-                span, before = max(now - conn.started, 1e-3), (0, 0)
-            else:
-                span = elapsed
-            rows.append((conn, up, down, (up - before[0]) / span, (down - before[1]) / span))
-            seen[conn] = (up, down)
-        self.rows, self.seen, self.taken = rows, seen, now
-        return rows
+        self.refreshing = trio.Event()
+        try:
+            await self._read(now)
+        finally:
+            self.refreshing.set()
+            self.refreshing = None
+        return self.rows
 
-    def connections_json(self, query: str) -> dict:
-        return top_connections(self.snapshot(), self.clock(), **parse_query(query))
+    async def _read(self, now: float) -> None:
+        relayed = self.connections.pump.counts()  # one pass in C
+        counts = {}
+        for start in range(0, len(relayed), SLICE):
+            await trio.lowlevel.checkpoint()
+            counts.update((token, (up, down)) for token, up, down in relayed[start : start + SLICE])
+        conns = list(self.connections.open)
+        elapsed, previous = now - self.taken, self.seen
+        rows, seen, by_via = [], {}, {}
+        for start in range(0, len(conns), SLICE):
+            await trio.lowlevel.checkpoint()
+            for conn in conns[start : start + SLICE]:
+                up, down = counts.get(conn, (0, 0))
+                before = previous.get(conn)
+                if before is None:  # new since the last read: its average so far
+                    span, before = max(now - conn.started, 1e-3), (0, 0)
+                else:
+                    span = elapsed
+                rows.append((conn, up, down, (up - before[0]) / span, (down - before[1]) / span))
+                seen[conn] = (up, down)
+                by_via[conn.via] = by_via.get(conn.via, 0) + 1
+        by_upstream: dict[str, int] = {}
+        for via, number in by_via.items():  # as many as upstreams (a reload may leave old ones)
+            if via is not None:
+                label = _upstream(via)
+                by_upstream[label] = by_upstream.get(label, 0) + number
+        self.rows, self.seen, self.taken = rows, seen, now
+        self.rankings = {}
+        self.totals = (
+            sum(row[1] for row in rows),
+            sum(row[2] for row in rows),
+            sum(row[3] for row in rows),
+            sum(row[4] for row in rows),
+        )
+        self.by_upstream = by_upstream
+
+    async def ranking(self, sort: str) -> list[tuple]:
+        """The snapshot's top TOP by ``sort``: made once per snapshot, SLICE rows per turn of the event loop."""
+        rows = await self.refresh()
+        ranked = self.rankings.get(sort)
+        if ranked is None:
+            key, ranked = _sort_key(sort), []
+            for start in range(0, len(rows), SLICE):
+                await trio.lowlevel.checkpoint()
+                ranked = heapq.nlargest(TOP, ranked + rows[start : start + SLICE], key=key)
+            if self.rows is rows:  # no newer snapshot meanwhile
+                self.rankings[sort] = ranked
+        return ranked
+
+    async def connections_json(self, query: str) -> dict:
+        asked = parse_query(query)
+        ranked = await self.ranking(asked["sort"])
+        return page_of(ranked, len(self.rows), self.clock(), **asked)
 
     # -- the upstreams -------------------------------------------------------------------------------------------
 
@@ -218,13 +279,9 @@ class Status:
             self.sample()
             await trio.sleep(HISTORY_INTERVAL)
 
-    def upstreams_json(self) -> dict:
+    async def upstreams_json(self) -> dict:
         metrics = self.metrics
-        relaying: dict[str, int] = {}
-        for conn, *_ in self.snapshot():
-            if conn.via is not None:
-                label = _upstream(conn.via)
-                relaying[label] = relaying.get(label, 0) + 1
+        await self.refresh()
         upstreams = []
         for state in self.connections.pool.states:
             label = redact_url(str(state.upstream))
@@ -241,7 +298,7 @@ class Status:
                     "usable": state.usable,
                     "tunnel": None if state.tunnel is None else ("up" if state.tunnel.up else "down"),
                     "failures_in_a_row": state.failures,
-                    "connections": relaying.get(label, 0),
+                    "connections": self.by_upstream.get(label, 0),
                     "handshakes": count,
                     "handshake_mean_ms": round(histogram.total / count * 1000, 1) if count else None,
                     "attempts_failed": failed,
@@ -285,28 +342,29 @@ class Status:
         latest = list(self.connections.failures)[-FAILURES_SHOWN:]
         return {"failures": [failure_row(failure, wall) for failure in reversed(latest)]}
 
-    def summary_json(self) -> dict:
+    async def summary_json(self) -> dict:
         metrics = self.metrics
-        rows = self.snapshot()
+        rows = await self.refresh()
+        up, down, rate_up, rate_down = self.totals
         conntrack = read_conntrack(metrics.conntrack_dir)
         return {
             "version": metrics.version,
             "fast_path": metrics.fast_path,
             "uptime": round(self.wall() - self.started),
             "accepted": metrics.accepted,
-            "open": len(self.connections.open),
+            "open": len(rows),
             "relaying": len(self.connections.pump),
-            "bytes_up": metrics.bytes_up + sum(row[1] for row in rows),
-            "bytes_down": metrics.bytes_down + sum(row[2] for row in rows),
-            "rate_up": round(sum(row[3] for row in rows)),
-            "rate_down": round(sum(row[4] for row in rows)),
+            "bytes_up": metrics.bytes_up + up,
+            "bytes_down": metrics.bytes_down + down,
+            "rate_up": round(rate_up),
+            "rate_down": round(rate_down),
             "refused": sum(metrics.failed.values()),
             "conntrack": {"entries": conntrack[0], "max": conntrack[1]} if conntrack else None,
         }
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
 
-    def respond(self, target: bytes) -> tuple[int, bytes, bytes, list] | None:
+    async def respond(self, target: bytes) -> tuple[int, bytes, bytes, list] | None:
         """(status, content type, body, extra headers) for a GET of ``target``; None if it is not ours."""
         path, _, query = target.decode("ascii", "replace").partition("?")
         if path == "/":
@@ -317,12 +375,14 @@ class Status:
             "/api/dns": self.dns_json,
             "/api/failures": self.failures_json,
             "/api/summary": self.summary_json,
-        }
+        }  # each an async or a plain function
         answer = answers.get(path)
         if answer is None:
             return None
         try:
             document = answer()
+            if inspect.isawaitable(document):
+                document = await document
         except BadRequest as exc:
             return 400, b"text/plain; charset=utf-8", f"{exc}\n".encode(), API_HEADERS
         # ensure_ascii: whatever a client named, the body is plain ASCII.

@@ -1,5 +1,6 @@
 """The status page's JSON (relay.status): ranking and paging, rates, history, redaction, and its HTTP side."""
 
+import heapq
 import ipaddress
 import json
 from collections import deque
@@ -19,6 +20,8 @@ from relay.status import (
     MAX_LIMIT,
     MAX_OFFSET,
     REFRESH,
+    SLICE,
+    TOP,
     BadRequest,
     Status,
     parse_query,
@@ -138,26 +141,26 @@ def test_query_bounds():
             parse_query(bad)
 
 
-def test_rates_come_from_the_bytes_since_the_last_read_which_is_shared_for_a_second():
+async def test_rates_come_from_the_bytes_since_the_last_read_which_is_shared_for_a_second():
     status, connections, clock = new_status()
     old, new = FakeConnection(1, started=90.0), FakeConnection(2, started=99.0)
     connections.open |= {old, new}
     connections.pump.moved = {old: (1000, 5000)}  # new is not relaying yet: no bytes
-    first = {row[0]: row for row in status.snapshot()}
+    first = {row[0]: row for row in await status.refresh()}
     assert first[old][3:] == (100.0, 500.0)  # first seen: its average since it started 10 s ago
     assert first[new][1:] == (0, 0, 0.0, 0.0)
     connections.pump.moved = {old: (3000, 5000), new: (0, 800)}
     clock.now += REFRESH / 2
-    assert status.snapshot() is status.rows and first[old] in status.rows  # not read again yet
+    assert await status.refresh() is status.rows and first[old] in status.rows  # not read again yet
     clock.now += REFRESH * 1.5  # 2 s after the first read
-    second = {row[0]: row for row in status.snapshot()}
+    second = {row[0]: row for row in await status.refresh()}
     assert second[old][1:] == (3000, 5000, 1000.0, 0.0) and second[new][4] == 400.0
     connections.open.discard(old)
     clock.now += REFRESH
-    assert [row[0] for row in status.snapshot()] == [new] and old not in status.seen
+    assert [row[0] for row in await status.refresh()] == [new] and old not in status.seen
 
 
-def test_upstream_history_samples_health_and_mean_handshake_time():
+async def test_upstream_history_samples_health_and_mean_handshake_time():
     status, connections, clock = new_status(PLAIN_UPSTREAM, AUTH_UPSTREAM)
     metrics = status.metrics
     for seconds in (0.010, 0.030):
@@ -167,30 +170,30 @@ def test_upstream_history_samples_health_and_mean_handshake_time():
     status.sample()  # no handshake since the last sample
     metrics.handshake_done(str(AUTH_UPSTREAM), 0.1)
     status.sample()
-    plain, auth = status.upstreams_json()["upstreams"]
+    plain, auth = (await status.upstreams_json())["upstreams"]
     assert [point[1:] for point in auth["history"]] == [[True, 20.0], [False, None], [False, 100.0]]
     assert [point[1:] for point in plain["history"]] == [[True, None]] * 3
     assert auth["handshakes"] == 3 and auth["handshake_mean_ms"] == pytest.approx(46.7, abs=0.1)
     assert auth["upstream"] == "socks5://alice:***@10.0.0.9:1080" and not auth["healthy"]
     for _ in range(HISTORY_SAMPLES + 10):
         status.sample()
-    assert len(status.upstreams_json()["upstreams"][0]["history"]) == HISTORY_SAMPLES
+    assert len((await status.upstreams_json())["upstreams"][0]["history"]) == HISTORY_SAMPLES
     connections.pool = FakePool(AUTH_UPSTREAM)  # a reload dropped the other one
     status.sample()
     assert list(status.history) == ["socks5://alice:***@10.0.0.9:1080"]
 
 
-def test_upstreams_count_their_connections_and_failed_attempts():
+async def test_upstreams_count_their_connections_and_failed_attempts():
     status, connections, _ = new_status(PLAIN_UPSTREAM, AUTH_UPSTREAM)
     connections.open |= {FakeConnection(n, via=AUTH_UPSTREAM) for n in range(3)}
     connections.open.add(FakeConnection(9, via=None))  # still sniffing: no upstream yet
     status.metrics.attempt_failed(str(AUTH_UPSTREAM), "target")
-    plain, auth = status.upstreams_json()["upstreams"]
+    plain, auth = (await status.upstreams_json())["upstreams"]
     assert plain["connections"] == 0 and auth["connections"] == 3
     assert auth["attempts_failed"] == {"target": 1} and plain["attempts_failed"] == {}
 
 
-def test_no_password_in_any_answer():
+async def test_no_password_in_any_answer():
     status, connections, _ = new_status(AUTH_UPSTREAM)
     conn = FakeConnection(1, via=AUTH_UPSTREAM, name="example.org")
     connections.open.add(conn)
@@ -202,8 +205,8 @@ def test_no_password_in_any_answer():
         (1_699_999_990.0, conn.peer, conn.dst, "example.org", AUTH_UPSTREAM, "refused:socks-auth", error, Fault.PROXY)
     )
     status.sample()
-    bodies = [status.respond(target)[2] for target in (b"/api/connections", b"/api/upstreams", b"/api/failures")]
-    bodies += [status.respond(target)[2] for target in (b"/api/summary", b"/api/dns", b"/")]
+    targets = (b"/api/connections", b"/api/upstreams", b"/api/failures", b"/api/summary", b"/api/dns", b"/")
+    bodies = [(await status.respond(target))[2] for target in targets]
     assert all(PASSWORD.encode() not in body for body in bodies)
     [row] = json.loads(bodies[0])["connections"]
     assert row["upstream"] == "socks5://alice:***@10.0.0.9:1080" and row["name"] == "example.org"
@@ -300,3 +303,42 @@ async def test_served_beside_the_metrics(nursery):
     with trio.fail_after(5):  # the history is sampled at once, then every HISTORY_INTERVAL
         while not status.history:
             await trio.sleep(0.01)
+
+
+async def test_a_read_of_many_connections_yields_between_slices_and_is_shared(nursery):
+    status, connections, _ = new_status()
+    for number in range(5 * SLICE + 7):
+        conn = FakeConnection(number, started=float(number % 13))
+        connections.open.add(conn)
+        connections.pump.moved[conn] = ((number * 7919) % 100_003, number)
+    reads = []
+    counts = connections.pump.counts
+    connections.pump.counts = lambda: reads.append(1) or counts()
+    ticks = []
+
+    async def ticker():
+        while True:
+            ticks.append(1)
+            await trio.sleep(0)
+
+    nursery.start_soon(ticker)
+    await trio.sleep(0)
+    answers = []
+
+    async def ask():
+        answers.append(await status.refresh())
+
+    async with trio.open_nursery() as asking:
+        for _ in range(3):
+            asking.start_soon(ask)
+    assert len(reads) == 1 and answers[0] is answers[1] is answers[2] and len(answers[0]) == 5 * SLICE + 7
+    assert len(ticks) >= 6  # the event loop went round between slices
+    ticks.clear()
+    ranked = await status.ranking("bytes")
+    assert len(ticks) >= 5 and len(ranked) == TOP
+    assert ranked == heapq.nlargest(TOP, answers[0], key=lambda row: row[1] + row[2])
+    assert await status.ranking("bytes") is ranked  # once per snapshot
+    page = await status.connections_json("sort=bytes&limit=3&offset=1")
+    assert page["total"] == 5 * SLICE + 7 and [row["up"] + row["down"] for row in page["connections"]] == [
+        row[1] + row[2] for row in ranked[1:4]
+    ]
