@@ -207,6 +207,8 @@ class Status:
         conns = list(self.connections.open)
         elapsed, previous = now - self.taken, self.seen
         rows, seen, by_via = [], {}, {}
+        total_up = total_down = 0
+        rate_up = rate_down = 0.0
         for start in range(0, len(conns), SLICE):
             await trio.lowlevel.checkpoint()
             for conn in conns[start : start + SLICE]:
@@ -216,8 +218,15 @@ class Status:
                     span, before = max(now - conn.started, 1e-3), (0, 0)
                 else:
                     span = elapsed
-                rows.append((conn, up, down, (up - before[0]) / span, (down - before[1]) / span))
+                row = (conn, up, down, (up - before[0]) / span, (down - before[1]) / span)
+                rows.append(row)
                 seen[conn] = (up, down)
+                total_up, total_down, rate_up, rate_down = (
+                    total_up + up,
+                    total_down + down,
+                    rate_up + row[3],
+                    rate_down + row[4],
+                )
                 by_via[conn.via] = by_via.get(conn.via, 0) + 1
         by_upstream: dict[str, int] = {}
         for via, number in by_via.items():  # as many as upstreams (a reload may leave old ones)
@@ -226,12 +235,7 @@ class Status:
                 by_upstream[label] = by_upstream.get(label, 0) + number
         self.rows, self.seen, self.taken = rows, seen, now
         self.rankings = {}
-        self.totals = (
-            sum(row[1] for row in rows),
-            sum(row[2] for row in rows),
-            sum(row[3] for row in rows),
-            sum(row[4] for row in rows),
-        )
+        self.totals = (total_up, total_down, rate_up, rate_down)
         self.by_upstream = by_upstream
 
     async def ranking(self, sort: str) -> list[tuple]:

@@ -155,6 +155,10 @@ async def test_rates_come_from_the_bytes_since_the_last_read_which_is_shared_for
     clock.now += REFRESH * 1.5  # 2 s after the first read
     second = {row[0]: row for row in await status.refresh()}
     assert second[old][1:] == (3000, 5000, 1000.0, 0.0) and second[new][4] == 400.0
+    assert status.totals == (3000, 5800, 1000.0, 400.0)
+    status.metrics.bytes_up = 10  # of the connections closed
+    summary = await status.summary_json()
+    assert (summary["open"], summary["bytes_up"], summary["bytes_down"], summary["rate_down"]) == (2, 3010, 5800, 400)
     connections.open.discard(old)
     clock.now += REFRESH
     assert [row[0] for row in await status.refresh()] == [new] and old not in status.seen
