@@ -461,6 +461,17 @@ cdef class Engine:
             return -1
         return slot
 
+    def counts(self):
+        """(token, sent_up, sent_down) of every connection relaying now, so far: read on demand (the status page),
+        at no cost to the relaying itself."""
+        cdef list counts = []
+        cdef int slot
+        for slot in range(self.size):
+            if self.conns[slot].in_use:
+                counts.append((<object>self.conns[slot].token, self.conns[slot].way[0].moved,
+                               self.conns[slot].way[1].moved))
+        return counts
+
     def take_held(self):
         """The upstream FINs held since the last call, as (handle, token): each waits for release()
         or abort(). A connection that ended meanwhile (in the same run, or by expire()) is left out."""

@@ -462,6 +462,11 @@ class Engine:
             return -1
         return slot
 
+    def counts(self):
+        """(token, sent_up, sent_down) of every connection relaying now, so far: read on demand (the status page),
+        at no cost to the relaying itself."""
+        return [(conn.token, conn.ways[0].moved, conn.ways[1].moved) for conn in self._conns if conn.in_use]
+
     def take_held(self):
         """The upstream FINs held since the last call, as (handle, token): each waits for release()
         or abort(). A connection that ended meanwhile (in the same run, or by expire()) is left out."""

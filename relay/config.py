@@ -655,7 +655,7 @@ SETTINGS = [
         None,
         False,
         "HOST:PORT",
-        "serve Prometheus metrics on http://HOST:PORT/metrics",
+        "serve Prometheus metrics on http://HOST:PORT/metrics and the live status page on http://HOST:PORT/",
     ),
     Setting("log-format", one_of("text", "json"), "text", False, "text|json", "log line format (default: text)"),
     Setting(

@@ -24,6 +24,7 @@ REFUSED_PREFIX = "refused:"
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 PLAIN_TEXT = b"text/plain; charset=utf-8"
+NOT_FOUND = b"not found, try / (the status page), /api/connections, /api/upstreams or /metrics\n"
 MAX_REQUEST_HEAD = 8192
 RECEIVE_SIZE = 8192
 # A scrape is a few round trips; a slot held longer than this is a stuck or hostile client.
@@ -272,14 +273,19 @@ def _histogram_lines(lines: list[str], name: str, labels: dict[str, str], histog
     lines.append(_sample(f"{name}_count", labels, cumulative))
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``GET /metrics`` on HOST:PORT (an IP literal) until cancelled; reports the bound (host, port)."""
+async def serve_metrics(
+    metrics: Metrics, host: str, port: int, status=None, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``GET /metrics`` on HOST:PORT (an IP literal) until cancelled; reports the bound (host, port).
+    With ``status`` (relay.status.Status), the status page at ``/`` and its JSON under ``/api/`` too."""
     listener = await open_listener(host, port, transparent=False)
     with listener:
         task_status.started(listener.getsockname()[:2])
         scrapes = trio.CapacityLimiter(MAX_CONCURRENT_SCRAPES)
-        handle = functools.partial(_serve_scraper, metrics, scrapes)
+        handle = functools.partial(_serve_scraper, metrics, status, scrapes)
         async with trio.open_nursery() as nursery:
+            if status is not None:
+                nursery.start_soon(status.keep_history)
             await accept_loop(
                 listener,
                 lambda conn, peer: nursery.start_soon(handle, trio.socket.from_stdlib_socket(conn), peer),
@@ -287,7 +293,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, *, task_status=t
             )
 
 
-async def _serve_scraper(metrics: Metrics, scrapes: trio.CapacityLimiter, conn, _peer) -> None:
+async def _serve_scraper(metrics: Metrics, status, scrapes: trio.CapacityLimiter, conn, _peer) -> None:
     try:
         scrapes.acquire_nowait()
     except trio.WouldBlock:
@@ -296,7 +302,7 @@ async def _serve_scraper(metrics: Metrics, scrapes: trio.CapacityLimiter, conn, 
     stream = trio.SocketStream(conn)
     try:
         with trio.move_on_after(CONNECTION_TIMEOUT):
-            await _converse(metrics, stream)
+            await _converse(metrics, status, stream)
     except trio.BrokenResourceError:
         pass  # the scraper went away mid-exchange
     finally:
@@ -304,13 +310,13 @@ async def _serve_scraper(metrics: Metrics, scrapes: trio.CapacityLimiter, conn, 
         await trio.aclose_forcefully(stream)
 
 
-async def _converse(metrics: Metrics, stream: trio.SocketStream) -> None:
+async def _converse(metrics: Metrics, status, stream: trio.SocketStream) -> None:
     # h11 refuses an incomplete head longer than this; with reads capped at MAX_REQUEST_HEAD
     # buffered, that makes any head over MAX_REQUEST_HEAD fail and any other one fit.
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD - 1)
     try:
         while request := await _receive_request(conn, stream):
-            await _answer(metrics, conn, stream, request)
+            await _answer(metrics, status, conn, stream, request)
             # Keep the connection only after a bodiless request: a body is not worth reading.
             if conn.our_state is h11.MUST_CLOSE or not isinstance(conn.next_event(), h11.EndOfMessage):
                 return
@@ -333,16 +339,24 @@ async def _receive_request(conn: h11.Connection, stream: trio.SocketStream) -> h
             return None
 
 
-async def _answer(metrics: Metrics, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> None:
+async def _answer(
+    metrics: Metrics, status, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request
+) -> None:
     if request.method not in (b"GET", b"HEAD"):
         await _send(conn, stream, 405, b"method not allowed\n", extra_headers=[(b"Allow", b"GET, HEAD")])
         return
+    head_only = request.method == b"HEAD"
     if request.target.partition(b"?")[0] != b"/metrics":
-        await _send(conn, stream, 404, b"not found, try /metrics\n")
+        answer = await status.respond(request.target) if status is not None else None
+        if answer is None:
+            await _send(conn, stream, 404, b"not found, try /metrics\n" if status is None else NOT_FOUND)
+            return
+        code, content_type, body, headers = answer
+        await _send(conn, stream, code, body, content_type=content_type, extra_headers=headers, head_only=head_only)
         return
     # A lone surrogate in a label must not fail the whole scrape.
     body = metrics.render().encode("utf-8", "replace")
-    await _send(conn, stream, 200, body, content_type=CONTENT_TYPE, head_only=request.method == b"HEAD")
+    await _send(conn, stream, 200, body, content_type=CONTENT_TYPE, head_only=head_only)
 
 
 async def _send(

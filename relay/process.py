@@ -11,6 +11,7 @@ from relay import __version__, fastpath, logs
 from relay.config import Config, ConfigError
 from relay.metrics import Metrics, serve_metrics
 from relay.net.server import Server
+from relay.status import Status
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -50,7 +51,8 @@ async def _serve(config: Config, reload, worker: int) -> None:
         async with trio.open_nursery() as nursery:
             if config.metrics:
                 host, port = config.metrics
-                await nursery.start(serve_metrics, metrics, host, port + worker)
+                status = Status(metrics, server.connections, server.dns)
+                await nursery.start(serve_metrics, metrics, host, port + worker, status)
             await server.serve(signals)
             nursery.cancel_scope.cancel()
 

@@ -269,6 +269,21 @@ def test_reclaim_takes_the_idlest_connection_whose_client_never_spoke(engine):
     assert len(engine) == 2
 
 
+def test_counts_give_each_live_connection_its_bytes_so_far(engine):
+    assert engine.counts() == []
+    first = relayed(engine, "first", to_upstream_first=b"sniffed")
+    second = relayed(engine, "second")
+    first[0].sendall(b"12345")
+    second[1].sendall(b"abc")
+    run(engine, now=1.0, seconds=0.2)
+    assert first[1].recv(20) == b"sniffed12345" and second[0].recv(10) == b"abc"
+    assert sorted(engine.counts()) == [("first", 12, 0), ("second", 0, 3)]
+    first[0].close()
+    first[1].close()
+    run(engine, now=2.0, seconds=0.2)
+    assert engine.counts() == [("second", 0, 3)]
+
+
 def test_traffic_postpones_the_idle_timeout(engine):
     app_client, app_server = relayed(engine, "t", now=0.0, idle=30.0)
     app_client.sendall(b"ping")

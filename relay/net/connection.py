@@ -81,7 +81,7 @@ class Connection:
     )  # fmt: skip
 
     def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
-        owner.live += 1
+        owner.open.add(self)
         self.owner, self.sock, self.peer = owner, sock, peer  # sock: None once closed or the pump's
         self.config, self.pool = config, pool  # as they were at accept: a reload affects new connections only
         self.started = time.monotonic()
@@ -443,7 +443,9 @@ class Connection:
                 owner.per_source[self.peer[0]] = left
             self.counted = False
         owner.slots.release()
-        owner.live -= 1
+        owner.open.discard(self)
+        if ended.startswith("refused:"):  # for the status page: a tuple, built only for a failure
+            owner.failures.append((time.time(), self.peer, self.dst, self.name, self.via, ended, detail, self.fault))
         if self.described:
             self.log(ended, detail)
         owner.metrics.connection_closed(ended, self.up, self.down)

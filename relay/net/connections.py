@@ -8,6 +8,7 @@ carry them all.
 
 import errno
 import socket
+from collections import deque
 
 import trio
 
@@ -22,6 +23,8 @@ from relay.net.dial import Dialer
 from relay.net.pump import Pump
 from relay.net.upstreams import UpstreamPool
 from relay.net.waiting import WaitingRoom
+
+FAILURES_KEPT = 100  # the latest refused connections, for the status page
 
 
 class Connections:
@@ -51,10 +54,12 @@ class Connections:
             lambda sock, connection: connection.end(ends.CANCELLED),  # the room closed: shutting down
         )
         self.tasks: trio.Nursery | None = None  # for what waits on a client, while serving
-        self.live = 0  # connections not ended
+        # Connections not ended, and the latest refused: read on demand by the status page (relay.status).
+        self.open: set[Connection] = set()
+        self.failures: deque = deque(maxlen=FAILURES_KEPT)
 
     def __len__(self) -> int:
-        return self.live
+        return len(self.open)
 
     def accepted(self, sock: socket.socket, peer) -> None:
         """From accept_loop, which took a slot for it: admit it and go on at once, or once its

@@ -103,6 +103,10 @@ class Pump:
             self.probes[token] = confirm_eof
         self.rearm()
 
+    def counts(self) -> list:
+        """(token, sent_up, sent_down) of each connection relaying now, so far (see Engine.counts)."""
+        return self.engine.counts()
+
     def rearm(self) -> None:
         """Wake keep_time() earlier if a new or half-closed connection may time out earlier."""
         if self.alarm is not None and self.engine.next_deadline < self.alarm.deadline:
