@@ -262,21 +262,24 @@ class Status:
         """One point of each upstream's history: health now, and the mean handshake time since the last."""
         handshakes = self.metrics.handshakes
         now = round(self.wall(), 1)
-        current = set()
+        current, means = set(), {}
         for state in self.connections.pool.states:
             label = redact_url(str(state.upstream))
-            current.add(label)
-            histogram = handshakes.get(label)
-            count, total = (sum(histogram.counts), histogram.total) if histogram else (0, 0.0)
-            count_before, total_before = self.handshakes_seen.get(label, (0, 0.0))
-            self.handshakes_seen[label] = (count, total)
-            made = count - count_before
-            mean = round((total - total_before) / made * 1000, 1) if made > 0 else None
-            history = self.history.setdefault(label, deque(maxlen=HISTORY_SAMPLES))
-            history.append((now, state.usable, mean))
-        for label in set(self.history) - current:  # gone with a reload
-            del self.history[label]
-            self.handshakes_seen.pop(label, None)
+            if label not in means:  # once per upstream, whose ssh tunnels (lanes) share its handshake figures
+                histogram = handshakes.get(label)
+                count, total = (sum(histogram.counts), histogram.total) if histogram else (0, 0.0)
+                count_before, total_before = self.handshakes_seen.get(label, (0, 0.0))
+                self.handshakes_seen[label] = (count, total)
+                made = count - count_before
+                means[label] = round((total - total_before) / made * 1000, 1) if made > 0 else None
+            lane = redact_url(state.label)
+            current.add(lane)
+            history = self.history.setdefault(lane, deque(maxlen=HISTORY_SAMPLES))
+            history.append((now, state.usable, means[label]))
+        for lane in set(self.history) - current:  # gone with a reload
+            del self.history[lane]
+        for label in set(self.handshakes_seen) - set(means):
+            del self.handshakes_seen[label]
 
     async def keep_history(self) -> None:
         while True:
@@ -295,18 +298,20 @@ class Status:
             for (upstream, fault), number in metrics.attempts_failed.items():
                 if upstream == label:
                     failed[fault] = number
+            lane = redact_url(state.label)
             upstreams.append(
                 {
-                    "upstream": label,
+                    "upstream": lane,
                     "healthy": state.healthy,
                     "usable": state.usable,
                     "tunnel": None if state.tunnel is None else ("up" if state.tunnel.up else "down"),
                     "failures_in_a_row": state.failures,
                     "connections": self.by_upstream.get(label, 0),
+                    "relaying": state.active,
                     "handshakes": count,
                     "handshake_mean_ms": round(histogram.total / count * 1000, 1) if count else None,
                     "attempts_failed": failed,
-                    "history": [list(point) for point in self.history.get(label, ())],
+                    "history": [list(point) for point in self.history.get(lane, ())],
                 }
             )
         return {"interval": HISTORY_INTERVAL, "upstreams": upstreams}

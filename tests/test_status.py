@@ -4,6 +4,7 @@ import heapq
 import ipaddress
 import json
 from collections import deque
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -346,3 +347,18 @@ async def test_a_read_of_many_connections_yields_between_slices_and_is_shared(nu
     assert page["total"] == 5 * SLICE + 7 and [row["up"] + row["down"] for row in page["connections"]] == [
         row[1] + row[2] for row in ranked[1:4]
     ]
+
+
+async def test_each_ssh_tunnel_of_an_upstream_has_its_row_and_history():
+    status, connections, _ = new_status(AUTH_UPSTREAM)
+    lanes = [UpstreamState(AUTH_UPSTREAM, [], SimpleNamespace(up=True, label=f"{AUTH_UPSTREAM}#{n}")) for n in (1, 2)]
+    connections.pool.states = lanes
+    lanes[0].active, lanes[1].healthy = 2, False
+    status.metrics.handshake_done(str(AUTH_UPSTREAM), 0.040)
+    status.sample()
+    first, second = (await status.upstreams_json())["upstreams"]
+    assert [first["upstream"], second["upstream"]] == [f"socks5://alice:***@10.0.0.9:1080#{n}" for n in (1, 2)]
+    assert (first["relaying"], second["relaying"]) == (2, 0)
+    # The upstream's handshakes are the lanes' together: each sample shows their mean once per lane.
+    assert [point[1:] for point in first["history"]] == [[True, 40.0]]
+    assert [point[1:] for point in second["history"]] == [[False, 40.0]]
