@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections import Counter, deque
+from collections import deque
 
 import trio
 
 from relay.logs import log
-from relay.net.dial import connect_now, new_socket
+from relay.net.dial import connect_now, connected_at_once, new_socket
 
 MAX_AGE = 20.0  # seconds a pooled connection is kept: below dante's default negotiate timeout (30 s)
 MIN_AGE = 1.0  # the shortest age a proxy's closes may teach
@@ -49,7 +49,8 @@ class Pool:
     def __init__(self, key) -> None:
         self.key = key  # (upstream, family, sockaddr, mark)
         self.ready: deque[tuple[float, socket.socket]] = deque()  # (opened at, socket), oldest first
-        self.arrivals: deque[float] = deque(maxlen=1024)
+        # [second, clients in it] for the latest seconds that had any: the auto size is their busiest.
+        self.arrivals: deque[list[int]] = deque(maxlen=int(RATE_WINDOW) + 1)
         self.last_arrival = 0.0
         self.max_age = MAX_AGE
         self.retry_at = 0.0
@@ -71,6 +72,7 @@ class Preconnector:
         self.metrics = metrics
         self.pools: dict[tuple, Pool] = {}
         self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None  # run()'s, for connects that must wait
 
     def configure(self, size: int | None, connect_timeout: float) -> None:
         """A reload: the next sweep sizes the pools anew (off: empties them); new upstreams get
@@ -88,16 +90,21 @@ class Preconnector:
         now = time.monotonic()
         if pool is None:
             pool = self.pools[key] = Pool(key)
-        pool.arrivals.append(now)
+        second = int(now)
+        if pool.arrivals and pool.arrivals[-1][0] == second:
+            pool.arrivals[-1][1] += 1
+        else:
+            pool.arrivals.append([second, 1])
         pool.last_arrival = now
-        self._wake.set()
         while pool.ready:
             opened, sock = pool.ready.popleft()
             if now - opened < pool.max_age and not closed_by_peer(sock):
                 self._count("taken")
+                self._refill(pool, now)  # its replacement, at once: over loopback the connect is done inside
                 return sock, pool, opened
             self._drop(pool, opened, sock, now)
         self._count("missed")
+        self._wake.set()  # a pool new or run dry: the sweep sizes and fills it
         return None
 
     def target(self, pool: Pool, now: float) -> int:
@@ -107,19 +114,21 @@ class Preconnector:
             return 0
         if self.size is not None:
             return self.size
-        seconds = Counter(int(at) for at in pool.arrivals if now - at <= RATE_WINDOW)
-        return min(AUTO_MAX, max(seconds.values(), default=1))
+        recent = [count for second, count in pool.arrivals if now - second <= RATE_WINDOW]
+        return min(AUTO_MAX, max(recent, default=1))
 
     async def run(self) -> None:
         """Sweep and refill every pool, every SWEEP_INTERVAL or when a client took from one."""
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 while True:
-                    self._sweep(nursery)
+                    self._sweep()
                     with trio.move_on_after(SWEEP_INTERVAL):
                         await self._wake.wait()
                     self._wake = trio.Event()
         finally:
+            self._nursery = None
             self.close()
 
     def close(self) -> None:
@@ -127,7 +136,7 @@ class Preconnector:
             pool.close()
         self.pools.clear()
 
-    def _sweep(self, nursery: trio.Nursery) -> None:
+    def _sweep(self) -> None:
         now = time.monotonic()
         for key, pool in list(self.pools.items()):
             for opened, sock in list(pool.ready):
@@ -138,30 +147,48 @@ class Preconnector:
             if target == 0 and not pool.ready and not pool.filling:
                 del self.pools[key]
                 continue
-            while len(pool.ready) + pool.filling > target:
-                if not pool.ready:
-                    break
+            while len(pool.ready) + pool.filling > target and pool.ready:
                 pool.ready.pop()[1].close()  # the newest: the oldest go first anyway
-            if now < pool.retry_at:
-                continue
-            for _ in range(target - len(pool.ready) - pool.filling):
-                pool.filling += 1
-                nursery.start_soon(self._fill, pool)
+            while self._refill(pool, now):
+                pass
 
-    async def _fill(self, pool: Pool) -> None:
-        upstream, family, address, mark = pool.key
+    def _refill(self, pool: Pool, now: float) -> bool:
+        """Open one more connection for ``pool`` if it is short of its size and not backing off: made at
+        once when the kernel can (a proxy on this machine), else finished by a task. Whether one began."""
+        if now < pool.retry_at or len(pool.ready) + pool.filling >= self.target(pool, now):
+            return False
+        family, address, mark = pool.key[1:]
         try:
             sock = new_socket(family, mark)
-            try:
-                await connect_now(sock, address, trio.current_time() + self.connect_timeout)
-            except BaseException:
-                sock.close()
-                raise
-        except (OSError, trio.TooSlowError) as exc:  # the health checks and the clients' own dials tell of it
-            pool.backoff = min(RETRY_AFTER[1], max(RETRY_AFTER[0], pool.backoff * 2))
-            pool.retry_at = time.monotonic() + pool.backoff
-            log.debug("preconnect to %s failed: %r; next try in %g s", upstream, exc, pool.backoff)
+        except OSError as exc:  # out of fds: the clients' own dials will say so
+            self._failed(pool, exc)
+            return False
+        try:
+            if connected_at_once(sock, address):
+                pool.ready.append((now, sock))
+                pool.backoff = 0.0
+                return True
+        except OSError as exc:
+            sock.close()
+            self._failed(pool, exc)
+            return False
+        if self._nursery is None:  # not running (stopping): nothing would finish it
+            sock.close()
+            return False
+        pool.filling += 1
+        self._nursery.start_soon(self._finish_connect, pool, sock, address)
+        return True
+
+    async def _finish_connect(self, pool: Pool, sock: socket.socket, address) -> None:
+        try:
+            await connect_now(sock, address, trio.current_time() + self.connect_timeout)
+        except (OSError, trio.TooSlowError) as exc:
+            sock.close()
+            self._failed(pool, exc)
             return
+        except BaseException:
+            sock.close()
+            raise
         finally:
             pool.filling -= 1
         pool.backoff = 0.0
@@ -169,6 +196,14 @@ class Preconnector:
             sock.close()
             return
         pool.ready.append((time.monotonic(), sock))
+
+    @staticmethod
+    def _failed(pool: Pool, exc: BaseException) -> None:
+        """The health checks and the clients' own dials tell of a proxy that cannot be reached; this only
+        waits before trying again: 1 s, doubling to 30 s."""
+        pool.backoff = min(RETRY_AFTER[1], max(RETRY_AFTER[0], pool.backoff * 2))
+        pool.retry_at = time.monotonic() + pool.backoff
+        log.debug("preconnect to %s failed: %r; next try in %g s", pool.key[0], exc, pool.backoff)
 
     def went_stale(self, pool: Pool, opened: float) -> None:
         """A connection taken from ``pool`` turned out closed when its handshake began: some proxies
