@@ -12,6 +12,8 @@ setup(
                 define_macros=[("_GNU_SOURCE", None)],  # splice(), pipe2(), F_SETPIPE_SZ
             )
         ],
-        compiler_directives={"language_level": "3"},
+        # binding: Cython 3's default, spelled out for bookworm's cython3 (0.29): the functions then have
+        # signatures (inspect.signature), as their pure-Python twins do.
+        compiler_directives={"language_level": "3", "binding": True},
     ),
 )

@@ -30,7 +30,7 @@ def _run_one(config: Config, reload, worker: int) -> int:
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     try:
-        trio.run(_serve, config, reload, worker)
+        trio.run(_serve, config, reload, worker, strict_exception_groups=True)  # bookworm's Trio 0.22: not the default
     except ConfigError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ def parse_query(wire: bytes) -> Query:
     id_, flags = struct.unpack_from("!HH", wire)
     if flags & dns.flags.QR:
         raise BadQuery("a response, not a query", None)
-    if dns.opcode.from_flags(flags) != dns.opcode.QUERY:
+    if opcode(flags) != dns.opcode.QUERY:
         raise BadQuery("opcode is not QUERY", _header_reply(id_, flags, dns.rcode.NOTIMP))
     try:
         message = dns.message.from_wire(wire)
@@ -320,7 +320,7 @@ def response_matches(key: Key, id: int, response: bytes) -> bool:
         message = read_response(response)
     except PARSE_ERRORS:
         return False
-    if not message.flags & dns.flags.QR or message.id != id or message.opcode() != dns.opcode.QUERY:
+    if not message.flags & dns.flags.QR or message.id != id or opcode(message.flags) != dns.opcode.QUERY:
         return False
     if len(message.question) != 1:
         return False
@@ -362,11 +362,16 @@ def _reply(query: dns.message.Message, rcode: int, recursion_available: bool = F
     return reply
 
 
+def opcode(flags: int) -> int:
+    """The header's opcode as a number: dnspython before 2.4 (bookworm's 2.3) raises ValueError for the unassigned."""
+    return (flags & 0x7800) >> 11
+
+
 def _header_reply(id_: int, flags: int, rcode: int) -> bytes:
     """A header-only reply for a query we could not parse: nothing of it is echoed but its ID, opcode and RD."""
     reply = dns.message.Message(id=id_)
     reply.flags = dns.flags.QR | (flags & dns.flags.RD)
-    reply.set_opcode(dns.opcode.from_flags(flags))
+    reply.set_opcode(opcode(flags))
     reply.set_rcode(rcode)
     return reply.to_wire()
 

@@ -210,6 +210,7 @@ class HttpForwarder:
         await self.to_upstream(request)
         if body_read:
             await self.to_upstream(h11.EndOfMessage())
+        failed = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._rest_of_request, body_read)
@@ -217,8 +218,11 @@ class HttpForwarder:
                 # An early final response (e.g. 413) ends the exchange; the rest of the body is not wanted.
                 nursery.cancel_scope.cancel()
         except* ForwardFailed:
-            # Trio wraps even a single failure in a group; Server.forward expects ForwardFailed itself.
-            raise ForwardFailed(self.failing) from None
+            failed = True
+        if failed:
+            # Server.forward expects ForwardFailed itself, not a group: raised here, not in the except* clause,
+            # where Python before 3.11.4 (bookworm's 3.11.2) would wrap it in one.
+            raise ForwardFailed(self.failing)
 
     async def _reconnect(self) -> None:
         if self.proxy is not None:

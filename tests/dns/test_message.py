@@ -63,8 +63,16 @@ def test_the_udp_limit_follows_edns_within_bounds(edns, limit):
     assert parse_query(query(**edns)).udp_limit == limit
 
 
+def from_wire(reply: bytes) -> dns.message.Message:
+    """dnspython before 2.4 (bookworm's 2.3) cannot read an unassigned opcode: it is read apart, as QUERY."""
+    flags = int.from_bytes(reply[2:4], "big")
+    message = dns.message.from_wire(reply[:2] + (flags & ~0x7800).to_bytes(2, "big") + reply[4:])
+    message.flags = flags
+    return message
+
+
 def assert_header_reply(error: BadQuery, id: int, rcode: int):
-    reply = dns.message.from_wire(error.reply)
+    reply = from_wire(error.reply)
     assert reply.id == id
     assert reply.flags & dns.flags.QR
     assert reply.rcode() == rcode
@@ -109,7 +117,7 @@ def test_other_opcodes_are_not_implemented(opcode):
     with pytest.raises(BadQuery) as caught:
         parse_query(message.to_wire())
     reply = assert_header_reply(caught.value, 7, dns.rcode.NOTIMP)
-    assert reply.opcode() == opcode
+    assert (reply.flags >> 11) & 0xF == opcode
     assert reply.flags & dns.flags.RD
     assert not reply.question
 
@@ -183,7 +191,7 @@ def assert_only_bad_query(wire: bytes):
         parsed = parse_query(wire)
     except BadQuery as error:
         if error.reply is not None:
-            reply = dns.message.from_wire(error.reply)
+            reply = from_wire(error.reply)
             assert reply.id == int.from_bytes(wire[:2], "big")
             assert reply.flags & dns.flags.QR
     else:
@@ -360,8 +368,9 @@ def test_a_matching_response_matches_whatever_its_casing():
         positive()[:-2],
         b"",
         with_counts(positive(), qd=0),
+        positive()[:2] + bytes([positive()[2] | 3 << 3]) + positive()[3:],  # bookworm's dnspython cannot name it
     ],
-    ids=["other id", "a query", "other name", "other type", "truncated", "empty", "no question"],
+    ids=["other id", "a query", "other name", "other type", "truncated", "empty", "no question", "opcode 3"],
 )
 def test_anything_else_does_not_match(wire):
     assert not response_matches(KEY_A, 0x1234, wire)
