@@ -13,6 +13,7 @@ import ssl
 import trio
 
 from relay import ends
+from relay.addresses import format_address
 from relay.logs import log
 from relay.net.faults import UpstreamError
 from relay.net.sockets import receive_some, reset
@@ -93,10 +94,10 @@ async def find_out(dialer, states, config) -> None:
                 for lane in states:
                     lane.keeps_early_data = verdict
                 log.info(
-                    "upstream %s %s early data sent after CONNECT (a ClientHello to %s:%d): early data %s",
+                    "upstream %s %s early data sent after CONNECT (a ClientHello to %s): early data %s",
                     state.upstream,
                     "keeps" if verdict else "drops",
-                    *config.health_target,
+                    format_address(config.health_target),
                     "on" if verdict else "off",
                 )
                 return
