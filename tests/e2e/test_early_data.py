@@ -18,10 +18,15 @@ KEEPS = {"squid": True, "tinyproxy": True, "privoxy": False}
 
 
 @pytest.fixture
-def run_relay(names_lab):  # noqa: F811
+def relays(names_lab):  # noqa: F811
     relays = Relays(names_lab)
-    yield relays.run
+    yield relays
     relays.finish()
+
+
+@pytest.fixture
+def run_relay(relays):
+    return relays.run
 
 
 def verdict_line(proxy: str) -> str:
@@ -55,6 +60,19 @@ def test_without_a_health_target_auto_sends_no_early_data(run_relay, names_lab):
     assert curl(names_lab, f"https://{NAME}/hello").stdout == "hello from the lab server\n"
     [line] = relay.connections(at_least=1)
     assert line["end"] == "closed" and "early-data" not in line
+
+
+def test_an_upstreams_own_early_data_setting_in_the_config_file_wins(relays, names_lab):  # noqa: F811
+    config = names_lab.tmpdir / "early-data.toml"
+    config.write_text(
+        'early-data = "off"\n'
+        f'upstream = [{{ url = "http://{STOCK_PROXIES["squid"]}", early-data = "on" }}]\n'
+        'listen = ["0.0.0.0:12345"]\n'
+    )
+    relay = relays.start(["--config", str(config)], intercept_mode="redirect")
+    assert curl(names_lab, f"https://{NAME}/hello").stdout == "hello from the lab server\n"
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "closed" and int(line["early-data"]) > 200
 
 
 @pytest.mark.parametrize("proxy", ["squid", "tinyproxy"])
