@@ -151,6 +151,7 @@ class Dialing:
     __slots__ = (
         "upstream",
         "target",
+        "early_data",
         "may_fall_back",
         "fell_back",
         "pooled",
@@ -174,6 +175,7 @@ class Dialing:
     def __init__(self, upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow=None, target=None):
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
         self.target = target
+        self.early_data = b""  # sent with an HTTP CONNECT, by every connection it makes (see _start_again)
         self.may_fall_back = self.fell_back = False
         self.pooled = None
         self.connect_timeout, self.handshake_timeout, self.slow_after = timeouts
@@ -258,6 +260,7 @@ class Dialer:
                 self._call(on_fail, UpstreamError(str(exc), "unsupported-destination", Fault.TARGET))
                 return dialing
         dialing = Dialing(upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow, target)
+        dialing.early_data = early_data
         dialing.may_fall_back = pipelined and upstream not in self.pipelining
         if self.closed:
             self._call(on_fail, cancelled())
@@ -446,7 +449,7 @@ class Dialer:
         reset(dialing.sock)
         self._drop_deadline(dialing)
         dialing.sock, dialing.handshaking, dialing.outgoing, dialing.next_address = None, False, b"", 0
-        dialing.machine = handshake_for(dialing.upstream, *dialing.target, pipelined)
+        dialing.machine = handshake_for(dialing.upstream, *dialing.target, pipelined, dialing.early_data)
         preconnect, self.preconnect = self.preconnect, None
         try:
             self._connect_next(dialing)
