@@ -188,20 +188,28 @@ async def test_a_dead_proxy_is_tried_again_with_backoff_not_in_a_loop(running, m
     assert not pre.pools[(HTTP, socket.AF_INET, address, None)].ready
 
 
+def stale_pool(proxy: socket.socket, upstream: Upstream, monkeypatch):
+    """A Preconnector (not running, and refilling nothing behind the test's back) whose one pooled
+    connection to ``proxy`` the proxy has closed; returns it, the pool's key and the pooled socket."""
+    address = proxy.getsockname()
+    pre = Preconnector(1, 2.0, Counts())
+    monkeypatch.setattr(pre, "_refill", lambda pool, now: False)
+    key = (upstream, socket.AF_INET, address, None)
+    pooled = socket.create_connection(address)
+    pooled.setblocking(False)
+    [stale] = accepted(proxy)
+    stale.close()
+    pre.pools[key] = preconnect.Pool(key)
+    pre.pools[key].ready.append((time.monotonic(), pooled))
+    return pre, key, pooled
+
+
 async def test_the_dialer_starts_again_on_a_new_connection_when_the_pooled_one_was_stale(monkeypatch):
     """The proxy closed the pooled connection just after it was taken: the client still gets its tunnel."""
     monkeypatch.setattr(preconnect, "closed_by_peer", lambda sock: False)  # the close comes too late to see
     with listener() as proxy:
         address = proxy.getsockname()
-        pre = Preconnector(1, 2.0, Counts())  # not running, and refilling nothing behind the test's back
-        monkeypatch.setattr(pre, "_refill", lambda pool, now: False)
-        key = (SOCKS5, socket.AF_INET, address, None)
-        pooled = socket.create_connection(address)
-        pooled.setblocking(False)
-        [stale] = accepted(proxy)
-        stale.close()
-        pre.pools[key] = preconnect.Pool(key)
-        pre.pools[key].ready.append((time.monotonic(), pooled))
+        pre, key, pooled = stale_pool(proxy, SOCKS5, monkeypatch)
         dialer = Dialer(pre)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dialer.run)
@@ -225,14 +233,7 @@ async def test_a_dial_started_again_after_a_stale_pooled_connection_sends_the_sa
     hello = b"\x16\x03\x01\x00\x05hello"
     with listener() as proxy:
         address = proxy.getsockname()
-        pre = Preconnector(1, 2.0, Counts())
-        key = (HTTP, socket.AF_INET, address, None)
-        pooled = socket.create_connection(address)
-        pooled.setblocking(False)
-        [stale] = accepted(proxy)
-        stale.close()
-        pre.pools[key] = preconnect.Pool(key)
-        pre.pools[key].ready.append((time.monotonic(), pooled))
+        pre, _, pooled = stale_pool(proxy, HTTP, monkeypatch)
         dialer = Dialer(pre)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dialer.run)
