@@ -4,6 +4,7 @@ runs it against squid, tinyproxy and privoxy)."""
 
 import logging
 import socket
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -93,3 +94,21 @@ async def test_find_out_asks_again_until_a_verdict_then_says_it_once(caplog, mon
         nursery.cancel_scope.cancel()
     assert len(heard) == 3 and state.keeps_early_data is True and state.sends_early_data
     assert caplog.text.count("keeps early data sent after CONNECT (a ClientHello to 192.0.2.1:443)") == 1
+
+
+async def test_the_lanes_of_one_proxy_share_one_probe_through_one_that_is_up(caplog):
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    state, config = setup(listener.getsockname()[1])
+    down = UpstreamState(state.upstream, state.addresses, SimpleNamespace(up=False), config)
+    up = UpstreamState(state.upstream, state.addresses, SimpleNamespace(up=True), config)
+    heard = []
+    caplog.set_level(logging.INFO)
+    async with running_dialer() as dialer, trio.open_nursery() as nursery:
+        nursery.start_soon(play_in_turn, listener, ["drops"], heard)
+        with trio.fail_after(10):
+            await early_data.find_out(dialer, [down, up], config)
+        nursery.cancel_scope.cancel()
+    assert len(heard) == 1 and down.keeps_early_data is False and up.keeps_early_data is False
+    assert caplog.text.count("drops early data sent after CONNECT") == 1
