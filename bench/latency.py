@@ -19,7 +19,8 @@ timed from the start of its connect() to its first response byte:
 Paths: relay and redsocks (the same upstream, intercepted by REDIRECT), and the client using the
 proxy itself as a reference ("direct": the proxy's own handshake from the client, no relay); the
 relay also once with --server-first-ports none (the sniff wait every server-first connection paid
-before). With --bulk, the https case is repeated while one 4 GB download crosses the same tunnel.
+before), and once with --early-data on through squid (the ClientHello sent with the CONNECT). With
+--bulk, the https case is repeated while one 4 GB download crosses the same tunnel.
 Results: JSON in bench/results/, and a table on stdout.
 """
 
@@ -73,6 +74,7 @@ class Path_:
 PATHS = [
     Path_("relay, ssh -L squid", "relay", "http", SQUID_PORT),
     Path_("relay, ssh -L squid, sniff wait", "relay", "http", SQUID_PORT, ["--server-first-ports", "none"]),
+    Path_("relay, ssh -L squid, early data", "relay", "http", SQUID_PORT, ["--early-data", "on"]),
     Path_("redsocks, ssh -L squid", "redsocks", "http", SQUID_PORT),
     Path_("client to squid via ssh -L", "direct", "http", SQUID_PORT),
     Path_("relay, dante", "relay", "socks5", DANTE_LINE_PORT),
@@ -247,7 +249,8 @@ def summary(seconds: list[float]) -> dict:
 
 
 CASES = {
-    "https-by-name": ["relay, ssh -L squid", "redsocks, ssh -L squid", "client to squid via ssh -L"]
+    "https-by-name": ["relay, ssh -L squid", "relay, ssh -L squid, early data", "redsocks, ssh -L squid"]
+    + ["client to squid via ssh -L"]
     + ["relay, dante", "redsocks, dante", "client to dante", "relay, ssh -D"],
     "banner-by-addr": ["relay, ssh -L squid", "relay, ssh -L squid, sniff wait", "redsocks, ssh -L squid"]
     + ["client to squid via ssh -L", "relay, dante", "redsocks, dante"],
@@ -313,7 +316,7 @@ def table(results: dict) -> str:
     for case, paths in results["cases"].items():
         for name, result in paths.items():
             proxy = name.split(", ", 1)[1] if ", " in name else ""
-            baseline = paths.get(f"redsocks, {proxy.removesuffix(', sniff wait')}")
+            baseline = paths.get(f"redsocks, {proxy.removesuffix(', sniff wait').removesuffix(', early data')}")
             ratio = ""
             if baseline and not name.startswith("redsocks"):
                 ratio = f"{result['sequential']['p50_ms'] / baseline['sequential']['p50_ms']:.2f}x"

@@ -54,6 +54,7 @@ class Upstream:
     port: int = 0
     username: str | None = None
     password: Secret | None = field(default=None, repr=False)
+    early_data: str | None = None  # HTTP only: this upstream's own on|off|auto (the config file's table form)
 
     def __str__(self) -> str:
         if self.scheme == "direct":
@@ -82,6 +83,25 @@ MAX_SOCKS5_CREDENTIAL = 255  # bytes, RFC 1929
 MAX_PASSWORD_FILE = 4096  # bytes
 
 
+EARLY_DATA_CHOICES = ("on", "off", "auto")
+UPSTREAM_TABLE_KEYS = ("url", "early-data")
+
+
+def parse_upstream_table(table: dict) -> Upstream:
+    """An upstream in the config file's table form: ``{ url = "http://...", early-data = "on" }``."""
+    unknown = sorted(set(table) - set(UPSTREAM_TABLE_KEYS))
+    if unknown:
+        raise ConfigError(f"invalid upstream: unknown key {unknown[0]!r} (use {', '.join(UPSTREAM_TABLE_KEYS)})")
+    if "url" not in table:
+        raise ConfigError("invalid upstream: a table needs its url")
+    upstream = parse_upstream(table["url"])
+    if "early-data" in table:
+        if upstream.scheme != "http":
+            raise ConfigError("invalid upstream: early-data is for HTTP proxies (CONNECT) only")
+        upstream = replace(upstream, early_data=one_of(*EARLY_DATA_CHOICES)(table["early-data"]))
+    return upstream
+
+
 def parse_upstream(text) -> Upstream:
     """Parse ``HOST:PORT`` (an HTTP proxy), ``SCHEME://[user:pass@]HOST:PORT`` or ``direct``.
 
@@ -90,6 +110,8 @@ def parse_upstream(text) -> Upstream:
     anywhere, so no message quotes any part of what follows the scheme. A user
     without a password is completed by Config (--upstream-password-file).
     """
+    if isinstance(text, dict):
+        return parse_upstream_table(text)
     if not isinstance(text, str):
         raise ConfigError("invalid upstream: write it as a string (a URL or 'direct')")
     if text == "direct":
@@ -512,6 +534,16 @@ SETTINGS = [
         "when the proxy has not answered for a sniffed name this long, ask it for the address too, and keep "
         "whichever opens first (default: 2; at or above --handshake-timeout: never)",
     ),
+    Setting(
+        "early-data",
+        one_of(*EARLY_DATA_CHOICES),
+        "auto",
+        False,
+        "on|off|auto",
+        "send a TLS client's ClientHello to an HTTP proxy right after CONNECT, a round trip sooner, for proxies "
+        "that keep it for the tunnel; auto: only those the relay found to keep it (a probe to --health-target, "
+        "a TLS server); per upstream in the config file (default: auto)",
+    ),
     Setting("idle-timeout", parse_seconds, 600.0, False, "S", "reset connections idle this long (default: 600)"),
     Setting(
         "half-closed-timeout",
@@ -835,6 +867,7 @@ class Config:
     connect_timeout: float
     handshake_timeout: float
     name_wait: float  # a by-name attempt unanswered this long races one by address
+    early_data: str  # "on", "off" or "auto": a ClientHello after CONNECT (relay.proto.early_data)
     idle_timeout: float
     half_closed_timeout: float
     confirm_eof: bool  # hold upstream FINs until the proxy is seen alive (see relay.net.pump)
@@ -879,6 +912,12 @@ class Config:
     fake_ip_exclude: list[str]  # suffixes answered as in real mode
     state_dir: str
     verbose: int
+
+    def early_data_for(self, upstream: Upstream) -> str:
+        """on, off or auto for ``upstream``: its own setting, else --early-data; off for all but HTTP."""
+        if upstream.scheme != "http":
+            return "off"
+        return upstream.early_data or self.early_data
 
     @property
     def upstream(self) -> Upstream:

@@ -466,3 +466,32 @@ def test_server_first_ports_default_to_ssh_mail_ftp_and_mysql_and_may_be_none():
 def test_bad_server_first_ports_say_what_is_expected(value):
     with pytest.raises(ConfigError, match="server-first-ports: .* is not a list of ports"):
         Config.from_values({"upstream": ["h:1"], "server-first-ports": value}, key_prefix="--")
+
+
+def test_early_data_is_auto_by_default_and_per_upstream_in_the_config_file(tmp_path):
+    (tmp_path / "relay.toml").write_text(
+        'early-data = "off"\n'
+        'upstream = [{ url = "http://a:3128", early-data = "on" }, "http://b:3128", { url = "socks5://c:1080" }]\n'
+    )
+    config = load_config(build_parser().parse_args(["--config", str(tmp_path / "relay.toml")]))
+    assert [config.early_data_for(upstream) for upstream in config.upstreams] == ["on", "off", "off"]
+    assert config.upstreams[0] == Upstream("http", "a", 3128, early_data="on") and str(config.upstreams[0]) == (
+        "http://a:3128"
+    )
+    default = Config.from_values({"upstream": ["h:1", {"url": "h:2", "early-data": "off"}, "socks5://h:3"]})
+    assert [default.early_data_for(upstream) for upstream in default.upstreams] == ["auto", "off", "off"]
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"url": "h:1", "early-data": "yes"}, "'yes' is not one of: on, off, auto"),
+        ({"url": "socks5://h:1", "early-data": "on"}, "early-data is for HTTP proxies"),
+        ({"early-data": "on"}, "a table needs its url"),
+        ({"url": "h:1", "earlydata": "on"}, "unknown key 'earlydata'"),
+        ({"url": 5}, "write it as a string"),
+    ],
+)
+def test_an_upstream_table_that_cannot_work_is_a_clear_error(table, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_values({"upstream": [table]}, source="relay.toml: ")

@@ -215,6 +215,20 @@ class HttpServer(_ThreadedServer):
         conn.sendall(http.send(h11.EndOfMessage()))
 
 
+def serve_https(lab: Lab, *names: str, ca_file: str = "ca.pem", host: str = "server", port: int = 443) -> str:
+    """An HttpServer speaking TLS for ``names`` on ``host``, certified by a new CA; returns the file (in the
+    lab's directory) of that CA, which clients must trust. Needs trustme (a test dependency)."""
+    import trustme
+
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(tls)
+    path = str(lab.tmpdir / ca_file)
+    ca.cert_pem.write_to_path(path)
+    HttpServer(lab, host, "::", port, tls=tls)
+    return path
+
+
 class NxdomainDns:
     """A DNS server on UDP port 53 that knows no name: every query gets NXDOMAIN at once, except
     queries for the names in ``unanswered``, which get no answer at all.

@@ -39,6 +39,7 @@ from relay.net.faults import UpstreamError
 from relay.net.http_forward import NeedsTunnel, forward
 from relay.net.sockets import receive_some, reset
 from relay.net.upstreams import NAMED_SCHEMES, Attempts, UpstreamPool
+from relay.proto.early_data import early_tls_records
 from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, TLS, Sniffed, Sniffer
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ class Connection:
 
     __slots__ = (
         "owner", "sock", "peer", "dst", "config", "pool", "started", "sniff_deadline", "state",
-        "counted", "silent_turn", "described", "first", "candidates", "attempts", "attempt_started",
+        "counted", "silent_turn", "described", "first", "early", "early_sent", "candidates", "attempts",
+        "attempt_started",
         "dialing", "racer", "racer_started", "name", "name_from", "dns_name", "fake_name", "retried", "via", "fault",
         "source", "lane", "up", "down", "http_requests",
     )  # fmt: skip
@@ -92,6 +94,8 @@ class Connection:
         self.silent_turn = False  # holds one of the waiting room's turns for silent connections
         self.described = False  # its first bytes are known: it gets a log line
         self.first = b""  # the client's bytes read so far: they go upstream first
+        self.early = b""  # the start of them an HTTP proxy may get with CONNECT: a TLS ClientHello
+        self.early_sent = 0  # how many of them the attempt under way sent with its CONNECT
         self.candidates = []
         self.attempts: Attempts | None = None
         self.attempt_started = 0.0
@@ -228,6 +232,7 @@ class Connection:
         config = self.config
         self.described = True
         self.first = first
+        self.early = early_tls_records(first) if sniffed.protocol == TLS else b""
         if sniffed.hostname:  # what the client itself says wins over what its DNS answer said
             hostname, source = sniffed.hostname, "sni" if sniffed.protocol == TLS else "host"
         elif self.fake_name:
@@ -315,13 +320,18 @@ class Connection:
         self.attempt_started = time.monotonic()
         self.dialing = self.racer = None  # every earlier attempt is over
         on_slow = self.name_slow if self.attempts.may_race() else None
-        dialing = self.open_attempt(upstream, addresses, target, self.opened, self.failed, on_slow)
+        # Each attempt sends them again (a refusal lost them with its connection); a racer never does.
+        state = self.attempts.state
+        early = self.early if state is not None and state.sends_early_data else b""
+        self.early_sent = len(early)
+        dialing = self.open_attempt(upstream, addresses, target, self.opened, self.failed, on_slow, early)
         if dialing is not None:
             self.dialing = dialing
 
-    def open_attempt(self, upstream, addresses, target, on_open, on_fail, on_slow=None):
+    def open_attempt(self, upstream, addresses, target, on_open, on_fail, on_slow=None, early=b""):
         """One attempt through the Dialer: its Dialing while it is under way, else None (over already:
-        its callback, called inside, may have begun the next attempt, which is the one to keep)."""
+        its callback, called inside, may have begun the next attempt, which is the one to keep);
+        ``early``: the client's first bytes that go with an HTTP CONNECT request."""
         config = self.config
         dialing = self.owner.dialer.open(
             upstream,
@@ -334,13 +344,16 @@ class Connection:
             on_fail=on_fail,
             slow_after=config.name_wait if on_slow else None,
             on_slow=on_slow,
+            early_data=early,
         )
         return dialing if dialing.under_way else None
 
     def name_slow(self) -> None:
         """From the Dialer: the proxy has not answered for the name within --name-wait. Ask it for the
         address too; the first to open wins. The client's bytes wait for the winner (the Dialer sends
-        only the proxy's handshake), so the destination never sees them twice."""
+        only the proxy's handshake). If the by-name attempt sent a ClientHello with its CONNECT, the
+        destination may see that twice, on two connections, one closed unanswered: as from any Happy
+        Eyeballs client (relay.proto.early_data sends nothing else early)."""
         try:
             self.racer_started = time.monotonic()
             racer = self.open_attempt(*self.attempts.race(), self.racer_opened, self.racer_failed)
@@ -358,6 +371,8 @@ class Connection:
         self.attempt_failed(error, racer=True)
 
     def attempt_failed(self, error: UpstreamError, racer: bool) -> None:
+        if not racer:
+            self.early_sent = 0  # what it sent early went nowhere; the next attempt sends it again
         self.owner.metrics.attempt_failed(str(self.via), error.fault.value)
         try:
             if self.attempts.failed(error, racer):
@@ -382,6 +397,8 @@ class Connection:
             state = self.attempts.succeeded(racer)
             if state is not None:  # counted while it relays: the next connection takes the least busy lane
                 self.lane, state.active = state, state.active + 1
+            if racer:
+                self.early_sent = 0  # the racer sent none: the client's bytes all go now
             started = self.racer_started if racer else self.attempt_started
             owner.metrics.handshake_done(str(self.via), time.monotonic() - started)
             self.source = upstream.getsockname()[:2]
@@ -389,7 +406,7 @@ class Connection:
                 self.sock,
                 upstream,
                 self,
-                to_upstream_first=self.first,
+                to_upstream_first=self.first[self.early_sent :],
                 to_client_first=early,
                 idle_timeout=config.idle_timeout,
                 half_closed_timeout=config.half_closed_timeout,
@@ -413,7 +430,7 @@ class Connection:
 
     def relayed(self, ended: str, sent_up: int, sent_down: int) -> None:
         """From the pump: done relaying (it closed both sockets)."""
-        self.up, self.down = sent_up, sent_down
+        self.up, self.down = sent_up + self.early_sent, sent_down  # the early bytes went with the CONNECT
         self.end(ended)
 
     # -- its end -------------------------------------------------------------------------
@@ -493,6 +510,8 @@ class Connection:
             fields["retried-by-ip"] = self.retried
         if self.http_requests is not None:
             fields["http-requests"] = self.http_requests
+        if self.early_sent:
+            fields["early-data"] = self.early_sent  # bytes of the client's that went with the CONNECT
         fields.update(
             via=str(self.via or "-"),
             up=self.up,

@@ -38,12 +38,13 @@ STALE_POOLED = frozenset({"proxy-closed", "proxy-econnreset", "proxy-epipe"})
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
 
 
-def handshake_for(upstream: Upstream, host: str, port: int, pipelined: bool = False):
+def handshake_for(upstream: Upstream, host: str, port: int, pipelined: bool = False, early_data: bytes = b""):
     """The sans-IO machine asking ``upstream`` for a tunnel to host:port, or None for direct;
-    ``pipelined``: a SOCKS5 handshake's messages all at once."""
+    ``pipelined``: a SOCKS5 handshake's messages all at once; ``early_data``: bytes for the
+    destination sent right after an HTTP CONNECT request."""
     password = upstream.password.reveal() if upstream.password else None
     if upstream.scheme == "http":
-        return HttpConnectClient(host, port, username=upstream.username, password=password)
+        return HttpConnectClient(host, port, username=upstream.username, password=password, early_data=early_data)
     if upstream.scheme == "socks5":
         return Socks5Client(host, port, username=upstream.username, password=password, pipelined=pipelined)
     if upstream.scheme in ("socks4", "socks4a"):
@@ -150,6 +151,7 @@ class Dialing:
     __slots__ = (
         "upstream",
         "target",
+        "early_data",
         "may_fall_back",
         "fell_back",
         "pooled",
@@ -173,6 +175,7 @@ class Dialing:
     def __init__(self, upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow=None, target=None):
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
         self.target = target
+        self.early_data = b""  # sent with an HTTP CONNECT, by every connection it makes (see _start_again)
         self.may_fall_back = self.fell_back = False
         self.pooled = None
         self.connect_timeout, self.handshake_timeout, self.slow_after = timeouts
@@ -239,8 +242,10 @@ class Dialer:
         on_fail,
         slow_after: float | None = None,
         on_slow=None,
+        early_data: bytes = b"",
     ) -> Dialing:
-        """Open a connection to ``target`` through ``upstream`` (at ``addresses``, resolved once)."""
+        """Open a connection to ``target`` through ``upstream`` (at ``addresses``, resolved once);
+        ``early_data`` (HTTP CONNECT only): the destination's first bytes, sent with the request."""
         host, port = target
         machine = None
         timeouts = connect_timeout, handshake_timeout, slow_after
@@ -249,12 +254,13 @@ class Dialer:
             addresses = [(family_of(host), target)]
         else:
             try:
-                machine = handshake_for(upstream, host, port, pipelined)
+                machine = handshake_for(upstream, host, port, pipelined, early_data)
             except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
                 dialing = Dialing(upstream, addresses, None, mark, timeouts, on_open, on_fail)
                 self._call(on_fail, UpstreamError(str(exc), "unsupported-destination", Fault.TARGET))
                 return dialing
         dialing = Dialing(upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow, target)
+        dialing.early_data = early_data
         dialing.may_fall_back = pipelined and upstream not in self.pipelining
         if self.closed:
             self._call(on_fail, cancelled())
@@ -271,6 +277,7 @@ class Dialer:
         mark: int | None,
         connect_timeout: float,
         handshake_timeout: float,
+        early_data: bytes = b"",
     ) -> tuple[socket.socket, bytes]:
         """``open()`` for a task: the socket and the early bytes, or raises UpstreamError."""
         outcome: list = []
@@ -289,6 +296,7 @@ class Dialer:
             handshake_timeout=handshake_timeout,
             on_open=finished,
             on_fail=finished,
+            early_data=early_data,
         )
         try:
             await done.wait()
@@ -441,7 +449,7 @@ class Dialer:
         reset(dialing.sock)
         self._drop_deadline(dialing)
         dialing.sock, dialing.handshaking, dialing.outgoing, dialing.next_address = None, False, b"", 0
-        dialing.machine = handshake_for(dialing.upstream, *dialing.target, pipelined)
+        dialing.machine = handshake_for(dialing.upstream, *dialing.target, pipelined, dialing.early_data)
         preconnect, self.preconnect = self.preconnect, None
         try:
             self._connect_next(dialing)

@@ -15,6 +15,7 @@ import trio
 from relay import ends
 from relay.config import Config, ConfigError, Upstream
 from relay.logs import log
+from relay.net import early_data
 from relay.net.dial import connect, resolve
 from relay.net.faults import Fault, UpstreamError, handshake_failure, handshake_timed_out
 from relay.net.sockets import receive_some, reset, write_all
@@ -25,7 +26,10 @@ class UpstreamState:
     """One way to an upstream: the proxy itself, or one of the ssh tunnels to it (a lane), with its health
     and how many relayed connections it carries now."""
 
-    __slots__ = ("upstream", "addresses", "healthy", "failures", "tunnel", "still_there", "rank", "active")
+    __slots__ = (
+        "upstream", "addresses", "healthy", "failures", "tunnel", "still_there", "rank", "active", "early_data",
+        "keeps_early_data",
+    )  # fmt: skip
 
     def __init__(self, upstream: Upstream, addresses, tunnel=None, config: Config | None = None, rank: int = 0):
         self.upstream = upstream
@@ -37,6 +41,13 @@ class UpstreamState:
         self.active = 0  # relayed connections through it now
         # Direct connections have no proxy in between: a FIN is the server's own.
         self.still_there = StillThere(self, config) if config is not None and upstream.scheme != "direct" else None
+        self.early_data = config.early_data_for(upstream) if config is not None else "off"  # on, off or auto
+        self.keeps_early_data: bool | None = None  # auto: what the probe found (relay.net.early_data); None: not yet
+
+    @property
+    def sends_early_data(self) -> bool:
+        """Whether a TLS client's ClientHello goes with the CONNECT request (see relay.proto.early_data)."""
+        return self.early_data == "on" or (self.early_data == "auto" and self.keeps_early_data is True)
 
     @property
     def usable(self) -> bool:
@@ -286,9 +297,21 @@ class UpstreamPool:
 
     async def run_health_checks(self) -> None:
         async with trio.open_nursery() as nursery:
+            lanes: dict[Upstream, list[UpstreamState]] = {}  # the ssh tunnels to one proxy share its verdict
             for state in self.states:
                 if state.upstream.scheme != "direct":
                     nursery.start_soon(self._check_forever, state)
+                if state.early_data == "auto":
+                    lanes.setdefault(state.upstream, []).append(state)
+            for upstream, states in lanes.items():
+                if self.config.health_target is None:
+                    log.info(
+                        "upstream %s: no early data after CONNECT: --early-data auto finds out whether a proxy "
+                        "keeps it with a probe to --health-target (a TLS server), and there is none",
+                        upstream,
+                    )
+                else:
+                    nursery.start_soon(early_data.find_out, self.dialer, states, self.config)
 
     async def _check_forever(self, state: UpstreamState) -> None:
         while True:

@@ -34,7 +34,15 @@ def basic_credentials(username: str, password: str) -> bytes:
 
 
 class HttpConnectClient(Handshake):
-    """HTTP/1.1 CONNECT, with Basic proxy authentication when credentials are given."""
+    """HTTP/1.1 CONNECT, with Basic proxy authentication when credentials are given.
+
+    ``early_data``: bytes for the destination, sent right after the request in
+    the same write instead of after the proxy's 2xx (a round trip sooner), for a
+    proxy known to keep them for the tunnel (squid, tinyproxy). The request then
+    says ``Connection: close`` (the IETF optimistic-upgrade draft): a proxy that
+    refuses must close, not read those bytes as a next request. On a refusal
+    they are lost with the connection: the caller still has them to send again.
+    """
 
     _CLOSED_EARLY_MESSAGE = "proxy closed the connection before answering CONNECT {target}"
 
@@ -44,6 +52,7 @@ class HttpConnectClient(Handshake):
         port: int,
         username: str | None = None,
         password: str | None = None,
+        early_data: bytes = b"",
     ) -> None:
         super().__init__(host, port)
         if parse_ip_literal(host) is None:
@@ -56,9 +65,11 @@ class HttpConnectClient(Handshake):
             if ":" in username:
                 raise LocalProtocolError("a Basic auth username cannot contain ':' (RFC 7617)")
             headers.append((b"Proxy-Authorization", basic_credentials(username, password)))
+        if early_data:
+            headers.append(("Connection", "close"))
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_REPLY_HEAD_SIZE)
         request = h11.Request(method="CONNECT", target=self._target, headers=headers)
-        self._outgoing += self._conn.send(request) + self._conn.send(h11.EndOfMessage())
+        self._outgoing += self._conn.send(request) + self._conn.send(h11.EndOfMessage()) + early_data
 
     def _receive(self, data: bytes) -> None:
         try:

@@ -9,14 +9,12 @@ that is how each test shows the answer the client got is not the LAN's.
 """
 
 import ipaddress
-import ssl
 import time
 
 import pytest
-import trustme
 
 from relay.lab import ADDR, Lab, ssh_argv, start_dnsmasq, start_squid, start_sshd, start_unbound
-from relay.lab.servers import HttpServer
+from relay.lab.servers import HttpServer, serve_https
 from relay.lab.services import intercept_dns
 from tests.e2e.conftest import require_root
 
@@ -50,19 +48,8 @@ def lab():
         lab.run("router", ["ip", "addr", "add", f"{LAN_RESOLVER}/24", "dev", ADDR.router_lan_if])
         lab.dnsmasq = start_dnsmasq(lab, {NAME: POISONED, LOCAL_NAME: ADDR.far4}, host="router", address=LAN_RESOLVER)
         HttpServer(lab, "server", "::", 80)
-        lab.ca_file = serve_https(lab)
+        lab.ca_file = serve_https(lab, NAME, ca_file="clients-ca.pem")
         yield lab
-
-
-def serve_https(lab) -> str:
-    """HTTPS for NAME on the server host; returns the file of the CA curl must trust."""
-    ca = trustme.CA()
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(NAME).configure_cert(tls)
-    ca_file = str(lab.tmpdir / "clients-ca.pem")
-    ca.cert_pem.write_to_path(ca_file)
-    HttpServer(lab, "server", "::", 443, tls=tls)
-    return ca_file
 
 
 def start(lab, run_relay, *extra: str):

@@ -10,12 +10,15 @@ ANSWER_HEAD = b"HTTP/1.1 200 Connection established\r\n\r\n"
 class FakeProxy:
     """An HTTP proxy on loopback answering each CONNECT as ``answers`` says for its kind ("name" or
     "address"): "ok" (opened, then the target's own greeting), "silent", "refuse" (503), or "after
-    address" (opened once the address was asked). Notes what was asked and what the relay closed."""
+    address" (opened once the address was asked). Notes what was asked, each CONNECT's head, what
+    came after it on each connection (``received``, once it closed) and what the relay closed."""
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
         self.listener = trio.socket.socket()
         self.asked: list[str] = []
+        self.heads: list[bytes] = []
+        self.received: list[tuple[str, bytes]] = []  # (kind, every byte after the CONNECT's head)
         self.asked_for = {"name": trio.Event(), "address": trio.Event()}
         self.closed = {"name": trio.Event(), "address": trio.Event()}
 
@@ -42,12 +45,15 @@ class FakeProxy:
             if not data:
                 return
             head += data
+        head, _, after = head.partition(b"\r\n\r\n")
+        self.heads.append(head)
         target = head.split()[1].decode()
         kind = "name" if target.startswith(NAME) else "address"
         self.asked.append(target)
         self.asked_for[kind].set()
         answer = self.answers[kind]
         if answer == "refuse":
+            self.received.append((kind, after))
             await conn.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
             return
         if answer == "after address":
@@ -56,7 +62,8 @@ class FakeProxy:
         try:
             if answer == "ok":
                 await conn.send(ANSWER_HEAD + f"hello from {target}\n".encode())
-            while await conn.recv(4096):
-                pass
+            while data := await conn.recv(4096):
+                after += data
         finally:
+            self.received.append((kind, after))
             self.closed[kind].set()

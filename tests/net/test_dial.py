@@ -72,7 +72,14 @@ def closed_port() -> tuple[str, int]:
 
 
 def open_through(
-    dialer, upstream, addresses, target=("10.0.0.1", 443), *, connect_timeout=2.0, handshake_timeout=2.0
+    dialer,
+    upstream,
+    addresses,
+    target=("10.0.0.1", 443),
+    *,
+    connect_timeout=2.0,
+    handshake_timeout=2.0,
+    early_data=b"",
 ) -> Outcome:
     outcome = Outcome()
     outcome.dialing = dialer.open(
@@ -84,6 +91,7 @@ def open_through(
         handshake_timeout=handshake_timeout,
         on_open=outcome.opened,
         on_fail=outcome.failed,
+        early_data=early_data,
     )
     return outcome
 

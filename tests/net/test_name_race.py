@@ -7,6 +7,7 @@ import socket
 from contextlib import asynccontextmanager
 from typing import NamedTuple
 
+import pytest
 import trio
 
 from relay.config import Config
@@ -29,13 +30,14 @@ def closed_port() -> int:
 
 
 @asynccontextmanager
-async def relaying(answers: dict[str, str], upstreams_before=(), handshake_timeout=30.0):
+async def relaying(answers: dict[str, str], upstreams_before=(), handshake_timeout=30.0, early_data="off"):
     """A FakeProxy answering so, after ``upstreams_before``; yields a Relaying."""
     proxy = FakeProxy(answers)
     async with trio.open_nursery() as nursery:
         where = await nursery.start(proxy.serve)
         upstream = f"127.0.0.1:{where[1]}"
-        async with relay_through([*upstreams_before, upstream], handshake_timeout) as (connections, connect, lines):
+        upstreams = [*upstreams_before, upstream]
+        async with relay_through(upstreams, handshake_timeout, early_data) as (connections, connect, lines):
             yield Relaying(proxy, f"http://{upstream}", connections, connect, lines)
         nursery.cancel_scope.cancel()
 
@@ -49,7 +51,7 @@ class Relaying(NamedTuple):
 
 
 @asynccontextmanager
-async def relay_through(upstreams: list[str], handshake_timeout: float):
+async def relay_through(upstreams: list[str], handshake_timeout: float, early_data: str = "off"):
     """A relay's connections with ``upstreams`` (--name-wait 0.1 s), and a function that hands it
     one client speaking TLS for NAME; yields (connections, connect, lines)."""
     config = Config.from_values(
@@ -58,6 +60,7 @@ async def relay_through(upstreams: list[str], handshake_timeout: float):
             "allow-dest": ["127.0.0.0/8"],
             "name-wait": "0.1",
             "handshake-timeout": handshake_timeout,
+            "early-data": early_data,
         }
     )
     server = Server(config, Metrics(version="t", fast_path="python"))
@@ -167,3 +170,50 @@ async def test_both_failing_ends_once_with_what_the_proxy_said_of_the_address():
     assert line["end"] == "refused:http-503" and line["fault"] == "target" and line["retried-by-ip"] == "slow-name"
     failed = relay.connections.metrics.attempts_failed
     assert failed == {(relay.upstream, "proxy"): 1, (relay.upstream, "target"): 1}
+
+
+async def tunnel_ends(relay, client, kinds) -> None:
+    await ended(relay.connections, client)
+    with trio.fail_after(5):
+        for kind in kinds:
+            await relay.proxy.closed[kind].wait()
+
+
+@pytest.mark.parametrize("early_data", ["on", "off"])
+async def test_early_data_goes_with_the_connect_and_once(early_data):
+    async with relaying({"name": "ok", "address": "silent"}, early_data=early_data) as relay:
+        client = await relay.connect()
+        assert (await greeting(client)).startswith(f"hello from {NAME}:".encode())
+        await tunnel_ends(relay, client, ["name"])
+    assert relay.proxy.received == [("name", HELLO)]  # with the CONNECT or through the tunnel: once
+    [head] = relay.proxy.heads
+    assert (b"\r\nConnection: close" in head) is (early_data == "on")
+    [line] = relay.lines
+    assert line.get("early-data") == (len(HELLO) if early_data == "on" else None)
+    assert line["up"] == len(HELLO) and line["end"] == "closed"
+
+
+async def test_a_refusal_after_early_data_is_retried_by_address_with_the_same_bytes():
+    async with relaying({"name": "refuse", "address": "ok"}, early_data="on") as relay:
+        client = await relay.connect()
+        assert (await greeting(client)).startswith(b"hello from 127.0.0.1:")
+        await tunnel_ends(relay, client, ["address"])
+    assert relay.proxy.received == [("name", HELLO), ("address", HELLO)]
+    assert all(b"\r\nConnection: close" in head for head in relay.proxy.heads) and len(relay.proxy.heads) == 2
+    [line] = relay.lines
+    assert line["retried-by-ip"] == "http-503" and line["early-data"] == len(HELLO)
+    assert line["up"] == len(HELLO)
+
+
+async def test_a_racer_sends_no_early_data_and_its_tunnel_gets_the_client_hello_once():
+    """The by-name attempt sent the ClientHello with its CONNECT and stays silent; the address, asked
+    after --name-wait, wins: its tunnel gets the ClientHello once, through the pump."""
+    async with relaying({"name": "silent", "address": "ok"}, early_data="on") as relay:
+        client = await relay.connect()
+        assert (await greeting(client)).startswith(b"hello from 127.0.0.1:")
+        await tunnel_ends(relay, client, ["name", "address"])
+    assert sorted(relay.proxy.received) == [("address", HELLO), ("name", HELLO)]
+    name_head, address_head = relay.proxy.heads
+    assert b"Connection: close" in name_head and b"Connection" not in address_head
+    [line] = relay.lines
+    assert line["retried-by-ip"] == "slow-name" and "early-data" not in line and line["up"] == len(HELLO)

@@ -188,20 +188,28 @@ async def test_a_dead_proxy_is_tried_again_with_backoff_not_in_a_loop(running, m
     assert not pre.pools[(HTTP, socket.AF_INET, address, None)].ready
 
 
+def stale_pool(proxy: socket.socket, upstream: Upstream, monkeypatch):
+    """A Preconnector (not running, and refilling nothing behind the test's back) whose one pooled
+    connection to ``proxy`` the proxy has closed; returns it, the pool's key and the pooled socket."""
+    address = proxy.getsockname()
+    pre = Preconnector(1, 2.0, Counts())
+    monkeypatch.setattr(pre, "_refill", lambda pool, now: False)
+    key = (upstream, socket.AF_INET, address, None)
+    pooled = socket.create_connection(address)
+    pooled.setblocking(False)
+    [stale] = accepted(proxy)
+    stale.close()
+    pre.pools[key] = preconnect.Pool(key)
+    pre.pools[key].ready.append((time.monotonic(), pooled))
+    return pre, key, pooled
+
+
 async def test_the_dialer_starts_again_on_a_new_connection_when_the_pooled_one_was_stale(monkeypatch):
     """The proxy closed the pooled connection just after it was taken: the client still gets its tunnel."""
     monkeypatch.setattr(preconnect, "closed_by_peer", lambda sock: False)  # the close comes too late to see
     with listener() as proxy:
         address = proxy.getsockname()
-        pre = Preconnector(1, 2.0, Counts())  # not running, and refilling nothing behind the test's back
-        monkeypatch.setattr(pre, "_refill", lambda pool, now: False)
-        key = (SOCKS5, socket.AF_INET, address, None)
-        pooled = socket.create_connection(address)
-        pooled.setblocking(False)
-        [stale] = accepted(proxy)
-        stale.close()
-        pre.pools[key] = preconnect.Pool(key)
-        pre.pools[key].ready.append((time.monotonic(), pooled))
+        pre, key, pooled = stale_pool(proxy, SOCKS5, monkeypatch)
         dialer = Dialer(pre)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dialer.run)
@@ -215,4 +223,28 @@ async def test_the_dialer_starts_again_on_a_new_connection_when_the_pooled_one_w
                 sock.close()
             assert kind == "opened" and pre.metrics.seen == {"taken": 1, "closed": 1}
             assert pre.pools[key].max_age < preconnect.MAX_AGE  # taught by the stale one
+            dialer.close()
+
+
+async def test_a_dial_started_again_after_a_stale_pooled_connection_sends_the_same_early_data(monkeypatch):
+    """HTTP CONNECT with a ClientHello after it, on a pooled connection the proxy had closed: the fresh
+    connection gets the request and the same early bytes (the caller counts on them having gone)."""
+    monkeypatch.setattr(preconnect, "closed_by_peer", lambda sock: False)
+    hello = b"\x16\x03\x01\x00\x05hello"
+    with listener() as proxy:
+        address = proxy.getsockname()
+        pre, _, pooled = stale_pool(proxy, HTTP, monkeypatch)
+        dialer = Dialer(pre)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dialer.run)
+            outcome = open_through(dialer, HTTP, [(socket.AF_INET, address)], early_data=hello)
+            await wait_for(lambda: pooled.fileno() == -1)
+            [conn] = accepted(proxy)
+            request = b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nHost: 10.0.0.1:443\r\nConnection: close\r\n\r\n"
+            with trio.socket.from_stdlib_socket(conn) as fresh:
+                assert await receive_exactly(fresh, len(request) + len(hello)) == request + hello
+                await fresh.send(b"HTTP/1.1 200 OK\r\n\r\n")
+                kind, sock, _ = await outcome.wait()
+                sock.close()
+            assert kind == "opened" and pre.metrics.seen == {"taken": 1, "closed": 1}
             dialer.close()

@@ -346,3 +346,45 @@ def test_http_like_garbage_never_raises_foreign_exceptions(garbage, data):
     except ProtocolError:
         pass
     assert outcome(client(), chunks) == outcome(client(), split_at(garbage, []))
+
+
+# --- early data ----------------------------------------------------------------
+
+
+HELLO = b"\x16\x03\x01\x00\x05hello"
+
+
+def test_early_data_follows_the_request_in_one_write_with_connection_close():
+    machine = HttpConnectClient("example.com", 443, username="alice", password="s3cret", early_data=HELLO)
+    assert machine.data_to_send() == (
+        b"CONNECT example.com:443 HTTP/1.1\r\n"
+        b"Host: example.com:443\r\n"
+        b"Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n"
+        b"Connection: close\r\n"
+        b"\r\n" + HELLO
+    )
+    assert machine.data_to_send() == b""
+
+
+def test_without_early_data_no_connection_close():
+    sent = HttpConnectClient("example.com", 443).data_to_send()
+    assert b"connection" not in sent.lower() and sent.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("split", [None, 1, 17])
+def test_with_early_data_a_2xx_still_opens_the_tunnel_with_what_follows(split):
+    machine = HttpConnectClient("example.com", 443, early_data=HELLO)
+    machine.data_to_send()
+    reply = OK_REPLY + b"\x16\x03\x03\x00\x02hi"
+    for chunk in [reply] if split is None else [reply[:split], reply[split:]]:
+        machine.receive_data(chunk)
+    assert machine.established and machine.trailing_data == b"\x16\x03\x03\x00\x02hi"
+
+
+def test_with_early_data_a_refusal_is_a_refusal_whatever_follows_it():
+    machine = HttpConnectClient("example.com", 443, early_data=HELLO)
+    machine.data_to_send()
+    with pytest.raises(ProxyRefused) as refused:
+        machine.receive_data(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc")
+    assert refused.value.reason == "http-503" and refused.value.host_unreachable
+    assert not machine.established
