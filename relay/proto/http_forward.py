@@ -8,9 +8,15 @@ and the proxy then resolves ``host`` itself. Hop-by-hop headers (RFC 9110
 them, because h11 frames the forwarded body by them.
 """
 
+from http import HTTPStatus
+
 import h11
 
 from relay.addresses import bracketed
+
+# Empty lines skipped before a request line (RFC 9112 2.2: a server SHOULD ignore at least one, as
+# squid and nginx do); more than this is no client's slip, and h11 refuses the next one.
+MAX_EMPTY_LINES = 100
 
 # Hop-by-hop fields, plus the ones the client meant for a proxy it does not know it has.
 HOP_BY_HOP = frozenset(
@@ -77,3 +83,49 @@ def forwarded_response(response):
         headers=end_to_end_headers(response.headers),
         reason=response.reason,
     )  # as HTTP/1.1 (h11 sends nothing else); h11 frames the body for an HTTP/1.0 client
+
+
+def leading_empty_lines(data: bytes, limit: int) -> tuple[int, int]:
+    """How many empty lines (CRLF or LF, at most ``limit``) ``data`` begins with, and where the rest begins."""
+    lines = position = 0
+    while lines < limit:
+        if data.startswith(b"\n", position):
+            position += 1
+        elif data.startswith(b"\r\n", position):
+            position += 2
+        else:
+            break
+        lines += 1
+    return lines, position
+
+
+class EmptyLines:
+    """Drops the empty lines before one request line, at most MAX_EMPTY_LINES; feed it every byte
+    read until then (h11 refuses an empty line where it expects a request line)."""
+
+    def __init__(self):
+        self.skipped = 0
+        self.held = b""  # a CR that may begin a CRLF
+        self.passing = False  # the request line began: everything passes as it is
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` goes to the parser (b"" for ``data`` b"": the end of data)."""
+        if self.passing or not data:
+            return data
+        data = self.held + data
+        lines, start = leading_empty_lines(data, MAX_EMPTY_LINES - self.skipped)
+        self.skipped += lines
+        rest = data[start:]
+        self.held = rest if rest == b"\r" and self.skipped < MAX_EMPTY_LINES else b""
+        if self.held:
+            return b""
+        self.passing = bool(rest)
+        return rest
+
+
+def bad_request(status: int) -> bytes:
+    """The response that ends a connection whose client broke the protocol (h11's hint: 400, or 431)."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}\n".encode()
+    head = f"HTTP/1.1 {status} {phrase}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body

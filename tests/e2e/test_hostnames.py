@@ -8,16 +8,17 @@ proxy for the *name* gets the client to the server.
 
 import hashlib
 import os
+import socket
 import ssl
 import statistics
 import time
 
+import h11
 import pytest
 import trustme
 
 from relay.lab import ADDR, Lab, start_dante, start_privoxy, start_squid, start_ssh_tunnel, start_sshd, start_tinyproxy
 from relay.lab.servers import HttpServer, NxdomainDns, pattern_sha256
-from tests.e2e.clients import expect_reset
 from tests.e2e.conftest import Relays, require_root
 
 NAME = "cdn.relaylab.test"
@@ -145,24 +146,126 @@ def test_a_body_framed_by_a_header_that_connection_names_reaches_squid_whole(run
     assert line["end"] == "closed" and line["http-requests"] == "1"
 
 
-def test_malformed_requests_are_reset_and_cost_one_log_line_per_10_s(run_relay, names_lab, figures):
+def get(path: str, host: str = NAME) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+def responses(sock, count: int, method: bytes = b"GET") -> list[tuple[int, dict, bytes]]:
+    """Read ``count`` responses: (status, headers, body) each; stops early at the end of data."""
+    http, out = h11.Connection(h11.CLIENT), []
+    while len(out) < count:
+        if out:
+            assert http.our_state is h11.DONE, out[-1][1]
+            http.start_next_cycle()
+        http.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))  # only tracks the state
+        http.send(h11.EndOfMessage())
+        status, headers, body = None, {}, b""
+        while not isinstance(event := http.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                http.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status, headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.ConnectionClosed):
+                return out
+        out.append((status, headers, body))
+    return out
+
+
+def end_of_data(sock, within: float) -> bytes:
+    """What the relay still sends until its FIN (a reset fails the test)."""
+    sock.settimeout(within)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_empty_lines_before_and_between_pipelined_requests_are_skipped(run_relay, names_lab, proxy):
+    """RFC 9112 2.2: a server SHOULD ignore them, as squid and nginx do. Before the first request
+    the sniffer must still see HTTP (else: a tunnel by address to port 80, which stock squid refuses)."""
+    relay = run_relay(STOCK_PROXIES[proxy])
+    seen = len(names_lab.http.requests)
+    with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
+        sock.sendall(b"\r\n" + get("/hello") + b"\r\n" + get("/blob/100000/3") + b"\n\r\n" + get("/missing"))
+        got = responses(sock, 3)
+        time.sleep(0.1)  # an empty line alone in its read, then the request
+        sock.sendall(b"\r\n")
+        time.sleep(0.1)
+        sock.sendall(get("/hello"))
+        got += responses(sock, 1)
+    assert [status for status, _, _ in got] == [200, 200, 404, 200]
+    assert got[0][2] == got[3][2] == b"hello from the lab server\n"
+    assert hashlib.sha256(got[1][2]).hexdigest() == pattern_sha256(100000, 3)
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "closed" and line["http-requests"] == "4" and line["name"] == NAME
+    assert [target for _, target, _ in names_lab.http.requests[seen:]] == [
+        "/hello",
+        "/blob/100000/3",
+        "/missing",
+        "/hello",
+    ]
+
+
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_chunked_upload_split_at_every_boundary_and_download_keep_their_sha256(run_relay, names_lab, proxy):
+    relay = run_relay(STOCK_PROXIES[proxy])
+    chunks = [os.urandom(size) for size in (1, 2, 4095, 65536, 300_000, 7)]
+    framing = [b"%x\r\n" % len(chunk) for chunk in chunks]
+    pieces = [f"POST /sha256 HTTP/1.1\r\nHost: {NAME}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()]
+    for size_line, chunk in zip(framing, chunks):
+        pieces += [size_line[:1], size_line[1:-2], b"\r", b"\n", chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
+        pieces += [b"\r", b"\n"]
+    pieces += [b"0", b"\r\n", b"\r\n"]
+    with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            if piece:
+                sock.sendall(piece)
+                time.sleep(0.002)  # each its own segment, most of them their own read
+        sock.sendall(get("/blob/3000000/5"))
+        [(status, _, digest), (_, _, blob)] = responses(sock, 2)
+    assert status == 200 and digest.strip().decode() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert hashlib.sha256(blob).hexdigest() == pattern_sha256(3_000_000, 5)
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "closed" and line["http-requests"] == "2"
+
+
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_a_malformed_request_after_a_good_one_gets_its_answer_then_a_400(run_relay, names_lab, proxy):
+    relay = run_relay(STOCK_PROXIES[proxy])
+    with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
+        # Pipelined: the bad request is read before the first one is answered.
+        sock.sendall(get("/blob/200000/4") + b"\r\n" + b"GET /hello HTTP/1.1\r\nBad Header\r\n\r\n")
+        [(status, _, blob), (refusal, headers, _)] = responses(sock, 2)
+        assert end_of_data(sock, within=5) == b""  # a FIN, not a reset
+    assert status == 200 and hashlib.sha256(blob).hexdigest() == pattern_sha256(200000, 4)
+    assert refusal == 400 and headers[b"connection"] == b"close"
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "client-protocol-error" and line["http-requests"] == "1"
+
+
+def test_malformed_requests_are_refused_and_cost_one_log_line_per_10_s(run_relay, names_lab, figures):
     relay = run_relay(STOCK_SQUID)
     started, took = time.monotonic(), []
     for _ in range(100):
         with names_lab.connect("client", ADDR.server4, 80, timeout=10) as sock:
-            sock.sendall(f"GET /hello HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode())
-            answer = b""
-            while not answer.endswith(b"hello from the lab server\n"):
-                answer += sock.recv(4096)
+            sock.sendall(get("/hello"))
+            assert responses(sock, 1)[0][0] == 200
+            sent = time.monotonic()
             sock.sendall(b"GET /hello HTTP/1.1\r\nBad Header\r\n\r\n")  # past the first: no tunnel
-            took.append(expect_reset(sock, within=5))
+            assert responses(sock, 1)[0][0] == 400
+            took.append(time.monotonic() - sent)
+            assert end_of_data(sock, within=5) == b""
     elapsed = time.monotonic() - started
     assert [line["end"] for line in relay.connections(at_least=100)] == ["client-protocol-error"] * 100
     warnings = [line for line in relay.log_text().splitlines() if "malformed HTTP request" in line]
     assert 1 <= len(warnings) <= 1 + elapsed / 10
     figures(
         "100 malformed second requests",
-        f"reset after {statistics.median(took) * 1000:.1f} ms (median), "
+        f"400 after {statistics.median(took) * 1000:.1f} ms (median), "
         f"{max(took) * 1000:.1f} ms (max); {len(warnings)} log line(s) in {elapsed:.1f} s",
     )
 
