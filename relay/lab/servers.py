@@ -162,6 +162,9 @@ class HttpServer(_ThreadedServer):
         super().__init__(lab, host, address, port)
 
     def handle(self, conn: socket.socket):
+        # As nginx (tcp_nodelay on) and most servers: a head and a body written apart are not held
+        # by Nagle for the proxy's delayed ACK (40 ms), which would hide any such stall downstream.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
             conn = self.tls.wrap_socket(conn, server_side=True)
         http = h11.Connection(h11.SERVER)

@@ -15,6 +15,8 @@ no body is sent once more on a new connection, as RFC 9112 (9.3.1) allows,
 provided nothing of a response reached the client yet.
 """
 
+import socket
+
 import h11
 import trio
 
@@ -362,6 +364,10 @@ async def forward(client, first: bytes, record, config: Config, pool, candidates
     ``record`` (the connection) gets the proxy used and the counts; NeedsTunnel
     passes through: the connection then opens a tunnel instead."""
     http_candidates = [state for state in candidates if state.upstream.scheme == "http"]
+    # A response's head and body go out in separate writes (as h11 yields them). Under Nagle the
+    # body waited for the ACK of the head, which the client delays by 40 ms: every short response
+    # took 40 ms more than through squid used directly (apt's 404s, issue 20).
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def open_proxy():
         last = None
