@@ -31,6 +31,7 @@ from relay.proto.http_forward import (
     absolute_form,
     authority,
     bad_request,
+    forwardable_upgrade,
     forwarded_response,
     needs_tunnel,
 )
@@ -70,13 +71,26 @@ class HttpForwarder:
     """Serves one client connection. ``open_proxy`` is an async callable that returns a
     connected socket to the proxy (or raises UpstreamError)."""
 
-    def __init__(self, client, first: bytes, dst, open_proxy, *, usable_name, proxy_authorization, idle_timeout):
+    def __init__(
+        self,
+        client,
+        first: bytes,
+        dst,
+        open_proxy,
+        *,
+        usable_name,
+        proxy_authorization,
+        idle_timeout,
+        forward_upgrades=False,
+    ):
         self.client = client
         self.dst = dst
         self.open_proxy = open_proxy
         self.usable_name = usable_name  # the Host header's name, or None to ask by address
         self.proxy_authorization = proxy_authorization
         self.idle_timeout = idle_timeout
+        self.forward_upgrades = forward_upgrades  # --http-upgrade forward
+        self.switched = False  # the proxy answered an upgrade with 101: the connection is a tunnel now
         self.from_client = self.empty_lines = None
         self._next_request(first, closed=False)
         self.unparsed = bytearray(first)  # until the first request is accepted: replayed if we must tunnel
@@ -224,21 +238,24 @@ class HttpForwarder:
                 raise self.fail(ends.CLIENT_PROTOCOL_ERROR, exc.error_status_hint) from None
             if isinstance(request, h11.ConnectionClosed):
                 return ends.CLOSED
-            if needs_tunnel(request):
+            upgrade = self.forward_upgrades and forwardable_upgrade(request)
+            if needs_tunnel(request) and not upgrade:
                 if self.unparsed is not None:
                     raise NeedsTunnel(bytes(self.unparsed))
                 raise ForwardFailed(ends.CLIENT_UPGRADE_AFTER_REQUESTS)  # cannot switch to a tunnel mid-connection
             self.unparsed = None
-            await self._exchange(request)
+            await self._exchange(request, upgrade)
+            if self.switched:
+                return await self._tunnel()
             if not self._next_cycle():
                 return ends.CLOSED
 
-    async def _exchange(self, request: h11.Request) -> None:
+    async def _exchange(self, request: h11.Request, upgrade: bool) -> None:
         reused = self.to_proxy is not None and self.to_proxy.our_state is h11.IDLE and not closed_by_peer(self.proxy)
         if not reused:
             await self._reconnect()
         self.requests += 1
-        forwarded = absolute_form(request, self.target_authority(request), self.proxy_authorization)
+        forwarded = absolute_form(request, self.target_authority(request), self.proxy_authorization, upgrade)
         answered_before = self.sent_down
         try:
             await self._send_and_answer(forwarded)
@@ -331,6 +348,44 @@ class HttpForwarder:
             await self.to_client(event)
             if isinstance(event, h11.EndOfMessage):
                 return
+            if self.to_proxy.their_state is h11.SWITCHED_PROTOCOL:  # a 101 to the upgrade we forwarded
+                self.switched = True
+                return
+
+    async def _tunnel(self) -> str:
+        """After a 101: the bytes each side sent past it, then both directions as they come, each
+        ending with a FIN passed on, until both have."""
+        early_up, early_down = self.from_client.trailing_data[0], self.to_proxy.trailing_data[0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pipe, self.client, self.proxy, early_up, True)
+            nursery.start_soon(self._pipe, self.proxy, self.client, early_down, False)
+        return ends.CLOSED
+
+    async def _pipe(self, source, sink, early: bytes, up: bool) -> None:
+        source_reset, sink_reset = ends.RESET_BY if up else ends.RESET_BY[::-1]
+        data = early
+        while True:
+            if data:
+                try:
+                    await write_all(sink, data)
+                except OSError:
+                    raise self.fail(sink_reset) from None
+                if up:
+                    self.sent_up += len(data)
+                else:
+                    self.sent_down += len(data)
+            try:
+                data = await source.recv(READ_SIZE)
+            except OSError:
+                raise self.fail(source_reset) from None
+            self.check_end(data)
+            if not data:
+                break
+            self.touch()
+        try:
+            sink.shutdown(trio.socket.SHUT_WR)
+        except OSError:
+            raise self.fail(sink_reset) from None
 
     def _next_cycle(self) -> bool:
         """Ready both sides for the next request; False if the client connection must end."""
@@ -393,6 +448,7 @@ async def forward(client, first: bytes, record, config: Config, pool, candidates
         usable_name=record.usable_name,
         proxy_authorization=basic_credentials(upstream.username, password) if password is not None else None,
         idle_timeout=config.idle_timeout,
+        forward_upgrades=config.http_upgrade == "forward",
     )
     record.via = upstream
     ended, detail, clean = ends.CLOSED, None, True

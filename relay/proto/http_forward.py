@@ -56,15 +56,36 @@ def needs_tunnel(request: h11.Request) -> bool:
     )
 
 
+def forwardable_upgrade(request: h11.Request) -> bool:
+    """An Upgrade request (WebSocket over ws://) that absolute form can carry to a proxy that
+    forwards upgrades (squid 5 with http_upgrade_request_protocols): HTTP/1.1, origin form."""
+    return (
+        request.http_version == b"1.1"
+        and request.method != b"CONNECT"
+        and request.target.startswith(b"/")
+        and any(name == b"upgrade" for name, _ in request.headers)
+    )
+
+
+def upgrade_headers(headers) -> list[tuple[bytes, bytes]]:
+    """The Upgrade fields of ``headers`` and the Connection option naming them, to go one hop further."""
+    offered = [(name, value) for name, value in headers if name == b"upgrade"]
+    return [*offered, (b"connection", b"Upgrade")] if offered else []
+
+
 def authority(host: str, port: int) -> bytes:
     """``host[:port]`` for an absolute-form URL (port 80 is implied by http://)."""
     shown = bracketed(host)
     return (shown if port == 80 else f"{shown}:{port}").encode("ascii")
 
 
-def absolute_form(request: h11.Request, target_authority: bytes, proxy_authorization: bytes | None) -> h11.Request:
-    """The request as sent to a forward proxy."""
+def absolute_form(
+    request: h11.Request, target_authority: bytes, proxy_authorization: bytes | None, upgrade: bool = False
+) -> h11.Request:
+    """The request as sent to a forward proxy; ``upgrade``: with its Upgrade offer (see forwardable_upgrade)."""
     headers = end_to_end_headers(request.headers)
+    if upgrade:
+        headers += upgrade_headers(request.headers)
     if not any(name == b"host" for name, _ in headers):  # HTTP/1.0 clients may omit it; h11 speaks 1.1
         headers.insert(0, (b"host", target_authority))
     if proxy_authorization is not None:
@@ -77,11 +98,13 @@ def absolute_form(request: h11.Request, target_authority: bytes, proxy_authoriza
 
 
 def forwarded_response(response):
-    """A proxy's (informational or final) response as sent on to the client."""
+    """A proxy's (informational or final) response as sent on to the client; a 101 keeps the
+    protocol switched to."""
+    headers = end_to_end_headers(response.headers)
+    if response.status_code == 101:
+        headers += upgrade_headers(response.headers)
     return type(response)(
-        status_code=response.status_code,
-        headers=end_to_end_headers(response.headers),
-        reason=response.reason,
+        status_code=response.status_code, headers=headers, reason=response.reason
     )  # as HTTP/1.1 (h11 sends nothing else); h11 frames the body for an HTTP/1.0 client
 
 

@@ -19,7 +19,8 @@ import pytest
 import trustme
 
 from relay.lab import ADDR, Lab, start_dante, start_privoxy, start_squid, start_ssh_tunnel, start_sshd, start_tinyproxy
-from relay.lab.servers import HttpServer, NxdomainDns, pattern_sha256
+from relay.lab.servers import BannerServer, HttpServer, NxdomainDns, pattern_sha256
+from tests.e2e.clients import expect_reset, receive_exactly
 from tests.e2e.conftest import Relays, require_root
 
 NAME = "cdn.relaylab.test"
@@ -28,6 +29,7 @@ SLOW_NAME = "slow.relaylab.test"  # right address on the client; the far side's 
 WRONG_ADDRESS = ADDR.far_server_side4  # "the CDN node for another region": nothing listens on 80/443 there
 STOCK_SQUID = "127.0.0.1:3128"  # Debian's squid.conf, through ssh -L
 OPEN_SQUID = "127.0.0.1:3129"  # allows CONNECT to any port, through ssh -L
+UPGRADE_SQUID = "127.0.0.1:3130"  # Debian's squid.conf plus README's lines for ws:// and port 22, through ssh -L
 DANTE = f"socks5://{ADDR.far4}:1080"
 STOCK_PROXIES = {"squid": STOCK_SQUID, "privoxy": "127.0.0.1:8118", "tinyproxy": "127.0.0.1:8888"}
 
@@ -42,13 +44,18 @@ def names_lab():
         sshd = start_sshd(lab)
         lab.stock_squid = start_squid(lab, listen=[("127.0.0.1", 3128)], debian_default_conf=True)
         start_squid(lab, listen=[("127.0.0.1", 3129)], name="open-squid")
+        lab.upgrade_squid = start_squid(
+            lab, listen=[("127.0.0.1", 3130)], debian_default_conf=True, openings=True, name="upgrade-squid"
+        )
         start_privoxy(lab)
         start_tinyproxy(lab)
         start_ssh_tunnel(
             lab,
             sshd,
             forwards=[
-                option for port in (3128, 3129, 8118, 8888) for option in ("-L", f"127.0.0.1:{port}:127.0.0.1:{port}")
+                option
+                for port in (3128, 3129, 3130, 8118, 8888)
+                for option in ("-L", f"127.0.0.1:{port}:127.0.0.1:{port}")
             ],
         )
         start_dante(lab)
@@ -58,6 +65,7 @@ def names_lab():
         lab.ca_file = str(lab.tmpdir / "ca.pem")
         ca.cert_pem.write_to_path(lab.ca_file)
         lab.http = HttpServer(lab, "server", "::", 80)
+        BannerServer(lab, "server", "::", 22)  # an SSH server's stand-in: it speaks first
         lab.https = HttpServer(lab, "server", "::", 443, tls=tls)
         yield lab
 
@@ -396,3 +404,90 @@ def test_no_delayed_ack_stall_between_a_response_s_head_and_body(run_relay, name
             f"{sum(gap >= 0.030 for gap in direct)} at 30 ms or more",
         )
     assert statistics.median(gaps) < 0.005
+
+
+def websocket_request(path: str = "/echo") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {NAME}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def echoed_sha256(sock, size: int) -> tuple[str, str]:
+    """Send ``size`` random bytes through an upgraded connection and read as many back: both sha256s."""
+    sent = os.urandom(size)
+    received = bytearray()
+    sock.setblocking(False)
+    view, deadline = memoryview(sent), time.monotonic() + 30
+    while len(received) < size and time.monotonic() < deadline:
+        if view:
+            try:
+                view = view[sock.send(view[:65536]) :]
+            except BlockingIOError:
+                pass
+        try:
+            chunk = sock.recv(65536)
+            assert chunk, "end of data"
+            received += chunk
+        except BlockingIOError:
+            time.sleep(0.001)
+    sock.setblocking(True)
+    return hashlib.sha256(sent).hexdigest(), hashlib.sha256(received).hexdigest()
+
+
+def test_a_websocket_upgrade_is_forwarded_in_absolute_form_through_squid(run_relay, names_lab):
+    """With --http-upgrade forward and README's squid.conf line, ws:// goes as squid expects any
+    client's: GET http://name/path with its Upgrade offer; after the 101, a tunnel both ways."""
+    relay = run_relay(UPGRADE_SQUID, "--http-upgrade", "forward")
+    with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
+        sock.sendall(get("/hello") + websocket_request())  # mid-connection too, after a plain request
+        [(status, _, _)] = responses(sock, 1)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101 ") and b"\r\nupgrade: websocket\r\n" in head.lower()
+        sent, received = echoed_sha256(sock, 4 << 20)
+        assert status == 200 and received == sent
+        sock.shutdown(socket.SHUT_WR)
+        assert end_of_data(sock, within=10) == b""
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "closed" and line["http-requests"] == "2" and int(line["up"]) > 4 << 20
+    assert not names_lab.upgrade_squid.connect_targets()  # no CONNECT: absolute form
+
+
+def test_stock_squid_drops_the_upgrade_it_is_not_told_to_allow(run_relay, names_lab):
+    relay = run_relay(STOCK_SQUID, "--http-upgrade", "forward")
+    with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
+        sock.sendall(websocket_request())
+        [(status, _, body)] = responses(sock, 1)
+    assert status == 404 and body == b"no such path\n"  # the server saw a plain GET /echo
+    [line] = relay.connections(at_least=1)
+    assert line["http-requests"] == "1"
+
+
+def test_a_403_for_the_port_is_not_asked_again_by_address(run_relay, names_lab):
+    """Tunnelled (--http-upgrade tunnel, the default), an upgrade to port 80 is a CONNECT that
+    stock squid's rules refuse. The name was reachable: asking by address only added a denial."""
+    relay = run_relay(STOCK_SQUID)
+    squid = names_lab.stock_squid
+    before = [entry for entry in squid.access_log() if entry.method == "CONNECT"]
+    with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
+        sock.sendall(websocket_request())
+        expect_reset(sock, within=15)  # as for any refused tunnel: nothing reached the client
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "refused:http-403" and "retried-by-ip" not in line
+    time.sleep(0.5)  # squid writes its log line after its answer
+    attempts = [entry.url for entry in squid.access_log() if entry.method == "CONNECT"][len(before) :]
+    assert attempts == [f"{NAME}:80"]
+
+
+@pytest.mark.parametrize("proxy,reached", [(STOCK_SQUID, False), (UPGRADE_SQUID, True)], ids=["stock", "opened"])
+def test_git_over_ssh_needs_readme_s_two_lines_in_squid_conf(run_relay, names_lab, proxy, reached):
+    relay = run_relay(proxy)
+    with names_lab.connect("client", ADDR.server4, 22, timeout=30) as sock:
+        if reached:
+            assert receive_exactly(sock, len(BannerServer.banner)) == BannerServer.banner
+        else:
+            expect_reset(sock, within=15)
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == ("closed" if reached else "refused:http-403")

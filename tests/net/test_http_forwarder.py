@@ -513,7 +513,7 @@ async def test_content_length_next_to_chunked_is_not_forwarded(proxy):
 # A proxy the test plays by hand, one connection after another.
 
 
-def forwarder_to_played(client_side, idle_timeout=10):
+def forwarder_to_played(client_side, idle_timeout=10, forward_upgrades=False):
     """A forwarder, and a channel that hands the test the proxy's end of each connection it opens."""
     opened, accepted = trio.open_memory_channel(math.inf)
 
@@ -530,6 +530,7 @@ def forwarder_to_played(client_side, idle_timeout=10):
         usable_name=lambda name: name,
         proxy_authorization=None,
         idle_timeout=idle_timeout,
+        forward_upgrades=forward_upgrades,
     )
     return forwarder, accepted
 
@@ -684,3 +685,54 @@ async def test_a_client_protocol_error_costs_one_rate_limited_warning_and_never_
     assert "internal error" not in caplog.text
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert warnings == [f"connection from {peers[0]}: malformed HTTP request, refused (client-protocol-error)"]
+
+
+WEBSOCKET = b"GET /ws HTTP/1.1\r\nHost: h.example\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
+
+
+async def test_a_forwarded_upgrade_becomes_a_tunnel_both_ways_after_the_101():
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client, forward_upgrades=True)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            proxy = await request_reaching_proxy(client, accepted, get("/a"))
+            await proxy.send(ok(b"a"))
+            assert await responses(client, ["GET"]) == [(200, b"a")]
+            await client.send(WEBSOCKET + b"early frame")  # a client may send before the 101
+            request = await until(proxy, b"\r\n\r\n")
+            head = request.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+            assert head[0] == b"get http://h.example/ws http/1.1"
+            assert b"upgrade: websocket" in head and b"connection: upgrade" in head
+            await proxy.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi")
+            answer = await until(client, b"hi")
+            assert answer.startswith(b"HTTP/1.1 101 ") and b"\r\nupgrade: websocket\r\n" in answer.lower()
+            assert await until(proxy, b"early frame")
+            await client.send(b"up")
+            assert await until(proxy, b"up")
+            await proxy.send(b"down")
+            assert await until(client, b"down")
+            client.shutdown(trio.socket.SHUT_WR)  # each direction ends on its own, with a FIN
+            assert await proxy.recv(100) == b""
+            await proxy.send(b"after the client's FIN")
+            assert await until(client, b"after the client's FIN")
+            proxy.shutdown(trio.socket.SHUT_WR)
+            assert await client.recv(100) == b""
+    assert ended == ["closed"] and forwarder.requests == 2
+
+
+async def test_an_upgrade_the_proxy_does_not_take_is_an_ordinary_exchange():
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client, forward_upgrades=True)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            proxy = await request_reaching_proxy(client, accepted, WEBSOCKET)
+            await proxy.send(ok(b"no upgrade here"))  # stock squid drops the offer: the server answers GET
+            assert await responses(client, ["GET"]) == [(200, b"no upgrade here")]
+            await client.send(get("/next"))
+            assert b"GET http://mirror.example/next " in await until(proxy, b"\r\n\r\n")
+            await proxy.send(ok(b"next"))
+            assert await responses(client, ["GET"]) == [(200, b"next")]
+            client.shutdown(trio.socket.SHUT_WR)
+    assert ended == ["closed"]

@@ -11,6 +11,7 @@ from relay.proto.http_forward import (
     authority,
     bad_request,
     end_to_end_headers,
+    forwardable_upgrade,
     forwarded_response,
     needs_tunnel,
 )
@@ -195,3 +196,24 @@ def test_a_bad_request_answer_is_well_framed_and_closes():
     assert response.status_code == 431 and (b"connection", b"close") in response.headers
     assert data.data == b"431 Request Header Fields Too Large\n"
     assert isinstance(client.next_event(), h11.EndOfMessage) and client.our_state is h11.MUST_CLOSE
+
+
+def test_an_upgrade_goes_on_with_its_offer_and_a_101_keeps_what_it_switched_to():
+    headers = [
+        ("Host", "h"),
+        ("Upgrade", "websocket"),
+        ("Connection", "keep-alive, Upgrade"),
+        ("Sec-WebSocket-Key", "k"),
+    ]
+    request = h11.Request(method="GET", target="/ws", headers=headers)
+    assert forwardable_upgrade(request) and needs_tunnel(request)
+    assert not forwardable_upgrade(h11.Request(method="GET", target="/", headers=[("Host", "h")]))
+    assert not forwardable_upgrade(h11.Request(method="GET", target="/", headers=headers, http_version="1.0"))
+    forwarded = absolute_form(request, b"h", None, upgrade=True)
+    assert (b"upgrade", b"websocket") in forwarded.headers and (b"connection", b"Upgrade") in forwarded.headers
+    assert (b"sec-websocket-key", b"k") in forwarded.headers
+    assert not any(name == b"upgrade" for name, _ in absolute_form(request, b"h", None).headers)
+    switched = forwarded_response(h11.InformationalResponse(status_code=101, headers=headers[1:]))
+    assert (b"upgrade", b"websocket") in switched.headers and (b"connection", b"Upgrade") in switched.headers
+    final = forwarded_response(h11.Response(status_code=200, headers=headers[1:]))
+    assert not any(name in (b"upgrade", b"connection") for name, _ in final.headers)
