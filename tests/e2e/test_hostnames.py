@@ -477,8 +477,9 @@ def test_a_403_for_the_port_is_not_asked_again_by_address(run_relay, names_lab):
     [line] = relay.connections(at_least=1)
     assert line["end"] == "refused:http-403" and "retried-by-ip" not in line
     time.sleep(0.5)  # squid writes its log line after its answer
+    # Tunnels of earlier tests (port 443) are logged as they close: only this test's port counts.
     attempts = [entry.url for entry in squid.access_log() if entry.method == "CONNECT"][len(before) :]
-    assert attempts == [f"{NAME}:80"]
+    assert [url for url in attempts if url.endswith(":80")] == [f"{NAME}:80"]
 
 
 @pytest.mark.parametrize("proxy,reached", [(STOCK_SQUID, False), (UPGRADE_SQUID, True)], ids=["stock", "opened"])
