@@ -6,12 +6,14 @@ address; the far host's maps it to the right one. Only a relay that asks the
 proxy for the *name* gets the client to the server.
 """
 
+import contextlib
 import hashlib
 import os
 import re
 import socket
 import ssl
 import statistics
+import threading
 import time
 
 import h11
@@ -380,30 +382,74 @@ def head_to_body_gaps(sock, request: bytes, count: int) -> list[float]:
     return gaps
 
 
-@pytest.mark.parametrize("proxy", STOCK_PROXIES)
-def test_no_delayed_ack_stall_between_a_response_s_head_and_body(run_relay, names_lab, figures, proxy):
+class SplitWritesProxy:
+    """A keep-alive HTTP proxy on the router that answers every request with a short 404, its head
+    and body in two writes, with TCP_NODELAY: the one leg where Nagle can hold a body is then the
+    relay's own, to the client (squid, across ssh, adds stalls of its own now and then)."""
+
+    HEAD = b"HTTP/1.1 404 Not Found\r\nContent-Length: 13\r\n\r\n"
+
+    def __init__(self, lab, port: int = 3995):
+        self.listener = lab.socket("router")
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(8)
+        self.url = f"127.0.0.1:{port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+                while b"\r\n\r\n" in data:
+                    _, _, data = data.partition(b"\r\n\r\n")
+                    conn.sendall(self.HEAD)
+                    time.sleep(0.001)  # its own segment, as a server writing head and body apart
+                    conn.sendall(b"no such path\n")
+
+    def close(self):
+        self.listener.close()
+
+
+def test_no_delayed_ack_stall_between_a_response_s_head_and_body(run_relay, names_lab, figures):
     """The relay writes a response's head and body apart. With Nagle on its client socket the body
     waited for the client's delayed ACK of the head: 40 ms (Linux's minimum) on every response,
-    median 41.5 ms of 100 through squid, where squid used directly gave 0.02 ms. The far side
-    (squid or tinyproxy writing to sshd) adds such stalls now and then, with or without the relay:
-    the median tells them apart."""
+    median 41.9 ms over 100 through squid, where squid used directly gave 0.01 ms."""
+    proxy = SplitWritesProxy(names_lab)
+    try:
+        run_relay(proxy.url)
+        with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
+            gaps = head_to_body_gaps(sock, get("/missing"), 100)
+    finally:
+        proxy.close()
+    figures("head-to-body gap of 100 404s, relay's leg alone", gap_figures(gaps))
+    assert sum(gap >= 0.030 for gap in gaps) <= 2, gap_figures(gaps)  # before: 100
+
+
+def gap_figures(gaps: list[float]) -> str:
+    return (
+        f"median {statistics.median(gaps) * 1000:.2f} ms, max {max(gaps) * 1000:.1f} ms, "
+        f"{sum(gap >= 0.030 for gap in gaps)} at 30 ms or more"
+    )
+
+
+@pytest.mark.parametrize("proxy", STOCK_PROXIES)
+def test_head_to_body_gaps_through_the_stock_proxies(run_relay, names_lab, figures, proxy):
+    """Figures only: the far side (squid or tinyproxy writing to sshd) meets the same delayed ACK,
+    with or without the relay, in 2 to 65 of 100 responses from one run to the next."""
     run_relay(STOCK_PROXIES[proxy])
     with names_lab.connect("client", ADDR.server4, 80, timeout=30) as sock:
-        gaps = head_to_body_gaps(sock, get("/missing"), 100)
-    figures(
-        f"head-to-body gap of 100 404s through {proxy}",
-        f"median {statistics.median(gaps) * 1000:.2f} ms, max {max(gaps) * 1000:.1f} ms, "
-        f"{sum(gap >= 0.030 for gap in gaps)} at 30 ms or more",
-    )
+        figures(f"through the relay and {proxy}", gap_figures(head_to_body_gaps(sock, get("/missing"), 100)))
     if proxy == "squid":  # the same through squid used directly (from the router, where ssh -L listens)
         with names_lab.connect("router", "127.0.0.1", 3128, timeout=30) as sock:
-            direct = head_to_body_gaps(sock, get(f"http://{NAME}/missing"), 100)
-        figures(
-            "the same, squid used directly",
-            f"median {statistics.median(direct) * 1000:.2f} ms, max {max(direct) * 1000:.1f} ms, "
-            f"{sum(gap >= 0.030 for gap in direct)} at 30 ms or more",
-        )
-    assert statistics.median(gaps) < 0.005
+            figures("squid used directly", gap_figures(head_to_body_gaps(sock, get(f"http://{NAME}/missing"), 100)))
 
 
 def websocket_request(path: str = "/echo") -> bytes:
