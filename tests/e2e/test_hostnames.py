@@ -379,6 +379,7 @@ def head_to_body_gaps(sock, request: bytes, count: int) -> list[float]:
         while len(body) < length:
             body += sock.recv(65536)
         gaps.append(time.monotonic() - head_at)
+        assert head.startswith(b"HTTP/1.1 404 ") and body == b"no such path\n"  # the lab server's, whole
     return gaps
 
 
