@@ -284,17 +284,29 @@ def upstream(name: str, target: str, seconds: float | None, reason: str | None, 
     )
 
 
+# Debian's squid.conf: Safe_ports below 1025 (1025-65535 are all in it); another port is refused
+# by 'http_access deny !Safe_ports' before its SSL_ports rule is read.
+DEBIAN_SAFE_PORTS = frozenset({21, 70, 80, 210, 280, 443, 488, 591, 777})
+
+
 def non_tls_port(name: str, target: str, reason: str | None) -> Verdict:
     """A CONNECT to a port other than 443 (``target``); ``reason``: why it failed, None if it opened."""
     what = f"upstream {name} CONNECT to other ports"
     if reason != "http-403":
         return Verdict(OK, what, f"not refused by the proxy's rules ({target}: {reason or 'opened'})")
+    port = int(target.rpartition(":")[2])
+    if port in DEBIAN_SAFE_PORTS or port >= 1025:
+        fix = f"add 'acl SSL_ports port {port}' to squid.conf (before 'http_access deny CONNECT !SSL_ports')"
+    else:  # refused by 'http_access deny !Safe_ports' first
+        fix = (
+            f"add 'acl Safe_ports port {port}' and 'acl SSL_ports port {port}' to squid.conf "
+            "(before 'http_access deny !Safe_ports')"
+        )
     return Verdict(
         WARN,
         what,
         f"{target} refused (403): stock squid allows CONNECT only to SSL_ports, so git over ssh "
-        f"and other non-443 TLS fail: add 'acl SSL_ports port {target.rpartition(':')[2]}' to squid.conf "
-        "(before 'http_access deny CONNECT !SSL_ports')",
+        f"and other non-443 TLS fail: {fix}",
     )
 
 

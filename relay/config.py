@@ -633,6 +633,16 @@ SETTINGS = [
         "(default: forward)",
     ),
     Setting(
+        "http-upgrade",
+        one_of("forward", "tunnel"),
+        "tunnel",
+        False,
+        "forward|tunnel",
+        "with --http-mode forward, an Upgrade request (WebSocket over ws://): 'forward' sends it in absolute "
+        "form and the connection becomes a tunnel after the proxy's 101 (squid 5 needs "
+        "http_upgrade_request_protocols), 'tunnel' opens a CONNECT tunnel for it (default: tunnel)",
+    ),
+    Setting(
         "bypass",
         parse_cidr,
         [],
@@ -879,6 +889,7 @@ class Config:
     server_first_ports: frozenset[int]  # destination ports never waited for
     preconnect: int | None  # connections per proxy address opened ahead: None auto, 0 off
     http_mode: str  # plain HTTP through an HTTP proxy: "forward" (absolute form) or "connect"
+    http_upgrade: str  # an Upgrade request in forward mode: "forward" (absolute form, then a tunnel) or "tunnel"
     bypass: list
     bypass_domain: list[str]
     health_interval: float

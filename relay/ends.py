@@ -15,6 +15,10 @@ HALF_CLOSED_TIMEOUT = "half-closed-timeout"  # one direction finished, the other
 UPSTREAM_DOWN = "upstream-down"  # --confirm-eof: the upstream's FIN came from a proxy that died
 CLIENT_PROTOCOL_ERROR = "client-protocol-error"  # plain HTTP forwarded: the client's request was malformed
 CLIENT_CLOSED_MID_REQUEST = "client-closed-mid-request"  # plain HTTP forwarded: the client left before its answer
+# Plain HTTP forwarded: an upgrade (or CONNECT) after the connection's first request, which cannot become a tunnel.
+CLIENT_UPGRADE_AFTER_REQUESTS = "client-upgrade-after-requests"
+PROXY_CLOSED = "proxy-closed"  # plain HTTP forwarded: the proxy closed before its answer was complete
+PROXY_PROTOCOL_ERROR = "proxy-protocol-error"  # plain HTTP forwarded: the proxy's answer was malformed
 CANCELLED = "cancelled"  # the relay shut down
 RECLAIMED = "reclaimed"  # every slot was taken: its client had not sent a byte, and a new one waited
 ERROR = "error"  # a bug of the relay's, logged with its traceback

@@ -161,7 +161,10 @@ def test_upstream_and_its_faults():
 
 def test_a_403_to_port_22_is_stock_squids_ssl_ports():
     refused = checks.non_tls_port("http://p:3128", "a.example:22", "http-403")
-    assert refused.level == WARN and "acl SSL_ports port 22" in refused.detail
+    # Port 22 is in neither Safe_ports nor SSL_ports: one line alone does not let it through.
+    assert refused.level == WARN and "'acl Safe_ports port 22' and 'acl SSL_ports port 22'" in refused.detail
+    high = checks.non_tls_port("http://p:3128", "a.example:8443", "http-403").detail
+    assert "add 'acl SSL_ports port 8443' to squid.conf" in high and "Safe_ports" not in high.partition("add")[2]
     assert checks.non_tls_port("http://p:3128", "a.example:22", None).level == OK
     assert checks.non_tls_port("http://p:3128", "a.example:22", "http-503").level == OK  # tried: not the rules
 

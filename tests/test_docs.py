@@ -1,7 +1,9 @@
 """README promises two commands; CI must run the test one verbatim."""
 
+import re
 from pathlib import Path
 
+from relay import ends
 from relay.config import SETTINGS
 
 ROOT = Path(__file__).parent.parent
@@ -35,3 +37,29 @@ def test_the_readme_says_where_a_password_shows():
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "`***` everywhere" not in readme
     assert "/proc/PID/cmdline" in readme and "--upstream-password-file" in readme
+
+
+def readme_ends() -> str:
+    """README's paragraph listing the words a connection's log line ends with."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("`end` is `closed`")
+    return readme[start : readme.index("\n\n", start)]
+
+
+def test_the_readme_documents_every_end():
+    words = [value for name, value in vars(ends).items() if name.isupper() and isinstance(value, str)]
+    assert len(words) >= 14  # the module as read, not an empty list
+    assert [word for word in words if f"`{word}`" not in readme_ends()] == []
+
+
+def test_ends_are_written_with_the_words_of_relay_ends():
+    """An end word spelled out where a connection ends would escape the check above."""
+    # refused:REASON is listed as such
+    literal = re.compile(r"""(?:\bfail|ForwardFailed|\.end)\(\s*f?["'](?!refused:)[a-z]""")
+    found = [
+        f"{path.relative_to(ROOT)}: {line.strip()}"
+        for path in sorted((ROOT / "relay").rglob("*.py"))
+        for line in path.read_text().splitlines()
+        if literal.search(line)
+    ]
+    assert found == []

@@ -152,7 +152,7 @@ class HttpServer(_ThreadedServer):
     ``GET /blob/SIZE/SEED``  pattern(SIZE, SEED) with a Content-Length.
     ``GET /hello``           a short text.
     ``PUT|POST /sha256``     the sha256 of the request body, whatever its framing.
-    ``GET /echo`` with ``Upgrade: echo``  101, then echoes raw bytes (a WebSocket stand-in).
+    ``GET /echo`` with ``Upgrade: echo`` or ``websocket``  101, then echoes raw bytes (a WebSocket stand-in).
     ``requests`` records (method, target, host header) of every request served.
     """
 
@@ -162,6 +162,9 @@ class HttpServer(_ThreadedServer):
         super().__init__(lab, host, address, port)
 
     def handle(self, conn: socket.socket):
+        # As nginx (tcp_nodelay on) and most servers: a head and a body written apart are not held
+        # by Nagle for the proxy's delayed ACK (40 ms), which would hide any such stall downstream.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
             conn = self.tls.wrap_socket(conn, server_side=True)
         http = h11.Connection(h11.SERVER)
@@ -176,11 +179,11 @@ class HttpServer(_ThreadedServer):
                 body.update(event.data)
             if not isinstance(event, h11.EndOfMessage):
                 return
-            if dict(request.headers).get(b"upgrade") == b"echo":
+            if (upgrade := dict(request.headers).get(b"upgrade")) in (b"echo", b"websocket"):
                 conn.sendall(
                     http.send(
                         h11.InformationalResponse(
-                            status_code=101, headers=[("Upgrade", "echo"), ("Connection", "Upgrade")]
+                            status_code=101, headers=[("Upgrade", upgrade), ("Connection", "Upgrade")]
                         )
                     )
                 )

@@ -186,6 +186,17 @@ def _squid_debian_conf(listen: list[Endpoint]) -> str:
     )
 
 
+# README's squid.conf lines: the first lets squid 5 forward a WebSocket upgrade (stock squid drops
+# the Upgrade header; clients send "Upgrade: websocket", and squid compares the name
+# case-sensitively); the others let CONNECT reach port 22 (git over ssh), which Debian's rules
+# refuse twice: not a Safe_ports port, not an SSL_ports one.
+SQUID_OPENINGS = [
+    "http_upgrade_request_protocols websocket allow all",
+    "acl Safe_ports port 22",
+    "acl SSL_ports port 22",
+]
+
+
 def start_squid(
     lab: Lab,
     host: str = "far",
@@ -193,6 +204,7 @@ def start_squid(
     debian_default_conf: bool = False,
     name: str = "squid",
     deny_own_machine: bool = False,
+    openings: bool = False,
     extra: Sequence[str] = (),
 ) -> Squid:
     """Squid 5 (``squid -N``) on ``listen``.
@@ -201,12 +213,15 @@ def start_squid(
     ``debian_default_conf=True`` keeps Debian's rules instead, i.e. only
     localhost may use it and CONNECT is refused except to port 443.
     ``deny_own_machine``: with README's lines that keep clients off squid's own loopback.
+    ``openings``: with README's lines that let ws:// upgrades and CONNECT to port 22 through.
     ``extra``: more squid.conf lines, e.g. shorter timeouts.
     """
     endpoints = _endpoints(listen)
     directory = _service_dir(lab, name)
     shutil.chown(directory, "proxy", "proxy")  # squid writes its logs after dropping to "proxy"
     rules = _squid_debian_conf(endpoints) if debian_default_conf else _squid_own_conf(endpoints, deny_own_machine)
+    if openings:  # ahead of the http_access lines that use the ACLs
+        rules = "\n".join(SQUID_OPENINGS) + "\n" + rules
     access_log = directory / "access.log"
     conf = directory / "squid.conf"
     conf.write_text(

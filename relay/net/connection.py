@@ -302,7 +302,7 @@ class Connection:
             return
         if ended == ends.CLIENT_PROTOCOL_ERROR:  # what a client sends costs a line per interval at most
             peer = format_address(self.peer)
-            self.owner.warnings.warning(ended, f"connection from {peer}: malformed HTTP request, reset ({ended})")
+            self.owner.warnings.warning(ended, f"connection from {peer}: malformed HTTP request, refused ({ended})")
         self.end(ended, detail, clean=clean)
 
     # -- its tunnel, without a task -------------------------------------------------------

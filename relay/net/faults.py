@@ -99,6 +99,5 @@ def handshake_failure(exc: Exception) -> UpstreamError:
 
 
 def _retry_by_address(refusal: ProxyRefused) -> bool:
-    if refusal.reason.startswith("http-"):
-        return refusal.reason != "http-407"  # a missing password is not fixed by an address
+    """Only a refusal that says the name could not be reached: not 403 (the proxy's rules) nor 407."""
     return refusal.host_unreachable or refusal.reason == "socks5-general-failure"

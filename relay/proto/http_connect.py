@@ -19,7 +19,11 @@ MAX_REPLY_HEAD_SIZE = 16 * 1024
 MAX_REASON_PHRASE_IN_MESSAGE = 100
 # Besides whitespace and controls, these would change the meaning of "host:port".
 _AUTHORITY_DELIMITERS = frozenset("/?#@[]:")
-_UNREACHABLE_STATUSES = frozenset({502, 503, 504})
+# Answers that say the proxy could not reach the target (squid: 503 ERR_DNS_FAIL, 502/503
+# ERR_CONNECT_FAIL, 504 ERR_READ_TIMEOUT, 500 for a DNS timeout; privoxy: 404 "No such domain"):
+# asked by name, asking by address may work. Any other refusal (403: squid's rules forbid
+# the port or the method) says nothing about the name, and asking again only adds a denial.
+_UNREACHABLE_STATUSES = frozenset({404, 500, 502, 503, 504})
 
 
 def _validate_hostname(host: str) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import h11
 
+from relay.proto.http_forward import MAX_EMPTY_LINES, leading_empty_lines
+
 MAX_SNIFF_BYTES = 16 * 1024
 MAX_HOSTNAME_LENGTH = 253
 
@@ -190,6 +192,9 @@ class _Reader:
 
 
 def _sniff_http(data: bytes) -> Sniffed | None:
+    data = data[leading_empty_lines(data, MAX_EMPTY_LINES)[1] :]  # skipped as the forwarder skips them
+    if data in (b"", b"\r"):
+        return None
     line_end = data.find(b"\n")
     if line_end < 0:
         return None if _METHOD_SO_FAR.fullmatch(data) else NOT_RECOGNISED

@@ -194,7 +194,7 @@ def test_stock_squid_refusing_port_22_through_ssh(lab, unbound, squids):
     upstream = f"upstream http://127.0.0.1:{STOCK_SQUID_PORT}"
     assert levels(lines)[upstream] == "ok"
     level, line = lines[f"{upstream} CONNECT to other ports"]
-    assert level == "warn" and "add 'acl SSL_ports port 22' to squid.conf" in line
+    assert level == "warn" and "add 'acl Safe_ports port 22' and 'acl SSL_ports port 22' to squid.conf" in line
 
     broken = [*ssh[:3], "/nonexistent-key", *ssh[4:]]
     status, lines = check(lab, options(unbound, *broken, upstream=f"127.0.0.1:{STOCK_SQUID_PORT}"), "iptables")

@@ -61,6 +61,8 @@ class FakeProxy:
             body = b""
             while isinstance(event := await next_event(), h11.Data):
                 body += event.data
+            if event is None:  # reset mid-body
+                return
             self.requests.append((request.method, request.target, headers, body))
             reply = hashlib.sha256(body).hexdigest().encode() if body else b"ok " + request.target
             if self.drop_next:  # closed as this request came in: it crossed our close
@@ -127,7 +129,8 @@ async def responses(sock, methods):
             elif isinstance(event, h11.Data):
                 body += event.data
         out.append((status, body))
-        http.start_next_cycle()
+        if len(out) < len(methods):
+            http.start_next_cycle()
     return out
 
 
@@ -292,6 +295,44 @@ async def test_upgrade_after_a_forwarded_request_is_refused(proxy):
             await forwarder.run()
 
 
+@pytest.mark.parametrize("empty", [b"\r\n", b"\n", b"\r\n\n" * 20])
+async def test_empty_lines_before_and_between_pipelined_requests_are_skipped(proxy, empty):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side, first=empty)  # what the sniffer read
+    await client.send(get("/a") + empty + get("/b") + empty)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run)
+        got = await responses(client, ["GET", "GET"])
+        await client.send(empty + get("/c"))  # the empty line and the request in separate reads
+        got += await responses(client, ["GET"])
+        client.shutdown(trio.socket.SHUT_WR)
+    assert [body for _, body in got] == [b"ok http://mirror.example:8080/" + path for path in (b"a", b"b", b"c")]
+    assert proxy.connections == 1 and forwarder.requests == 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET /b HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"\r\n" * 101 + get("/b"),  # past the bound of empty lines
+        b"POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a malformed chunk
+    ],
+    ids=["header", "empty-lines", "chunk"],
+)
+async def test_a_protocol_error_after_a_good_request_gets_the_whole_answer_then_a_400(proxy, bad):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side)
+    await client.send(get("/a") + bad)  # pipelined: the error is read before the first answer is sent
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_side, ended := [])
+            got = await responses(client, ["GET", "GET"])
+            answer, how = await rest(client)
+            client.shutdown(trio.socket.SHUT_WR)  # the relay reads until then, so as not to reset
+    assert got == [(200, b"ok http://mirror.example:8080/a"), (400, b"400 Bad Request\n")]
+    assert answer == b"" and how == "end" and ended == ["client-protocol-error"]
+
+
 # Resets. A socket reports a reset to one call only, and later reads return 0;
 # the forwarder must never pass such a 0 on as an end (see the pump tests). Here
 # the test plays the proxy by hand, and relayed() ends the client connection as
@@ -319,7 +360,7 @@ async def relayed(forwarder, conn, ended: list) -> None:
         conn.close()
     except ForwardFailed as exc:
         ended.append(exc.ended)
-        reset(conn)
+        conn.close() if exc.clean else reset(conn)
 
 
 async def until(sock, marker: bytes) -> bytes:
@@ -472,7 +513,7 @@ async def test_content_length_next_to_chunked_is_not_forwarded(proxy):
 # A proxy the test plays by hand, one connection after another.
 
 
-def forwarder_to_played(client_side, idle_timeout=10):
+def forwarder_to_played(client_side, idle_timeout=10, forward_upgrades=False):
     """A forwarder, and a channel that hands the test the proxy's end of each connection it opens."""
     opened, accepted = trio.open_memory_channel(math.inf)
 
@@ -489,6 +530,7 @@ def forwarder_to_played(client_side, idle_timeout=10):
         usable_name=lambda name: name,
         proxy_authorization=None,
         idle_timeout=idle_timeout,
+        forward_upgrades=forward_upgrades,
     )
     return forwarder, accepted
 
@@ -633,11 +675,47 @@ async def test_a_client_protocol_error_costs_one_rate_limited_warning_and_never_
             await server.connections.slots.acquire()  # as accept_loop does
             server.connections.accepted(conn, client.getsockname())
             with trio.socket.from_stdlib_socket(client) as client:
-                [(status, _)] = await responses(client, ["GET" if sent == malformed else "POST"])
-                if sent != malformed:  # done; the other is reset at its next request
+                if sent == malformed:  # its first request answered, then a 400 and a FIN (no reset)
+                    got = await responses(client, ["GET", "GET"])
+                else:
+                    got = await responses(client, ["POST"])
                     client.shutdown(trio.socket.SHUT_WR)
-                seen.append((status, (await rest(client))[1]))
-    assert seen == [(200, "reset"), (200, "reset"), (200, "end")]
+                seen.append(([status for status, _ in got], (await rest(client))[1]))
+    assert seen == [([200, 400], "end"), ([200, 400], "end"), ([200], "end")]
     assert "internal error" not in caplog.text
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    assert warnings == [f"connection from {peers[0]}: malformed HTTP request, reset (client-protocol-error)"]
+    assert warnings == [f"connection from {peers[0]}: malformed HTTP request, refused (client-protocol-error)"]
+
+
+WEBSOCKET = b"GET /ws HTTP/1.1\r\nHost: h.example\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
+
+
+async def test_a_forwarded_upgrade_becomes_a_tunnel_both_ways_after_the_101_and_only_then():
+    client, relay_client = trio_pair()
+    forwarder, accepted = forwarder_to_played(relay_client, forward_upgrades=True)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            proxy = await request_reaching_proxy(client, accepted, WEBSOCKET)
+            await proxy.send(ok(b"no upgrade here"))  # stock squid drops the offer: the server answers GET
+            assert await responses(client, ["GET"]) == [(200, b"no upgrade here")]
+            await client.send(WEBSOCKET + b"early frame")  # a client may send before the 101
+            request = await until(proxy, b"\r\n\r\n")
+            head = request.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+            assert head[0] == b"get http://h.example/ws http/1.1"
+            assert b"upgrade: websocket" in head and b"connection: upgrade" in head
+            await proxy.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi")
+            answer = await until(client, b"hi")
+            assert answer.startswith(b"HTTP/1.1 101 ") and b"\r\nupgrade: websocket\r\n" in answer.lower()
+            assert await until(proxy, b"early frame")
+            await client.send(b"up")
+            assert await until(proxy, b"up")
+            await proxy.send(b"down")
+            assert await until(client, b"down")
+            client.shutdown(trio.socket.SHUT_WR)  # each direction ends on its own, with a FIN
+            assert await proxy.recv(100) == b""
+            await proxy.send(b"after the client's FIN")
+            assert await until(client, b"after the client's FIN")
+            proxy.shutdown(trio.socket.SHUT_WR)
+            assert await client.recv(100) == b""
+    assert ended == ["closed"] and forwarder.requests == 2

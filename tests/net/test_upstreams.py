@@ -23,6 +23,7 @@ from relay.net.faults import (
 from relay.net.tunnel import make_tunnels
 from relay.net.upstreams import DIRECT, Attempts, UpstreamPool, UpstreamState
 from relay.proto.errors import ProxyRefused, RemoteProtocolError
+from relay.proto.http_connect import HttpConnectClient
 
 
 def pool(strategy="failover", failures=2):
@@ -72,7 +73,16 @@ def test_proxy_failures_in_a_row_make_it_unhealthy_and_a_success_heals():
 
 
 def refused(reason, host_unreachable=False):
+    if reason.startswith("http-"):  # as the CONNECT client reads the proxy's answer
+        return handshake_failure(http_refusal(int(reason.removeprefix("http-"))))
     return handshake_failure(ProxyRefused("x", reason, host_unreachable))
+
+
+def http_refusal(status: int) -> ProxyRefused:
+    client = HttpConnectClient("name.example", 443)
+    with pytest.raises(ProxyRefused) as refusal:
+        client.receive_data(f"HTTP/1.1 {status} No\r\nContent-Length: 0\r\n\r\n".encode())
+    return refusal.value
 
 
 def connect_error(code):
@@ -87,6 +97,8 @@ def test_refusals_about_the_destination_are_not_proxy_faults():
     assert handshake_timed_out(10).proxy_fault
     assert refused("http-407").proxy_fault and not refused("http-407").retry_by_address
     assert not refused("http-503").proxy_fault and refused("http-503").retry_by_address
+    # squid's rules forbid the port or the method: asking again by address only adds a denial
+    assert not refused("http-403").proxy_fault and not refused("http-403").retry_by_address
     unreachable = refused("socks5-host-unreachable", host_unreachable=True)
     assert not unreachable.proxy_fault and unreachable.retry_by_address
     assert not refused("socks5-connection-refused").retry_by_address

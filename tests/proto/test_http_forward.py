@@ -4,7 +4,17 @@ import h11
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.proto.http_forward import absolute_form, authority, end_to_end_headers, forwarded_response, needs_tunnel
+from relay.proto.http_forward import (
+    MAX_EMPTY_LINES,
+    EmptyLines,
+    absolute_form,
+    authority,
+    bad_request,
+    end_to_end_headers,
+    forwardable_upgrade,
+    forwarded_response,
+    needs_tunnel,
+)
 
 token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
 value = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ;=/.,", max_size=30).map(
@@ -154,3 +164,56 @@ def test_http_1_0_on_either_side_is_sent_on_as_http_1_1():
     old_request = h11.Request(method="GET", target="/", headers=[], http_version="1.0")
     client = h11.Connection(h11.CLIENT)
     assert client.send(absolute_form(old_request, b"h", None)).startswith(b"GET http://h/ HTTP/1.1")
+
+
+def skipped(pieces) -> bytes:
+    """What EmptyLines passes on of ``pieces`` fed one after the other."""
+    lines = EmptyLines()
+    return b"".join(lines.feed(piece) for piece in pieces)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"\r\n", b"\n"]), max_size=MAX_EMPTY_LINES), st.lists(st.integers(0, 400)))
+def test_empty_lines_before_a_request_line_are_dropped_however_split(empty, cuts):
+    request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n\r\n"  # the empty line after it is the next request's
+    data = b"".join(empty) + request
+    bounds = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    assert skipped([data[start:end] for start, end in zip(bounds, bounds[1:])]) == request
+
+
+def test_empty_lines_are_bounded_and_a_bare_cr_is_not_one():
+    assert skipped([b"\r\n" * (MAX_EMPTY_LINES + 1) + b"GET"]) == b"\r\nGET"  # h11 refuses it: a 400
+    assert skipped([b"\r", b"\rGET"]) == b"\r\rGET"
+    assert skipped([b"\r\n\r"]) == b""  # held: it may begin a CRLF
+
+
+def test_a_bad_request_answer_is_well_framed_and_closes():
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "h")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(bad_request(431))
+    response, data = client.next_event(), client.next_event()
+    assert response.status_code == 431 and (b"connection", b"close") in response.headers
+    assert data.data == b"431 Request Header Fields Too Large\n"
+    assert isinstance(client.next_event(), h11.EndOfMessage) and client.our_state is h11.MUST_CLOSE
+
+
+def test_an_upgrade_goes_on_with_its_offer_and_a_101_keeps_what_it_switched_to():
+    headers = [
+        ("Host", "h"),
+        ("Upgrade", "websocket"),
+        ("Connection", "keep-alive, Upgrade"),
+        ("Sec-WebSocket-Key", "k"),
+    ]
+    request = h11.Request(method="GET", target="/ws", headers=headers)
+    assert forwardable_upgrade(request) and needs_tunnel(request)
+    assert not forwardable_upgrade(h11.Request(method="GET", target="/", headers=[("Host", "h")]))
+    assert not forwardable_upgrade(h11.Request(method="GET", target="/", headers=headers, http_version="1.0"))
+    forwarded = absolute_form(request, b"h", None, upgrade=True)
+    assert (b"upgrade", b"websocket") in forwarded.headers and (b"connection", b"Upgrade") in forwarded.headers
+    assert (b"sec-websocket-key", b"k") in forwarded.headers
+    assert not any(name == b"upgrade" for name, _ in absolute_form(request, b"h", None).headers)
+    switched = forwarded_response(h11.InformationalResponse(status_code=101, headers=headers[1:]))
+    assert (b"upgrade", b"websocket") in switched.headers and (b"connection", b"Upgrade") in switched.headers
+    final = forwarded_response(h11.Response(status_code=200, headers=headers[1:]))
+    assert not any(name in (b"upgrade", b"connection") for name, _ in final.headers)

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.proto.http_forward import MAX_EMPTY_LINES
 from relay.proto.sniff import HTTP, MAX_SNIFF_BYTES, NOT_RECOGNISED, TLS, Sniffed, Sniffer, sniff, valid_hostname
 
 
@@ -93,9 +94,23 @@ def test_garbage_is_never_an_error_and_never_yields_an_invalid_name(data, cuts):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(min_size=1, max_size=200).filter(lambda b: b[0] not in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\x16"))
+@given(st.binary(min_size=1, max_size=200).filter(lambda b: b[0] not in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\x16\r\n"))
 def test_random_bytes_are_not_recognised(data):
     assert sniff(data) == NOT_RECOGNISED
+
+
+@pytest.mark.parametrize("empty", [b"\r\n", b"\n", b"\r\n\n\r\n"])
+def test_empty_lines_before_a_request_line_are_skipped_as_the_forwarder_skips_them(empty):
+    request = b"GET / HTTP/1.1\r\nHost: Mirror.Example\r\n\r\n"
+    assert sniff(empty + request) == Sniffed(HTTP, "mirror.example")
+    assert [sniff((empty + request)[:size]) for size in range(1, len(empty) + 1)] == [None] * len(empty)
+    assert sniff(b"\r\r\n" + request) == NOT_RECOGNISED  # a bare CR is no empty line
+
+
+def test_empty_lines_before_a_request_are_bounded():
+    request = b"GET / HTTP/1.1\r\nHost: mirror.example\r\n\r\n"
+    assert sniff(b"\r\n" * MAX_EMPTY_LINES + request).protocol == HTTP
+    assert sniff(b"\r\n" * (MAX_EMPTY_LINES + 1) + request) == NOT_RECOGNISED
 
 
 def test_server_first_protocols_and_truncated_hello_wait_or_give_up():
