@@ -144,7 +144,8 @@ class Metrics:
         self.tunnel_restarts[key] = self.tunnel_restarts.get(key, 0) + 1
 
     def preconnect(self, outcome: str) -> None:
-        """A pre-opened connection ``taken`` (``missed``: none ready), or dropped: ``closed`` by the proxy, ``aged``."""
+        """A pre-opened connection ``taken`` (``missed``: none ready) or dropped (``closed`` by the proxy, ``aged``);
+        a plain-HTTP keep-alive connection ``kept`` for the next client, or ``reused`` by one."""
         self.preconnected[outcome] = self.preconnected.get(outcome, 0) + 1
 
     def dns_query(self, qtype: str, outcome: str) -> None:
@@ -213,7 +214,8 @@ class Metrics:
         family(
             "relay_preconnect_total",
             "counter",
-            "Connections to proxies opened ahead of clients: taken, missed (none ready), closed by the proxy, aged.",
+            "Connections to proxies kept for clients: opened ahead (taken, missed, closed by the proxy, aged), "
+            "or left by a plain-HTTP client (kept, reused).",
         )
         for outcome, count in sorted(self.preconnected.items()):
             lines.append(_sample("relay_preconnect_total", {"outcome": outcome}, count))

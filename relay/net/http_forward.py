@@ -68,8 +68,10 @@ class ForwardFailed(Exception):
 
 
 class HttpForwarder:
-    """Serves one client connection. ``open_proxy`` is an async callable that returns a
-    connected socket to the proxy (or raises UpstreamError)."""
+    """Serves one client connection. ``open_proxy(fresh)`` is an async callable that returns a
+    connected socket to the proxy and whether it served another client before (never when
+    ``fresh``), or raises UpstreamError; ``keep_proxy(sock)``, if given, takes the proxy connection
+    when the client is done with it between two exchanges (False: the forwarder closes it)."""
 
     def __init__(
         self,
@@ -82,10 +84,12 @@ class HttpForwarder:
         proxy_authorization,
         idle_timeout,
         forward_upgrades=False,
+        keep_proxy=None,
     ):
         self.client = client
         self.dst = dst
         self.open_proxy = open_proxy
+        self.keep_proxy = keep_proxy
         self.usable_name = usable_name  # the Host header's name, or None to ask by address
         self.proxy_authorization = proxy_authorization
         self.idle_timeout = idle_timeout
@@ -194,7 +198,9 @@ class HttpForwarder:
         self.touch()
         try:
             with self.idle:
-                return await self._exchanges()
+                ended = await self._exchanges()
+                self._leave_proxy()
+                return ended
             raise ForwardFailed(ends.IDLE_TIMEOUT)
         except BaseException as exc:
             if self.proxy is not None:
@@ -206,6 +212,17 @@ class HttpForwarder:
         finally:
             if self.proxy is not None:
                 self.proxy.close()
+
+    def _leave_proxy(self) -> None:
+        """The client is done: a proxy connection idle between two exchanges goes to the next client."""
+        if (
+            self.proxy is not None
+            and self.keep_proxy is not None
+            and not self.switched
+            and self.to_proxy.states == {h11.CLIENT: h11.IDLE, h11.SERVER: h11.IDLE}
+            and self.keep_proxy(self.proxy)
+        ):
+            self.proxy = self.to_proxy = None
 
     async def _refuse(self) -> None:
         """End a client that broke the protocol as squid does: a 400 (unless the response to its request
@@ -253,7 +270,7 @@ class HttpForwarder:
     async def _exchange(self, request: h11.Request, upgrade: bool) -> None:
         reused = self.to_proxy is not None and self.to_proxy.our_state is h11.IDLE and not closed_by_peer(self.proxy)
         if not reused:
-            await self._reconnect()
+            reused = await self._reconnect()
         self.requests += 1
         forwarded = absolute_form(request, self.target_authority(request), self.proxy_authorization, upgrade)
         answered_before = self.sent_down
@@ -271,7 +288,7 @@ class HttpForwarder:
             self.failing = None
             if self.from_client.their_state is h11.SEND_BODY:
                 await self.client_event()  # the end of a request without a body: no I/O
-            await self._reconnect()
+            await self._reconnect(fresh=True)
             await self._send_and_answer(forwarded, body_read=True)
 
     async def _send_and_answer(self, request: h11.Request, body_read: bool = False) -> None:
@@ -294,11 +311,13 @@ class HttpForwarder:
             # where Python before 3.11.4 (bookworm's 3.11.2) would wrap it in one.
             raise ForwardFailed(self.failing)
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, fresh: bool = False) -> bool:
+        """A new proxy connection (``fresh``: never one another client used); whether it served one."""
         if self.proxy is not None:
             self.proxy.close()
-        self.proxy = await self.open_proxy()
+        self.proxy, served = await self.open_proxy(fresh)
         self.to_proxy = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        return served
 
     async def _rest_of_request(self, body_read: bool) -> None:
         """The request's body (unless read already), then a watch on the client until the response is complete."""
@@ -431,13 +450,21 @@ async def forward(
     # took 40 ms more than through squid used directly (apt's 404s, issue 20).
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    async def open_proxy():
+    used = []  # the upstream state of the proxy connection in use
+
+    async def open_proxy(fresh: bool):
         last = None
         for state in http_candidates:
-            lent = preconnect.take(state.upstream, *state.addresses[0], config.mark) if preconnect else None
+            used[:] = [state]
+            where = (state.upstream, *state.addresses[0], config.mark)
+            kept = None if fresh or preconnect is None else preconnect.take_kept(*where)
+            if kept is not None:
+                record.via = state.upstream
+                return trio.socket.from_stdlib_socket(kept), True
+            lent = preconnect.take(*where) if preconnect else None
             if lent is not None:
                 record.via = state.upstream
-                return trio.socket.from_stdlib_socket(lent[0])
+                return trio.socket.from_stdlib_socket(lent[0]), False
             try:
                 sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
             except UpstreamError as exc:
@@ -446,8 +473,18 @@ async def forward(
                 continue
             pool.succeeded(state)
             record.via = state.upstream
-            return sock
+            return sock, False
         raise last
+
+    def keep_proxy(sock) -> bool:
+        if preconnect is None or not used:
+            return False
+        state = used[0]
+        stdlib = socket.socket(fileno=sock.detach())
+        if preconnect.keep(state.upstream, *state.addresses[0], config.mark, stdlib):
+            return True
+        stdlib.close()
+        return True  # closed here: the forwarder has nothing left to close
 
     upstream = http_candidates[0].upstream
     password = upstream.password.reveal() if upstream.password else None
@@ -460,6 +497,7 @@ async def forward(
         proxy_authorization=basic_credentials(upstream.username, password) if password is not None else None,
         idle_timeout=config.idle_timeout,
         forward_upgrades=config.http_upgrade == "forward",
+        keep_proxy=keep_proxy,
     )
     record.via = upstream
     ended, detail, clean = ends.CLOSED, None, True

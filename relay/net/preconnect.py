@@ -23,6 +23,8 @@ from relay.logs import log
 from relay.net.dial import connect_now, connected_at_once, new_socket
 
 MAX_AGE = 20.0  # seconds a pooled connection is kept: below dante's default negotiate timeout (30 s)
+KEPT_MAX = 8  # idle keep-alive connections kept per proxy address, after plain HTTP forwarded on them
+KEPT_MAX_AGE = 30.0  # seconds one is kept idle: well below squid's client_idle_pconn_timeout (2 min)
 MIN_AGE = 1.0  # the shortest age a proxy's closes may teach
 KEEP_WARM = 300.0  # seconds after the last client that a pool is still refilled
 RATE_WINDOW = 10.0  # seconds of arrivals the auto size is taken from
@@ -44,11 +46,13 @@ def closed_by_peer(sock: socket.socket) -> bool:
 class Pool:
     """The pre-opened connections to one upstream address, with its recent arrivals."""
 
-    __slots__ = ("key", "ready", "arrivals", "last_arrival", "max_age", "retry_at", "backoff", "filling")
+    __slots__ = ("key", "ready", "kept", "arrivals", "last_arrival", "max_age", "retry_at", "backoff", "filling")
 
     def __init__(self, key) -> None:
         self.key = key  # (upstream, family, sockaddr, mark)
         self.ready: deque[tuple[float, socket.socket]] = deque()  # (opened at, socket), oldest first
+        # Plain HTTP keep-alive connections a client left, idle at a message boundary: (since, socket).
+        self.kept: deque[tuple[float, socket.socket]] = deque()
         # [second, clients in it] for the latest seconds that had any: the auto size is their busiest.
         self.arrivals: deque[list[int]] = deque(maxlen=int(RATE_WINDOW) + 1)
         self.last_arrival = 0.0
@@ -58,8 +62,9 @@ class Pool:
         self.filling = 0  # connects under way
 
     def close(self) -> None:
-        while self.ready:
-            self.ready.popleft()[1].close()
+        for queue in (self.ready, self.kept):
+            while queue:
+                queue.popleft()[1].close()
 
 
 class Preconnector:
@@ -107,6 +112,32 @@ class Preconnector:
         self._wake.set()  # a pool new or run dry: the sweep sizes and fills it
         return None
 
+    def keep(self, upstream, family: int, address, mark: int | None, sock: socket.socket) -> bool:
+        """Take a proxy connection a plain-HTTP client left, idle between two exchanges, for the next
+        client's requests; False (the caller closes it) when that proxy's are at KEPT_MAX already."""
+        key = (upstream, family, address, mark)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(key)
+        if len(pool.kept) >= KEPT_MAX:
+            return False
+        pool.kept.append((time.monotonic(), sock))
+        self._count("kept")
+        return True
+
+    def take_kept(self, upstream, family: int, address, mark: int | None) -> socket.socket | None:
+        """A keep-alive connection another client left (the newest: the oldest may have timed out at the
+        proxy), or None. The proxy may still close it as the request crosses: replay what is safe to."""
+        pool = self.pools.get((upstream, family, address, mark))
+        now = time.monotonic()
+        while pool is not None and pool.kept:
+            since, sock = pool.kept.pop()
+            if now - since < KEPT_MAX_AGE and not closed_by_peer(sock):
+                self._count("reused")
+                return sock
+            sock.close()
+        return None
+
     def target(self, pool: Pool, now: float) -> int:
         """How many to keep: the fixed size, or the most clients that came within one second lately
         (a docker pull opens three layers at once); none once clients stopped coming."""
@@ -143,8 +174,12 @@ class Preconnector:
                 if now - opened >= pool.max_age or closed_by_peer(sock):
                     pool.ready.remove((opened, sock))
                     self._drop(pool, opened, sock, now)
+            for since, sock in list(pool.kept):
+                if now - since >= KEPT_MAX_AGE or closed_by_peer(sock):
+                    pool.kept.remove((since, sock))
+                    sock.close()
             target = self.target(pool, now)
-            if target == 0 and not pool.ready and not pool.filling:
+            if target == 0 and not pool.ready and not pool.kept and not pool.filling:
                 del self.pools[key]
                 continue
             while len(pool.ready) + pool.filling > target and pool.ready:

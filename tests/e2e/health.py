@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from relay.config import ConfigError, parse_upstream
-from relay.net.preconnect import AUTO_MAX
+from relay.net.preconnect import AUTO_MAX, KEPT_MAX
 
 # Lingering allocations are not leaks: pymalloc arenas, and empty pipes the fast path keeps
 # for reuse (a pool of at most 64, two fds each). Sockets have no such excuse.
@@ -19,9 +19,9 @@ SETTLE_SECONDS = 10.0
 # A relay holding a socket in one of these states after every client left is holding a
 # connection nobody will finish.
 STUCK_STATES = ("close-wait", "fin-wait-2", "last-ack")
-# Connections the relay opened to its proxies ahead of clients (relay.net.preconnect) are not leaks:
-# never used (nothing sent or received), and bounded.
-PRECONNECT_SLACK = 2 * 4 * AUTO_MAX  # both ends where the relay runs ssh -L
+# Connections the relay keeps to its proxies for clients to come (relay.net.preconnect: opened ahead,
+# or left idle by a plain-HTTP client) are not leaks: idle (nothing queued either way), and bounded.
+PRECONNECT_SLACK = 2 * 4 * (AUTO_MAX + KEPT_MAX)  # both ends where the relay runs ssh -L
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ def stuck_sockets(lab, host: str, leader: int) -> list[str]:
 
 
 def preconnected(lab, relay, leader: int) -> int:
-    """How many of the relay's sockets belong to connections it opened to its proxies ahead of clients:
-    never used, to one of its --upstream proxies or to the port of an ssh it runs (whose accepted end,
-    never used either, counts too)."""
+    """How many of the relay's sockets belong to connections it keeps to its proxies for clients to come:
+    idle, to one of its --upstream proxies or to the port of an ssh it runs (whose accepted end counts
+    too). Opened ahead, they never carried a byte; left by a plain-HTTP client, nothing is queued."""
     proxies = set()
     for option, value in zip(relay.argv, relay.argv[1:]):
         if option == "--upstream":
@@ -105,12 +105,12 @@ def preconnected(lab, relay, leader: int) -> int:
     for line in lab.run(relay.host, ["ss", "-tlnpH"]).stdout.splitlines():
         if '(("ssh",' in line and any(pid in line for pid in pids):
             proxies.add(_endpoint(line.split()[3]))
-    lines = lab.run(relay.host, ["ss", "-tinpH", "state", "established"]).stdout.splitlines()
+    lines = lab.run(relay.host, ["ss", "-tnpH", "state", "established"]).stdout.splitlines()
     count = 0
-    for socket_line, info in zip(lines[::2], lines[1::2]):
-        if not any(pid in socket_line for pid in pids) or "bytes_sent:" in info or "bytes_received:" in info:
+    for socket_line in lines:
+        receive_queue, send_queue, local, peer = socket_line.split()[:4]
+        if not any(pid in socket_line for pid in pids) or receive_queue != "0" or send_queue != "0":
             continue
-        local, peer = socket_line.split()[2:4]
         count += _endpoint(peer) in proxies or _endpoint(local) in proxies
     return count
 

@@ -123,4 +123,28 @@ def test_plain_http_forwarded_in_absolute_form_uses_them_too(lab, impatient, rel
                 response += data
         assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"hello from the lab server\n")
         threading.Event().wait(0.5)  # the pool refills meanwhile
-    assert counters(lab).get('relay_preconnect_total{outcome="taken"}', 0) >= 2
+    found = counters(lab)
+    # Each later client's request went out on a connection opened ahead or one an earlier client left
+    # (the client's Connection: close is its own: the relay keeps its connection to squid open).
+    outcomes = [found.get(f'relay_preconnect_total{{outcome="{outcome}"}}', 0) for outcome in ("taken", "reused")]
+    assert sum(outcomes) >= 2, found
+
+
+def test_plain_http_keep_alive_proxy_connections_pass_from_client_to_client(lab, impatient, relays):
+    """Clients that each send one keep-alive request and leave: the next client's request goes out on the
+    connection to squid the last one left (squid counts one client connection for them all)."""
+    start(relays, IMPATIENT_SQUID, "--preconnect", "off")
+    request = f"GET /hello HTTP/1.1\r\nHost: {ADDR.server4}:{HTTP_PORT}\r\n\r\n".encode()
+    for _ in range(4):
+        with lab.connect("client", ADDR.server4, HTTP_PORT, timeout=30) as sock:
+            sock.sendall(request)
+            response = b""
+            while not response.endswith(b"hello from the lab server\n"):
+                data = sock.recv(65536)
+                assert data, response
+                response += data
+        assert response.startswith(b"HTTP/1.1 200")
+        threading.Event().wait(0.2)  # the relay sees the client leave and keeps the proxy connection
+    found = counters(lab)
+    assert found.get('relay_preconnect_total{outcome="reused"}', 0) == 3
+    assert found.get('relay_preconnect_total{outcome="kept"}', 0) >= 3

@@ -126,10 +126,10 @@ async def forward(data: bytes):
 
     async with trio.open_nursery() as nursery:
 
-        async def open_proxy():
+        async def open_proxy(fresh=False):
             relay_end, proxy_end = trio_pair()
             nursery.start_soon(proxy.serve, proxy_end)
-            return relay_end
+            return relay_end, False
 
         # A short idle timeout ends the forwarder where the client still owes part of a request.
         forwarder = HttpForwarder(
@@ -201,8 +201,8 @@ async def answer(request: bytes, method: str, response: bytes):
     client, relay_client = trio_pair()
     relay_proxy, proxy = trio_pair()
 
-    async def open_proxy():
-        return relay_proxy
+    async def open_proxy(fresh=False):
+        return relay_proxy, False
 
     forwarder = HttpForwarder(
         relay_client,

@@ -98,10 +98,10 @@ async def proxy(nursery):
 
 
 def forwarder_for(proxy, client_side, first=b""):
-    async def open_proxy():
+    async def open_proxy(fresh=False):
         sock = trio.socket.socket()
         await sock.connect(("127.0.0.1", proxy.port))
-        return sock
+        return sock, False
 
     return HttpForwarder(
         client_side,
@@ -253,6 +253,64 @@ async def test_a_request_with_a_body_crossing_the_proxy_close_is_not_sent_again(
     assert [request[0] for request in proxy.requests] == [b"GET", b"POST"]
 
 
+def sharing_forwarder(proxy, client_side, kept: list):
+    """A forwarder whose proxy connections, left idle by a client, serve the next one (as forward() does)."""
+
+    async def open_proxy(fresh=False):
+        if kept and not fresh:
+            return kept.pop(), True
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", proxy.port))
+        return sock, False
+
+    def keep_proxy(sock):
+        kept.append(sock)
+        return True
+
+    forwarder = forwarder_for(proxy, client_side)
+    forwarder.open_proxy, forwarder.keep_proxy = open_proxy, keep_proxy
+    return forwarder
+
+
+async def one_client(forwarder, client, request, methods):
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relayed, forwarder, forwarder.client, ended := [])
+        await client.send(request)
+        got = await responses(client, methods)
+        client.shutdown(trio.socket.SHUT_WR)
+    return got, ended
+
+
+async def test_a_proxy_connection_a_client_left_idle_serves_the_next_client(proxy):
+    kept = []
+    for path in ("/a", "/b", "/c"):
+        client, relay_side = trio_pair()
+        got, ended = await one_client(sharing_forwarder(proxy, relay_side, kept), client, get(path), ["GET"])
+        assert got == [(200, b"ok http://mirror.example:8080" + path.encode())] and ended == ["closed"]
+    assert proxy.connections == 1 and len(kept) == 1
+
+
+async def test_a_shared_connection_the_proxy_closed_as_the_request_crossed_is_replaced_and_the_request_sent_again(
+    proxy,
+):
+    kept = []
+    client, relay_side = trio_pair()
+    await one_client(sharing_forwarder(proxy, relay_side, kept), client, get("/then-drop"), ["GET"])
+    client, relay_side = trio_pair()
+    got, ended = await one_client(sharing_forwarder(proxy, relay_side, kept), client, get("/next"), ["GET"])
+    assert got == [(200, b"ok http://mirror.example:8080/next")] and ended == ["closed"]
+    # Dropped unanswered on the shared connection, sent once more on a new one (never another shared one).
+    assert [request[1] for request in proxy.requests][-2:] == [b"http://mirror.example:8080/next"] * 2
+    assert proxy.connections == 2
+
+
+async def test_a_connection_left_mid_exchange_or_told_to_close_is_never_shared(proxy):
+    kept = []
+    client, relay_side = trio_pair()
+    got, _ = await one_client(sharing_forwarder(proxy, relay_side, kept), client, get("/close"), ["GET"])
+    assert got[0][0] == 200 and kept == []
+
+
 async def test_early_response_ends_the_client_connection(proxy):
     client, relay_side = trio_pair()
     forwarder = forwarder_for(proxy, relay_side)
@@ -340,8 +398,8 @@ async def test_a_protocol_error_after_a_good_request_gets_the_whole_answer_then_
 
 
 def forwarder_to(relay_proxy, client_side):
-    async def open_proxy():
-        return relay_proxy
+    async def open_proxy(fresh=False):
+        return relay_proxy, False
 
     return HttpForwarder(
         client_side,
@@ -517,10 +575,10 @@ def forwarder_to_played(client_side, idle_timeout=10, forward_upgrades=False):
     """A forwarder, and a channel that hands the test the proxy's end of each connection it opens."""
     opened, accepted = trio.open_memory_channel(math.inf)
 
-    async def open_proxy():
+    async def open_proxy(fresh=False):
         relay_end, proxy_end = trio_pair()
         opened.send_nowait(proxy_end)
-        return relay_end
+        return relay_end, False
 
     forwarder = HttpForwarder(
         client_side,

@@ -248,3 +248,28 @@ async def test_a_dial_started_again_after_a_stale_pooled_connection_sends_the_sa
                 sock.close()
             assert kind == "opened" and pre.metrics.seen == {"taken": 1, "closed": 1}
             dialer.close()
+
+
+async def test_keep_alive_connections_clients_left_are_bounded_and_never_handed_out_closed(running, monkeypatch):
+    with listener(backlog=32) as proxy:
+        address = proxy.getsockname()
+        pre = running(0)
+        pre.size = 1  # a pool for this address, but nothing opened ahead
+        monkeypatch.setattr(pre, "_refill", lambda pool, now: False)
+        assert pre.take(HTTP, socket.AF_INET, address, None) is None
+        left = [socket.create_connection(address) for _ in range(preconnect.KEPT_MAX + 1)]
+        kept = [pre.keep(HTTP, socket.AF_INET, address, None, sock) for sock in left]
+        assert kept == [True] * preconnect.KEPT_MAX + [False]  # the caller closes the one too many
+        left[-1].close()
+        ends = accepted(proxy)
+        ends[-2].close()  # the proxy closed the newest kept one
+        await trio.sleep(0.05)
+        newest_alive = pre.take_kept(HTTP, socket.AF_INET, address, None)
+        assert newest_alive is left[-3] and left[-2].fileno() == -1
+        assert pre.metrics.seen["kept"] == preconnect.KEPT_MAX and pre.metrics.seen["reused"] == 1
+        monkeypatch.setattr(preconnect, "KEPT_MAX_AGE", 0.0)
+        assert pre.take_kept(HTTP, socket.AF_INET, address, None) is None  # the rest too old: closed
+        assert all(sock.fileno() == -1 for sock in left[:-3])
+        newest_alive.close()
+        for end in ends:
+            end.close()
