@@ -79,10 +79,14 @@ class Preconnector:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None  # run()'s, for connects that must wait
 
-    def configure(self, size: int | None, connect_timeout: float) -> None:
-        """A reload: the next sweep sizes the pools anew (off: empties them); new upstreams get
-        pools of their own and the old ones' go cold."""
+    def configure(self, size: int | None, connect_timeout: float, upstreams) -> None:
+        """A reload: the pools of upstreams no longer configured are closed, the next sweep sizes the
+        others anew (off: empties them), and new upstreams get pools of their own."""
         self.size, self.connect_timeout = size, connect_timeout
+        for key, pool in list(self.pools.items()):
+            if key[0] not in upstreams:
+                pool.close()
+                del self.pools[key]
         self._wake.set()
 
     def take(self, upstream, family: int, address, mark: int | None) -> tuple[socket.socket, Pool, float] | None:

@@ -193,7 +193,7 @@ class Server:
         health.cancel()
         self.config, self.pool = new, pool
         self.connections.config, self.connections.pool = new, pool
-        self.dialer.preconnect.configure(new.preconnect, new.connect_timeout)
+        self.dialer.preconnect.configure(new.preconnect, new.connect_timeout, new.upstreams)
         if self.dns is not None:
             self.dns.config = self.dns.resolvers.config = new
             self.dns.allow = dns_allow

@@ -5,6 +5,7 @@ were served."""
 import ipaddress
 import os
 import time
+import tomllib
 from dataclasses import dataclass
 
 from relay.config import ConfigError, parse_upstream
@@ -92,15 +93,22 @@ def preconnected(lab, relay, leader: int) -> int:
     """How many of the relay's sockets belong to connections it keeps to its proxies for clients to come:
     idle, to one of its --upstream proxies or to the port of an ssh it runs (whose accepted end counts
     too). Opened ahead, they never carried a byte; left by a plain-HTTP client, nothing is queued."""
-    proxies = set()
+    proxies, given = set(), []
     for option, value in zip(relay.argv, relay.argv[1:]):
         if option == "--upstream":
-            try:
-                upstream = parse_upstream(value)
-            except ConfigError:
-                continue
-            if upstream.host:
-                proxies.add((ipaddress.ip_address(upstream.host), upstream.port))
+            given.append(value)
+        elif option == "--config":  # as it is now: the relay closes the pools of upstreams a reload removed
+            configured = tomllib.loads(open(value).read()).get("upstream", [])
+            given += configured if isinstance(configured, list) else [configured]
+    for value in given:
+        if isinstance(value, dict):  # an upstream with settings of its own: {url = ..., early-data = ...}
+            value = value.get("url", "")
+        try:
+            upstream = parse_upstream(value)
+        except ConfigError:
+            continue
+        if upstream.host:
+            proxies.add((ipaddress.ip_address(upstream.host), upstream.port))
     pids = {f"pid={pid}," for pid in group_pids(leader)}
     for line in lab.run(relay.host, ["ss", "-tlnpH"]).stdout.splitlines():
         if '(("ssh",' in line and any(pid in line for pid in pids):

@@ -273,3 +273,16 @@ async def test_keep_alive_connections_clients_left_are_bounded_and_never_handed_
         newest_alive.close()
         for end in ends:
             end.close()
+
+
+async def test_a_reload_closes_the_pools_of_upstreams_it_removed(running):
+    with listener() as proxy:
+        address = proxy.getsockname()
+        pre = running(1)
+        pool = await first_client(pre, address)
+        [pooled] = [sock for _, sock in pool.ready]
+        other = Upstream("http", "127.0.0.2", 3128)
+        pre.configure(1, 2.0, [other])
+        assert pre.pools == {} and pooled.fileno() == -1
+        for conn in accepted(proxy):
+            conn.close()
