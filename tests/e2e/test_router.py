@@ -350,17 +350,25 @@ def test_relay_supervises_its_own_ssh_tunnel(relay_on_router, lab):
 
 
 def lanes(lab, relay) -> dict[int, int]:
-    """Each ssh the relay runs: its pid -> how many connections it has accepted on its -L port now."""
+    """Each ssh the relay runs that listens on its -L port: its pid -> how many connections it has accepted
+    there now (one just restarted, still logging in, does not listen yet)."""
     pids = subprocess.run(
         ["pgrep", "-P", str(lab.process(relay.name).pid), "-x", "ssh"], capture_output=True, text=True
     ).stdout.split()
+    listening = lab.run("router", ["ss", "-tlnpH"]).stdout.splitlines()
     carried = {}
     for pid in map(int, pids):
-        listening = lab.run("router", ["ss", "-tlnpH"]).stdout.splitlines()
-        [port] = {line.split()[3].rsplit(":", 1)[1] for line in listening if f"pid={pid}," in line}
-        established = lab.run("router", ["ss", "-tnH", "state", "established", f"( sport = :{port} )"]).stdout
-        carried[pid] = len(established.splitlines())
+        for port in {line.split()[3].rsplit(":", 1)[1] for line in listening if f"pid={pid}," in line}:
+            established = lab.run("router", ["ss", "-tnH", "state", "established", f"( sport = :{port} )"]).stdout
+            carried[pid] = len(established.splitlines())
     return carried
+
+
+def wait_for_lanes(lab, relay, count: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while len(lanes(lab, relay)) < count:
+        assert time.monotonic() < deadline, relay.log_text()
+        time.sleep(0.2)
 
 
 def test_several_ssh_connections_share_the_load_and_stand_in_for_each_other(relay_on_router, lab):
@@ -370,6 +378,7 @@ def test_several_ssh_connections_share_the_load_and_stand_in_for_each_other(rela
         # No connections opened ahead: what each ssh carries is then the relayed connections alone.
         [*("--upstream", "127.0.0.1:3128", *ssh_args(lab)), "--ssh-connections", "2", "--preconnect", "off"]
     )
+    wait_for_lanes(lab, relay, 2)
     held = echoing(lab, 6)
     try:
         carried = lanes(lab, relay)
@@ -381,8 +390,5 @@ def test_several_ssh_connections_share_the_load_and_stand_in_for_each_other(rela
     finally:
         for sock in held:
             sock.close()
-    deadline = time.monotonic() + 15
-    while len(lanes(lab, relay)) < 2:  # the killed one comes back by itself
-        assert time.monotonic() < deadline, relay.log_text()
-        time.sleep(0.2)
+    wait_for_lanes(lab, relay, 2)  # the killed one comes back by itself
     assert relay.wait_for_log("restart")
