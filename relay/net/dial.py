@@ -146,7 +146,7 @@ class Dialing:
     pipelined SOCKS5 handshake to a proxy not known to take one, which, failing while pipelining
     may be why, is tried once more one message at a time (``fell_back``). ``pooled``: (pool, opened at)
     while its socket, from the Preconnector, has not finished a handshake: if the proxy closes it
-    meanwhile, the dial starts again on a new connection."""
+    meanwhile, the dial starts again on a new connection (``fresh``: never one from the pool)."""
 
     __slots__ = (
         "upstream",
@@ -155,6 +155,7 @@ class Dialing:
         "may_fall_back",
         "fell_back",
         "pooled",
+        "fresh",
         "addresses",
         "machine",
         "mark",
@@ -176,7 +177,7 @@ class Dialing:
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
         self.target = target
         self.early_data = b""  # sent with an HTTP CONNECT, by every connection it makes (see _start_again)
-        self.may_fall_back = self.fell_back = False
+        self.may_fall_back = self.fell_back = self.fresh = False
         self.pooled = None
         self.connect_timeout, self.handshake_timeout, self.slow_after = timeouts
         self.on_open, self.on_fail, self.on_slow = on_open, on_fail, on_slow
@@ -338,7 +339,7 @@ class Dialer:
         while dialing.next_address < len(dialing.addresses):
             family, address = dialing.addresses[dialing.next_address]
             dialing.next_address += 1
-            if self.preconnect is not None and dialing.machine is not None:
+            if self.preconnect is not None and dialing.machine is not None and not dialing.fresh:
                 lent = self.preconnect.take(dialing.upstream, family, address, dialing.mark)
                 if lent is not None:
                     dialing.sock, dialing.pooled = lent[0], lent[1:]
@@ -450,11 +451,8 @@ class Dialer:
         self._drop_deadline(dialing)
         dialing.sock, dialing.handshaking, dialing.outgoing, dialing.next_address = None, False, b"", 0
         dialing.machine = handshake_for(dialing.upstream, *dialing.target, pipelined, dialing.early_data)
-        preconnect, self.preconnect = self.preconnect, None
-        try:
-            self._connect_next(dialing)
-        finally:
-            self.preconnect = preconnect
+        dialing.fresh = True
+        self._connect_next(dialing)
 
     def _timed_out(self, dialing: Dialing) -> None:
         if dialing.handshaking:

@@ -21,6 +21,7 @@ import trio
 
 from relay.logs import log
 from relay.net.dial import connect_now, connected_at_once, new_socket
+from relay.net.sockets import readable_now
 
 MAX_AGE = 20.0  # seconds a pooled connection is kept: below dante's default negotiate timeout (30 s)
 KEPT_MAX = 8  # idle keep-alive connections kept per proxy address, after plain HTTP forwarded on them
@@ -31,16 +32,6 @@ RATE_WINDOW = 10.0  # seconds of arrivals the auto size is taken from
 AUTO_MAX = 8  # the largest auto pool per upstream address
 SWEEP_INTERVAL = 1.0
 RETRY_AFTER = (1.0, 30.0)  # refill backoff after a failed connect: first, most
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    """Whether the proxy ended (or wrote on) a connection it has not been asked anything on yet."""
-    try:
-        return True if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None else False
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 class Pool:
@@ -107,7 +98,7 @@ class Preconnector:
         pool.last_arrival = now
         while pool.ready:
             opened, sock = pool.ready.popleft()
-            if now - opened < pool.max_age and not closed_by_peer(sock):
+            if now - opened < pool.max_age and not readable_now(sock):
                 self._count("taken")
                 self._refill(pool, now)  # its replacement, at once: over loopback the connect is done inside
                 return sock, pool, opened
@@ -136,7 +127,7 @@ class Preconnector:
         now = time.monotonic()
         while pool is not None and pool.kept:
             since, sock = pool.kept.pop()
-            if now - since < KEPT_MAX_AGE and not closed_by_peer(sock):
+            if now - since < KEPT_MAX_AGE and not readable_now(sock):
                 self._count("reused")
                 return sock
             sock.close()
@@ -175,11 +166,11 @@ class Preconnector:
         now = time.monotonic()
         for key, pool in list(self.pools.items()):
             for opened, sock in list(pool.ready):
-                if now - opened >= pool.max_age or closed_by_peer(sock):
+                if now - opened >= pool.max_age or readable_now(sock):
                     pool.ready.remove((opened, sock))
                     self._drop(pool, opened, sock, now)
             for since, sock in list(pool.kept):
-                if now - since >= KEPT_MAX_AGE or closed_by_peer(sock):
+                if now - since >= KEPT_MAX_AGE or readable_now(sock):
                     pool.kept.remove((since, sock))
                     sock.close()
             target = self.target(pool, now)

@@ -206,7 +206,7 @@ def stale_pool(proxy: socket.socket, upstream: Upstream, monkeypatch):
 
 async def test_the_dialer_starts_again_on_a_new_connection_when_the_pooled_one_was_stale(monkeypatch):
     """The proxy closed the pooled connection just after it was taken: the client still gets its tunnel."""
-    monkeypatch.setattr(preconnect, "closed_by_peer", lambda sock: False)  # the close comes too late to see
+    monkeypatch.setattr(preconnect, "readable_now", lambda sock: False)  # the close comes too late to see
     with listener() as proxy:
         address = proxy.getsockname()
         pre, key, pooled = stale_pool(proxy, SOCKS5, monkeypatch)
@@ -229,7 +229,7 @@ async def test_the_dialer_starts_again_on_a_new_connection_when_the_pooled_one_w
 async def test_a_dial_started_again_after_a_stale_pooled_connection_sends_the_same_early_data(monkeypatch):
     """HTTP CONNECT with a ClientHello after it, on a pooled connection the proxy had closed: the fresh
     connection gets the request and the same early bytes (the caller counts on them having gone)."""
-    monkeypatch.setattr(preconnect, "closed_by_peer", lambda sock: False)
+    monkeypatch.setattr(preconnect, "readable_now", lambda sock: False)
     hello = b"\x16\x03\x01\x00\x05hello"
     with listener() as proxy:
         address = proxy.getsockname()
