@@ -14,9 +14,9 @@ machine's busy CPU (/proc/stat, softirq included) per GB moved.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
+import os
 import statistics
 import sys
 import threading
@@ -27,8 +27,9 @@ HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
+from bench.dnsload import machine_ticks  # noqa: E402
 from bench.testbed import cannot_run, first_line  # noqa: E402
-from relay.lab import ADDR, Lab, start_delay_line, start_squid, start_sshd  # noqa: E402
+from relay.lab import ADDR, Lab, sshd_across_delay_line, start_squid, start_sshd  # noqa: E402
 from relay.lab.servers import TrafficServer, pattern_sha256  # noqa: E402
 from relay.lab.services import clear_interception, intercept, start_relay  # noqa: E402
 
@@ -40,10 +41,8 @@ IO_TIMEOUT = 120.0
 
 
 def machine_busy_seconds() -> float:
-    """All CPUs' non-idle time so far (user, nice, system, irq, softirq, steal), in seconds."""
-    fields = [int(value) for value in open("/proc/stat").readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / 100  # USER_HZ
+    """All CPUs' non-idle time so far (softirq included), in seconds."""
+    return machine_ticks()[0] / os.sysconf("SC_CLK_TCK")
 
 
 def download(lab: Lab, size: int, seed: int, errors: list) -> None:
@@ -96,9 +95,8 @@ def main() -> int:
     with Lab() as lab:
         sshd = start_sshd(lab)
         start_squid(lab, listen=[("127.0.0.1", 3128)])
-        start_delay_line(lab, ("127.0.0.1", SSH_LINE_PORT), (sshd.address, sshd.port), args.rtt_ms / 2)
+        delayed, _ = sshd_across_delay_line(lab, sshd, SSH_LINE_PORT, args.rtt_ms / 2)
         TrafficServer(lab, "server", "0.0.0.0", TRAFFIC_PORT)
-        delayed = dataclasses.replace(sshd, address="127.0.0.1", port=SSH_LINE_PORT)
         for round_number in range(args.rounds):
             order = lane_counts if round_number % 2 == 0 else lane_counts[::-1]
             for lanes in order:
