@@ -27,7 +27,6 @@ Results: JSON in bench/results/, and a table on stdout.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import socket
 import ssl
@@ -47,7 +46,16 @@ if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
 import trustme  # noqa: E402
 
 from bench.testbed import cannot_run, first_line  # noqa: E402
-from relay.lab import ADDR, Lab, start_dante, start_delay_line, start_squid, start_ssh_tunnel, start_sshd  # noqa: E402
+from relay.lab import (  # noqa: E402
+    ADDR,
+    Lab,
+    sshd_across_delay_line,
+    start_dante,
+    start_delay_line,
+    start_squid,
+    start_ssh_tunnel,
+    start_sshd,
+)
 from relay.lab.servers import BannerServer, HttpServer  # noqa: E402
 from relay.lab.services import Service, clear_interception, intercept  # noqa: E402
 
@@ -99,13 +107,10 @@ class Bench:
         start_squid(lab, listen=[("127.0.0.1", SQUID_PORT)])
         start_dante(lab, listen=[(ADDR.far4, 1080)], external=ADDR.far_server_side4)
         one_way = self.args.rtt_ms / 2
-        start_delay_line(
-            lab, ("127.0.0.1", SSH_LINE_PORT), (sshd.address, sshd.port), one_way, rate_mbit=self.args.rate_mbit
-        )
+        delayed, _ = sshd_across_delay_line(lab, sshd, SSH_LINE_PORT, one_way, rate_mbit=self.args.rate_mbit)
         start_delay_line(
             lab, ("0.0.0.0", DANTE_LINE_PORT), (ADDR.far4, 1080), one_way, rate_mbit=self.args.rate_mbit, name="dl2"
         )
-        delayed = dataclasses.replace(sshd, address="127.0.0.1", port=SSH_LINE_PORT)
         forwards = ["-o", "GatewayPorts=yes", "-D", f"127.0.0.1:{SSH_D_PORT}"]
         for address in ("127.0.0.1", ADDR.router_lan4):  # the relay's, and the direct client's
             forwards += ["-L", f"{address}:{SQUID_PORT}:127.0.0.1:{SQUID_PORT}"]

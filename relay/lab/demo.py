@@ -21,7 +21,6 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import os
 import re
@@ -47,7 +46,7 @@ from relay.lab import (
     Sshd,
     Unbound,
     ssh_argv,
-    start_delay_line,
+    sshd_across_delay_line,
     start_dnsmasq,
     start_squid,
     start_ssh_tunnel,
@@ -449,8 +448,7 @@ def _start_deployment(lab: Lab, pure: bool, rtt_ms: float) -> tuple[Squid, Relay
     _progress(f"starting the ssh -L tunnel and the relay on the router{' (pure Python)' if pure else ''}")
     if rtt_ms:
         # The far link's round trip: ssh reaches far's sshd across a delay line on the router.
-        start_delay_line(lab, ("127.0.0.1", DELAY_PORT), (sshd.address, sshd.port), rtt_ms / 2)
-        sshd = dataclasses.replace(sshd, address="127.0.0.1", port=DELAY_PORT)
+        sshd, _ = sshd_across_delay_line(lab, sshd, DELAY_PORT, rtt_ms / 2)
     start_ssh_tunnel(lab, sshd, forwards=("-L", f"{_endpoint(*PROXY)}:{_endpoint(*PROXY)}"))
     relay = start_relay(lab, _relay_options(unbound), pure=pure)
     intercept_dns(lab)

@@ -11,6 +11,7 @@ connections and returns a handle; the lab stops it at teardown.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from relay.addresses import bracketed
+from relay.addresses import bracketed, format_address
 from relay.lab.netns import ADDR, Lab, LabError
 
 Endpoint = tuple[str, int]
@@ -693,6 +694,17 @@ def start_ssh_tunnel(
     return tunnel
 
 
+def sshd_across_delay_line(
+    lab: Lab, sshd: Sshd, port: int, one_way_ms: float, rate_mbit: float | None = None, name: str = "delay-ssh"
+) -> tuple[Sshd, Service]:
+    """A delay line on the router's loopback ``port`` in front of ``sshd``, and ``sshd`` as ssh clients on
+    the router reach it through that line (for :func:`ssh_argv`, :func:`start_ssh_tunnel`, ``--ssh``)."""
+    line = start_delay_line(
+        lab, ("127.0.0.1", port), (sshd.address, sshd.port), one_way_ms, rate_mbit=rate_mbit, name=name
+    )
+    return dataclasses.replace(sshd, address="127.0.0.1", port=port), line
+
+
 def start_delay_line(
     lab: Lab,
     listen: Endpoint,
@@ -705,16 +717,13 @@ def start_delay_line(
     """A far link's delay (and rate) in front of ``target``: :mod:`relay.lab.delayline` on
     ``host``, listening on ``listen``; what connects there reaches ``target`` one ``one_way_ms``
     later each way."""
-    argv = [sys.executable, "-m", "relay.lab.delayline", _joined(listen), _joined(target), f"{one_way_ms:g}"]
+    argv = [sys.executable, "-m", "relay.lab.delayline", format_address(listen), format_address(target)]
+    argv.append(f"{one_way_ms:g}")
     if rate_mbit is not None:
         argv.append(f"{rate_mbit:g}")
     line = Service(lab, host, name, argv, ready=listen)
     line.start()
     return line
-
-
-def _joined(endpoint: Endpoint) -> str:
-    return f"{_bracketed(endpoint[0])}:{endpoint[1]}"
 
 
 # -- relay itself ----------------------------------------------------------------

@@ -3,7 +3,6 @@ relay, with every round-trip saving on (pre-opened connections, pipelined SOCKS5
 the proxy keeps it), moves bytes intact across it through each proxy: squid, privoxy and tinyproxy
 (stock configurations) behind ssh -L, ssh -D, and dante."""
 
-import dataclasses
 import hashlib
 import os
 import socket
@@ -13,7 +12,7 @@ import time
 import pytest
 import trustme
 
-from relay.lab import ADDR, start_delay_line, start_privoxy, start_ssh_tunnel, start_tinyproxy
+from relay.lab import ADDR, sshd_across_delay_line, start_delay_line, start_privoxy, start_ssh_tunnel, start_tinyproxy
 from relay.lab.servers import HttpServer, pattern_sha256
 from tests.e2e.clients import download, read_all, receive_exactly, upload
 from tests.e2e.conftest import TRAFFIC_PORT
@@ -46,14 +45,12 @@ def direct_line(lab):
 @pytest.fixture(scope="module")
 def far_link(lab):
     """ssh -L and the dante port on the router, both reached across a 100 ms round trip."""
+    delayed_sshd, ssh_line = sshd_across_delay_line(lab, lab.sshd, SSH_LINE_PORT, ONE_WAY_MS)
     lines = [
-        start_delay_line(
-            lab, ("127.0.0.1", SSH_LINE_PORT), (lab.sshd.address, lab.sshd.port), ONE_WAY_MS, name="delay-ssh"
-        ),
+        ssh_line,
         start_delay_line(lab, ("127.0.0.1", DANTE_LINE_PORT), (ADDR.far4, 1080), ONE_WAY_MS, name="delay-dante"),
     ]
     proxies = [start_privoxy(lab, name="privoxy-delayed"), start_tinyproxy(lab, name="tinyproxy-delayed")]
-    delayed_sshd = dataclasses.replace(lab.sshd, address="127.0.0.1", port=SSH_LINE_PORT)
     forwards = ["-D", DELAYED["ssh-D"].removeprefix("socks5://")]
     for local, far_port in (
         (DELAYED_SQUID, 3128),
