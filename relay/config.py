@@ -340,13 +340,15 @@ def parse_seconds(value, allow_zero: bool = False) -> float:
     return seconds
 
 
-def parse_count(value, minimum: int = 0) -> int:
+def parse_count(value, minimum: int = 0, maximum: int | None = None) -> int:
     try:
         count = int(value) if not isinstance(value, (bool, float)) else None
     except (TypeError, ValueError):
         count = None
     if count is None or count < minimum:
         raise ConfigError(f"{value!r} is not a whole number of at least {minimum}")
+    if maximum is not None and count > maximum:
+        raise ConfigError(f"{value!r} is more than {maximum}")
     return count
 
 
@@ -357,10 +359,7 @@ SSH_CONNECTIONS_DEFAULT = max(1, min(os.cpu_count() or 1, SSH_CONNECTIONS_AUTO_M
 
 
 def parse_ssh_connections(value) -> int:
-    count = parse_count(value, minimum=1)
-    if count > SSH_CONNECTIONS_MAX:
-        raise ConfigError(f"{value!r} is more than {SSH_CONNECTIONS_MAX} ssh connections")
-    return count
+    return parse_count(value, 1, SSH_CONNECTIONS_MAX)
 
 
 def parse_preconnect(value) -> int | None:
@@ -368,12 +367,9 @@ def parse_preconnect(value) -> int | None:
     if value in ("auto", "off"):
         return None if value == "auto" else 0
     try:
-        count = parse_count(value, minimum=1)
+        return parse_count(value, 1, PRECONNECT_MAX)
     except ConfigError:
-        count = 0
-    if not 0 < count <= PRECONNECT_MAX:
-        raise ConfigError(f"{value!r} is not 'auto', 'off' or a number from 1 to {PRECONNECT_MAX}")
-    return count
+        raise ConfigError(f"{value!r} is not 'auto', 'off' or a number from 1 to {PRECONNECT_MAX}") from None
 
 
 def parse_mark(value) -> int:

@@ -495,3 +495,33 @@ def test_early_data_is_auto_by_default_and_per_upstream_in_the_config_file(tmp_p
 def test_an_upstream_table_that_cannot_work_is_a_clear_error(table, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_values({"upstream": [table]}, source="relay.toml: ")
+
+
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        ({}, None),
+        ({"preconnect": "off"}, 0),
+        ({"preconnect": "auto"}, None),
+        ({"preconnect": "3"}, 3),
+        ({"preconnect": 64}, 64),
+    ],
+)
+def test_preconnect_is_auto_off_or_a_bounded_number(values, expected):
+    assert Config.from_values({"upstream": ["10.0.0.1:3128"], **values}).preconnect == expected
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", "many", 2.5, True])
+def test_a_bad_preconnect_names_what_it_takes(value):
+    with pytest.raises(ConfigError, match="is not 'auto', 'off' or a number from 1 to 64"):
+        Config.from_values({"upstream": ["10.0.0.1:3128"], "preconnect": value})
+
+
+def test_ssh_connections_default_to_the_cores_at_most_4_and_are_bounded():
+    config = Config.from_values({"upstream": ["10.0.0.1:3128"]})
+    assert 1 <= config.ssh_connections <= 4
+    assert Config.from_values({"upstream": ["10.0.0.1:3128"], "ssh-connections": "16"}).ssh_connections == 16
+    with pytest.raises(ConfigError, match="more than 16"):
+        Config.from_values({"upstream": ["10.0.0.1:3128"], "ssh-connections": "17"})
+    with pytest.raises(ConfigError, match="at least 1"):
+        Config.from_values({"upstream": ["10.0.0.1:3128"], "ssh-connections": "0"})
