@@ -551,3 +551,75 @@ cdef class Engine:
         self.backlog_count = 0
         self.held = []
         return finished
+
+
+cdef class Conduit:
+    """One direction, src -> pipe -> dst, for a counted run of bytes: an HTTP body or chunk whose
+    length its head told. The caller says how many bytes may still be read; the pipe is drained
+    before more is read, as in the Engine. Neither fd is owned: the caller closes them.
+    """
+
+    cdef Way way
+    cdef int src
+    cdef int dst
+    cdef int pipe_size
+    cdef readonly bint eof  # the source ended before the count was read
+    cdef readonly int failed_side  # after an OSError from move(): 0 the source's, 1 the destination's
+
+    def __cinit__(self):
+        self.way.pipe_r = self.way.pipe_w = -1
+        self.way.pending = 0
+
+    def __init__(self, int src_fd, int dst_fd, int pipe_size=0):
+        self.src = src_fd
+        self.dst = dst_fd
+        self.pipe_size = pipe_size
+        self.eof = False
+        self.failed_side = -1
+
+    def __dealloc__(self):
+        give_back_pipe(&self.way)
+
+    @property
+    def pending(self):
+        """Bytes read from the source and not yet written: while there are, move() waits to write."""
+        return self.way.pending
+
+    def move(self, Py_ssize_t limit):
+        """Write what is pending, then read at most ``limit`` bytes and write them, until the source
+        is empty, the destination full, or the count read; returns the bytes read from the source."""
+        cdef Py_ssize_t taken = 0
+        cdef ssize_t n
+        while True:
+            while self.way.pending > 0:
+                n = splice(self.way.pipe_r, NULL, self.dst, NULL, self.way.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if n > 0:
+                    self.way.pending -= n
+                elif n == 0 or errno == EAGAIN:
+                    return taken
+                elif errno != EINTR:
+                    self.failed_side = 1
+                    PyErr_SetFromErrno(OSError)
+            if limit - taken <= 0 or self.eof:
+                give_back_pipe(&self.way)
+                return taken
+            if self.way.pipe_r < 0 and take_pipe(&self.way, self.pipe_size) != 0:
+                self.failed_side = -1
+                PyErr_SetFromErrno(OSError)
+            n = splice(self.src, NULL, self.way.pipe_w, NULL, min(limit - taken, <Py_ssize_t>self.way.capacity),
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                self.way.pending = n
+                taken += n
+            elif n == 0:
+                self.eof = True
+            elif errno == EAGAIN:
+                give_back_pipe(&self.way)  # empty: a waiting body holds no pipe
+                return taken
+            elif errno != EINTR:
+                self.failed_side = 0
+                PyErr_SetFromErrno(OSError)
+
+    def close(self):
+        """Give the pipe back (to the pool if empty; bytes left in it are dropped)."""
+        give_back_pipe(&self.way)

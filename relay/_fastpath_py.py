@@ -539,3 +539,65 @@ class Engine:
         self._backlog = []
         self._held = []
         return finished
+
+
+class Conduit:
+    """One direction, src -> buffer -> dst, for a counted run of bytes (see the extension's Conduit)."""
+
+    __slots__ = ("_way", "_src", "_dst", "_pipe_size", "eof", "failed_side")
+
+    def __init__(self, src_fd, dst_fd, pipe_size=0):
+        self._src, self._dst, self._pipe_size = _c_int(src_fd), _c_int(dst_fd), _c_int(pipe_size)
+        self._way = _Way(b"")
+        self.eof = False
+        self.failed_side = -1  # after an OSError from move(): 0 the source's, 1 the destination's
+
+    def __del__(self):
+        way = getattr(self, "_way", None)
+        if way is not None:
+            way.give_back()
+
+    @property
+    def pending(self):
+        """Bytes read from the source and not yet written: while there are, move() waits to write."""
+        return self._way.pending
+
+    def move(self, limit):
+        """Write what is pending, then read at most ``limit`` bytes and write them, until the source
+        is empty, the destination full, or the count read; returns the bytes read from the source."""
+        limit = _c_size(limit)
+        way = self._way
+        taken = 0
+        while True:
+            while way.pending > 0:
+                try:
+                    n = os.write(self._dst, way.view[way.start : way.start + way.pending])
+                except BlockingIOError:
+                    return taken
+                except OSError:
+                    self.failed_side = 1
+                    raise
+                way.start += n
+                way.pending -= n
+            if limit - taken <= 0 or self.eof:
+                way.give_back()
+                return taken
+            if way.view is None:
+                way.view = _take_buffer(self._pipe_size)
+            try:
+                n = os.readv(self._src, [way.view[: min(limit - taken, len(way.view))]])
+            except BlockingIOError:
+                way.give_back()  # empty: a waiting body holds no buffer
+                return taken
+            except OSError:
+                self.failed_side = 0
+                raise
+            if n == 0:
+                self.eof = True
+            else:
+                way.start, way.pending = 0, n
+                taken += n
+
+    def close(self):
+        """Give the buffer back (to the pool if empty; bytes left in it are dropped)."""
+        self._way.give_back()

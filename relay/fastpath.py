@@ -29,6 +29,7 @@ else:
 NAME = _twin.NAME
 POOL_MAX = _twin.POOL_MAX
 Engine = _twin.Engine
+Conduit = _twin.Conduit
 original_dst = _twin.original_dst
 pooled_pipes = _twin.pooled_pipes
 set_transparent = _twin.set_transparent

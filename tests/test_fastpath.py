@@ -26,8 +26,9 @@ def public_names(namespace) -> set[str]:
 
 
 def stub_api() -> tuple[dict, dict]:
-    """What relay/_fastpath.pyi declares: {name: parameter names, or None for a constant} at the top and in Engine."""
-    declared, engine = {}, {}
+    """What relay/_fastpath.pyi declares: {name: parameter names, or None for a constant or class} at the
+    top, and {"Class.member": parameter names, or None for a property} in its classes."""
+    declared, members = {}, {}
     for node in ast.parse((SOURCES / "_fastpath.pyi").read_text()).body:
         if isinstance(node, ast.AnnAssign) and not node.target.id.startswith("_"):
             declared[node.target.id] = None
@@ -38,16 +39,22 @@ def stub_api() -> tuple[dict, dict]:
             for member in node.body:
                 if not member.name.startswith("_"):
                     is_property = any(getattr(d, "id", None) == "property" for d in member.decorator_list)
-                    engine[member.name] = None if is_property else [arg.arg for arg in member.args.args]
-    return declared, engine
+                    members[f"{node.name}.{member.name}"] = (
+                        None if is_property else [arg.arg for arg in member.args.args]
+                    )
+    return declared, members
 
 
 def test_both_twins_offer_the_api_of_the_stub(extension):
-    declared, engine = stub_api()
+    declared, members = stub_api()
+    classes = {name for name, parameters in declared.items() if parameters is None and name[0].isupper()}
     for twin in (extension, _fastpath_py):
         assert public_names(twin) == set(declared), twin.__name__
-        assert public_names(twin.Engine) == set(engine), twin.__name__
-        for name, parameters in [*declared.items(), *((f"Engine.{n}", p) for n, p in engine.items())]:
+        for cls in ("Engine", "Conduit"):
+            assert cls in classes
+            offered = {f"{cls}.{name}" for name in public_names(getattr(twin, cls))}
+            assert offered == {name for name in members if name.startswith(f"{cls}.")}, f"{twin.__name__}.{cls}"
+        for name, parameters in [*declared.items(), *members.items()]:
             if parameters is not None:
                 target = twin
                 for part in name.split("."):
@@ -60,10 +67,11 @@ def test_both_twins_have_the_same_signatures_and_constants(extension):
         ours, theirs = getattr(extension, name), getattr(_fastpath_py, name)
         if inspect.isroutine(ours):
             assert inspect.signature(ours) == inspect.signature(theirs), name
-    for name in public_names(extension.Engine):
-        ours, theirs = getattr(extension.Engine, name), getattr(_fastpath_py.Engine, name)
-        if inspect.isroutine(ours):
-            assert inspect.signature(ours) == inspect.signature(theirs), f"Engine.{name}"
+    for cls in ("Engine", "Conduit"):
+        for name in public_names(getattr(extension, cls)):
+            ours, theirs = getattr(getattr(extension, cls), name), getattr(getattr(_fastpath_py, cls), name)
+            if inspect.isroutine(ours):
+                assert inspect.signature(ours) == inspect.signature(theirs), f"{cls}.{name}"
     assert extension.POOL_MAX == _fastpath_py.POOL_MAX
     assert (extension.NAME, _fastpath_py.NAME) == ("cython", "python")
 
