@@ -79,7 +79,7 @@ class Connection:
         "counted", "silent_turn", "described", "first", "early", "early_sent", "candidates", "attempts",
         "attempt_started",
         "dialing", "racer", "racer_started", "name", "name_from", "dns_name", "fake_name", "retried", "via", "fault",
-        "source", "lane", "up", "down", "http_requests",
+        "source", "lane", "up", "down", "http_requests", "http_spliced",
     )  # fmt: skip
 
     def __init__(self, owner: "Connections", sock: socket.socket, peer, config: Config, pool: UpstreamPool):
@@ -113,6 +113,7 @@ class Connection:
         self.lane = None  # the UpstreamState it relays through, while it counts in its ``active``
         self.up = self.down = 0
         self.http_requests = None  # forwarded in absolute form, when not tunnelled
+        self.http_spliced = 0  # ...and the bytes of their bodies that went socket to socket
 
     def move(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -510,6 +511,7 @@ class Connection:
             fields["retried-by-ip"] = self.retried
         if self.http_requests is not None:
             fields["http-requests"] = self.http_requests
+            fields["http-spliced"] = self.http_spliced
         if self.early_sent:
             fields["early-data"] = self.early_sent  # bytes of the client's that went with the CONNECT
         fields.update(

@@ -1,9 +1,11 @@
 """Plain HTTP through an HTTP proxy, request by request, in absolute form.
 
 h11 parses both sides: the client's requests (we are its server) and the
-proxy's responses (we are its client). Bodies stream through in events of at
-most READ_SIZE bytes, and a side is only read when the next event is needed,
-so memory stays bounded and a slow reader slows the sender. The request body
+proxy's responses (we are its client). Once a head tells a body's length, or
+a chunk's, the bytes h11 need not see are spliced from socket to socket
+(relay.proto.http_body); the rest streams through h11 in events of at most
+READ_SIZE bytes. A side is only read when the next event is needed, so memory
+stays bounded and a slow reader slows the sender. The request body
 and the response run concurrently, which is what ``Expect: 100-continue`` and
 early error responses need; once the body is sent, the client is watched until
 the response is complete, so that its leaving ends the exchange at once.
@@ -20,11 +22,12 @@ import socket
 import h11
 import trio
 
-from relay import ends
+from relay import ends, fastpath
 from relay.config import Config
 from relay.net.dial import connect
 from relay.net.faults import UpstreamError
 from relay.net.sockets import closed_by_peer, reset, write_all
+from relay.proto.http_body import framing, passable, passed
 from relay.proto.http_connect import basic_credentials
 from relay.proto.http_forward import (
     EmptyLines,
@@ -38,6 +41,12 @@ from relay.proto.http_forward import (
 from relay.proto.sniff import MAX_SNIFF_BYTES, hostname_from_authority
 
 READ_SIZE = 65536
+# A body (or chunk) with less than this left comes through h11 with the next read: splicing it
+# would cost more calls than the copy.
+PASS_MIN = 16384
+# The read after a splice: the last byte, a chunk's CRLF and the next chunk's header, which h11 must
+# see, but little of the next chunk's data, which can then be spliced too.
+AFTER_PASS_READ = 512
 # 1xx responses to one request: more than a real exchange sends (one 100 Continue, a few 103 Early Hints).
 MAX_INFORMATIONAL = 32
 MAX_HEAD = 16384
@@ -85,6 +94,7 @@ class HttpForwarder:
         idle_timeout,
         forward_upgrades=False,
         keep_proxy=None,
+        pipe_size=0,
     ):
         self.client = client
         self.dst = dst
@@ -94,6 +104,7 @@ class HttpForwarder:
         self.proxy_authorization = proxy_authorization
         self.idle_timeout = idle_timeout
         self.forward_upgrades = forward_upgrades  # --http-upgrade forward
+        self.pipe_size = pipe_size
         self.switched = False  # the proxy answered an upgrade with 101: the connection is a tunnel now
         self.from_client = self.empty_lines = None
         self._next_request(first, closed=False)
@@ -102,6 +113,8 @@ class HttpForwarder:
         self.to_proxy = None
         self.sent_up = 0
         self.sent_down = 0
+        self.spliced = 0  # body bytes that went by h11, socket to socket
+        self.read_size = {True: READ_SIZE, False: READ_SIZE}  # the next read from the client (True) / the proxy
         self.requests = 0
         self.failing = None  # how the exchange failed, as soon as either task knows
         self.refusal = 400  # the status a client protocol error is answered with
@@ -142,8 +155,10 @@ class HttpForwarder:
             event = self.from_client.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if await self._pass_body(self.client, self.proxy, self.from_client, self.to_proxy, up=True):
+                continue
             try:
-                data = await self.client.recv(READ_SIZE)
+                data = await self.client.recv(self._next_read(up=True))
             except OSError:
                 raise self.fail(ends.CLIENT_RESET) from None
             self.check_end(data)
@@ -157,8 +172,10 @@ class HttpForwarder:
             event = self.to_proxy.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if await self._pass_body(self.proxy, self.client, self.to_proxy, self.from_client, up=False):
+                continue
             try:
-                data = await self.proxy.recv(READ_SIZE)
+                data = await self.proxy.recv(self._next_read(up=False))
             except OSError:
                 raise self.fail(ends.UPSTREAM_RESET) from None
             self.check_end(data)
@@ -168,23 +185,74 @@ class HttpForwarder:
             self.touch()
             self.to_proxy.receive_data(data)
 
-    async def to_client(self, event):
-        data = self.from_client.send(event)
+    async def _pass_body(self, source, sink, receiving, sending, up: bool) -> bool:
+        """Splice what ``receiving`` (h11, reading ``source``) need not see of its body to ``sink``,
+        framed as ``sending`` (h11, writing ``sink``) would; False if nothing may pass (read as usual).
+        An end of data midway is fed to ``receiving``, which tells the body cut short as ever."""
+        count = passable(receiving)
+        if count < PASS_MIN:
+            return False
+        frame = framing(sending, count)
+        if frame is None:
+            return False
+        before, after = frame
+        source_reset, sink_reset = ends.RESET_BY if up else ends.RESET_BY[::-1]
+        await self._write(sink, before, sink_reset, up)
+        left = count
+        conduit = fastpath.Conduit(source.fileno(), sink.fileno(), self.pipe_size)
+        try:
+            while True:
+                try:
+                    taken = conduit.move(left)
+                except OSError as exc:
+                    if conduit.failed_side < 0:
+                        raise self.fail(ends.local_failure(exc.errno)) from None
+                    raise self.fail(sink_reset if conduit.failed_side else source_reset) from None
+                left -= taken
+                if taken:
+                    self.touch()
+                if conduit.pending:
+                    await trio.lowlevel.wait_writable(sink)
+                elif left and not conduit.eof:
+                    await trio.lowlevel.wait_readable(source)
+                else:
+                    break
+        finally:
+            conduit.close()
+        passed(receiving, count - left)
+        self.read_size[up] = AFTER_PASS_READ
+        self.spliced += count - left
+        self._count(count - left, up)
+        if conduit.eof:
+            self.check_end(b"")
+            receiving.receive_data(b"")
+        else:
+            await self._write(sink, after, sink_reset, up)
+        return True
+
+    def _next_read(self, up: bool) -> int:
+        size, self.read_size[up] = self.read_size[up], READ_SIZE
+        return size
+
+    async def _write(self, sink, data: bytes, sink_reset: str, up: bool) -> None:
         if data:
             try:
-                await write_all(self.client, data)
+                await write_all(sink, data)
             except OSError:
-                raise self.fail(ends.CLIENT_RESET) from None
-            self.sent_down += len(data)
+                raise self.fail(sink_reset) from None
+            self._count(len(data), up)
+
+    def _count(self, sent: int, up: bool) -> None:
+        if up:
+            self.sent_up += sent
+        else:
+            self.sent_down += sent
+
+    async def to_client(self, event):
+        await self._write(self.client, self.from_client.send(event), ends.CLIENT_RESET, up=False)
 
     async def to_upstream(self, event):
-        data = self.to_proxy.send(event)
-        if data:
-            try:
-                await write_all(self.proxy, data)
-            except OSError:
-                raise self.fail(ends.UPSTREAM_RESET) from None
-            self.sent_up += len(data)
+        await self._write(self.proxy, self.to_proxy.send(event), ends.UPSTREAM_RESET, up=True)
 
     def target_authority(self, request: h11.Request) -> bytes:
         host = None
@@ -498,6 +566,7 @@ async def forward(
         idle_timeout=config.idle_timeout,
         forward_upgrades=config.http_upgrade == "forward",
         keep_proxy=keep_proxy,
+        pipe_size=config.pipe_size,
     )
     record.via = upstream
     ended, detail, clean = ends.CLOSED, None, True
@@ -508,4 +577,5 @@ async def forward(
     except UpstreamError as exc:
         ended, detail, clean = f"refused:{exc.reason}", str(exc), False
     record.up, record.down, record.http_requests = forwarder.sent_up, forwarder.sent_down, forwarder.requests
+    record.http_spliced = forwarder.spliced
     return ended, detail, clean

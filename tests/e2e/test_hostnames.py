@@ -242,6 +242,8 @@ def test_chunked_upload_split_at_every_boundary_and_download_keep_their_sha256(r
     assert hashlib.sha256(blob).hexdigest() == pattern_sha256(3_000_000, 5)
     [line] = relay.connections(at_least=1)
     assert line["end"] == "closed" and line["http-requests"] == "2"
+    # The download (and the upload's 300 000-byte chunk) went socket to socket, not through h11.
+    assert int(line["http-spliced"]) > 3_000_000
 
 
 @pytest.mark.parametrize("proxy", STOCK_PROXIES)

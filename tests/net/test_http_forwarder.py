@@ -10,12 +10,24 @@ import h11
 import pytest
 import trio
 
+from relay import fastpath
 from relay.addresses import format_address
-from relay.net.http_forward import MAX_INFORMATIONAL, ForwardFailed, HttpForwarder, NeedsTunnel
+from relay.net import http_forward
+from relay.net.http_forward import MAX_INFORMATIONAL, READ_SIZE, ForwardFailed, HttpForwarder, NeedsTunnel
 from relay.net.sockets import reset
 from tests.net.test_pump import trio_pair
 from tests.net.test_server import served
 from tests.sockpairs import hard_close, tcp_pair
+
+
+@pytest.fixture(autouse=True, params=["threshold", "every-byte"])
+def splicing(request, impl, monkeypatch):
+    """Body bytes go by h11 through the fast path's Conduit: each test runs on both twins, with bodies
+    spliced from the usual size on, and with every byte h11 may skip spliced."""
+    monkeypatch.setattr(fastpath, "Conduit", impl.Conduit)
+    if request.param == "every-byte":
+        monkeypatch.setattr(http_forward, "PASS_MIN", 1)
+    return request.param
 
 
 class FakeProxy:
@@ -777,3 +789,154 @@ async def test_a_forwarded_upgrade_becomes_a_tunnel_both_ways_after_the_101_and_
             proxy.shutdown(trio.socket.SHUT_WR)
             assert await client.recv(100) == b""
     assert ended == ["closed"] and forwarder.requests == 2
+
+
+# Bodies spliced past h11.
+
+
+def chunk_stream(body: bytes, sizes) -> bytes:
+    """``body`` chunked in pieces of the given sizes (cycled), with a trailer section."""
+    out, position, index = bytearray(), 0, 0
+    while position < len(body):
+        size = sizes[index % len(sizes)]
+        out += b"%x\r\n" % min(size, len(body) - position) + body[position : position + size] + b"\r\n"
+        position, index = position + size, index + 1
+    return bytes(out + b"0\r\nX-Sum: 1\r\n\r\n")
+
+
+async def send_in_pieces(sock, data: bytes, cuts) -> None:
+    """Send ``data`` in separate writes at each offset of ``cuts`` (the relay reads them apart)."""
+    start = 0
+    for cut in [*sorted(cuts), len(data)]:
+        if cut > start:
+            await send_all(sock, data[start:cut])
+            await trio.sleep(0.002)
+            start = cut
+
+
+async def send_all(sock, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]
+
+
+async def read_response(sock, method: str = "GET", version: str = "1.1") -> tuple[int, bytes, list, bytes]:
+    """One response: (status, body, trailers, the raw bytes read)."""
+    http = h11.Connection(h11.CLIENT)
+    http.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    http.send(h11.EndOfMessage())
+    status, body, raw = None, bytearray(), bytearray()
+    while True:
+        event = http.next_event()
+        if event is h11.NEED_DATA:
+            data = await sock.recv(1 << 20)
+            raw += data
+            http.receive_data(data)
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return status, bytes(body), event.headers, bytes(raw)
+        elif isinstance(event, h11.ConnectionClosed):
+            return status, bytes(body), [], bytes(raw)
+
+
+BIG = os.urandom(5 << 20)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked-large", "chunked-mixed"])
+async def test_a_large_response_arrives_exact_and_mostly_spliced_then_the_next_request_is_served(framing, splicing):
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    if framing == "content-length":
+        response = f"HTTP/1.1 200 OK\r\nContent-Length: {len(BIG)}\r\n\r\n".encode() + BIG
+    else:
+        sizes = [1 << 20] if framing == "chunked-large" else [1, 70000, 5, 300000, 16384, 16383]
+        response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk_stream(BIG, sizes)
+    # Cut at every kind of boundary: inside the head, its end, a chunk header, a chunk's last byte, its CRLF.
+    cuts = [10, response.index(b"\r\n\r\n") + 4]
+    cuts += [
+        position + offset for position in (cuts[1] + 3, len(response) // 2, len(response) - 9) for offset in (0, 1)
+    ]
+    await client.send(get("/big") + get("/small"))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"/big")
+            nursery.start_soon(send_in_pieces, proxy, response, cuts)
+            status, body, trailers, raw = await read_response(client)
+            assert (status, hashlib.sha256(body).digest()) == (200, hashlib.sha256(BIG).digest())
+            if framing != "content-length":
+                assert trailers == [(b"x-sum", b"1")]
+            await until(proxy, b"/small")
+            await proxy.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            status, body, _, second = await read_response(client)
+            assert (status, body) == (200, b"ok")
+            client.shutdown(trio.socket.SHUT_WR)
+    assert ended == ["closed"] and forwarder.requests == 2
+    assert forwarder.sent_down == len(raw) + len(second)  # spliced bytes and framing counted as sent
+    if framing != "chunked-mixed" or splicing == "every-byte":
+        assert forwarder.spliced > len(BIG) - 4 * READ_SIZE  # all but what came with heads and chunk headers
+    client.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_large_upload_reaches_the_proxy_exact(proxy, framing, splicing):
+    client, relay_side = trio_pair()
+    forwarder = forwarder_for(proxy, relay_side)
+    if framing == "content-length":
+        request = f"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: {len(BIG)}\r\n\r\n".encode() + BIG
+    else:
+        request = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk_stream(BIG, [700000, 3])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forwarder.run)
+            nursery.start_soon(send_in_pieces, client, request + get("/after"), [60, len(request) // 3])
+            got = await responses(client, ["POST", "GET"])
+            client.shutdown(trio.socket.SHUT_WR)
+    assert got[0] == (200, hashlib.sha256(BIG).hexdigest().encode()) and got[1][0] == 200
+    assert [request[3] for request in proxy.requests] == [BIG, b""]
+    assert forwarder.spliced > len(BIG) // 2
+
+
+async def test_a_chunked_response_to_an_http_10_client_is_spliced_unframed():
+    """h11 sends an HTTP/1.0 client the body as it comes, ended by the close: spliced the same."""
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    await client.send(b"GET /old HTTP/1.0\r\nHost: h\r\n\r\n")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"\r\n\r\n")
+            nursery.start_soon(
+                send_all, proxy, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk_stream(BIG, [1 << 20])
+            )
+            data, how = await rest(client)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"chunked" not in head.lower() and hashlib.sha256(body).digest() == hashlib.sha256(BIG).digest()
+    assert how == "end" and ended == ["closed"]
+    assert forwarder.spliced > len(BIG) - 8 * READ_SIZE
+    client.close()
+
+
+async def test_a_proxy_closing_mid_spliced_body_resets_the_client():
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    await client.send(get("/cut"))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"\r\n\r\n")
+            await send_all(proxy, f"HTTP/1.1 200 OK\r\nContent-Length: {len(BIG)}\r\n\r\n".encode() + BIG[: 3 << 20])
+            proxy.close()
+            seen, how = await rest(client)
+    head, _, body = seen.partition(b"\r\n\r\n")
+    assert body == BIG[: len(body)] and not complete_response(
+        seen
+    )  # what arrived is in order (a reset may drop the rest)
+    assert how == "reset" and ended == ["proxy-protocol-error"]  # as when h11 read the body itself
+    client.close()
