@@ -5,6 +5,8 @@
  *   benchtool serve-short PORT      read 100 bytes, answer 100 bytes, close (epoll)
  *   benchtool serve-hold PORT       accept and keep connections until the peer closes (epoll)
  *   benchtool serve-bulk PORT       first byte 'U': discard until EOF; 'D': send until the peer goes
+ *   benchtool serve-http PORT       HTTP/1.1 keep-alive: GET /bytes/N answers N bytes; a request with a
+ *                                   Content-Length body (POST, PUT) is read and answered "ok"
  *   benchtool short HOST PORT COUNT CONCURRENCY TIMEOUT_S [PROXY_KIND PROXY_HOST PROXY_PORT]
  *   benchtool hold HOST PORT COUNT LIFETIME_S
  *   benchtool bulk HOST PORT SECONDS STREAMS up|down [PROXY_KIND PROXY_HOST PROXY_PORT]
@@ -22,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -127,7 +130,65 @@ static void *serve_bulk_connection(void *arg)
     return NULL;
 }
 
-static void serve_bulk(const char *port)
+#define HTTP_HEAD_MAX 16384
+
+/* The value of a header line "name: value" in head, as a number; -1 if absent. */
+static long long header_number(const char *head, const char *name)
+{
+    size_t length = strlen(name);
+    for (const char *line = strstr(head, "\r\n"); line && line[2]; line = strstr(line + 2, "\r\n"))
+        if (!strncasecmp(line + 2, name, length) && line[2 + length] == ':')
+            return atoll(line + 3 + length);
+    return -1;
+}
+
+static void *serve_http_connection(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    static char zeros[BULK_BUFFER];
+    char head[HTTP_HEAD_MAX + 1], sink[BULK_BUFFER];
+    size_t have = 0;
+    for (;;) {
+        char *end;
+        head[have] = 0;
+        while (!(end = strstr(head, "\r\n\r\n"))) {
+            ssize_t n = have < HTTP_HEAD_MAX ? read(fd, head + have, HTTP_HEAD_MAX - have) : -1;
+            if (n <= 0) goto done;
+            have += n;
+            head[have] = 0;
+        }
+        end += 4;
+        *(end - 2) = 0; /* the head as a string, its last CRLF kept for header_number */
+        long long body = header_number(head, "Content-Length");
+        size_t extra = have - (end - head); /* bytes read past the head: the body's first */
+        long long left = body > 0 ? body - (long long)extra : 0;
+        if (left < 0) { /* the next request began too: not sent by our clients */
+            goto done;
+        }
+        have = 0;
+        while (left > 0) {
+            ssize_t n = read(fd, sink, left < (long long)sizeof sink ? (size_t)left : sizeof sink);
+            if (n <= 0) goto done;
+            left -= n;
+        }
+        long long size = 0;
+        if (!strncmp(head, "GET /bytes/", 11)) size = atoll(head + 11);
+        char reply[128];
+        int length = size ? snprintf(reply, sizeof reply, "HTTP/1.1 200 OK\r\nContent-Length: %lld\r\n\r\n", size)
+                          : snprintf(reply, sizeof reply, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        if (write(fd, reply, length) != length) goto done;
+        while (size > 0) {
+            ssize_t n = write(fd, zeros, size < (long long)sizeof zeros ? (size_t)size : sizeof zeros);
+            if (n <= 0) goto done;
+            size -= n;
+        }
+    }
+done:
+    close(fd);
+    return NULL;
+}
+
+static void serve_threads(const char *port, void *(*serve)(void *))
 {
     /* Blocking: one thread per (long) connection is simplest here. */
     int listen_fd = listener(port, 0);
@@ -135,7 +196,7 @@ static void serve_bulk(const char *port)
         pthread_t thread;
         int conn = accept(listen_fd, NULL, NULL);
         if (conn < 0) continue;
-        if (pthread_create(&thread, NULL, serve_bulk_connection, (void *)(intptr_t)conn) != 0) close(conn);
+        if (pthread_create(&thread, NULL, serve, (void *)(intptr_t)conn) != 0) close(conn);
         else pthread_detach(thread);
     }
 }
@@ -494,7 +555,8 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     if (!strcmp(mode, "serve-short") && argc == 3) serve_epoll(argv[2], MESSAGE_SIZE);
     else if (!strcmp(mode, "serve-hold") && argc == 3) serve_epoll(argv[2], 0);
-    else if (!strcmp(mode, "serve-bulk") && argc == 3) serve_bulk(argv[2]);
+    else if (!strcmp(mode, "serve-bulk") && argc == 3) serve_threads(argv[2], serve_bulk_connection);
+    else if (!strcmp(mode, "serve-http") && argc == 3) serve_threads(argv[2], serve_http_connection);
     else if (!strcmp(mode, "short") && (argc == 7 || argc == 10)) short_connections(argc, argv);
     else if (!strcmp(mode, "hold") && argc == 6) hold(argv);
     else if (!strcmp(mode, "bulk") && (argc == 7 || argc == 10)) bulk(argc, argv);

@@ -2,7 +2,8 @@
 
 client (10.77.1.2) -> router: relay / redsocks, squid :3128 and dante :1080 on its
 loopback (also on its LAN address, for the client to use them directly) -> far,
-which only routes -> server (10.77.3.2): iperf3 and the C servers of benchtool.c.
+which only routes -> server (10.77.3.2): iperf3 and the C servers of benchtool.c (an HTTP
+server among them, on port 80).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ IPERF_PORT = 5201
 SHORT_PORT = 7000
 HOLD_PORT = 7001
 BULK_PORT = 7002
+HTTP_PORT = 80
 EPHEMERAL_PORTS = "16384 65535"  # every port below is under 16384
 SERVER_NET = "10.77.3.0/24"
 CLIENT_NET = "10.77.1.0/24"
@@ -293,6 +295,7 @@ class Testbed:
             "serve-short": ([self.tool, "serve-short", str(SHORT_PORT)], SHORT_PORT),
             "serve-hold": ([self.tool, "serve-hold", str(HOLD_PORT)], HOLD_PORT),
             "serve-bulk": ([self.tool, "serve-bulk", str(BULK_PORT)], BULK_PORT),
+            "serve-http": ([self.tool, "serve-http", str(HTTP_PORT)], HTTP_PORT),
         }
         for name, (argv, port) in servers.items():
             self.lab.spawn("server", [*RAISE_NOFILE, *argv], name=name)

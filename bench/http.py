@@ -1,0 +1,151 @@
+"""Plain HTTP forwarded in absolute form against the same bytes in a spliced tunnel, and against
+squid used directly by the client.
+
+    sudo .venv/bin/python bench/http.py [--size-mib 1024] [--streams 1,8] [--rounds 3]
+
+The lab of bench/run.py (bench/testbed.py): squid on the router, benchtool's HTTP server on the
+server, curl on the client. Three ways from client to server:
+
+- ``squid``: curl uses squid itself (``-x``), the reference for throughput;
+- ``relay``: curl knows of no proxy; the relay takes its connection (REDIRECT) and forwards each
+  request to squid in absolute form, bodies spliced past h11;
+- ``tunnel``: the same relay with ``--http-mode connect``: the connection goes through a CONNECT
+  tunnel to squid, every byte spliced, the reference for the relay's CPU per GB.
+
+Each run moves ``--size-mib`` in all (split between the streams), downloads (GET) and uploads
+(PUT, with a Content-Length); each round runs every way once, in turn. Reported: throughput,
+the relay's CPU seconds per GB moved (its process tree) and the whole machine's (/proc/stat,
+softirq included), medians of the rounds, with the targets of issue 20: the relay's CPU per GB
+at most 1.2x the tunnel's, throughput at least 0.95x squid's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
+    sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
+
+from bench.dnsload import machine_ticks  # noqa: E402
+from bench.testbed import HTTP_PORT, SERVER, UPSTREAMS, Case, RelayUnderTest, Testbed, cannot_run, first_line  # noqa: E402
+from relay.lab import ADDR, Lab  # noqa: E402
+
+RESULTS = HERE / "results"
+WAYS = ("squid", "relay", "tunnel")
+RELAY_ARGS = {"relay": [], "tunnel": ["--http-mode", "connect"]}
+RELAY_PORTS = {"relay": 12345, "tunnel": 12346}
+RUN_TIMEOUT = 300
+
+
+def machine_busy_seconds() -> float:
+    return machine_ticks()[0] / os.sysconf("SC_CLK_TCK")
+
+
+def curl_all(bed: Testbed, way: str, streams: int, size: int, upload: Path | None) -> None:
+    """``streams`` curl processes at once on the client, each moving ``size`` bytes; fails unless all did."""
+    proxy = f"-x http://{ADDR.router_lan4}:{UPSTREAMS['squid'][1]} " if way == "squid" else ""
+    if upload is None:
+        one = f"curl -sS -o /dev/null -w '%{{http_code}} %{{size_download}}\\n' {proxy}http://{SERVER}:{HTTP_PORT}/bytes/{size}"
+    else:
+        one = f"curl -sS -o /dev/null -w '%{{http_code}} %{{size_upload}}\\n' {proxy}-T {upload} http://{SERVER}:{HTTP_PORT}/up"
+    script = f"for i in $(seq {streams}); do {one} & done; wait"
+    result = bed.lab.run("client", ["sh", "-c", script], check=False, timeout=RUN_TIMEOUT)
+    lines = sorted(result.stdout.split("\n")[:-1])
+    if lines != [f"200 {size}"] * streams:
+        raise RuntimeError(f"{way}: curl said {lines} {result.stderr[-300:]}")
+
+
+def one_run(bed: Testbed, way: str, case: Case, streams: int, total: int, direction: str, files: dict) -> dict:
+    size = total // streams
+    bed.use(case)
+    relay_cpu = case.relay.cpu_seconds() if case.relay else 0.0
+    busy, started = machine_busy_seconds(), time.monotonic()
+    curl_all(bed, way, streams, size, files.get(size) if direction == "up" else None)
+    seconds = time.monotonic() - started
+    gigabytes = size * streams / 1e9
+    run = {
+        "mbit_s": round(size * streams * 8 / seconds / 1e6, 1),
+        "machine_cpu_s_per_gb": round((machine_busy_seconds() - busy) / gigabytes, 3),
+    }
+    if case.relay:
+        run["relay_cpu_s_per_gb"] = round((case.relay.cpu_seconds() - relay_cpu) / gigabytes, 3)
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="bytes each run moves, in all its streams")
+    parser.add_argument("--streams", default="1,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if why := cannot_run(("squid", "curl", "gcc")):
+        print(f"bench/http.py: {why}", file=sys.stderr)
+        return 2
+    stream_counts = [int(text) for text in args.streams.split(",")]
+    total = args.size_mib << 20
+    tests = [(streams, direction) for streams in stream_counts for direction in ("down", "up")]
+    results: dict = {
+        "commit": first_line(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"]),
+        **{key: getattr(args, key) for key in ("size_mib", "rounds")},
+        "runs": {f"{streams}x {direction} {way}": [] for streams, direction in tests for way in WAYS},
+    }
+    with Lab() as lab:
+        bed = Testbed(lab, ["squid"])
+        cases = {"squid": Case("squid/direct", "direct", "squid")}
+        for way in ("relay", "tunnel"):
+            relay = RelayUnderTest(bed, "relay", "squid", RELAY_PORTS[way], RELAY_ARGS[way], label=f"relay-{way}")
+            relay.start()
+            cases[way] = Case(f"squid/{way}", "relay", "squid", relay)
+        files = {}
+        for streams in stream_counts:  # sparse: read as zeros without a disk behind them
+            path = lab.tmpdir / f"upload-{streams}.bin"
+            with open(path, "wb") as upload:
+                upload.truncate(total // streams)
+            files[total // streams] = path
+        for round_number in range(args.rounds):
+            for streams, direction in tests:
+                order = WAYS if round_number % 2 == 0 else WAYS[::-1]
+                for way in order:
+                    run = one_run(bed, way, cases[way], streams, total, direction, files)
+                    results["runs"][f"{streams}x {direction} {way}"].append(run)
+                    print(f"round {round_number + 1}, {streams}x {direction}, {way}: {run}", flush=True)
+    print_table(results, tests)
+    out = args.out or RESULTS / f"http-{results['commit']}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def print_table(results: dict, tests: list) -> None:
+    print("\n| test | way | Mbit/s (median) | relay CPU s/GB | machine CPU s/GB | targets |")
+    print("|---|---|---|---|---|---|")
+    for streams, direction in tests:
+        runs = {way: results["runs"][f"{streams}x {direction} {way}"] for way in WAYS}
+        for way in WAYS:
+            rate = median_of(runs[way], "mbit_s")
+            relay_cpu = median_of(runs[way], "relay_cpu_s_per_gb") if way != "squid" else None
+            note = ""
+            if way == "relay":
+                throughput = rate / median_of(runs["squid"], "mbit_s")
+                cpu = relay_cpu / median_of(runs["tunnel"], "relay_cpu_s_per_gb")
+                note = f"{throughput:.2f}x squid's throughput (≥ 0.95), {cpu:.2f}x the tunnel's CPU (≤ 1.2)"
+            print(
+                f"| {streams}x {direction} | {way} | {rate} | {'-' if relay_cpu is None else relay_cpu} | "
+                f"{median_of(runs[way], 'machine_cpu_s_per_gb')} | {note} |"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
