@@ -17,6 +17,7 @@ no body is sent once more on a new connection, as RFC 9112 (9.3.1) allows,
 provided nothing of a response reached the client yet.
 """
 
+import contextlib
 import socket
 
 import h11
@@ -47,6 +48,9 @@ PASS_MIN = 16384
 # The read after a splice: the last byte, a chunk's CRLF and the next chunk's header, which h11 must
 # see, but little of the next chunk's data, which can then be spliced too.
 AFTER_PASS_READ = 512
+# A spliced body is read in batches of this much (SO_RCVLOWAT), or what came within BATCH_WAIT.
+BATCH = 1 << 20
+BATCH_WAIT = 0.05
 # 1xx responses to one request: more than a real exchange sends (one 100 Continue, a few 103 Early Hints).
 MAX_INFORMATIONAL = 32
 MAX_HEAD = 16384
@@ -105,6 +109,7 @@ class HttpForwarder:
         self.idle_timeout = idle_timeout
         self.forward_upgrades = forward_upgrades  # --http-upgrade forward
         self.pipe_size = pipe_size
+        self.batching = 0  # the SO_RCVLOWAT set on the source of the body being spliced (0: none)
         self.switched = False  # the proxy answered an upgrade with 101: the connection is a tunnel now
         self.from_client = self.empty_lines = None
         self._next_request(first, closed=False)
@@ -214,11 +219,15 @@ class HttpForwarder:
                 if conduit.pending:
                     await trio.lowlevel.wait_writable(sink)
                 elif left and not conduit.eof:
-                    await trio.lowlevel.wait_readable(source)
+                    await self._wait_for_a_batch(source, left)
                 else:
                     break
         finally:
             conduit.close()
+            if self.batching:
+                self.batching = 0
+                with contextlib.suppress(OSError):  # a socket already failed has no reads left anyway
+                    source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         passed(receiving, count - left)
         self.read_size[up] = AFTER_PASS_READ
         self.spliced += count - left
@@ -229,6 +238,17 @@ class HttpForwarder:
         else:
             await self._write(sink, after, sink_reset, up)
         return True
+
+    async def _wait_for_a_batch(self, source, left: int) -> None:
+        """Wait until ``source`` holds a batch of the body (BATCH bytes, or all that is left), or
+        BATCH_WAIT went by: squid writes a forwarded body 16 KiB at a time, and moving each piece
+        as it came cost a wakeup and a splice pair per piece. A splice takes what there is."""
+        wanted = min(BATCH, left)
+        if wanted != self.batching:
+            source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+            self.batching = wanted
+        with trio.move_on_after(BATCH_WAIT):
+            await trio.lowlevel.wait_readable(source)
 
     def _next_read(self, up: bool) -> int:
         size, self.read_size[up] = self.read_size[up], READ_SIZE

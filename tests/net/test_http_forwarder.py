@@ -940,3 +940,28 @@ async def test_a_proxy_closing_mid_spliced_body_resets_the_client():
     )  # what arrived is in order (a reset may drop the rest)
     assert how == "reset" and ended == ["proxy-protocol-error"]  # as when h11 read the body itself
     client.close()
+
+
+async def test_a_body_that_trickles_reaches_the_client_as_it_comes_not_when_a_batch_fills():
+    """Spliced bodies are read in batches (SO_RCVLOWAT), but never held waiting for one."""
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    await client.send(get("/slow"))
+    piece, pieces = 20000, 5
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"\r\n\r\n")
+            await send_all(proxy, f"HTTP/1.1 200 OK\r\nContent-Length: {pieces * piece}\r\n\r\n".encode())
+            body = (await until(client, b"\r\n\r\n")).partition(b"\r\n\r\n")[2]
+            for number in range(pieces):
+                await send_all(proxy, bytes([number]) * piece)
+                with trio.fail_after(1):  # each piece arrives on its own: a batch of 1 MiB never comes
+                    while len(body) < (number + 1) * piece:
+                        body += await client.recv(65536)
+            client.shutdown(trio.socket.SHUT_WR)
+    assert body == b"".join(bytes([number]) * piece for number in range(pieces))
+    assert forwarder.spliced >= (pieces - 1) * piece
+    assert ended == ["closed"]
+    client.close()
