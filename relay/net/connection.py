@@ -36,7 +36,7 @@ from relay.net import admission
 from relay.net.fake_ips import NAME_FROM as FAKE_IP_NAME_FROM
 from relay.net.fake_ips import UNKNOWN, fake_ip_name, refuse_unknown
 from relay.net.faults import UpstreamError
-from relay.net.http_forward import NeedsTunnel, forward
+from relay.net.http_forward import NeedsTunnel, Switched, forward
 from relay.net.sockets import receive_some, reset
 from relay.net.upstreams import NAMED_SCHEMES, Attempts, UpstreamPool
 from relay.proto.early_data import early_tls_records
@@ -60,7 +60,8 @@ TRANSITIONS = {
     State.ACCEPTED: {State.ADMITTED, State.ENDED},
     State.ADMITTED: {State.WAITING, State.DIALING, State.FORWARDING, State.ENDED},
     State.WAITING: {State.DIALING, State.FORWARDING, State.ENDED},
-    State.FORWARDING: {State.DIALING, State.ENDED},  # an Upgrade is tunnelled as it came
+    # An Upgrade is tunnelled as it came (DIALING), or forwarded and, after the 101, relayed.
+    State.FORWARDING: {State.DIALING, State.RELAYING, State.ENDED},
     State.DIALING: {State.RELAYING, State.ENDED},
     State.RELAYING: {State.ENDED},
     State.ENDED: set(),
@@ -301,6 +302,9 @@ class Connection:
             self.move(State.DIALING)
             self.dial()
             return
+        except Switched as exc:  # a forwarded upgrade the proxy accepted: a tunnel from here on
+            self.relay_switched(exc)
+            return
         if ended == ends.CLIENT_PROTOCOL_ERROR:  # what a client sends costs a line per interval at most
             peer = format_address(self.peer)
             self.owner.warnings.warning(ended, f"connection from {peer}: malformed HTTP request, refused ({ended})")
@@ -429,9 +433,31 @@ class Connection:
         owner.own_sources.add(self.source)
         self.give_back_silent_turn()
 
+    def relay_switched(self, switched: Switched) -> None:
+        """After a 101 to a forwarded upgrade, both sockets go to the pump, as a tunnel's."""
+        config = self.config
+        try:
+            self.owner.pump.add(
+                self.sock,
+                switched.proxy,
+                self,
+                to_upstream_first=switched.to_proxy,
+                to_client_first=switched.to_client,
+                idle_timeout=config.idle_timeout,
+                half_closed_timeout=config.half_closed_timeout,
+                pipe_size=config.pipe_size,
+            )
+        except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
+            reset(switched.proxy)
+            self.end(local_failure(exc.errno))
+            return
+        self.sock = None  # the pump's now, and relayed() will end the connection
+        self.move(State.RELAYING)
+
     def relayed(self, ended: str, sent_up: int, sent_down: int) -> None:
-        """From the pump: done relaying (it closed both sockets)."""
-        self.up, self.down = sent_up + self.early_sent, sent_down  # the early bytes went with the CONNECT
+        """From the pump: done relaying (it closed both sockets). A forwarded upgrade counted its HTTP before."""
+        # The early bytes went with the CONNECT.
+        self.up, self.down = self.up + sent_up + self.early_sent, self.down + sent_down
         self.end(ended)
 
     # -- its end -------------------------------------------------------------------------

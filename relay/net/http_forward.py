@@ -71,6 +71,16 @@ class NeedsTunnel(Exception):
         self.data = data
 
 
+class Switched(Exception):
+    """The proxy switched protocols (a 101 to a forwarded upgrade): from here on the connection is a
+    tunnel, whose bytes the pump moves as any other's. ``proxy`` is its socket (the caller's now),
+    ``to_proxy`` and ``to_client`` the bytes each side sent past the 101, read already."""
+
+    def __init__(self, proxy, to_proxy: bytes, to_client: bytes):
+        super().__init__("switched protocols")
+        self.proxy, self.to_proxy, self.to_client = proxy, to_proxy, to_client
+
+
 class ForwardFailed(Exception):
     """The exchange broke off; ``ended`` says how, as in the per-connection log line. ``clean``: the
     client was told (a 400) and its connection ends with a FIN, not a reset."""
@@ -301,6 +311,10 @@ class HttpForwarder:
             if self.proxy is not None:
                 self.proxy.close()
 
+    def _hand_over_proxy(self):
+        proxy, self.proxy = self.proxy, None
+        return proxy
+
     def _leave_proxy(self) -> None:
         """The client is done: a proxy connection idle between two exchanges goes to the next client."""
         if (
@@ -351,7 +365,9 @@ class HttpForwarder:
             self.unparsed = None
             await self._exchange(request, upgrade)
             if self.switched:
-                return await self._tunnel()
+                raise Switched(
+                    self._hand_over_proxy(), self.from_client.trailing_data[0], self.to_proxy.trailing_data[0]
+                )
             if not self._next_cycle():
                 return ends.CLOSED
 
@@ -463,41 +479,6 @@ class HttpForwarder:
                 self.switched = True
                 return
 
-    async def _tunnel(self) -> str:
-        """After a 101: the bytes each side sent past it, then both directions as they come, each
-        ending with a FIN passed on, until both have."""
-        early_up, early_down = self.from_client.trailing_data[0], self.to_proxy.trailing_data[0]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pipe, self.client, self.proxy, early_up, True)
-            nursery.start_soon(self._pipe, self.proxy, self.client, early_down, False)
-        return ends.CLOSED
-
-    async def _pipe(self, source, sink, early: bytes, up: bool) -> None:
-        source_reset, sink_reset = ends.RESET_BY if up else ends.RESET_BY[::-1]
-        data = early
-        while True:
-            if data:
-                try:
-                    await write_all(sink, data)
-                except OSError:
-                    raise self.fail(sink_reset) from None
-                if up:
-                    self.sent_up += len(data)
-                else:
-                    self.sent_down += len(data)
-            try:
-                data = await source.recv(READ_SIZE)
-            except OSError:
-                raise self.fail(source_reset) from None
-            self.check_end(data)
-            if not data:
-                break
-            self.touch()
-        try:
-            sink.shutdown(trio.socket.SHUT_WR)
-        except OSError:
-            raise self.fail(sink_reset) from None
-
     def _next_cycle(self) -> bool:
         """Ready both sides for the next request; False if the client connection must end."""
         done = self.to_proxy.states == {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
@@ -531,7 +512,8 @@ async def forward(
     has one; (how it ended, the error, whether cleanly).
 
     ``record`` (the connection) gets the proxy used and the counts; NeedsTunnel
-    passes through: the connection then opens a tunnel instead."""
+    passes through (the connection then opens a tunnel instead), and so does Switched
+    (the connection hands both sockets to the pump)."""
     http_candidates = [state for state in candidates if state.upstream.scheme == "http"]
     # A response's head and body go out in separate writes (as h11 yields them). Under Nagle the
     # body waited for the ACK of the head, which the client delays by 40 ms: every short response
@@ -596,6 +578,13 @@ async def forward(
         ended, clean = exc.ended, exc.clean
     except UpstreamError as exc:
         ended, detail, clean = f"refused:{exc.reason}", str(exc), False
+    except Switched:
+        count(record, forwarder)  # the pump counts on from here
+        raise
+    count(record, forwarder)
+    return ended, detail, clean
+
+
+def count(record, forwarder: HttpForwarder) -> None:
     record.up, record.down, record.http_requests = forwarder.sent_up, forwarder.sent_down, forwarder.requests
     record.http_spliced = forwarder.spliced
-    return ended, detail, clean

@@ -13,7 +13,8 @@ import trio
 from relay import fastpath
 from relay.addresses import format_address
 from relay.net import http_forward
-from relay.net.http_forward import MAX_INFORMATIONAL, READ_SIZE, ForwardFailed, HttpForwarder, NeedsTunnel
+from relay.net.http_forward import MAX_INFORMATIONAL, READ_SIZE, ForwardFailed, HttpForwarder, NeedsTunnel, Switched
+from relay.net.pump import Pump
 from relay.net.sockets import reset
 from tests.net.test_pump import trio_pair
 from tests.net.test_server import served
@@ -760,12 +761,31 @@ async def test_a_client_protocol_error_costs_one_rate_limited_warning_and_never_
 WEBSOCKET = b"GET /ws HTTP/1.1\r\nHost: h.example\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
 
 
-async def test_a_forwarded_upgrade_becomes_a_tunnel_both_ways_after_the_101_and_only_then():
+async def test_a_forwarded_upgrade_becomes_a_tunnel_both_ways_after_the_101_and_only_then(impl):
+    """After the 101 the forwarder hands the proxy's socket and the bytes read past it over (Switched),
+    and the connection gives both sockets to the pump, as a tunnel's (relay.net.connection)."""
     client, relay_client = trio_pair()
     forwarder, accepted = forwarder_to_played(relay_client, forward_upgrades=True)
+    ended = []
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            pump = Pump(lambda *result: ended.append(result), impl=impl)
+            nursery.start_soon(pump.run)
+
+            async def forward_then_pump():
+                with pytest.raises(Switched) as switched:
+                    await forwarder.run()
+                pump.add(
+                    relay_client,
+                    switched.value.proxy,
+                    "ws",
+                    idle_timeout=10,
+                    half_closed_timeout=10,
+                    to_upstream_first=switched.value.to_proxy,
+                    to_client_first=switched.value.to_client,
+                )
+
+            nursery.start_soon(forward_then_pump)
             proxy = await request_reaching_proxy(client, accepted, WEBSOCKET)
             await proxy.send(ok(b"no upgrade here"))  # stock squid drops the offer: the server answers GET
             assert await responses(client, ["GET"]) == [(200, b"no upgrade here")]
@@ -788,7 +808,12 @@ async def test_a_forwarded_upgrade_becomes_a_tunnel_both_ways_after_the_101_and_
             assert await until(client, b"after the client's FIN")
             proxy.shutdown(trio.socket.SHUT_WR)
             assert await client.recv(100) == b""
-    assert ended == ["closed"] and forwarder.requests == 2
+            while not ended:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    [(token, how, sent_up, sent_down)] = ended
+    assert (token, how) == ("ws", "closed") and forwarder.requests == 2
+    assert sent_up == len(b"early frameup") and sent_down == len(b"hidownafter the client's FIN")
 
 
 # Bodies spliced past h11.
