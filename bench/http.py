@@ -83,7 +83,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="bytes each run moves, in all its streams")
     parser.add_argument("--streams", default="1,8")
+    parser.add_argument("--directions", default="down,up")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--squid-line", action="append", default=[], help="a squid.conf line to add (repeatable)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if why := cannot_run(("squid", "curl", "gcc")):
@@ -91,14 +93,14 @@ def main() -> int:
         return 2
     stream_counts = [int(text) for text in args.streams.split(",")]
     total = args.size_mib << 20
-    tests = [(streams, direction) for streams in stream_counts for direction in ("down", "up")]
+    tests = [(streams, direction) for streams in stream_counts for direction in args.directions.split(",")]
     results: dict = {
         "commit": first_line(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"]),
-        **{key: getattr(args, key) for key in ("size_mib", "rounds")},
+        **{key: getattr(args, key) for key in ("size_mib", "rounds", "squid_line")},
         "runs": {f"{streams}x {direction} {way}": [] for streams, direction in tests for way in WAYS},
     }
     with Lab() as lab:
-        bed = Testbed(lab, ["squid"])
+        bed = Testbed(lab, ["squid"], tuple(args.squid_line))
         cases = {"squid": Case("squid/direct", "direct", "squid")}
         for way in ("relay", "tunnel"):
             relay = RelayUnderTest(bed, "relay", "squid", RELAY_PORTS[way], RELAY_ARGS[way], label=f"relay-{way}")
@@ -125,7 +127,7 @@ def main() -> int:
 
 
 def median_of(runs: list[dict], key: str) -> float:
-    return statistics.median(run[key] for run in runs)
+    return round(statistics.median(run[key] for run in runs), 3)
 
 
 def print_table(results: dict, tests: list) -> None:

@@ -253,8 +253,9 @@ class RelayUnderTest:
 class Testbed:
     """Builds everything in a running :class:`Lab` and switches between cases."""
 
-    def __init__(self, lab: Lab, upstreams: list[str]) -> None:
+    def __init__(self, lab: Lab, upstreams: list[str], squid_lines: tuple[str, ...] = ()) -> None:
         self.lab = lab
+        self.squid_lines = squid_lines  # more squid.conf lines, e.g. tuning
         self.tool = self._compile_tool()
         self._intercepting: int | None = None
         self._probed: set[str] = set()
@@ -335,6 +336,7 @@ class Testbed:
                         "netdb_filename none",
                         "dns_nameservers 127.0.0.1",
                         "shutdown_lifetime 0 seconds",
+                        *self.squid_lines,
                         "",
                     ]
                 )
