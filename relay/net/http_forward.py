@@ -233,6 +233,11 @@ class HttpForwarder:
                 else:
                     break
         finally:
+            # Counted even when the splice is cut short (the log line's up= and down=): what reached the
+            # sink, all but the bytes of a move() that raised, which cannot say how many it wrote.
+            written = count - left - conduit.pending
+            self.spliced += written
+            self._count(written, up)
             conduit.close()
             if self.batching:
                 self.batching = 0
@@ -240,8 +245,6 @@ class HttpForwarder:
                     source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         passed(receiving, count - left)
         self.read_size[up] = AFTER_PASS_READ
-        self.spliced += count - left
-        self._count(count - left, up)
         if conduit.eof:
             self.check_end(b"")
             receiving.receive_data(b"")

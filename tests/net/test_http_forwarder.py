@@ -989,4 +989,28 @@ async def test_a_body_that_trickles_reaches_the_client_as_it_comes_not_when_a_ba
     assert body == b"".join(bytes([number]) * piece for number in range(pieces))
     assert forwarder.spliced >= (pieces - 1) * piece
     assert ended == ["closed"]
+
+
+async def test_a_proxy_closing_mid_spliced_upload_resets_the_client_and_counts_what_went(splicing):
+    # squid 5.7 (its bug 5405) takes a large upload for a while, then closes without a byte of answer. The
+    # client must get a reset, and the log line count the body bytes that did go (a splice cut short
+    # once counted none: up=140 after 496 MB had reached squid).
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    head = f"PUT /up HTTP/1.1\r\nHost: h\r\nContent-Length: {len(BIG)}\r\n\r\n".encode()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            nursery.start_soon(send_all, client, head + BIG[: 3 << 20])
+            taken = len(await until(proxy, b"\r\n\r\n"))
+            while taken < (1 << 20) + 200:
+                taken += len(await proxy.recv(65536))
+            proxy.close()  # unread bytes: a reset follows the FIN, as from squid
+            seen, how = await rest(client)
+            nursery.cancel_scope.cancel()  # the client's send, blocked by now
+    assert (seen, how) == (b"", "reset") and ended[0] in ("proxy-closed", "upstream-reset")
+    assert taken <= forwarder.sent_up <= len(head) + 100 + (3 << 20)  # the head goes in absolute form
+    if splicing == "every-byte":
+        assert forwarder.spliced >= taken - len(head) - READ_SIZE
     client.close()
