@@ -297,6 +297,10 @@ class Lab:
 
     # -- topology ----------------------------------------------------------
 
+    def pids(self, host: str) -> list[int]:
+        """The processes running in ``host``'s namespace now."""
+        return _netns_pids(self.ns(host))
+
     def ns(self, host: str) -> str:
         """The real namespace name of ``host`` (one of :data:`HOSTS`)."""
         if host not in HOSTS:

@@ -7,6 +7,7 @@ that is a failure: CI must run them.
 from __future__ import annotations
 
 import errno
+import hashlib
 import signal
 import socket
 import struct
@@ -27,11 +28,13 @@ from relay.lab import (
     start_ssh_tunnel,
     start_sshd,
 )
+from relay.lab.servers import TrafficServer, pattern_sha256
 from tests import root
 
 pytestmark = pytest.mark.netns
 
 ECHO_PORT = 7000
+TRAFFIC_SERVER_PORT = 7001
 IO_TIMEOUT = 15.0  # generous: the whole suite shares two cores with squid, sshd and dante
 
 
@@ -177,6 +180,22 @@ def test_router_cannot_reach_server_directly(lab, echo, address):
 def test_far_reaches_server(lab, echo, address):
     with lab.connect("far", address, ECHO_PORT, timeout=IO_TIMEOUT) as sock:
         assert_echoes(sock)
+
+
+def test_a_preloaded_download_is_the_pattern_and_others_are_still_made(lab):
+    server = TrafficServer(lab, "server", ADDR.server4, TRAFFIC_SERVER_PORT)
+    try:
+        size = 3 << 20
+        assert server.preload(size, 4) == pattern_sha256(size, 4)
+        for seed in (4, 5):  # preloaded, and made as it is sent
+            with lab.connect("far", ADDR.server4, TRAFFIC_SERVER_PORT, timeout=IO_TIMEOUT) as sock:
+                sock.sendall(f"DOWN {size} {seed}\n".encode())
+                data = b""
+                while chunk := sock.recv(1 << 20):
+                    data += chunk
+            assert hashlib.sha256(data).hexdigest() == pattern_sha256(size, seed)
+    finally:
+        server.close()
 
 
 def test_socket_is_created_in_the_requested_namespace(lab):
