@@ -195,3 +195,89 @@ def test_a_proxy_refusing_udp_associate_fails_the_session_in_one_line_and_tcp_go
     assert lines[0]["end"] == "refused"
     assert relay.log_text().count("refused UDP ASSOCIATE") == 1
     download(lab, 100_000)  # TCP through the same relay and rules: untouched (it checks size and sha256)
+
+
+FAKE_PROXY_PORT = 1090
+METRICS_PORT = 9317
+
+
+def metric(lab, name: str) -> dict[str, float]:
+    """The samples of one metric family from the relay's /metrics, by their label text."""
+    text = lab.run("router", ["curl", "-s", "--max-time", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, _, value = line.rpartition(" ")
+            samples[key[len(name) :]] = float(value)
+    return samples
+
+
+@pytest.fixture
+def fake_udp_proxy(lab):
+    from tests.e2e.fake_udp_proxy import FakeUdpProxy
+
+    proxy = FakeUdpProxy(lab, "far", ADDR.far4, FAKE_PROXY_PORT)
+    yield proxy
+    proxy.close()
+
+
+def test_only_well_formed_datagrams_from_the_relay_address_reach_the_client(lab, udp_relay, fake_udp_proxy):
+    """The proxy names 0.0.0.0 (its own address); garbage, a fragment and a stranger's datagram come first."""
+    udp_relay(fake_udp_proxy.url, "--metrics", f"127.0.0.1:{METRICS_PORT}")
+    sock = client_socket(lab)
+    for number in range(3):
+        payload = f"echo {number}".encode()
+        assert round_trip(sock, payload) == (payload, (ADDR.server4, ECHO_PORT))
+    sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        sock.recv(100)  # nothing else came
+    drops = metric(lab, "relay_udp_dropped_total")
+    assert drops == {
+        '{reason="foreign-source"}': 3.0,
+        '{reason="fragment"}': 3.0,
+        '{reason="malformed"}': 12.0,
+    }
+    assert metric(lab, "relay_udp_datagrams_total") == {'{direction="up"}': 3.0, '{direction="down"}': 3.0}
+    assert metric(lab, "relay_udp_sessions_active") == {"": 1.0}
+
+
+def test_the_proxy_closing_the_control_connection_ends_the_session(lab, udp_relay, fake_udp_proxy):
+    relay = udp_relay(fake_udp_proxy.url, "--udp-idle-timeout", "60")
+    sock = client_socket(lab)
+    assert round_trip(sock, b"first")[0] == b"first"
+    sock.sendto(b"close", (ADDR.server4, ECHO_PORT))
+    [line] = session_lines(relay, at_least=1)
+    assert line["end"] == "proxy-closed"  # long before its 60 s idle timeout; the fds are checked after
+
+
+def test_dante_dying_ends_every_session_and_leaves_no_fd(lab, udp_relay, relays):
+    dante = start_dante(lab, listen=[(ADDR.far4, 1084)], name="dante-dying")
+    try:
+        relay = udp_relay(f"socks5://{ADDR.far4}:1084", "--udp-idle-timeout", "60")
+        sockets = [client_socket(lab) for _ in range(3)]
+        for sock in sockets:
+            assert round_trip(sock, b"alive")[0] == b"alive"
+    finally:
+        dante.stop()
+    lines = session_lines(relay, at_least=3)
+    assert [line["end"] for line in lines] == ["proxy-closed"] * 3
+    # relays.finish() then checks the relay is back to its sockets at start.
+
+
+def test_a_real_resolver_answers_dig_over_udp_through_the_relay(lab, udp_relay, unbound):
+    relay = udp_relay()
+    answer = lab.run(
+        "client", ["dig", "+short", "+tries=1", "+time=5", f"@{unbound.address}", "far-only.example", "A"]
+    ).stdout
+    assert answer.split() == [ADDR.server4]
+    [line] = session_lines(relay, at_least=1)
+    assert (line["datagrams-up"], line["datagrams-down"]) == ("1", "1")
+
+
+def test_ipv6_datagrams_come_back_from_the_ipv6_destination(lab, udp_relay, echo):
+    udp_relay(backend="iptables")
+    sock = client_socket(lab, socket.AF_INET6)
+    for payload in (b"v6", bytes(range(256)) * 4):
+        reply, source = round_trip(sock, payload, (ADDR.server6, ECHO_PORT))
+        assert reply == payload and source == (ADDR.server6, ECHO_PORT)
+    assert echo.peers[-1][0] == ADDR.far_server_side6
