@@ -25,12 +25,13 @@ import trio
 from relay import fastpath
 from relay.addresses import format_address
 from relay.config import Config, ConfigError, Upstream
+from relay.ends import errno_word, local_failure
 from relay.logs import RateLimited, conn_log
 from relay.net.dial import apply_mark, connect, resolve
 from relay.net.faults import UpstreamError
 from relay.net.listener import DEFAULT_LISTEN, ipv6_available
 from relay.net.sockets import family_of, receive_some, write_all
-from relay.proto.errors import ProtocolError
+from relay.proto.errors import ProtocolError, ProxyRefused
 from relay.proto.socks import Socks5UdpAssociate
 from relay.udp import datagram
 from relay.udp.sessions import Refused, Session, SessionTable
@@ -44,6 +45,9 @@ _CMSG_SPACE = socket.CMSG_SPACE(28)  # a sockaddr_in6, the larger of the two
 RECEIVE_BATCH = 32  # datagrams read in a row before other tasks run
 CONTROL_RECEIVE = 512  # a control connection carries nothing after the reply: anything is a fault
 MAX_REMOTES_PER_SESSION = 256  # reply sockets one session may hold (one fd each)
+# After a failed association, a client's datagrams are dropped this long (or until idle) before another try:
+# a busy client must not open a connection to a refusing proxy per datagram.
+FAILED_HOLD = 2.0
 
 
 def original_destination(ancillary) -> tuple[str, int] | None:
@@ -131,10 +135,11 @@ class ReplySockets:
 class Association:
     """The Trio side of one session: its control connection and its UDP socket to the proxy."""
 
-    __slots__ = ("control", "udp", "relay_address", "scope")
+    __slots__ = ("control", "udp", "relay_address", "scope", "failed")
 
     def __init__(self, scope: trio.CancelScope):
         self.scope = scope
+        self.failed = False  # the proxy could not be reached or refused: datagrams are dropped until it ends
         self.control = None
         self.udp: socket.socket | None = None
         self.relay_address: tuple[str, int] | None = None
@@ -217,6 +222,9 @@ class UdpService:
         session.active(self.table.clock())
         association: Association = session.handle
         association.scope.deadline = session.idle_deadline()
+        if association.failed:
+            self.metrics.udp_dropped("no-association")
+            return
         if association.udp is None:
             if not session.queue(destination, payload):
                 self.metrics.udp_dropped("queue-full")
@@ -244,10 +252,18 @@ class UdpService:
 
     async def run_session(self, session: Session) -> None:
         association: Association = session.handle
-        ended = "idle"
+        ended = "shutdown"  # cancelled from outside: the relay is stopping
         try:
             with association.scope:
                 ended = await self.associate_and_relay(session, association)
+                if association.udp is None:  # no association: the client's datagrams are dropped a while,
+                    association.failed = True  # rather than each opening a connection to the proxy
+                    if association.control is not None:
+                        association.control.close()
+                        association.control = None
+                    await trio.sleep(FAILED_HOLD)
+            if association.scope.cancelled_caught and not association.failed:
+                ended = "idle"  # only the idle deadline cancels the session's own scope
         finally:
             for sock in (association.udp, association.control):
                 if sock is not None:
@@ -281,7 +297,7 @@ class UdpService:
 
     async def associate_and_relay(self, session: Session, association: Association) -> str:
         """Open the association, then relay until the proxy ends it; returns how it ended (the idle
-        deadline and shutdown end it by cancellation: "idle")."""
+        deadline and shutdown end it by cancellation instead)."""
         upstream = self.upstream
         config = self.config
         try:
@@ -292,17 +308,23 @@ class UdpService:
         except trio.TooSlowError:
             self.proxy_failed("timed out opening the association")
             return "timeout"
-        except (UpstreamError, OSError) as exc:
+        except UpstreamError as exc:
             self.proxy_failed(str(exc))
-            return "proxy-unreachable"
+            return exc.reason  # connect-econnrefused, ... or relay-emfile when out of fds
+        except OSError as exc:
+            self.proxy_failed(exc.strerror or str(exc))
+            return "connect-" + errno_word(exc.errno)
         except ProtocolError as exc:
             self.proxy_failed(str(exc))
-            return "refused"
-        udp = socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
-        association.udp = udp
-        if config.mark is not None:
-            apply_mark(udp, config.mark)
-        udp.setblocking(False)
+            return "refused" if isinstance(exc, ProxyRefused) else "proxy-protocol-error"
+        try:
+            association.udp = udp = socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
+            if config.mark is not None:
+                apply_mark(udp, config.mark)
+            udp.setblocking(False)
+        except OSError as exc:  # out of fds: this session fails, the others go on
+            self.warnings.warning(f"udp-socket:{exc.errno}", f"UDP: cannot open a socket: {exc.strerror}")
+            return local_failure(exc.errno)
         association.relay_address = relay_address
         while session.queued:
             self.send_up(session, *session.queued.popleft())

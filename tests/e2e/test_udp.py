@@ -2,6 +2,7 @@
 router (nft and iptables), a relay with --udp on, Python UDP clients on the client host, a UDP echo server on
 the server host that only dante (on far) can reach."""
 
+import os
 import re
 import socket
 import sys
@@ -281,3 +282,24 @@ def test_ipv6_datagrams_come_back_from_the_ipv6_destination(lab, udp_relay, echo
         reply, source = round_trip(sock, payload, (ADDR.server6, ECHO_PORT))
         assert reply == payload and source == (ADDR.server6, ECHO_PORT)
     assert echo.peers[-1][0] == ADDR.far_server_side6
+
+
+def test_out_of_fds_new_sessions_fail_and_open_ones_go_on(lab, udp_relay):
+    relay = udp_relay(UPSTREAMS["dante"], "--udp-idle-timeout", "8")  # past the test, within the settle check
+    pid = lab.process(relay.name).pid
+    first = client_socket(lab)
+    assert round_trip(first, b"first")[0] == b"first"  # its control, its socket, the shared reply socket
+    spare = 3  # enough for one more session (control and socket), not for two
+    lab.run("router", ["prlimit", f"--pid={pid}", f"--nofile={len(os.listdir(f'/proc/{pid}/fd')) + spare}"])
+    answered = []
+    for _ in range(3):
+        sock = client_socket(lab)
+        sock.settimeout(2.0)
+        try:
+            answered.append(round_trip(sock, b"later")[0] == b"later")
+        except TimeoutError:
+            answered.append(False)
+    assert answered[0] and not answered[-1]
+    assert relay.wait_for_log("end=relay-emfile")
+    assert round_trip(first, b"still")[0] == b"still"  # the same session: its line has not come
+    assert f"client={ADDR.client4}:{first.getsockname()[1]} " not in relay.log_text()
