@@ -289,6 +289,8 @@ class UdpEchoServer:
         while True:
             try:
                 data, peer = self.sock.recvfrom(1 << 16)
+                if peer is None:
+                    return  # shut down at teardown
                 self.peers.append(peer[:2])
                 del self.peers[:-1000]  # bounded
                 self.sock.sendto(data, peer)

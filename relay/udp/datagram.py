@@ -11,6 +11,7 @@ A datagram is always whole (UDP), so decoding takes one and either returns its p
 :class:`BadDatagram` with a reason fit for a metric label.
 """
 
+import functools
 import ipaddress
 import struct
 
@@ -30,6 +31,7 @@ class BadDatagram(Exception):
         self.reason = reason
 
 
+@functools.lru_cache(maxsize=4096)  # per datagram, and a client talks to few destinations; bounded
 def header(host: str, port: int) -> bytes:
     """The header for a datagram to ``host``:``port`` (an IP literal: TPROXY gives addresses, never names)."""
     if not 0 < port < 65536:
@@ -66,8 +68,13 @@ def decode(datagram: bytes) -> tuple[str, int, bytes]:
     end = 4 + size + 2
     if len(datagram) < end:
         raise BadDatagram("malformed", f"a {len(datagram)}-byte datagram cuts its SOCKS5 UDP header short")
-    host = str(ipaddress.ip_address(bytes(datagram[4 : 4 + size])))
-    (port,) = struct.unpack_from("!H", datagram, 4 + size)
+    host, port = _source(bytes(datagram[4:end]))
     if port == 0:
         raise BadDatagram("malformed", "a SOCKS5 UDP reply from port 0")
     return host, port, bytes(datagram[end:])
+
+
+@functools.lru_cache(maxsize=4096)  # per datagram, and replies come from few sources; bounded
+def _source(packed: bytes) -> tuple[str, int]:
+    """(host, port) of a header's address and port bytes."""
+    return str(ipaddress.ip_address(packed[:-2])), struct.unpack("!H", packed[-2:])[0]

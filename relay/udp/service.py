@@ -43,6 +43,19 @@ MAX_DATAGRAM = 65535
 MAX_UDP_PAYLOAD = {socket.AF_INET: 65535 - 20 - 8, socket.AF_INET6: 65535 - 8}
 _CMSG_SPACE = socket.CMSG_SPACE(28)  # a sockaddr_in6, the larger of the two
 RECEIVE_BATCH = 32  # datagrams read in a row before other tasks run
+# Receive buffers of the listeners and of each association's socket: a burst the relay's one thread has not
+# read yet waits there rather than being dropped (the kernel doubles it and caps it at rmem_max without root).
+RECEIVE_BUFFER = 4 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def enlarge_receive_buffer(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)  # past rmem_max, with CAP_NET_ADMIN
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+
+
 CONTROL_RECEIVE = 512  # a control connection carries nothing after the reply: anything is a fault
 MAX_REMOTES_PER_SESSION = 256  # reply sockets one session may hold (one fd each)
 # After a failed association, a client's datagrams are dropped this long (or until idle) before another try:
@@ -76,6 +89,7 @@ def open_udp_listener(host: str, port: int) -> socket.socket:
             fastpath.set_transparent(sock)
         except PermissionError:
             raise ConfigError("--udp needs CAP_NET_ADMIN (run as root, or grant the capability)") from None
+        enlarge_receive_buffer(sock)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError as exc:
@@ -155,6 +169,7 @@ class UdpService:
         self.replies = ReplySockets(config.mark)
         self.listeners: list[socket.socket] = []
         self.warnings = RateLimited()
+        self.deadline_step = min(1.0, config.udp_idle_timeout / 10)
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -217,11 +232,11 @@ class UdpService:
                 )
                 return
             self.metrics.udp_session_opened()
-            session.handle = Association(trio.CancelScope())
+            session.handle = Association(trio.CancelScope(deadline=session.idle_deadline()))
             self._nursery.start_soon(self.run_session, session)
         session.active(self.table.clock())
         association: Association = session.handle
-        association.scope.deadline = session.idle_deadline()
+        self.extend(session)
         if association.failed:
             self.metrics.udp_dropped("no-association")
             return
@@ -230,6 +245,13 @@ class UdpService:
                 self.metrics.udp_dropped("queue-full")
             return
         self.send_up(session, destination, payload)
+
+    def extend(self, session: Session) -> None:
+        """Move the session's idle deadline on, in steps: a deadline moved per datagram is a heap update each."""
+        scope = session.handle.scope
+        deadline = session.idle_deadline()
+        if deadline - scope.deadline > self.deadline_step:
+            scope.deadline = deadline + self.deadline_step  # at most a step late, never early
 
     def send_up(self, session: Session, destination: tuple[str, int], payload: bytes) -> None:
         association: Association = session.handle
@@ -321,6 +343,7 @@ class UdpService:
             association.udp = udp = socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
             if config.mark is not None:
                 apply_mark(udp, config.mark)
+            enlarge_receive_buffer(udp)
             udp.setblocking(False)
         except OSError as exc:  # out of fds: this session fails, the others go on
             self.warnings.warning(f"udp-socket:{exc.errno}", f"UDP: cannot open a socket: {exc.strerror}")
@@ -365,7 +388,8 @@ class UdpService:
 
     async def receive_from_proxy(self, session: Session, association: Association) -> None:
         udp = association.udp
-        expected = _address_key(association.relay_address)
+        expected = association.relay_address
+        expected_key = _address_key(expected)
         while True:
             await trio.lowlevel.wait_readable(udp)
             for _ in range(RECEIVE_BATCH):
@@ -375,7 +399,7 @@ class UdpService:
                     break
                 except OSError:
                     continue
-                if _address_key(source) != expected:
+                if source[:2] != expected and _address_key(source) != expected_key:
                     self.metrics.udp_dropped("foreign-source")
                     continue
                 try:
@@ -388,10 +412,10 @@ class UdpService:
 
     def send_down(self, session: Session, remote: tuple[str, int], payload: bytes) -> None:
         client = session.client
-        if family_of(remote[0]) != family_of(client[0]):
-            self.metrics.udp_dropped("wrong-family")
-            return
         if remote not in session.remotes:
+            if family_of(remote[0]) != family_of(client[0]):
+                self.metrics.udp_dropped("wrong-family")
+                return
             if len(session.remotes) >= MAX_REMOTES_PER_SESSION:
                 self.metrics.udp_dropped("remotes-full")
                 return
@@ -409,7 +433,7 @@ class UdpService:
             self.metrics.udp_dropped("send-failed")
             return
         session.active(self.table.clock())
-        session.handle.scope.deadline = session.idle_deadline()
+        self.extend(session)
         session.sent_down(len(payload))
         self.metrics.udp_relayed("down", len(payload))
 
