@@ -46,8 +46,9 @@ def encode(host: str, port: int, payload: bytes) -> bytes:
     return header(host, port) + payload
 
 
-def decode(datagram: bytes) -> tuple[str, int, bytes]:
-    """(source host, source port, payload) of a datagram the proxy relays back.
+def decode(datagram: bytes | memoryview) -> tuple[str, int, bytes | memoryview]:
+    """(source host, source port, payload) of a datagram the proxy relays back; the payload is a slice of
+    ``datagram`` (given a memoryview, a view: no copy).
 
     Raises BadDatagram for a short or malformed header, a fragment (FRAG != 0: RFC 1928 makes
     reassembly optional, and no proxy in use sends fragments) or a domain name as the source (a reply
@@ -71,7 +72,7 @@ def decode(datagram: bytes) -> tuple[str, int, bytes]:
     host, port = _source(bytes(datagram[4:end]))
     if port == 0:
         raise BadDatagram("malformed", "a SOCKS5 UDP reply from port 0")
-    return host, port, bytes(datagram[end:])
+    return host, port, datagram[end:]
 
 
 @functools.lru_cache(maxsize=4096)  # per datagram, and replies come from few sources; bounded

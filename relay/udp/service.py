@@ -170,6 +170,9 @@ class UdpService:
         self.listeners: list[socket.socket] = []
         self.warnings = RateLimited()
         self.deadline_step = min(1.0, config.udp_idle_timeout / 10)
+        # Where every datagram is read: recvmsg() would allocate 64 KiB a call. One for all sockets, as each
+        # datagram is relayed (or copied to a queue) before the next read, with no checkpoint between.
+        self.buffer = memoryview(bytearray(MAX_DATAGRAM))
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -204,11 +207,12 @@ class UdpService:
     # -- client to proxy ---------------------------------------------------------
 
     async def receive_from_clients(self, sock: socket.socket) -> None:
+        buffer = self.buffer
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(RECEIVE_BATCH):
                 try:
-                    payload, ancillary, flags, client = sock.recvmsg(MAX_DATAGRAM, _CMSG_SPACE)
+                    size, ancillary, flags, client = sock.recvmsg_into([buffer], _CMSG_SPACE)
                 except BlockingIOError:
                     break
                 except OSError:
@@ -217,10 +221,12 @@ class UdpService:
                 if destination is None or flags & socket.MSG_TRUNC:
                     self.metrics.udp_dropped("no-destination" if destination is None else "oversize")
                     continue
-                self.from_client(client[:2], destination, payload)
-            await trio.lowlevel.checkpoint()
+                self.from_client(client[:2], destination, buffer[:size])
+            else:  # a full batch: let other tasks run before the next (waiting is a checkpoint already)
+                await trio.lowlevel.checkpoint()
 
-    def from_client(self, client: tuple[str, int], destination: tuple[str, int], payload: bytes) -> None:
+    def from_client(self, client: tuple[str, int], destination: tuple[str, int], payload: memoryview) -> None:
+        """``payload`` is a view of the listener's buffer, valid until the next datagram is read."""
         session = self.table.get(client)
         if session is None:
             try:
@@ -241,7 +247,7 @@ class UdpService:
             self.metrics.udp_dropped("no-association")
             return
         if association.udp is None:
-            if not session.queue(destination, payload):
+            if not session.queue(destination, bytes(payload)):
                 self.metrics.udp_dropped("queue-full")
             return
         self.send_up(session, destination, payload)
@@ -253,9 +259,9 @@ class UdpService:
         if deadline - scope.deadline > self.deadline_step:
             scope.deadline = deadline + self.deadline_step  # at most a step late, never early
 
-    def send_up(self, session: Session, destination: tuple[str, int], payload: bytes) -> None:
+    def send_up(self, session: Session, destination: tuple[str, int], payload: bytes | memoryview) -> None:
         association: Association = session.handle
-        message = datagram.encode(destination[0], destination[1], payload)
+        message = datagram.header(destination[0], destination[1]) + payload  # one copy
         if len(message) > MAX_UDP_PAYLOAD[association.udp.family]:
             self.metrics.udp_dropped("oversize")
             return
@@ -388,13 +394,14 @@ class UdpService:
 
     async def receive_from_proxy(self, session: Session, association: Association) -> None:
         udp = association.udp
+        buffer = self.buffer
         expected = association.relay_address
         expected_key = _address_key(expected)
         while True:
             await trio.lowlevel.wait_readable(udp)
             for _ in range(RECEIVE_BATCH):
                 try:
-                    message, source = udp.recvfrom(MAX_DATAGRAM)
+                    size, source = udp.recvfrom_into(buffer)
                 except BlockingIOError:
                     break
                 except OSError:
@@ -403,12 +410,13 @@ class UdpService:
                     self.metrics.udp_dropped("foreign-source")
                     continue
                 try:
-                    host, port, payload = datagram.decode(message)
+                    host, port, payload = datagram.decode(buffer[:size])
                 except datagram.BadDatagram as exc:
                     self.metrics.udp_dropped(exc.reason)
                     continue
                 self.send_down(session, (host, port), payload)
-            await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint()
 
     def send_down(self, session: Session, remote: tuple[str, int], payload: bytes) -> None:
         client = session.client
