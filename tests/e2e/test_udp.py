@@ -2,6 +2,7 @@
 router (nft and iptables), a relay with --udp on, Python UDP clients on the client host, a UDP echo server on
 the server host that only dante (on far) can reach."""
 
+import json
 import os
 import re
 import socket
@@ -303,3 +304,24 @@ def test_out_of_fds_new_sessions_fail_and_open_ones_go_on(lab, udp_relay):
     assert relay.wait_for_log("end=relay-emfile")
     assert round_trip(first, b"still")[0] == b"still"  # the same session: its line has not come
     assert f"client={ADDR.client4}:{first.getsockname()[1]} " not in relay.log_text()
+
+
+IPERF_PORT = 5201
+
+
+@pytest.fixture(scope="module")
+def iperf3_server(lab):
+    lab.spawn("server", ["iperf3", "-s", "-B", ADDR.server4, "-p", str(IPERF_PORT)], name="iperf3-udp")
+    lab.wait_tcp("server", ADDR.server4, IPERF_PORT, name="iperf3-udp")
+    yield
+    lab.stop("iperf3-udp")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["up", "down"])
+def test_iperf3_udp_through_the_relay(lab, udp_relay, iperf3_server, figures, reverse):
+    """iperf3's UDP stream through the relay and dante, its TCP control connection through the relay's TCP side."""
+    udp_relay()
+    argv = ["iperf3", "-c", ADDR.server4, "-p", str(IPERF_PORT), "-u", "-b", "20M", "-t", "2", "--json"]
+    result = json.loads(lab.run("client", argv + (["-R"] if reverse else []), timeout=40).stdout)["end"]["sum"]
+    figures("20 Mbit/s UDP loss %", round(result["lost_percent"], 2))
+    assert result["lost_percent"] < 5 and result["bytes"] > 20e6 / 8 * 2 * 0.9
