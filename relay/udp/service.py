@@ -58,6 +58,7 @@ def enlarge_receive_buffer(sock: socket.socket) -> None:
 
 CONTROL_RECEIVE = 512  # a control connection carries nothing after the reply: anything is a fault
 MAX_REMOTES_PER_SESSION = 256  # reply sockets one session may hold (one fd each)
+REPLY_SOCKETS_PER_SESSION = 4  # reply sockets in all, per --udp-max-sessions: most sessions talk to one remote
 # After a failed association, a client's datagrams are dropped this long (or until idle) before another try:
 # a busy client must not open a connection to a refusing proxy per datagram.
 FAILED_HOLD = 2.0
@@ -105,8 +106,9 @@ class ReplySockets:
     """Transparent sockets bound to remote addresses, so replies leave from the address the client asked;
     one per remote, shared by the sessions that talk to it."""
 
-    def __init__(self, mark: int | None):
+    def __init__(self, mark: int | None, limit: int):
         self.mark = mark
+        self.limit = limit  # sockets at once, whatever the proxy claims replies come from
         self._sockets: dict[tuple[str, int], list] = {}  # remote -> [socket, users]
 
     def __len__(self) -> int:
@@ -117,6 +119,8 @@ class ReplySockets:
         if held is not None:
             held[1] += 1
             return held[0]
+        if len(self._sockets) >= self.limit:
+            raise OSError(errno.ENFILE, f"{self.limit} reply sockets open already")
         sock = socket.socket(family_of(remote[0]), socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -166,7 +170,7 @@ class UdpService:
         self.table = SessionTable(
             config.udp_max_sessions, config.udp_max_per_source, config.udp_idle_timeout, clock=clock
         )
-        self.replies = ReplySockets(config.mark)
+        self.replies = ReplySockets(config.mark, REPLY_SOCKETS_PER_SESSION * config.udp_max_sessions)
         self.listeners: list[socket.socket] = []
         self.warnings = RateLimited()
         self.deadline_step = min(1.0, config.udp_idle_timeout / 10)
@@ -431,7 +435,7 @@ class UdpService:
                 self.replies.acquire(remote)
             except OSError as exc:
                 self.metrics.udp_dropped("reply-socket")
-                self.warnings.warning(f"udp-reply:{exc.errno}", f"UDP: cannot reply from {remote[0]}: {exc.strerror}")
+                self.warnings.warning(f"udp-reply:{exc.errno}", f"UDP: cannot open a reply socket: {exc.strerror}")
                 return
             session.remotes.add(remote)
         sock = self.replies.socket_for(remote)
