@@ -276,8 +276,9 @@ def test_a_real_resolver_answers_dig_over_udp_through_the_relay(lab, udp_relay, 
     assert (line["datagrams-up"], line["datagrams-down"]) == ("1", "1")
 
 
-def test_ipv6_datagrams_come_back_from_the_ipv6_destination(lab, udp_relay, echo):
-    udp_relay(backend="iptables")
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_ipv6_datagrams_come_back_from_the_ipv6_destination(lab, udp_relay, echo, backend):
+    udp_relay(backend=backend)
     sock = client_socket(lab, socket.AF_INET6)
     for payload in (b"v6", bytes(range(256)) * 4):
         reply, source = round_trip(sock, payload, (ADDR.server6, ECHO_PORT))
