@@ -55,6 +55,7 @@ class Upstream:
     username: str | None = None
     password: Secret | None = field(default=None, repr=False)
     early_data: str | None = None  # HTTP only: this upstream's own on|off|auto (the config file's table form)
+    udp: bool | None = None  # SOCKS5 only: whether it carries UDP ASSOCIATE (the table form); None: not said
 
     def __str__(self) -> str:
         if self.scheme == "direct":
@@ -84,7 +85,7 @@ MAX_PASSWORD_FILE = 4096  # bytes
 
 
 EARLY_DATA_CHOICES = ("on", "off", "auto")
-UPSTREAM_TABLE_KEYS = ("url", "early-data")
+UPSTREAM_TABLE_KEYS = ("url", "early-data", "udp")
 
 
 def parse_upstream_table(table: dict) -> Upstream:
@@ -99,6 +100,10 @@ def parse_upstream_table(table: dict) -> Upstream:
         if upstream.scheme != "http":
             raise ConfigError("invalid upstream: early-data is for HTTP proxies (CONNECT) only")
         upstream = replace(upstream, early_data=one_of(*EARLY_DATA_CHOICES)(table["early-data"]))
+    if "udp" in table:
+        if upstream.scheme != "socks5":
+            raise ConfigError("invalid upstream: udp is for SOCKS5 proxies (UDP ASSOCIATE) only")
+        upstream = replace(upstream, udp=parse_switch(table["udp"]))
     return upstream
 
 
@@ -742,6 +747,41 @@ SETTINGS = [
         "router's own policy (default: quic)",
     ),
     Setting(
+        "udp",
+        parse_switch,
+        None,
+        False,
+        "on|off",
+        "relay the LAN's UDP (TPROXY) through SOCKS5 UDP ASSOCIATE; needs --mode tproxy and a SOCKS5 upstream "
+        "that carries UDP (dante: yes; ssh -D: no); on: every SOCKS5 upstream does (default: on when an "
+        'upstream is marked udp = "on" in the config file\'s table form, else off)',
+    ),
+    Setting(
+        "udp-idle-timeout",
+        parse_seconds,
+        60.0,
+        False,
+        "S",
+        "end a UDP session (and its association) after this long without a datagram either way (default: 60)",
+    ),
+    Setting(
+        "udp-max-sessions",
+        lambda v: parse_count(v, 1),
+        1024,
+        False,
+        "N",
+        "UDP sessions (client address and port, each its own association) at once; past it new clients' "
+        "datagrams are dropped (default: 1024)",
+    ),
+    Setting(
+        "udp-max-per-source",
+        parse_count,
+        256,
+        False,
+        "N",
+        "UDP sessions at once from one client address; 0: no limit but --udp-max-sessions (default: 256)",
+    ),
+    Setting(
         "dns",
         lambda v: parse_host_port(v, "DNS service address"),
         [],
@@ -903,6 +943,10 @@ class Config:
     pipe_size: int  # fewer, larger splices per wakeup; 0: the kernel's default
     lan_iface: list[str]
     udp_reject: str  # "quic", "all" or "off": for relay rules
+    udp: bool | None  # None: on when an upstream is marked udp = "on" (see udp_upstreams)
+    udp_idle_timeout: float
+    udp_max_sessions: int
+    udp_max_per_source: int  # 0: no cap but udp_max_sessions
     dns: list[tuple[str, int]]  # empty: no DNS service
     dns_allow: list
     dns_upstream: list[DnsUpstream]
@@ -925,6 +969,21 @@ class Config:
         if upstream.scheme != "http":
             return "off"
         return upstream.early_data or self.early_data
+
+    @property
+    def udp_upstreams(self) -> list[Upstream]:
+        """The upstreams UDP is relayed through, in order; empty when UDP is not relayed.
+
+        Whether a SOCKS5 proxy carries UDP ASSOCIATE cannot be told from its URL (ssh -D refuses it, dante
+        takes it), and ``relay rules`` must know without asking the proxy, so it is said: per upstream
+        (``udp = "on"`` in the table form) or for every SOCKS5 upstream (``--udp on``).
+        """
+        if self.udp is False or self.mode != "tproxy":
+            return []
+        marked = [u for u in self.upstreams if u.scheme == "socks5" and u.udp]
+        if self.udp is None:
+            return marked
+        return marked or [u for u in self.upstreams if u.scheme == "socks5" and u.udp is not False]
 
     @property
     def upstream(self) -> Upstream:
@@ -974,7 +1033,24 @@ class Config:
                 f"{key_prefix}dns-mode fake-ip needs {key_prefix}dns: the fake addresses come from its answers"
             )
         _check_fake_ip_ranges(fields["fake_ip_range"], key_prefix)
-        return cls(**fields)
+        config = cls(**fields)
+        if config.udp or config.udp_upstreams:
+            _check_udp(config, source, key_prefix)
+        return config
+
+
+def _check_udp(config: Config, source: str, key_prefix: str) -> None:
+    """--udp on must be able to work: TPROXY (UDP has no REDIRECT that keeps the destination), a SOCKS5
+    upstream that is not one of ssh's, one process (sessions live in it)."""
+    udp = f"{source}{key_prefix}udp on"
+    if config.mode != "tproxy":
+        raise ConfigError(f"{udp} needs {key_prefix}mode tproxy (UDP keeps its destination only so)")
+    if config.ssh:
+        raise ConfigError(f"{udp}: ssh -D carries no UDP (it refuses UDP ASSOCIATE)")
+    if not config.udp_upstreams:
+        raise ConfigError(f"{udp} needs a SOCKS5 upstream that carries UDP ASSOCIATE (such as dante)")
+    if config.workers > 1:
+        raise ConfigError(f"{udp} needs {key_prefix}workers 1 (a UDP session lives in one process)")
 
 
 RESOLV_CONF = "/etc/resolv.conf"

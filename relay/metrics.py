@@ -104,6 +104,11 @@ class Metrics:
         self.dns_upstream_failures: dict[str, int] = {}
         self.dns_upstream = _Histogram()
         self.fake_ips = None  # the fake-IP pool (relay.dns.fakeip) in fake-ip mode, for its use
+        self.udp_sessions_active = 0
+        self.udp_sessions_ended: dict[str, int] = {}
+        self.udp_datagrams = {"up": 0, "down": 0}
+        self.udp_bytes = {"up": 0, "down": 0}
+        self.udp_drops: dict[str, int] = {}
         self.conntrack_dir = CONNTRACK_DIR
 
     def connection_accepted(self) -> None:
@@ -119,6 +124,21 @@ class Metrics:
         if ended.startswith(REFUSED_PREFIX):
             reason = ended[len(REFUSED_PREFIX) :]
             self.failed[reason] = self.failed.get(reason, 0) + 1
+
+    def udp_session_opened(self) -> None:
+        self.udp_sessions_active += 1
+
+    def udp_session_ended(self, how: str) -> None:
+        self.udp_sessions_active -= 1
+        self.udp_sessions_ended[how] = self.udp_sessions_ended.get(how, 0) + 1
+
+    def udp_relayed(self, direction: str, size: int) -> None:
+        """A datagram's payload relayed: up is client to proxy, down is proxy to client."""
+        self.udp_datagrams[direction] += 1
+        self.udp_bytes[direction] += size
+
+    def udp_dropped(self, reason: str) -> None:
+        self.udp_drops[reason] = self.udp_drops.get(reason, 0) + 1
 
     def connection_named(self, source: str) -> None:
         """A connection will ask for a hostname; ``source``: "dns", "sni" or "host"."""
@@ -249,6 +269,22 @@ class Metrics:
                 "Fake addresses taken from the name used longest ago, the pool being full.",
             )
             lines.append(_sample("relay_dns_fake_ips_recycled_total", {}, self.fake_ips.recycled()))
+
+        family("relay_udp_sessions_active", "gauge", "UDP sessions (client address and port) open now.")
+        lines.append(_sample("relay_udp_sessions_active", {}, self.udp_sessions_active))
+        family("relay_udp_sessions_ended_total", "counter", "UDP sessions ended, by how (idle, proxy-closed, ...).")
+        for how, count in sorted(self.udp_sessions_ended.items()):
+            lines.append(_sample("relay_udp_sessions_ended_total", {"how": how}, count))
+        for name, what, values in (
+            ("relay_udp_datagrams_total", "UDP datagrams", self.udp_datagrams),
+            ("relay_udp_bytes_total", "UDP payload bytes", self.udp_bytes),
+        ):
+            family(name, "counter", f"{what} relayed: up is client to proxy, down is proxy to client.")
+            for direction in ("up", "down"):
+                lines.append(_sample(name, {"direction": direction}, values[direction]))
+        family("relay_udp_dropped_total", "counter", "UDP datagrams dropped, by reason.")
+        for reason, count in sorted(self.udp_drops.items()):
+            lines.append(_sample("relay_udp_dropped_total", {"reason": reason}, count))
 
         conntrack = read_conntrack(self.conntrack_dir)
         if conntrack is not None:

@@ -114,6 +114,7 @@ class RuleSettings:
     dns: tuple[tuple[str, int], ...] = ()  # the DNS service's (address, port)s; the LAN's port 53 goes there
     fake_ip_ranges: tuple[str, ...] = ()  # fake-ip mode: TCP there always intercepted, UDP rejected
     udp_reject: str = "off"  # "quic": the LAN's UDP to port 443 rejected where its TCP is intercepted; "all"
+    udp: bool = False  # TPROXY the LAN's UDP to the relay too (it carries it through SOCKS5 UDP ASSOCIATE)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -130,6 +131,8 @@ class RuleSettings:
                 raise RulesError(f"{name} {value:#x} is not in 0x1-0xffffffff")
         if not 0 < self.route_table <= 0xFFFFFFFF or self.route_table in RESERVED_ROUTE_TABLES:
             raise RulesError(f"route table {self.route_table} is reserved or out of range")
+        if self.udp and self.mode != "tproxy":
+            raise RulesError("relaying UDP needs mode tproxy (REDIRECT loses a datagram's destination)")
         if self.mode == "tproxy" and self.mark & self.tproxy_mark:
             raise RulesError(
                 f"the relay's mark {self.mark:#x} shares bits with the TPROXY mark {self.tproxy_mark:#x}: "
@@ -321,8 +324,12 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
         *_fake_ip_rules(CHAIN, settings, version, tproxy),
         *_exemption_rules(CHAIN, settings, version),
         f"-A {CHAIN} -p tcp -j {tproxy}",
+        *([f"-A {CHAIN} -p udp -j {tproxy}"] if settings.udp else []),
     ]
     chains, jumps = [CHAIN], _lan_jumps(settings)
+    if settings.udp:
+        udp = f"-p udp ! --dport {DNS_PORT}" if settings.dns else "-p udp"  # port 53 is the DNS service's
+        jumps += [f"-A PREROUTING {match} {udp} -j {CHAIN}" for match in _lan_inputs(settings)]
     if settings.redirect_output:
         # The router's own connections get the TPROXY mark in OUTPUT, so the policy
         # route sends them through lo into PREROUTING, where TPROXY can take them.
@@ -492,6 +499,14 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
     if settings.ipv6:
         tproxy.append(f"meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :{port} {set_mark} accept")
     prerouting = [f"{lan_tcp} jump intercept"]
+    udp_tproxy = []
+    if settings.udp:
+        lan_udp = f"{from_lan} " + ("meta l4proto udp" if settings.ipv6 else "meta nfproto ipv4 meta l4proto udp")
+        prerouting.append(lan_udp + (f" udp dport != {DNS_PORT}" if settings.dns else "") + " jump intercept_udp")
+        udp_tproxy = _nft_chain(
+            "intercept_udp",
+            [own_mark, *_nft_exemptions(settings), *(rule.replace("l4proto tcp", "l4proto udp") for rule in tproxy)],
+        )
     if settings.redirect_output:
         prerouting.append(f'iifname "lo" {has_mark} {tcp} jump intercept')
     body = _nft_chain("prerouting", prerouting, "type filter hook prerouting priority mangle; policy accept;")
@@ -523,6 +538,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
                 *tproxy,
             ],
         )
+        + udp_tproxy
         + dns
         + udp
     )

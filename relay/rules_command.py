@@ -72,7 +72,9 @@ def settings_for(config: Config, redirect_output: bool = False, keep_private: bo
         exempt_private=not keep_private,
         dns=tuple(config.dns),
         fake_ip_ranges=tuple(map(str, config.fake_ip_range)) if config.dns_mode == "fake-ip" else (),
-        udp_reject=config.udp_reject,
+        # UDP relayed is TPROXYed before it could be forwarded: nothing left to reject.
+        udp_reject="off" if config.udp_upstreams else config.udp_reject,
+        udp=bool(config.udp_upstreams),
     )
 
 

@@ -525,3 +525,30 @@ def test_ssh_connections_default_to_the_cores_at_most_4_and_are_bounded():
         Config.from_values({"upstream": ["10.0.0.1:3128"], "ssh-connections": "17"})
     with pytest.raises(ConfigError, match="at least 1"):
         Config.from_values({"upstream": ["10.0.0.1:3128"], "ssh-connections": "0"})
+
+
+def test_udp_is_on_by_default_only_for_upstreams_said_to_carry_it_and_in_tproxy_mode():
+    plain = Config.from_values({"upstream": "socks5://h:1", "mode": "tproxy"})
+    assert plain.udp_upstreams == []  # ssh -D looks the same: nothing says it carries UDP
+    marked = {"upstream": ["http://p:3128", {"url": "socks5://h:1", "udp": "on"}], "mode": "tproxy"}
+    assert [str(u) for u in Config.from_values(marked).udp_upstreams] == ["socks5://h:1"]
+    assert Config.from_values({**marked, "mode": "redirect"}).udp_upstreams == []  # default: off, no error
+    assert Config.from_values({**marked, "udp": "off"}).udp_upstreams == []
+    every = Config.from_values({"upstream": ["socks5://a:1", "socks5://b:1"], "mode": "tproxy", "udp": "on"})
+    assert [u.host for u in every.udp_upstreams] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"upstream": "socks5://h:1", "udp": "on"}, "udp on needs mode tproxy"),
+        ({"upstream": "http://h:1", "mode": "tproxy", "udp": "on"}, "needs a SOCKS5 upstream"),
+        ({"upstream": "socks5://h:1", "mode": "tproxy", "udp": "on", "workers": "2"}, "needs workers 1"),
+        ({"upstream": "socks5://h:1", "mode": "tproxy", "udp": "on", "ssh": "far"}, "ssh -D carries no UDP"),
+        ({"upstream": {"url": "http://h:1", "udp": "on"}}, "udp is for SOCKS5 proxies"),
+        ({"upstream": {"url": "socks5://h:1", "udp": "maybe"}}, "is not on or off"),
+    ],
+)
+def test_udp_that_cannot_work_is_a_config_error(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_values(values)

@@ -584,3 +584,51 @@ def test_nft_accepts_the_script(settings):
 def test_relay_rules_takes_the_fake_ranges_in_fake_ip_mode_only(mode, ranges):
     values = {"upstream": ["127.0.0.1:3128"], "mark": "0x1", "dns": ["0.0.0.0:53", "[::]:53"], "dns-mode": mode}
     assert settings_for(Config.from_values(values)).fake_ip_ranges == ranges
+
+
+def test_udp_relayed_is_tproxied_past_the_tcp_exemptions_in_both_backends():
+    settings = RuleSettings("tproxy", 12345, ("lan0",), 0x1, EXEMPT, udp=True)
+    for version in (4, 6):
+        lines = iptables_restore(settings, version).splitlines()
+        target = "-j TPROXY --on-port 12345 --tproxy-mark 0x100/0x100"
+        assert lines.index(f"-A RELAY -p udp {target}") == lines.index(f"-A RELAY -p tcp {target}") + 1
+        assert "-A PREROUTING -i lan0 -p udp -j RELAY" in lines
+        assert not any("-p udp -m socket" in line for line in lines)  # replies' sockets must not take datagrams
+    script = nft_script(settings)
+    assert 'iifname { "lan0" } meta l4proto udp jump intercept_udp' in nft_chain(script, "prerouting")
+    chain = nft_chain(script, "intercept_udp")
+    assert chain[0] == "meta mark & 0x1 == 0x1 return" and "socket" not in " ".join(chain)
+    assert chain[-2:] == [
+        "meta nfproto ipv4 meta l4proto udp tproxy ip to :12345 meta mark set meta mark | 0x100 accept",
+        "meta nfproto ipv6 meta l4proto udp tproxy ip6 to :12345 meta mark set meta mark | 0x100 accept",
+    ]
+    assert nft_chain(script, "intercept")[2:-2] == chain[1:-2]  # the same exemptions, in the same order
+
+
+def test_udp_relayed_leaves_port_53_to_the_dns_service_and_needs_tproxy():
+    settings = RuleSettings("tproxy", 12345, ("lan0",), 0x1, udp=True, dns=(("0.0.0.0", 53), ("::", 53)))
+    assert "-A PREROUTING -i lan0 -p udp ! --dport 53 -j RELAY" in iptables_restore(settings, 4)
+    assert 'iifname { "lan0" } meta l4proto udp udp dport != 53 jump intercept_udp' in nft_script(settings)
+    with pytest.raises(RulesError, match="needs mode tproxy"):
+        RuleSettings("redirect", 12345, ("lan0",), 0x1, udp=True)
+
+
+def test_no_udp_rules_when_udp_is_off():
+    settings = RuleSettings("tproxy", 12345, ("lan0",), 0x1)
+    assert "udp" not in iptables_restore(settings, 4) and "intercept_udp" not in nft_script(settings)
+
+
+@pytest.mark.parametrize(
+    "upstream,udp,relayed,reject",
+    [
+        ("socks5://10.0.0.5:1080", "on", True, "off"),
+        ("socks5://127.0.0.1:1081", None, False, "quic"),  # ssh -D: nothing says it carries UDP
+        ("socks5://10.0.0.5:1080", "off", False, "quic"),
+    ],
+)
+def test_relay_rules_relays_udp_only_when_the_relay_does(upstream, udp, relayed, reject):
+    values = {"upstream": upstream, "mode": "tproxy", "mark": "0x1"}
+    if udp:
+        values["udp"] = udp
+    settings = settings_for(Config.from_values(values))
+    assert (settings.udp, settings.udp_reject) == (relayed, reject)

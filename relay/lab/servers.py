@@ -280,3 +280,32 @@ def question_name(query: bytes) -> str:
         labels.append(query[offset + 1 : offset + 1 + length].decode("ascii", "replace"))
         offset += 1 + length
     return ".".join(labels).lower()
+
+
+class UdpEchoServer:
+    """Echoes every UDP datagram to its sender, on ``address`` (``::``: IPv4 and IPv6 on one socket).
+
+    ``peers`` records the (address, port) each datagram came from: through a SOCKS5 relay that is the
+    proxy's, never the client's.
+    """
+
+    def __init__(self, lab: Lab, host: str, address: str, port: int):
+        self.sock = lab.socket(host, family_of(address), socket.SOCK_DGRAM)
+        if address == "::":
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.sock.bind((address, port))
+        self.peers: list[tuple[str, int]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(1 << 16)
+                if peer is None:
+                    return  # shut down at teardown
+                self.peers.append(peer[:2])
+                del self.peers[:-1000]  # bounded
+                self.sock.sendto(data, peer)
+            except OSError:
+                if self.sock.fileno() < 0:
+                    return  # closed at teardown

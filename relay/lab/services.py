@@ -293,6 +293,7 @@ def start_dante(
     name: str = "dante",
     deny_own_machine: bool = False,
     extra: Sequence[str] = (),
+    deny_udp: bool = False,
 ) -> Dante:
     """Dante's danted SOCKS server, allowing everything (the lab is a closed network).
 
@@ -300,6 +301,7 @@ def start_dante(
     against the system password database (see :func:`ensure_lab_user`).
     ``deny_own_machine``: with README's rules that keep clients off dante's own loopback.
     ``extra``: more danted.conf lines, e.g. shorter timeouts.
+    ``deny_udp``: refuse UDP ASSOCIATE (otherwise allowed, like everything else).
     """
     endpoints = _endpoints(listen)
     externals = [external] if isinstance(external, str) else list(external)
@@ -321,6 +323,7 @@ def start_dante(
                 *extra,  # settings: before the rules
                 "client pass { from: 0/0 to: 0/0 }",
                 *(DANTE_DENY_OWN_MACHINE if deny_own_machine else ()),
+                *(["socks block { from: 0/0 to: 0/0 command: udpassociate }"] if deny_udp else []),
                 "socks pass { from: 0/0 to: 0/0 }",
                 "",
             ]

@@ -25,12 +25,13 @@ from relay.net.listener import accept_loop, open_listeners
 from relay.net.preconnect import Preconnector
 from relay.net.tunnel import make_tunnels
 from relay.net.upstreams import UpstreamPool
+from relay.udp.service import UdpService
 
 # Settings a reload cannot change on a running process (they shape sockets, processes or privileges).
 RESTART_ONLY = (
     "mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "ssh_connections",
     "log_format", "dns", "dns_upstream", "dns_local", "dns_ca", "dns_min_ttl", "dns_max_ttl", "dns_cache_size",
-    "dns_mode", "fake_ip_range", "state_dir",
+    "dns_mode", "fake_ip_range", "state_dir", "udp", "udp_max_sessions", "udp_max_per_source", "udp_idle_timeout",
 )  # fmt: skip
 
 
@@ -53,6 +54,7 @@ class Server:
             self.dns_tunnels = Tunnels(self.pool, self.dialer, config)
             resolvers = make_resolvers(config, pool=self.pool, dialer=self.dialer, tunnels=self.dns_tunnels)
             self.dns = DnsService(config, resolvers, metrics, self.names, fake_ips=self.fake_ips)
+        self.udp = UdpService(config, metrics) if config.udp_upstreams else None
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""
@@ -80,6 +82,8 @@ class Server:
             fakeip_store.load(self.fake_ips, config.state_dir)
         if self.dns is not None:
             self.dns.open()
+        if self.udp is not None:
+            self.udp.open()
 
     async def serve(self, signals) -> None:
         """Accept and relay until SIGINT/SIGTERM arrives on ``signals``, then drain; SIGHUP reloads."""
@@ -91,6 +95,8 @@ class Server:
             health = await services.start(self.run_health_checks, self.pool)
             if self.dns is not None:
                 await services.start(self.dns.serve)
+            if self.udp is not None:
+                await services.start(self.udp.serve)
             if self.fake_ips is not None:  # cancelled with the other services at exit: it writes the store then
                 services.start_soon(fakeip_store.keep_saved, self.fake_ips, self.config.state_dir)
             connections = self.connections
@@ -129,6 +135,8 @@ class Server:
                 self.config.dns_mode,
                 " then ".join(str(u) for u in self.config.dns_upstream),
             )
+        if self.udp is not None:
+            log.info("UDP (TPROXY) on the same addresses, through SOCKS5 UDP ASSOCIATE at %s", self.udp.upstream)
         systemd.notify("READY=1")
         async for signum in signals:
             if signum == signal.SIGHUP:

@@ -323,3 +323,27 @@ class Socks5Client(_SocksHandshake):
             f"socks5-{word}",
             host_unreachable=code in _SOCKS5_UNREACHABLE_CODES,
         )
+
+
+SOCKS5_UDP_ASSOCIATE = 3
+
+
+class Socks5UdpAssociate(Socks5Client):
+    """SOCKS5 UDP ASSOCIATE (RFC 1928 §7): the same greeting and authentication as CONNECT, then a request
+    for a UDP relay; ``bound_address`` is where the proxy takes this association's datagrams (an
+    unspecified address there means the proxy's own, the one the control connection reached).
+
+    The request names the address datagrams will come from as all zeros: the relay may be behind NAT,
+    where the one it would name is not the one the proxy sees (RFC 1928: "MUST use ... all zeros").
+    """
+
+    _CLOSED_EARLY_MESSAGE = "proxy closed the connection during the SOCKS5 UDP ASSOCIATE handshake"
+
+    def __init__(self, username: str | None = None, password: str | None = None) -> None:
+        super().__init__("0.0.0.0", 1, username, password)  # the CONNECT target is replaced just below
+        self._target = "UDP ASSOCIATE"
+        self._connect_request = bytes([SOCKS5_VERSION, SOCKS5_UDP_ASSOCIATE, 0, ATYP_IPV4]) + bytes(6)
+
+    def _refusal(self, code: int) -> ProxyRefused:
+        word, description = _SOCKS5_REFUSALS.get(code, (f"error-{code}", "unknown error"))
+        return ProxyRefused(f"SOCKS5 proxy refused UDP ASSOCIATE: {description} (code {code})", f"socks5-{word}")

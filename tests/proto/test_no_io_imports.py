@@ -7,12 +7,16 @@ import pytest
 
 import relay.dns
 import relay.proto
+import relay.udp
 
 FORBIDDEN_MODULES = {"trio", "socket", "ssl", "select", "asyncio", "selectors"}
 DNS_SANS_IO = ["__init__.py", "message.py", "cache.py", "framing.py", "doh.py", "names.py", "split.py", "fakeip.py"]
-SANS_IO_SOURCES = sorted(Path(relay.proto.__file__).parent.glob("*.py")) + [
-    Path(relay.dns.__file__).parent / name for name in DNS_SANS_IO
-]
+UDP_SANS_IO = ["__init__.py", "datagram.py", "sessions.py"]
+SANS_IO_SOURCES = (
+    sorted(Path(relay.proto.__file__).parent.glob("*.py"))
+    + [Path(relay.dns.__file__).parent / name for name in DNS_SANS_IO]
+    + [Path(relay.udp.__file__).parent / name for name in UDP_SANS_IO]
+)
 
 
 def forbidden_imports(source: str) -> list[str]:
