@@ -38,8 +38,6 @@ from relay.proto.tls import BARE_FIN, CLOSE_NOTIFY, TRUNCATED, RecordBoundary, T
 
 READ_SIZE = 1 << 18  # plaintext asked for per call; OpenSSL gives one record (16 KB at most) per call
 TLS_READ = 1 << 18  # ciphertext read from the proxy's socket at once, and plaintext from the client's
-UPSTREAM_TLS_ERROR = "upstream-tls-error"  # an alert or a record that does not decrypt: the client is reset
-UPSTREAM_TLS_TRUNCATED = "upstream-tls-truncated"  # a FIN in the middle of a record: the client is reset
 
 
 def failure(exc: ssl.SSLError, where: str) -> TlsFailure:
@@ -297,7 +295,7 @@ class TlsRelay:
             if not data:
                 how = session.end_of_stream()
                 if how == TRUNCATED:
-                    self.finish(UPSTREAM_TLS_TRUNCATED)
+                    self.finish(ends.UPSTREAM_TLS_TRUNCATED)
                     return
                 if how == BARE_FIN and self.confirm_eof is not None and not await self.confirmed():
                     self.finish(ends.UPSTREAM_DOWN)
@@ -308,7 +306,7 @@ class TlsRelay:
                 plaintext = session.decrypt()
             except TlsFailure as exc:
                 log.debug("upstream TLS failed: %s", exc)
-                self.finish(UPSTREAM_TLS_ERROR)
+                self.finish(ends.UPSTREAM_TLS_ERROR)
                 return
             if plaintext and not await self.to_client(plaintext):
                 return
@@ -364,7 +362,7 @@ class TlsRelay:
         try:
             session.close()
         except TlsFailure:
-            self.finish(UPSTREAM_TLS_ERROR)
+            self.finish(ends.UPSTREAM_TLS_ERROR)
             return
         if await self.flush():
             self.direction_done()

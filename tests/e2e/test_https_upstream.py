@@ -1,18 +1,24 @@
 """https:// upstreams end to end: the relay speaks TLS to stunnel4 in front of stock squid on far (README's
 far side), its certificate from a CA the test makes, checked against --upstream-ca."""
 
+import datetime
 import os
+import threading
+import time
 
 import pytest
 
 from relay.lab import ADDR, lab_certificates, start_squid, start_stunnel
-from tests.e2e.clients import download, upload
+from tests.e2e.clients import connect_expecting_reset, download, upload
 
 BIG = 32 << 20
 PROXY_NAME = "proxy.relay.lab"
 STUNNEL_PORT = 8443  # stunnel in front of squid, anyone with TLS
 MUTUAL_PORT = 8444  # stunnel that wants a client certificate
 SQUID_PORT = 3138  # the plain squid behind both, on far's loopback only
+EXPIRED_PORT = 8445  # stunnel with a certificate that expired yesterday
+STALLING_PORT = 8446  # accepts, never answers the ClientHello
+GARBAGE_PORT = 8447  # answers with bytes that are not TLS
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +31,35 @@ def tls_far(lab):
         lab, (ADDR.far4, MUTUAL_PORT), ("127.0.0.1", SQUID_PORT), certificates, require_client_cert=True,
         name="stunnel-mutual",
     )  # fmt: skip
+    yesterday = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    expired = lab_certificates(
+        lab, PROXY_NAME, ADDR.far4, directory_name="tls-expired", not_before=yesterday - datetime.timedelta(days=30),
+        not_after=yesterday,
+    )  # fmt: skip
+    late = start_stunnel(lab, (ADDR.far4, EXPIRED_PORT), ("127.0.0.1", SQUID_PORT), expired, name="stunnel-expired")
+    certificates.expired_ca = expired.ca
+    stalling = lab.socket("far")
+    stalling.bind((ADDR.far4, STALLING_PORT))
+    stalling.listen(16)  # the kernel completes the TCP handshakes; no one reads
+    garbage = lab.socket("far")
+    garbage.bind((ADDR.far4, GARBAGE_PORT))
+    garbage.listen(16)
+    threading.Thread(target=answer_garbage, args=(garbage,), daemon=True).start()
     yield certificates
-    for service in (mutual, plain, squid):
+    for service in (late, mutual, plain, squid):
         service.stop()
+
+
+def answer_garbage(listener):
+    """What a plain HTTP server says to a ClientHello, then a close."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # the lab closed it
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" + os.urandom(64))
 
 
 def https_args(certificates, port=STUNNEL_PORT, *extra):
@@ -42,3 +74,78 @@ def test_download_and_upload_arrive_intact_through_stunnel(run_relay, lab, tls_f
     assert [line["end"] for line in lines] == ["closed", "closed"]
     assert lines[0]["via"] == f"https://{ADDR.far4}:{STUNNEL_PORT}"
     assert int(lines[0]["down"]) >= BIG and int(lines[1]["up"]) >= BIG
+
+
+def refused(relay, reason):
+    """The connection's log line says it was refused for ``reason``, the proxy's fault."""
+    line = relay.connections(at_least=1)[-1]
+    assert line["end"] == f"refused:{reason}", line
+    assert line["fault"] == "proxy", line
+    return line
+
+
+def test_mutual_tls_with_a_client_certificate(run_relay, lab, tls_far):
+    cert = ["--upstream-cert", str(tls_far.client_cert), "--upstream-key", str(tls_far.client_key)]
+    relay = run_relay(*https_args(tls_far, MUTUAL_PORT, *cert))
+    download(lab, 4 << 20, seed=22)
+    assert relay.connections(at_least=1)[0]["end"] == "closed"
+
+
+def test_mutual_tls_without_a_client_certificate_is_refused(run_relay, lab, tls_far):
+    relay = run_relay(*https_args(tls_far, MUTUAL_PORT))
+    connect_expecting_reset(lab, "client", ADDR.server4, 7000, within=5)
+    line = refused(relay, "tls-alert")
+    assert "alert" in line["error"]
+
+
+def test_the_name_in_the_certificate_can_be_given_as_sni(run_relay, lab, tls_far):
+    relay = run_relay(*https_args(tls_far, STUNNEL_PORT, "--upstream-sni", PROXY_NAME))
+    download(lab, 1 << 20, seed=23)
+    assert relay.connections(at_least=1)[0]["end"] == "closed"
+
+
+@pytest.mark.parametrize(
+    "case,why",
+    [
+        ("unknown-ca", "unable to get local issuer certificate"),
+        ("wrong-name", "Hostname mismatch"),
+        ("expired", "certificate has expired"),
+    ],
+)
+def test_a_certificate_that_fails_the_check_is_refused_at_once_and_marks_the_proxy_unhealthy(
+    run_relay, lab, tls_far, case, why
+):
+    ca, port, extra = tls_far.ca, STUNNEL_PORT, []
+    if case == "unknown-ca":
+        ca = tls_far.client_ca  # a CA that signed nothing the proxy shows
+    elif case == "wrong-name":
+        extra = ["--upstream-sni", "other.relay.lab"]
+    else:
+        ca, port = tls_far.expired_ca, EXPIRED_PORT
+    relay = run_relay(f"https://{ADDR.far4}:{port}", "--upstream-ca", str(ca), *extra)
+    started = time.monotonic()
+    connect_expecting_reset(lab, "client", ADDR.server4, 7000, within=5)
+    assert time.monotonic() - started < 2  # at once: no timeout waited for
+    line = refused(relay, "tls-certificate")
+    assert why in line["error"]
+    # One failure is enough: it will not go away by itself. The line says why.
+    assert relay.wait_for_log("is unhealthy")
+    warning = next(text for text in relay.log_text().splitlines() if "is unhealthy" in text)
+    assert why in warning and f"https://{ADDR.far4}:{port}" in warning
+
+
+def test_a_proxy_that_stalls_mid_handshake_times_out(run_relay, lab, tls_far):
+    relay = run_relay(
+        f"https://{ADDR.far4}:{STALLING_PORT}", "--upstream-ca", str(tls_far.ca), "--handshake-timeout", "1"
+    )
+    started = time.monotonic()
+    connect_expecting_reset(lab, "client", ADDR.server4, 7000, within=5)
+    assert 0.9 < time.monotonic() - started < 3
+    refused(relay, "handshake-timeout")
+
+
+def test_garbage_instead_of_tls_is_refused_clearly(run_relay, lab, tls_far):
+    relay = run_relay(f"https://{ADDR.far4}:{GARBAGE_PORT}", "--upstream-ca", str(tls_far.ca))
+    connect_expecting_reset(lab, "client", ADDR.server4, 7000, within=5)
+    line = refused(relay, "tls-not-tls")
+    assert "does not speak TLS" in line["error"]
