@@ -3,6 +3,7 @@ in-process TLS server on loopback (certificates from trustme). The lab runs them
 
 import socket
 import ssl
+import struct
 
 import pytest
 import trio
@@ -11,6 +12,7 @@ import trustme
 from relay import ends
 from relay.config import TlsOptions, Upstream
 from relay.net.dial import Dialer
+from relay.net.faults import UpstreamError
 
 NAME = "proxy.test"
 
@@ -23,6 +25,7 @@ def pki(tmp_path_factory):
     ca.cert_pem.write_to_path(str(directory / "ca.pem"))
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(server)
+    server.issued = cert
     return directory / "ca.pem", server
 
 
@@ -65,20 +68,28 @@ def https(port, ca, **tls) -> Upstream:
 
 
 async def dial(upstream, target=("example.org", 443), timeout=5.0):
-    dialer = Dialer()
+    """The Dialer's open_async through ``upstream``: (socket, early bytes), or raises its UpstreamError."""
+    dialer, outcome = Dialer(), []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dialer.run)
         try:
-            return await dialer.open_async(
-                upstream,
-                [(socket.AF_INET, (upstream.host, upstream.port))],
-                target,
-                mark=None,
-                connect_timeout=timeout,
-                handshake_timeout=timeout,
+            outcome.append(
+                await dialer.open_async(
+                    upstream,
+                    [(socket.AF_INET, (upstream.host, upstream.port))],
+                    target,
+                    mark=None,
+                    connect_timeout=timeout,
+                    handshake_timeout=timeout,
+                )
             )
+        except UpstreamError as exc:
+            outcome.append(exc)
         finally:
             dialer.close()
+    if isinstance(outcome[0], UpstreamError):
+        raise outcome[0]
+    return outcome[0]
 
 
 async def test_connect_over_tls_opens_the_tunnel(pki, nursery):
@@ -101,6 +112,13 @@ class Finished:
         self.done.set()
 
 
+def tcp_pair():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    return ours, theirs
+
+
 async def relayed(pki, nursery, then, *, first=b"", idle=5.0, half_closed=5.0, confirm_eof=None):
     """A client socket pair's far end relayed through a TLS tunnel to ``then``'s end of the proxy."""
     from relay.net.pump import Pump
@@ -109,7 +127,7 @@ async def relayed(pki, nursery, then, *, first=b"", idle=5.0, half_closed=5.0, c
     proxy = Proxy(server, then=then)
     await nursery.start(proxy.serve)
     sock, early = await dial(https(proxy.port, ca, sni=NAME))
-    ours, theirs = socket.socketpair()
+    ours, theirs = tcp_pair()  # a unix socket pair cannot be reset
     ours.setblocking(False)
     finished = Finished()
     pump = Pump(finished)
@@ -150,3 +168,150 @@ async def test_bytes_both_ways_and_clean_ends(pki, nursery):
     with trio.fail_after(5):
         await finished.done.wait()
     assert finished.calls == [("token", ends.CLOSED, 1 << 20, 1 << 20)]
+
+
+async def read_to_end(client, within=5.0) -> tuple[bytes, str]:
+    """What the client received, and how its side ended: "fin" or "reset"."""
+    received = b""
+    with trio.fail_after(within):
+        try:
+            while data := await client.recv(1 << 16):
+                received += data
+        except ConnectionResetError:
+            return received, "reset"
+    return received, "fin"
+
+
+def raw_reset(transport):
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.socket.close()
+
+
+async def hello_then(end):
+    async def then(stream, transport):
+        await stream.send_all(b"hello")
+        await end(stream, transport)
+
+    return then
+
+
+async def close_notify(stream, transport):
+    await stream.aclose()
+
+
+async def bare_fin(stream, transport):
+    transport.socket.shutdown(socket.SHUT_WR)
+    await trio.sleep(5)
+
+
+async def tcp_reset(stream, transport):
+    await trio.sleep(0.05)  # "hello" first
+    raw_reset(transport)
+
+
+async def cut_record(stream, transport):
+    await transport.send_all(b"\x17\x03\x03\x40\x00" + b"x" * 100)  # a 16 KB record's first 100 bytes
+    transport.socket.shutdown(socket.SHUT_WR)
+    await trio.sleep(5)
+
+
+async def forged_record(stream, transport):
+    await transport.send_all(b"\x17\x03\x03\x00\x40" + bytes(64))  # does not decrypt
+    await trio.sleep(5)
+
+
+@pytest.mark.parametrize(
+    "end,client_sees,ended",
+    [
+        (close_notify, "fin", ends.CLOSED),
+        (bare_fin, "fin", ends.CLOSED),
+        (tcp_reset, "reset", ends.UPSTREAM_RESET),
+        (cut_record, "reset", ends.UPSTREAM_TLS_TRUNCATED),
+        (forged_record, "reset", ends.UPSTREAM_TLS_ERROR),
+    ],
+    ids=["close_notify", "bare-fin", "reset", "truncated-record", "bad-record"],
+)
+async def test_how_the_proxy_ends_is_how_the_client_sees_it(pki, nursery, end, client_sees, ended):
+    client, finished = await relayed(pki, nursery, await hello_then(end))
+    received, how = await read_to_end(client)
+    assert (received, how) == (b"hello", client_sees) or (how == "reset" and client_sees == "reset")
+    if how == "fin":
+        client.shutdown(socket.SHUT_WR)
+    with trio.fail_after(5):
+        await finished.done.wait()
+    assert finished.calls[0][1] == ended
+
+
+async def test_the_clients_fin_is_a_close_notify_and_the_proxy_may_go_on(pki, nursery):
+    seen = []
+
+    async def answer_after_eof(stream, transport):
+        got = b""
+        while data := await stream.receive_some(4096):  # b"": close_notify
+            got += data
+        seen.append(got)
+        await stream.send_all(b"after your end: " + got)
+        await stream.aclose()
+
+    client, finished = await relayed(pki, nursery, answer_after_eof)
+    await send_all(client, b"question")
+    client.shutdown(socket.SHUT_WR)
+    assert await read_to_end(client) == (b"after your end: question", "fin")
+    with trio.fail_after(5):
+        await finished.done.wait()
+    assert seen == [b"question"]
+    assert finished.calls == [("token", ends.CLOSED, 8, 24)]
+
+
+async def test_the_clients_reset_resets_the_proxy(pki, nursery):
+    seen = []
+
+    async def wait_for_the_end(stream, transport):
+        try:
+            await transport.receive_some(4096)
+        except trio.BrokenResourceError as exc:
+            seen.append(type(exc.__cause__))
+
+    client, finished = await relayed(pki, nursery, wait_for_the_end)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    with trio.fail_after(5):
+        await finished.done.wait()
+    assert finished.calls[0][1] == ends.CLIENT_RESET
+    with trio.fail_after(5):
+        while not seen:
+            await trio.sleep(0.01)
+    assert seen == [ConnectionResetError]
+
+
+async def test_an_idle_tunnel_times_out(pki, nursery):
+    client, finished = await relayed(pki, nursery, bare_fin_never, idle=0.3)
+    assert (await read_to_end(client))[1] == "reset"
+    assert finished.calls[0][1] == ends.IDLE_TIMEOUT
+
+
+async def bare_fin_never(stream, transport):
+    await trio.sleep(5)
+
+
+async def test_sni_is_the_given_name_or_the_host(pki, nursery):
+    ca, server = pki
+    names = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.issued.configure_cert(context)
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+    proxy = Proxy(context)
+    await nursery.start(proxy.serve)
+    (await dial(https(proxy.port, ca, sni=NAME)))[0].close()
+    (await dial(https(proxy.port, ca)))[0].close()  # an address: checked against the IP SANs, no SNI (RFC 6066)
+    assert names == [NAME, None]
+
+
+async def test_a_wrong_name_is_refused_as_the_proxys_fault(pki, nursery):
+    ca, server = pki
+    proxy = Proxy(server)
+    await nursery.start(proxy.serve)
+    with pytest.raises(UpstreamError) as caught:
+        await dial(https(proxy.port, ca, sni="other.test"))
+    assert caught.value.reason == "tls-certificate" and caught.value.proxy_fault
+    assert "Hostname mismatch" in str(caught.value)
