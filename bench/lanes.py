@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -28,12 +27,11 @@ if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
 from bench.dnsload import machine_ticks  # noqa: E402
-from bench.testbed import cannot_run, first_line  # noqa: E402
+from bench.testbed import cannot_run, first_line, save_results  # noqa: E402
 from relay.lab import ADDR, Lab, sshd_across_delay_line, start_squid, start_sshd  # noqa: E402
 from relay.lab.servers import TrafficServer, pattern_sha256  # noqa: E402
 from relay.lab.services import clear_interception, intercept, start_relay  # noqa: E402
 
-RESULTS = HERE / "results"
 SSH_LINE_PORT = 7101
 RELAY_PORT = 12345
 TRAFFIC_PORT = 7000
@@ -130,9 +128,7 @@ def main() -> int:
             f"| {lanes} | {rate} ({min(r['mbit_s'] for r in runs)}-{max(r['mbit_s'] for r in runs)}) | {cpu} | "
             f"{rate / base:.2f}x |"
         )
-    out = args.out or RESULTS / f"lanes-{results['commit']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(results, "lanes", args.out)
     return 0
 
 

@@ -350,6 +350,8 @@ class Dialer:
                 lent = self.preconnect.take(dialing.upstream, family, address, dialing.mark)
                 if lent is not None:
                     dialing.sock, dialing.pooled = lent[0], lent[1:]
+                    if isinstance(dialing.sock, TlsSocket):  # its TLS handshake done ahead too
+                        dialing.machine.adopt(dialing.sock.session)
                     self._connected(dialing)
                     return
             try:

@@ -33,10 +33,12 @@ import trio
 from relay import ends
 from relay.config import ConfigError, TlsOptions, Upstream
 from relay.logs import log
-from relay.net.sockets import reset, write_all
+from relay.net.faults import closed_in_tls_handshake, handshake_failure
+from relay.net.sockets import receive_some, reset, write_all
 from relay.proto.tls import BARE_FIN, CLOSE_NOTIFY, TRUNCATED, RecordBoundary, TlsFailure
 
 READ_SIZE = 1 << 18  # plaintext asked for per call; OpenSSL gives one record (16 KB at most) per call
+RECV_SIZE = 16384  # handshake reads
 TLS_READ = 1 << 18  # ciphertext read from the proxy's socket at once, and plaintext from the client's
 
 
@@ -167,6 +169,45 @@ def check_contexts(upstreams: list[Upstream]) -> None:
     for upstream in upstreams:
         if upstream.scheme == "https":
             client_context(upstream.tls or TlsOptions())
+
+
+async def secured(sock: socket.socket, upstream: Upstream, deadline: float) -> "TlsSocket":
+    """The TLS handshake on a connected socket, ahead of a client (relay.net.preconnect): it then saves the
+    handshake's round trip too. Raises UpstreamError, OSError, or TooSlowError past ``deadline``."""
+    session = TlsSession(client_context(upstream.tls or TlsOptions()), upstream.server_name)
+    with trio.fail_at(deadline):
+        while True:
+            try:
+                done = session.handshake()
+            except TlsFailure as exc:
+                raise handshake_failure(exc) from None
+            await write_all(sock, session.data_to_send())
+            if done:
+                return TlsSocket.adopt(sock, session)
+            data = await receive_some(sock, RECV_SIZE)
+            if not data:
+                raise closed_in_tls_handshake()
+            session.receive(data)
+
+
+def closed_while_idle(sock: "TlsSocket") -> bool:
+    """Whether an idle pre-opened TLS connection was ended by the proxy. It reads what came instead of
+    peeking: a TLS 1.3 server sends its session tickets after the handshake, and only a close, an alert
+    or data nobody asked for mean it is not usable."""
+    session = sock.session
+    try:
+        data = sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    if not data:
+        return True
+    session.receive(data)
+    try:
+        return bool(session.decrypt()) or session.closed_by_peer
+    except TlsFailure:
+        return True
 
 
 async def readable(fd: int) -> bool:
@@ -371,7 +412,7 @@ class TlsRelay:
 async def tls_stream(sock, upstream: Upstream, timeout: float) -> trio.SSLStream:
     """TLS to the proxy on a connected Trio socket, for one-off exchanges (health checks, --confirm-eof's
     probe); raises UpstreamError (the handshake failed or took more than ``timeout``)."""
-    from relay.net.faults import handshake_failure, handshake_timed_out
+    from relay.net.faults import handshake_timed_out
 
     context = client_context(upstream.tls or TlsOptions())
     stream = trio.SSLStream(trio.SocketStream(sock), context, server_hostname=upstream.server_name)

@@ -84,6 +84,11 @@ class TlsHandshake:
         self.trailing_data = b""
         self._step()
 
+    def adopt(self, session) -> None:
+        """Go on with ``session``, whose handshake was done ahead (a pre-opened connection's)."""
+        self.session, self.secure = session, True
+        session.encrypt(self.inner.data_to_send())
+
     def __getattr__(self, name):  # e.g. pipelining_unconfirmed: the inner machine's
         return getattr(self.inner, name)
 
