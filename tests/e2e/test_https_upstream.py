@@ -1,8 +1,10 @@
-"""https:// upstreams end to end: the relay speaks TLS to stunnel4 in front of stock squid on far (README's
-far side), its certificate from a CA the test makes, checked against --upstream-ca."""
+"""https:// upstreams end to end: the relay speaks TLS to stunnel4 in front of stock squid on far, or to
+Debian's squid itself (https_port): README's two far sides. Certificates from CAs the test makes, checked
+against --upstream-ca."""
 
 import datetime
 import os
+import shutil
 import threading
 import time
 
@@ -20,6 +22,7 @@ SQUID_PORT = 3138  # the plain squid behind both, on far's loopback only
 EXPIRED_PORT = 8445  # stunnel with a certificate that expired yesterday
 STALLING_PORT = 8446  # accepts, never answers the ClientHello
 GARBAGE_PORT = 8447  # answers with bytes that are not TLS
+SQUID_HTTPS_PORT = 8448  # squid's own https_port
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,9 @@ def tls_far(lab):
     """Certificates, a squid on far's loopback, and two stunnels in front of it."""
     certificates = lab_certificates(lab, PROXY_NAME, ADDR.far4, directory_name="tls-upstream")
     squid = start_squid(lab, listen=("127.0.0.1", SQUID_PORT), name="squid-behind-stunnel")
+    shutil.chown(certificates.key, "proxy")  # squid reads it after dropping to "proxy"
+    https_port = f"https_port {ADDR.far4}:{SQUID_HTTPS_PORT} tls-cert={certificates.chain} tls-key={certificates.key}"
+    squid_https = start_squid(lab, listen=("127.0.0.1", SQUID_PORT + 1), name="squid-https", extra=[https_port])
     plain = start_stunnel(lab, (ADDR.far4, STUNNEL_PORT), ("127.0.0.1", SQUID_PORT), certificates)
     mutual = start_stunnel(
         lab, (ADDR.far4, MUTUAL_PORT), ("127.0.0.1", SQUID_PORT), certificates, require_client_cert=True,
@@ -47,7 +53,7 @@ def tls_far(lab):
     garbage.listen(16)
     threading.Thread(target=answer_garbage, args=(garbage,), daemon=True).start()
     yield certificates
-    for service in (late, mutual, plain, squid):
+    for service in (late, mutual, plain, squid, squid_https):
         service.stop()
 
 
@@ -67,13 +73,14 @@ def https_args(certificates, port=STUNNEL_PORT, *extra):
     return [f"https://{ADDR.far4}:{port}", "--upstream-ca", str(certificates.ca), *extra]
 
 
-def test_download_and_upload_arrive_intact_through_stunnel(run_relay, lab, tls_far):
-    relay = run_relay(*https_args(tls_far))
+@pytest.mark.parametrize("port", [STUNNEL_PORT, SQUID_HTTPS_PORT], ids=["stunnel-squid", "squid-https_port"])
+def test_download_and_upload_arrive_intact(run_relay, lab, tls_far, port):
+    relay = run_relay(*https_args(tls_far, port))
     download(lab, BIG, seed=21)
     upload(lab, os.urandom(BIG))
     lines = relay.connections(at_least=2)
     assert [line["end"] for line in lines] == ["closed", "closed"]
-    assert lines[0]["via"] == f"https://{ADDR.far4}:{STUNNEL_PORT}"
+    assert lines[0]["via"] == f"https://{ADDR.far4}:{port}"
     assert int(lines[0]["down"]) >= BIG and int(lines[1]["up"]) >= BIG
 
 
