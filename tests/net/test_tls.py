@@ -10,7 +10,7 @@ import trio
 import trustme
 
 from relay import ends
-from relay.config import TlsOptions, Upstream
+from relay.config import Config, TlsOptions, Upstream
 from relay.net.dial import Dialer
 from relay.net.faults import UpstreamError
 
@@ -315,3 +315,36 @@ async def test_a_wrong_name_is_refused_as_the_proxys_fault(pki, nursery):
         await dial(https(proxy.port, ca, sni="other.test"))
     assert caught.value.reason == "tls-certificate" and caught.value.proxy_fault
     assert "Hostname mismatch" in str(caught.value)
+
+
+def tls_pool(port, ca, **settings):
+    from relay.metrics import Metrics
+    from relay.net.upstreams import UpstreamPool, UpstreamState
+
+    config = Config.from_values(
+        {"upstream": [f"https://127.0.0.1:{port}"], "upstream-ca": str(ca), "handshake-timeout": 2, **settings}
+    )
+    pool = UpstreamPool(config, Metrics(version="t", fast_path="python"))
+    state = UpstreamState(config.upstreams[0], [(socket.AF_INET, ("127.0.0.1", port))], config=config)
+    return pool, state
+
+
+async def test_health_checks_and_the_eof_probe_speak_tls(pki, nursery):
+    ca, server = pki
+    proxy = Proxy(server, reply=b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    await nursery.start(proxy.serve)
+    pool, state = tls_pool(proxy.port, ca)
+    await pool.check(state)
+    assert proxy.requests == [b"GET / HTTP/1.0\r\n\r\n"]  # the question inside TLS
+    assert await state.still_there() is True
+
+
+async def test_a_health_check_refuses_a_certificate_that_fails(pki, nursery):
+    ca, server = pki
+    proxy = Proxy(server)
+    await nursery.start(proxy.serve)
+    pool, state = tls_pool(proxy.port, ca, **{"upstream-sni": "other.test"})
+    with pytest.raises(UpstreamError) as caught:
+        await pool.check(state)
+    assert caught.value.reason == "tls-certificate"
+    assert proxy.requests == []
