@@ -434,3 +434,70 @@ def stream_failure(exc: trio.BrokenResourceError) -> Exception:
     if isinstance(cause, OSError):
         return cause
     return TlsFailure("the proxy closed the connection during the TLS handshake", "proxy-closed")
+
+
+class TlsProxy:
+    """A connection to an https:// proxy with the few methods of a Trio socket that plain HTTP forwarding
+    (relay.net.http_forward) uses: its requests and responses pass through TLS here."""
+
+    __slots__ = ("sock", "session", "plaintext", "ended")
+
+    def __init__(self, sock: TlsSocket):
+        self.sock, self.session = sock, sock.session
+        self.plaintext = b""  # decrypted, not asked for yet
+        self.ended = False  # the proxy's end came (close_notify or a FIN)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    async def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes of plaintext, b"" at the proxy's end; ConnectionResetError for a reset,
+        an alert, a bad record or a cut one."""
+        session = self.session
+        while not self.plaintext:
+            if self.ended or session.closed_by_peer:
+                return b""
+            data = await receive_some(self.sock, TLS_READ)
+            if not data:
+                if session.end_of_stream() == TRUNCATED:
+                    raise ConnectionResetError("the proxy's TLS ended in the middle of a record")
+                self.ended = True
+                return b""
+            session.receive(data)
+            try:
+                self.plaintext = session.decrypt()
+            except TlsFailure as exc:
+                raise ConnectionResetError(str(exc)) from None
+            await self.send_all(b"")  # what reading queued (a key update's answer)
+        data, self.plaintext = self.plaintext[:size], self.plaintext[size:]
+        return data
+
+    async def send_all(self, data: bytes) -> None:
+        if data:
+            try:
+                self.session.encrypt(data)
+            except TlsFailure as exc:
+                raise ConnectionResetError(str(exc)) from None
+        queued = self.session.data_to_send()
+        if queued:
+            await write_all(self.sock, queued)
+
+    def shutdown(self, how: int) -> None:
+        """Our end of the data: close_notify, sent now (it is small; a full socket buffer drops it)."""
+        try:
+            self.session.close()
+            self.sock.send(self.session.data_to_send())
+        except (TlsFailure, BlockingIOError):
+            pass
+        except OSError as exc:
+            raise ConnectionResetError(str(exc)) from None
+
+    def setsockopt(self, *args) -> None:
+        self.sock.setsockopt(*args)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def idle_closed(self) -> bool:
+        """Whether, idle between exchanges, it was closed by the proxy or holds bytes nobody asked for."""
+        return bool(self.plaintext) or self.ended or closed_while_idle(self.sock)

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from relay.lab import ADDR, lab_certificates, start_delay_line, start_squid, start_stunnel
-from tests.e2e.clients import connect_expecting_reset, download, upload
+from relay.lab.servers import HttpServer
+from tests.e2e.clients import connect_expecting_reset, download, get_hello, upload
 from tests.e2e.test_preconnect import METRICS_PORT, counters, failed_attempts
 
 BIG = 32 << 20
@@ -194,3 +195,25 @@ def test_pre_opened_connections_save_the_tls_handshake_too(run_relay, lab, tls_f
         assert [line["end"] for line in relay.connections(at_least=4)] == ["closed"] * 4
     finally:
         line.stop()
+
+
+HTTP_PORT = 8082
+
+
+def test_plain_http_is_forwarded_in_absolute_form_inside_tls_and_its_connection_reused(run_relay, lab, tls_far):
+    """Keep-alive clients one after another: each request goes in absolute form inside TLS, the later ones
+    on the TLS connection to the proxy an earlier client left."""
+    server = HttpServer(lab, "server", "0.0.0.0", HTTP_PORT)
+    try:
+        relay = run_relay(*https_args(tls_far), "--preconnect", "off", "--metrics", f"127.0.0.1:{METRICS_PORT}")
+        request = f"GET /hello HTTP/1.1\r\nHost: {ADDR.server4}:{HTTP_PORT}\r\n\r\n".encode()
+        for _ in range(3):
+            get_hello(lab, HTTP_PORT, request)
+            time.sleep(0.2)  # the relay takes the proxy connection back
+        lines = relay.connections(at_least=3)
+        assert [(line["http-requests"], line["via"]) for line in lines] == [
+            ("1", f"https://{ADDR.far4}:{STUNNEL_PORT}")
+        ] * 3
+        assert counters(lab).get('relay_preconnect_total{outcome="reused"}', 0) >= 2
+    finally:
+        server.close()
