@@ -217,3 +217,65 @@ def test_plain_http_is_forwarded_in_absolute_form_inside_tls_and_its_connection_
         assert counters(lab).get('relay_preconnect_total{outcome="reused"}', 0) >= 2
     finally:
         server.close()
+
+
+TLS12_PORT = 8449
+RESTARTING_PORT = 8450
+
+
+def test_a_tls_1_2_proxy_works(run_relay, lab, tls_far):
+    stunnel = start_stunnel(
+        lab, (ADDR.far4, TLS12_PORT), ("127.0.0.1", SQUID_PORT), tls_far, name="stunnel-tls12",
+        extra=["sslVersionMax = TLSv1.2"],
+    )  # fmt: skip
+    try:
+        relay = run_relay(*https_args(tls_far, TLS12_PORT))
+        download(lab, 8 << 20, seed=31)
+        upload(lab, os.urandom(8 << 20))
+        assert [line["end"] for line in relay.connections(at_least=2)] == ["closed", "closed"]
+    finally:
+        stunnel.stop()
+
+
+def test_the_proxy_restarting_under_50_downloads_truncates_none_and_is_used_again(run_relay, lab, tls_far):
+    """stunnel killed (its connections end with FINs, no close_notify) while 50 downloads run: with
+    --confirm-eof each ends intact or reset, never short with a clean end; once it is back, it is used."""
+    stunnel = start_stunnel(
+        lab, (ADDR.far4, RESTARTING_PORT), ("127.0.0.1", SQUID_PORT), tls_far, name="stunnel-restart"
+    )
+    try:
+        relay = run_relay(*https_args(tls_far, RESTARTING_PORT), "--confirm-eof", "on", "--health-interval", "1")
+        outcomes = []
+
+        def one(seed):
+            try:
+                download(lab, 8 << 20, seed=seed)
+                outcomes.append("intact")
+            except ConnectionResetError:
+                outcomes.append("reset")
+            except AssertionError:
+                outcomes.append("truncated")  # the sha256 or the size did not match: a clean end of a cut stream
+            except OSError as exc:
+                outcomes.append(repr(exc))
+
+        threads = [threading.Thread(target=one, args=(seed,)) for seed in range(50)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        stunnel.kill()
+        time.sleep(2)
+        stunnel.start()
+        for thread in threads:
+            thread.join(120)
+        assert len(outcomes) == 50 and set(outcomes) <= {"intact", "reset"}, outcomes
+        assert "reset" in outcomes  # the kill did cut some
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                download(lab, 1 << 20, seed=99)
+                break
+            except (OSError, AssertionError):
+                assert time.monotonic() < deadline, relay.log_text()[-2000:]
+                time.sleep(0.5)
+    finally:
+        stunnel.stop()
