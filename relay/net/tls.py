@@ -501,3 +501,45 @@ class TlsProxy:
     def idle_closed(self) -> bool:
         """Whether, idle between exchanges, it was closed by the proxy or holds bytes nobody asked for."""
         return bool(self.plaintext) or self.ended or closed_while_idle(self.sock)
+
+
+class TlsStream(trio.abc.Stream):
+    """A tunnel through an https:// proxy as a Trio stream, for the relay's own clients of the tunnel
+    (the DNS service's resolvers): what ``trio.SocketStream`` is for the other upstreams."""
+
+    def __init__(self, sock: TlsSocket):
+        self.proxy = TlsProxy(sock)
+        self.closed = False
+
+    async def send_all(self, data) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError
+        try:
+            await self.proxy.send_all(bytes(data))
+        except OSError as exc:
+            raise trio.BrokenResourceError from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.proxy.sock)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.closed:
+            raise trio.ClosedResourceError
+        try:
+            return await self.proxy.recv(max_bytes or TLS_READ)
+        except OSError as exc:
+            raise trio.BrokenResourceError from exc
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.proxy.sock)
+            self.proxy.close()
+        await trio.lowlevel.checkpoint()
+
+
+def tunnel_stream(sock: socket.socket) -> trio.abc.Stream:
+    """An opened tunnel (the Dialer's socket) as a Trio stream: TLS inside for an https:// proxy."""
+    if isinstance(sock, TlsSocket):
+        return TlsStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

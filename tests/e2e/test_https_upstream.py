@@ -5,14 +5,16 @@ against --upstream-ca."""
 import datetime
 import os
 import shutil
+import ssl
 import threading
 import time
 
 import pytest
 
 from relay.lab import ADDR, lab_certificates, start_delay_line, start_squid, start_stunnel
-from relay.lab.servers import HttpServer
+from relay.lab.servers import HttpServer, serve_https
 from tests.e2e.clients import connect_expecting_reset, download, get_hello, upload
+from tests.e2e.test_dns_service import DNS, dig
 from tests.e2e.test_preconnect import METRICS_PORT, counters, failed_attempts
 
 BIG = 32 << 20
@@ -279,3 +281,40 @@ def test_the_proxy_restarting_under_50_downloads_truncates_none_and_is_used_agai
                 time.sleep(0.5)
     finally:
         stunnel.stop()
+
+
+@pytest.mark.parametrize("scheme", ["https", "tcp"])
+def test_the_dns_service_resolves_through_an_https_upstream(relays, lab, tls_far, unbound, scheme):
+    """DoH (TLS inside the proxy's TLS) and DNS over TCP, through the tunnel, answered by the far side."""
+    dns_upstream = unbound.doh_url if scheme == "https" else f"tcp://{unbound.address}:53"
+    relays.start(
+        ["--upstream", *https_args(tls_far), "--dns", DNS, "--dns-upstream", dns_upstream,
+         "--dns-ca", str(unbound.ca_file)]
+    )  # fmt: skip
+    assert dig(lab, "far-only.example", "A") == ("NOERROR", [ADDR.server4])
+    assert dig(lab, "+tcp", "far-only.example", "AAAA") == ("NOERROR", [ADDR.server6])
+    assert dig(lab, "+tcp", "nowhere.example", "A") == ("NXDOMAIN", [])
+
+
+HTTPS_TARGET_PORT = 4443
+
+
+def test_early_data_auto_finds_the_proxy_behind_tls_keeps_it_and_sends_it(run_relay, lab, tls_far):
+    """The --early-data auto probe through TLS to stunnel and squid; then a TLS client's ClientHello goes
+    with the CONNECT, inside the proxy's TLS."""
+    ca = serve_https(lab, ADDR.server4, ca_file="https-target-ca.pem", port=HTTPS_TARGET_PORT)
+    target = f"{ADDR.server4}:{HTTPS_TARGET_PORT}"
+    relay = run_relay(*https_args(tls_far), "--health-target", target)
+    assert relay.wait_for_log(f"keeps early data sent after CONNECT (a ClientHello to {target})", timeout=15), (
+        relay.log_text()
+    )
+    context = ssl.create_default_context(cafile=ca)
+    raw = lab.connect("client", ADDR.server4, HTTPS_TARGET_PORT, timeout=10)
+    with context.wrap_socket(raw, server_hostname=ADDR.server4) as sock:
+        sock.sendall(f"GET /hello HTTP/1.1\r\nHost: {ADDR.server4}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while data := sock.recv(65536):
+            response += data
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"hello from the lab server\n")
+    [line] = relay.connections(at_least=1)
+    assert line["end"] == "closed" and int(line["early-data"]) > 200
