@@ -119,10 +119,19 @@ def tcp_pair():
     return ours, theirs
 
 
-async def relayed(pki, nursery, then, *, first=b"", idle=5.0, half_closed=5.0, confirm_eof=None):
-    """A client socket pair's far end relayed through a TLS tunnel to ``then``'s end of the proxy."""
+async def running_pump(nursery, on_finished):
     from relay.net.pump import Pump
 
+    pump = Pump(on_finished)
+    nursery.start_soon(pump.run)
+    with trio.fail_after(1):
+        while pump.nursery is None:
+            await trio.sleep(0.001)
+    return pump
+
+
+async def relayed(pki, nursery, then, *, first=b"", idle=5.0, half_closed=5.0, confirm_eof=None):
+    """A client socket pair's far end relayed through a TLS tunnel to ``then``'s end of the proxy."""
     ca, server = pki
     proxy = Proxy(server, then=then)
     await nursery.start(proxy.serve)
@@ -130,11 +139,7 @@ async def relayed(pki, nursery, then, *, first=b"", idle=5.0, half_closed=5.0, c
     ours, theirs = tcp_pair()  # a unix socket pair cannot be reset
     ours.setblocking(False)
     finished = Finished()
-    pump = Pump(finished)
-    nursery.start_soon(pump.run)
-    with trio.fail_after(1):
-        while pump.nursery is None:
-            await trio.sleep(0.001)
+    pump = await running_pump(nursery, finished)
     pump.add(theirs, sock, "token", idle_timeout=idle, half_closed_timeout=half_closed, to_upstream_first=first,
              to_client_first=early, confirm_eof=confirm_eof)  # fmt: skip
     return trio.socket.from_stdlib_socket(ours), finished
@@ -348,3 +353,19 @@ async def test_a_health_check_refuses_a_certificate_that_fails(pki, nursery):
         await pool.check(state)
     assert caught.value.reason == "tls-certificate"
     assert proxy.requests == []
+
+
+async def test_the_pump_counts_tls_connections_and_cancels_them_on_close(pki, nursery):
+    ca, server = pki
+    proxy = Proxy(server, then=bare_fin_never)
+    await nursery.start(proxy.serve)
+    sock, early = await dial(https(proxy.port, ca, sni=NAME))
+    ours, theirs = tcp_pair()
+    finished = Finished()
+    pump = await running_pump(nursery, finished)
+    pump.add(theirs, sock, "token", idle_timeout=5, half_closed_timeout=5, to_upstream_first=b"abc")
+    await trio.sleep(0.1)
+    assert len(pump) == 1 and pump.counts() == [("token", 3, 0)]
+    pump.close()
+    assert finished.calls == [("token", ends.CANCELLED, 3, 0)] and len(pump) == 0
+    ours.close()
