@@ -37,9 +37,11 @@ from relay.net.faults import closed_in_tls_handshake, handshake_failure
 from relay.net.sockets import receive_some, reset, write_all
 from relay.proto.tls import BARE_FIN, CLOSE_NOTIFY, TRUNCATED, RecordBoundary, TlsFailure
 
-READ_SIZE = 1 << 18  # plaintext asked for per call; OpenSSL gives one record (16 KB at most) per call
+READ_SIZE = 16384  # plaintext asked for per call: OpenSSL gives one record (16 KB at most) per call
 RECV_SIZE = 16384  # handshake reads
-TLS_READ = 1 << 18  # ciphertext read from the proxy's socket at once, and plaintext from the client's
+# Read from either socket at once, and the plaintext buffer of a relayed connection: larger reads cost
+# more than they save (allocations past malloc's mmap threshold, page faults).
+TLS_READ = 1 << 16
 
 
 def failure(exc: ssl.SSLError, where: str) -> TlsFailure:
@@ -101,6 +103,25 @@ class TlsSession:
         except ssl.SSLError as exc:
             raise failure(exc, "data") from None
         return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def decrypt_into(self, view: memoryview) -> int:
+        """``decrypt`` without a new bytes object per record: fill ``view`` with plaintext; how much (0:
+        none yet, or close_notify came). Call again while it fills ``view`` whole."""
+        tls, size, done = self.tls, len(view), 0
+        try:
+            while done < size:
+                count = tls.read(size - done, view[done:])
+                if not count:
+                    self.closed_by_peer = True  # Python's read gives 0 for close_notify
+                    break
+                done += count
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.closed_by_peer = True
+        except ssl.SSLError as exc:
+            raise failure(exc, "data") from None
+        return done
 
     def encrypt(self, data) -> None:
         """Queue ``data`` as records (OpenSSL cuts them at 16 KB) for ``data_to_send``."""
@@ -329,6 +350,7 @@ class TlsRelay:
         session, fd = self.session, self.upstream.fileno()
         if self.to_client_first and not await self.to_client(self.to_client_first):
             return
+        view = memoryview(bytearray(TLS_READ))
         while not session.closed_by_peer:
             data = await self.read(fd, ends.UPSTREAM_RESET)
             if data is None:
@@ -343,14 +365,17 @@ class TlsRelay:
                     return
                 break
             session.receive(data)
-            try:
-                plaintext = session.decrypt()
-            except TlsFailure as exc:
-                log.debug("upstream TLS failed: %s", exc)
-                self.finish(ends.UPSTREAM_TLS_ERROR)
-                return
-            if plaintext and not await self.to_client(plaintext):
-                return
+            while True:  # the plaintext through one buffer, without a bytes object per record
+                try:
+                    count = session.decrypt_into(view)
+                except TlsFailure as exc:
+                    log.debug("upstream TLS failed: %s", exc)
+                    self.finish(ends.UPSTREAM_TLS_ERROR)
+                    return
+                if count and not await self.to_client(view[:count]):
+                    return
+                if count < len(view):
+                    break
             if not await self.flush():  # what reading queued: a TLS 1.3 key update's answer
                 return
         try:
