@@ -37,11 +37,11 @@ from relay.net.faults import closed_in_tls_handshake, handshake_failure
 from relay.net.sockets import receive_some, reset, write_all
 from relay.proto.tls import BARE_FIN, CLOSE_NOTIFY, TRUNCATED, RecordBoundary, TlsFailure
 
-READ_SIZE = 16384  # plaintext asked for per call: OpenSSL gives one record (16 KB at most) per call
 RECV_SIZE = 16384  # handshake reads
 # Read from either socket at once, and the plaintext buffer of a relayed connection: larger reads cost
 # more than they save (allocations past malloc's mmap threshold, page faults).
 TLS_READ = 1 << 16
+_SCRATCH = memoryview(bytearray(TLS_READ))  # TlsSession.decrypt's, for the bytes it copies out
 
 
 def failure(exc: ssl.SSLError, where: str) -> TlsFailure:
@@ -91,22 +91,16 @@ class TlsSession:
     def decrypt(self) -> bytes:
         """Every byte of plaintext the received records hold; b"" when none (yet). After
         close_notify ``closed_by_peer`` is set. Raises TlsFailure on an alert or a bad record."""
-        tls, chunks = self.tls, []
-        try:
-            while chunk := tls.read(READ_SIZE):
-                chunks.append(chunk)
-            self.closed_by_peer = True  # Python's read gives b"" for close_notify (the ZeroReturnError below otherwise)
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            self.closed_by_peer = True
-        except ssl.SSLError as exc:
-            raise failure(exc, "data") from None
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        chunks = []
+        while True:  # nothing yields in between: the shared scratch buffer is this call's
+            count = self.decrypt_into(_SCRATCH)
+            chunks.append(bytes(_SCRATCH[:count]))
+            if count < len(_SCRATCH):
+                return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def decrypt_into(self, view: memoryview) -> int:
-        """``decrypt`` without a new bytes object per record: fill ``view`` with plaintext; how much (0:
-        none yet, or close_notify came). Call again while it fills ``view`` whole."""
+        """Fill ``view`` with the plaintext the received records hold, without a bytes object per record:
+        how much (0: none yet, or close_notify came). Call again while it fills ``view`` whole."""
         tls, size, done = self.tls, len(view), 0
         try:
             while done < size:
