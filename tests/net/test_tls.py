@@ -4,6 +4,7 @@ in-process TLS server on loopback (certificates from trustme). The lab runs them
 import socket
 import ssl
 import struct
+import subprocess
 
 import pytest
 import trio
@@ -369,3 +370,66 @@ async def test_the_pump_counts_tls_connections_and_cancels_them_on_close(pki, nu
     pump.close()
     assert finished.calls == [("token", ends.CANCELLED, 3, 0)] and len(pump) == 0
     ours.close()
+
+
+async def test_a_tls_1_2_proxy_that_renegotiates_mid_tunnel_keeps_working(pki, nursery, tmp_path):
+    """openssl s_server (TLS 1.2) as the proxy: its answer to CONNECT, then a renegotiation (its "R"
+    command), then more data: the handshake messages pass through the same memory BIOs (what reading
+    queued is flushed), and the client gets every byte."""
+    ca, server = pki
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    server.issued.private_key_pem.write_to_path(str(key))
+    server.issued.cert_chain_pems[0].write_to_path(str(cert))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert), "-key", str(key), "-tls1_2",
+            "-ign_eof"]  # fmt: skip
+    process = await trio.lowlevel.open_process(["stdbuf", "-o0", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        with trio.fail_after(5):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port)).close()
+                    break
+                except ConnectionRefusedError:
+                    await trio.sleep(0.05)
+        opened = []
+
+        async def open_it():
+            opened.append(await dial(https(port, ca, sni=NAME)))
+
+        nursery.start_soon(open_it)
+        await trio.sleep(0.5)
+        await process.stdin.send_all(b"HTTP/1.1 200 OK\r\n\r\n")
+        with trio.fail_after(5):
+            while not opened:
+                await trio.sleep(0.01)
+        sock, early = opened[0]
+        assert sock.session.version == "TLSv1.2"
+        ours, theirs = tcp_pair()
+        finished = Finished()
+        pump = await running_pump(nursery, finished)
+        pump.add(theirs, sock, "token", idle_timeout=5, half_closed_timeout=5, to_client_first=early)
+        client = trio.socket.from_stdlib_socket(ours)
+        await process.stdin.send_all(b"before\n")
+        await trio.sleep(0.3)  # apart: s_server takes "R" as its command only when read alone
+        await process.stdin.send_all(b"R\n")
+        await trio.sleep(0.3)
+        await process.stdin.send_all(b"after the renegotiation\n")
+        received = b""
+        with trio.fail_after(5):
+            while b"after the renegotiation\n" not in received:
+                data = await client.recv(4096)
+                assert data, received
+                received += data
+        assert received.startswith(b"before\n")
+        client.close()
+        said = b""  # s_server says when the renegotiation's handshake completed: after the CONNECT it read
+        with trio.move_on_after(5):
+            while b"SSL_do_handshake -> 1" not in said.partition(b"CONNECT example.org")[2]:
+                said += await process.stdout.receive_some(4096)
+        assert b"SSL_do_handshake -> 1" in said.partition(b"CONNECT example.org")[2], said
+    finally:
+        process.kill()
+        await process.wait()
