@@ -1,6 +1,7 @@
 """One download across a slow far link: through an https:// proxy against through ssh -L.
 
     sudo .venv/bin/python bench/tls.py [--rtt-ms 100,200] [--streams 1,4] [--size-mib 64] [--rounds 1]
+    .venv/bin/python bench/tls.py --in-process      # only what decrypting and encrypting cost, no lab
 
 OpenSSH gives each forwarded connection a fixed window (about 2 MB), so one stream through
 ``--ssh`` moves at most that per round trip; TLS to the proxy leaves the window to the kernel.
@@ -82,6 +83,52 @@ def one_run(lab: Lab, pid: int, direction: str, streams: int, size: int) -> dict
     }
 
 
+def in_process(size: int) -> dict:
+    """What the TLS itself costs the relay: TlsSession decrypting records a server made (into one buffer, as
+    TlsRelay does) and encrypting, on memory BIOs, no sockets; CPU seconds per GB."""
+    import ssl
+
+    import trustme
+
+    from relay.net.tls import TLS_READ, TlsSession
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(PROXY_NAME).configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_context.wrap_bio(incoming, outgoing, server_side=True)
+    client = TlsSession(client_context, PROXY_NAME)
+    while not client.handshake():
+        incoming.write(client.data_to_send())
+        try:
+            server.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        client.receive(outgoing.read())
+    incoming.write(client.data_to_send())
+    block = os.urandom(TLS_READ)
+    records = []
+    for _ in range(size // len(block)):
+        server.write(block)
+        records.append(outgoing.read())
+    view = memoryview(bytearray(TLS_READ))
+    started = time.process_time()
+    for chunk in records:
+        client.receive(chunk)
+        while client.decrypt_into(view) == len(view):
+            pass
+    decrypt = time.process_time() - started
+    started = time.process_time()
+    for _ in range(size // len(block)):
+        client.encrypt(block)
+        client.data_to_send()
+    encrypt = time.process_time() - started
+    gb = size / 1e9
+    return {"decrypt_cpu_s_per_gb": round(decrypt / gb, 2), "encrypt_cpu_s_per_gb": round(encrypt / gb, 2)}
+
+
 def relay_args(way: str, delayed, certificates) -> list[str]:
     common = ["--listen", f"0.0.0.0:{RELAY_PORT}", "--preconnect", "off"]
     if way == "https":
@@ -104,7 +151,11 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--in-process", action="store_true", help="only what the TLS costs, no lab (no root)")
     args = parser.parse_args()
+    if args.in_process:
+        print(in_process(max(args.size_mib, 64) << 20))
+        return 0
     if why := cannot_run(("squid", "sshd", "ssh", "stunnel4")):
         print(f"bench/tls.py: {why}", file=sys.stderr)
         return 2
