@@ -1,5 +1,7 @@
-"""https:// upstreams, the Trio side: the client TLS context, and relaying a connection whose upstream
-side is TLS (relay.proto.tls does the TLS itself, on memory BIOs).
+"""https:// upstreams: the client TLS context, the TLS session (OpenSSL on memory BIOs, no socket:
+``TlsSession``), and, with Trio, relaying a connection whose upstream side is TLS (``TlsRelay``), plain
+HTTP forwarded inside TLS (``TlsProxy``) and the relay's own tunnels (``TlsStream``). relay.proto.tls
+holds what needs no OpenSSL: the proxy handshake inside TLS, and where records end.
 
 This kernel has no ``tls`` ULP (kernel TLS), so the proxy's side cannot be
 spliced: its bytes pass through this process once each way, decrypted or
@@ -235,7 +237,8 @@ async def readable(fd: int) -> bool:
 
 
 class TlsSocket(socket.socket):
-    """A connected socket to an https:// proxy, with its TLS session (tunnel open: the proxy said 2xx)."""
+    """A connected socket to an https:// proxy with its TLS session: from the Dialer, the tunnel open (the
+    proxy said 2xx); from the Preconnector, the TLS handshake done and nothing asked yet."""
 
     __slots__ = ("session",)
 
