@@ -43,6 +43,7 @@ RECV_SIZE = 16384  # handshake reads
 # Read from either socket at once, and the plaintext buffer of a relayed connection: larger reads cost
 # more than they save (allocations past malloc's mmap threshold, page faults).
 TLS_READ = 1 << 16
+TURN_BYTES = 1 << 20  # a busy connection lets other tasks run at least this often (see TlsRelay.take_turns)
 _SCRATCH = memoryview(bytearray(TLS_READ))  # TlsSession.decrypt's, for the bytes it copies out
 
 
@@ -258,6 +259,7 @@ class TlsRelay:
     __slots__ = (
         "client", "upstream", "session", "token", "on_finished", "idle_timeout", "half_closed_timeout",
         "to_upstream_first", "to_client_first", "confirm_eof", "up", "down", "ended", "done", "scope", "lock",
+        "since_turn",
     )  # fmt: skip
 
     def __init__(self, client, upstream: TlsSocket, token, on_finished, *, idle_timeout, half_closed_timeout,
@@ -273,6 +275,7 @@ class TlsRelay:
         self.done = 0  # directions finished cleanly
         self.scope = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
         self.lock = trio.Lock()  # one writer of the proxy's socket at a time: records go out in order
+        self.since_turn = 0  # bytes moved since this connection last let other tasks run
 
     async def run(self) -> None:
         try:
@@ -290,6 +293,14 @@ class TlsRelay:
 
     def moved(self) -> None:
         self.scope.deadline = trio.current_time() + (self.half_closed_timeout if self.done else self.idle_timeout)
+
+    async def take_turns(self, moved: int) -> None:
+        """A direction whose reads never wait would never let another task run: it yields once per
+        TURN_BYTES it moved (a scheduler pass per 64 KB read cost more than the TLS of it)."""
+        self.since_turn += moved
+        if self.since_turn >= TURN_BYTES:
+            self.since_turn = 0
+            await trio.lowlevel.checkpoint()
 
     def finish(self, ended: str) -> None:
         """End it (once): a clean end closes both sockets, any other resets them."""
@@ -317,17 +328,23 @@ class TlsRelay:
             self.moved()
 
     async def flush(self) -> bool:
-        """Send what the session queued for the proxy; False (and the end) if the proxy's socket failed."""
-        async with self.lock:
-            data = self.session.data_to_send()
-            if data:
-                try:
-                    await write_all(self.upstream, data)
-                except OSError:
-                    self.finish(ends.UPSTREAM_RESET)
-                    return False
-                except trio.ClosedResourceError:  # ended meanwhile
-                    return False
+        """Send what the session queued for the proxy; False (and the end) if the proxy's socket failed.
+        Without a pass through Trio's scheduler when there is nothing to send or no one else sending."""
+        if not self.session.outgoing.pending:
+            return True
+        if self.lock.locked():
+            await self.lock.acquire()  # the other direction is writing records queued before ours
+        else:
+            self.lock.acquire_nowait()
+        try:
+            await write_all(self.upstream, self.session.data_to_send())
+        except OSError:
+            self.finish(ends.UPSTREAM_RESET)
+            return False
+        except trio.ClosedResourceError:  # ended meanwhile
+            return False
+        finally:
+            self.lock.release()
         return True
 
     async def to_client(self, data: bytes) -> bool:
@@ -375,6 +392,7 @@ class TlsRelay:
                     break
             if not await self.flush():  # what reading queued: a TLS 1.3 key update's answer
                 return
+            await self.take_turns(len(data))
         try:
             self.client.shutdown(socket.SHUT_WR)
         except OSError:
@@ -422,6 +440,7 @@ class TlsRelay:
                 return
             self.up += len(data)
             self.moved()
+            await self.take_turns(len(data))
         try:
             session.close()
         except TlsFailure:
