@@ -22,7 +22,6 @@ at most 1.2x the tunnel's, throughput at least 0.95x squid's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,10 +33,19 @@ if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
 from bench.dnsload import machine_ticks  # noqa: E402
-from bench.testbed import HTTP_PORT, SERVER, UPSTREAMS, Case, RelayUnderTest, Testbed, cannot_run, first_line  # noqa: E402
+from bench.testbed import (  # noqa: E402
+    HTTP_PORT,
+    SERVER,
+    UPSTREAMS,
+    Case,
+    RelayUnderTest,
+    Testbed,
+    cannot_run,
+    first_line,
+    save_results,
+)
 from relay.lab import ADDR, Lab  # noqa: E402
 
-RESULTS = HERE / "results"
 WAYS = ("squid", "relay", "tunnel")
 RELAY_ARGS = {"relay": [], "tunnel": ["--http-mode", "connect"]}
 RELAY_PORTS = {"relay": 12345, "tunnel": 12346}
@@ -120,9 +128,7 @@ def main() -> int:
                     results["runs"][f"{streams}x {direction} {way}"].append(run)
                     print(f"round {round_number + 1}, {streams}x {direction}, {way}: {run}", flush=True)
     print_table(results, tests)
-    out = args.out or RESULTS / f"http-{results['commit']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(results, "http", args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -29,12 +28,11 @@ if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
 from bench.dnsload import machine_ticks  # noqa: E402
-from bench.testbed import cannot_run, first_line  # noqa: E402
+from bench.testbed import cannot_run, first_line, save_results  # noqa: E402
 from relay.lab import ADDR, HOSTS, Lab, sshd_across_delay_line, start_squid, start_sshd  # noqa: E402
 from relay.lab.servers import TrafficServer  # noqa: E402
 from relay.lab.services import clear_interception, intercept, start_relay  # noqa: E402
 
-RESULTS = HERE / "results"
 SSH_LINE_PORT = 7101
 RELAY_PORT = 12345
 TRAFFIC_PORT = 7000
@@ -199,9 +197,7 @@ def main() -> int:
         medians = {name: statistics.median(run["cpu_s_per_gb"].get(name, 0.0) for run in runs) for name in names}
         shares = ", ".join(f"{name} {value:g}" for name, value in sorted(medians.items(), key=lambda item: -item[1]))
         print(f"- {lanes} ssh: {shares}")
-    out = args.out or RESULTS / f"lanes-{results['commit']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(results, "lanes", args.out)
     return 0
 
 

@@ -55,6 +55,14 @@ def cannot_run(commands: tuple[str, ...]) -> str | None:
     return None
 
 
+def save_results(results: dict, name: str, out: Path | None = None) -> Path:
+    """Write a benchmark's results as JSON: to ``out``, by default bench/results/NAME-COMMIT.json."""
+    out = out or Path(__file__).resolve().parent / "results" / f"{name}-{results['commit']}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    return out
+
+
 def first_line(argv: list[str]) -> str:
     """The first line a command prints (a version), or why it could not run."""
     try:

@@ -328,7 +328,7 @@ async def _network_checks(config: Config, target: tuple[str, int], name: str, sa
 
             seconds, reason, fault = await _attempt(dialer, config, upstream, addresses, target)
             say(checks.upstream(str(upstream), target_text, seconds, reason, fault))
-            if upstream.scheme == "http" and fault != "proxy":  # a proxy that is not there refuses nothing
+            if upstream.protocol == "http" and fault != "proxy":  # a proxy that is not there refuses nothing
                 _, reason, _ = await _attempt(dialer, config, upstream, addresses, (target[0], NON_TLS_PORT))
                 say(checks.non_tls_port(str(upstream), f"{bracketed(target[0])}:{NON_TLS_PORT}", reason))
         for host, port in config.dns:

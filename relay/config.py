@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from relay.addresses import bracketed, format_address
 
-UPSTREAM_SCHEMES = ("http", "socks5", "socks4", "socks4a")
+UPSTREAM_SCHEMES = ("http", "https", "socks5", "socks4", "socks4a")
 DEFAULT_PORT = 12345
 
 
@@ -46,8 +46,19 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class TlsOptions:
+    """How an https:// upstream's certificate is checked, and ours if it wants one (--upstream-ca, -sni,
+    -cert, -key). There is deliberately no way to turn the check off."""
+
+    ca: str | None = None  # CA certificates (PEM); None: the system's
+    sni: str | None = None  # the name to ask for and check; None: the proxy's host
+    cert: str | None = None  # our certificate chain (PEM), for mutual TLS
+    key: str | None = None  # its private key; None: in the cert file
+
+
+@dataclass(frozen=True)
 class Upstream:
-    """Where connections are sent: a proxy (scheme http/socks4/socks4a/socks5) or ``direct``."""
+    """Where connections are sent: a proxy (scheme http/https/socks4/socks4a/socks5) or ``direct``."""
 
     scheme: str
     host: str = ""
@@ -56,6 +67,17 @@ class Upstream:
     password: Secret | None = field(default=None, repr=False)
     early_data: str | None = None  # HTTP only: this upstream's own on|off|auto (the config file's table form)
     udp: bool | None = None  # SOCKS5 only: whether it carries UDP ASSOCIATE (the table form); None: not said
+    tls: TlsOptions | None = None  # https:// only (filled in by Config from the --upstream-* TLS settings)
+
+    @property
+    def protocol(self) -> str:
+        """The proxy protocol spoken: https:// speaks HTTP (CONNECT, absolute form) inside TLS."""
+        return "http" if self.scheme == "https" else self.scheme
+
+    @property
+    def server_name(self) -> str:
+        """https://: the name the proxy's certificate must carry (and SNI asks for)."""
+        return (self.tls.sni if self.tls is not None and self.tls.sni else None) or self.host
 
     def __str__(self) -> str:
         if self.scheme == "direct":
@@ -97,7 +119,7 @@ def parse_upstream_table(table: dict) -> Upstream:
         raise ConfigError("invalid upstream: a table needs its url")
     upstream = parse_upstream(table["url"])
     if "early-data" in table:
-        if upstream.scheme != "http":
+        if upstream.protocol != "http":
             raise ConfigError("invalid upstream: early-data is for HTTP proxies (CONNECT) only")
         upstream = replace(upstream, early_data=one_of(*EARLY_DATA_CHOICES)(table["early-data"]))
     if "udp" in table:
@@ -124,7 +146,7 @@ def parse_upstream(text) -> Upstream:
     scheme_match = _SCHEME.match(text)
     if scheme_match is None:
         if "@" in text:
-            raise ConfigError("invalid upstream: user:password@ needs a scheme (http:// or socks5://)")
+            raise ConfigError("invalid upstream: user:password@ needs a scheme (http://, https:// or socks5://)")
         scheme, authority = "http", text
     else:
         scheme, authority = scheme_match[1].lower(), text[scheme_match.end() :]
@@ -142,7 +164,7 @@ def parse_upstream(text) -> Upstream:
         f"{username or ''}{password.reveal() if password else ''}".encode()
     except UnicodeEncodeError:
         raise ConfigError("invalid upstream: the user name and password must be UTF-8 text") from None
-    if scheme == "http" and username is not None and ":" in username:
+    if scheme in ("http", "https") and username is not None and ":" in username:
         raise ConfigError("invalid upstream: an HTTP Basic user name cannot contain ':'")
     if password is not None and scheme in ("socks4", "socks4a"):
         raise ConfigError("invalid upstream: SOCKS4 has no passwords (only a user id)")
@@ -206,7 +228,7 @@ def read_password_file(path) -> Secret:
 
 def _complete_passwords(upstreams: list[Upstream], password: Secret | None, key_prefix: str) -> list[Upstream]:
     """Give ``password`` (from the password file) to each upstream that names a user but no password."""
-    waiting = [u.scheme in ("http", "socks5") and u.username is not None and u.password is None for u in upstreams]
+    waiting = [u.protocol in ("http", "socks5") and u.username is not None and u.password is None for u in upstreams]
     if password is not None and not any(waiting):
         raise ConfigError(
             f"{key_prefix}upstream-password-file: no upstream names a user without a password "
@@ -228,6 +250,47 @@ def _complete_passwords(upstreams: list[Upstream], password: Secret | None, key_
                     raise ConfigError(f"{which}: the SOCKS5 {name} is longer than {MAX_SOCKS5_CREDENTIAL} bytes")
         completed.append(upstream)
     return completed
+
+
+TLS_SETTINGS = ("upstream_ca", "upstream_sni", "upstream_cert", "upstream_key")
+
+
+def _with_tls_options(fields: dict, key_prefix: str) -> list[Upstream]:
+    """Give the --upstream-ca/-sni/-cert/-key settings to each https:// upstream; an error if they are
+    given with none, or a key without its certificate."""
+    upstreams = fields["upstreams"]
+    given = [name for name in TLS_SETTINGS if fields.get(name) is not None]
+    option = {name: key_prefix + name.replace("_", "-") for name in TLS_SETTINGS}
+    if given and not any(upstream.scheme == "https" for upstream in upstreams):
+        raise ConfigError(f"{option[given[0]]}: no upstream is https://")
+    if fields.get("upstream_key") is not None and fields.get("upstream_cert") is None:
+        raise ConfigError(f"{option['upstream_key']} needs {option['upstream_cert']} (the certificate it goes with)")
+    tls = TlsOptions(*(fields.get(name) for name in TLS_SETTINGS))
+    return [replace(upstream, tls=tls) if upstream.scheme == "https" else upstream for upstream in upstreams]
+
+
+def _readable_file(value) -> str:
+    """A path to a file this process can read now (a missing certificate is found at start, not per connection)."""
+    path = _text(value)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"{path}: no such readable file")
+    return path
+
+
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_SERVER_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\.?")
+
+
+def parse_server_name(value) -> str:
+    """A DNS name or an IP address, as a certificate names its holder."""
+    text = _text(value)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not _SERVER_NAME.fullmatch(text):
+        raise ConfigError(f"{text!r} is not a host name or an IP address")
+    return text.lower().rstrip(".")
 
 
 def _which(option: str, number: int, count: int) -> str:
@@ -483,7 +546,8 @@ SETTINGS = [
         [],
         True,
         "URL",
-        "HOST:PORT or http://[user:pass@]HOST:PORT (HTTP CONNECT), socks5://[user:pass@]HOST:PORT, "
+        "HOST:PORT or http://[user:pass@]HOST:PORT (HTTP CONNECT), https://[user:pass@]HOST:PORT (HTTP CONNECT "
+        "over TLS, the certificate checked), socks5://[user:pass@]HOST:PORT, "
         "socks4://HOST:PORT, socks4a://HOST:PORT, or 'direct'; repeatable (failover in order). "
         "Every local user can read a password given here in /proc/PID/cmdline: use "
         "--upstream-password-file or --config instead",
@@ -498,6 +562,40 @@ SETTINGS = [
         "the password of each upstream that names a user and no password (socks5://USER@HOST:PORT); "
         "one line, read again on SIGHUP",
         "upstream_password",
+    ),
+    Setting(
+        "upstream-ca",
+        _readable_file,
+        None,
+        False,
+        "FILE",
+        "https:// upstreams: check the proxy's certificate against these CA certificates (PEM) instead of the "
+        "system's; there is no option to skip the check",
+    ),
+    Setting(
+        "upstream-sni",
+        parse_server_name,
+        None,
+        False,
+        "NAME",
+        "https:// upstreams: the name sent as SNI and required in the proxy's certificate (default: the host of "
+        "the URL; an address is checked against the certificate's IP addresses)",
+    ),
+    Setting(
+        "upstream-cert",
+        _readable_file,
+        None,
+        False,
+        "FILE",
+        "https:// upstreams: our certificate (PEM, chain), for a proxy that requires one (mutual TLS)",
+    ),
+    Setting(
+        "upstream-key",
+        _readable_file,
+        None,
+        False,
+        "FILE",
+        "the private key (PEM) of --upstream-cert (default: in the --upstream-cert file)",
     ),
     Setting(
         "upstream-strategy",
@@ -906,6 +1004,10 @@ class Config:
 
     upstreams: list[Upstream]
     upstream_password: Secret | None  # from the password file; already given to the upstreams that needed it
+    upstream_ca: str | None  # https:// upstreams: see TlsOptions
+    upstream_sni: str | None
+    upstream_cert: str | None
+    upstream_key: str | None
     upstream_strategy: str
     mode: str
     listen: list[tuple[str, int]]  # empty: the defaults
@@ -966,7 +1068,7 @@ class Config:
 
     def early_data_for(self, upstream: Upstream) -> str:
         """on, off or auto for ``upstream``: its own setting, else --early-data; off for all but HTTP."""
-        if upstream.scheme != "http":
+        if upstream.protocol != "http":
             return "off"
         return upstream.early_data or self.early_data
 
@@ -1025,6 +1127,7 @@ class Config:
         if not fields.get("upstreams"):
             raise ConfigError("an upstream is required (for example: --upstream 127.0.0.1:3128)")
         fields["upstreams"] = _complete_passwords(fields["upstreams"], fields["upstream_password"], key_prefix)
+        fields["upstreams"] = _with_tls_options(fields, key_prefix)
         if fields["dns"] and fields["workers"] > 1:
             # The names a DNS answer taught one process would be unknown to the worker that gets the connection.
             raise ConfigError("--dns needs --workers 1")

@@ -12,6 +12,10 @@ UPSTREAM_RESET = "upstream-reset"
 RESET_BY = (CLIENT_RESET, UPSTREAM_RESET)  # indexed by the engine's side: 0 the client, 1 the upstream
 IDLE_TIMEOUT = "idle-timeout"
 HALF_CLOSED_TIMEOUT = "half-closed-timeout"  # one direction finished, the other went silent
+# https:// upstreams: an alert or a record that does not decrypt, or a FIN in the middle of a record (the client is
+# reset: its data is damaged or cut).
+UPSTREAM_TLS_ERROR = "upstream-tls-error"
+UPSTREAM_TLS_TRUNCATED = "upstream-tls-truncated"
 UPSTREAM_DOWN = "upstream-down"  # --confirm-eof: the upstream's FIN came from a proxy that died
 CLIENT_PROTOCOL_ERROR = "client-protocol-error"  # plain HTTP forwarded: the client's request was malformed
 CLIENT_CLOSED_MID_REQUEST = "client-closed-mid-request"  # plain HTTP forwarded: the client left before its answer

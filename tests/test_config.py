@@ -1,4 +1,5 @@
 import ipaddress
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -552,3 +553,33 @@ def test_udp_is_on_by_default_only_for_upstreams_said_to_carry_it_and_in_tproxy_
 def test_udp_that_cannot_work_is_a_config_error(values, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_values(values)
+
+
+def test_https_upstreams_take_the_tls_settings_and_speak_http():
+    ca = __file__  # any readable file: its contents are loaded by relay.net.tls, not here
+    config = parse(
+        ["--upstream", "https://user:pw@10.0.0.1:8443", "--upstream", "http://10.0.0.2:3128",
+         "--upstream-ca", ca, "--upstream-sni", "Proxy.Example."]
+    )  # fmt: skip
+    https, http = config.upstreams
+    assert str(https) == "https://user:***@10.0.0.1:8443" and https.protocol == "http"
+    assert https.tls.ca == ca and https.server_name == "proxy.example"
+    assert http.tls is None and config.early_data_for(https) == "auto"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--upstream", "http://p:3128", "--upstream-ca", __file__], "--upstream-ca: no upstream is https://"),
+        (["--upstream", "https://p:443", "--upstream-key", __file__], "--upstream-key needs --upstream-cert"),
+        (["--upstream", "https://p:443", "--upstream-ca", "/nonexistent/ca.pem"], "no such readable file"),
+        (["--upstream", "https://p:443", "--upstream-sni", "not a name"], "not a host name or an IP address"),
+    ],
+)
+def test_bad_tls_settings_are_refused(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(args)
+
+
+def parse(args):
+    return load_config(build_parser().parse_args(args))

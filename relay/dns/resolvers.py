@@ -24,6 +24,7 @@ from relay.logs import log
 from relay.net.dial import apply_mark, connect
 from relay.net.faults import UpstreamError
 from relay.net.sockets import family_of
+from relay.net.tls import tunnel_stream
 
 MAX_TCP_IN_FLIGHT = 100  # queries pipelined on one TCP connection
 RECEIVE_SIZE = 65536
@@ -157,7 +158,7 @@ class Tunnels:
     def __init__(self, pool, dialer, config):
         self.pool, self.dialer, self.config = pool, dialer, config
 
-    async def open(self, target: tuple[str, int], url: str) -> trio.SocketStream:
+    async def open(self, target: tuple[str, int], url: str) -> trio.abc.Stream:
         last: UpstreamError | None = None
         for state in self.pool.candidates():
             try:
@@ -180,7 +181,7 @@ class Tunnels:
             if early:  # a DNS or TLS server does not speak first
                 sock.close()
                 raise ResolverError(f"{url} sent bytes before the query", "protocol-error")
-            return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            return tunnel_stream(sock)
         if last is None:
             raise ResolverError(f"no healthy upstream proxy to reach {url}", "no-healthy-upstream")
         raise ResolverError(f"cannot reach {url}: {last}", last.reason)

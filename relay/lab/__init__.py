@@ -2,13 +2,14 @@
 
 Used by the end-to-end tests and by ``relay demo``; needs root. See
 :mod:`relay.lab.netns` for the topology and :mod:`relay.lab.services` for the
-daemons (squid, danted, privoxy, tinyproxy, sshd, ssh tunnels, unbound, dnsmasq).
+daemons (squid, stunnel, danted, privoxy, tinyproxy, sshd, ssh tunnels, unbound, dnsmasq).
 """
 
 from relay.lab.netns import ADDR, HOSTS, Addresses, Lab, LabCommandError, LabError, remove_stale_labs
 from relay.lab.services import (
     Dante,
     Dnsmasq,
+    LabCertificates,
     Service,
     Squid,
     SquidLogEntry,
@@ -16,6 +17,7 @@ from relay.lab.services import (
     SshTunnel,
     Unbound,
     ensure_lab_user,
+    lab_certificates,
     ssh_argv,
     sshd_across_delay_line,
     start_dante,
@@ -25,6 +27,7 @@ from relay.lab.services import (
     start_squid,
     start_ssh_tunnel,
     start_sshd,
+    start_stunnel,
     start_tinyproxy,
     start_unbound,
 )
@@ -39,6 +42,7 @@ __all__ = [
     "remove_stale_labs",
     "Dante",
     "Dnsmasq",
+    "LabCertificates",
     "Service",
     "Squid",
     "SquidLogEntry",
@@ -46,6 +50,7 @@ __all__ = [
     "SshTunnel",
     "Unbound",
     "ensure_lab_user",
+    "lab_certificates",
     "ssh_argv",
     "sshd_across_delay_line",
     "start_dante",
@@ -54,6 +59,7 @@ __all__ = [
     "start_privoxy",
     "start_squid",
     "start_ssh_tunnel",
+    "start_stunnel",
     "start_sshd",
     "start_tinyproxy",
     "start_unbound",

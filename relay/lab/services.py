@@ -258,6 +258,76 @@ def start_squid(
     return squid
 
 
+# -- TLS in front of a proxy (https:// upstreams) ---------------------------------
+
+
+@dataclass
+class LabCertificates:
+    """A CA of the lab's own, the proxy's certificate it signed (names and addresses as given), and a client
+    certificate for mutual TLS, signed by a second CA (the one the proxy trusts for clients); PEM files."""
+
+    ca: Path  # what --upstream-ca gets
+    key: Path  # the proxy's
+    chain: Path
+    client_ca: Path  # what the proxy checks client certificates against
+    client_cert: Path  # --upstream-cert (chain and key in one file)
+    client_key: Path  # --upstream-key
+
+
+def lab_certificates(lab: Lab, *names: str, directory_name: str = "tls", **validity) -> LabCertificates:
+    """Certificates for ``names`` (host names and IP addresses); ``validity``: trustme's ``not_before`` and
+    ``not_after`` (datetimes), e.g. for an expired one."""
+    import trustme  # a test dependency, as the lab is
+
+    directory = _service_dir(lab, directory_name)
+    ca, client_ca = trustme.CA(organization_name="relay lab"), trustme.CA(organization_name="relay lab clients")
+    issued = ca.issue_cert(*names, **validity)
+    client = client_ca.issue_cert("relay.router.lab")
+    files = LabCertificates(*(directory / name for name in ("ca.pem", "server.key", "server.pem", "client-ca.pem",
+                                                             "client.pem", "client.key")))  # fmt: skip
+    ca.cert_pem.write_to_path(str(files.ca))
+    issued.private_key_pem.write_to_path(str(files.key))
+    files.chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    client_ca.cert_pem.write_to_path(str(files.client_ca))
+    files.client_cert.write_bytes(b"".join(blob.bytes() for blob in client.cert_chain_pems))
+    client.private_key_pem.write_to_path(str(files.client_key))
+    return files
+
+
+def start_stunnel(
+    lab: Lab,
+    listen: Endpoint,
+    target: Endpoint,
+    certificates: LabCertificates,
+    *,
+    host: str = "far",
+    require_client_cert: bool = False,
+    name: str = "stunnel",
+    extra: Sequence[str] = (),
+) -> Service:
+    """stunnel4 on ``host``: TLS on ``listen`` in front of the plain proxy at ``target`` (README's far side);
+    ``require_client_cert``: only clients with a certificate from ``certificates.client_ca`` (mutual TLS)."""
+    directory = _service_dir(lab, name)
+    lines = [
+        "foreground = yes",
+        "pid =",
+        "syslog = no",
+        "debug = 4",
+        f"[{re.sub(r'[^A-Za-z0-9]', '', name)}]",
+        f"accept = {format_address(listen)}",
+        f"connect = {format_address(target)}",
+        f"cert = {certificates.chain}",
+        f"key = {certificates.key}",
+    ]
+    if require_client_cert:
+        lines += [f"CAfile = {certificates.client_ca}", "verifyChain = yes", "requireCert = yes"]
+    conf = directory / "stunnel.conf"
+    conf.write_text("\n".join([*lines, *extra, ""]))
+    service = Service(lab, host, name, ["stunnel4", str(conf)], ready=listen)
+    service.start()
+    return service
+
+
 # -- dante ---------------------------------------------------------------------
 
 

@@ -570,4 +570,4 @@ def wants_sniffing(config: Config, pool: UpstreamPool) -> bool:
 
 
 def forwards_http(config: Config, candidates) -> bool:
-    return config.http_mode == "forward" and bool(candidates) and candidates[0].upstream.scheme == "http"
+    return config.http_mode == "forward" and bool(candidates) and candidates[0].upstream.protocol == "http"

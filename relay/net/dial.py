@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from relay.addresses import format_address
-from relay.config import Upstream
+from relay.config import TlsOptions, Upstream
 from relay.logs import log
 from relay.net.faults import (
     Fault,
@@ -17,6 +17,7 @@ from relay.net.faults import (
     cancelled,
     cannot_watch,
     closed_in_handshake,
+    closed_in_tls_handshake,
     connect_failure,
     connect_timed_out,
     handshake_failure,
@@ -25,9 +26,11 @@ from relay.net.faults import (
 )
 from relay.net.readiness import ReadinessLoop, Timer
 from relay.net.sockets import family_of, reset
+from relay.net.tls import TlsSession, TlsSocket, client_context
 from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
 from relay.proto.socks import Socks4Client, Socks5Client
+from relay.proto.tls import TlsHandshake
 
 if TYPE_CHECKING:
     from relay.net.preconnect import Preconnector
@@ -43,8 +46,12 @@ def handshake_for(upstream: Upstream, host: str, port: int, pipelined: bool = Fa
     ``pipelined``: a SOCKS5 handshake's messages all at once; ``early_data``: bytes for the
     destination sent right after an HTTP CONNECT request."""
     password = upstream.password.reveal() if upstream.password else None
-    if upstream.scheme == "http":
-        return HttpConnectClient(host, port, username=upstream.username, password=password, early_data=early_data)
+    if upstream.protocol == "http":
+        machine = HttpConnectClient(host, port, username=upstream.username, password=password, early_data=early_data)
+        if upstream.scheme == "https":  # the CONNECT inside TLS to the proxy
+            context = client_context(upstream.tls or TlsOptions())
+            return TlsHandshake(TlsSession(context, upstream.server_name), machine)
+        return machine
     if upstream.scheme == "socks5":
         return Socks5Client(host, port, username=upstream.username, password=password, pipelined=pipelined)
     if upstream.scheme in ("socks4", "socks4a"):
@@ -343,6 +350,8 @@ class Dialer:
                 lent = self.preconnect.take(dialing.upstream, family, address, dialing.mark)
                 if lent is not None:
                     dialing.sock, dialing.pooled = lent[0], lent[1:]
+                    if isinstance(dialing.sock, TlsSocket):  # its TLS handshake done ahead too
+                        dialing.machine.adopt(dialing.sock.session)
                     self._connected(dialing)
                     return
             try:
@@ -410,6 +419,8 @@ class Dialer:
                     data = None  # woken to send
                 if data is not None:
                     if not data:
+                        if isinstance(machine, TlsHandshake) and not machine.secure:
+                            raise closed_in_tls_handshake()
                         raise closed_in_handshake()
                     machine.receive_data(data)
                     dialing.outgoing += machine.data_to_send()
@@ -475,8 +486,11 @@ class Dialer:
         elif dialing.may_fall_back and not dialing.fell_back and upstream not in self.pipelining:
             self.pipelining[upstream] = True
             log.info("upstream %s took a pipelined SOCKS5 handshake: so from now on", upstream)
-        on_open = dialing.on_open
-        self._call(on_open, self._finish(dialing), early)
+        on_open, machine = dialing.on_open, dialing.machine
+        sock = self._finish(dialing)
+        if isinstance(machine, TlsHandshake):  # the session goes on with the socket
+            sock = TlsSocket.adopt(sock, machine.session)
+        self._call(on_open, sock, early)
 
     def _fail(self, dialing: Dialing, error: UpstreamError) -> None:
         """Reset its socket (if it has one) and report ``error``, unless it was reported on already."""

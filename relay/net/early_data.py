@@ -16,7 +16,8 @@ from relay import ends
 from relay.addresses import format_address
 from relay.logs import log
 from relay.net.faults import UpstreamError
-from relay.net.sockets import receive_some, reset
+from relay.net.sockets import reset
+from relay.net.tls import tunnel_stream
 from relay.proto.early_data import tls_answer
 
 ANSWER_TIMEOUT = 5.0  # seconds after the proxy's 2xx for the server's first bytes, at most
@@ -56,16 +57,18 @@ async def probe(dialer, state, config) -> bool | None:
             raise
         log.debug("upstream %s: early data probe not answered: %s", state.upstream, exc)
         return None
-    sock = trio.socket.from_stdlib_socket(sock)
+    stream = tunnel_stream(sock)  # TLS inside for an https:// proxy
     try:
         answer = after
         deadline = trio.current_time() + min(config.handshake_timeout, ANSWER_TIMEOUT)
         while (verdict := tls_answer(answer)) is None:
-            data = await receive_some(sock, 5, deadline)
+            data = None
+            with trio.move_on_at(deadline):
+                data = await stream.receive_some(5)
             if not data:  # silent until the deadline, or closed: the server never got a ClientHello
                 return False
             answer += data
-    except OSError:
+    except trio.BrokenResourceError:
         return False  # reset: what a server does with a ClientHello cut short, never with a whole one
     finally:
         reset(sock)

@@ -15,6 +15,7 @@ import os
 from relay import ends
 from relay.ends import errno_word, local_failure
 from relay.proto.errors import ProxyRefused, RemoteProtocolError
+from relay.proto.tls import TlsFailure
 
 
 class Fault(enum.Enum):
@@ -86,10 +87,17 @@ def closed_in_handshake() -> UpstreamError:
     )
 
 
+def closed_in_tls_handshake() -> UpstreamError:
+    # "proxy-closed": a pre-opened connection that went stale is dialed again (relay.net.dial.STALE_POOLED).
+    return UpstreamError("the proxy closed the connection during the TLS handshake", "proxy-closed", Fault.PROXY)
+
+
 def handshake_failure(exc: Exception) -> UpstreamError:
     """The UpstreamError for what ended a proxy handshake: a refusal, garbage, a socket error."""
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, TlsFailure):  # the proxy's certificate, or TLS itself: never the destination's
+        return UpstreamError(str(exc), exc.reason, Fault.PROXY)
     if isinstance(exc, ProxyRefused):
         fault = Fault.PROXY if exc.reason in PROXY_REFUSALS else Fault.TARGET
         return UpstreamError(str(exc), exc.reason, fault, _retry_by_address(exc))

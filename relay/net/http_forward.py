@@ -26,8 +26,9 @@ import trio
 from relay import ends, fastpath
 from relay.config import Config
 from relay.net.dial import connect
-from relay.net.faults import UpstreamError
+from relay.net.faults import UpstreamError, handshake_failure, handshake_timed_out
 from relay.net.sockets import closed_by_peer, reset, write_all
+from relay.net.tls import TlsProxy, secured
 from relay.proto.http_body import framing, passable, passed
 from relay.proto.http_connect import basic_credentials
 from relay.proto.http_forward import (
@@ -204,6 +205,8 @@ class HttpForwarder:
         """Splice what ``receiving`` (h11, reading ``source``) need not see of its body to ``sink``,
         framed as ``sending`` (h11, writing ``sink``) would; False if nothing may pass (read as usual).
         An end of data midway is fed to ``receiving``, which tells the body cut short as ever."""
+        if isinstance(self.proxy, TlsProxy):  # TLS to the proxy: its bytes cannot be spliced here
+            return False
         count = passable(receiving)
         if count < PASS_MIN:
             return False
@@ -270,7 +273,7 @@ class HttpForwarder:
     async def _write(self, sink, data: bytes, sink_reset: str, up: bool) -> None:
         if data:
             try:
-                await write_all(sink, data)
+                await send(sink, data)
             except OSError:
                 raise self.fail(sink_reset) from None
             self._count(len(data), up)
@@ -314,9 +317,12 @@ class HttpForwarder:
             if self.proxy is not None:
                 self.proxy.close()
 
-    def _hand_over_proxy(self):
+    def _hand_over_proxy(self) -> tuple[object, bytes]:
+        """The proxy's connection as the pump takes it, and what of its bytes was decrypted already."""
         proxy, self.proxy = self.proxy, None
-        return proxy
+        if isinstance(proxy, TlsProxy):
+            return proxy.sock, proxy.plaintext
+        return proxy, b""
 
     def _leave_proxy(self) -> None:
         """The client is done: a proxy connection idle between two exchanges goes to the next client."""
@@ -368,14 +374,13 @@ class HttpForwarder:
             self.unparsed = None
             await self._exchange(request, upgrade)
             if self.switched:
-                raise Switched(
-                    self._hand_over_proxy(), self.from_client.trailing_data[0], self.to_proxy.trailing_data[0]
-                )
+                proxy, decrypted = self._hand_over_proxy()
+                raise Switched(proxy, self.from_client.trailing_data[0], self.to_proxy.trailing_data[0] + decrypted)
             if not self._next_cycle():
                 return ends.CLOSED
 
     async def _exchange(self, request: h11.Request, upgrade: bool) -> None:
-        reused = self.to_proxy is not None and self.to_proxy.our_state is h11.IDLE and not closed_by_peer(self.proxy)
+        reused = self.to_proxy is not None and self.to_proxy.our_state is h11.IDLE and not proxy_closed(self.proxy)
         if not reused:
             reused = await self._reconnect()
         self.requests += 1
@@ -497,6 +502,32 @@ class HttpForwarder:
         return True
 
 
+async def send(sock, data: bytes) -> None:
+    """All of ``data`` to the client or the proxy: a plain socket, or TLS to an https:// proxy."""
+    if isinstance(sock, TlsProxy):
+        await sock.send_all(data)
+    else:
+        await write_all(sock, data)
+
+
+def proxy_closed(proxy) -> bool:
+    return proxy.idle_closed() if isinstance(proxy, TlsProxy) else closed_by_peer(proxy)
+
+
+async def open_tls(sock, upstream, timeout: float) -> TlsProxy:
+    """TLS to an https:// proxy on a new connection; raises UpstreamError (the socket then reset)."""
+    try:
+        return TlsProxy(await secured(sock, upstream, trio.current_time() + timeout))
+    except trio.TooSlowError:
+        error = handshake_timed_out(timeout)
+    except OSError as exc:
+        error = handshake_failure(exc)
+    except UpstreamError as exc:
+        error = exc
+    reset(sock)
+    raise error
+
+
 def replayable(request: h11.Request) -> bool:
     """Safe to send again after the proxy dropped it unanswered: idempotent, and no body."""
     if request.method not in IDEMPOTENT:
@@ -517,7 +548,7 @@ async def forward(
     ``record`` (the connection) gets the proxy used and the counts; NeedsTunnel
     passes through (the connection then opens a tunnel instead), and so does Switched
     (the connection hands both sockets to the pump)."""
-    http_candidates = [state for state in candidates if state.upstream.scheme == "http"]
+    http_candidates = [state for state in candidates if state.upstream.protocol == "http"]
     # A response's head and body go out in separate writes (as h11 yields them). Under Nagle the
     # body waited for the ACK of the head, which the client delays by 40 ms: every short response
     # took 40 ms more than through squid used directly (apt's 404s, issue 20).
@@ -533,13 +564,15 @@ async def forward(
             kept = None if fresh or preconnect is None else preconnect.take_kept(*where)
             if kept is not None:
                 record.via = state.upstream
-                return trio.socket.from_stdlib_socket(kept), True
+                return adopted(kept), True
             lent = preconnect.take(*where) if preconnect else None
             if lent is not None:
                 record.via = state.upstream
-                return trio.socket.from_stdlib_socket(lent[0]), False
+                return adopted(lent[0]), False
             try:
                 sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
+                if state.upstream.scheme == "https":
+                    sock = await open_tls(sock, state.upstream, config.handshake_timeout)
             except UpstreamError as exc:
                 pool.failed(state, exc)
                 last = exc
@@ -553,7 +586,12 @@ async def forward(
         if preconnect is None or not used:
             return False
         state = used[0]
-        stdlib = socket.socket(fileno=sock.detach())
+        if isinstance(sock, TlsProxy):
+            if sock.plaintext:  # bytes nobody asked for: not reusable
+                return False
+            stdlib = sock.sock
+        else:
+            stdlib = socket.socket(fileno=sock.detach())
         if preconnect.keep(state.upstream, *state.addresses[0], config.mark, stdlib):
             return True
         stdlib.close()
@@ -586,6 +624,11 @@ async def forward(
         raise
     count(record, forwarder)
     return ended, detail, clean
+
+
+def adopted(sock: socket.socket):
+    """A pooled connection for the forwarder: TLS ones (their handshake done ahead) as they are."""
+    return TlsProxy(sock) if hasattr(sock, "session") else trio.socket.from_stdlib_socket(sock)
 
 
 def count(record, forwarder: HttpForwarder) -> None:

@@ -21,7 +21,9 @@ import trio
 
 from relay.logs import log
 from relay.net.dial import connect_now, connected_at_once, new_socket
+from relay.net.faults import UpstreamError
 from relay.net.sockets import readable_now
+from relay.net.tls import TlsSocket, closed_while_idle, secured
 
 MAX_AGE = 20.0  # seconds a pooled connection is kept: below dante's default negotiate timeout (30 s)
 KEPT_MAX = 8  # idle keep-alive connections kept per proxy address, after plain HTTP forwarded on them
@@ -32,6 +34,11 @@ RATE_WINDOW = 10.0  # seconds of arrivals the auto size is taken from
 AUTO_MAX = 8  # the largest auto pool per upstream address
 SWEEP_INTERVAL = 1.0
 RETRY_AFTER = (1.0, 30.0)  # refill backoff after a failed connect: first, most
+
+
+def closed_by_proxy(sock: socket.socket) -> bool:
+    """Whether an idle pre-opened connection was ended by its proxy (or is otherwise unusable)."""
+    return closed_while_idle(sock) if isinstance(sock, TlsSocket) else readable_now(sock)
 
 
 class Pool:
@@ -98,7 +105,7 @@ class Preconnector:
         pool.last_arrival = now
         while pool.ready:
             opened, sock = pool.ready.popleft()
-            if now - opened < pool.max_age and not readable_now(sock):
+            if now - opened < pool.max_age and not closed_by_proxy(sock):
                 self._count("taken")
                 self._refill(pool, now)  # its replacement, at once: over loopback the connect is done inside
                 return sock, pool, opened
@@ -166,7 +173,7 @@ class Preconnector:
         now = time.monotonic()
         for key, pool in list(self.pools.items()):
             for opened, sock in list(pool.ready):
-                if now - opened >= pool.max_age or readable_now(sock):
+                if now - opened >= pool.max_age or closed_by_proxy(sock):
                     pool.ready.remove((opened, sock))
                     self._drop(pool, opened, sock, now)
             for since, sock in list(pool.kept):
@@ -193,8 +200,10 @@ class Preconnector:
         except OSError as exc:  # out of fds: the clients' own dials will say so
             self._failed(pool, exc)
             return False
+        tls = pool.key[0].scheme == "https"  # then the TLS handshake too, in a task: it saves a round trip
         try:
-            if connected_at_once(sock, address):
+            connected = connected_at_once(sock, address)
+            if connected and not tls:
                 pool.ready.append((now, sock))
                 pool.backoff = 0.0
                 return True
@@ -206,13 +215,17 @@ class Preconnector:
             sock.close()
             return False
         pool.filling += 1
-        self._nursery.start_soon(self._finish_connect, pool, sock, address)
+        self._nursery.start_soon(self._finish_connect, pool, sock, address, connected)
         return True
 
-    async def _finish_connect(self, pool: Pool, sock: socket.socket, address) -> None:
+    async def _finish_connect(self, pool: Pool, sock: socket.socket, address, connected: bool = False) -> None:
         try:
-            await connect_now(sock, address, trio.current_time() + self.connect_timeout)
-        except (OSError, trio.TooSlowError) as exc:
+            deadline = trio.current_time() + self.connect_timeout
+            if not connected:
+                await connect_now(sock, address, deadline)
+            if pool.key[0].scheme == "https":
+                sock = await secured(sock, pool.key[0], deadline)
+        except (OSError, trio.TooSlowError, UpstreamError) as exc:
             sock.close()
             self._failed(pool, exc)
             return

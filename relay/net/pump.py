@@ -32,6 +32,7 @@ import trio
 from relay import ends, fastpath
 from relay.logs import log
 from relay.net.scheduler import SchedulerPeek
+from relay.net.tls import TlsRelay
 
 # Bytes one run of the engine may move before yielding, so the accept loop and handshakes keep their turn.
 RUN_BUDGET = 1 << 22
@@ -60,9 +61,10 @@ class Pump:
         self.nursery: trio.Nursery | None = None  # the probes', while run() runs
         self.probes: dict = {}  # token -> its confirm_eof probe, for connections that hold upstream FINs
         self.unconfirmed: dict = {}  # probe -> handles of held FINs waiting for its next run
+        self.tls: dict = {}  # token -> TlsRelay: connections to https:// proxies, relayed by a task each
 
     def __len__(self) -> int:
-        return len(self.engine)
+        return len(self.engine) + len(self.tls)
 
     def add(
         self,
@@ -84,6 +86,10 @@ class Pump:
         ``confirm_eof`` is an async callable, shared by the connections through
         one proxy, answering whether that proxy is still alive.
         """
+        if getattr(upstream, "session", None) is not None:  # TLS to the proxy: a task (relay.net.tls)
+            self.add_tls(client, upstream, token, idle_timeout, half_closed_timeout, to_upstream_first,
+                         to_client_first, confirm_eof)  # fmt: skip
+            return
         now = trio.current_time()
         self.engine.add(
             client.fileno(),
@@ -103,9 +109,34 @@ class Pump:
             self.probes[token] = confirm_eof
         self.rearm()
 
+    def add_tls(self, client, upstream, token, idle_timeout, half_closed_timeout, to_upstream_first, to_client_first,
+                confirm_eof) -> None:  # fmt: skip
+        if self.nursery is None:
+            raise RuntimeError("the pump is not running")
+        relay = TlsRelay(
+            client,
+            upstream,
+            token,
+            self.tls_finished,
+            idle_timeout=idle_timeout,
+            half_closed_timeout=half_closed_timeout,
+            to_upstream_first=to_upstream_first,
+            to_client_first=to_client_first,
+            confirm_eof=confirm_eof,
+        )
+        self.tls[token] = relay
+        self.nursery.start_soon(relay.run)
+
+    def tls_finished(self, token, ended, sent_up, sent_down) -> None:
+        self.tls.pop(token, None)
+        self.report([(token, ended, sent_up, sent_down)])
+
     def counts(self) -> list:
         """(token, sent_up, sent_down) of each connection relaying now, so far (see Engine.counts)."""
-        return self.engine.counts()
+        counts = self.engine.counts()
+        if self.tls:
+            counts = [*counts, *((token, relay.up, relay.down) for token, relay in self.tls.items())]
+        return counts
 
     def rearm(self) -> None:
         """Wake keep_time() earlier if a new or half-closed connection may time out earlier."""
@@ -227,6 +258,8 @@ class Pump:
         """Reset every connection left (they end ends.CANCELLED) and end run(); later calls do nothing."""
         if self.engine.fileno() >= 0:
             trio.lowlevel.notify_closing(self.engine.fileno())
+        for relay in list(self.tls.values()):
+            relay.finish(ends.CANCELLED)
         self.report(self.engine.close())
 
     def report(self, finished) -> None:

@@ -19,6 +19,7 @@ from relay.net import early_data
 from relay.net.dial import connect, resolve
 from relay.net.faults import Fault, UpstreamError, handshake_failure, handshake_timed_out
 from relay.net.sockets import receive_some, reset, write_all
+from relay.net.tls import check_contexts, stream_failure, tls_stream
 from relay.proto.liveness import HEALTH_QUESTIONS, LIVENESS_REQUESTS
 
 
@@ -63,7 +64,7 @@ PROBE_TIMEOUT = 1.0  # seconds
 HEALTH_ANSWER_LIMIT = 65536  # bytes of a health check's answer read at most (squid's 400 page: 3.5 KiB)
 DIRECT = Upstream("direct")
 # Upstreams that can be asked for a hostname (SOCKS4 and direct only take addresses).
-NAMED_SCHEMES = ("http", "socks5", "socks4a")
+NAMED_SCHEMES = ("http", "https", "socks5", "socks4a")
 # retried-by-ip= when the by-address attempt, started because the proxy was slow to answer for
 # the name, answered first.
 SLOW_NAME = "slow-name"
@@ -82,7 +83,7 @@ class StillThere:
     def __init__(self, state: UpstreamState, config: Config):
         # A FIN waits for this at most: beyond it the answer counts as "still there".
         self.state, self.mark, self.timeout = state, config.mark, min(config.connect_timeout, PROBE_TIMEOUT)
-        self.request = LIVENESS_REQUESTS[state.upstream.scheme]
+        self.request = LIVENESS_REQUESTS[state.upstream.protocol]
 
     async def __call__(self) -> bool:
         state = self.state
@@ -96,9 +97,15 @@ class StillThere:
             # and our own shortages say nothing about it: then the FIN goes through, as without the option.
             return not exc.proxy_fault or exc.reason == "connect-timeout"
         try:
+            if state.upstream.scheme == "https":
+                # A finished TLS handshake is a program's answer (a dying listener's kernel gives none).
+                await tls_stream(sock, state.upstream, max(deadline - trio.current_time(), 0.001))
+                return True
             await write_all(sock, self.request)
             # Bytes or a close: a program answered. No answer in time: busy, as above.
             await receive_some(sock, 1, deadline)
+        except UpstreamError as exc:
+            return exc.reason == "handshake-timeout"  # busy, as above; refused or reset: gone
         except OSError:
             return False  # reset unread: accepted by the kernel for a listener that is going away
         finally:
@@ -250,7 +257,9 @@ class UpstreamPool:
         self._proxy_addresses: set[tuple[str, int]] = set()
 
     async def resolve(self, tunnels=None) -> None:
-        """Resolve each proxy once; with ssh tunnels, connect to their local ends instead (a state each)."""
+        """Resolve each proxy once; with ssh tunnels, connect to their local ends instead (a state each).
+        Loads https:// upstreams' certificates too: a bad file is a ConfigError here, not a failure per connection."""
+        check_contexts(self.config.upstreams)
         for rank, upstream in enumerate(self.config.upstreams):
             lanes = [tunnel for tunnel in tunnels or () if tunnel.upstream == upstream] or [None]
             for tunnel in lanes:
@@ -287,6 +296,8 @@ class UpstreamPool:
 
     def failed(self, state: UpstreamState, error: UpstreamError) -> None:
         state.failures += 1
+        if error.reason == "tls-certificate":  # it will not change by itself: no waiting for more failures
+            state.failures = max(state.failures, self.config.health_failures)
         if state.healthy and state.failures >= self.config.health_failures:
             self._set_health(state, False, f"{state.failures} failures in a row, the last: {error}")
 
@@ -349,11 +360,15 @@ class UpstreamPool:
             reset(sock)
             return
         sock = await connect(state.addresses, mark=config.mark, timeout=config.connect_timeout)
-        question = HEALTH_QUESTIONS.get(state.upstream.scheme)
+        question = HEALTH_QUESTIONS.get(state.upstream.protocol)
         if question is None:  # SOCKS4: the connect is the check
             reset(sock)
             return
         try:
+            if state.upstream.scheme == "https":  # the certificate checked, then the question inside TLS
+                await tls_answered(sock, state.upstream, question[0], config.handshake_timeout)
+                reset(sock)
+                return
             await answered(sock, *question, config.handshake_timeout)
         except OSError as exc:
             reset(sock)
@@ -382,3 +397,20 @@ async def answered(sock, question: bytes, answer_size: int | None, timeout: floa
         if not got:
             deadline = min(deadline, trio.current_time() + PROBE_TIMEOUT)
         got += len(data)
+
+
+async def tls_answered(sock, upstream: Upstream, question: bytes, timeout: float) -> None:
+    """``answered`` inside TLS: the handshake (certificate checked), the question, and the first bytes of
+    an answer within ``timeout`` in all; raises UpstreamError."""
+    deadline = trio.current_time() + timeout
+    stream = await tls_stream(sock, upstream, timeout)
+    try:
+        with trio.fail_at(deadline):
+            await stream.send_all(question)
+            data = await stream.receive_some(HEALTH_ANSWER_LIMIT)
+    except trio.TooSlowError:
+        raise handshake_timed_out(timeout) from None
+    except trio.BrokenResourceError as exc:
+        raise handshake_failure(stream_failure(exc)) from None
+    if not data:
+        raise UpstreamError("the proxy closed without answering a health check", "proxy-closed", Fault.PROXY)

@@ -77,3 +77,17 @@ def connect_expecting_reset(lab, host, address, port, within: float) -> None:
         return
     with sock:
         expect_reset(sock, within)
+
+
+def get_hello(lab, port: int, request: bytes) -> bytes:
+    """Send ``request`` (a keep-alive GET /hello to the lab's HttpServer on ``port``) and read its response,
+    then leave without closing first what the relay may keep of it."""
+    with lab.connect("client", ADDR.server4, port, timeout=30) as sock:
+        sock.sendall(request)
+        response = b""
+        while not response.endswith(b"hello from the lab server\n"):
+            data = sock.recv(65536)
+            assert data, response
+            response += data
+    assert response.startswith(b"HTTP/1.1 200")
+    return response

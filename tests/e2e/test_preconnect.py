@@ -12,7 +12,7 @@ import pytest
 from relay.lab import ADDR, start_dante, start_squid, start_ssh_tunnel
 from relay.lab.servers import HttpServer
 from relay.net.preconnect import AUTO_MAX
-from tests.e2e.clients import download, upload
+from tests.e2e.clients import download, get_hello, upload
 from tests.e2e.conftest import RELAY_PORT
 from tests.e2e.health import preconnected
 
@@ -136,14 +136,7 @@ def test_plain_http_keep_alive_proxy_connections_pass_from_client_to_client(lab,
     start(relays, IMPATIENT_SQUID, "--preconnect", "off")
     request = f"GET /hello HTTP/1.1\r\nHost: {ADDR.server4}:{HTTP_PORT}\r\n\r\n".encode()
     for _ in range(4):
-        with lab.connect("client", ADDR.server4, HTTP_PORT, timeout=30) as sock:
-            sock.sendall(request)
-            response = b""
-            while not response.endswith(b"hello from the lab server\n"):
-                data = sock.recv(65536)
-                assert data, response
-                response += data
-        assert response.startswith(b"HTTP/1.1 200")
+        get_hello(lab, HTTP_PORT, request)
         threading.Event().wait(0.2)  # the relay sees the client leave and keeps the proxy connection
     found = counters(lab)
     assert found.get('relay_preconnect_total{outcome="reused"}', 0) == 3
