@@ -257,8 +257,9 @@ class HttpForwarder:
 
     async def _wait_for_a_batch(self, source, left: int) -> None:
         """Wait until ``source`` holds a batch of the body (BATCH bytes, or all that is left), or
-        BATCH_WAIT went by: squid writes a forwarded body 16 KiB at a time, and moving each piece
-        as it came cost a wakeup and a splice pair per piece. A splice takes what there is."""
+        BATCH_WAIT went by: a body forwarded by squid comes in small pieces (one splice per 36 KiB,
+        against 230 KiB in a tunnel), and moving each as it came cost a wakeup and a splice pair
+        per piece. A splice takes what there is."""
         wanted = min(BATCH, left)
         if wanted != self.batching:
             source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
