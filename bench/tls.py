@@ -40,7 +40,7 @@ from relay.lab import (  # noqa: E402
     start_sshd,
     start_stunnel,
 )
-from relay.lab.servers import TrafficServer  # noqa: E402
+from relay.lab.servers import TrafficServer, pattern_sha256  # noqa: E402
 from relay.lab.services import clear_interception, intercept, start_relay  # noqa: E402
 
 SSH_LINE_PORT = 7101
@@ -64,8 +64,11 @@ def upload(lab: Lab, size: int, seed: int, errors: list) -> None:
 
 def one_run(lab: Lab, pid: int, direction: str, streams: int, size: int) -> dict:
     errors: list[str] = []
-    work = download if direction == "down" else upload
-    threads = [threading.Thread(target=work, args=(lab, size, seed, errors)) for seed in range(streams)]
+    if direction == "down":  # the expected digests first: making the data costs seconds per GB
+        jobs = [(download, (lab, size, seed, pattern_sha256(size, seed), errors)) for seed in range(streams)]
+    else:
+        jobs = [(upload, (lab, size, seed, errors)) for seed in range(streams)]
+    threads = [threading.Thread(target=work, args=args) for work, args in jobs]
     busy, own, started = machine_busy_seconds(), cpu_seconds([pid]), time.monotonic()
     for thread in threads:
         thread.start()
