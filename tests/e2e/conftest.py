@@ -42,11 +42,25 @@ def lab():
         lab.squid = start_squid(lab, listen=[("127.0.0.1", 3128), (ADDR.far4, 3128)])
         start_dante(lab)
         start_dante(lab, listen=[(ADDR.far4, 1082)], auth=(DANTE_USER, DANTE_PASSWORD), name="dante-auth")
-        start_ssh_tunnel(lab, sshd, forwards=("-L", "127.0.0.1:3128:127.0.0.1:3128"), name="ssh-L")
-        start_ssh_tunnel(lab, sshd, forwards=("-D", "127.0.0.1:1081"), name="ssh-D")
+        lab.tunnels = [
+            start_ssh_tunnel(lab, sshd, forwards=("-L", "127.0.0.1:3128:127.0.0.1:3128"), name="ssh-L"),
+            start_ssh_tunnel(lab, sshd, forwards=("-D", "127.0.0.1:1081"), name="ssh-D"),
+        ]
         lab.traffic = TrafficServer(lab, "server", "::", TRAFFIC_PORT)
         BannerServer(lab, "server", "::", BANNER_PORT)
         yield lab
+
+
+@pytest.fixture
+def session_tunnels_revived(lab):
+    """For a test that intercepts the router's own traffic (--redirect-output): the session's ssh
+    tunnels' established connections are taken too (a keepalive sent meanwhile goes to the relay,
+    and ssh ends with a broken pipe), so any that ended are started again afterwards, once the
+    rules are gone: ask for it before the firewall."""
+    yield
+    for tunnel in lab.tunnels:
+        if not tunnel.running:
+            tunnel.start()
 
 
 class Relays:

@@ -176,7 +176,9 @@ def test_a_bypassed_address_is_reached_directly(lab, firewall, dante_relays, bac
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(lab, firewall, dante_relays, backend, mode):
+def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(
+    lab, session_tunnels_revived, firewall, dante_relays, backend, mode
+):
     """The relay's own upstream connections leave the router too: only their mark keeps them
     from being intercepted (dante's address is not exempt here)."""
     relay = dante_relays(mode, "--mark", hex(MARK))
@@ -199,7 +201,9 @@ def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(lab, fire
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_without_mark_the_relay_refuses_its_own_looped_connection(lab, firewall, dante_relays, backend):
+def test_without_mark_the_relay_refuses_its_own_looped_connection(
+    lab, session_tunnels_revived, firewall, dante_relays, backend
+):
     relay = dante_relays("redirect")  # no --mark: the firewall cannot tell its connections apart
     firewall.apply(lab_settings("redirect", redirect_output=True), backend)
     with routes_to_server(lab, far_forwards=False):
