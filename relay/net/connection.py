@@ -407,15 +407,10 @@ class Connection:
             started = self.racer_started if racer else self.attempt_started
             owner.metrics.handshake_done(str(self.via), time.monotonic() - started)
             self.source = upstream.getsockname()[:2]
-            owner.pump.add(
-                self.sock,
+            self.add_to_pump(
                 upstream,
-                self,
-                to_upstream_first=self.first[self.early_sent :],
-                to_client_first=early,
-                idle_timeout=config.idle_timeout,
-                half_closed_timeout=config.half_closed_timeout,
-                pipe_size=config.pipe_size,
+                self.first[self.early_sent :],
+                early,
                 confirm_eof=state.still_there if config.confirm_eof and state else None,
             )
         except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
@@ -433,20 +428,25 @@ class Connection:
         owner.own_sources.add(self.source)
         self.give_back_silent_turn()
 
+    def add_to_pump(self, upstream, to_upstream_first: bytes, to_client_first: bytes, confirm_eof=None) -> None:
+        """Both sockets to the pump, with the bytes each side is owed first (see Pump.add)."""
+        config = self.config
+        self.owner.pump.add(
+            self.sock,
+            upstream,
+            self,
+            to_upstream_first=to_upstream_first,
+            to_client_first=to_client_first,
+            idle_timeout=config.idle_timeout,
+            half_closed_timeout=config.half_closed_timeout,
+            pipe_size=config.pipe_size,
+            confirm_eof=confirm_eof,
+        )
+
     def relay_switched(self, switched: Switched) -> None:
         """After a 101 to a forwarded upgrade, both sockets go to the pump, as a tunnel's."""
-        config = self.config
         try:
-            self.owner.pump.add(
-                self.sock,
-                switched.proxy,
-                self,
-                to_upstream_first=switched.to_proxy,
-                to_client_first=switched.to_client,
-                idle_timeout=config.idle_timeout,
-                half_closed_timeout=config.half_closed_timeout,
-                pipe_size=config.pipe_size,
-            )
+            self.add_to_pump(switched.proxy, switched.to_proxy, switched.to_client)
         except OSError as exc:  # e.g. epoll's watch limit: the relay's shortage, not the client's
             reset(switched.proxy)
             self.end(local_failure(exc.errno))
