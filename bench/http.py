@@ -22,7 +22,6 @@ at most 1.2x the tunnel's, throughput at least 0.95x squid's.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
-from bench.dnsload import machine_ticks  # noqa: E402
+from bench.lanes import machine_busy_seconds  # noqa: E402
 from bench.testbed import (  # noqa: E402
     HTTP_PORT,
     SERVER,
@@ -50,10 +49,6 @@ WAYS = ("squid", "relay", "tunnel")
 RELAY_ARGS = {"relay": [], "tunnel": ["--http-mode", "connect"]}
 RELAY_PORTS = {"relay": 12345, "tunnel": 12346}
 RUN_TIMEOUT = 300
-
-
-def machine_busy_seconds() -> float:
-    return machine_ticks()[0] / os.sysconf("SC_CLK_TCK")
 
 
 def curl_all(bed: Testbed, way: str, streams: int, size: int, upload: Path | None) -> None:
