@@ -15,7 +15,7 @@ from relay.addresses import format_address
 from relay.net import http_forward
 from relay.net.http_forward import MAX_INFORMATIONAL, READ_SIZE, ForwardFailed, HttpForwarder, NeedsTunnel, Switched
 from relay.net.pump import Pump
-from relay.net.sockets import reset
+from relay.net.sockets import reset, write_all
 from tests.net.test_pump import trio_pair
 from tests.net.test_server import served
 from tests.sockpairs import hard_close, tcp_pair
@@ -834,15 +834,9 @@ async def send_in_pieces(sock, data: bytes, cuts) -> None:
     start = 0
     for cut in [*sorted(cuts), len(data)]:
         if cut > start:
-            await send_all(sock, data[start:cut])
+            await write_all(sock, data[start:cut])
             await trio.sleep(0.002)
             start = cut
-
-
-async def send_all(sock, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[await sock.send(view) :]
 
 
 async def read_response(sock, method: str = "GET", version: str = "1.1") -> tuple[int, bytes, list, bytes]:
@@ -936,9 +930,8 @@ async def test_a_chunked_response_to_an_http_10_client_is_spliced_unframed():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
             await until(proxy, b"\r\n\r\n")
-            nursery.start_soon(
-                send_all, proxy, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk_stream(BIG, [1 << 20])
-            )
+            chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk_stream(BIG, [1 << 20])
+            nursery.start_soon(write_all, proxy, chunked)
             data, how = await rest(client)
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"chunked" not in head.lower() and hashlib.sha256(body).digest() == hashlib.sha256(BIG).digest()
@@ -956,7 +949,7 @@ async def test_a_proxy_closing_mid_spliced_body_resets_the_client():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
             await until(proxy, b"\r\n\r\n")
-            await send_all(proxy, f"HTTP/1.1 200 OK\r\nContent-Length: {len(BIG)}\r\n\r\n".encode() + BIG[: 3 << 20])
+            await write_all(proxy, f"HTTP/1.1 200 OK\r\nContent-Length: {len(BIG)}\r\n\r\n".encode() + BIG[: 3 << 20])
             proxy.close()
             seen, how = await rest(client)
     head, _, body = seen.partition(b"\r\n\r\n")
@@ -978,10 +971,10 @@ async def test_a_body_that_trickles_reaches_the_client_as_it_comes_not_when_a_ba
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
             await until(proxy, b"\r\n\r\n")
-            await send_all(proxy, f"HTTP/1.1 200 OK\r\nContent-Length: {pieces * piece}\r\n\r\n".encode())
+            await write_all(proxy, f"HTTP/1.1 200 OK\r\nContent-Length: {pieces * piece}\r\n\r\n".encode())
             body = (await until(client, b"\r\n\r\n")).partition(b"\r\n\r\n")[2]
             for number in range(pieces):
-                await send_all(proxy, bytes([number]) * piece)
+                await write_all(proxy, bytes([number]) * piece)
                 with trio.fail_after(1):  # each piece arrives on its own: a batch of 1 MiB never comes
                     while len(body) < (number + 1) * piece:
                         body += await client.recv(65536)
@@ -1002,7 +995,7 @@ async def test_a_proxy_closing_mid_spliced_upload_resets_the_client_and_counts_w
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relayed, forwarder, relay_client, ended := [])
-            nursery.start_soon(send_all, client, head + BIG[: 3 << 20])
+            nursery.start_soon(write_all, client, head + BIG[: 3 << 20])
             taken = len(await until(proxy, b"\r\n\r\n"))
             while taken < (1 << 20) + 200:
                 taken += len(await proxy.recv(65536))
