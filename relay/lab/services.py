@@ -58,12 +58,22 @@ class Service:
     ready: Endpoint  # where it accepts connections once it is up, seen from ``host``
 
     def start(self) -> None:
+        self._refuse_a_taken_port()
         self.lab.spawn(self.host, self.argv, name=self.name)
         try:
             self.lab.wait_tcp(self.host, *self.ready, timeout=START_TIMEOUT_SECONDS, name=self.name)
         except BaseException:
             self.kill()  # so that start() can be tried again
             raise
+
+    def _refuse_a_taken_port(self) -> None:
+        """Something already accepting where this one will listen (a service an earlier test left running)
+        would pass the readiness check and answer in its place."""
+        try:
+            self.lab.connect(self.host, *self.ready, timeout=1.0).close()
+        except OSError:
+            return
+        raise LabError(f"{self.name}: {self.ready[0]}:{self.ready[1]} in {self.host} is taken already")
 
     def stop(self) -> None:
         """Ask it to exit (SIGTERM), SIGKILL after 3 s."""

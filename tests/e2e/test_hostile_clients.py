@@ -70,13 +70,16 @@ def test_readmes_squid_lines_keep_clients_off_squids_own_loopback(lab, far_loopb
 
 def test_readmes_dante_rules_keep_clients_off_dantes_own_loopback(lab, far_loopback_service):
     assert set(DANTE_DENY_OWN_MACHINE) <= readme_lines()
-    start_dante(lab, listen=[(ADDR.far4, 1083)], name="dante-deny-own", deny_own_machine=True)
-    with lab.connect("router", ADDR.far4, 1083) as sock:
-        sock.settimeout(10)
-        sock.sendall(b"\x05\x01\x00")
-        assert sock.recv(2) == b"\x05\x00"
-        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + FAR_LOOPBACK_PORT.to_bytes(2, "big"))
-        reply = sock.recv(10)
+    dante = start_dante(lab, listen=[(ADDR.far4, 1083)], name="dante-deny-own", deny_own_machine=True)
+    try:
+        with lab.connect("router", ADDR.far4, 1083) as sock:
+            sock.settimeout(10)
+            sock.sendall(b"\x05\x01\x00")
+            assert sock.recv(2) == b"\x05\x00"
+            sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + FAR_LOOPBACK_PORT.to_bytes(2, "big"))
+            reply = sock.recv(10)
+    finally:
+        dante.stop()
         assert reply[:2] == b"\x05\x02", reply  # "connection not allowed by ruleset"
     assert far_loopback_service.connections == 0
 

@@ -108,37 +108,40 @@ def test_drain_time_limits_the_wait_then_resets(relay_on_router, lab):
 
 def test_failover_between_upstreams_and_reset_when_none_is_healthy(relay_on_router, lab):
     spare = start_dante(lab, listen=[(ADDR.far4, 1090)], name="dante-spare")
-    first = f"socks5://{ADDR.far4}:1090"
-    relay = relay_on_router(
-        [
-            "--upstream",
-            first,
-            "--upstream",
-            SQUID,
-            "--health-interval",
-            "0.5",
-            "--health-failures",
-            "2",
-            "--connect-timeout",
-            "1",
-        ]
-    )
-    upload(lab, b"x" * 1000)
-    spare.stop()
-    failures_after_delay, deadline = 0, time.monotonic() + 1.5  # the failover delay: one health interval
-    for _ in range(30):
-        try:
-            upload(lab, b"y" * 1000)
-        except OSError:
-            if time.monotonic() > deadline:
-                failures_after_delay += 1
-        time.sleep(0.05)
-    assert failures_after_delay == 0
-    assert relay.wait_for_log(f"upstream {first} is unhealthy")
-    assert relay.connections(at_least=31)[-1]["via"] == "http://127.0.0.1:3128"
-    spare.start()
-    assert relay.wait_for_log(f"upstream {first} is healthy again", timeout=5)
-    relay.stop()
+    try:
+        first = f"socks5://{ADDR.far4}:1090"
+        relay = relay_on_router(
+            [
+                "--upstream",
+                first,
+                "--upstream",
+                SQUID,
+                "--health-interval",
+                "0.5",
+                "--health-failures",
+                "2",
+                "--connect-timeout",
+                "1",
+            ]
+        )
+        upload(lab, b"x" * 1000)
+        spare.stop()
+        failures_after_delay, deadline = 0, time.monotonic() + 1.5  # the failover delay: one health interval
+        for _ in range(30):
+            try:
+                upload(lab, b"y" * 1000)
+            except OSError:
+                if time.monotonic() > deadline:
+                    failures_after_delay += 1
+            time.sleep(0.05)
+        assert failures_after_delay == 0
+        assert relay.wait_for_log(f"upstream {first} is unhealthy")
+        assert relay.connections(at_least=31)[-1]["via"] == "http://127.0.0.1:3128"
+        spare.start()
+        assert relay.wait_for_log(f"upstream {first} is healthy again", timeout=5)
+        relay.stop()
+    finally:
+        spare.stop()
 
     # Alone, an upstream is not checked while healthy: its first failure marks it down here.
     dead = relay_on_router(
