@@ -5,6 +5,7 @@ import contextlib
 import os
 import re
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from relay.lab import ADDR, LabCommandError
-from relay.lab.servers import pattern_sha256
+from relay.lab.servers import HttpServer, pattern_sha256
 from relay.rules import BACKENDS, DEFAULT_ROUTE_TABLE, MODES, RuleSettings
 from tests.e2e.clients import connect, download, expect_reset, read_all
 from tests.e2e.conftest import RELAY_PORT, TRAFFIC_PORT, UPSTREAMS
@@ -384,3 +385,66 @@ def test_the_lans_quic_is_refused_at_once_and_other_udp_left_alone(lab, firewall
             assert udp_exchange(lab, address, 4443) == ("refused" if policy == "all" else "echo")
         firewall.remove(lab_settings("redirect", udp_reject=policy), backend)
         assert udp_exchange(lab, ADDR.server4, 443) == "echo"
+
+
+def quic_initial(address: str) -> bytes:
+    """The first datagram a real QUIC client (aioquic, asking for HTTP/3) sends: its Initial packet."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=["h3"]))
+    quic.connect((address, 443), now=time.monotonic())
+    [(datagram, _)] = quic.datagrams_to_send(now=time.monotonic())
+    assert datagram[0] & 0xF0 == 0xC0  # a long header, type Initial
+    return datagram
+
+
+def test_a_quic_client_behind_an_http_only_upstream_falls_back_to_https_over_tcp_at_once(
+    lab, relays, firewall, figures
+):
+    """A browser tries HTTP/3 first: its Initial is refused by ICMP as it leaves the LAN, so it goes to TCP
+    at once (instead of after its QUIC timeout), and that HTTPS request goes through the relay to squid."""
+    import trustme
+
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(ADDR.server4).configure_cert(tls)
+    https = HttpServer(lab, "server", ADDR.server4, 443, tls=tls)
+    udp_echo = UdpEcho(lab, 443)
+    initial = quic_initial(ADDR.server4)
+    with contextlib.ExitStack() as stack, routes_to_server(lab, far_forwards=True):
+        stack.callback(https.close)
+        stack.callback(udp_echo.close)
+        with lab.socket("client", socket.AF_INET, socket.SOCK_DGRAM) as quic:
+            quic.settimeout(3)
+            quic.connect((ADDR.server4, 443))
+            quic.send(initial)
+            assert quic.recv(2048) == initial  # without the rules the LAN's UDP 443 reaches the server
+        relay = relays.start(
+            ["--upstream", f"http://{ADDR.far4}:3128", "--mode", "redirect", "--mark", hex(MARK)]
+            + ["--listen", f"0.0.0.0:{RELAY_PORT}"]
+        )
+        firewall.apply(lab_settings("redirect", udp_reject="quic"), "nft")
+
+        started = time.monotonic()
+        with lab.socket("client", socket.AF_INET, socket.SOCK_DGRAM) as quic:
+            quic.settimeout(3)
+            quic.connect((ADDR.server4, 443))
+            quic.send(initial)
+            with pytest.raises(ConnectionRefusedError):  # an ICMP port unreachable, not silence
+                quic.recv(2048)
+        refused = time.monotonic() - started
+        client_tls = ssl.create_default_context(cafile=None)
+        ca.configure_trust(client_tls)
+        with lab.connect("client", ADDR.server4, 443, timeout=10) as raw:
+            with client_tls.wrap_socket(raw, server_hostname=ADDR.server4) as sock:
+                sock.sendall(f"GET /hello HTTP/1.1\r\nHost: {ADDR.server4}\r\nConnection: close\r\n\r\n".encode())
+                reply = b"".join(iter(lambda: sock.recv(65536), b""))
+        answered = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"hello from the lab server\n")
+        [line] = relay.connections(at_least=1)
+        assert line["via"] == f"http://{ADDR.far4}:3128" and line["dst"] == f"{ADDR.server4}:443"
+        figures(
+            "QUIC refused, then HTTPS over TCP through the relay and squid",
+            f"{refused * 1000:.1f} ms, then answered after {answered * 1000:.0f} ms",
+        )
