@@ -5,8 +5,8 @@ Generation is pure: :func:`iptables_restore`, :func:`nft_script` and
 :func:`apply` and :func:`remove` run them, idempotently and, per tool call,
 atomically:
 
-- iptables: our own chains (``RELAY``, and ``RELAY_OUTPUT`` for TPROXY of the
-  router's own traffic) in the ``nat`` (REDIRECT) or ``mangle`` (TPROXY) table,
+- iptables: our own chains (``RELAY``, and ``RELAY_OUTPUT`` with ``RELAY_OUTPUT_NEW``
+  for TPROXY of the router's own traffic) in the ``nat`` (REDIRECT) or ``mangle`` (TPROXY) table,
   with one jump per interface from PREROUTING (and OUTPUT). Each family is one
   ``iptables-restore --noflush`` transaction that also deletes the jumps an
   earlier apply left, so applying twice never duplicates anything.
@@ -64,9 +64,10 @@ RESERVED_ROUTE_TABLES = (253, 254, 255)  # default, main, local
 
 CHAIN = "RELAY"
 OUTPUT_CHAIN = "RELAY_OUTPUT"  # TPROXY of the router's own traffic: marks it in mangle OUTPUT
+OUTPUT_NEW_CHAIN = "RELAY_OUTPUT_NEW"  # judges the first packet of the router's own connections
 DNS_CHAIN = "RELAY_DNS"  # in nat whatever the mode: the LAN's port 53 to the DNS service
 UDP_CHAIN = "RELAY_UDP"  # in filter: rejects the LAN's UDP to the fake ranges, and QUIC or all UDP
-OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, DNS_CHAIN, UDP_CHAIN)
+OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, OUTPUT_NEW_CHAIN, DNS_CHAIN, UDP_CHAIN)
 UDP_REJECTS = ("quic", "all", "off")
 QUIC_PORT = 443
 IPTABLES_TABLES = ("nat", "mangle", "filter")  # where our chains can be: REDIRECT in nat, TPROXY in mangle
@@ -305,6 +306,9 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
         redirect = f"REDIRECT --to-ports {settings.port}"
         rules = [
             f"-A {CHAIN} {own_mark} -j RETURN",
+            # nat sees a connection's first packet only; conntrack takes up one it first sees mid-stream
+            # (opened before it ran here) as new: that one is not the relay's to take.
+            f"-A {CHAIN} -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j RETURN",
             *_fake_ip_rules(CHAIN, settings, version, redirect),
             *_exemption_rules(CHAIN, settings, version),
             f"-A {CHAIN} -p tcp -j {redirect}",
@@ -333,14 +337,23 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
     if settings.redirect_output:
         # The router's own connections get the TPROXY mark in OUTPUT, so the policy
         # route sends them through lo into PREROUTING, where TPROXY can take them.
-        chains.append(OUTPUT_CHAIN)
+        # Only a connection's opening SYN is judged, and the verdict kept in its conntrack
+        # mark: a connection opened before the rules, or the answers to one that came in,
+        # must never be taken (its next packet would meet the relay's listener: a reset).
+        # NEW alone would not do: conntrack takes up a connection it first sees mid-stream
+        # (as when the rules are what started it in this namespace) as NEW.
+        take = f"CONNMARK --set-xmark {tproxy_mark}"
+        opening = "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW"
+        chains += [OUTPUT_CHAIN, OUTPUT_NEW_CHAIN]
         rules += [
             f"-A {OUTPUT_CHAIN} {own_mark} -j RETURN",
+            f"-A {OUTPUT_CHAIN} {opening} -j {OUTPUT_NEW_CHAIN}",
+            f"-A {OUTPUT_CHAIN} -m connmark --mark {tproxy_mark} -j MARK --set-xmark {tproxy_mark}",
             # The relay's answers to intercepted clients carry the server's address, not ours.
-            f"-A {OUTPUT_CHAIN} -m addrtype ! --src-type LOCAL -j RETURN",
-            *_fake_ip_rules(OUTPUT_CHAIN, settings, version, f"MARK --set-xmark {tproxy_mark}"),
-            *_exemption_rules(OUTPUT_CHAIN, settings, version),
-            f"-A {OUTPUT_CHAIN} -j MARK --set-xmark {tproxy_mark}",
+            f"-A {OUTPUT_NEW_CHAIN} -m addrtype ! --src-type LOCAL -j RETURN",
+            *_fake_ip_rules(OUTPUT_NEW_CHAIN, settings, version, take),
+            *_exemption_rules(OUTPUT_NEW_CHAIN, settings, version),
+            f"-A {OUTPUT_NEW_CHAIN} -j {take}",
         ]
         jumps += [
             f"-A PREROUTING -i lo -p tcp -m mark --mark {tproxy_mark} -j {CHAIN}",
@@ -491,7 +504,9 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             )
         redirect = f"meta l4proto tcp redirect to :{port}"
         fake_ips = _nft_fake_ip(settings, lambda _: redirect)
-        return body + _nft_chain("intercept", [own_mark, *fake_ips, *_nft_exemptions(settings), redirect]) + dns + udp
+        mid_stream = "tcp flags & (fin | syn | rst | ack) != syn return"  # see the iptables ruleset
+        intercept = [own_mark, mid_stream, *fake_ips, *_nft_exemptions(settings), redirect]
+        return body + _nft_chain("intercept", intercept) + dns + udp
 
     set_mark = f"meta mark set meta mark | {settings.tproxy_mark:#x}"
     has_mark = f"meta mark & {settings.tproxy_mark:#x} == {settings.tproxy_mark:#x}"
@@ -515,14 +530,23 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
         body += _nft_chain(
             "output", [f"{tcp} jump mark_output"], "type route hook output priority mangle; policy accept;"
         )
+        # Only a connection's opening SYN is judged (see the iptables ruleset), its verdict kept in its ct mark.
+        take = f"ct mark set ct mark | {settings.tproxy_mark:#x}"
         body += _nft_chain(
             "mark_output",
             [
                 own_mark,
+                "tcp flags & (fin | syn | rst | ack) == syn ct state new jump take_output",
+                f"ct mark & {settings.tproxy_mark:#x} == {settings.tproxy_mark:#x} {set_mark}",
+            ],
+        )
+        body += _nft_chain(
+            "take_output",
+            [
                 "fib saddr type != local return",  # the relay's answers to intercepted clients
-                *_nft_fake_ip(settings, lambda _: f"meta l4proto tcp {set_mark} return"),
+                *_nft_fake_ip(settings, lambda _: f"meta l4proto tcp {take} return"),
                 *_nft_exemptions(settings),
-                set_mark,
+                take,
             ],
         )
     fake_ips = _nft_fake_ip(settings, lambda keyword: f"meta l4proto tcp tproxy {keyword} to :{port} {set_mark} accept")

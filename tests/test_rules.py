@@ -58,6 +58,7 @@ def test_redirect_chain_exempts_in_order_then_redirects():
     settings = RuleSettings("redirect", 12345, ("lan0",), 0x1, ("198.51.100.7", "10.1.2.0/24"))
     assert chain_rules(iptables_restore(settings, 4), "RELAY") == [
         "-A RELAY -m mark --mark 0x1/0x1 -j RETURN",
+        "-A RELAY -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j RETURN",
         "-A RELAY -d 127.0.0.0/8 -j RETURN",
         "-A RELAY -m addrtype --dst-type LOCAL -j RETURN",
         *(f"-A RELAY -d {network} -j RETURN" for network in rules.PRIVATE_AND_RESERVED[4]),
@@ -129,22 +130,32 @@ def test_ports_and_jumps(settings):
 
 def test_tproxy_of_the_routers_own_traffic_marks_only_what_it_sends_itself():
     settings = RuleSettings("tproxy", 12345, ("lan0",), 0x1, ("198.51.100.7",), redirect_output=True)
-    assert chain_rules(iptables_restore(settings, 4), "RELAY_OUTPUT")[:2] == [
+    text = iptables_restore(settings, 4)
+    assert chain_rules(text, "RELAY_OUTPUT") == [
         "-A RELAY_OUTPUT -m mark --mark 0x1/0x1 -j RETURN",
-        "-A RELAY_OUTPUT -m addrtype ! --src-type LOCAL -j RETURN",
+        "-A RELAY_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j RELAY_OUTPUT_NEW",
+        "-A RELAY_OUTPUT -m connmark --mark 0x100/0x100 -j MARK --set-xmark 0x100/0x100",
     ]
-    assert chain_rules(iptables_restore(settings, 4), "RELAY_OUTPUT")[-2:] == [
-        "-A RELAY_OUTPUT -d 198.51.100.7/32 -j RETURN",
-        "-A RELAY_OUTPUT -j MARK --set-xmark 0x100/0x100",
+    judged = chain_rules(text, "RELAY_OUTPUT_NEW")
+    assert judged[0] == "-A RELAY_OUTPUT_NEW -m addrtype ! --src-type LOCAL -j RETURN"
+    assert judged[-2:] == [
+        "-A RELAY_OUTPUT_NEW -d 198.51.100.7/32 -j RETURN",
+        "-A RELAY_OUTPUT_NEW -j CONNMARK --set-xmark 0x100/0x100",
     ]
-    mark_output = nft_chain(nft_script(settings), "mark_output")
-    assert mark_output[:2] == ["meta mark & 0x1 == 0x1 return", "fib saddr type != local return"]
-    assert mark_output[-1] == "meta mark set meta mark | 0x100"
+    script = nft_script(settings)
+    assert nft_chain(script, "mark_output") == [
+        "meta mark & 0x1 == 0x1 return",
+        "tcp flags & (fin | syn | rst | ack) == syn ct state new jump take_output",
+        "ct mark & 0x100 == 0x100 meta mark set meta mark | 0x100",
+    ]
+    take_output = nft_chain(script, "take_output")
+    assert take_output[0] == "fib saddr type != local return"
+    assert take_output[-1] == "ct mark set ct mark | 0x100"
 
 
 def test_private_ranges_can_be_left_to_interception():
     settings = RuleSettings("redirect", 12345, (), 0x1, ("10.77.3.2",), exempt_private=False)
-    assert chain_rules(iptables_restore(settings, 4), "RELAY")[3:] == [
+    assert chain_rules(iptables_restore(settings, 4), "RELAY")[4:] == [
         "-A RELAY -d 10.77.3.2/32 -j RETURN",
         "-A RELAY -p tcp -j REDIRECT --to-ports 12345",
     ]
@@ -154,15 +165,16 @@ def test_private_ranges_can_be_left_to_interception():
 def test_tcp_to_the_fake_ranges_is_redirected_before_any_exemption():
     """198.18.0.0/15 and fc00::/18 are reserved ranges (fc00::/7 is exempt), and a --bypass may cover them too."""
     settings = RuleSettings("redirect", 12345, ("lan0",), 0x1, ("198.18.0.0/16",), fake_ip_ranges=FAKE_IP_RANGES)
-    assert chain_rules(iptables_restore(settings, 4), "RELAY")[:3] == [
+    assert chain_rules(iptables_restore(settings, 4), "RELAY")[:4] == [
         "-A RELAY -m mark --mark 0x1/0x1 -j RETURN",
+        "-A RELAY -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j RETURN",
         "-A RELAY -d 198.18.0.0/15 -p tcp -j REDIRECT --to-ports 12345",
         "-A RELAY -d 127.0.0.0/8 -j RETURN",
     ]
-    assert chain_rules(iptables_restore(settings, 6), "RELAY")[1] == (
+    assert chain_rules(iptables_restore(settings, 6), "RELAY")[2] == (
         "-A RELAY -d fc00::/18 -p tcp -j REDIRECT --to-ports 12345"
     )
-    assert nft_chain(nft_script(settings), "intercept")[1:3] == [
+    assert nft_chain(nft_script(settings), "intercept")[2:4] == [
         "ip daddr { 198.18.0.0/15 } meta l4proto tcp redirect to :12345",
         "ip6 daddr { fc00::/18 } meta l4proto tcp redirect to :12345",
     ]
@@ -175,16 +187,16 @@ def test_tcp_to_the_fake_ranges_is_tproxied_after_the_connections_the_relay_hold
         "-A RELAY -d 198.18.0.0/15 -p tcp -j TPROXY --on-port 4000 --tproxy-mark 0x100/0x100"
     )
     assert (
-        chain_rules(text, "RELAY_OUTPUT")[2]
-        == "-A RELAY_OUTPUT -d 198.18.0.0/15 -p tcp -j MARK --set-xmark 0x100/0x100"
+        chain_rules(text, "RELAY_OUTPUT_NEW")[1]
+        == "-A RELAY_OUTPUT_NEW -d 198.18.0.0/15 -p tcp -j CONNMARK --set-xmark 0x100/0x100"
     )
     script = nft_script(settings)
     assert nft_chain(script, "intercept")[2:4] == [
         "ip daddr { 198.18.0.0/15 } meta l4proto tcp tproxy ip to :4000 meta mark set meta mark | 0x100 accept",
         "ip6 daddr { fc00::/18 } meta l4proto tcp tproxy ip6 to :4000 meta mark set meta mark | 0x100 accept",
     ]
-    assert nft_chain(script, "mark_output")[2] == (
-        "ip daddr { 198.18.0.0/15 } meta l4proto tcp meta mark set meta mark | 0x100 return"
+    assert nft_chain(script, "take_output")[1] == (
+        "ip daddr { 198.18.0.0/15 } meta l4proto tcp ct mark set ct mark | 0x100 return"
     )
 
 

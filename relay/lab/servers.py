@@ -8,6 +8,7 @@ timeout so a stuck peer cannot keep a thread alive forever.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
@@ -98,6 +99,8 @@ class _ThreadedServer:
             self.errors.append(repr(exc))
 
     def close(self):
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(): close() alone would leave it listening
         self.listener.close()
 
 

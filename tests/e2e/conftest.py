@@ -52,15 +52,16 @@ def lab():
 
 
 @pytest.fixture
-def session_tunnels_revived(lab):
+def session_tunnels_survive(lab):
     """For a test that intercepts the router's own traffic (--redirect-output): the session's ssh
-    tunnels' established connections are taken too (a keepalive sent meanwhile goes to the relay,
-    and ssh ends with a broken pipe), so any that ended are started again afterwards, once the
-    rules are gone: ask for it before the firewall."""
+    tunnels, opened before the rules, must not be taken by them (one that was would end when its next
+    packet met the relay's listener). Any that ended is started again for the tests after."""
     yield
+    ended = [tunnel.name for tunnel in lab.tunnels if not tunnel.running]
     for tunnel in lab.tunnels:
         if not tunnel.running:
             tunnel.start()
+    assert not ended, f"the rules ended the router's open ssh tunnels: {ended}"
 
 
 class Relays:

@@ -13,13 +13,15 @@ import time
 import pytest
 
 from relay.lab import ADDR, LabCommandError
-from relay.lab.servers import HttpServer, pattern_sha256
+from relay.lab.servers import HttpServer, TrafficServer, pattern_sha256
 from relay.rules import BACKENDS, DEFAULT_ROUTE_TABLE, MODES, RuleSettings
 from tests.e2e.clients import connect, download, expect_reset, read_all
 from tests.e2e.conftest import RELAY_PORT, TRAFFIC_PORT, UPSTREAMS
 from tests.e2e.dns_responder import DnsResponder
 
 MARK = 0x10
+FAR_ECHO_PORT = 7610
+INBOUND_PORT = 7611
 SIZE = 256 << 10
 STATE_COMMANDS = (
     ["iptables-save"],
@@ -178,7 +180,7 @@ def test_a_bypassed_address_is_reached_directly(lab, firewall, dante_relays, bac
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(
-    lab, session_tunnels_revived, firewall, dante_relays, backend, mode
+    lab, session_tunnels_survive, firewall, dante_relays, backend, mode
 ):
     """The relay's own upstream connections leave the router too: only their mark keeps them
     from being intercepted (dante's address is not exempt here)."""
@@ -201,9 +203,52 @@ def test_the_routers_own_traffic_goes_through_the_relay_without_a_loop(
     assert "routing loop" not in relay.log_text()
 
 
+def echoed(sock, text: bytes) -> bytes:
+    sock.sendall(text)
+    return sock.recv(100)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_taking_the_routers_own_traffic_leaves_its_open_connections_and_inbound_ones_alone(
+    lab, session_tunnels_survive, firewall, dante_relays, backend, mode
+):
+    """A packet of a connection the relay does not hold meets a reset at its listener. So only connections
+    opened after the rules may be taken: not one the router opened before (its ssh tunnel, say), nor the
+    answers to one that came in (an administrator's ssh login). Conntrack only starts in the router's
+    namespace with the rules, as on a router with no stateful firewall: it first sees these mid-stream."""
+    echo = TrafficServer(lab, "far", ADDR.far4, FAR_ECHO_PORT)
+    inbound_listener = lab.socket("router")
+    with contextlib.ExitStack() as stack:
+        stack.callback(echo.close)
+        stack.enter_context(inbound_listener)
+        outbound = stack.enter_context(lab.connect("router", ADDR.far4, FAR_ECHO_PORT, timeout=5))
+        outbound.sendall(b"ECHO\n")
+        assert echoed(outbound, b"before") == b"before"
+        inbound_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        inbound_listener.bind((ADDR.router_wan4, INBOUND_PORT))
+        inbound_listener.listen(1)
+        inbound_far_end = stack.enter_context(lab.connect("far", ADDR.router_wan4, INBOUND_PORT, timeout=5))
+        inbound, _ = inbound_listener.accept()
+        stack.enter_context(inbound)
+        inbound.settimeout(5)
+        relay = dante_relays(mode, "--mark", hex(MARK))
+        firewall.apply(lab_settings(mode, redirect_output=True), backend)
+
+        assert echoed(outbound, b"after") == b"after"
+        inbound_far_end.sendall(b"question")
+        assert echoed(inbound, b"answer") == b"question"
+        assert inbound_far_end.recv(100) == b"answer"
+        with lab.connect("router", ADDR.far4, FAR_ECHO_PORT, timeout=5) as opened_after:
+            opened_after.sendall(b"ECHO\n")
+            assert echoed(opened_after, b"taken") == b"taken"
+        [line] = relay.connections(at_least=1)  # only the connection opened after the rules
+        assert line["dst"] == f"{ADDR.far4}:{FAR_ECHO_PORT}" and line["client"].startswith(ADDR.router_wan4 + ":")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_mark_the_relay_refuses_its_own_looped_connection(
-    lab, session_tunnels_revived, firewall, dante_relays, backend
+    lab, session_tunnels_survive, firewall, dante_relays, backend
 ):
     relay = dante_relays("redirect")  # no --mark: the firewall cannot tell its connections apart
     firewall.apply(lab_settings("redirect", redirect_output=True), backend)
