@@ -2,7 +2,6 @@
 their real ones from the lab's unbound on far, and a relay restarted with the same --state-dir gives each name the
 address it had."""
 
-import contextlib
 import re
 import socket
 import stat
@@ -14,6 +13,7 @@ from relay.dns.fakeip import STORE_HEADER
 from relay.dns.fakeip_store import STORE_NAME
 from relay.lab import ADDR
 from relay.rules import BACKENDS
+from tests.e2e.clients import connect_expecting_reset
 from tests.e2e.conftest import RELAY_PORT, UPSTREAMS
 from tests.e2e.test_dns_service import DNS, metric, start
 
@@ -103,9 +103,7 @@ def test_relay_rules_send_tcp_to_fake_addresses_to_the_relay_and_reject_udp(lab,
     lab.run("router", [*rules, "--apply"])
     try:
         for address, family in (("198.18.0.1", socket.AF_INET), ("fc00::1", socket.AF_INET6)):
-            # The relay resets it at once (no name for that address): connect() may already see the reset.
-            with contextlib.suppress(ConnectionResetError), lab.connect("client", address, 7000, timeout=5):
-                pass
+            connect_expecting_reset(lab, "client", address, 7000, within=5)  # no name for that address
             udp = lab.socket("client", family, socket.SOCK_DGRAM)
             udp.settimeout(5)
             udp.connect((address, 443))

@@ -80,7 +80,7 @@ def test_readmes_dante_rules_keep_clients_off_dantes_own_loopback(lab, far_loopb
             reply = sock.recv(10)
     finally:
         dante.stop()
-        assert reply[:2] == b"\x05\x02", reply  # "connection not allowed by ruleset"
+    assert reply[:2] == b"\x05\x02", reply  # "connection not allowed by ruleset"
     assert far_loopback_service.connections == 0
 
 

@@ -479,7 +479,7 @@ def test_a_quic_client_behind_an_http_only_upstream_falls_back_to_https_over_tcp
             with pytest.raises(ConnectionRefusedError):  # an ICMP port unreachable, not silence
                 quic.recv(2048)
         refused = time.monotonic() - started
-        client_tls = ssl.create_default_context(cafile=None)
+        client_tls = ssl.create_default_context()
         ca.configure_trust(client_tls)
         with lab.connect("client", ADDR.server4, 443, timeout=10) as raw:
             with client_tls.wrap_socket(raw, server_hostname=ADDR.server4) as sock:
