@@ -31,7 +31,6 @@ HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
-from bench.lanes import machine_busy_seconds  # noqa: E402
 from bench.testbed import (  # noqa: E402
     HTTP_PORT,
     SERVER,
@@ -41,6 +40,7 @@ from bench.testbed import (  # noqa: E402
     Testbed,
     cannot_run,
     first_line,
+    machine_busy_seconds,
     save_results,
 )
 from relay.lab import ADDR, Lab  # noqa: E402

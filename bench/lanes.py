@@ -27,8 +27,7 @@ HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
-from bench.dnsload import machine_ticks  # noqa: E402
-from bench.testbed import cannot_run, first_line, save_results  # noqa: E402
+from bench.testbed import cannot_run, first_line, machine_busy_seconds, save_results  # noqa: E402
 from relay.lab import ADDR, HOSTS, Lab, sshd_across_delay_line, start_squid, start_sshd  # noqa: E402
 from relay.lab.servers import TrafficServer  # noqa: E402
 from relay.lab.services import clear_interception, intercept, start_relay  # noqa: E402
@@ -37,11 +36,6 @@ SSH_LINE_PORT = 7101
 RELAY_PORT = 12345
 TRAFFIC_PORT = 7000
 IO_TIMEOUT = 120.0
-
-
-def machine_busy_seconds() -> float:
-    """All CPUs' non-idle time so far (softirq included), in seconds."""
-    return machine_ticks()[0] / os.sysconf("SC_CLK_TCK")
 
 
 def softirq_seconds() -> float:

@@ -86,6 +86,8 @@ def rows(results: dict, upstream: str) -> list[Row]:
         table.append(Row(f"throughput {figure} Gbit/s", values(by_case, "gbit_s"), 2, AT_LEAST_REDSOCKS))
     for figure, by_case in throughput.items():
         table.append(Row(f"CPU s/GB {figure}", values(by_case, "cpu_s_per_gb"), 2, CPU_PER_GB))
+    for figure, by_case in throughput.items():  # every CPU's busy time, softirq included
+        table.append(Row(f"machine CPU s/GB {figure}", values(by_case, "machine_cpu_s_per_gb"), 2))
     if short := results.get("short"):
         table += [
             Row("short conn/s", values(short, "conn_per_s"), 0, AT_LEAST_REDSOCKS),

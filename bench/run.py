@@ -36,6 +36,7 @@ from testbed import (
     cannot_run,
     first_line,
     machine,
+    parser_from,
 )
 
 from relay.lab import Lab
@@ -46,11 +47,7 @@ FIRST_RELAY_PORT = 12345
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = parser_from(__doc__)
     parser.add_argument(
         "--quick",
         action="store_true",

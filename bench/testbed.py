@@ -8,6 +8,7 @@ server among them, on port 80).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -44,6 +45,15 @@ RELAY_KINDS = ("relay", "redsocks")
 REDSOCKS_FDS_PER_CONNECTION = 6
 START_TIMEOUT = 20.0
 PROBE_CONNECTIONS = 20  # a case must relay all of these before it is measured
+
+
+def parser_from(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose help is a script's docstring: its first paragraph, then the rest."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def cannot_run(commands: tuple[str, ...]) -> str | None:
@@ -149,6 +159,13 @@ def cpu_capped(pids: list[int], share: float, name: str):
                 except OSError:
                     pass  # exited meanwhile
             group.rmdir()
+
+
+def machine_busy_seconds() -> float:
+    """Every CPU's non-idle time so far (softirq included), in seconds, from /proc/stat's first line."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -28,8 +28,14 @@ HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)  # run as a script from a checkout: import relay from it
 
-from bench.lanes import IO_TIMEOUT, RELAY_PORT, TRAFFIC_PORT, download, machine_busy_seconds  # noqa: E402
-from bench.testbed import cannot_run, cpu_seconds, first_line, save_results  # noqa: E402
+from bench.lanes import IO_TIMEOUT, RELAY_PORT, TRAFFIC_PORT, download  # noqa: E402
+from bench.testbed import (  # noqa: E402
+    cannot_run,
+    cpu_seconds,
+    first_line,
+    machine_busy_seconds,  # noqa: E402
+    save_results,
+)
 from relay.lab import (  # noqa: E402
     ADDR,
     Lab,
