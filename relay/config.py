@@ -824,6 +824,23 @@ SETTINGS = [
         "workers", lambda v: parse_count(v, 1), 1, False, "N", "worker processes sharing the listeners (SO_REUSEPORT)"
     ),
     Setting(
+        "engine",
+        one_of("splice", "sockmap"),
+        "splice",
+        False,
+        "ENGINE",
+        "what carries established connections: splice (default), or sockmap (experimental: the kernel redirects "
+        "segments by BPF; needs CAP_BPF and CAP_NET_ADMIN; falls back to splice; see README)",
+    ),
+    Setting(
+        "sockmap-backlog",
+        lambda v: parse_count(v, 1 << 16),
+        32 << 20,
+        False,
+        "BYTES",
+        "with --engine sockmap, reset a connection when one direction holds this much in the kernel (default 32 MiB)",
+    ),
+    Setting(
         "pipe-size",
         parse_count,
         1 << 20,
@@ -1042,6 +1059,8 @@ class Config:
     ssh_connections: int  # ssh processes per upstream
     user: str | None
     workers: int
+    engine: str  # "splice", or "sockmap" (relay.net.sockmap); not changed by a reload
+    sockmap_backlog: int  # bytes one direction may queue in the kernel before its connection is reset
     pipe_size: int  # fewer, larger splices per wakeup; 0: the kernel's default
     lan_iface: list[str]
     udp_reject: str  # "quic", "all" or "off": for relay rules

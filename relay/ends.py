@@ -23,6 +23,10 @@ CLIENT_CLOSED_MID_REQUEST = "client-closed-mid-request"  # plain HTTP forwarded:
 CLIENT_UPGRADE_AFTER_REQUESTS = "client-upgrade-after-requests"
 PROXY_CLOSED = "proxy-closed"  # plain HTTP forwarded: the proxy closed before its answer was complete
 PROXY_PROTOCOL_ERROR = "proxy-protocol-error"  # plain HTTP forwarded: the proxy's answer was malformed
+# --engine sockmap: a reader fell too far behind (the kernel would have queued without bound), or the
+# upstream spoke while the connection was being handed to the kernel (the order of its bytes was lost).
+BACKLOG_FULL = "relay-backlog-full"
+STORE_RACE = "relay-store-race"
 CANCELLED = "cancelled"  # the relay shut down
 RECLAIMED = "reclaimed"  # every slot was taken: its client had not sent a byte, and a new one waited
 ERROR = "error"  # a bug of the relay's, logged with its traceback

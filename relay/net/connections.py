@@ -48,7 +48,9 @@ class Connections:
         self.own_names = admission.OwnNames(self.is_local)
         self.warnings = RateLimited()
         self.refusals = RateLimited(interval=60.0)  # refused destinations: once per destination per minute
-        self.pump = Pump(Connection.relayed)  # its tokens are the connections
+        self.pump = Pump(  # its tokens are the connections
+            Connection.relayed, engine=config.engine, max_backlog=config.sockmap_backlog
+        )
         self.waiting = WaitingRoom(
             lambda sock, connection, spoke: connection.left_waiting_room(spoke),
             lambda sock, connection: connection.end(ends.CANCELLED),  # the room closed: shutting down

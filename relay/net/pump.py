@@ -32,6 +32,7 @@ import trio
 from relay import ends, fastpath
 from relay.logs import log
 from relay.net.scheduler import SchedulerPeek
+from relay.net.sockmap import MAX_BACKLOG, KernelCarrier
 from relay.net.tls import TlsRelay
 
 # Bytes one run of the engine may move before yielding, so the accept loop and handshakes keep their turn.
@@ -54,9 +55,17 @@ class Pump:
     something (e.g. relay-emfile). ``impl`` picks a fast-path twin (tests).
     """
 
-    def __init__(self, on_finished, impl=None):
+    def __init__(self, on_finished, impl=None, engine: str = "splice", max_backlog: int = MAX_BACKLOG):
         self.engine = (impl or fastpath).Engine()
         self.on_finished = on_finished
+        self.carrier: KernelCarrier | None = None  # --engine sockmap: carries what it can, the engine the rest
+        if engine == "sockmap":
+            try:
+                self.carrier = KernelCarrier(self.report, max_backlog)
+            except OSError as exc:
+                log.warning(
+                    "--engine sockmap: the kernel refused it (%s); every connection is spliced", exc.strerror or exc
+                )
         self.alarm: trio.CancelScope | None = None  # keep_time()'s sleep until the next expiry
         self.nursery: trio.Nursery | None = None  # the probes', while run() runs
         self.probes: dict = {}  # token -> its confirm_eof probe, for connections that hold upstream FINs
@@ -64,7 +73,7 @@ class Pump:
         self.tls: dict = {}  # token -> TlsRelay: connections to https:// proxies, relayed by a task each
 
     def __len__(self) -> int:
-        return len(self.engine) + len(self.tls)
+        return len(self.engine) + len(self.tls) + (len(self.carrier) if self.carrier else 0)
 
     def add(
         self,
@@ -90,6 +99,12 @@ class Pump:
             self.add_tls(client, upstream, token, idle_timeout, half_closed_timeout, to_upstream_first,
                          to_client_first, confirm_eof)  # fmt: skip
             return
+        if self.carrier is not None and confirm_eof is None:  # held FINs are the engine's
+            owed = self.carrier.add(client, upstream, token, idle_timeout, half_closed_timeout, to_upstream_first,
+                                    to_client_first)  # fmt: skip
+            if owed is None:
+                return
+            to_upstream_first, to_client_first = owed
         now = trio.current_time()
         self.engine.add(
             client.fileno(),
@@ -136,6 +151,8 @@ class Pump:
         counts = self.engine.counts()
         if self.tls:
             counts = [*counts, *((token, relay.up, relay.down) for token, relay in self.tls.items())]
+        if self.carrier:
+            counts = [*counts, *self.carrier.counts()]
         return counts
 
     def rearm(self) -> None:
@@ -148,6 +165,8 @@ class Pump:
         try:
             async with trio.open_nursery() as self.nursery:
                 self.nursery.start_soon(self.keep_time)
+                if self.carrier is not None:
+                    self.nursery.start_soon(self.carrier.run)
                 await self.drive()
                 self.nursery.cancel_scope.cancel()  # the timer, and probes whose connections are gone
         finally:
@@ -260,6 +279,9 @@ class Pump:
             trio.lowlevel.notify_closing(self.engine.fileno())
         for relay in list(self.tls.values()):
             relay.finish(ends.CANCELLED)
+        if self.carrier is not None:
+            self.carrier.close()
+            self.carrier = None
         self.report(self.engine.close())
 
     def report(self, finished) -> None:

@@ -2,6 +2,8 @@
 danted; ssh -L and ssh -D tunnels from the router; servers on the server host.
 Each test starts its own relay on the router with the interception it needs."""
 
+import os
+
 import pytest
 
 from relay.lab import ADDR, Lab, start_dante, start_squid, start_ssh_tunnel, start_sshd, start_unbound
@@ -79,6 +81,8 @@ class Relays:
             clear_interception(self.lab)
             intercept(self.lab, intercept_mode, RELAY_PORT)
             self.intercepted = True
+        if (engine := os.environ.get("RELAY_TEST_ENGINE")) and "--engine" not in args:
+            args = [*args, "--engine", engine]  # the whole suite with another engine (README: sockmap)
         relay = start_relay(self.lab, args, name=name, **options)
         relay.baseline = usage(self.lab.process(relay.name).pid)
         self.started.append(relay)

@@ -33,6 +33,12 @@ async def wires():
         s.close()
 
 
+@pytest.fixture(params=["splice", "sockmap"])
+def engine(request):
+    """The pump's engines; with sockmap the kernel carries the connection (relay.net.sockmap)."""
+    return request.param
+
+
 async def send_then_eof(sock, data):
     view = memoryview(data)
     while view:
@@ -48,7 +54,7 @@ async def read_to_eof(sock, out: list):
     out.extend([count, digest.hexdigest()])
 
 
-async def test_both_directions_at_once_with_early_bytes(impl, wires):
+async def test_both_directions_at_once_with_early_bytes(impl, engine, wires):
     app_client, relay_client, relay_upstream, app_server = wires
     up, down = os.urandom(8 << 20), os.urandom(8 << 20)
     early_up, early_down = b"sniffed-first", b"banner-from-handshake"
@@ -60,7 +66,12 @@ async def test_both_directions_at_once_with_early_bytes(impl, wires):
             nursery.start_soon(read_to_eof, app_server, got_at_server)
             nursery.start_soon(read_to_eof, app_client, got_at_client)
             result = await pump(
-                relay_client, relay_upstream, to_upstream_first=early_up, to_client_first=early_down, impl=impl
+                relay_client,
+                relay_upstream,
+                to_upstream_first=early_up,
+                to_client_first=early_down,
+                impl=impl,
+                engine=engine,
             )
     assert result.ended == "closed"
     assert result.sent_up == len(early_up) + len(up) and result.sent_down == len(early_down) + len(down)
@@ -69,7 +80,7 @@ async def test_both_directions_at_once_with_early_bytes(impl, wires):
 
 
 @pytest.mark.parametrize("first_to_finish", ["client", "server"])
-async def test_half_close_keeps_the_other_direction(impl, wires, first_to_finish):
+async def test_half_close_keeps_the_other_direction(impl, engine, wires, first_to_finish):
     app_client, relay_client, relay_upstream, app_server = wires
     quitter, stayer = (app_client, app_server) if first_to_finish == "client" else (app_server, app_client)
     late = os.urandom(1 << 20)
@@ -88,24 +99,24 @@ async def test_half_close_keeps_the_other_direction(impl, wires, first_to_finish
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conversation)
-            result = await pump(relay_client, relay_upstream, impl=impl)
+            result = await pump(relay_client, relay_upstream, impl=impl, engine=engine)
     assert result.ended == "closed"
 
 
 @pytest.mark.parametrize("who", ["client", "server"])
-async def test_reset_is_propagated(impl, wires, who):
+async def test_reset_is_propagated(impl, engine, wires, who):
     app_client, relay_client, relay_upstream, app_server = wires
     culprit, victim = (app_client, app_server) if who == "client" else (app_server, app_client)
-    await culprit.send(b"some bytes before the crash")
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
 
             async def crash():
+                await culprit.send(b"some bytes before the crash")
                 await trio.sleep(0.1)
                 hard_close(culprit)
 
             nursery.start_soon(crash)
-            result = await pump(relay_client, relay_upstream, impl=impl)
+            result = await pump(relay_client, relay_upstream, impl=impl, engine=engine)
     assert result.ended == ("client-reset" if who == "client" else "upstream-reset")
     with pytest.raises(ConnectionResetError):
         with trio.fail_after(5):
@@ -113,9 +124,9 @@ async def test_reset_is_propagated(impl, wires, who):
                 pass
 
 
-async def test_idle_timeout_resets_both(impl, wires, autojump_clock):
+async def test_idle_timeout_resets_both(impl, engine, wires, autojump_clock):
     app_client, relay_client, relay_upstream, app_server = wires
-    result = await pump(relay_client, relay_upstream, idle_timeout=30, impl=impl)
+    result = await pump(relay_client, relay_upstream, idle_timeout=30, impl=impl, engine=engine)
     assert result.ended == "idle-timeout"
     for peer in (app_client, app_server):
         with pytest.raises(OSError) as caught:
@@ -124,7 +135,7 @@ async def test_idle_timeout_resets_both(impl, wires, autojump_clock):
         assert caught.value.errno == errno.ECONNRESET
 
 
-async def test_activity_postpones_idle_timeout(impl, wires):
+async def test_activity_postpones_idle_timeout(impl, engine, wires):
     app_client, relay_client, relay_upstream, app_server = wires
 
     async def chatter():
@@ -138,26 +149,34 @@ async def test_activity_postpones_idle_timeout(impl, wires):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(chatter)
-            result = await pump(relay_client, relay_upstream, idle_timeout=1.5, impl=impl)
+            result = await pump(relay_client, relay_upstream, idle_timeout=1.5, impl=impl, engine=engine)
     # 8 x 0.4 s is longer than the idle timeout; only the traffic kept it alive.
     assert result.ended == "closed" and result.sent_up == 32
 
 
-async def test_half_closed_timeout_wakes_the_pump_early(impl, wires):
+async def test_half_closed_timeout_wakes_the_pump_early(impl, engine, wires):
     """The half-closed deadline comes before the idle one the pump was waiting for."""
     app_client, relay_client, relay_upstream, app_server = wires
-    app_client.shutdown(socket.SHUT_WR)
     with trio.fail_after(10):
-        result = await pump(relay_client, relay_upstream, idle_timeout=600, half_closed_timeout=0.5, impl=impl)
+        async with trio.open_nursery() as nursery:
+
+            async def finish_up():  # once relayed: a socket that has its FIN is never the kernel's
+                await trio.sleep(0.05)
+                app_client.shutdown(socket.SHUT_WR)
+
+            nursery.start_soon(finish_up)
+            result = await pump(
+                relay_client, relay_upstream, idle_timeout=600, half_closed_timeout=0.5, impl=impl, engine=engine
+            )
     assert result.ended == "half-closed-timeout"
 
 
-async def test_cancelling_the_pump_resets_what_is_left(impl, wires):
+async def test_cancelling_the_pump_resets_what_is_left(impl, engine, wires):
     """Shutdown: the pump's task is cancelled; every connection is reported "cancelled" and reset."""
     app_client, relay_client, relay_upstream, app_server = wires
     ended = []
     async with trio.open_nursery() as nursery:
-        relay = Pump(lambda *result: ended.append(result), impl=impl)
+        relay = Pump(lambda *result: ended.append(result), impl=impl, engine=engine)
         nursery.start_soon(relay.run)
         relay.add(relay_client, relay_upstream, "held", idle_timeout=600, half_closed_timeout=60)
         await app_client.send(b"hello")

@@ -1,0 +1,89 @@
+"""--engine sockmap (relay.net.sockmap) where it differs from splice: what it declines, what it bounds.
+
+The cases both engines share (integrity both ways, half-close, resets, timeouts, cancel) are in
+test_pump.py, run with each engine.
+"""
+
+import errno
+import logging
+import socket
+
+import pytest
+import trio
+
+from relay.net import sockmap
+from relay.net.pump import Pump
+from tests.net.test_pump import read_to_eof, send_then_eof, trio_pair
+from tests.pumping import pump
+from tests.root import require_root
+
+
+@pytest.fixture(autouse=True)
+def root():
+    require_root("the sockmap engine needs CAP_BPF and CAP_NET_ADMIN")
+
+
+def test_the_verdict_program_is_whole_instructions_naming_the_map():
+    code = sockmap.verdict_program(map_fd=7)
+    assert len(code) % 8 == 0 and code[-8] == 0x95  # ends with exit
+    assert code[32] == 0x18 and code[33] == 0x12 and int.from_bytes(code[36:40], "little") == 7
+
+
+async def test_a_reader_that_stops_is_reset_at_the_backlog_bound(impl, monkeypatch):
+    """The kernel queues redirected bytes without bound (no backpressure): the sweep resets instead."""
+    app_client, relay_client = trio_pair()
+    relay_upstream, app_server = trio_pair()
+    app_server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads
+    chunk = bytes(1 << 16)
+
+    async def flood():
+        with pytest.raises(OSError) as caught:
+            while True:
+                await app_client.send(chunk)
+        assert caught.value.errno in (errno.ECONNRESET, errno.EPIPE)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            result = await pump(relay_client, relay_upstream, impl=impl, engine="sockmap", max_backlog=4 << 20)
+    assert result.ended == "relay-backlog-full"
+    assert result.sent_up < 64 << 20  # what went into the upstream's send queue before the reset
+    for sock in (app_client, app_server):
+        sock.close()
+
+
+async def test_bytes_queued_before_the_handover_are_spliced(impl):
+    """A socket stored with bytes queued would hold them until the next segment: it is declined."""
+    app_client, relay_client = trio_pair()
+    relay_upstream, app_server = trio_pair()
+    await app_client.send(b"queued before the relay took it")
+    await trio.sleep(0.05)
+    got, ended = [], []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
+            nursery.start_soon(relay.run)
+            await trio.sleep(0)
+            relay.add(relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60)
+            assert len(relay.carrier) == 0 and len(relay.engine) == 1
+            await send_then_eof(app_server, b"")
+            app_client.shutdown(socket.SHUT_WR)
+            await read_to_eof(app_server, got)
+            while not ended:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert got[0] == len(b"queued before the relay took it") and ended == [("t", "closed", got[0], 0)]
+    for sock in (app_client, app_server):
+        sock.close()
+
+
+async def test_a_kernel_that_refuses_leaves_every_connection_to_splice(impl, monkeypatch, caplog):
+    def refuse(self, capacity=0):
+        raise OSError(errno.EPERM, "bpf(): EPERM")
+
+    monkeypatch.setattr(sockmap.Sockmap, "__init__", refuse)
+    with caplog.at_level(logging.WARNING):
+        relay = Pump(lambda *ended: None, impl=impl, engine="sockmap")
+    assert relay.carrier is None
+    assert "--engine sockmap: the kernel refused it (bpf(): EPERM); every connection is spliced" in caplog.text
+    relay.close()
