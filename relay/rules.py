@@ -70,6 +70,10 @@ UDP_CHAIN = "RELAY_UDP"  # in filter: rejects the LAN's UDP to the fake ranges, 
 OUR_CHAINS = (CHAIN, OUTPUT_CHAIN, OUTPUT_NEW_CHAIN, DNS_CHAIN, UDP_CHAIN)
 UDP_REJECTS = ("quic", "all", "off")
 QUIC_PORT = 443
+# A TCP packet that is not a connection's opening SYN (the handshake's last ACK to the relay matches
+# the socket rule before this): never the relay's to take.
+IPTABLES_MID_STREAM = "-p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN"
+NFT_MID_STREAM = "tcp flags & (fin | syn | rst | ack) != syn return"
 IPTABLES_TABLES = ("nat", "mangle", "filter")  # where our chains can be: REDIRECT in nat, TPROXY in mangle
 NFT_TABLE = "inet relay"
 
@@ -308,7 +312,7 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
             f"-A {CHAIN} {own_mark} -j RETURN",
             # nat sees a connection's first packet only; conntrack takes up one it first sees mid-stream
             # (opened before it ran here) as new: that one is not the relay's to take.
-            f"-A {CHAIN} -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j RETURN",
+            f"-A {CHAIN} {IPTABLES_MID_STREAM} -j RETURN",
             *_fake_ip_rules(CHAIN, settings, version, redirect),
             *_exemption_rules(CHAIN, settings, version),
             f"-A {CHAIN} -p tcp -j {redirect}",
@@ -325,6 +329,9 @@ def _iptables_tcp(settings: RuleSettings, version: int) -> dict[str, _Table]:
         # Packets of connections the relay already holds: route them to it, skip the rest.
         f"-A {CHAIN} -p tcp -m socket --transparent -j MARK --set-xmark {tproxy_mark}",
         f"-A {CHAIN} -p tcp -m socket --transparent -j ACCEPT",
+        # Any other packet but an opening SYN belongs to a connection under way around the relay
+        # (opened before the rules): TPROXY would hand it to the listener, which resets it.
+        f"-A {CHAIN} {IPTABLES_MID_STREAM} -j RETURN",
         *_fake_ip_rules(CHAIN, settings, version, tproxy),
         *_exemption_rules(CHAIN, settings, version),
         f"-A {CHAIN} -p tcp -j {tproxy}",
@@ -504,8 +511,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             )
         redirect = f"meta l4proto tcp redirect to :{port}"
         fake_ips = _nft_fake_ip(settings, lambda _: redirect)
-        mid_stream = "tcp flags & (fin | syn | rst | ack) != syn return"  # see the iptables ruleset
-        intercept = [own_mark, mid_stream, *fake_ips, *_nft_exemptions(settings), redirect]
+        intercept = [own_mark, NFT_MID_STREAM, *fake_ips, *_nft_exemptions(settings), redirect]
         return body + _nft_chain("intercept", intercept) + dns + udp
 
     set_mark = f"meta mark set meta mark | {settings.tproxy_mark:#x}"
@@ -557,6 +563,7 @@ def _nft_table_body(settings: RuleSettings) -> list[str]:
             [
                 own_mark,
                 f"socket transparent 1 {set_mark} accept",  # connections the relay already holds
+                NFT_MID_STREAM,  # connections under way around the relay (see the iptables ruleset)
                 *fake_ips,
                 *_nft_exemptions(settings),
                 *tproxy,

@@ -71,12 +71,14 @@ def test_redirect_chain_exempts_in_order_then_redirects():
 def test_tproxy_chain_skips_held_connections_then_tproxies_with_its_own_mark():
     text = iptables_restore(RuleSettings("tproxy", 4000, ("lan0",), 0x4, tproxy_mark=0x200), 6)
     chain = chain_rules(text, "RELAY")
-    assert chain[:3] == [
+    assert chain[:4] == [
         "-A RELAY -m mark --mark 0x4/0x4 -j RETURN",
         "-A RELAY -p tcp -m socket --transparent -j MARK --set-xmark 0x200/0x200",
         "-A RELAY -p tcp -m socket --transparent -j ACCEPT",
+        # a connection under way around the relay is left alone: only opening SYNs are taken
+        "-A RELAY -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j RETURN",
     ]
-    assert chain[3] == "-A RELAY -d ::1/128 -j RETURN"
+    assert chain[4] == "-A RELAY -d ::1/128 -j RETURN"
     assert chain[-1] == "-A RELAY -p tcp -j TPROXY --on-port 4000 --tproxy-mark 0x200/0x200"
     assert text.startswith("*mangle\n") and "*nat" not in text
 
@@ -183,7 +185,7 @@ def test_tcp_to_the_fake_ranges_is_redirected_before_any_exemption():
 def test_tcp_to_the_fake_ranges_is_tproxied_after_the_connections_the_relay_holds():
     settings = RuleSettings("tproxy", 4000, (), 0x4, redirect_output=True, fake_ip_ranges=FAKE_IP_RANGES)
     text = iptables_restore(settings, 4)
-    assert chain_rules(text, "RELAY")[3] == (
+    assert chain_rules(text, "RELAY")[4] == (
         "-A RELAY -d 198.18.0.0/15 -p tcp -j TPROXY --on-port 4000 --tproxy-mark 0x100/0x100"
     )
     assert (
@@ -191,7 +193,7 @@ def test_tcp_to_the_fake_ranges_is_tproxied_after_the_connections_the_relay_hold
         == "-A RELAY_OUTPUT_NEW -d 198.18.0.0/15 -p tcp -j CONNMARK --set-xmark 0x100/0x100"
     )
     script = nft_script(settings)
-    assert nft_chain(script, "intercept")[2:4] == [
+    assert nft_chain(script, "intercept")[3:5] == [
         "ip daddr { 198.18.0.0/15 } meta l4proto tcp tproxy ip to :4000 meta mark set meta mark | 0x100 accept",
         "ip6 daddr { fc00::/18 } meta l4proto tcp tproxy ip6 to :4000 meta mark set meta mark | 0x100 accept",
     ]
@@ -614,7 +616,9 @@ def test_udp_relayed_is_tproxied_past_the_tcp_exemptions_in_both_backends():
         "meta nfproto ipv4 meta l4proto udp tproxy ip to :12345 meta mark set meta mark | 0x100 accept",
         "meta nfproto ipv6 meta l4proto udp tproxy ip6 to :12345 meta mark set meta mark | 0x100 accept",
     ]
-    assert nft_chain(script, "intercept")[2:-2] == chain[1:-2]  # the same exemptions, in the same order
+    tcp_chain = nft_chain(script, "intercept")
+    assert tcp_chain[2] == "tcp flags & (fin | syn | rst | ack) != syn return"  # TCP's alone
+    assert tcp_chain[3:-2] == chain[1:-2]  # the same exemptions, in the same order
 
 
 def test_udp_relayed_leaves_port_53_to_the_dns_service_and_needs_tproxy():

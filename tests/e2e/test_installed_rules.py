@@ -246,6 +246,26 @@ def test_taking_the_routers_own_traffic_leaves_its_open_connections_and_inbound_
         assert line["dst"] == f"{ADDR.far4}:{FAR_ECHO_PORT}" and line["client"].startswith(ADDR.router_wan4 + ":")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lan_connection_under_way_when_the_rules_go_in_goes_on_around_the_relay(
+    lab, firewall, dante_relays, backend, mode
+):
+    """The same for connections the router forwards: one a LAN client opened before the rules (routed
+    by the router and far) goes on as it was; the next one is the relay's."""
+    relay = dante_relays(mode, "--mark", hex(MARK))
+    with routes_to_server(lab, far_forwards=True):
+        with lab.connect("client", ADDR.server4, TRAFFIC_PORT, timeout=5) as under_way:
+            under_way.sendall(b"ECHO\n")
+            assert echoed(under_way, b"before") == b"before"
+            firewall.apply(lab_settings(mode), backend)
+            assert echoed(under_way, b"after") == b"after"
+            download(lab, SIZE, address=ADDR.server4)
+            assert echoed(under_way, b"still") == b"still"
+    [line] = relay.connections(at_least=1)
+    assert line["dst"] == f"{ADDR.server4}:{TRAFFIC_PORT}" and line["end"] == "closed"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_mark_the_relay_refuses_its_own_looped_connection(
     lab, session_tunnels_survive, firewall, dante_relays, backend
