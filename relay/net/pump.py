@@ -59,6 +59,7 @@ class Pump:
         self.engine = (impl or fastpath).Engine()
         self.on_finished = on_finished
         self.carrier: KernelCarrier | None = None  # --engine sockmap: carries what it can, the engine the rest
+        self.sent_before: dict = {}  # token -> (up, down) the carrier sent before it left the connection here
         if engine == "sockmap":
             try:
                 self.carrier = KernelCarrier(self.report, max_backlog)
@@ -100,11 +101,13 @@ class Pump:
                          to_client_first, confirm_eof)  # fmt: skip
             return
         if self.carrier is not None and confirm_eof is None:  # held FINs are the engine's
-            owed = self.carrier.add(client, upstream, token, idle_timeout, half_closed_timeout, to_upstream_first,
-                                    to_client_first)  # fmt: skip
-            if owed is None:
+            declined = self.carrier.add(client, upstream, token, idle_timeout, half_closed_timeout,
+                                        to_upstream_first, to_client_first)  # fmt: skip
+            if declined is None:
                 return
-            to_upstream_first, to_client_first = owed
+            to_upstream_first, to_client_first = declined.to_upstream_first, declined.to_client_first
+            if declined.sent_up or declined.sent_down:
+                self.sent_before[token] = (declined.sent_up, declined.sent_down)
         now = trio.current_time()
         self.engine.add(
             client.fileno(),
@@ -271,7 +274,7 @@ class Pump:
         """End the idlest connection whose client never sent a byte (see Engine.reclaim): whether one was."""
         finished = self.engine.reclaim(ended)
         self.report(finished)
-        return bool(finished)
+        return bool(finished) or (self.carrier is not None and self.carrier.reclaim(ended))
 
     def close(self) -> None:
         """Reset every connection left (they end ends.CANCELLED) and end run(); later calls do nothing."""
@@ -288,6 +291,8 @@ class Pump:
         for token, ended, sent_up, sent_down in finished:
             if self.probes:
                 self.probes.pop(token, None)
+            if self.sent_before and (before := self.sent_before.pop(token, None)):
+                sent_up, sent_down = sent_up + before[0], sent_down + before[1]
             try:
                 self.on_finished(token, ended, sent_up, sent_down)
             except Exception:  # a bug must cost one connection's bookkeeping, not every connection

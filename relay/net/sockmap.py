@@ -1,7 +1,7 @@
 """The kernel carries established connections: a BPF sockmap (``--engine sockmap``, experimental).
 
 Both sockets of a connection go into one BPF sockhash, each stored under its
-peer's socket cookie. A stream-verdict program of eleven instructions, built
+peer's socket cookie. A stream-verdict program of twelve instructions, built
 here from its bytecode, runs for every segment a stored socket receives and
 redirects it to the send side of the socket stored under the receiver's own
 cookie: in softirq, without waking the relay. The relay watches only for FINs
@@ -17,7 +17,10 @@ What the kernel (6.18) does, found in the lab, and what it made this code do
   forwarded only once the peer's written counter has caught up.
 - A segment queued before a socket is stored waits for the next segment, and
   removing a socket drops what waits to be sent through it: sockets are stored
-  only with empty receive queues, and leave the map only by being closed.
+  with empty receive queues, and taken out again only while nothing can wait
+  to be sent through them (see add()); otherwise they leave the map by closing.
+- A pair cannot be stored at once: see add() for the order that keeps bytes in
+  place, and the resets (relay.ends.STORE_RACE) where it cannot.
 """
 
 import ctypes
@@ -27,6 +30,7 @@ import platform
 import select
 import socket
 import struct
+from typing import NamedTuple
 
 import trio
 
@@ -49,7 +53,8 @@ DRAIN_CHECK = 0.002  # how often a held FIN looks whether the bytes before it ha
 MAX_BACKLOG = 32 << 20  # bytes one direction may hold in the kernel before the connection is reset (a flag)
 CAPACITY = 1 << 16  # sockets the map holds
 _DECLINED = "declined"  # not an end: the splice engine takes the connection
-FORWARD_TRIES = 8  # reads of what an upstream says while its client is being stored
+FORWARD_TRIES = 8
+BASELINE_TRIES = 8  # reads of what an upstream says while its client is being stored
 
 
 def _instruction(code: int, dst: int = 0, src: int = 0, offset: int = 0, imm: int = 0) -> bytes:
@@ -146,10 +151,38 @@ def _queued(sock: socket.socket, request: int) -> int:
 
 
 def _counters(sock: socket.socket) -> tuple[int, int]:
-    """(bytes written into this socket so far, bytes it received so far, a FIN counting one)."""
+    """(bytes written into this socket so far, bytes it received so far, a FIN counting one).
+
+    The acked count is read before the queue: an ACK between the two reads makes the sum short,
+    never long, so a FIN is forwarded late rather than before the bytes it follows."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
     acked, received = struct.unpack_from("<QQ", info, 120)
     return acked + _queued(sock, _SIOCOUTQ), received
+
+
+def _baseline(sock: socket.socket) -> tuple[int, int]:
+    """Where counting starts: (bytes written so far, bytes received and read so far), exact.
+
+    Here a short sum would be the dangerous side (it would count bytes as moved that were not),
+    so both are read between two looks at the queues, again until nothing moved meanwhile. Bytes
+    received but still waiting to be read have not moved: they count as coming after the start."""
+    for _ in range(BASELINE_TRIES):
+        queues = (_queued(sock, _SIOCOUTQ), _queued(sock, _SIOCINQ))
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        if (_queued(sock, _SIOCOUTQ), _queued(sock, _SIOCINQ)) == queues:
+            acked, received = struct.unpack_from("<QQ", info, 120)
+            return acked + queues[0], received - queues[1]
+    raise OSError(errno.EAGAIN, "its counters kept moving")
+
+
+class Declined(NamedTuple):
+    """A connection left to the splice engine: the first bytes it still owes each side, and how many
+    the carrier sent already (its totals must count them)."""
+
+    to_upstream_first: bytes
+    to_client_first: bytes
+    sent_up: int
+    sent_down: int
 
 
 class Carried:
@@ -177,7 +210,7 @@ class Carried:
 
     def take_baselines(self) -> None:
         for side, sock in enumerate(self.socks):
-            self.written_base[side], self.received_base[side] = _counters(sock)
+            self.written_base[side], self.received_base[side] = _baseline(sock)
         self.last_received = list(self.received_base)
 
     def moved(self) -> tuple[list[int], list[int]]:
@@ -218,8 +251,8 @@ class KernelCarrier:
         return len(self.carried)
 
     def add(self, client, upstream, token, idle_timeout, half_closed_timeout, to_upstream_first, to_client_first):
-        """Take the connection, or decline it: None when taken, else the first bytes still owed
-        (to_upstream_first, to_client_first), with which the splice engine takes it.
+        """Take the connection (None), or decline it: a Declined says what the splice engine owes
+        still and what this already sent.
 
         The order keeps every byte in place. The first bytes go out before anything is stored. The
         client, which waits for an answer to them, is stored first; until its upstream is stored
@@ -228,52 +261,37 @@ class KernelCarrier:
         itself, then stores the upstream.
         """
         views = (socket.socket(fileno=client.fileno()), socket.socket(fileno=upstream.fileno()))
+        declined = Declined(to_upstream_first, to_client_first, 0, 0)
         try:
-            taken = self._store_client(views, token, idle_timeout, half_closed_timeout, to_upstream_first,
-                                       to_client_first)  # fmt: skip
-        except OSError as exc:
+            if self._takes(views):
+                declined = self._write_first(views, to_upstream_first, to_client_first)
+                if not declined.to_upstream_first and not declined.to_client_first:
+                    connection = self._store_client(views, token, idle_timeout, half_closed_timeout, declined)
+                    forwarded, failure = self._store_upstream(connection)
+                    if failure == _DECLINED:
+                        try:
+                            self.sockmap.remove(connection.cookies[1])  # nothing went through the client yet
+                        except OSError as exc:
+                            failure = ends.local_failure(exc.errno)
+                    if failure != _DECLINED:
+                        self._carry(connection, client, upstream, failure)
+                        return None
+                    declined = declined._replace(sent_down=declined.sent_down + forwarded)
+        except OSError as exc:  # before the client was stored
             log.debug("sockmap declined a connection: %s", exc)
-            taken = (b"", b"")
-        if not isinstance(taken, Carried):
-            for view in views:
-                view.detach()  # the caller's sockets keep their fds
-            return taken
-        connection = taken
-        try:
-            failure = self._store_upstream(connection)
-        except OSError as exc:
-            failure = ends.local_failure(exc.errno)
-        if failure == _DECLINED:
-            try:
-                self.sockmap.remove(connection.cookies[1])  # nothing went through the client yet
-            except OSError as exc:
-                failure = ends.local_failure(exc.errno)
-            else:
-                for view in views:
-                    view.detach()
-                return b"", b""
-        client.detach()
-        upstream.detach()
-        self.carried.add(connection)
-        try:
-            for side, sock in enumerate(views):
-                self.by_fd[sock.fileno()] = (connection, side)
-                self.epoll.register(sock.fileno(), select.EPOLLRDHUP | select.EPOLLET)
-        except OSError as exc:
-            failure = failure or ends.local_failure(exc.errno)
-        if failure:
-            self.failed.append((connection, failure))  # ended by the drainer: not before the caller is done
-            self.wake_drainer.set()
-        return None
+        for view in views:
+            view.detach()  # the caller's sockets keep their fds
+        return declined
 
-    def _store_client(self, views, token, idle_timeout, half_closed_timeout, to_upstream_first, to_client_first):
-        """Write the first bytes, store the client: its Carried, or the first bytes still owed."""
-        owed = self._write_first(views, [to_upstream_first, to_client_first])
-        if owed is not None:
-            return owed
-        if len(self.carried) * 2 + 2 > CAPACITY or not all(map(_established, views)) or _queued(views[0], _SIOCINQ):
-            return b"", b""  # bytes queued before their socket is stored would wait for the next segment
-        connection = Carried(views, token, (len(to_upstream_first), len(to_client_first)),
+    def _takes(self, views) -> bool:
+        """Room in the map, both sockets established (it takes nothing else), nothing queued from the
+        client (bytes queued before a socket is stored would wait there for its next segment)."""
+        return (
+            len(self.carried) * 2 + 2 <= CAPACITY and all(map(_established, views)) and not _queued(views[0], _SIOCINQ)
+        )
+
+    def _store_client(self, views, token, idle_timeout, half_closed_timeout, declined) -> "Carried":
+        connection = Carried(views, token, (declined.sent_up, declined.sent_down),
                              idle_timeout, half_closed_timeout, trio.current_time())  # fmt: skip
         connection.take_baselines()
         connection.cookies = [struct.unpack("<Q", sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0]
@@ -281,38 +299,77 @@ class KernelCarrier:
         self.sockmap.store(views[0].fileno(), connection.cookies[1])  # found by the upstream's segments
         return connection
 
-    def _store_upstream(self, connection: Carried) -> str | None:
-        """Forward what the upstream said meanwhile, then store it: None, or how the connection ends."""
-        client, upstream = connection.socks
-        if not _established(upstream):  # its FIN came: the map would refuse it
-            return ends.STORE_RACE if _spoke(client) else _DECLINED
-        for _ in range(FORWARD_TRIES):
-            waiting = _queued(upstream, _SIOCINQ)
-            if not waiting:
-                break
-            data = upstream.recv(waiting, socket.MSG_DONTWAIT)  # nothing is redirected to the client yet
-            if client.send(data, socket.MSG_DONTWAIT) != len(data):
-                return ends.STORE_RACE
-        else:
-            return ends.STORE_RACE
+    def _store_upstream(self, connection: Carried) -> tuple[int, str | None]:
+        """Forward what the upstream said meanwhile, then store it: (bytes forwarded, None or how the
+        connection ends, or _DECLINED: the upstream's FIN came, the map would refuse it)."""
         try:
-            self.sockmap.store(upstream.fileno(), connection.cookies[0])  # found by the client's segments
-        except OSError:  # its FIN came since the look above (the splice engine's totals miss what went)
-            return ends.STORE_RACE if _spoke(client) else _DECLINED
-        # Bytes from the client before this store came up to the relay, and later ones may already
-        # have gone on: their order is lost.
-        return ends.STORE_RACE if _spoke(client) else None
+            return self._forward_then_store(connection)
+        except OSError as exc:
+            return 0, ends.local_failure(exc.errno)
+
+    def _forward_then_store(self, connection: Carried) -> tuple[int, str | None]:
+        client, upstream = connection.socks
+        forwarded = 0
+        for attempt in range(FORWARD_TRIES):
+            if attempt and not (_established(upstream) and _all_gone_on(connection)):
+                # It was stored: bytes it redirected may wait to be sent through the client, so the
+                # client cannot be taken out, nor bytes written to it past them.
+                return forwarded, ends.STORE_RACE
+            if not _established(upstream):
+                return forwarded, ends.STORE_RACE if _spoke(client) else _DECLINED
+            for _ in range(FORWARD_TRIES):
+                waiting = _queued(upstream, _SIOCINQ)
+                if not waiting:
+                    break
+                data = upstream.recv(waiting, socket.MSG_DONTWAIT)  # nothing is redirected to the client yet
+                sent = client.send(data, socket.MSG_DONTWAIT)
+                forwarded += sent
+                if sent != len(data):
+                    return forwarded, ends.STORE_RACE
+            else:
+                return forwarded, ends.STORE_RACE  # it keeps talking
+            received = _counters(upstream)[1]
+            try:
+                self.sockmap.store(upstream.fileno(), connection.cookies[0])  # found by the client's segments
+            except OSError:  # its FIN came since the look above
+                return forwarded, ends.STORE_RACE if _spoke(client) else _DECLINED
+            if _spoke(client):
+                # Bytes from the client before this store came up to the relay, and later ones may
+                # already have gone on: their order is lost.
+                return forwarded, ends.STORE_RACE
+            if _counters(upstream)[1] == received or _counters(client)[1] != connection.received_base[0]:
+                return forwarded, None  # nothing came around the store; or the sweep watches (see there)
+            # The upstream's bytes came around the store: gone on, or stuck if they came just before it.
+            # Taken out again, it shows stuck ones; nothing waits to be sent through it (the client is silent).
+            self.sockmap.remove(connection.cookies[0])
+        return forwarded, ends.STORE_RACE
+
+    def _carry(self, connection: Carried, client, upstream, failure: str | None) -> None:
+        """The connection is the carrier's now (both sockets' fds); a failure ends it soon."""
+        client.detach()
+        upstream.detach()
+        self.carried.add(connection)
+        try:
+            for side, sock in enumerate(connection.socks):
+                self.by_fd[sock.fileno()] = (connection, side)
+                self.epoll.register(sock.fileno(), select.EPOLLRDHUP | select.EPOLLET)
+        except OSError as exc:
+            failure = failure or ends.local_failure(exc.errno)
+        if failure:
+            self.failed.append((connection, failure))  # ended by the drainer: not before the caller is done
+            self.wake_drainer.set()
 
     @staticmethod
-    def _write_first(views, owed: list[bytes]):
-        """Write each side's first bytes; None when all went, else what is left of them."""
+    def _write_first(views, to_upstream_first: bytes, to_client_first: bytes) -> "Declined":
+        """Write each side's first bytes: what is left of them (nothing when all went), what went."""
+        owed = [to_upstream_first, to_client_first]
         for side, sock in ((0, views[1]), (1, views[0])):
             while owed[side]:
                 try:
                     owed[side] = owed[side][sock.send(owed[side], socket.MSG_DONTWAIT) :]
                 except OSError:  # full, or failed: the engine carries on from here and meets the error itself
-                    return owed[0], owed[1]
-        return None
+                    break
+        return Declined(*owed, len(to_upstream_first) - len(owed[0]), len(to_client_first) - len(owed[1]))
 
     def fileno(self) -> int:
         return self.epoll.fileno()
@@ -409,6 +466,20 @@ class KernelCarrier:
         elif silent >= connection.idle_timeout:
             self.finish(connection, ends.IDLE_TIMEOUT, reset=True)
 
+    def reclaim(self, ended: str) -> bool:
+        """End the connection idle longest whose client never sent a byte (as Engine.reclaim): whether one was."""
+        silent = []
+        for connection in self.carried:
+            try:
+                if not connection.first[0] and _counters(connection.socks[0])[1] == connection.received_base[0]:
+                    silent.append(connection)
+            except OSError:
+                continue
+        if not silent:
+            return False
+        self.finish(min(silent, key=lambda connection: connection.last_active), ended, reset=True)
+        return True
+
     def counts(self) -> list:
         return [(connection.token, *connection.sent()) for connection in self.carried]
 
@@ -438,6 +509,14 @@ class KernelCarrier:
         trio.lowlevel.notify_closing(self.epoll.fileno())
         self.epoll.close()
         self.sockmap.close()
+
+
+def _all_gone_on(connection: "Carried") -> bool:
+    """Whether every byte the upstream gave up since the start (read by the relay, or redirected) is in
+    the client's send queue or acknowledged: nothing waits between them. Errs towards no."""
+    client, upstream = connection.socks
+    received = _counters(upstream)[1] - _queued(upstream, _SIOCINQ) - connection.received_base[1]
+    return received == _counters(client)[0] - connection.written_base[0]
 
 
 def _established(sock: socket.socket) -> bool:

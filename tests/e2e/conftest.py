@@ -3,6 +3,7 @@ danted; ssh -L and ssh -D tunnels from the router; servers on the server host.
 Each test starts its own relay on the router with the interception it needs."""
 
 import os
+import shlex
 
 import pytest
 
@@ -82,7 +83,8 @@ class Relays:
             intercept(self.lab, intercept_mode, RELAY_PORT)
             self.intercepted = True
         if (engine := os.environ.get("RELAY_TEST_ENGINE")) and "--engine" not in args:
-            args = [*args, "--engine", engine]  # the whole suite with another engine (README: sockmap)
+            # The whole suite with another engine, and that engine's options (README: sockmap).
+            args = [*args, "--engine", *shlex.split(engine)]
         relay = start_relay(self.lab, args, name=name, **options)
         relay.baseline = usage(self.lab.process(relay.name).pid)
         self.started.append(relay)

@@ -5,7 +5,9 @@ test_pump.py, run with each engine.
 """
 
 import errno
+import hashlib
 import logging
+import os
 import socket
 
 import pytest
@@ -87,3 +89,51 @@ async def test_a_kernel_that_refuses_leaves_every_connection_to_splice(impl, mon
     assert relay.carrier is None
     assert "--engine sockmap: the kernel refused it (bpf(): EPERM); every connection is spliced" in caplog.text
     relay.close()
+
+
+async def test_first_bytes_too_big_to_write_at_once_are_finished_by_splice_and_counted_once(impl):
+    app_client, relay_client = trio_pair()
+    relay_upstream, app_server = trio_pair()
+    first = os.urandom(16 << 20)  # more than a send buffer takes: the carrier writes part, splice the rest
+    got, ended = [], []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
+            nursery.start_soon(relay.run)
+            await trio.sleep(0)
+            relay.add(
+                relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60, to_upstream_first=first
+            )
+            assert len(relay.carrier) == 0 and len(relay.engine) == 1
+            app_client.shutdown(socket.SHUT_WR)
+            await send_then_eof(app_server, b"")
+            await read_to_eof(app_server, got)
+            while not ended:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert got == [len(first), hashlib.sha256(first).hexdigest()]
+    assert ended == [("t", "closed", len(first), 0)]
+    for sock in (app_client, app_server):
+        sock.close()
+
+
+async def test_reclaim_ends_the_carried_connection_whose_client_never_spoke(impl):
+    pairs = [(trio_pair(), trio_pair()) for _ in range(2)]
+    ended = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
+            nursery.start_soon(relay.run)
+            await trio.sleep(0)
+            for token, ((_, relay_client), (relay_upstream, _)) in enumerate(pairs):
+                relay.add(relay_client, relay_upstream, token, idle_timeout=60, half_closed_timeout=60)
+            assert len(relay.carrier) == 2
+            (spoke, _), (_, server) = pairs[0]
+            await spoke.send(b"hello")
+            assert await server.recv(10) == b"hello"
+            assert relay.reclaim("reclaimed") and ended == [(1, "reclaimed", 0, 0)]
+            assert not relay.reclaim("reclaimed")  # the other one's client spoke
+            nursery.cancel_scope.cancel()
+    for (app_client, _), (_, app_server) in pairs:
+        app_client.close()
+        app_server.close()
