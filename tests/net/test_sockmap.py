@@ -54,26 +54,34 @@ async def test_a_reader_that_stops_is_reset_at_the_backlog_bound(impl, monkeypat
         sock.close()
 
 
+async def spliced_to_the_end(impl, app_client, relay_client, relay_upstream, app_server, first: bytes):
+    """Add a connection the carrier must leave to splice; both ends finish; (what the server got, ends)."""
+    got, ended = [], []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
+            nursery.start_soon(relay.run)
+            await trio.sleep(0)
+            relay.add(
+                relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60, to_upstream_first=first
+            )
+            assert len(relay.carrier) == 0 and len(relay.engine) == 1
+            app_client.shutdown(socket.SHUT_WR)
+            await send_then_eof(app_server, b"")
+            await read_to_eof(app_server, got)
+            while not ended:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    return got, ended
+
+
 async def test_bytes_queued_before_the_handover_are_spliced(impl):
     """A socket stored with bytes queued would hold them until the next segment: it is declined."""
     app_client, relay_client = trio_pair()
     relay_upstream, app_server = trio_pair()
     await app_client.send(b"queued before the relay took it")
     await trio.sleep(0.05)
-    got, ended = [], []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
-            nursery.start_soon(relay.run)
-            await trio.sleep(0)
-            relay.add(relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60)
-            assert len(relay.carrier) == 0 and len(relay.engine) == 1
-            await send_then_eof(app_server, b"")
-            app_client.shutdown(socket.SHUT_WR)
-            await read_to_eof(app_server, got)
-            while not ended:
-                await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+    got, ended = await spliced_to_the_end(impl, app_client, relay_client, relay_upstream, app_server, b"")
     assert got[0] == len(b"queued before the relay took it") and ended == [("t", "closed", got[0], 0)]
     for sock in (app_client, app_server):
         sock.close()
@@ -95,22 +103,7 @@ async def test_first_bytes_too_big_to_write_at_once_are_finished_by_splice_and_c
     app_client, relay_client = trio_pair()
     relay_upstream, app_server = trio_pair()
     first = os.urandom(16 << 20)  # more than a send buffer takes: the carrier writes part, splice the rest
-    got, ended = [], []
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
-            nursery.start_soon(relay.run)
-            await trio.sleep(0)
-            relay.add(
-                relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60, to_upstream_first=first
-            )
-            assert len(relay.carrier) == 0 and len(relay.engine) == 1
-            app_client.shutdown(socket.SHUT_WR)
-            await send_then_eof(app_server, b"")
-            await read_to_eof(app_server, got)
-            while not ended:
-                await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+    got, ended = await spliced_to_the_end(impl, app_client, relay_client, relay_upstream, app_server, first)
     assert got == [len(first), hashlib.sha256(first).hexdigest()]
     assert ended == [("t", "closed", len(first), 0)]
     for sock in (app_client, app_server):
