@@ -30,6 +30,7 @@ import platform
 import select
 import socket
 import struct
+import time
 from typing import NamedTuple
 
 import trio
@@ -54,7 +55,8 @@ MAX_BACKLOG = 32 << 20  # bytes one direction may hold in the kernel before the 
 CAPACITY = 1 << 16  # sockets the map holds
 _DECLINED = "declined"  # not an end: the splice engine takes the connection
 FORWARD_TRIES = 8
-BASELINE_TRIES = 8  # reads of what an upstream says while its client is being stored
+BASELINE_TRIES = 8
+SETTLE_WAIT = 0.002  # reads of what an upstream says while its client is being stored
 
 
 def _instruction(code: int, dst: int = 0, src: int = 0, offset: int = 0, imm: int = 0) -> bytes:
@@ -311,7 +313,7 @@ class KernelCarrier:
         client, upstream = connection.socks
         forwarded = 0
         for attempt in range(FORWARD_TRIES):
-            if attempt and not (_established(upstream) and _all_gone_on(connection)):
+            if attempt and not (_established(upstream) and _settles(connection)):
                 # It was stored: bytes it redirected may wait to be sent through the client, so the
                 # client cannot be taken out, nor bytes written to it past them.
                 return forwarded, ends.STORE_RACE
@@ -339,7 +341,10 @@ class KernelCarrier:
                 return forwarded, ends.STORE_RACE
             if _counters(upstream)[1] == received or _counters(client)[1] != connection.received_base[0]:
                 return forwarded, None  # nothing came around the store; or the sweep watches (see there)
-            # The upstream's bytes came around the store: gone on, or stuck if they came just before it.
+            # The upstream's bytes came around the store: they go on (often an answer to the first
+            # bytes, on its way), or wait stuck if they came just before it.
+            if _settles(connection):
+                return forwarded, None
             # Taken out again, it shows stuck ones; nothing waits to be sent through it (the client is silent).
             self.sockmap.remove(connection.cookies[0])
         return forwarded, ends.STORE_RACE
@@ -517,6 +522,17 @@ def _all_gone_on(connection: "Carried") -> bool:
     client, upstream = connection.socks
     received = _counters(upstream)[1] - _queued(upstream, _SIOCINQ) - connection.received_base[1]
     return received == _counters(client)[0] - connection.written_base[0]
+
+
+def _settles(connection: "Carried") -> bool:
+    """Whether _all_gone_on becomes true within SETTLE_WAIT: the kernel's worker sends redirected bytes
+    on soon after they come. Blocks (briefly, and only when bytes came while the upstream was stored)."""
+    deadline = time.monotonic() + SETTLE_WAIT
+    while not _all_gone_on(connection):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(SETTLE_WAIT / 20)
+    return True
 
 
 def _established(sock: socket.socket) -> bool:
