@@ -37,6 +37,7 @@ import trio
 
 from relay import ends
 from relay.logs import log
+from relay.net import sockets
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
 _MAP_CREATE, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM, _PROG_LOAD, _PROG_ATTACH = 0, 2, 3, 5, 8
@@ -47,16 +48,15 @@ _SO_COOKIE = 57
 _SIOCINQ, _SIOCOUTQ = 0x541B, 0x5411
 _TCP_ESTABLISHED = 1
 _TCP_INFO_SIZE = 136  # up to tcpi_bytes_received
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 SWEEP = 0.05  # how often backlogs, idle and half-closed connections are looked at
 DRAIN_CHECK = 0.002  # how often a held FIN looks whether the bytes before it have gone on
 MAX_BACKLOG = 32 << 20  # bytes one direction may hold in the kernel before the connection is reset (a flag)
 CAPACITY = 1 << 16  # sockets the map holds
 _DECLINED = "declined"  # not an end: the splice engine takes the connection
-FORWARD_TRIES = 8
-BASELINE_TRIES = 8
-SETTLE_WAIT = 0.002  # reads of what an upstream says while its client is being stored
+FORWARD_TRIES = 8  # reads of what an upstream says while its client is stored, and stores of it
+BASELINE_TRIES = 8  # reads of a socket's counters until nothing moved between them
+SETTLE_WAIT = 0.002  # how long bytes redirected during a store may take to reach the client's queue
 
 
 def _instruction(code: int, dst: int = 0, src: int = 0, offset: int = 0, imm: int = 0) -> bytes:
@@ -376,9 +376,6 @@ class KernelCarrier:
                     break
         return Declined(*owed, len(to_upstream_first) - len(owed[0]), len(to_client_first) - len(owed[1]))
 
-    def fileno(self) -> int:
-        return self.epoll.fileno()
-
     async def run(self) -> None:
         """Handle FINs and resets as they come, and sweep for backlogs and timeouts, until cancelled."""
         async with trio.open_nursery() as nursery:
@@ -499,12 +496,10 @@ class KernelCarrier:
             fd = sock.fileno()
             if self.by_fd.pop(fd, None) is not None:
                 self.epoll.unregister(fd)
-            if reset:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
-            sock.close()  # which also takes it out of the map
+            if reset:  # closing also takes it out of the map
+                sockets.reset(sock)
+            else:
+                sock.close()
         self.on_finished([(connection.token, ended, sent_up, sent_down)])
 
     def close(self) -> None:
