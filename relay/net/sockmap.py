@@ -191,7 +191,7 @@ class Carried:
     """One connection the kernel carries. Sides: 0 the client, 1 the upstream (as relay.ends.RESET_BY)."""
 
     __slots__ = ("socks", "token", "cookies", "first", "written_base", "received_base", "fin", "forwarded",
-                 "last_received", "last_moved", "last_active", "idle_timeout", "half_closed_timeout",
+                 "last_moved", "last_active", "idle_timeout", "half_closed_timeout",
                  "ended")  # fmt: skip
 
     def __init__(self, socks, token, first, idle_timeout, half_closed_timeout, now):
@@ -203,8 +203,9 @@ class Carried:
         self.received_base = [0, 0]
         self.fin = [False, False]  # a FIN came from this side
         self.forwarded = [False, False]  # ...and went on to the other
-        self.last_received = [0, 0]
-        self.last_moved = [(0, 0), (0, 0)]  # per direction at the last sweep: (came, went), as moved() says
+        # Per direction at the last sweep, as moved() says: (came, went). Only sweep() sets it, so that
+        # reading the counters elsewhere (counts(), held FINs) cannot hide traffic from the idle timeout.
+        self.last_moved = [(0, 0), (0, 0)]
         self.last_active = now
         self.idle_timeout = idle_timeout
         self.half_closed_timeout = half_closed_timeout
@@ -213,7 +214,6 @@ class Carried:
     def take_baselines(self) -> None:
         for side, sock in enumerate(self.socks):
             self.written_base[side], self.received_base[side] = _baseline(sock)
-        self.last_received = list(self.received_base)
 
     def moved(self) -> tuple[list[int], list[int]]:
         """Per direction (from each side): bytes received from that side, bytes written on to the other
@@ -223,7 +223,6 @@ class Carried:
             written[side], received[side] = _counters(sock)
         came = [received[side] - self.received_base[side] - self.fin[side] for side in (0, 1)]
         went = [written[1 - side] - self.written_base[1 - side] - self.forwarded[side] for side in (0, 1)]
-        self.last_received = received
         return came, went
 
     def sent(self) -> tuple[int, int]:
@@ -444,13 +443,12 @@ class KernelCarrier:
                 self.sweep(connection, now)
 
     def sweep(self, connection: Carried, now: float) -> None:
-        before = connection.last_received
         try:
             came, went = connection.moved()
         except OSError as exc:
             self.finish(connection, ends.local_failure(exc.errno), reset=True)
             return
-        if connection.last_received != before:
+        if came != [came_before for came_before, _ in connection.last_moved]:
             connection.last_active = now
         silent = now - connection.last_active
         backlog = [came[0] - went[0], came[1] - went[1]]

@@ -130,3 +130,25 @@ async def test_reclaim_ends_the_carried_connection_whose_client_never_spoke(impl
     for (app_client, _), (_, app_server) in pairs:
         app_client.close()
         app_server.close()
+
+
+async def test_reading_the_counts_does_not_hide_activity_from_the_idle_timeout(impl):
+    """Metrics read each connection's counters between sweeps: traffic seen only then is still traffic."""
+    app_client, relay_client = trio_pair()
+    relay_upstream, app_server = trio_pair()
+    ended = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
+            nursery.start_soon(relay.run)
+            await trio.sleep(0)
+            relay.add(relay_client, relay_upstream, "t", idle_timeout=0.6, half_closed_timeout=60)
+            for _ in range(8):  # 8 x 0.25 s: longer than the idle timeout; only the traffic keeps it
+                await app_client.send(b"x")
+                assert await app_server.recv(10) == b"x"
+                assert relay.counts()[0][0] == "t"  # as a metrics scrape would, right after the byte
+                await trio.sleep(0.25)
+            assert not ended
+            nursery.cancel_scope.cancel()
+    for sock in (app_client, app_server):
+        sock.close()
