@@ -4,6 +4,7 @@ The cases both engines share (integrity both ways, half-close, resets, timeouts,
 test_pump.py, run with each engine.
 """
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -54,24 +55,30 @@ async def test_a_reader_that_stops_is_reset_at_the_backlog_bound(impl, monkeypat
         sock.close()
 
 
-async def spliced_to_the_end(impl, app_client, relay_client, relay_upstream, app_server, first: bytes):
-    """Add a connection the carrier must leave to splice; both ends finish; (what the server got, ends)."""
-    got, ended = [], []
-    with trio.fail_after(20):
+@contextlib.asynccontextmanager
+async def sockmap_pump(impl, seconds: float):
+    """A running Pump with the sockmap engine, and the list its ends go to; cancelled on leaving."""
+    ended = []
+    with trio.fail_after(seconds):
         async with trio.open_nursery() as nursery:
             relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
             nursery.start_soon(relay.run)
             await trio.sleep(0)
-            relay.add(
-                relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60, to_upstream_first=first
-            )
-            assert len(relay.carrier) == 0 and len(relay.engine) == 1
-            app_client.shutdown(socket.SHUT_WR)
-            await send_then_eof(app_server, b"")
-            await read_to_eof(app_server, got)
-            while not ended:
-                await trio.sleep(0.01)
+            yield relay, ended
             nursery.cancel_scope.cancel()
+
+
+async def spliced_to_the_end(impl, app_client, relay_client, relay_upstream, app_server, first: bytes):
+    """Add a connection the carrier must leave to splice; both ends finish; (what the server got, ends)."""
+    got = []
+    async with sockmap_pump(impl, 20) as (relay, ended):
+        relay.add(relay_client, relay_upstream, "t", idle_timeout=60, half_closed_timeout=60, to_upstream_first=first)
+        assert len(relay.carrier) == 0 and len(relay.engine) == 1
+        app_client.shutdown(socket.SHUT_WR)
+        await send_then_eof(app_server, b"")
+        await read_to_eof(app_server, got)
+        while not ended:
+            await trio.sleep(0.01)
     return got, ended
 
 
@@ -112,21 +119,15 @@ async def test_first_bytes_too_big_to_write_at_once_are_finished_by_splice_and_c
 
 async def test_reclaim_ends_the_carried_connection_whose_client_never_spoke(impl):
     pairs = [(trio_pair(), trio_pair()) for _ in range(2)]
-    ended = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
-            nursery.start_soon(relay.run)
-            await trio.sleep(0)
-            for token, ((_, relay_client), (relay_upstream, _)) in enumerate(pairs):
-                relay.add(relay_client, relay_upstream, token, idle_timeout=60, half_closed_timeout=60)
-            assert len(relay.carrier) == 2
-            (spoke, _), (_, server) = pairs[0]
-            await spoke.send(b"hello")
-            assert await server.recv(10) == b"hello"
-            assert relay.reclaim("reclaimed") and ended == [(1, "reclaimed", 0, 0)]
-            assert not relay.reclaim("reclaimed")  # the other one's client spoke
-            nursery.cancel_scope.cancel()
+    async with sockmap_pump(impl, 10) as (relay, ended):
+        for token, ((_, relay_client), (relay_upstream, _)) in enumerate(pairs):
+            relay.add(relay_client, relay_upstream, token, idle_timeout=60, half_closed_timeout=60)
+        assert len(relay.carrier) == 2
+        (spoke, _), (_, server) = pairs[0]
+        await spoke.send(b"hello")
+        assert await server.recv(10) == b"hello"
+        assert relay.reclaim("reclaimed") and ended == [(1, "reclaimed", 0, 0)]
+        assert not relay.reclaim("reclaimed")  # the other one's client spoke
     for (app_client, _), (_, app_server) in pairs:
         app_client.close()
         app_server.close()
@@ -136,19 +137,13 @@ async def test_reading_the_counts_does_not_hide_activity_from_the_idle_timeout(i
     """Metrics read each connection's counters between sweeps: traffic seen only then is still traffic."""
     app_client, relay_client = trio_pair()
     relay_upstream, app_server = trio_pair()
-    ended = []
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            relay = Pump(lambda *result: ended.append(result), impl=impl, engine="sockmap")
-            nursery.start_soon(relay.run)
-            await trio.sleep(0)
-            relay.add(relay_client, relay_upstream, "t", idle_timeout=0.6, half_closed_timeout=60)
-            for _ in range(8):  # 8 x 0.25 s: longer than the idle timeout; only the traffic keeps it
-                await app_client.send(b"x")
-                assert await app_server.recv(10) == b"x"
-                assert relay.counts()[0][0] == "t"  # as a metrics scrape would, right after the byte
-                await trio.sleep(0.25)
-            assert not ended
-            nursery.cancel_scope.cancel()
+    async with sockmap_pump(impl, 10) as (relay, ended):
+        relay.add(relay_client, relay_upstream, "t", idle_timeout=0.6, half_closed_timeout=60)
+        for _ in range(8):  # 8 x 0.25 s: longer than the idle timeout; only the traffic keeps it
+            await app_client.send(b"x")
+            assert await app_server.recv(10) == b"x"
+            assert relay.counts()[0][0] == "t"  # as a metrics scrape would, right after the byte
+            await trio.sleep(0.25)
+        assert not ended
     for sock in (app_client, app_server):
         sock.close()
