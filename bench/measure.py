@@ -3,6 +3,7 @@ it finishes, and returns raw runs plus their medians."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -103,31 +104,37 @@ def throughput_run(bed: Testbed, case: Case, seconds: int, streams: int, reverse
     return run
 
 
-def describe_throughput(run: dict) -> str:
+THROUGHPUT_FIGURES = ("gbit_s", "cpu_s_per_gb", "machine_cpu_s_per_gb")
+
+
+def describe_throughput(run: dict, watched: tuple[str, ...] = ()) -> str:
     cpu = f", {run['cpu_s_per_gb']:.2f} CPU s/GB" if "cpu_s_per_gb" in run else ""
-    return f"{run['gbit_s']:.2f} Gbit/s{cpu}, machine {run['machine_cpu_s_per_gb']:.2f} s/GB"
+    more = "".join(f", {key} {run[key]:.0f}" for key in watched)
+    return f"{run['gbit_s']:.2f} Gbit/s{cpu}, machine {run['machine_cpu_s_per_gb']:.2f} s/GB{more}"
 
 
-def measure_throughput(bed: Testbed, cases: list[Case], settings: Settings, progress: Progress) -> dict:
+def measure_throughput(bed: Testbed, cases: list[Case], settings: Settings, progress: Progress, watch=None) -> dict:
+    """Every run of the plan, and per figure and case their medians. ``watch``, when given, is a class
+    whose instances are entered around each run; their figures() join the run's, and the names in its
+    FIGURES the medians."""
+    watched = watch.FIGURES if watch else ()
     runs: dict[str, dict[str, list[dict]]] = {}
     for streams, reverse, rep, case in throughput_plan(settings, cases):
         figure = figure_name(streams, reverse)
         label = f"throughput {figure:<7} {case.name:<16} {rep + 1}/{settings.repeat}"
         try:
-            run = throughput_run(bed, case, settings.seconds, streams, reverse)
-            progress.report(f"{label}: {describe_throughput(run)}")
+            with watch() if watch else contextlib.nullcontext() as watcher:
+                run = throughput_run(bed, case, settings.seconds, streams, reverse)
+            if watcher is not None:
+                run.update(watcher.figures())
+            progress.report(f"{label}: {describe_throughput(run, watched)}")
         except BenchError as error:
             run = {"error": str(error)}
             progress.report(f"{label}: FAILED {error}")
         runs.setdefault(figure, {}).setdefault(case.name, []).append(run)
     return {
         figure: {
-            name: {
-                "gbit_s": median(case_runs, "gbit_s"),
-                "cpu_s_per_gb": median(case_runs, "cpu_s_per_gb"),
-                "machine_cpu_s_per_gb": median(case_runs, "machine_cpu_s_per_gb"),
-                "runs": case_runs,
-            }
+            name: {**{key: median(case_runs, key) for key in THROUGHPUT_FIGURES + watched}, "runs": case_runs}
             for name, case_runs in by_case.items()
         }
         for figure, by_case in runs.items()

@@ -21,7 +21,7 @@ import time
 
 import measure
 import report
-from testbed import UPSTREAMS, BenchError, Case, RelayUnderTest, Testbed, cannot_run, first_line, machine, parser_from
+from testbed import UPSTREAMS, Case, RelayUnderTest, Testbed, cannot_run, first_line, machine, parser_from
 
 from relay.lab import Lab
 
@@ -70,38 +70,17 @@ def run(args: argparse.Namespace, results: dict) -> None:
             relay.start()
             cases.append(Case(name, kind, args.upstream, relay))
         carried_by_the_kernel(bed, cases[-1].relay)
-        plan = measure.throughput_plan(settings, cases)
-        progress = measure.Progress(len(plan))
-        runs: dict[str, dict[str, list[dict]]] = {}
-        for streams, reverse, rep, case in plan:
-            figure = measure.figure_name(streams, reverse)
-            label = f"{figure:<7} {case.name:<14} {rep + 1}/{settings.repeat}"
-            try:
-                with PeakKernelMemory() as memory:
-                    run = measure.throughput_run(bed, case, settings.seconds, streams, reverse)
-                run.update(memory.figures())
-                progress.report(
-                    f"{label}: {measure.describe_throughput(run)}, TCP memory peak {run['tcp_mem_peak_mb']:.0f} MB, "
-                    f"MemAvailable fell {run['mem_available_fall_mb']:.0f} MB"
-                )
-            except BenchError as error:
-                run = {"error": str(error)}
-                progress.report(f"{label}: FAILED {error}")
-            runs.setdefault(figure, {}).setdefault(case.name, []).append(run)
+        progress = measure.Progress(len(measure.throughput_plan(settings, cases)))
+        results["throughput"] = measure.measure_throughput(bed, cases, settings, progress, watch=PeakKernelMemory)
         carried_by_the_kernel(bed, cases[-1].relay)
-        results["throughput"] = {
-            figure: {
-                name: {**{key: measure.median(case_runs, key) for key, _, _ in FIGURES}, "runs": case_runs}
-                for name, case_runs in by_case.items()
-            }
-            for figure, by_case in runs.items()
-        }
 
 
 class PeakKernelMemory:
     """While in the block, the most memory TCP held machine-wide (/proc/net/sockstat's "mem") and the
     largest fall of MemAvailable: bytes the kernel queues between a relayed connection's sockets
     show in the second (a sockmap's queue is not charged to TCP)."""
+
+    FIGURES = ("tcp_mem_peak_mb", "mem_available_fall_mb")
 
     def __enter__(self):
         self.tcp_pages, self.available_fall, self.done = 0, 0, threading.Event()
