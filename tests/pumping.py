@@ -5,6 +5,7 @@ from typing import NamedTuple
 import trio
 
 from relay.net.pump import Pump
+from relay.net.sockmap import MAX_BACKLOG
 from tests.root import require_root
 
 
@@ -21,7 +22,7 @@ async def pump(
     *,
     impl,
     engine="splice",
-    max_backlog=32 << 20,
+    max_backlog=MAX_BACKLOG,
     idle_timeout=600.0,
     half_closed_timeout=60.0,
     **options,
