@@ -12,7 +12,7 @@ genuine (relay/net/pump.py).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetFromErrno
 from cpython.ref cimport Py_INCREF, Py_XDECREF
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 
 from relay import ends
 
@@ -623,3 +623,719 @@ cdef class Conduit:
     def close(self):
         """Give the pipe back (to the pool if empty; bytes left in it are dropped)."""
         give_back_pipe(&self.way)
+
+
+# -- UDP: the datagrams of associated sessions, relayed by a thread of C ----------------------------
+
+DEF UDP_BATCH = 32  # datagrams read from one socket at once (one recvmmsg), before the others get a turn
+DEF MAX_DATAGRAM = 65535
+DEF CONTROL_SIZE = 64  # room for one IP_ORIGDSTADDR / IPV6_ORIGDSTADDR message
+DEF MAX_REMOTES_PER_SESSION = 256  # reply sockets one session may hold
+# What an epoll event of the UDP engine names: a session's slot and generation, a listener's fd with this
+# bit set, or the stop eventfd.
+cdef unsigned long long LISTENER_BIT = (<unsigned long long>1) << 63
+cdef unsigned long long STOP_TAG = ~(<unsigned long long>0)
+
+# Why a datagram was dropped, as the metrics name it; the index is the engine's counter.
+UDP_DROPS = (
+    "no-destination",  # no original destination (or port 0) came with a client's datagram
+    "oversize",  # it does not fit a UDP datagram with the SOCKS5 header, or was truncated
+    "send-blocked",  # the socket to the proxy was full
+    "send-failed",  # sending failed otherwise
+    "malformed",  # a reply's SOCKS5 header is short or wrong
+    "fragment",  # a reply's SOCKS5 header has FRAG != 0: not reassembled
+    "wrong-family",  # a reply from an IPv6 remote to an IPv4 client, or the other way
+    "remotes-full",  # the session holds MAX_REMOTES_PER_SESSION reply sockets already
+    "reply-socket",  # no reply socket could be opened (out of fds, or the cap on them)
+    "queue-full",  # too many datagrams of clients without a session wait for Python
+)
+DEF DROP_NO_DESTINATION = 0
+DEF DROP_OVERSIZE = 1
+DEF DROP_SEND_BLOCKED = 2
+DEF DROP_SEND_FAILED = 3
+DEF DROP_MALFORMED = 4
+DEF DROP_FRAGMENT = 5
+DEF DROP_WRONG_FAMILY = 6
+DEF DROP_REMOTES_FULL = 7
+DEF DROP_REPLY_SOCKET = 8
+DEF DROP_QUEUE_FULL = 9
+DEF DROP_REASONS = 10
+
+
+cdef struct UdpState:
+    pthread_mutex_t lock  # held by the thread while it relays, and by every method
+    int epfd
+    int stop_fd  # written by close(): the thread returns
+    int handoff_fd  # readable while handoffs wait: what Python waits on
+    int mark  # SO_MARK of reply sockets; -1: none
+    UdpSession *sessions
+    int session_capacity
+    int free_session
+    int *session_buckets
+    unsigned int session_mask
+    Reply *replies
+    int reply_capacity
+    int free_reply
+    int *reply_buckets
+    unsigned int reply_mask
+    Handoff *handoffs  # a queue: handoff_count entries from handoff_first, wrapping
+    int handoff_capacity
+    int handoff_first
+    int handoff_count
+    long long drops[DROP_REASONS]
+    int reply_errno  # why the last reply socket could not be opened
+    # What one recvmmsg() fills: UDP_BATCH datagrams of MAX_DATAGRAM bytes, their sources and controls.
+    mmsghdr batch[UDP_BATCH]
+    iovec parts[UDP_BATCH]
+    SockAddr sources[UDP_BATCH]
+    char controls[UDP_BATCH][CONTROL_SIZE]
+    char *buffer
+
+
+cdef inline unsigned int addr_hash(const Addr *a) noexcept nogil:
+    """FNV-1a over the address and port."""
+    cdef unsigned int h = 2166136261u
+    cdef const unsigned char *p = <const unsigned char *>a
+    cdef size_t i
+    for i in range(sizeof(Addr)):
+        h = (h ^ p[i]) * 16777619u
+    return h
+
+
+cdef inline bint addr_equal(const Addr *a, const Addr *b) noexcept nogil:
+    return memcmp(a, b, sizeof(Addr)) == 0
+
+
+cdef bint addr_from_sockaddr(const SockAddr *sa, Addr *a) noexcept nogil:
+    memset(a, 0, sizeof(Addr))
+    a.family = sa.any.sa_family
+    if a.family == AF_INET:
+        a.port = sa.v4.sin_port
+        memcpy(a.ip, &sa.v4.sin_addr, 4)
+    elif a.family == AF_INET6:
+        a.port = sa.v6.sin6_port
+        memcpy(a.ip, &sa.v6.sin6_addr, 16)
+    else:
+        return False
+    return True
+
+
+cdef socklen_t sockaddr_from_addr(const Addr *a, SockAddr *sa) noexcept nogil:
+    memset(sa, 0, sizeof(SockAddr))
+    if a.family == AF_INET:
+        sa.v4.sin_family = AF_INET
+        sa.v4.sin_port = a.port
+        memcpy(&sa.v4.sin_addr, a.ip, 4)
+        return sizeof(sockaddr_in)
+    sa.v6.sin6_family = AF_INET6
+    sa.v6.sin6_port = a.port
+    memcpy(&sa.v6.sin6_addr, a.ip, 16)
+    return sizeof(sockaddr_in6)
+
+
+cdef Addr addr_from_python(object address) except *:
+    """(host, port) of either family, as an Addr; ValueError if it is not an IP literal and port."""
+    cdef Addr a
+    host = address[0].split("%")[0].encode("ascii")
+    port = address[1]
+    memset(&a, 0, sizeof(Addr))
+    if not 0 <= port < 65536:
+        raise ValueError(f"port {port} is not in 0-65535")
+    a.port = htons(port)
+    if inet_pton(AF_INET, host, a.ip) == 1:
+        a.family = AF_INET
+    elif inet_pton(AF_INET6, host, a.ip) == 1:
+        a.family = AF_INET6
+    else:
+        raise ValueError(f"{address[0]!r} is not an IP address")
+    return a
+
+
+cdef object addr_to_python(const Addr *a):
+    cdef char text[64]
+    inet_ntop(a.family, a.ip, text, sizeof(text))
+    return text.decode("ascii"), ntohs(a.port)
+
+
+cdef int find_session(UdpState *st, const Addr *client) noexcept nogil:
+    cdef int slot = st.session_buckets[addr_hash(client) & st.session_mask]
+    while slot >= 0:
+        if addr_equal(&st.sessions[slot].client, client):
+            return slot
+        slot = st.sessions[slot].next
+    return -1
+
+
+cdef int find_reply(UdpState *st, const Addr *remote) noexcept nogil:
+    cdef int slot = st.reply_buckets[addr_hash(remote) & st.reply_mask]
+    while slot >= 0:
+        if addr_equal(&st.replies[slot].remote, remote):
+            return slot
+        slot = st.replies[slot].next
+    return -1
+
+
+cdef bint original_destination(msghdr *msg, Addr *dest) noexcept nogil:
+    """The address a client's datagram was sent to, from IP_ORIGDSTADDR / IPV6_ORIGDSTADDR."""
+    cdef cmsghdr *c = CMSG_FIRSTHDR(msg)
+    cdef SockAddr sa
+    while c != NULL:
+        if c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_ORIGDSTADDR:
+            memcpy(&sa, CMSG_DATA(c), sizeof(sockaddr_in))
+            return addr_from_sockaddr(&sa, dest) and dest.port != 0
+        if c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_ORIGDSTADDR:
+            memcpy(&sa, CMSG_DATA(c), sizeof(sockaddr_in6))
+            return addr_from_sockaddr(&sa, dest) and dest.port != 0
+        c = CMSG_NXTHDR(msg, c)
+    return False
+
+
+cdef void send_up(UdpState *st, UdpSession *s, const Addr *dest, const char *data, Py_ssize_t size) noexcept nogil:
+    """A client's datagram to the proxy's relay address, behind its SOCKS5 UDP header (RFC 1928 §7)."""
+    cdef unsigned char header[22]
+    cdef size_t header_size = 10 if dest.family == AF_INET else 22
+    cdef iovec parts[2]
+    cdef msghdr msg
+    header[0] = header[1] = header[2] = 0
+    header[3] = 1 if dest.family == AF_INET else 4
+    memcpy(header + 4, dest.ip, header_size - 6)
+    memcpy(header + header_size - 2, &dest.port, 2)
+    # The largest UDP payload: 65535 less the IP and UDP headers (IPv6 has no header in its limit).
+    if header_size + size > (65535 - 28 if s.family == AF_INET else 65535 - 8):
+        st.drops[DROP_OVERSIZE] += 1
+        return
+    parts[0].iov_base = header
+    parts[0].iov_len = header_size
+    parts[1].iov_base = <void *>data
+    parts[1].iov_len = size
+    memset(&msg, 0, sizeof(msg))  # no address: the socket is connected, its route looked up once
+    msg.msg_iov = parts
+    msg.msg_iovlen = 2
+    if sendmsg(s.udp_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0:
+        if errno == EAGAIN:
+            st.drops[DROP_SEND_BLOCKED] += 1
+        elif errno == EMSGSIZE:
+            st.drops[DROP_OVERSIZE] += 1
+        else:
+            st.drops[DROP_SEND_FAILED] += 1
+        return
+    s.datagrams_up += 1
+    s.bytes_up += size
+    s.active = True
+
+
+cdef void hand_off(UdpState *st, const Addr *client, const Addr *dest, const char *payload, Py_ssize_t size) noexcept nogil:
+    """Keep a datagram of a client without a session for Python."""
+    cdef Handoff *h
+    cdef unsigned long long one = 1
+    cdef char *data
+    if st.handoff_count >= st.handoff_capacity:
+        st.drops[DROP_QUEUE_FULL] += 1
+        return
+    data = <char *>malloc(size if size else 1)
+    if data == NULL:
+        st.drops[DROP_QUEUE_FULL] += 1
+        return
+    memcpy(data, payload, size)
+    h = &st.handoffs[(st.handoff_first + st.handoff_count) % st.handoff_capacity]
+    h.client = client[0]
+    h.destination = dest[0]
+    h.size = size
+    h.data = data
+    st.handoff_count += 1
+    if st.handoff_count == 1:
+        write(st.handoff_fd, &one, sizeof(one))
+
+
+cdef int receive_batch(UdpState *st, int fd, bint from_client) noexcept nogil:
+    """Read up to UDP_BATCH datagrams in one call; how many came (0 on EAGAIN or an error: an ICMP
+    error for an earlier datagram, reported here and cleared; epoll says if anything is left)."""
+    cdef int i, count
+    for i in range(UDP_BATCH):
+        st.parts[i].iov_base = st.buffer + i * MAX_DATAGRAM
+        st.parts[i].iov_len = MAX_DATAGRAM
+        memset(&st.batch[i].msg_hdr, 0, sizeof(msghdr))
+        st.batch[i].msg_hdr.msg_iov = &st.parts[i]
+        st.batch[i].msg_hdr.msg_iovlen = 1
+        if from_client:  # its source, and its original destination
+            st.batch[i].msg_hdr.msg_name = &st.sources[i]
+            st.batch[i].msg_hdr.msg_namelen = sizeof(SockAddr)
+            st.batch[i].msg_hdr.msg_control = st.controls[i]
+            st.batch[i].msg_hdr.msg_controllen = CONTROL_SIZE
+    count = recvmmsg(fd, st.batch, UDP_BATCH, MSG_DONTWAIT, NULL)
+    return count if count > 0 else 0
+
+
+cdef void from_clients(UdpState *st, int fd) noexcept nogil:
+    cdef Addr client, dest
+    cdef int slot, i, count = receive_batch(st, fd, True)
+    cdef msghdr *msg
+    cdef const char *data
+    cdef Py_ssize_t size
+    for i in range(count):
+        msg = &st.batch[i].msg_hdr
+        data = st.buffer + i * MAX_DATAGRAM
+        size = st.batch[i].msg_len
+        if not original_destination(msg, &dest):
+            st.drops[DROP_NO_DESTINATION] += 1
+            continue
+        if msg.msg_flags & MSG_TRUNC or not addr_from_sockaddr(&st.sources[i], &client):
+            st.drops[DROP_OVERSIZE] += 1
+            continue
+        slot = find_session(st, &client)
+        if slot < 0:
+            hand_off(st, &client, &dest, data, size)
+        else:
+            send_up(st, &st.sessions[slot], &dest, data, size)
+
+
+cdef int decode_reply(const unsigned char *data, Py_ssize_t size, Addr *remote) noexcept nogil:
+    """The header's length, with its address in ``remote``; or -1 - the drop reason."""
+    cdef Py_ssize_t ip_size
+    if size < 4 or data[0] or data[1]:
+        return -1 - DROP_MALFORMED
+    if data[2]:
+        return -1 - DROP_FRAGMENT
+    if data[3] == 1:
+        ip_size = 4
+        remote.family = AF_INET
+    elif data[3] == 4:
+        ip_size = 16
+        remote.family = AF_INET6
+    else:
+        return -1 - DROP_MALFORMED  # a domain name (3): a reply must come from an address
+    if size < 4 + ip_size + 2:
+        return -1 - DROP_MALFORMED
+    memset(remote.ip, 0, 16)
+    memcpy(remote.ip, data + 4, ip_size)
+    memcpy(&remote.port, data + 4 + ip_size, 2)
+    if remote.port == 0:
+        return -1 - DROP_MALFORMED
+    return <int>(4 + ip_size + 2)
+
+
+cdef int open_reply(UdpState *st, const Addr *remote) noexcept nogil:
+    """A reply socket bound to ``remote``, in a free slot; -1 (errno set) if none can be had."""
+    global errno
+    cdef int slot = st.free_reply
+    cdef int fd, one = 1, tiny = 1
+    cdef SockAddr sa
+    cdef socklen_t length
+    cdef unsigned int bucket
+    if slot < 0:
+        errno = ENFILE
+        return -1
+    fd = socket(remote.family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return -1
+    length = sockaddr_from_addr(remote, &sa)
+    if (
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0
+        or (remote.family == AF_INET6 and setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
+        or setsockopt(fd, SOL_IP if remote.family == AF_INET else SOL_IPV6,
+                      IP_TRANSPARENT if remote.family == AF_INET else IPV6_TRANSPARENT, &one, sizeof(one)) != 0
+        or (st.mark >= 0 and setsockopt(fd, SOL_SOCKET, SO_MARK, &st.mark, sizeof(st.mark)) != 0)
+        or setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &tiny, sizeof(tiny)) != 0  # it only sends
+        or bind(fd, &sa.any, length) != 0
+    ):
+        one = errno
+        close(fd)
+        errno = one
+        return -1
+    st.free_reply = st.replies[slot].next
+    st.replies[slot].remote = remote[0]
+    st.replies[slot].fd = fd
+    st.replies[slot].users = 0
+    bucket = addr_hash(remote) & st.reply_mask
+    st.replies[slot].next = st.reply_buckets[bucket]
+    st.reply_buckets[bucket] = slot
+    return slot
+
+
+cdef void release_reply(UdpState *st, int slot) noexcept nogil:
+    cdef Reply *r = &st.replies[slot]
+    cdef int *link
+    r.users -= 1
+    if r.users > 0:
+        return
+    link = &st.reply_buckets[addr_hash(&r.remote) & st.reply_mask]
+    while link[0] != slot:
+        link = &st.replies[link[0]].next
+    link[0] = r.next
+    close(r.fd)
+    r.fd = -1
+    r.next = st.free_reply
+    st.free_reply = slot
+
+
+cdef int reply_socket(UdpState *st, UdpSession *s, const Addr *remote) noexcept nogil:
+    """The fd replies from ``remote`` leave by, held for the session; -1 (counted) if there is none."""
+    cdef int i, slot
+    cdef int *grown
+    for i in range(s.remote_count):
+        if addr_equal(&st.replies[s.remotes[i]].remote, remote):
+            return st.replies[s.remotes[i]].fd
+    if remote.family != s.client.family:
+        st.drops[DROP_WRONG_FAMILY] += 1
+        return -1
+    if s.remote_count >= MAX_REMOTES_PER_SESSION:
+        st.drops[DROP_REMOTES_FULL] += 1
+        return -1
+    if s.remote_count == s.remote_capacity:
+        grown = <int *>realloc(s.remotes, sizeof(int) * (s.remote_capacity * 2 + 2))
+        if grown == NULL:
+            st.drops[DROP_REPLY_SOCKET] += 1
+            return -1
+        s.remotes = grown
+        s.remote_capacity = s.remote_capacity * 2 + 2
+    slot = find_reply(st, remote)
+    if slot < 0:
+        slot = open_reply(st, remote)
+        if slot < 0:
+            st.reply_errno = errno
+            st.drops[DROP_REPLY_SOCKET] += 1
+            return -1
+    st.replies[slot].users += 1
+    s.remotes[s.remote_count] = slot
+    s.remote_count += 1
+    return st.replies[slot].fd
+
+
+cdef void from_proxy(UdpState *st, unsigned long long tag) noexcept nogil:
+    cdef int slot = <int><unsigned int>tag
+    cdef UdpSession *s = &st.sessions[slot]
+    cdef Addr remote
+    cdef char *data
+    cdef Py_ssize_t size
+    cdef int header, fd, i, count
+    if not s.in_use or s.generation != <unsigned int>(tag >> 32):
+        return  # ended while this event waited
+    count = receive_batch(st, s.udp_fd, False)
+    for i in range(count):
+        data = st.buffer + i * MAX_DATAGRAM
+        size = st.batch[i].msg_len
+        header = decode_reply(<unsigned char *>data, size, &remote)
+        if header < 0:
+            st.drops[-1 - header] += 1
+            continue
+        fd = reply_socket(st, s, &remote)
+        if fd < 0:
+            continue
+        if sendto(fd, data + header, size - header, MSG_DONTWAIT | MSG_NOSIGNAL, &s.client_sa.any, s.client_len) < 0:
+            st.drops[DROP_SEND_FAILED] += 1
+            continue
+        s.datagrams_down += 1
+        s.bytes_down += size - header
+        s.active = True
+
+
+cdef void *udp_thread(void *arg) noexcept nogil:
+    cdef UdpState *st = <UdpState *>arg
+    cdef epoll_event events[64]
+    cdef int n, i
+    cdef unsigned long long tag
+    while True:
+        n = epoll_wait(st.epfd, events, 64, -1)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return NULL
+        pthread_mutex_lock(&st.lock)
+        for i in range(n):
+            tag = events[i].data.u64
+            if tag == STOP_TAG:
+                pthread_mutex_unlock(&st.lock)
+                return NULL
+            if tag & LISTENER_BIT:
+                from_clients(st, <int><unsigned int>tag)
+            else:
+                from_proxy(st, tag)
+        pthread_mutex_unlock(&st.lock)
+
+
+cdef int power_of_two_above(int count) noexcept:
+    cdef int size = 16
+    while size < count * 2:
+        size *= 2
+    return size
+
+
+cdef class UdpEngine:
+    """The datagrams of associated UDP sessions, relayed by a thread of its own without the GIL.
+
+    Python keeps what is slow or policy: opening each session (its SOCKS5 UDP ASSOCIATE), its idle
+    time and its end. A client's datagram the engine has no session for waits in a bounded queue
+    for take(); fileno() is readable while it is not empty. Once add_session() has registered a
+    client, its datagrams go up behind a SOCKS5 UDP header, and the proxy's replies come back to
+    it from the remote's address through transparent reply sockets the engine opens and shares.
+    """
+
+    cdef UdpState *st
+    cdef bint started
+    cdef pthread_t thread
+
+    def __cinit__(self, int max_sessions, int max_reply_sockets, int mark=-1, int queue_limit=256):
+        cdef UdpState *st = <UdpState *>calloc(1, sizeof(UdpState))
+        cdef int i
+        cdef epoll_event event
+        if st == NULL:
+            raise MemoryError()
+        self.st = st
+        st.epfd = st.stop_fd = st.handoff_fd = -1
+        st.mark = mark
+        st.session_capacity = max_sessions
+        st.reply_capacity = max_reply_sockets
+        st.handoff_capacity = queue_limit
+        st.session_mask = power_of_two_above(max_sessions) - 1
+        st.reply_mask = power_of_two_above(max_reply_sockets) - 1
+        st.sessions = <UdpSession *>calloc(max_sessions, sizeof(UdpSession))
+        st.session_buckets = <int *>malloc(sizeof(int) * (st.session_mask + 1))
+        st.replies = <Reply *>calloc(max_reply_sockets, sizeof(Reply))
+        st.reply_buckets = <int *>malloc(sizeof(int) * (st.reply_mask + 1))
+        st.handoffs = <Handoff *>calloc(queue_limit, sizeof(Handoff))
+        st.buffer = <char *>malloc(UDP_BATCH * MAX_DATAGRAM)  # pages are only touched as bursts need them
+        if (st.sessions == NULL or st.session_buckets == NULL or st.replies == NULL or st.reply_buckets == NULL
+                or st.handoffs == NULL or st.buffer == NULL):
+            raise MemoryError()
+        for i in range(st.session_mask + 1):
+            st.session_buckets[i] = -1
+        for i in range(st.reply_mask + 1):
+            st.reply_buckets[i] = -1
+        for i in range(max_sessions):
+            st.sessions[i].next = i + 1 if i + 1 < max_sessions else -1
+        st.free_session = 0 if max_sessions else -1
+        for i in range(max_reply_sockets):
+            st.replies[i].fd = -1
+            st.replies[i].next = i + 1 if i + 1 < max_reply_sockets else -1
+        st.free_reply = 0 if max_reply_sockets else -1
+        pthread_mutex_init(&st.lock, NULL)
+        st.epfd = epoll_create1(EPOLL_CLOEXEC)
+        st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        st.handoff_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if st.epfd < 0 or st.stop_fd < 0 or st.handoff_fd < 0:
+            PyErr_SetFromErrno(OSError)
+        event.events = EPOLLIN
+        event.data.u64 = STOP_TAG
+        if epoll_ctl(st.epfd, EPOLL_CTL_ADD, st.stop_fd, &event) != 0:
+            PyErr_SetFromErrno(OSError)
+
+    def __init__(self, max_sessions, max_reply_sockets, mark=-1, queue_limit=256):
+        pass
+
+    def fileno(self):
+        """Readable while take() has datagrams to give."""
+        self._check_open()
+        return self.st.handoff_fd
+
+    def _check_open(self):
+        if self.st == NULL or self.st.epfd < 0:
+            raise ValueError("the UDP engine is closed")
+
+    def start(self):
+        """Start the thread that relays."""
+        self._check_open()
+        if self.started:
+            return
+        if pthread_create(&self.thread, NULL, udp_thread, self.st) != 0:
+            raise OSError("cannot start the UDP engine's thread")
+        self.started = True
+
+    def add_listener(self, int fd):
+        """Read clients' datagrams from ``fd`` (a socket with IP_RECVORIGDSTADDR or IPV6_RECVORIGDSTADDR)."""
+        cdef epoll_event event
+        self._check_open()
+        event.events = EPOLLIN
+        event.data.u64 = LISTENER_BIT | <unsigned int>fd
+        if epoll_ctl(self.st.epfd, EPOLL_CTL_ADD, fd, &event) != 0:
+            PyErr_SetFromErrno(OSError)
+
+    def add_session(self, client, int udp_fd, first=()):
+        """Relay ``client``'s datagrams through ``udp_fd`` from now on, starting with ``first``
+        ((destination, payload) pairs kept until now), then those of the client's still queued for
+        take(), in the order they came. Returns the session's handle.
+
+        ``udp_fd`` is connected to the proxy's UDP relay address: the kernel then takes datagrams from
+        that address only, and its route is looked up once, not per datagram."""
+        cdef UdpState *st = self.st
+        cdef Addr client_addr, dest
+        cdef int family
+        cdef socklen_t family_size = sizeof(family)
+        cdef UdpSession *s
+        cdef int slot, i, kept
+        cdef Handoff *h
+        cdef epoll_event event
+        cdef unsigned int bucket
+        self._check_open()
+        client_addr = addr_from_python(client)
+        pending = [(destination, bytes(payload)) for destination, payload in first]
+        for destination, payload in pending:
+            addr_from_python(destination)  # raises before anything changes
+        pthread_mutex_lock(&st.lock)
+        try:
+            if find_session(st, &client_addr) >= 0:
+                raise ValueError(f"{client} has a session already")
+            slot = st.free_session
+            if slot < 0:
+                raise OverflowError("the UDP engine's sessions are all in use")
+            s = &st.sessions[slot]
+            if getsockopt(udp_fd, SOL_SOCKET, SO_DOMAIN, &family, &family_size) != 0:
+                PyErr_SetFromErrno(OSError)
+            event.events = EPOLLIN
+            event.data.u64 = (<unsigned long long>s.generation << 32) | <unsigned int>slot
+            if epoll_ctl(st.epfd, EPOLL_CTL_ADD, udp_fd, &event) != 0:
+                PyErr_SetFromErrno(OSError)
+            st.free_session = s.next
+            s.client = client_addr
+            s.client_len = sockaddr_from_addr(&client_addr, &s.client_sa)
+            s.family = family
+            s.udp_fd = udp_fd
+            s.remotes = NULL
+            s.remote_count = s.remote_capacity = 0
+            s.datagrams_up = s.bytes_up = s.datagrams_down = s.bytes_down = 0
+            s.active = False
+            s.in_use = True
+            bucket = addr_hash(&client_addr) & st.session_mask
+            s.next = st.session_buckets[bucket]
+            st.session_buckets[bucket] = slot
+            for destination, payload in pending:
+                dest = addr_from_python(destination)
+                send_up(st, s, &dest, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+            kept = 0  # the queue compacted in place, in order, without this client's datagrams
+            for i in range(st.handoff_count):
+                h = &st.handoffs[(st.handoff_first + i) % st.handoff_capacity]
+                if addr_equal(&h.client, &client_addr):
+                    send_up(st, s, &h.destination, h.data, h.size)
+                    free(h.data)
+                else:
+                    st.handoffs[(st.handoff_first + kept) % st.handoff_capacity] = h[0]
+                    kept += 1
+            st.handoff_count = kept
+            return (<long long>s.generation << 32) | slot
+        finally:
+            pthread_mutex_unlock(&st.lock)
+
+    def remove_session(self, long long handle):
+        """Stop relaying for a session (before its socket is closed); returns its (datagrams up, bytes up,
+        datagrams down, bytes down) since the last collect() and how many remotes it had."""
+        cdef UdpState *st = self.st
+        cdef int slot = <int><unsigned int>handle
+        cdef UdpSession *s
+        cdef int *link
+        cdef int i
+        self._check_open()
+        if not 0 <= slot < st.session_capacity:
+            raise KeyError(handle)
+        pthread_mutex_lock(&st.lock)
+        try:
+            s = &st.sessions[slot]
+            if not s.in_use or s.generation != <unsigned int>(handle >> 32):
+                raise KeyError(handle)
+            epoll_ctl(st.epfd, EPOLL_CTL_DEL, s.udp_fd, NULL)
+            link = &st.session_buckets[addr_hash(&s.client) & st.session_mask]
+            while link[0] != slot:
+                link = &st.sessions[link[0]].next
+            link[0] = s.next
+            for i in range(s.remote_count):
+                release_reply(st, s.remotes[i])
+            free(s.remotes)
+            s.remotes = NULL
+            result = (s.datagrams_up, s.bytes_up, s.datagrams_down, s.bytes_down, s.remote_count)
+            s.in_use = False
+            s.generation = (s.generation + 1) & 0x7FFFFFFF
+            s.next = st.free_session
+            st.free_session = slot
+            return result
+        finally:
+            pthread_mutex_unlock(&st.lock)
+
+    def take(self):
+        """The datagrams of clients without a session, oldest first, as (client, destination, payload)."""
+        cdef UdpState *st = self.st
+        cdef Handoff *h
+        cdef unsigned long long count
+        cdef int i
+        self._check_open()
+        taken = []
+        pthread_mutex_lock(&st.lock)
+        try:
+            for i in range(st.handoff_count):
+                h = &st.handoffs[(st.handoff_first + i) % st.handoff_capacity]
+                taken.append((addr_to_python(&h.client), addr_to_python(&h.destination), h.data[:h.size]))
+                free(h.data)
+            st.handoff_first = st.handoff_count = 0
+            read(st.handoff_fd, &count, sizeof(count))
+        finally:
+            pthread_mutex_unlock(&st.lock)
+        return taken
+
+    def collect(self):
+        """What happened since the last call: ({drop reason: count}, [(handle, datagrams up, bytes up,
+        datagrams down, bytes down)] of the sessions that relayed anything, the errno of the last reply
+        socket that could not be opened or 0)."""
+        cdef UdpState *st = self.st
+        cdef UdpSession *s
+        cdef int i
+        self._check_open()
+        drops = {}
+        active = []
+        pthread_mutex_lock(&st.lock)
+        try:
+            for i in range(DROP_REASONS):
+                if st.drops[i]:
+                    drops[UDP_DROPS[i]] = st.drops[i]
+                    st.drops[i] = 0
+            for i in range(st.session_capacity):
+                s = &st.sessions[i]
+                if s.in_use and s.active:
+                    active.append(((<long long>s.generation << 32) | i, s.datagrams_up, s.bytes_up,
+                                   s.datagrams_down, s.bytes_down))
+                    s.datagrams_up = s.bytes_up = s.datagrams_down = s.bytes_down = 0
+                    s.active = False
+            reply_errno, st.reply_errno = st.reply_errno, 0
+        finally:
+            pthread_mutex_unlock(&st.lock)
+        return drops, active, reply_errno
+
+    def close(self):
+        """Stop the thread and close the engine's own fds (reply sockets too); the listeners' and the
+        sessions' sockets stay the caller's. Safe to call twice."""
+        cdef UdpState *st = self.st
+        cdef unsigned long long one = 1
+        cdef int i
+        if st == NULL or st.epfd < 0:
+            return
+        if self.started:
+            write(st.stop_fd, &one, sizeof(one))
+            with nogil:
+                pthread_join(self.thread, NULL)
+            self.started = False
+        for i in range(st.reply_capacity):
+            if st.replies[i].fd >= 0:
+                close(st.replies[i].fd)
+                st.replies[i].fd = -1
+        for i in range(st.session_capacity):
+            free(st.sessions[i].remotes)
+            st.sessions[i].remotes = NULL
+            st.sessions[i].in_use = False
+        for i in range(st.handoff_count):
+            free(st.handoffs[(st.handoff_first + i) % st.handoff_capacity].data)
+        st.handoff_count = 0
+        close(st.epfd)
+        close(st.stop_fd)
+        close(st.handoff_fd)
+        st.epfd = st.stop_fd = st.handoff_fd = -1
+
+    def __dealloc__(self):
+        cdef UdpState *st = self.st
+        if st == NULL:
+            return
+        self.close()
+        pthread_mutex_destroy(&st.lock)
+        free(st.sessions)
+        free(st.session_buckets)
+        free(st.replies)
+        free(st.reply_buckets)
+        free(st.handoffs)
+        free(st.buffer)
+        free(st)
+        self.st = NULL

@@ -13,8 +13,10 @@ import os
 import select
 import socket
 import struct
+import threading
 
 from relay import ends
+from relay.udp import datagram
 
 NAME = "python"
 
@@ -601,3 +603,357 @@ class Conduit:
     def close(self):
         """Give the buffer back (to the pool if empty; bytes left in it are dropped)."""
         self._way.give_back()
+
+
+# -- UDP: the datagrams of associated sessions, relayed by a thread ---------------------------------
+
+_UDP_BATCH = 32  # datagrams read from one socket before the others get a turn
+_MAX_DATAGRAM = 65535
+_MAX_REMOTES_PER_SESSION = 256
+_IP_ORIGDSTADDR = 20
+_IPV6_ORIGDSTADDR = 74
+_CONTROL_SPACE = 128
+# The largest UDP payload: 65535 less the IP and UDP headers (IPv6 has no header in its limit).
+_MAX_UDP_PAYLOAD = {socket.AF_INET: 65535 - 28, socket.AF_INET6: 65535 - 8}
+
+UDP_DROPS = (
+    "no-destination",
+    "oversize",
+    "send-blocked",
+    "send-failed",
+    "foreign-source",
+    "malformed",
+    "fragment",
+    "wrong-family",
+    "remotes-full",
+    "reply-socket",
+    "queue-full",
+)
+
+
+def _addr(address) -> tuple[int, bytes, int]:
+    """(family, packed address, port) of a (host, port): what the engine compares."""
+    host, port = address[0].split("%")[0], address[1]
+    if not 0 <= port < 65536:
+        raise ValueError(f"port {port} is not in 0-65535")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return family, socket.inet_pton(family, host), port
+        except OSError:
+            pass
+    raise ValueError(f"{address[0]!r} is not an IP address")
+
+
+def _python(addr) -> tuple[str, int]:
+    return socket.inet_ntop(addr[0], addr[1]), addr[2]
+
+
+def _destination(ancillary):
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == _IP_ORIGDSTADDR and len(data) >= 8:
+            port, packed = struct.unpack_from("!2xH4s", data)
+            return (socket.AF_INET, packed, port) if port else None
+        if level == socket.IPPROTO_IPV6 and kind == _IPV6_ORIGDSTADDR and len(data) >= 24:
+            port, packed = struct.unpack_from("!2xH4x16s", data)
+            return (socket.AF_INET6, packed, port) if port else None
+    return None
+
+
+class _UdpSession:
+    __slots__ = (
+        "client",
+        "client_python",
+        "sock",
+        "remotes",
+        "counts",
+        "active",
+        "generation",
+        "in_use",
+    )
+
+    def __init__(self):
+        self.generation = 0
+        self.in_use = False
+
+
+class UdpEngine:
+    """The datagrams of associated UDP sessions, relayed by a thread of its own (see the extension's)."""
+
+    def __init__(self, max_sessions, max_reply_sockets, mark=-1, queue_limit=256):
+        self._max_reply_sockets = max_reply_sockets
+        self._mark = mark
+        self._queue_limit = queue_limit
+        self._lock = threading.Lock()
+        self._sessions = [_UdpSession() for _ in range(max_sessions)]
+        self._free = list(range(max_sessions - 1, -1, -1))
+        self._by_client: dict = {}
+        self._by_fd: dict[int, int] = {}  # a session's socket -> its slot
+        self._replies: dict = {}  # remote -> [socket, users]
+        self._listeners: dict[int, socket.socket] = {}
+        self._handoffs: list = []
+        self._drops = dict.fromkeys(UDP_DROPS, 0)
+        self._reply_errno = 0
+        self._thread = None
+        self._epoll = select.epoll()
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._handoff_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._stop_fd, select.EPOLLIN)
+
+    def _check_open(self):
+        if self._epoll.closed:
+            raise ValueError("the UDP engine is closed")
+
+    def fileno(self):
+        """Readable while take() has datagrams to give."""
+        self._check_open()
+        return self._handoff_fd
+
+    def start(self):
+        """Start the thread that relays."""
+        self._check_open()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="udp-engine", daemon=True)
+            self._thread.start()
+
+    def add_listener(self, fd):
+        self._check_open()
+        with self._lock:
+            self._epoll.register(fd, select.EPOLLIN)
+            self._listeners[fd] = socket.socket(fileno=fd)
+
+    def add_session(self, client, udp_fd, first=()):
+        self._check_open()
+        client_addr = _addr(client)
+        pending = [(_addr(destination), bytes(payload)) for destination, payload in first]
+        with self._lock:
+            if client_addr in self._by_client:
+                raise ValueError(f"{client} has a session already")
+            if not self._free:
+                raise OverflowError("the UDP engine's sessions are all in use")
+            slot = self._free[-1]
+            s = self._sessions[slot]
+            self._epoll.register(udp_fd, select.EPOLLIN)
+            self._free.pop()
+            s.client, s.client_python = client_addr, _python(client_addr)
+            s.sock = socket.socket(fileno=udp_fd)
+            s.remotes = []
+            s.counts = [0, 0, 0, 0]
+            s.active = False
+            s.in_use = True
+            self._by_client[client_addr] = slot
+            self._by_fd[udp_fd] = slot
+            for dest, payload in pending:
+                self._send_up(s, dest, payload)
+            kept = []
+            for handoff in self._handoffs:
+                if handoff[0] == client_addr:
+                    self._send_up(s, handoff[1], handoff[2])
+                else:
+                    kept.append(handoff)
+            self._handoffs = kept
+            return (s.generation << 32) | slot
+
+    def remove_session(self, handle):
+        self._check_open()
+        slot = handle & 0xFFFFFFFF
+        if not 0 <= slot < len(self._sessions):
+            raise KeyError(handle)
+        with self._lock:
+            s = self._sessions[slot]
+            if not s.in_use or s.generation != handle >> 32:
+                raise KeyError(handle)
+            self._epoll.unregister(s.sock.fileno())
+            del self._by_fd[s.sock.detach()]
+            del self._by_client[s.client]
+            for remote in s.remotes:
+                self._release_reply(remote)
+            result = (*s.counts, len(s.remotes))
+            s.in_use = False
+            s.sock = s.remotes = None
+            s.generation = (s.generation + 1) & 0x7FFFFFFF
+            self._free.append(slot)
+            return result
+
+    def take(self):
+        self._check_open()
+        with self._lock:
+            taken = [(_python(client), _python(dest), payload) for client, dest, payload in self._handoffs]
+            self._handoffs = []
+            try:
+                os.eventfd_read(self._handoff_fd)
+            except BlockingIOError:
+                pass
+        return taken
+
+    def collect(self):
+        self._check_open()
+        with self._lock:
+            drops = {reason: count for reason, count in self._drops.items() if count}
+            self._drops = dict.fromkeys(UDP_DROPS, 0)
+            active = []
+            for slot, s in enumerate(self._sessions):
+                if s.in_use and s.active:
+                    active.append(((s.generation << 32) | slot, *s.counts))
+                    s.counts = [0, 0, 0, 0]
+                    s.active = False
+            reply_errno, self._reply_errno = self._reply_errno, 0
+        return drops, active, reply_errno
+
+    def close(self):
+        if self._epoll.closed:
+            return
+        if self._thread is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join()
+            self._thread = None
+        for sock, _ in self._replies.values():
+            sock.close()
+        self._replies.clear()
+        for s in self._sessions:
+            if s.in_use:
+                s.sock.detach()
+                s.in_use = False
+        for sock in self._listeners.values():
+            sock.detach()
+        self._listeners.clear()
+        self._handoffs = []
+        self._epoll.close()
+        os.close(self._stop_fd)
+        os.close(self._handoff_fd)
+
+    # -- the thread ----------------------------------------------------------------
+
+    def _run(self):
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            with self._lock:
+                for fd, _ in events:
+                    if fd == self._stop_fd:
+                        return
+                    listener = self._listeners.get(fd)
+                    if listener is not None:
+                        self._from_clients(listener)
+                    else:
+                        self._from_proxy(fd)
+
+    def _from_clients(self, listener):
+        for _ in range(_UDP_BATCH):
+            try:
+                data, ancillary, flags, source = listener.recvmsg(_MAX_DATAGRAM, _CONTROL_SPACE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # an ICMP error for an earlier datagram, reported here
+            dest = _destination(ancillary)
+            if dest is None:
+                self._drops["no-destination"] += 1
+                continue
+            if flags & socket.MSG_TRUNC:
+                self._drops["oversize"] += 1
+                continue
+            client = _addr(source)
+            slot = self._by_client.get(client)
+            if slot is not None:
+                self._send_up(self._sessions[slot], dest, data)
+            elif len(self._handoffs) >= self._queue_limit:
+                self._drops["queue-full"] += 1
+            else:
+                self._handoffs.append((client, dest, data))
+                if len(self._handoffs) == 1:
+                    os.eventfd_write(self._handoff_fd, 1)
+
+    def _send_up(self, s, dest, payload):
+        message = datagram.header(*_python(dest)) + payload
+        if len(message) > _MAX_UDP_PAYLOAD[s.sock.family]:
+            self._drops["oversize"] += 1
+            return
+        try:
+            s.sock.send(message, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            self._drops["send-blocked"] += 1
+            return
+        except OSError as exc:
+            self._drops["oversize" if exc.errno == errno.EMSGSIZE else "send-failed"] += 1
+            return
+        s.counts[0] += 1
+        s.counts[1] += len(payload)
+        s.active = True
+
+    def _from_proxy(self, fd):
+        slot = self._by_fd.get(fd)
+        if slot is None:
+            return  # ended while this event waited
+        s = self._sessions[slot]
+        for _ in range(_UDP_BATCH):
+            try:
+                data = s.sock.recv(_MAX_DATAGRAM, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            try:
+                host, port, payload = datagram.decode(data)
+            except datagram.BadDatagram as exc:
+                self._drops[exc.reason] += 1
+                continue
+            reply = self._reply_socket(s, _addr((host, port)))
+            if reply is None:
+                continue
+            try:
+                reply.sendto(payload, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, s.client_python)
+            except OSError:
+                self._drops["send-failed"] += 1
+                continue
+            s.counts[2] += 1
+            s.counts[3] += len(payload)
+            s.active = True
+
+    def _reply_socket(self, s, remote):
+        if remote in s.remotes:
+            return self._replies[remote][0]
+        if remote[0] != s.client[0]:
+            self._drops["wrong-family"] += 1
+            return None
+        if len(s.remotes) >= _MAX_REMOTES_PER_SESSION:
+            self._drops["remotes-full"] += 1
+            return None
+        held = self._replies.get(remote)
+        if held is None:
+            try:
+                held = self._replies[remote] = [self._open_reply(remote), 0]
+            except OSError as exc:
+                self._reply_errno = exc.errno or 0
+                self._drops["reply-socket"] += 1
+                return None
+        held[1] += 1
+        s.remotes.append(remote)
+        return held[0]
+
+    def _open_reply(self, remote):
+        if len(self._replies) >= self._max_reply_sockets:
+            raise OSError(errno.ENFILE, "the reply sockets are all in use")
+        sock = socket.socket(remote[0], socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if remote[0] == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            set_transparent(sock)
+            if self._mark >= 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # it only sends
+            sock.bind(_python(remote))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _release_reply(self, remote):
+        held = self._replies[remote]
+        held[1] -= 1
+        if not held[1]:
+            del self._replies[remote]
+            held[0].close()

@@ -33,3 +33,5 @@ Conduit = _twin.Conduit
 original_dst = _twin.original_dst
 pooled_pipes = _twin.pooled_pipes
 set_transparent = _twin.set_transparent
+UDP_DROPS = _twin.UDP_DROPS
+UdpEngine = _twin.UdpEngine

@@ -50,7 +50,7 @@ def test_both_twins_offer_the_api_of_the_stub(extension):
     classes = {name for name, parameters in declared.items() if parameters is None and name[0].isupper()}
     for twin in (extension, _fastpath_py):
         assert public_names(twin) == set(declared), twin.__name__
-        for cls in ("Engine", "Conduit"):
+        for cls in ("Engine", "Conduit", "UdpEngine"):
             assert cls in classes
             offered = {f"{cls}.{name}" for name in public_names(getattr(twin, cls))}
             assert offered == {name for name in members if name.startswith(f"{cls}.")}, f"{twin.__name__}.{cls}"

@@ -1,0 +1,268 @@
+"""The UdpEngine of both fast-path twins, over real UDP sockets on loopback: what it hands to Python,
+what it relays each way once a session is registered, in which order, and what it drops.
+
+Without TPROXY a listener's "original destination" is simply the address the datagram was sent to.
+Reply sockets are transparent (IP_TRANSPARENT), so the tests that open them need root.
+"""
+
+import os
+import select
+import socket
+import struct
+
+import pytest
+
+from tests.root import require_root
+
+IP_RECVORIGDSTADDR = 20
+REMOTE = ("127.0.0.7", 5353)  # where the fake proxy says replies come from
+TIMEOUT = 5.0
+
+
+def header(host: str, port: int) -> bytes:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return (
+        bytes((0, 0, 0, 1 if family == socket.AF_INET else 4))
+        + socket.inet_pton(family, host)
+        + struct.pack("!H", port)
+    )
+
+
+def udp_socket(host="127.0.0.1", blocking=True) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(TIMEOUT if blocking else 0)
+    return sock
+
+
+class Lab:
+    """A listener, a client, the session's socket to the proxy and the proxy's relay address, all on loopback."""
+
+    def __init__(self, impl, **engine_args):
+        self.listener = udp_socket(blocking=False)
+        self.listener.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+        self.client = udp_socket()
+        self.proxy = udp_socket()  # the proxy's UDP relay address
+        self.upstream = udp_socket(blocking=False)  # the session's socket to it, connected as the relay does
+        self.upstream.connect(self.proxy.getsockname())
+        self.engine = impl.UdpEngine(engine_args.pop("max_sessions", 4), engine_args.pop("max_reply", 4), **engine_args)
+        self.engine.add_listener(self.listener.fileno())
+        self.engine.start()
+
+    @property
+    def client_address(self):
+        return self.client.getsockname()
+
+    @property
+    def destination(self):
+        return self.listener.getsockname()
+
+    def register(self, first=()):
+        return self.engine.add_session(self.client_address, self.upstream.fileno(), first)
+
+    def wait_handoff(self, count: int) -> list:
+        taken = []
+        while len(taken) < count:
+            assert select.select([self.engine.fileno()], [], [], TIMEOUT)[0], f"{len(taken)} of {count} handed off"
+            taken += self.engine.take()
+        return taken
+
+    def close(self):
+        self.engine.close()
+        for sock in (self.listener, self.client, self.proxy, self.upstream):
+            sock.close()
+
+
+@pytest.fixture
+def lab(impl):
+    made = []
+
+    def make(**engine_args):
+        made.append(Lab(impl, **engine_args))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_datagrams_of_a_client_without_a_session_are_handed_off_in_order(lab):
+    lab = lab()
+    for number in range(3):
+        lab.client.sendto(b"datagram %d" % number, lab.destination)
+    taken = lab.wait_handoff(3)
+    assert taken == [(lab.client_address, lab.destination, b"datagram %d" % n) for n in range(3)]
+    assert lab.engine.take() == []
+    assert not select.select([lab.engine.fileno()], [], [], 0)[0]  # drained: not readable any more
+
+
+def test_a_registered_session_relays_first_the_kept_then_the_queued_then_new_datagrams(lab):
+    lab = lab()
+    lab.client.sendto(b"queued", lab.destination)  # waits in the engine, never taken
+    lab.client.sendto(b"queued too", lab.destination)
+    select.select([lab.engine.fileno()], [], [], TIMEOUT)
+    lab.register(first=[(("10.1.2.3", 80), b"kept by python")])
+    lab.client.sendto(b"new", lab.destination)
+    received = [lab.proxy.recvfrom(70000) for _ in range(4)]
+    dest = header(*lab.destination)
+    assert [data for data, _ in received] == [
+        header("10.1.2.3", 80) + b"kept by python",
+        dest + b"queued",
+        dest + b"queued too",
+        dest + b"new",
+    ]
+    assert {source for _, source in received} == {lab.upstream.getsockname()}
+    assert lab.engine.take() == []
+
+
+def test_replies_come_back_from_the_remote_address_and_are_counted(lab):
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab()
+    base = open_fds()
+    handle = lab.register()
+    lab.client.sendto(b"x" * 100, lab.destination)
+    assert lab.proxy.recvfrom(70000)[0] == header(*lab.destination) + b"x" * 100
+    for payload in (b"one", b"", bytes(range(256)) * 200):
+        lab.proxy.sendto(header(*REMOTE) + payload, lab.upstream.getsockname())
+        assert lab.client.recvfrom(70000) == (payload, REMOTE)
+    assert open_fds() == base + 1  # one reply socket, held for the session
+    drops, active, reply_errno = lab.engine.collect()
+    assert drops == {} and reply_errno == 0
+    assert active == [(handle, 1, 100, 3, 3 + 51200)]
+    assert lab.engine.collect()[1] == []  # counted once
+    lab.client.sendto(b"more", lab.destination)
+    lab.proxy.recvfrom(70000)
+    assert lab.engine.remove_session(handle) == (1, 4, 0, 0, 1)
+    assert open_fds() == base  # the reply socket closed with its last session
+    lab.client.sendto(b"after", lab.destination)
+    assert lab.wait_handoff(1) == [(lab.client_address, lab.destination, b"after")]
+
+
+def test_two_sessions_share_one_reply_socket_per_remote(lab, impl):
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab()
+    other_client = udp_socket()
+    other_upstream = udp_socket(blocking=False)
+    other_upstream.connect(lab.proxy.getsockname())
+    try:
+        base = open_fds()
+        first = lab.register()
+        second = lab.engine.add_session(other_client.getsockname(), other_upstream.fileno())
+        lab.proxy.sendto(header(*REMOTE) + b"to first", lab.upstream.getsockname())
+        lab.proxy.sendto(header(*REMOTE) + b"to second", other_upstream.getsockname())
+        assert lab.client.recvfrom(100) == (b"to first", REMOTE)
+        assert other_client.recvfrom(100) == (b"to second", REMOTE)
+        assert open_fds() == base + 1
+        lab.engine.remove_session(first)
+        assert open_fds() == base + 1  # the second still holds it
+        lab.proxy.sendto(header(*REMOTE) + b"still", other_upstream.getsockname())
+        assert other_client.recvfrom(100) == (b"still", REMOTE)
+        lab.engine.remove_session(second)
+        assert open_fds() == base
+    finally:
+        other_client.close()
+        other_upstream.close()
+
+
+BAD_REPLIES = [
+    (b"\x00\x00\x00", "malformed"),  # shorter than any header
+    (b"\x00\x01\x00\x01" + bytes(6) + b"x", "malformed"),  # reserved bytes not zero
+    (b"\x00\x00\x01" + header(*REMOTE)[3:] + b"x", "fragment"),
+    (b"\x00\x00\x00\x03\x04name\x00\x35x", "malformed"),  # a domain name as the source
+    (b"\x00\x00\x00\x09" + bytes(6), "malformed"),  # an unknown address type
+    (b"\x00\x00\x00\x01\x7f\x00", "malformed"),  # the address cut short
+    (header("127.0.0.7", 0) + b"x", "malformed"),  # port 0
+    (header("::1", 53) + b"x", "wrong-family"),  # an IPv6 remote for an IPv4 client
+]
+
+
+def test_only_well_formed_replies_from_the_relay_address_reach_the_client(lab):
+    """A stranger's datagram never reaches the engine (the socket is connected); the rest are counted."""
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab()
+    lab.register()
+    stranger = udp_socket()
+    try:
+        stranger.sendto(header(*REMOTE) + b"from a stranger", lab.upstream.getsockname())
+        for data, _ in BAD_REPLIES:
+            lab.proxy.sendto(data, lab.upstream.getsockname())
+        lab.proxy.sendto(header(*REMOTE) + b"good", lab.upstream.getsockname())
+        assert lab.client.recvfrom(100) == (b"good", REMOTE)  # the first and only one
+    finally:
+        stranger.close()
+    expected = {}
+    for _, reason in BAD_REPLIES:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert lab.engine.collect()[0] == expected
+
+
+def test_a_datagram_too_large_for_its_header_is_dropped_as_oversize(lab):
+    lab = lab()
+    lab.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    lab.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    lab.register()
+    lab.client.sendto(b"x" * (65507 - 9), lab.destination)  # 10 bytes of header would make it 65508
+    lab.client.sendto(b"x" * (65507 - 10), lab.destination)
+    data, _ = lab.proxy.recvfrom(70000)
+    assert len(data) == 65507
+    assert lab.engine.collect()[0] == {"oversize": 1}
+
+
+def test_past_the_queue_limit_datagrams_without_a_session_are_dropped(lab):
+    lab = lab(queue_limit=2)
+    for number in range(3):
+        lab.client.sendto(b"%d" % number, lab.destination)
+    taken = lab.wait_handoff(2)
+    assert [payload for _, _, payload in taken] == [b"0", b"1"]
+    assert lab.engine.collect()[0] == {"queue-full": 1}
+
+
+def test_the_reply_socket_cap_drops_replies_and_says_why(lab):
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab(max_reply=1)
+    lab.register()
+    lab.proxy.sendto(header(*REMOTE) + b"first remote", lab.upstream.getsockname())
+    assert lab.client.recvfrom(100) == (b"first remote", REMOTE)
+    lab.proxy.sendto(header("127.0.0.8", 53) + b"second remote", lab.upstream.getsockname())
+    lab.proxy.sendto(header(*REMOTE) + b"first again", lab.upstream.getsockname())
+    assert lab.client.recvfrom(100) == (b"first again", REMOTE)
+    drops, _, reply_errno = lab.engine.collect()
+    assert drops == {"reply-socket": 1} and reply_errno == 23  # ENFILE
+
+
+def test_handles_and_bounds(lab):
+    lab = lab(max_sessions=1)
+    handle = lab.register()
+    with pytest.raises(ValueError):
+        lab.register()  # the same client twice
+    other = udp_socket()
+    try:
+        with pytest.raises(OverflowError):
+            lab.engine.add_session(other.getsockname(), other.fileno())
+    finally:
+        other.close()
+    with pytest.raises(ValueError):
+        lab.engine.add_session(("not an address", 1), lab.upstream.fileno())
+    lab.engine.remove_session(handle)
+    with pytest.raises(KeyError):
+        lab.engine.remove_session(handle)  # stale: the slot's generation moved on
+    again = lab.register()
+    assert again != handle
+
+
+def test_close_stops_the_thread_and_leaves_the_callers_sockets_open(lab):
+    lab = lab()
+    lab.register()
+    lab.engine.close()
+    lab.engine.close()
+    with pytest.raises(ValueError):
+        lab.engine.take()
+    for sock in (lab.listener, lab.upstream):
+        sock.getsockname()  # still open: the engine never closes what it was given
+    lab.client.sendto(b"after close", lab.destination)
+    assert select.select([lab.listener], [], [], TIMEOUT)[0]
+    assert lab.listener.recvfrom(100)[0] == b"after close"  # nobody reads it any more
