@@ -10,6 +10,7 @@ again here so that a slip upstream still never exposes a password.
 
 import functools
 from bisect import bisect_left
+from collections.abc import Callable
 
 import h11
 import trio
@@ -110,6 +111,8 @@ class Metrics:
         self.udp_bytes = {"up": 0, "down": 0}
         self.udp_drops: dict[str, int] = {}
         self.conntrack_dir = CONNTRACK_DIR
+        # Called before each render, to bring in what is counted elsewhere (the UDP engine's thread).
+        self.collectors: list[Callable[[], None]] = []
 
     def connection_accepted(self) -> None:
         self.accepted += 1
@@ -132,13 +135,13 @@ class Metrics:
         self.udp_sessions_active -= 1
         self.udp_sessions_ended[how] = self.udp_sessions_ended.get(how, 0) + 1
 
-    def udp_relayed(self, direction: str, size: int) -> None:
-        """A datagram's payload relayed: up is client to proxy, down is proxy to client."""
-        self.udp_datagrams[direction] += 1
+    def udp_relayed(self, direction: str, datagrams: int, size: int) -> None:
+        """Datagrams relayed and their payloads' bytes: up is client to proxy, down is proxy to client."""
+        self.udp_datagrams[direction] += datagrams
         self.udp_bytes[direction] += size
 
-    def udp_dropped(self, reason: str) -> None:
-        self.udp_drops[reason] = self.udp_drops.get(reason, 0) + 1
+    def udp_dropped(self, reason: str, count: int = 1) -> None:
+        self.udp_drops[reason] = self.udp_drops.get(reason, 0) + count
 
     def connection_named(self, source: str) -> None:
         """A connection will ask for a hostname; ``source``: "dns", "sni" or "host"."""
@@ -180,6 +183,8 @@ class Metrics:
         self.dns_upstream_failures[reason] = self.dns_upstream_failures.get(reason, 0) + 1
 
     def render(self) -> str:
+        for collect in self.collectors:
+            collect()
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:

@@ -2,23 +2,25 @@
 
 - Listeners: a transparent UDP socket per listen address (the TCP listeners' port), each datagram read
   with its original destination (IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR) as TPROXY left it.
+- The fast path's UdpEngine reads them in a thread of C, and relays every datagram of an associated
+  session both ways itself: up behind the SOCKS5 UDP header to the relay address the proxy named,
+  down (from that address only) out of a transparent socket bound to the remote the reply comes from
+  (shared by the sessions that talk to it), so the client sees the address it asked. What Python
+  does here is what is slow or policy: a client's first datagrams (handed over by the engine), the
+  association, idle time, counters and the end.
 - Sessions (relay.udp.sessions): one per client address and port. Each has its own TCP control
   connection to the proxy, kept open (RFC 1928 §7: the association lives as long as it does), and its
-  own UDP socket sending to the relay address the proxy named (an unspecified BND.ADDR: the proxy's own
-  address, the one the control connection reached). Datagrams from anywhere else are dropped.
-- Replies: from the original destination, through a transparent socket bound to that remote address
-  and port, one per remote, shared by every session talking to it (reference-counted). Unconnected, so
-  TPROXY's lookup of established sockets never takes a client's next datagram to it.
+  own UDP socket connected to the relay address (an unspecified BND.ADDR: the proxy's own address,
+  the one the control connection reached).
 
 A session ends when idle for --udp-idle-timeout (either way), when the proxy closes its control
 connection or refuses the association, or at shutdown; its sockets close with it.
 """
 
-import errno
 import ipaddress
 import logging
+import os
 import socket
-import struct
 
 import trio
 
@@ -33,16 +35,10 @@ from relay.net.listener import DEFAULT_LISTEN, ipv6_available
 from relay.net.sockets import family_of, receive_some, write_all
 from relay.proto.errors import ProtocolError, ProxyRefused
 from relay.proto.socks import Socks5UdpAssociate
-from relay.udp import datagram
 from relay.udp.sessions import Refused, Session, SessionTable
 
 IP_RECVORIGDSTADDR = 20  # Linux; also IP_ORIGDSTADDR, the ancillary message's type
 IPV6_RECVORIGDSTADDR = 74
-MAX_DATAGRAM = 65535
-# The largest payload a UDP socket sends: 65535 less the IP and UDP headers (IPv6 has no header in its limit).
-MAX_UDP_PAYLOAD = {socket.AF_INET: 65535 - 20 - 8, socket.AF_INET6: 65535 - 8}
-_CMSG_SPACE = socket.CMSG_SPACE(28)  # a sockaddr_in6, the larger of the two
-RECEIVE_BATCH = 32  # datagrams read in a row before other tasks run
 # Receive buffers of the listeners and of each association's socket: a burst the relay's one thread has not
 # read yet waits there rather than being dropped (the kernel doubles it and caps it at rmem_max without root).
 RECEIVE_BUFFER = 4 << 20
@@ -57,23 +53,10 @@ def enlarge_receive_buffer(sock: socket.socket) -> None:
 
 
 CONTROL_RECEIVE = 512  # a control connection carries nothing after the reply: anything is a fault
-MAX_REMOTES_PER_SESSION = 256  # reply sockets one session may hold (one fd each)
 REPLY_SOCKETS_PER_SESSION = 4  # reply sockets in all, per --udp-max-sessions: most sessions talk to one remote
 # After a failed association, a client's datagrams are dropped this long (or until idle) before another try:
 # a busy client must not open a connection to a refusing proxy per datagram.
 FAILED_HOLD = 2.0
-
-
-def original_destination(ancillary) -> tuple[str, int] | None:
-    """The (address, port) a datagram was sent to, from its IP_ORIGDSTADDR / IPV6_ORIGDSTADDR message."""
-    for level, kind, data in ancillary:
-        if level == socket.IPPROTO_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
-            port, address = struct.unpack_from("!2xH4s", data)
-            return socket.inet_ntop(socket.AF_INET, address), port
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
-            port, address = struct.unpack_from("!2xH4x16s", data)
-            return socket.inet_ntop(socket.AF_INET6, address), port
-    return None
 
 
 def open_udp_listener(host: str, port: int) -> socket.socket:
@@ -102,65 +85,18 @@ def open_udp_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-class ReplySockets:
-    """Transparent sockets bound to remote addresses, so replies leave from the address the client asked;
-    one per remote, shared by the sessions that talk to it."""
-
-    def __init__(self, mark: int | None, limit: int):
-        self.mark = mark
-        self.limit = limit  # sockets at once, whatever the proxy claims replies come from
-        self._sockets: dict[tuple[str, int], list] = {}  # remote -> [socket, users]
-
-    def __len__(self) -> int:
-        return len(self._sockets)
-
-    def acquire(self, remote: tuple[str, int]) -> socket.socket:
-        held = self._sockets.get(remote)
-        if held is not None:
-            held[1] += 1
-            return held[0]
-        if len(self._sockets) >= self.limit:
-            raise OSError(errno.ENFILE, f"{self.limit} reply sockets open already")
-        sock = socket.socket(family_of(remote[0]), socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if sock.family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            fastpath.set_transparent(sock)
-            if self.mark is not None:
-                apply_mark(sock, self.mark)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # it sends only; what reaches it is stray
-            sock.bind(remote)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._sockets[remote] = [sock, 1]
-        return sock
-
-    def socket_for(self, remote: tuple[str, int]) -> socket.socket:
-        """The socket an acquire() made for ``remote``, still held."""
-        return self._sockets[remote][0]
-
-    def release(self, remote: tuple[str, int]) -> None:
-        held = self._sockets[remote]
-        held[1] -= 1
-        if not held[1]:
-            del self._sockets[remote]
-            held[0].close()
-
-
 class Association:
-    """The Trio side of one session: its control connection and its UDP socket to the proxy."""
+    """The Trio side of one session: its control connection, its UDP socket to the proxy, and its
+    handle in the engine once associated."""
 
-    __slots__ = ("control", "udp", "relay_address", "scope", "failed")
+    __slots__ = ("control", "udp", "scope", "failed", "handle")
 
     def __init__(self, scope: trio.CancelScope):
         self.scope = scope
         self.failed = False  # the proxy could not be reached or refused: datagrams are dropped until it ends
         self.control = None
         self.udp: socket.socket | None = None
-        self.relay_address: tuple[str, int] | None = None
+        self.handle: int | None = None
 
 
 class UdpService:
@@ -170,13 +106,11 @@ class UdpService:
         self.table = SessionTable(
             config.udp_max_sessions, config.udp_max_per_source, config.udp_idle_timeout, clock=clock
         )
-        self.replies = ReplySockets(config.mark, REPLY_SOCKETS_PER_SESSION * config.udp_max_sessions)
         self.listeners: list[socket.socket] = []
+        self.engine = None
+        self.sessions: dict[int, Session] = {}  # by their handle in the engine
         self.warnings = RateLimited()
         self.deadline_step = min(1.0, config.udp_idle_timeout / 10)
-        # Where every datagram is read: recvmsg() would allocate 64 KiB a call. One for all sockets, as each
-        # datagram is relayed (or copied to a queue) before the next read, with no checkpoint between.
-        self.buffer = memoryview(bytearray(MAX_DATAGRAM))
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -186,14 +120,29 @@ class UdpService:
     def open(self) -> None:
         """Bind the transparent UDP listeners on the TCP listeners' addresses; raises ConfigError."""
         addresses = self.config.listen or [a for a in DEFAULT_LISTEN if ":" not in a[0] or ipv6_available()]
+        config = self.config
         try:
             for host, port in addresses:
                 self.listeners.append(open_udp_listener(host, port))
+            self.engine = fastpath.UdpEngine(
+                config.udp_max_sessions,
+                REPLY_SOCKETS_PER_SESSION * config.udp_max_sessions,
+                -1 if config.mark is None else config.mark,
+            )
+            for sock in self.listeners:
+                self.engine.add_listener(sock.fileno())
         except BaseException:
             self.close()
             raise
+        self.metrics.collectors.append(self.collect)
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.collect()
+            self.engine.close()
+            self.engine = None
+            if self.collect in self.metrics.collectors:
+                self.metrics.collectors.remove(self.collect)
         for sock in self.listeners:
             sock.close()
         self.listeners = []
@@ -202,35 +151,23 @@ class UdpService:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for sock in self.listeners:
-                    nursery.start_soon(self.receive_from_clients, sock)
+                self.engine.start()
+                nursery.start_soon(self.receive_handed_over)
+                nursery.start_soon(self.sweep)
                 task_status.started()
         finally:
             self.close()
 
-    # -- client to proxy ---------------------------------------------------------
+    # -- what the engine does not relay itself -------------------------------------
 
-    async def receive_from_clients(self, sock: socket.socket) -> None:
-        buffer = self.buffer
+    async def receive_handed_over(self) -> None:
+        """Clients' datagrams the engine has no session for: new clients, and those not associated yet."""
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(RECEIVE_BATCH):
-                try:
-                    size, ancillary, flags, client = sock.recvmsg_into([buffer], _CMSG_SPACE)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    continue  # an ICMP error for an earlier datagram, reported here
-                destination = original_destination(ancillary)
-                if destination is None or flags & socket.MSG_TRUNC:
-                    self.metrics.udp_dropped("no-destination" if destination is None else "oversize")
-                    continue
-                self.from_client(client[:2], destination, buffer[:size])
-            else:  # a full batch: let other tasks run before the next (waiting is a checkpoint already)
-                await trio.lowlevel.checkpoint()
+            await trio.lowlevel.wait_readable(self.engine.fileno())
+            for client, destination, payload in self.engine.take():
+                self.from_client(client, destination, payload)
 
-    def from_client(self, client: tuple[str, int], destination: tuple[str, int], payload: memoryview) -> None:
-        """``payload`` is a view of the listener's buffer, valid until the next datagram is read."""
+    def from_client(self, client: tuple[str, int], destination: tuple[str, int], payload: bytes) -> None:
         session = self.table.get(client)
         if session is None:
             try:
@@ -245,16 +182,40 @@ class UdpService:
             session.handle = Association(trio.CancelScope(deadline=session.idle_deadline()))
             self._nursery.start_soon(self.run_session, session)
         session.active(self.table.clock())
-        association: Association = session.handle
         self.extend(session)
-        if association.failed:
+        if session.handle.failed:
             self.metrics.udp_dropped("no-association")
+        elif not session.queue(destination, payload):  # relayed once the association is made
+            self.metrics.udp_dropped("queue-full")
+
+    async def sweep(self) -> None:
+        while True:
+            await trio.sleep(self.deadline_step)
+            self.collect()
+
+    def collect(self) -> None:
+        """Bring in what the engine relayed and dropped since the last call; sessions that relayed
+        anything are active now (at most a sweep late, never early)."""
+        if self.engine is None:
             return
-        if association.udp is None:
-            if not session.queue(destination, bytes(payload)):
-                self.metrics.udp_dropped("queue-full")
-            return
-        self.send_up(session, destination, payload)
+        drops, active, reply_errno = self.engine.collect()
+        for reason, count in drops.items():
+            self.metrics.udp_dropped(reason, count)
+        if reply_errno:
+            self.warnings.warning(
+                f"udp-reply:{reply_errno}", f"UDP: cannot open a reply socket: {os.strerror(reply_errno)}"
+            )
+        now = self.table.clock()
+        for handle, *counts in active:
+            session = self.sessions[handle]
+            self.count(session, *counts)
+            session.active(now)
+            self.extend(session)
+
+    def count(self, session: Session, datagrams_up: int, bytes_up: int, datagrams_down: int, bytes_down: int):
+        session.relayed(datagrams_up, bytes_up, datagrams_down, bytes_down)
+        self.metrics.udp_relayed("up", datagrams_up, bytes_up)
+        self.metrics.udp_relayed("down", datagrams_down, bytes_down)
 
     def extend(self, session: Session) -> None:
         """Move the session's idle deadline on, in steps: a deadline moved per datagram is a heap update each."""
@@ -262,23 +223,6 @@ class UdpService:
         deadline = session.idle_deadline()
         if deadline - scope.deadline > self.deadline_step:
             scope.deadline = deadline + self.deadline_step  # at most a step late, never early
-
-    def send_up(self, session: Session, destination: tuple[str, int], payload: bytes | memoryview) -> None:
-        association: Association = session.handle
-        message = datagram.header(destination[0], destination[1]) + payload  # one copy
-        if len(message) > MAX_UDP_PAYLOAD[association.udp.family]:
-            self.metrics.udp_dropped("oversize")
-            return
-        try:
-            association.udp.sendto(message, association.relay_address)
-        except BlockingIOError:
-            self.metrics.udp_dropped("send-blocked")
-            return
-        except OSError as exc:
-            self.metrics.udp_dropped("oversize" if exc.errno == errno.EMSGSIZE else "send-failed")
-            return
-        session.sent_up(len(payload))
-        self.metrics.udp_relayed("up", len(payload))
 
     # -- a session ---------------------------------------------------------------
 
@@ -288,8 +232,8 @@ class UdpService:
         try:
             with association.scope:
                 ended = await self.associate_and_relay(session, association)
-                if association.udp is None:  # no association: the client's datagrams are dropped a while,
-                    association.failed = True  # rather than each opening a connection to the proxy
+                if association.handle is None:  # no association: the client's datagrams are dropped a
+                    association.failed = True  # while, rather than each opening a connection to the proxy
                     if association.control is not None:
                         association.control.close()
                         association.control = None
@@ -297,13 +241,13 @@ class UdpService:
             if association.scope.cancelled_caught and not association.failed:
                 ended = "idle"  # only the idle deadline cancels the session's own scope
         finally:
+            if association.handle is not None:  # out of the engine before its socket closes
+                *counts, session.remote_count = self.engine.remove_session(association.handle)
+                del self.sessions[association.handle]
+                self.count(session, *counts)
             for sock in (association.udp, association.control):
                 if sock is not None:
                     sock.close()
-            for remote in session.remotes:
-                self.replies.release(remote)
-            session.remote_count = len(session.remotes)
-            session.remotes.clear()
             self.table.close(session)
             self.metrics.udp_session_ended(ended)
             self.log(session, ended)
@@ -328,8 +272,8 @@ class UdpService:
         conn_log.info("udp %s", text, extra={"fields": fields})
 
     async def associate_and_relay(self, session: Session, association: Association) -> str:
-        """Open the association, then relay until the proxy ends it; returns how it ended (the idle
-        deadline and shutdown end it by cancellation instead)."""
+        """Open the association, hand the session to the engine, and wait until the proxy ends it;
+        returns how it ended (the idle deadline and shutdown end it by cancellation instead)."""
         upstream = self.upstream
         config = self.config
         try:
@@ -354,18 +298,18 @@ class UdpService:
             if config.mark is not None:
                 apply_mark(udp, config.mark)
             enlarge_receive_buffer(udp)
+            # Connected: the kernel takes datagrams from the relay address only (a stranger's gets a port
+            # unreachable), and looks its route up once.
+            udp.connect(relay_address)
             udp.setblocking(False)
+            # The datagrams kept until now go first, then any the engine still holds for this client.
+            association.handle = self.engine.add_session(session.client, udp.fileno(), session.queued)
         except OSError as exc:  # out of fds: this session fails, the others go on
             self.warnings.warning(f"udp-socket:{exc.errno}", f"UDP: cannot open a socket: {exc.strerror}")
             return local_failure(exc.errno)
-        association.relay_address = relay_address
-        while session.queued:
-            self.send_up(session, *session.queued.popleft())
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.receive_from_proxy, session, association)
-            ended = await self.watch_control(association)
-            nursery.cancel_scope.cancel()
-        return ended
+        session.queued.clear()
+        self.sessions[association.handle] = session
+        return await self.watch_control(association)
 
     async def handshake(self, control, upstream: Upstream) -> tuple[str, int]:
         password = upstream.password.reveal() if upstream.password else None
@@ -393,63 +337,3 @@ class UdpService:
         """Until the proxy closes the control connection (or sends on it, which RFC 1928 has no use for)."""
         data = await receive_some(association.control, CONTROL_RECEIVE)
         return "proxy-closed" if not data else "proxy-protocol-error"
-
-    # -- proxy to client ---------------------------------------------------------
-
-    async def receive_from_proxy(self, session: Session, association: Association) -> None:
-        udp = association.udp
-        buffer = self.buffer
-        expected = association.relay_address
-        expected_key = _address_key(expected)
-        while True:
-            await trio.lowlevel.wait_readable(udp)
-            for _ in range(RECEIVE_BATCH):
-                try:
-                    size, source = udp.recvfrom_into(buffer)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    continue
-                if source[:2] != expected and _address_key(source) != expected_key:
-                    self.metrics.udp_dropped("foreign-source")
-                    continue
-                try:
-                    host, port, payload = datagram.decode(buffer[:size])
-                except datagram.BadDatagram as exc:
-                    self.metrics.udp_dropped(exc.reason)
-                    continue
-                self.send_down(session, (host, port), payload)
-            else:
-                await trio.lowlevel.checkpoint()
-
-    def send_down(self, session: Session, remote: tuple[str, int], payload: bytes) -> None:
-        client = session.client
-        if remote not in session.remotes:
-            if family_of(remote[0]) != family_of(client[0]):
-                self.metrics.udp_dropped("wrong-family")
-                return
-            if len(session.remotes) >= MAX_REMOTES_PER_SESSION:
-                self.metrics.udp_dropped("remotes-full")
-                return
-            try:
-                self.replies.acquire(remote)
-            except OSError as exc:
-                self.metrics.udp_dropped("reply-socket")
-                self.warnings.warning(f"udp-reply:{exc.errno}", f"UDP: cannot open a reply socket: {exc.strerror}")
-                return
-            session.remotes.add(remote)
-        sock = self.replies.socket_for(remote)
-        try:
-            sock.sendto(payload, client)
-        except OSError:
-            self.metrics.udp_dropped("send-failed")
-            return
-        session.active(self.table.clock())
-        self.extend(session)
-        session.sent_down(len(payload))
-        self.metrics.udp_relayed("down", len(payload))
-
-
-def _address_key(address) -> tuple[bytes, int]:
-    """An address comparable whatever its spelling (compressed IPv6, a scope id)."""
-    return ipaddress.ip_address(address[0].split("%")[0]).packed, address[1]

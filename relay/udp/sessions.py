@@ -33,7 +33,6 @@ class Session:
         "bytes_up",
         "datagrams_down",
         "bytes_down",
-        "remotes",
         "remote_count",
         "handle",
     )
@@ -45,8 +44,7 @@ class Session:
         self.queued: deque[tuple[tuple[str, int], bytes]] = deque()  # (destination, payload) until associated
         self.queue_limit = queue_limit
         self.datagrams_up = self.bytes_up = self.datagrams_down = self.bytes_down = 0
-        self.remotes: set[tuple[str, int]] = set()  # destinations a reply socket is held for
-        self.remote_count = 0  # how many it had, once they are released
+        self.remote_count = 0  # remotes it had replies from, counted as it ends
         self.handle = None  # the Trio side's
 
     def active(self, now: float) -> None:
@@ -62,13 +60,11 @@ class Session:
         self.queued.append((destination, payload))
         return True
 
-    def sent_up(self, size: int) -> None:
-        self.datagrams_up += 1
-        self.bytes_up += size
-
-    def sent_down(self, size: int) -> None:
-        self.datagrams_down += 1
-        self.bytes_down += size
+    def relayed(self, datagrams_up: int, bytes_up: int, datagrams_down: int, bytes_down: int) -> None:
+        self.datagrams_up += datagrams_up
+        self.bytes_up += bytes_up
+        self.datagrams_down += datagrams_down
+        self.bytes_down += bytes_down
 
 
 class SessionTable:

@@ -65,7 +65,6 @@ def test_datagrams_wait_in_a_bounded_queue_and_counters_add_up():
     assert session.queue(("192.0.2.1", 53), b"a") and session.queue(("192.0.2.1", 53), b"b")
     assert not session.queue(("192.0.2.1", 53), b"c")
     assert [payload for _, payload in session.queued] == [b"a", b"b"]
-    session.sent_up(10)
-    session.sent_up(5)
-    session.sent_down(7)
+    session.relayed(1, 10, 0, 0)
+    session.relayed(1, 5, 1, 7)
     assert (session.datagrams_up, session.bytes_up, session.datagrams_down, session.bytes_down) == (2, 15, 1, 7)
