@@ -1,6 +1,6 @@
 """UDP through dante's UDP ASSOCIATE: relay --udp against redsocks' redudp, in one run.
 
-    sudo .venv/bin/python bench/udp.py [--rates 20,50,100,200,400] [--seconds 3] [--count 1000] [--out FILE]
+    sudo .venv/bin/python bench/udp.py [--rounds 3] [--rates 20,50,100,200,400] [--seconds 3] [--count 1000]
 
 The lab (relay.lab): client -> router -> far -> server. dante runs on far (UDP ASSOCIATE allowed); the
 server runs iperf3 and a UDP echo server; the router reaches the server only through dante. On the
@@ -9,10 +9,13 @@ section carrying TCP) takes the client's traffic, by the same TPROXY rule for UD
 PREROUTING on the LAN interface; iperf3's TCP control connection goes through each one's TCP side).
 
 For each, ``iperf3 -u`` from the client at increasing rates, up (client to server) and down (-R):
-throughput the receiver got and loss; then ``--count`` sequential request/response round trips of 64
-bytes (a fresh client port, so the first includes opening the association; the median and p99 are of
-the rest). The figure that matters: the highest rate with at most 1% loss, and the latency.
-Results: JSON in bench/results/, and a table on stdout.
+throughput the receiver got and loss. Then latency, with both running at once, each taking the
+datagrams to its own echo port: ``--count`` request/response round trips of 64 bytes through one and
+then the other, in turn (a fresh client port each, so the first includes opening the association;
+the median and p99 are of the rest), so that the machine's drift falls on both alike. The figures
+that matter: the highest rate with at most 1% loss, and the latency. ``--rounds`` rounds (the one
+measured first alternates); each figure is the median of the rounds, each ratio the median of the
+rounds' relay/redsocks ratios. Results: JSON in bench/results/, and a table on stdout.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from relay.lab.services import start_relay  # noqa: E402
 RESULTS = HERE / "results"
 IPERF_PORT = 5201
 ECHO_PORT = 7100
+ECHO_PORTS = {"relay": ECHO_PORT, "redsocks": ECHO_PORT + 1}  # the latency's: both run at once
 RELAY_PORT = 12345
 REDSOCKS_TCP_PORT = 12346
 REDSOCKS_UDP_PORT = 12347
@@ -47,9 +51,10 @@ LOSS_TARGET = 1.0  # percent
 KINDS = ("relay", "redsocks")
 
 
-def tproxy_udp(lab: Lab, port: int, action: str = "-A") -> None:
-    """The LAN's UDP to ``port`` by TPROXY, with the routing TPROXY needs (IPv4: redudp has no IPv6)."""
-    rule = ["-i", ADDR.router_lan_if, "-p", "udp", "-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", TPROXY_MARK]
+def tproxy_udp(lab: Lab, port: int, action: str = "-A", echo_port: int | None = None) -> None:
+    """The LAN's UDP (to ``echo_port`` only, if given) to ``port`` by TPROXY (IPv4: redudp has no IPv6)."""
+    match = ["-i", ADDR.router_lan_if, "-p", "udp", *(["--dport", str(echo_port)] if echo_port else [])]
+    rule = [*match, "-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", TPROXY_MARK]
     lab.run("router", ["iptables", "-w", "-t", "mangle", action, "PREROUTING", *rule])
 
 
@@ -83,19 +88,31 @@ redudp {{
     return conf
 
 
-def start(lab: Lab, kind: str):
-    """The relay or redsocks on the router, with its rules; returns a function that stops both."""
-    lab.run("router", ["ip", "rule", "add", "fwmark", TPROXY_MARK, "lookup", ROUTE_TABLE])
-    lab.run("router", ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE])
+def route_tproxy(lab: Lab, action: str = "add") -> None:
+    """The routing TPROXY needs: marked packets delivered locally."""
+    if action == "add":
+        lab.run("router", ["ip", "rule", "add", "fwmark", TPROXY_MARK, "lookup", ROUTE_TABLE])
+        lab.run("router", ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE])
+    else:
+        lab.run("router", ["ip", "rule", "del", "fwmark", TPROXY_MARK, "lookup", ROUTE_TABLE], check=False)
+        lab.run("router", ["ip", "route", "flush", "table", ROUTE_TABLE], check=False)
+
+
+def start_process(lab: Lab, kind: str):
+    """The relay or redsocks on the router; returns (its UDP port, a function that stops it)."""
     if kind == "relay":
         args = ["--upstream", f"socks5://{ADDR.far4}:1080", "--mode", "tproxy", "--mark", RELAY_MARK, "--udp", "on"]
         args += ["--listen", f"0.0.0.0:{RELAY_PORT}", "--udp-idle-timeout", "30"]
-        relay = start_relay(lab, args, name="relay-udp-bench")
-        port, stop_process = RELAY_PORT, relay.stop
-    else:
-        lab.spawn("router", ["redsocks", "-c", str(redsocks_conf(lab))], name="redsocks-udp-bench")
-        lab.wait_tcp("router", "127.0.0.1", REDSOCKS_TCP_PORT, name="redsocks-udp-bench")
-        port, stop_process = REDSOCKS_UDP_PORT, lambda: lab.stop("redsocks-udp-bench")
+        return RELAY_PORT, start_relay(lab, args, name="relay-udp-bench").stop
+    lab.spawn("router", ["redsocks", "-c", str(redsocks_conf(lab))], name="redsocks-udp-bench")
+    lab.wait_tcp("router", "127.0.0.1", REDSOCKS_TCP_PORT, name="redsocks-udp-bench")
+    return REDSOCKS_UDP_PORT, lambda: lab.stop("redsocks-udp-bench")
+
+
+def start(lab: Lab, kind: str):
+    """The relay or redsocks with its rules for all the LAN's UDP and TCP; returns a function that stops both."""
+    route_tproxy(lab)
+    port, stop_process = start_process(lab, kind)
     tproxy_udp(lab, port)
     tcp_to(lab, kind)
 
@@ -103,10 +120,27 @@ def start(lab: Lab, kind: str):
         tproxy_udp(lab, port, "-D")
         tcp_to(lab, kind, "-D")
         stop_process()
-        lab.run("router", ["ip", "rule", "del", "fwmark", TPROXY_MARK, "lookup", ROUTE_TABLE], check=False)
-        lab.run("router", ["ip", "route", "flush", "table", ROUTE_TABLE], check=False)
+        route_tproxy(lab, "del")
 
     return stop
+
+
+def paired_latency(lab: Lab, count: int) -> dict:
+    """Both at once, each taking the datagrams to its own echo port, round trips through them in turn:
+    the pairs are measured within a millisecond of each other, so the machine's drift cancels out."""
+    route_tproxy(lab)
+    started = []
+    try:
+        for kind in KINDS:
+            port, stop_process = start_process(lab, kind)
+            started.append(stop_process)
+            tproxy_udp(lab, port, echo_port=ECHO_PORTS[kind])
+            started.append(lambda port=port, kind=kind: tproxy_udp(lab, port, "-D", echo_port=ECHO_PORTS[kind]))
+        return round_trips(lab, count)
+    finally:
+        for stop in reversed(started):
+            stop()
+        route_tproxy(lab, "del")
 
 
 def iperf_udp(lab: Lab, rate_mbit: int, seconds: float, reverse: bool) -> dict:
@@ -125,31 +159,40 @@ def iperf_udp(lab: Lab, rate_mbit: int, seconds: float, reverse: bool) -> dict:
 
 
 def round_trips(lab: Lab, count: int) -> dict:
-    sock = lab.socket("client", socket.AF_INET, socket.SOCK_DGRAM)
-    sock.settimeout(2.0)
+    """``count`` round trips of 64 bytes through each, in turn, each from its own client port."""
+    socks = {kind: lab.socket("client", socket.AF_INET, socket.SOCK_DGRAM) for kind in KINDS}
     payload = bytes(64)
-    times, lost = [], 0
+    times = {kind: [] for kind in KINDS}
+    lost = dict.fromkeys(KINDS, 0)
     try:
+        for sock in socks.values():
+            sock.settimeout(2.0)
         for _ in range(count):
-            started = time.perf_counter()
-            sock.sendto(payload, (ADDR.server4, ECHO_PORT))
-            try:
-                sock.recvfrom(1024)
-            except TimeoutError:
-                lost += 1
-                continue
-            times.append(time.perf_counter() - started)
+            for kind, sock in socks.items():
+                started = time.perf_counter()
+                sock.sendto(payload, (ADDR.server4, ECHO_PORTS[kind]))
+                try:
+                    sock.recvfrom(1024)
+                except TimeoutError:
+                    lost[kind] += 1
+                    continue
+                times[kind].append(time.perf_counter() - started)
     finally:
-        sock.close()
-    if len(times) < 2:
-        return {"lost": lost, "error": "no answers"}
-    first, rest = times[0], sorted(times[1:])
-    return {
-        "first_ms": round(first * 1000, 2),
-        "median_us": round(statistics.median(rest) * 1e6),
-        "p99_us": round(rest[int(len(rest) * 0.99) - 1] * 1e6),
-        "lost": lost,
-    }
+        for sock in socks.values():
+            sock.close()
+    result = {}
+    for kind in KINDS:
+        if len(times[kind]) < 2:
+            result[kind] = {"lost": lost[kind], "error": "no answers"}
+            continue
+        first, rest = times[kind][0], sorted(times[kind][1:])
+        result[kind] = {
+            "first_ms": round(first * 1000, 2),
+            "median_us": round(statistics.median(rest) * 1e6),
+            "p99_us": round(rest[int(len(rest) * 0.99) - 1] * 1e6),
+            "lost": lost[kind],
+        }
+    return result
 
 
 def best_rate(runs: list[dict]) -> float:
@@ -158,8 +201,57 @@ def best_rate(runs: list[dict]) -> float:
     return max(good, default=0.0)
 
 
+def throughput(lab: Lab, kind: str, args, rates: list[int]) -> dict:
+    stop = start(lab, kind)
+    try:
+        result = {}
+        for direction, reverse in (("up", False), ("down", True)):
+            result[direction] = [iperf_udp(lab, rate, args.seconds, reverse) for rate in rates]
+            result[f"{direction}_best_mbit"] = best_rate(result[direction])
+    finally:
+        stop()
+    return result
+
+
+FIGURES = {  # name in the table: how to read it from one round's result
+    "up best Mbit/s": lambda result: result["up_best_mbit"],
+    "down best Mbit/s": lambda result: result["down_best_mbit"],
+    "rtt median us": lambda result: result["latency"].get("median_us"),
+    "rtt p99 us": lambda result: result["latency"].get("p99_us"),
+    "first ms": lambda result: result["latency"].get("first_ms"),
+}
+
+
+def loss_at(direction: str, rate: int):
+    def read(result: dict):
+        return next((run.get("loss_percent") for run in result[direction] if run["rate_mbit"] == rate), None)
+
+    return read
+
+
+def summary(rounds: list[dict], rates: list[int]) -> dict:
+    """Each figure's median over the rounds for both, and the median of the rounds' relay/redsocks ratios."""
+    table = {}
+    losses = {f"{way} loss % at {rate}M": loss_at(way, rate) for way in ("up", "down") for rate in rates}
+    for name, read in {**FIGURES, **losses}.items():
+        row = {}
+        for kind in KINDS:
+            values = [read(one[kind]) for one in rounds if read(one[kind]) is not None]
+            row[kind] = statistics.median(values) if values else None
+        ratios = [
+            read(one["relay"]) / read(one["redsocks"])
+            for one in rounds
+            if name in FIGURES and read(one["relay"]) is not None and read(one["redsocks"])
+        ]
+        row["ratio"] = round(statistics.median(ratios), 2) if ratios else None
+        row["ratios"] = [round(ratio, 2) for ratio in ratios]
+        table[name] = row
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, relay and redsocks in turn in each")
     parser.add_argument("--rates", default="20,50,100,200,400", help="iperf3 -b rates, Mbit/s, comma-separated")
     parser.add_argument("--seconds", type=float, default=3.0, help="each iperf3 run")
     parser.add_argument("--count", type=int, default=1000, help="request/response round trips")
@@ -172,41 +264,39 @@ def main() -> int:
         print(f"bench/udp.py: missing {', '.join(missing)}; run scripts/setup first", file=sys.stderr)
         return 2
     rates = [int(rate) for rate in args.rates.split(",")]
-    record = {"cpus": os.cpu_count(), "seconds": args.seconds, "count": args.count, "results": {}}
+    record = {"cpus": os.cpu_count(), "seconds": args.seconds, "count": args.count, "rounds": []}
     with Lab() as lab:
         start_dante(lab)
         lab.spawn("server", ["iperf3", "-s", "-B", ADDR.server4, "-p", str(IPERF_PORT)], name="iperf3")
         lab.wait_tcp("server", ADDR.server4, IPERF_PORT, name="iperf3")
         UdpEchoServer(lab, "server", ADDR.server4, ECHO_PORT)
-        for kind in KINDS:
-            stop = start(lab, kind)
-            try:
-                result = {"latency": round_trips(lab, args.count)}
-                for direction, reverse in (("up", False), ("down", True)):
-                    result[direction] = [iperf_udp(lab, rate, args.seconds, reverse) for rate in rates]
-                    result[f"{direction}_best_mbit"] = best_rate(result[direction])
-            finally:
-                stop()
-            record["results"][kind] = result
+        UdpEchoServer(lab, "server", ADDR.server4, ECHO_PORTS["redsocks"])
+        for number in range(args.rounds):
+            order = KINDS if number % 2 == 0 else KINDS[::-1]
+            one = {kind: throughput(lab, kind, args, rates) for kind in order}
+            for kind, latency in paired_latency(lab, args.count).items():
+                one[kind]["latency"] = latency
+            record["rounds"].append(one)
+    record["summary"] = summary(record["rounds"], rates)
     RESULTS.mkdir(exist_ok=True)
     out = args.out or RESULTS / f"udp-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'':10} {'up best':>9} {'down best':>10} {'rtt median':>11} {'rtt p99':>8} {'first':>8}")
-    for kind, result in record["results"].items():
-        latency = result["latency"]
-        median, p99, first = (latency.get(key, "-") for key in ("median_us", "p99_us", "first_ms"))
-        print(
-            f"{kind:10} {result['up_best_mbit']:>7} M {result['down_best_mbit']:>8} M "
-            f"{median:>8} us {p99:>5} us {first:>5} ms"
-        )
-        for direction in ("up", "down"):
-            cells = ", ".join(
-                f"{run['rate_mbit']}M: {run['received_mbit']}M {run['loss_percent']}%"
-                if "loss_percent" in run
-                else f"{run['rate_mbit']}M: failed"
-                for run in result[direction]
-            )
-            print(f"{'':10} {direction}: {cells}")
+    print(f"{'median of ' + str(args.rounds) + ' rounds':24} {'relay':>9} {'redsocks':>9} {'relay/redsocks':>15}")
+    for name, row in record["summary"].items():
+        cells = [f"{row[kind]:>9g}" if row[kind] is not None else f"{'-':>9}" for kind in KINDS]
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
+        rounds = f"  rounds: {row['ratios']}" if row["ratios"] else ""
+        print(f"{name:24} {' '.join(cells)} {ratio:>15}{rounds}")
+    for number, one in enumerate(record["rounds"], 1):
+        for kind, result in one.items():
+            for direction in ("up", "down"):
+                cells = ", ".join(
+                    f"{run['rate_mbit']}M: {run['received_mbit']}M {run['loss_percent']}%"
+                    if "loss_percent" in run
+                    else f"{run['rate_mbit']}M: failed"
+                    for run in result[direction]
+                )
+                print(f"round {number} {kind:9} {direction:>4}: {cells}")
     print(f"\nraw results: {out}")
     return 0
 
