@@ -664,6 +664,7 @@ DEF DROP_REASONS = 10
 
 cdef struct UdpState:
     pthread_mutex_t lock  # held by the thread while it relays, and by every method
+    bint closed
     int epfd
     int stop_fd  # written by close(): the thread returns
     int handoff_fd  # readable while handoffs wait: what Python waits on
@@ -892,6 +893,7 @@ cdef void from_clients(UdpState *st, int fd) noexcept nogil:
 cdef int decode_reply(const unsigned char *data, Py_ssize_t size, Addr *remote) noexcept nogil:
     """The header's length, with its address in ``remote``; or -1 - the drop reason."""
     cdef Py_ssize_t ip_size
+    memset(remote, 0, sizeof(Addr))  # hashed and compared whole, padding too
     if size < 4 or data[0] or data[1]:
         return -1 - DROP_MALFORMED
     if data[2]:
@@ -906,7 +908,6 @@ cdef int decode_reply(const unsigned char *data, Py_ssize_t size, Addr *remote) 
         return -1 - DROP_MALFORMED  # a domain name (3): a reply must come from an address
     if size < 4 + ip_size + 2:
         return -1 - DROP_MALFORMED
-    memset(remote.ip, 0, 16)
     memcpy(remote.ip, data + 4, ip_size)
     memcpy(&remote.port, data + 4 + ip_size, 2)
     if remote.port == 0:
@@ -959,9 +960,10 @@ cdef void release_reply(UdpState *st, int slot) noexcept nogil:
     if r.users > 0:
         return
     link = &st.reply_buckets[addr_hash(&r.remote) & st.reply_mask]
-    while link[0] != slot:
+    while link[0] >= 0 and link[0] != slot:
         link = &st.replies[link[0]].next
-    link[0] = r.next
+    if link[0] == slot:
+        link[0] = r.next
     close(r.fd)
     r.fd = -1
     r.next = st.free_reply
@@ -1053,6 +1055,12 @@ cdef void *udp_thread(void *arg) noexcept nogil:
         pthread_mutex_unlock(&st.lock)
 
 
+cdef inline void lock(UdpState *st) noexcept:
+    """Take the engine's lock from Python, letting other threads run while the engine's holds it."""
+    with nogil:
+        pthread_mutex_lock(&st.lock)
+
+
 cdef int power_of_two_above(int count) noexcept:
     cdef int size = 16
     while size < count * 2:
@@ -1075,11 +1083,15 @@ cdef class UdpEngine:
     cdef pthread_t thread
 
     def __cinit__(self, int max_sessions, int max_reply_sockets, int mark=-1, int queue_limit=256):
-        cdef UdpState *st = <UdpState *>calloc(1, sizeof(UdpState))
+        cdef UdpState *st
         cdef int i
         cdef epoll_event event
+        if max_sessions < 1 or max_reply_sockets < 0 or queue_limit < 1:
+            raise ValueError("a UdpEngine needs a session, no negative count of reply sockets and a queue")
+        st = <UdpState *>calloc(1, sizeof(UdpState))
         if st == NULL:
             raise MemoryError()
+        pthread_mutex_init(&st.lock, NULL)
         self.st = st
         st.epfd = st.stop_fd = st.handoff_fd = -1
         st.mark = mark
@@ -1108,7 +1120,6 @@ cdef class UdpEngine:
             st.replies[i].fd = -1
             st.replies[i].next = i + 1 if i + 1 < max_reply_sockets else -1
         st.free_reply = 0 if max_reply_sockets else -1
-        pthread_mutex_init(&st.lock, NULL)
         st.epfd = epoll_create1(EPOLL_CLOEXEC)
         st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         st.handoff_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -1128,16 +1139,23 @@ cdef class UdpEngine:
         return self.st.handoff_fd
 
     def _check_open(self):
-        if self.st == NULL or self.st.epfd < 0:
+        if self.st == NULL or self.st.closed:
             raise ValueError("the UDP engine is closed")
 
     def start(self):
         """Start the thread that relays."""
         self._check_open()
+        cdef sigset_t every_signal, previous
+        cdef int failed
         if self.started:
             return
-        if pthread_create(&self.thread, NULL, udp_thread, self.st) != 0:
-            raise OSError("cannot start the UDP engine's thread")
+        # Signals go to the interpreter's thread, never to this one (which would fail a send with EINTR).
+        sigfillset(&every_signal)
+        pthread_sigmask(SIG_SETMASK, &every_signal, &previous)
+        failed = pthread_create(&self.thread, NULL, udp_thread, self.st)
+        pthread_sigmask(SIG_SETMASK, &previous, NULL)
+        if failed:
+            raise OSError(failed, "cannot start the UDP engine's thread")
         self.started = True
 
     def add_listener(self, int fd):
@@ -1168,9 +1186,10 @@ cdef class UdpEngine:
         self._check_open()
         client_addr = addr_from_python(client)
         pending = [(destination, bytes(payload)) for destination, payload in first]
-        for destination, payload in pending:
-            addr_from_python(destination)  # raises before anything changes
-        pthread_mutex_lock(&st.lock)
+        for destination, payload in pending:  # raises before anything changes
+            if addr_from_python(destination).port == 0:
+                raise ValueError(f"{destination}: a datagram cannot go to port 0")
+        lock(st)
         try:
             if find_session(st, &client_addr) >= 0:
                 raise ValueError(f"{client} has a session already")
@@ -1225,16 +1244,17 @@ cdef class UdpEngine:
         self._check_open()
         if not 0 <= slot < st.session_capacity:
             raise KeyError(handle)
-        pthread_mutex_lock(&st.lock)
+        lock(st)
         try:
             s = &st.sessions[slot]
             if not s.in_use or s.generation != <unsigned int>(handle >> 32):
                 raise KeyError(handle)
             epoll_ctl(st.epfd, EPOLL_CTL_DEL, s.udp_fd, NULL)
             link = &st.session_buckets[addr_hash(&s.client) & st.session_mask]
-            while link[0] != slot:
+            while link[0] >= 0 and link[0] != slot:
                 link = &st.sessions[link[0]].next
-            link[0] = s.next
+            if link[0] == slot:
+                link[0] = s.next
             for i in range(s.remote_count):
                 release_reply(st, s.remotes[i])
             free(s.remotes)
@@ -1255,15 +1275,20 @@ cdef class UdpEngine:
         cdef unsigned long long count
         cdef int i
         self._check_open()
+        cdef int first, waiting
         taken = []
-        pthread_mutex_lock(&st.lock)
+        lock(st)
         try:
-            for i in range(st.handoff_count):
-                h = &st.handoffs[(st.handoff_first + i) % st.handoff_capacity]
-                taken.append((addr_to_python(&h.client), addr_to_python(&h.destination), h.data[:h.size]))
-                free(h.data)
+            first, waiting = st.handoff_first, st.handoff_count
             st.handoff_first = st.handoff_count = 0
             read(st.handoff_fd, &count, sizeof(count))
+            try:
+                for i in range(waiting):
+                    h = &st.handoffs[(first + i) % st.handoff_capacity]
+                    taken.append((addr_to_python(&h.client), addr_to_python(&h.destination), h.data[:h.size]))
+            finally:
+                for i in range(waiting):
+                    free(st.handoffs[(first + i) % st.handoff_capacity].data)
         finally:
             pthread_mutex_unlock(&st.lock)
         return taken
@@ -1278,7 +1303,7 @@ cdef class UdpEngine:
         self._check_open()
         drops = {}
         active = []
-        pthread_mutex_lock(&st.lock)
+        lock(st)
         try:
             for i in range(DROP_REASONS):
                 if st.drops[i]:
@@ -1302,27 +1327,31 @@ cdef class UdpEngine:
         cdef UdpState *st = self.st
         cdef unsigned long long one = 1
         cdef int i
-        if st == NULL or st.epfd < 0:
+        if st == NULL or st.closed:
             return
+        st.closed = True
         if self.started:
             write(st.stop_fd, &one, sizeof(one))
             with nogil:
                 pthread_join(self.thread, NULL)
             self.started = False
-        for i in range(st.reply_capacity):
-            if st.replies[i].fd >= 0:
-                close(st.replies[i].fd)
-                st.replies[i].fd = -1
-        for i in range(st.session_capacity):
-            free(st.sessions[i].remotes)
-            st.sessions[i].remotes = NULL
-            st.sessions[i].in_use = False
-        for i in range(st.handoff_count):
-            free(st.handoffs[(st.handoff_first + i) % st.handoff_capacity].data)
+        if st.replies != NULL:
+            for i in range(st.reply_capacity):
+                if st.replies[i].fd >= 0:
+                    close(st.replies[i].fd)
+                    st.replies[i].fd = -1
+        if st.sessions != NULL:
+            for i in range(st.session_capacity):
+                free(st.sessions[i].remotes)
+                st.sessions[i].remotes = NULL
+                st.sessions[i].in_use = False
+        if st.handoffs != NULL:
+            for i in range(st.handoff_count):
+                free(st.handoffs[(st.handoff_first + i) % st.handoff_capacity].data)
         st.handoff_count = 0
-        close(st.epfd)
-        close(st.stop_fd)
-        close(st.handoff_fd)
+        for i in (st.epfd, st.stop_fd, st.handoff_fd):
+            if i >= 0:
+                close(i)
         st.epfd = st.stop_fd = st.handoff_fd = -1
 
     def __dealloc__(self):

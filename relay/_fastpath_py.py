@@ -621,7 +621,6 @@ UDP_DROPS = (
     "oversize",
     "send-blocked",
     "send-failed",
-    "foreign-source",
     "malformed",
     "fragment",
     "wrong-family",
@@ -680,6 +679,8 @@ class UdpEngine:
     """The datagrams of associated UDP sessions, relayed by a thread of its own (see the extension's)."""
 
     def __init__(self, max_sessions, max_reply_sockets, mark=-1, queue_limit=256):
+        if max_sessions < 1 or max_reply_sockets < 0 or queue_limit < 1:
+            raise ValueError("a UdpEngine needs a session, no negative count of reply sockets and a queue")
         self._max_reply_sockets = max_reply_sockets
         self._mark = mark
         self._queue_limit = queue_limit
@@ -725,6 +726,9 @@ class UdpEngine:
         self._check_open()
         client_addr = _addr(client)
         pending = [(_addr(destination), bytes(payload)) for destination, payload in first]
+        for (_, _, port), _ in pending:
+            if port == 0:
+                raise ValueError("a datagram cannot go to port 0")
         with self._lock:
             if client_addr in self._by_client:
                 raise ValueError(f"{client} has a session already")
@@ -798,6 +802,10 @@ class UdpEngine:
                     s.active = False
             reply_errno, self._reply_errno = self._reply_errno, 0
         return drops, active, reply_errno
+
+    def __del__(self):
+        if hasattr(self, "_epoll"):  # __init__ got that far
+            self.close()  # never the caller's sockets: they are detached
 
     def close(self):
         if self._epoll.closed:

@@ -254,6 +254,27 @@ def test_handles_and_bounds(lab):
     assert again != handle
 
 
+def test_both_twins_count_drops_by_the_same_words(extension):
+    from relay import _fastpath_py
+
+    assert extension.UDP_DROPS == _fastpath_py.UDP_DROPS
+
+
+@pytest.mark.parametrize("sizes", [(0, 1, 1), (1, -1, 1), (1, 1, 0)])
+def test_an_engine_needs_a_session_and_a_queue(impl, sizes):
+    with pytest.raises(ValueError):
+        impl.UdpEngine(*sizes[:2], queue_limit=sizes[2])
+
+
+def test_kept_datagrams_to_port_0_are_refused_before_the_session_is_registered(lab):
+    lab = lab()
+    with pytest.raises(ValueError):
+        lab.register(first=[(("10.1.2.3", 53), b"fine"), (("10.1.2.3", 0), b"nowhere")])
+    lab.register()  # nothing was registered by the refused call
+    lab.client.sendto(b"through", lab.destination)
+    assert lab.proxy.recvfrom(100)[0] == header(*lab.destination) + b"through"
+
+
 def test_close_stops_the_thread_and_leaves_the_callers_sockets_open(lab):
     lab = lab()
     lab.register()

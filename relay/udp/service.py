@@ -110,7 +110,8 @@ class UdpService:
         self.engine = None
         self.sessions: dict[int, Session] = {}  # by their handle in the engine
         self.warnings = RateLimited()
-        self.deadline_step = min(1.0, config.udp_idle_timeout / 10)
+        # How often the engine's counters are read and idle sessions ended: a session ends at most this late.
+        self.sweep_interval = min(1.0, config.udp_idle_timeout / 10)
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -179,23 +180,27 @@ class UdpService:
                 )
                 return
             self.metrics.udp_session_opened()
-            session.handle = Association(trio.CancelScope(deadline=session.idle_deadline()))
+            session.handle = Association(trio.CancelScope())
             self._nursery.start_soon(self.run_session, session)
         session.active(self.table.clock())
-        self.extend(session)
         if session.handle.failed:
             self.metrics.udp_dropped("no-association")
         elif not session.queue(destination, payload):  # relayed once the association is made
             self.metrics.udp_dropped("queue-full")
 
     async def sweep(self) -> None:
+        """End the sessions idle for --udp-idle-timeout, knowing what the engine relayed until now."""
         while True:
-            await trio.sleep(self.deadline_step)
+            await trio.sleep(self.sweep_interval)
             self.collect()
+            now = self.table.clock()
+            for session in self.table:
+                if now >= session.idle_deadline():
+                    session.handle.scope.cancel()
 
     def collect(self) -> None:
         """Bring in what the engine relayed and dropped since the last call; sessions that relayed
-        anything are active now (at most a sweep late, never early)."""
+        anything are active now (a sweep late at most: they end later, never earlier)."""
         if self.engine is None:
             return
         drops, active, reply_errno = self.engine.collect()
@@ -210,19 +215,11 @@ class UdpService:
             session = self.sessions[handle]
             self.count(session, *counts)
             session.active(now)
-            self.extend(session)
 
     def count(self, session: Session, datagrams_up: int, bytes_up: int, datagrams_down: int, bytes_down: int):
         session.relayed(datagrams_up, bytes_up, datagrams_down, bytes_down)
         self.metrics.udp_relayed("up", datagrams_up, bytes_up)
         self.metrics.udp_relayed("down", datagrams_down, bytes_down)
-
-    def extend(self, session: Session) -> None:
-        """Move the session's idle deadline on, in steps: a deadline moved per datagram is a heap update each."""
-        scope = session.handle.scope
-        deadline = session.idle_deadline()
-        if deadline - scope.deadline > self.deadline_step:
-            scope.deadline = deadline + self.deadline_step  # at most a step late, never early
 
     # -- a session ---------------------------------------------------------------
 
@@ -239,7 +236,7 @@ class UdpService:
                         association.control = None
                     await trio.sleep(FAILED_HOLD)
             if association.scope.cancelled_caught and not association.failed:
-                ended = "idle"  # only the idle deadline cancels the session's own scope
+                ended = "idle"  # only the sweep cancels the session's own scope, when it is idle
         finally:
             if association.handle is not None:  # out of the engine before its socket closes
                 *counts, session.remote_count = self.engine.remove_session(association.handle)

@@ -169,6 +169,18 @@ def test_an_idle_session_ends_and_the_next_datagram_opens_another(lab, udp_relay
     assert len(session_lines(relay, at_least=2)) == 2
 
 
+def test_a_session_busy_past_its_idle_timeout_is_not_ended(lab, udp_relay):
+    """Its datagrams go through the engine, which Python hears of only at each sweep: still not idle."""
+    relay = udp_relay(UPSTREAMS["dante"], "--udp-idle-timeout", "1")
+    sock = client_socket(lab)
+    for number in range(12):  # 2.4 s of a round trip every 0.2 s
+        assert round_trip(sock, b"busy %d" % number)[0] == b"busy %d" % number
+        time.sleep(0.2)
+    assert session_lines(relay, timeout=0) == []
+    [line] = session_lines(relay, at_least=1)
+    assert line["end"] == "idle" and line["datagrams-up"] == "12" and line["datagrams-down"] == "12"
+
+
 def test_sessions_past_the_per_source_cap_are_dropped_and_the_others_go_on(lab, udp_relay):
     relay = udp_relay(UPSTREAMS["dante"], "--udp-max-per-source", "4", "--udp-idle-timeout", "3")
     sockets = [client_socket(lab) for _ in range(7)]
