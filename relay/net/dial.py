@@ -29,7 +29,7 @@ from relay.net.sockets import family_of, reset
 from relay.net.tls import TlsSession, TlsSocket, client_context
 from relay.proto.errors import LocalProtocolError, RemoteProtocolError
 from relay.proto.http_connect import HttpConnectClient
-from relay.proto.socks import Socks4Client, Socks5Client
+from relay.proto.socks import Socks4Client, Socks5Client, Socks5UdpAssociate
 from relay.proto.tls import TlsHandshake
 
 if TYPE_CHECKING:
@@ -41,11 +41,21 @@ STALE_POOLED = frozenset({"proxy-closed", "proxy-econnreset", "proxy-epipe"})
 RECV_SIZE = 16384  # handshake reads; the machines bound the total
 
 
-def handshake_for(upstream: Upstream, host: str, port: int, pipelined: bool = False, early_data: bytes = b""):
+def handshake_for(
+    upstream: Upstream,
+    host: str,
+    port: int,
+    pipelined: bool = False,
+    early_data: bytes = b"",
+    udp_associate: bool = False,
+):
     """The sans-IO machine asking ``upstream`` for a tunnel to host:port, or None for direct;
     ``pipelined``: a SOCKS5 handshake's messages all at once; ``early_data``: bytes for the
-    destination sent right after an HTTP CONNECT request."""
+    destination sent right after an HTTP CONNECT request; ``udp_associate``: a SOCKS5 UDP
+    ASSOCIATE instead of a tunnel (host and port unused)."""
     password = upstream.password.reveal() if upstream.password else None
+    if udp_associate:
+        return Socks5UdpAssociate(upstream.username, password, pipelined)
     if upstream.protocol == "http":
         machine = HttpConnectClient(host, port, username=upstream.username, password=password, early_data=early_data)
         if upstream.scheme == "https":  # the CONNECT inside TLS to the proxy
@@ -159,6 +169,8 @@ class Dialing:
         "upstream",
         "target",
         "early_data",
+        "udp_associate",
+        "bound_address",
         "may_fall_back",
         "fell_back",
         "pooled",
@@ -184,6 +196,8 @@ class Dialing:
         self.upstream, self.addresses, self.machine, self.mark = upstream, addresses, machine, mark
         self.target = target
         self.early_data = b""  # sent with an HTTP CONNECT, by every connection it makes (see _start_again)
+        self.udp_associate = False  # a SOCKS5 UDP ASSOCIATE, not a tunnel
+        self.bound_address: tuple[str, int] | None = None  # the UDP relay address its reply named
         self.may_fall_back = self.fell_back = self.fresh = False
         self.pooled = None
         self.connect_timeout, self.handshake_timeout, self.slow_after = timeouts
@@ -251,9 +265,11 @@ class Dialer:
         slow_after: float | None = None,
         on_slow=None,
         early_data: bytes = b"",
+        udp_associate: bool = False,
     ) -> Dialing:
         """Open a connection to ``target`` through ``upstream`` (at ``addresses``, resolved once);
-        ``early_data`` (HTTP CONNECT only): the destination's first bytes, sent with the request."""
+        ``early_data`` (HTTP CONNECT only): the destination's first bytes, sent with the request;
+        ``udp_associate`` (SOCKS5 only): a UDP ASSOCIATE's control connection instead (no target)."""
         host, port = target
         machine = None
         timeouts = connect_timeout, handshake_timeout, slow_after
@@ -262,13 +278,14 @@ class Dialer:
             addresses = [(family_of(host), target)]
         else:
             try:
-                machine = handshake_for(upstream, host, port, pipelined, early_data)
+                machine = handshake_for(upstream, host, port, pipelined, early_data, udp_associate)
             except LocalProtocolError as exc:  # e.g. an IPv6 destination through SOCKS4
                 dialing = Dialing(upstream, addresses, None, mark, timeouts, on_open, on_fail)
                 self._call(on_fail, UpstreamError(str(exc), "unsupported-destination", Fault.TARGET))
                 return dialing
         dialing = Dialing(upstream, addresses, machine, mark, timeouts, on_open, on_fail, on_slow, target)
         dialing.early_data = early_data
+        dialing.udp_associate = udp_associate
         dialing.may_fall_back = pipelined and upstream not in self.pipelining
         if self.closed:
             self._call(on_fail, cancelled())
@@ -288,6 +305,39 @@ class Dialer:
         early_data: bytes = b"",
     ) -> tuple[socket.socket, bytes]:
         """``open()`` for a task: the socket and the early bytes, or raises UpstreamError."""
+        sock, early, _ = await self._open_and_wait(
+            upstream,
+            addresses,
+            target,
+            mark=mark,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+            early_data=early_data,
+        )
+        return sock, early
+
+    async def associate_udp(
+        self, upstream: Upstream, addresses, *, mark: int | None, connect_timeout: float, handshake_timeout: float
+    ) -> tuple[socket.socket, tuple[str, int]]:
+        """A SOCKS5 UDP ASSOCIATE's control connection, from the pool and pipelined like any other
+        SOCKS5 dial: the socket and the relay address the proxy named; raises UpstreamError."""
+        sock, early, dialing = await self._open_and_wait(
+            upstream,
+            addresses,
+            ("0.0.0.0", 0),
+            mark=mark,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+            udp_associate=True,
+        )
+        if early:  # RFC 1928 has nothing for the proxy to send on a control connection
+            reset(sock)
+            message = "the proxy sent bytes after its UDP ASSOCIATE reply"
+            raise UpstreamError(message, "proxy-protocol-error", Fault.PROXY)
+        return sock, dialing.bound_address
+
+    async def _open_and_wait(self, upstream, addresses, target, **options) -> tuple[socket.socket, bytes, Dialing]:
+        """``open()`` awaited: the socket, the early bytes and the (finished) Dialing."""
         outcome: list = []
         done = trio.Event()
 
@@ -295,17 +345,7 @@ class Dialer:
             outcome.extend(result)
             done.set()
 
-        dialing = self.open(
-            upstream,
-            addresses,
-            target,
-            mark=mark,
-            connect_timeout=connect_timeout,
-            handshake_timeout=handshake_timeout,
-            on_open=finished,
-            on_fail=finished,
-            early_data=early_data,
-        )
+        dialing = self.open(upstream, addresses, target, on_open=finished, on_fail=finished, **options)
         try:
             await done.wait()
         except BaseException:
@@ -315,7 +355,7 @@ class Dialer:
             raise
         if len(outcome) == 1:
             raise outcome[0]
-        return outcome[0], outcome[1]
+        return outcome[0], outcome[1], dialing
 
     def cancel(self, dialing: Dialing) -> None:
         """Stop opening (the socket is reset, no callback); nothing if it is over already."""
@@ -461,7 +501,9 @@ class Dialer:
         reset(dialing.sock)
         self._drop_deadline(dialing)
         dialing.sock, dialing.handshaking, dialing.outgoing, dialing.next_address = None, False, b"", 0
-        dialing.machine = handshake_for(dialing.upstream, *dialing.target, pipelined, dialing.early_data)
+        dialing.machine = handshake_for(
+            dialing.upstream, *dialing.target, pipelined, dialing.early_data, dialing.udp_associate
+        )
         dialing.fresh = True
         self._connect_next(dialing)
 
@@ -487,6 +529,8 @@ class Dialer:
             self.pipelining[upstream] = True
             log.info("upstream %s took a pipelined SOCKS5 handshake: so from now on", upstream)
         on_open, machine = dialing.on_open, dialing.machine
+        if dialing.udp_associate:
+            dialing.bound_address = machine.bound_address
         sock = self._finish(dialing)
         if isinstance(machine, TlsHandshake):  # the session goes on with the socket
             sock = TlsSocket.adopt(sock, machine.session)

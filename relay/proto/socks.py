@@ -329,9 +329,10 @@ SOCKS5_UDP_ASSOCIATE = 3
 
 
 class Socks5UdpAssociate(Socks5Client):
-    """SOCKS5 UDP ASSOCIATE (RFC 1928 §7): the same greeting and authentication as CONNECT, then a request
-    for a UDP relay; ``bound_address`` is where the proxy takes this association's datagrams (an
-    unspecified address there means the proxy's own, the one the control connection reached).
+    """SOCKS5 UDP ASSOCIATE (RFC 1928 §7): the same greeting and authentication as CONNECT (pipelined
+    too, if asked), then a request for a UDP relay; ``bound_address`` is where the proxy takes this
+    association's datagrams (an unspecified address there means the proxy's own, the one the control
+    connection reached).
 
     The request names the address datagrams will come from as all zeros: the relay may be behind NAT,
     where the one it would name is not the one the proxy sees (RFC 1928: "MUST use ... all zeros").
@@ -339,10 +340,13 @@ class Socks5UdpAssociate(Socks5Client):
 
     _CLOSED_EARLY_MESSAGE = "proxy closed the connection during the SOCKS5 UDP ASSOCIATE handshake"
 
-    def __init__(self, username: str | None = None, password: str | None = None) -> None:
-        super().__init__("0.0.0.0", 1, username, password)  # the CONNECT target is replaced just below
+    def __init__(self, username: str | None = None, password: str | None = None, pipelined: bool = False) -> None:
+        super().__init__("0.0.0.0", 1, username, password, pipelined)  # no destination: see _build_connect_request
         self._target = "UDP ASSOCIATE"
-        self._connect_request = bytes([SOCKS5_VERSION, SOCKS5_UDP_ASSOCIATE, 0, ATYP_IPV4]) + bytes(6)
+
+    @staticmethod
+    def _build_connect_request(host: str, port: int) -> bytes:
+        return bytes([SOCKS5_VERSION, SOCKS5_UDP_ASSOCIATE, 0, ATYP_IPV4]) + bytes(6)
 
     def _refusal(self, code: int) -> ProxyRefused:
         word, description = _SOCKS5_REFUSALS.get(code, (f"error-{code}", "unknown error"))

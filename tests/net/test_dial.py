@@ -515,3 +515,46 @@ async def test_a_socks5_proxy_that_fails_a_pipelined_handshake_gets_one_message_
                 outcome = open_through(dialer, SOCKS5, [(socket.AF_INET, proxy.getsockname())])
                 retry = await accept(proxy)
             retry.close()
+
+
+SOCKS5_UDP_ASSOCIATE = b"\x05\x03\x00\x01" + bytes(6)  # from 0.0.0.0:0 (RFC 1928: all zeros)
+SOCKS5_UDP_BOUND = b"\x05\x00\x00\x01\x7f\x00\x00\x01\x1f\x90"  # its relay at 127.0.0.1:8080
+
+
+async def associate_through(dialer, proxy: socket.socket):
+    address = [(socket.AF_INET, proxy.getsockname())]
+    return await dialer.associate_udp(SOCKS5, address, mark=None, connect_timeout=2, handshake_timeout=2)
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (SOCKS5_UDP_BOUND, None),
+        (b"\x05\x07\x00\x01" + bytes(6), "socks5-command-not-supported"),  # ssh -D, or dante told no
+        (SOCKS5_UDP_BOUND + b"chatter", "proxy-protocol-error"),  # a control connection carries nothing
+    ],
+)
+async def test_a_udp_associate_is_pipelined_and_gives_the_relay_address_or_fails_and_resets(reply, reason):
+    with listener() as proxy:
+        async with running_dialer() as dialer:
+            async with trio.open_nursery() as nursery:
+
+                async def play():
+                    conn = await accept(proxy)
+                    with conn:
+                        assert await receive_exactly(conn, 13) == SOCKS5_GREETING + SOCKS5_UDP_ASSOCIATE
+                        await conn.send(b"\x05\x00" + reply)
+                        if reason is None:
+                            await conn.recv(1)  # until the test is done with it
+                        else:
+                            await assert_reset(conn)
+
+                nursery.start_soon(play)
+                if reason is None:
+                    sock, bound = await associate_through(dialer, proxy)
+                    assert bound == ("127.0.0.1", 8080) and dialer.pipelining == {SOCKS5: True}
+                    sock.close()
+                else:
+                    with pytest.raises(UpstreamError) as raised:
+                        await associate_through(dialer, proxy)
+                    assert raised.value.reason == reason

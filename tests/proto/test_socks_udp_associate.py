@@ -69,3 +69,31 @@ def test_a_malformed_reply_is_an_error(reply):
     machine.data_to_send()
     with pytest.raises(RemoteProtocolError):
         feed(machine, [METHOD_NO_AUTH, reply])
+
+
+def test_pipelined_the_greeting_and_the_request_go_out_at_once():
+    machine = Socks5UdpAssociate(pipelined=True)
+    assert machine.data_to_send() == b"\x05\x01\x00" + ASSOCIATE_REQUEST
+    assert machine.pipelining_unconfirmed
+    machine.receive_data(METHOD_NO_AUTH + UNSPECIFIED_REPLY)
+    assert machine.established and machine.bound_address == ("0.0.0.0", 1080)
+    assert machine.data_to_send() == b""
+
+
+def test_pipelined_with_credentials_only_username_password_is_offered():
+    machine = Socks5UdpAssociate("alice", PASSWORD, pipelined=True)
+    auth = b"\x01\x05alice" + bytes([len(PASSWORD)]) + PASSWORD.encode()
+    assert machine.data_to_send() == b"\x05\x01\x02" + auth + ASSOCIATE_REQUEST
+    for byte in METHOD_USER_PASS + AUTH_OK + UNSPECIFIED_REPLY:  # the replies still checked one by one
+        machine.receive_data(bytes([byte]))
+    assert machine.established
+    assert_no_secret(repr(machine))
+
+
+def test_pipelined_a_refusal_after_the_greeting_is_not_blamed_on_pipelining():
+    machine = Socks5UdpAssociate(pipelined=True)
+    machine.data_to_send()
+    machine.receive_data(METHOD_NO_AUTH)
+    with pytest.raises(ProxyRefused):
+        machine.receive_data(b"\x05\x07\x00\x01" + bytes(6))  # command not supported
+    assert not machine.pipelining_unconfirmed
