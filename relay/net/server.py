@@ -54,7 +54,7 @@ class Server:
             self.dns_tunnels = Tunnels(self.pool, self.dialer, config)
             resolvers = make_resolvers(config, pool=self.pool, dialer=self.dialer, tunnels=self.dns_tunnels)
             self.dns = DnsService(config, resolvers, metrics, self.names, fake_ips=self.fake_ips)
-        self.udp = UdpService(config, metrics) if config.udp_upstreams else None
+        self.udp = UdpService(config, metrics, self.dialer) if config.udp_upstreams else None
 
     async def open(self) -> None:
         """Bind the listeners and check capabilities; raises ConfigError with a user-facing message."""

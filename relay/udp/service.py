@@ -29,12 +29,11 @@ from relay.addresses import format_address
 from relay.config import Config, ConfigError, Upstream
 from relay.ends import errno_word, local_failure
 from relay.logs import RateLimited, conn_log
-from relay.net.dial import apply_mark, connect, resolve
+from relay.net.dial import apply_mark, resolve
 from relay.net.faults import UpstreamError
 from relay.net.listener import DEFAULT_LISTEN, ipv6_available
-from relay.net.sockets import family_of, receive_some, write_all
-from relay.proto.errors import ProtocolError, ProxyRefused
-from relay.proto.socks import Socks5UdpAssociate
+from relay.net.sockets import family_of, receive_some
+from relay.proto.errors import ProtocolError
 from relay.udp.sessions import Refused, Session, SessionTable
 
 IP_RECVORIGDSTADDR = 20  # Linux; also IP_ORIGDSTADDR, the ancillary message's type
@@ -100,9 +99,10 @@ class Association:
 
 
 class UdpService:
-    def __init__(self, config: Config, metrics, clock=trio.current_time):
+    def __init__(self, config: Config, metrics, dialer, clock=trio.current_time):
         self.config = config
         self.metrics = metrics
+        self.dialer = dialer  # relay.net.dial.Dialer: the TCP side's, with its pool of pre-opened connections
         self.table = SessionTable(
             config.udp_max_sessions, config.udp_max_per_source, config.udp_idle_timeout, clock=clock
         )
@@ -276,20 +276,29 @@ class UdpService:
         try:
             with trio.fail_after(config.connect_timeout + config.handshake_timeout):
                 addresses = await resolve(upstream.host, upstream.port)
-                association.control = await connect(addresses, mark=config.mark, timeout=config.connect_timeout)
-                relay_address = await self.handshake(association.control, upstream)
+                # Through the Dialer: a pre-opened connection if one waits, the handshake pipelined if
+                # the proxy takes that, as for relayed connections.
+                association.control, bound = await self.dialer.associate_udp(
+                    upstream,
+                    addresses,
+                    mark=config.mark,
+                    connect_timeout=config.connect_timeout,
+                    handshake_timeout=config.handshake_timeout,
+                )
+            relay_address = relay_address_of(bound, association.control)
         except trio.TooSlowError:
             self.proxy_failed("timed out opening the association")
             return "timeout"
         except UpstreamError as exc:
             self.proxy_failed(str(exc))
-            return exc.reason  # connect-econnrefused, ... or relay-emfile when out of fds
+            # connect-econnrefused, proxy-closed, ... or relay-emfile when out of fds
+            return "refused" if exc.reason.startswith("socks5-") else exc.reason
         except OSError as exc:
             self.proxy_failed(exc.strerror or str(exc))
             return "connect-" + errno_word(exc.errno)
         except ProtocolError as exc:
             self.proxy_failed(str(exc))
-            return "refused" if isinstance(exc, ProxyRefused) else "proxy-protocol-error"
+            return "proxy-protocol-error"
         try:
             association.udp = udp = socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
             if config.mark is not None:
@@ -308,29 +317,28 @@ class UdpService:
         self.sessions[association.handle] = session
         return await self.watch_control(association)
 
-    async def handshake(self, control, upstream: Upstream) -> tuple[str, int]:
-        password = upstream.password.reveal() if upstream.password else None
-        machine = Socks5UdpAssociate(upstream.username, password)
-        while not machine.established:
-            outgoing = machine.data_to_send()
-            if outgoing:
-                await write_all(control, outgoing)
-            machine.receive_data(await receive_some(control, 4096))
-        host, port = machine.bound_address
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise ProtocolError(f"the proxy named {host!r}, not an address, as its UDP relay") from None
-        if address.is_unspecified:
-            host = control.getpeername()[0]  # RFC 1928: the proxy's own address, where we reached it
-        if port == 0:
-            raise ProtocolError("the proxy named port 0 as its UDP relay")
-        return host, port
-
     def proxy_failed(self, reason: str) -> None:
         self.warnings.warning(f"udp-associate:{reason}", f"UDP: no association through {self.upstream}: {reason}")
 
     async def watch_control(self, association: Association) -> str:
         """Until the proxy closes the control connection (or sends on it, which RFC 1928 has no use for)."""
-        data = await receive_some(association.control, CONTROL_RECEIVE)
+        try:
+            data = await receive_some(association.control, CONTROL_RECEIVE)
+        except OSError as exc:  # a reset
+            return "proxy-" + errno_word(exc.errno)
         return "proxy-closed" if not data else "proxy-protocol-error"
+
+
+def relay_address_of(bound: tuple[str, int], control: socket.socket) -> tuple[str, int]:
+    """Where the association's datagrams go: the reply's BND.ADDR and BND.PORT, an unspecified address
+    meaning the proxy's own (RFC 1928), the one the control connection reached."""
+    host, port = bound
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ProtocolError(f"the proxy named {host!r}, not an address, as its UDP relay") from None
+    if address.is_unspecified:
+        host = control.getpeername()[0]
+    if port == 0:
+        raise ProtocolError("the proxy named port 0 as its UDP relay")
+    return host, port

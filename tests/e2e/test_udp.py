@@ -132,6 +132,8 @@ def test_datagrams_come_back_byte_exact_from_the_address_the_client_asked(lab, u
         assert source == (ADDR.server4, ECHO_PORT)  # from the destination, not from the relay
     # The echo server saw dante's server-side address: the datagrams went through the proxy.
     assert {peer[0].removeprefix("::ffff:") for peer in echo.peers[-len(payloads) :]} == {ADDR.far_server_side4}
+    # The association was the relay's only dial: Debian's dante takes it pipelined.
+    assert relay.wait_for_log("took a pipelined SOCKS5 handshake")
 
 
 def test_a_client_port_keeps_one_session_for_several_remotes_and_two_clients_get_their_own(lab, udp_relay, echo):
