@@ -1,9 +1,10 @@
 """A scripted SOCKS5 proxy for UDP fault cases: it takes UDP ASSOCIATE (naming 0.0.0.0 as its relay
 address, which means its own), and answers each datagram of the relay's with garbage first, then, sent
 from another port (a stranger), a well-formed reply, then the real echo. A payload of ``close`` makes it
-close the control connection instead."""
+close the control connection instead, ``reset`` reset it."""
 
 import socket
+import struct
 import threading
 
 from relay.udp.datagram import decode, encode
@@ -66,8 +67,10 @@ class FakeUdpProxy:
             if self.closing:
                 return
             host, port, payload = decode(message)
-            if payload == b"close":
+            if payload in (b"close", b"reset"):
                 for conn in self.controls:
+                    if payload == b"reset":  # an RST, not a FIN
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     conn.close()
                 self.controls.clear()
                 continue

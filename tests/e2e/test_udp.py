@@ -259,13 +259,15 @@ def test_only_well_formed_datagrams_from_the_relay_address_reach_the_client(lab,
     assert metric(lab, "relay_udp_sessions_active") == {"": 1.0}
 
 
-def test_the_proxy_closing_the_control_connection_ends_the_session(lab, udp_relay, fake_udp_proxy):
+@pytest.mark.parametrize(("how", "end"), [("close", "proxy-closed"), ("reset", "proxy-econnreset")])
+def test_the_proxy_closing_the_control_connection_ends_the_session(lab, udp_relay, fake_udp_proxy, how, end):
     relay = udp_relay(fake_udp_proxy.url, "--udp-idle-timeout", "60")
     sock = client_socket(lab)
     assert round_trip(sock, b"first")[0] == b"first"
-    sock.sendto(b"close", (ADDR.server4, ECHO_PORT))
+    sock.sendto(how.encode(), (ADDR.server4, ECHO_PORT))
     [line] = session_lines(relay, at_least=1)
-    assert line["end"] == "proxy-closed"  # long before its 60 s idle timeout; the fds are checked after
+    assert line["end"] == end  # long before its 60 s idle timeout; the fds are checked after
+    assert round_trip(sock, b"again")[0] == b"again"  # the service goes on: a new session
 
 
 def test_dante_dying_ends_every_session_and_leaves_no_fd(lab, udp_relay, relays):
