@@ -17,8 +17,10 @@ client ports through each in turn, each timed to its first answer ("first": each
 association, the relay's on a pre-opened connection when its pool has one; "very first" is the
 first of all, from a relay just started). The figures that matter: the highest rate with at most
 1% loss, and the latency. ``--rounds`` rounds (the one measured first alternates); each figure is
-the median of the rounds, each ratio the median of the rounds' relay/redsocks ratios. Results: JSON
-in bench/results/, and a table on stdout.
+the median of the rounds, each ratio the median of the rounds' relay/redsocks ratios.
+``--control-rtt-ms`` puts a TCP delay line (relay/lab/delayline.py) on the router in front of
+dante's TCP port, so the associations' control connections pay a far link's round trips (the
+datagrams do not). Results: JSON in bench/results/, and a table on stdout.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from relay.lab import ADDR, Lab, start_dante  # noqa: E402
 from relay.lab.servers import UdpEchoServer  # noqa: E402
-from relay.lab.services import start_relay  # noqa: E402
+from relay.lab.services import start_delay_line, start_relay  # noqa: E402
 
 RESULTS = HERE / "results"
 IPERF_PORT = 5201
@@ -52,6 +54,10 @@ ROUTE_TABLE = "100"
 RELAY_MARK = "0x10"
 LOSS_TARGET = 1.0  # percent
 KINDS = ("relay", "redsocks")
+# Where both reach dante for TCP (their control connections): dante itself, or, with --control-rtt-ms, a
+# delay line on the router in front of it (the datagrams go straight to the relay address dante names).
+SOCKS = [ADDR.far4, 1080]
+CONTROL_LINE = ("127.0.0.1", 1090)
 
 
 def tproxy_udp(lab: Lab, port: int, action: str = "-A", echo_port: int | None = None) -> None:
@@ -80,11 +86,11 @@ base {{
 }}
 redsocks {{
     local_ip = 0.0.0.0; local_port = {REDSOCKS_TCP_PORT};
-    ip = {ADDR.far4}; port = 1080; type = socks5;
+    ip = {SOCKS[0]}; port = {SOCKS[1]}; type = socks5;
 }}
 redudp {{
     local_ip = 0.0.0.0; local_port = {REDSOCKS_UDP_PORT};
-    ip = {ADDR.far4}; port = 1080;
+    ip = {SOCKS[0]}; port = {SOCKS[1]};
     udp_timeout = 30;
 }}
 """)
@@ -104,7 +110,8 @@ def route_tproxy(lab: Lab, action: str = "add") -> None:
 def start_process(lab: Lab, kind: str):
     """The relay or redsocks on the router; returns (its UDP port, a function that stops it)."""
     if kind == "relay":
-        args = ["--upstream", f"socks5://{ADDR.far4}:1080", "--mode", "tproxy", "--mark", RELAY_MARK, "--udp", "on"]
+        upstream = f"socks5://{SOCKS[0]}:{SOCKS[1]}"
+        args = ["--upstream", upstream, "--mode", "tproxy", "--mark", RELAY_MARK, "--udp", "on"]
         args += ["--listen", f"0.0.0.0:{RELAY_PORT}", "--udp-idle-timeout", "30"]
         return RELAY_PORT, start_relay(lab, args, name="relay-udp-bench").stop
     lab.spawn("router", ["redsocks", "-c", str(redsocks_conf(lab))], name="redsocks-udp-bench")
@@ -280,6 +287,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="each iperf3 run")
     parser.add_argument("--count", type=int, default=1000, help="request/response round trips")
     parser.add_argument("--new-ports", type=int, default=50, help="new client ports, each timed to its first answer")
+    parser.add_argument(
+        "--control-rtt-ms",
+        type=float,
+        default=0.0,
+        help="a round trip added to the TCP control connections to dante by a delay line (default: none)",
+    )
     parser.add_argument("--out", type=Path, help="where the JSON goes (default bench/results/udp-DATE.json)")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -290,12 +303,16 @@ def main() -> int:
         return 2
     rates = [int(rate) for rate in args.rates.split(",")]
     record = {"cpus": os.cpu_count(), "seconds": args.seconds, "count": args.count, "rounds": []}
+    record["control_rtt_ms"] = args.control_rtt_ms
     with Lab() as lab:
         start_dante(lab)
         lab.spawn("server", ["iperf3", "-s", "-B", ADDR.server4, "-p", str(IPERF_PORT)], name="iperf3")
         lab.wait_tcp("server", ADDR.server4, IPERF_PORT, name="iperf3")
         UdpEchoServer(lab, "server", ADDR.server4, ECHO_PORT)
         UdpEchoServer(lab, "server", ADDR.server4, ECHO_PORTS["redsocks"])
+        if args.control_rtt_ms:
+            start_delay_line(lab, CONTROL_LINE, tuple(SOCKS), args.control_rtt_ms / 2, name="control-delay-line")
+            SOCKS[:] = CONTROL_LINE
         for number in range(args.rounds):
             order = KINDS if number % 2 == 0 else KINDS[::-1]
             one = {kind: throughput(lab, kind, args, rates) for kind in order}
