@@ -668,7 +668,8 @@ cdef struct UdpState:
     int epfd
     int stop_fd  # written by close(): the thread returns
     int handoff_fd  # readable while handoffs wait: what Python waits on
-    int mark  # SO_MARK of reply sockets; -1: none
+    bint has_mark
+    unsigned int mark  # SO_MARK of reply sockets
     UdpSession *sessions
     int session_capacity
     int free_session
@@ -935,7 +936,7 @@ cdef int open_reply(UdpState *st, const Addr *remote) noexcept nogil:
         or (remote.family == AF_INET6 and setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
         or setsockopt(fd, SOL_IP if remote.family == AF_INET else SOL_IPV6,
                       IP_TRANSPARENT if remote.family == AF_INET else IPV6_TRANSPARENT, &one, sizeof(one)) != 0
-        or (st.mark >= 0 and setsockopt(fd, SOL_SOCKET, SO_MARK, &st.mark, sizeof(st.mark)) != 0)
+        or (st.has_mark and setsockopt(fd, SOL_SOCKET, SO_MARK, &st.mark, sizeof(st.mark)) != 0)
         or setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &tiny, sizeof(tiny)) != 0  # it only sends
         or bind(fd, &sa.any, length) != 0
     ):
@@ -1082,19 +1083,22 @@ cdef class UdpEngine:
     cdef bint started
     cdef pthread_t thread
 
-    def __cinit__(self, int max_sessions, int max_reply_sockets, int mark=-1, int queue_limit=256):
+    def __cinit__(self, int max_sessions, int max_reply_sockets, long long mark=-1, int queue_limit=256):
         cdef UdpState *st
         cdef int i
         cdef epoll_event event
         if max_sessions < 1 or max_reply_sockets < 0 or queue_limit < 1:
             raise ValueError("a UdpEngine needs a session, no negative count of reply sockets and a queue")
+        if not -1 <= mark <= 0xFFFFFFFF:
+            raise ValueError(f"{mark} is not a 32-bit mark (or -1: none)")
         st = <UdpState *>calloc(1, sizeof(UdpState))
         if st == NULL:
             raise MemoryError()
         pthread_mutex_init(&st.lock, NULL)
         self.st = st
         st.epfd = st.stop_fd = st.handoff_fd = -1
-        st.mark = mark
+        st.has_mark = mark >= 0
+        st.mark = <unsigned int>mark
         st.session_capacity = max_sessions
         st.reply_capacity = max_reply_sockets
         st.handoff_capacity = queue_limit

@@ -681,6 +681,8 @@ class UdpEngine:
     def __init__(self, max_sessions, max_reply_sockets, mark=-1, queue_limit=256):
         if max_sessions < 1 or max_reply_sockets < 0 or queue_limit < 1:
             raise ValueError("a UdpEngine needs a session, no negative count of reply sockets and a queue")
+        if not -1 <= mark <= 0xFFFFFFFF:
+            raise ValueError(f"{mark} is not a 32-bit mark (or -1: none)")
         self._max_reply_sockets = max_reply_sockets
         self._mark = mark
         self._queue_limit = queue_limit
@@ -950,7 +952,7 @@ class UdpEngine:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             set_transparent(sock)
             if self._mark >= 0:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", self._mark))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # it only sends
             sock.bind(_python(remote))
             sock.setblocking(False)

@@ -266,6 +266,23 @@ def test_an_engine_needs_a_session_and_a_queue(impl, sizes):
         impl.UdpEngine(*sizes[:2], queue_limit=sizes[2])
 
 
+def test_any_32_bit_mark_is_taken_and_nothing_else(impl):
+    impl.UdpEngine(1, 1, mark=0xFFFFFFFF).close()
+    for mark in (-2, 1 << 32):
+        with pytest.raises(ValueError):
+            impl.UdpEngine(1, 1, mark=mark)
+
+
+def test_reply_sockets_carry_a_mark_with_the_top_bit_set(impl, lab):
+    """The mark is what keeps replies out of the relay's own TPROXY rules; high marks are common."""
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab(mark=0x80000001)
+    lab.register()
+    lab.proxy.sendto(header(*REMOTE) + b"marked", lab.upstream.getsockname())
+    assert lab.client.recvfrom(100) == (b"marked", REMOTE)
+    assert lab.engine.collect()[0] == {}  # no reply-socket drop: SO_MARK with the top bit set was taken
+
+
 def test_kept_datagrams_to_port_0_are_refused_before_the_session_is_registered(lab):
     lab = lab()
     with pytest.raises(ValueError):

@@ -4,6 +4,7 @@ import errno
 import os
 import select
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 import trio
@@ -70,7 +71,8 @@ def handshake_for(
 
 
 def apply_mark(sock, mark: int) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    """SO_MARK, any 32-bit mark: Python's setsockopt() takes an int only below 2**31."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, struct.pack("=I", mark))
 
 
 async def resolve(host: str, port: int) -> list[tuple[int, tuple]]:

@@ -9,14 +9,16 @@ timeouts fire, and the bytes after the proxy's reply are kept.
 
 import errno
 import socket
+import struct
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
 from relay.config import Upstream
-from relay.net.dial import Dialer
+from relay.net.dial import SO_MARK, Dialer, apply_mark
 from relay.net.faults import Fault, UpstreamError
+from tests.root import require_root
 
 SOCKS5 = Upstream("socks5", "127.0.0.1", 1)
 SOCKS5_GREETING = b"\x05\x01\x00"
@@ -558,3 +560,12 @@ async def test_a_udp_associate_is_pipelined_and_gives_the_relay_address_or_fails
                     with pytest.raises(UpstreamError) as raised:
                         await associate_through(dialer, proxy)
                     assert raised.value.reason == reason
+
+
+@pytest.mark.parametrize("mark", [0x10, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
+def test_any_32_bit_mark_is_applied(mark):
+    """Python's setsockopt() takes an int only below 2**31; marks with the top bit set are common."""
+    require_root("SO_MARK needs CAP_NET_ADMIN")
+    with socket.socket() as sock:
+        apply_mark(sock, mark)
+        assert struct.unpack("=I", sock.getsockopt(socket.SOL_SOCKET, SO_MARK, 4))[0] == mark
