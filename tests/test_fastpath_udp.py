@@ -304,3 +304,32 @@ def test_close_stops_the_thread_and_leaves_the_callers_sockets_open(lab):
     lab.client.sendto(b"after close", lab.destination)
     assert select.select([lab.listener], [], [], TIMEOUT)[0]
     assert lab.listener.recvfrom(100)[0] == b"after close"  # nobody reads it any more
+
+
+def test_sessions_come_and_go_under_traffic_both_ways_and_leave_no_fd(lab):
+    """Sessions registered and removed again and again (their sockets closed and their fds reused at once)
+    while datagrams flow both ways: nothing crashes, nothing goes to a removed session's client, no fd is
+    left. Bounded: 300 turns."""
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab(max_sessions=2)
+    lab.client.settimeout(0)
+    base = open_fds()
+    for turn in range(300):
+        upstream = udp_socket(blocking=False)
+        upstream.connect(lab.proxy.getsockname())
+        handle = lab.engine.add_session(lab.client_address, upstream.fileno())
+        for _ in range(3):
+            lab.client.sendto(b"up %d" % turn, lab.destination)
+            lab.proxy.sendto(header(*REMOTE) + b"down %d" % turn, upstream.getsockname())
+        lab.engine.remove_session(handle)
+        upstream.close()
+    lab.engine.collect()
+    lab.engine.take()
+    assert open_fds() == base  # every reply socket closed with its last session
+    received = []
+    while True:
+        try:
+            received.append(lab.client.recv(100))
+        except BlockingIOError:
+            break
+    assert all(data.startswith(b"down ") for data in received)
