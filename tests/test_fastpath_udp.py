@@ -5,10 +5,13 @@ Without TPROXY a listener's "original destination" is simply the address the dat
 Reply sockets are transparent (IP_TRANSPARENT), so the tests that open them need root.
 """
 
+import fcntl
 import os
 import select
 import socket
 import struct
+import termios
+import time
 
 import pytest
 
@@ -216,6 +219,11 @@ def test_past_the_queue_limit_datagrams_without_a_session_are_dropped(lab):
     lab = lab(queue_limit=2)
     for number in range(3):
         lab.client.sendto(b"%d" % number, lab.destination)
+    deadline = time.monotonic() + TIMEOUT
+    # Nothing is taken before the engine has read all three: taken earlier, the queue would have room.
+    while struct.unpack("i", fcntl.ioctl(lab.listener, termios.FIONREAD, bytes(4)))[0]:
+        assert time.monotonic() < deadline, "the engine did not read the listener"
+        time.sleep(0.01)
     taken = lab.wait_handoff(2)
     assert [payload for _, _, payload in taken] == [b"0", b"1"]
     assert lab.engine.collect()[0] == {"queue-full": 1}
