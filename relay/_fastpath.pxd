@@ -200,7 +200,6 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-    ssize_t recvfrom(int fd, void *buf, size_t length, int flags, sockaddr *src, socklen_t *addrlen)
     ssize_t sendto(int fd, const void *buf, size_t length, int flags, const sockaddr *dest, socklen_t addrlen)
 
 cdef extern from "<netinet/in.h>" nogil:

@@ -15,20 +15,12 @@ import time
 
 import pytest
 
+from relay.udp.datagram import header
 from tests.root import require_root
 
 IP_RECVORIGDSTADDR = 20
 REMOTE = ("127.0.0.7", 5353)  # where the fake proxy says replies come from
 TIMEOUT = 5.0
-
-
-def header(host: str, port: int) -> bytes:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return (
-        bytes((0, 0, 0, 1 if family == socket.AF_INET else 4))
-        + socket.inet_pton(family, host)
-        + struct.pack("!H", port)
-    )
 
 
 def udp_socket(host="127.0.0.1", blocking=True) -> socket.socket:
@@ -178,7 +170,7 @@ BAD_REPLIES = [
     (b"\x00\x00\x00\x03\x04name\x00\x35x", "malformed"),  # a domain name as the source
     (b"\x00\x00\x00\x09" + bytes(6), "malformed"),  # an unknown address type
     (b"\x00\x00\x00\x01\x7f\x00", "malformed"),  # the address cut short
-    (header("127.0.0.7", 0) + b"x", "malformed"),  # port 0
+    (header(*REMOTE)[:-2] + b"\0\0x", "malformed"),  # port 0
     (header("::1", 53) + b"x", "wrong-family"),  # an IPv6 remote for an IPv4 client
 ]
 
