@@ -342,7 +342,9 @@ class Sessions:
 
     async def get(self) -> Session:
         self.used_at = trio.current_time()
-        session = await self._current()
+        session = self.session
+        if session is None or not session.accepting or self._lock.locked():  # else no lock: no turn given away
+            session = await self._current()
         self.used = True
         return session
 
