@@ -7,7 +7,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from relay.dns.message import PARSE_ERRORS, Key, Peek, ReplyTemplate, ttl_of, with_ttls
+from relay.dns.message import PARSE_ERRORS, ReplyTemplate, ttl_of, with_ttls
+from relay.dns.wire import Key, Peek
 
 STALE_TTL = 30  # RFC 8767 4: the TTL of stale records, so clients come back soon for fresh ones
 MAX_RESPONSE = 65535  # larger only via TCP/DoH, and a DNS message cannot be larger anyway

@@ -1,14 +1,14 @@
 """DNS messages as the service needs them: parse a client's query, build its replies, judge upstream responses.
 
-Callers pass and get wire bytes; dnspython does every encoding and decoding. Nothing here raises on
-malformed input except ``parse_query`` (``BadQuery``): the other functions answer SERVFAIL, False or None.
+Callers pass and get wire bytes; dnspython does the encoding and decoding, but for the usual shapes of
+queries and responses, which relay.dns.wire reads (and this module writes) the same way without it. Nothing
+here raises on malformed input except ``parse_query`` (``BadQuery``): the other functions answer SERVFAIL,
+False or None.
 """
 
 import copy
 import functools
-import re
 import struct
-from dataclasses import dataclass, field
 
 import dns.edns
 import dns.exception
@@ -21,11 +21,24 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-MAX_UDP_PAYLOAD = 4096  # what we honour of a client's EDNS buffer size at most
-MIN_UDP_PAYLOAD = 512  # RFC 1035: what every client can take
-# What we advertise, upstream and to clients: unfragmented on any IPv6 path (DNS flag day 2020).
-EDNS_PAYLOAD = 1232
-HEADER_SIZE = 12
+from relay.dns.wire import (
+    EDNS_PAYLOAD,
+    HEADER,
+    HEADER_SIZE,
+    MAX_NAME,
+    MAX_TTL,
+    MAX_UDP_PAYLOAD,
+    MIN_UDP_PAYLOAD,
+    OUR_OPT,
+    PLAIN_NAME,
+    TYPE_CLASS,
+    Key,
+    Peek,
+    ResponsePeek,
+    peek_query,
+    peek_response,
+)
+
 # dnspython caps to_wire() at a message's own EDNS payload unless told otherwise; we truncate for UDP ourselves.
 MAX_MESSAGE = 65535
 
@@ -35,8 +48,6 @@ PARSE_ERRORS = (dns.exception.DNSException, ValueError, IndexError, KeyError, st
 
 # Question types that any record in the answer section answers: no CNAME chain follows them.
 ANSWERED_BY_ANY_RECORD = (dns.rdatatype.CNAME, dns.rdatatype.ANY)
-
-Key = tuple[str, int, int]  # (lower-cased qname text with trailing dot, rdtype, rdclass)
 
 
 class BadQuery(Exception):
@@ -51,17 +62,44 @@ class BadQuery(Exception):
         self.reply = reply
 
 
-@dataclass(frozen=True)
 class Query:
-    id: int
-    key: Key
-    udp_limit: int  # 512 without EDNS, else the client's size clamped to [512, MAX_UDP_PAYLOAD]
-    wire: bytes  # as received
-    message: dns.message.Message = field(repr=False, compare=False)  # parsed from wire; never modified
+    """A client's query: ``message`` is dnspython's parse of ``wire`` (never modified), made when first asked for
+    if the query was of the usual shape (``peek``), which the miss path answers without it."""
+
+    __slots__ = ("id", "key", "udp_limit", "wire", "peek", "_message")
+
+    def __init__(
+        self,
+        id: int,
+        key: Key,
+        udp_limit: int,  # 512 without EDNS, else the client's size clamped to [512, MAX_UDP_PAYLOAD]
+        wire: bytes,  # as received
+        message: dns.message.Message | None = None,
+        peek: Peek | None = None,
+    ):
+        self.id, self.key, self.udp_limit, self.wire = id, key, udp_limit, wire
+        self.peek, self._message = peek, message
+
+    @property
+    def message(self) -> dns.message.Message:
+        if self._message is None:
+            self._message = dns.message.from_wire(self.wire)  # it parses: peek_query read it (tested)
+        return self._message
+
+    def __repr__(self) -> str:
+        return f"Query(id={self.id}, key={self.key!r}, udp_limit={self.udp_limit})"
 
 
 def parse_query(wire: bytes) -> Query:
     """The query in ``wire``, or BadQuery with the reply it deserves."""
+    peek = peek_query(wire)
+    if peek is not None:
+        return Query(peek.id, peek.key, peek.udp_limit, wire, peek=peek)
+    return read_query(wire)
+
+
+def read_query(wire: bytes) -> Query:
+    """parse_query by dnspython, for any shape of query."""
     if len(wire) < HEADER_SIZE:
         raise BadQuery("shorter than a DNS header", None)
     # The two header fields that decide how to answer, read before dnspython: it cannot parse every opcode.
@@ -85,79 +123,6 @@ def parse_query(wire: bytes) -> Query:
     return Query(id=id_, key=key, udp_limit=udp_limit, wire=wire, message=message)
 
 
-@dataclass(frozen=True)
-class Peek:
-    """What the cache-hit path needs of a query, read by ``peek_query`` without dnspython."""
-
-    id: int
-    flags: int
-    key: Key
-    qname: bytes  # the question's name as the client wrote it on the wire (its 0x20 casing kept)
-    edns: bool
-    udp_limit: int
-
-
-_HEADER = struct.Struct("!HHHHHH")
-_TYPE_CLASS = struct.Struct("!HH")
-_OPT = struct.Struct("!BHHBBHH")  # root name, type, payload, extended rcode, version, flags, rdata length
-_OPTION = struct.Struct("!HH")
-_OPT_TYPE = 41
-_COOKIE = 10  # RFC 7873: dig sends one with every query; client cookie 8 bytes, with a server cookie 16-40
-# Labels the hot path takes: what dnspython writes back as the same text, lower-cased, with no escapes.
-_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-_MAX_NAME = 255
-
-
-def peek_query(wire: bytes) -> Peek | None:
-    """The usual shape of a query read fast, for answering it from the cache: one question whose name is plain
-    letters, digits, ``-`` and ``_``, no records but an optional version-0 OPT carrying at most a cookie, and
-    nothing after it. None for anything else: ``parse_query`` decides those. Wherever this returns a Peek,
-    ``parse_query`` accepts the same bytes and reads the same ID, key, EDNS presence and UDP limit (tested)."""
-    if len(wire) < HEADER_SIZE + 5:
-        return None
-    id_, flags, questions, answers, authorities, additionals = _HEADER.unpack_from(wire)
-    if flags & 0xF800 or questions != 1 or answers or authorities or additionals > 1:  # QR and opcode: 0
-        return None
-    labels, offset = [], HEADER_SIZE
-    while True:
-        length = wire[offset] if offset < len(wire) else 0xFF
-        if length == 0:
-            break
-        if length > 63:  # a compression pointer, or the end of the message
-            return None
-        labels.append(wire[offset + 1 : offset + 1 + length])
-        offset += 1 + length
-    offset += 1
-    if offset - HEADER_SIZE > _MAX_NAME or not labels or offset + 4 > len(wire):
-        return None
-    name = b".".join(labels)
-    if _PLAIN_NAME.fullmatch(name) is None or name.count(b".") != len(labels) - 1:  # no dot within a label
-        return None
-    rdtype, rdclass = _TYPE_CLASS.unpack_from(wire, offset)
-    qname = wire[HEADER_SIZE:offset]
-    offset += 4
-    key = (name.decode("ascii").lower() + ".", rdtype, rdclass)
-    if not additionals:
-        return Peek(id_, flags, key, qname, False, MIN_UDP_PAYLOAD) if offset == len(wire) else None
-    if offset + _OPT.size > len(wire):
-        return None
-    root, opt_type, payload, _, version, _, length = _OPT.unpack_from(wire, offset)
-    offset += _OPT.size
-    if root or opt_type != _OPT_TYPE or version or offset + length != len(wire):
-        return None
-    while offset < len(wire):
-        if offset + _OPTION.size > len(wire):
-            return None
-        code, size = _OPTION.unpack_from(wire, offset)
-        if code != _COOKIE or not (size == 8 or 16 <= size <= 40):
-            return None
-        offset += _OPTION.size + size
-    if offset != len(wire):
-        return None
-    return Peek(id_, flags, key, qname, True, min(max(payload, MIN_UDP_PAYLOAD), MAX_UDP_PAYLOAD))
-
-
-MAX_TTL = 0x7FFFFFFF  # RFC 2181 8: one with the top bit set reads as 0
 _ID_FLAGS = struct.Struct("!HH")
 _TTL = struct.Struct("!I")
 _COPIED_FLAGS = int(dns.flags.RD | dns.flags.CD)
@@ -222,8 +187,8 @@ def upstream_query(key: Key, *, id: int) -> bytes:
     labels = plain.split(b".")
     if (
         not name.endswith(".")
-        or _PLAIN_NAME.fullmatch(plain) is None
-        or len(plain) + 2 > _MAX_NAME
+        or PLAIN_NAME.fullmatch(plain) is None
+        or len(plain) + 2 > MAX_NAME
         or max(map(len, labels)) > 63
     ):
         query = dns.message.make_query(
@@ -231,10 +196,7 @@ def upstream_query(key: Key, *, id: int) -> bytes:
         )
         return query.to_wire()
     qname = b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
-    return _HEADER.pack(id, dns.flags.RD, 1, 0, 0, 1) + qname + _TYPE_CLASS.pack(rdtype, rdclass) + _OUR_OPT
-
-
-_OUR_OPT = _OPT.pack(0, _OPT_TYPE, EDNS_PAYLOAD, 0, 0, 0, 0)
+    return HEADER.pack(id, dns.flags.RD, 1, 0, 0, 1) + qname + TYPE_CLASS.pack(rdtype, rdclass) + OUR_OPT
 
 
 def refused(query: Query) -> bytes:
@@ -261,6 +223,9 @@ def servfail(query: Query) -> bytes:
 def reply_for(query: Query, response: bytes) -> bytes:
     """The upstream or cached ``response`` re-addressed to this client: its ID, its question as asked (0x20 casing),
     its RD and CD bits, OPT only if it sent one (ours, without upstream's options). SERVFAIL if unusable."""
+    fast = _readdressed(query, response)
+    if fast is not None:
+        return fast
     try:
         # A copy of the parse the upstream answer's checks made (read_response's is shared): below, only
         # attributes are set, and the question replaced in a list of sections of the copy's own.
@@ -287,6 +252,22 @@ def reply_for(query: Query, response: bytes) -> bytes:
         return message.to_wire(max_size=MAX_MESSAGE, want_shuffle=False)
     except PARSE_ERRORS:  # TooBig: over 65535 bytes once re-encoded
         return servfail(query)
+
+
+def _readdressed(query: Query, response: bytes) -> bytes | None:
+    """What reply_for makes of a query and a response of the usual shapes (wire.peek_query, wire.peek_response),
+    written without dnspython: the response's own bytes with the header and the question's casing replaced and
+    its OPT record, last if any, replaced by ours or dropped. dnspython would write the same message, its names
+    perhaps compressed otherwise (tested). None for other shapes."""
+    peek, peeked = query.peek, peek_response(response)
+    if peek is None or peeked is None or peeked.key != query.key:
+        return None
+    answers, authorities, additionals = peeked.counts
+    flags = (peeked.flags & ~_COPIED_FLAGS) | (peek.flags & _COPIED_FLAGS)
+    header = HEADER.pack(peek.id, flags, 1, answers, authorities, additionals + peek.edns)
+    records = response[HEADER_SIZE + len(peeked.qname) : peeked.records_end]  # the question's type and class first
+    reply = header + peek.qname + records + (OUR_OPT if peek.edns else b"")
+    return reply if len(reply) <= MAX_MESSAGE else None
 
 
 def truncated_for_udp(reply: bytes, limit: int) -> bytes:
@@ -316,7 +297,10 @@ def read_response(response: bytes) -> dns.message.Message:
 
 def response_matches(key: Key, id: int, response: bytes) -> bool:
     """Whether ``response`` answers our query for ``key`` with ``id``; anything else is discarded (RFC 5452)."""
-    try:
+    peeked = peek_response(response)
+    if peeked is not None and peeked.id == id and peeked.key == key:  # QR and opcode QUERY checked
+        return True
+    try:  # dnspython decides the rest: a key in other casing or with escapes may still name the same question
         message = read_response(response)
     except PARSE_ERRORS:
         return False
@@ -336,10 +320,17 @@ def ttl_of(response: bytes) -> int | None:
     CNAME chains included): also the SOA's negative TTL, min(SOA TTL, SOA MINIMUM) (RFC 2308 5); without an SOA they
     are not cached. Nor are SERVFAIL, REFUSED and other errors, or truncated responses.
     """
+    peeked = peek_response(response)
+    if peeked is not None:
+        return peeked_ttl(peeked)
     try:
-        message = read_response(response)
+        return parsed_ttl(read_response(response))
     except PARSE_ERRORS:
         return None
+
+
+def parsed_ttl(message: dns.message.Message) -> int | None:
+    """ttl_of for a response dnspython parsed."""
     rcode = message.rcode()
     if message.flags & dns.flags.TC or rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or not message.question:
         return None
@@ -351,6 +342,22 @@ def ttl_of(response: bytes) -> int | None:
         if not soas:
             return None
         ttls += [min(rrset.ttl, rdata.minimum) for rrset in soas for rdata in rrset]
+    return min(ttls) if ttls else None
+
+
+def peeked_ttl(peeked: ResponsePeek) -> int | None:
+    """ttl_of for a response of the usual shape, read as parsed_ttl reads it (a set's records have one TTL)."""
+    rcode = peeked.flags & 0x0F
+    if peeked.flags & dns.flags.TC or rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        return None
+    ttls = [record.ttl for record in peeked.answer]
+    asked = peeked.key[1]
+    answered = any(asked in (record.rdtype, *ANSWERED_BY_ANY_RECORD) for record in peeked.answer)
+    if rcode == dns.rcode.NXDOMAIN or not answered:
+        soas = [min(record.ttl, record.value) for record in peeked.authority if record.rdtype == dns.rdatatype.SOA]
+        if not soas:
+            return None
+        ttls += soas
     return min(ttls) if ttls else None
 
 

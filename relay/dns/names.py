@@ -16,6 +16,7 @@ import dns.rdatatype
 
 from relay.addresses import plain_address
 from relay.dns.message import PARSE_ERRORS, ReplyTemplate, read_response
+from relay.dns.wire import ResponsePeek, peek_response
 from relay.proto.sniff import valid_hostname
 
 # Clients keep using an address a little past its TTL (a connection begun just before it ran out, a cache that
@@ -106,7 +107,14 @@ class NameBook:
 def _answered(reply: bytes) -> tuple[str, list[tuple[str, int]]] | None:
     """(the name asked, [(address, TTL)] of every A and AAAA record reached from it through CNAMEs), or None when
     ``reply`` answers no such name with addresses. Raises one of PARSE_ERRORS if it is not a DNS message."""
-    message = read_response(reply)
+    peeked = peek_response(reply)
+    if peeked is not None:
+        return peeked_answered(peeked)
+    return parsed_answered(read_response(reply))
+
+
+def parsed_answered(message: dns.message.Message) -> tuple[str, list[tuple[str, int]]] | None:
+    """_answered for a reply dnspython parsed."""
     if not message.flags & dns.flags.QR or len(message.question) != 1:
         return None
     question = message.question[0]
@@ -127,5 +135,26 @@ def _answered(reply: bytes) -> tuple[str, list[tuple[str, int]]] | None:
         for rrset in message.answer
         if rrset.rdtype in ADDRESS_TYPES and rrset.rdclass == dns.rdataclass.IN and rrset.name in aliases
         for rdata in rrset
+    ]
+    return (name, addresses) if addresses else None
+
+
+def peeked_answered(peeked: ResponsePeek) -> tuple[str, list[tuple[str, int]]] | None:
+    """_answered for a reply of the usual shape (relay.dns.wire.peek_response), read as parsed_answered reads it."""
+    name = valid_hostname(peeked.question)
+    if name is None or peeked.key[2] != dns.rdataclass.IN:
+        return None
+    owner = peeked.qname.lower()
+    aliases = {owner}
+    cnames = {record.owner: record.value for record in peeked.answer if record.rdtype == dns.rdatatype.CNAME}
+    while owner in cnames:
+        owner = cnames[owner]
+        if owner in aliases:
+            break
+        aliases.add(owner)
+    addresses = [
+        (normalized(record.value), record.ttl)
+        for record in peeked.answer
+        if record.rdtype in ADDRESS_TYPES and record.owner in aliases
     ]
     return (name, addresses) if addresses else None

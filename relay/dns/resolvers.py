@@ -18,8 +18,9 @@ import trio
 from relay.config import RESOLV_CONF, DnsUpstream, local_dns_upstreams, parse_dns_upstream
 from relay.dns import doh
 from relay.dns.framing import FrameError, Framer, frame
-from relay.dns.message import Key, response_matches, upstream_query
+from relay.dns.message import response_matches, upstream_query
 from relay.dns.split import goes_local
+from relay.dns.wire import Key
 from relay.logs import log
 from relay.net.dial import apply_mark, connect
 from relay.net.faults import UpstreamError

@@ -24,6 +24,7 @@ from relay.dns import message
 from relay.dns.cache import Cache
 from relay.dns.framing import FrameError, Framer, frame
 from relay.dns.resolvers import ResolverError
+from relay.dns.wire import peek_query
 from relay.logs import RateLimited, conn_log, log
 from relay.net.sockets import family_of
 
@@ -348,10 +349,10 @@ class DnsService:
         return key[1] == dns.rdatatype.AAAA and not self.config.dns_aaaa
 
     def cache_hit(self, wire: bytes, client: str, over_udp: bool) -> bytes | None:
-        """The hot path: the reply to a query of the usual shape (message.peek_query) with a fresh answer in the
+        """The hot path: the reply to a query of the usual shape (relay.dns.wire.peek_query) with a fresh answer in the
         cache, patched from its template without dnspython; None for everything else, which answer_now parses
         and judges in full. What it answers, it answers as answer_now would (tested)."""
-        peek = message.peek_query(wire)
+        peek = peek_query(wire)
         if peek is None or (self.fake_ips is not None and self.fake_ips.takes(peek.key)):
             return None
         if self.withholds(peek.key) or not self.allowed(client):

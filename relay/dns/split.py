@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import dns.name
 
-from relay.dns.message import Key
+from relay.dns.wire import Key
 
 # Addresses only the LAN knows names for.
 LOCAL_NETWORKS = tuple(

@@ -12,7 +12,7 @@ import dns.rdatatype
 import dns.rrset
 from hypothesis import strategies as st
 
-from relay.dns.message import Key
+from relay.dns.wire import Key
 
 KEY_A: Key = ("www.example.com.", dns.rdatatype.A, dns.rdataclass.IN)
 SOA = "ns.example.com. hostmaster.example.com. 1 7200 900 1209600 {minimum}"
@@ -105,3 +105,19 @@ def big_response() -> bytes:
         dns.rrset.from_text_list("www.example.com.", 300, "IN", "A", [f"192.0.2.{i}" for i in range(1, 201)])
     ]
     return message.to_wire(max_size=65535)
+
+
+def mangled(draw, wire: bytes, mangles: list[str]) -> bytes:
+    """``wire`` with one of ``mangles`` done to it: "none", "junk" (bytes after it), "cut" (its end cut off),
+    "flip" (a bit flipped), "count" (a header count off by one)."""
+    wire = bytearray(wire)
+    mangle = draw(st.sampled_from(mangles))
+    if mangle == "junk":
+        wire += draw(st.binary(min_size=1, max_size=4))
+    elif mangle == "cut":
+        del wire[draw(st.integers(0, len(wire) - 1)) :]
+    elif mangle == "flip":
+        wire[draw(st.integers(0, len(wire) - 1))] ^= 1 << draw(st.integers(0, 7))
+    elif mangle == "count":
+        wire[draw(st.integers(4, 11))] ^= 1
+    return bytes(wire)

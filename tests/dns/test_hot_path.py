@@ -1,6 +1,6 @@
 """The cache-hit path reads queries and writes replies without dnspython: it must agree with the path that uses it.
 
-peek_query against parse_query on the same bytes; a reply rendered from a cache template against
+peek_query against read_query (dnspython's reading) on the same bytes; a reply rendered from a cache template against
 message.reply_for of the aged cached response, byte for byte.
 """
 
@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.dns.cache import Cache
-from relay.dns.message import BadQuery, parse_query, peek_query, read_response, reply_for, ttl_of, upstream_query
-from tests.dns.support import SOA, query, response
+from relay.dns.message import BadQuery, parse_query, read_query, read_response, reply_for, ttl_of, upstream_query
+from relay.dns.wire import peek_query
+from tests.dns.support import SOA, mangled, query, response
 
 LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_", min_size=1, max_size=20)
 ODD_LABEL = st.one_of(
@@ -61,14 +62,7 @@ def queries(draw) -> bytes:
         wire = bytearray(dns.message.make_query("fallback.example.", "A").to_wire())
     if draw(st.booleans()):
         wire[12:] = wire[12:].swapcase() if draw(st.booleans()) else wire[12:]
-    mangle = draw(st.sampled_from(["none", "none", "junk", "cut", "flip"]))
-    if mangle == "junk":
-        wire += draw(st.binary(min_size=1, max_size=4))
-    elif mangle == "cut":
-        del wire[draw(st.integers(0, len(wire) - 1)) :]
-    elif mangle == "flip":
-        wire[draw(st.integers(0, len(wire) - 1))] ^= 1 << draw(st.integers(0, 7))
-    return bytes(wire)
+    return mangled(draw, wire, ["none", "none", "junk", "cut", "flip"])
 
 
 @settings(max_examples=1500)
@@ -77,7 +71,7 @@ def test_what_peek_reads_parse_query_reads_alike(wire):
     peek = peek_query(wire)
     if peek is None:
         return
-    query = parse_query(wire)  # never BadQuery where peek read a query
+    query = read_query(wire)  # dnspython's reading: never BadQuery where peek read a query
     edns = query.message.edns >= 0
     assert (peek.id, peek.key, peek.udp_limit, peek.edns) == (query.id, query.key, query.udp_limit, edns)
     assert peek.flags == struct.unpack_from("!H", wire, 2)[0]
@@ -87,7 +81,7 @@ def test_what_peek_reads_parse_query_reads_alike(wire):
 def test_peek_never_raises(wire):
     peek = peek_query(wire)
     if peek is not None:
-        parse_query(wire)
+        read_query(wire)
 
 
 @pytest.mark.parametrize("edns", [False, True])

@@ -13,8 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.dns.message import (
-    EDNS_PAYLOAD,
-    MAX_UDP_PAYLOAD,
     BadQuery,
     address_reply,
     parse_query,
@@ -26,6 +24,7 @@ from relay.dns.message import (
     ttl_of,
     upstream_query,
 )
+from relay.dns.wire import EDNS_PAYLOAD, MAX_UDP_PAYLOAD
 from tests.dns.support import KEY_A, big_response, nxdomain, positive, query, response, valid_queries, with_counts
 
 # --- parse_query ---------------------------------------------------------------------------------------------------
