@@ -11,7 +11,7 @@ import functools
 import re
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 Key = tuple[str, int, int]  # (lower-cased qname text with trailing dot, rdtype, rdclass)
 
@@ -39,8 +39,7 @@ _SOA_NUMBERS = 20  # serial, refresh, retry, expire, minimum
 MAX_TTL = 0x7FFFFFFF  # RFC 2181 8: one with the top bit set reads as 0
 
 
-@dataclass(frozen=True)
-class Peek:
+class Peek(NamedTuple):
     """What the cache-hit path needs of a query, read by ``peek_query`` without dnspython."""
 
     id: int
@@ -54,24 +53,43 @@ class Peek:
 def _plain_question(wire: bytes) -> tuple[bytes, Key, int] | None:
     """The one question after the header when its name is plain (uncompressed labels of PLAIN_NAME's letters):
     (its name's wire bytes, its key, where the question ends); None for any other."""
-    labels, offset = [], HEADER_SIZE
-    while True:
-        length = wire[offset] if offset < len(wire) else 0xFF
-        if length == 0:
-            break
-        if length > 63:  # a compression pointer, or the end of the message
+    # A plain name holds no zero octet but its last: the first one after the header ends it, if it is plain.
+    end = wire.find(b"\0", HEADER_SIZE) + 1
+    if end <= 0 or end + TYPE_CLASS.size > len(wire):
+        return None
+    qname = wire[HEADER_SIZE:end]
+    lowered = qname.lower()  # the same length octets: they are below 0x40
+    name = _plain_names.get(lowered, False)
+    if name is False:
+        name = _plain_name_text(lowered)
+        if len(_plain_names) >= PLAIN_NAMES_KEPT:
+            _plain_names.clear()
+        _plain_names[lowered] = name
+    if name is None:
+        return None
+    return qname, (name, *TYPE_CLASS.unpack_from(wire, end)), end + TYPE_CLASS.size
+
+
+# The names of recent questions, read once: the same few are asked again and again.
+PLAIN_NAMES_KEPT = 4096
+_plain_names: dict[bytes, str | None] = {}
+
+
+def _plain_name_text(qname: bytes) -> str | None:
+    """The text of a name's wire form (its labels and the root's zero octet) if it is plain, with its trailing dot."""
+    labels, offset = [], 0
+    while offset < len(qname) and qname[offset]:
+        length = qname[offset]
+        if length > 63:  # a compression pointer
             return None
-        labels.append(wire[offset + 1 : offset + 1 + length])
+        labels.append(qname[offset + 1 : offset + 1 + length])
         offset += 1 + length
-    offset += 1
-    if offset - HEADER_SIZE > MAX_NAME or not labels or offset + TYPE_CLASS.size > len(wire):
+    if offset + 1 != len(qname) or offset + 1 > MAX_NAME or not labels:
         return None
     name = b".".join(labels)
     if PLAIN_NAME.fullmatch(name) is None or name.count(b".") != len(labels) - 1:  # no dot within a label
         return None
-    rdtype, rdclass = TYPE_CLASS.unpack_from(wire, offset)
-    key = (name.decode("ascii").lower() + ".", rdtype, rdclass)
-    return wire[HEADER_SIZE:offset], key, offset + TYPE_CLASS.size
+    return name.decode("ascii") + "."
 
 
 def peek_query(wire: bytes) -> Peek | None:
@@ -108,8 +126,7 @@ def peek_query(wire: bytes) -> Peek | None:
     return Peek(id_, flags, key, qname, True, min(max(payload, MIN_UDP_PAYLOAD), MAX_UDP_PAYLOAD))
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """One resource record of a peeked response. Names are their uncompressed wire form, lower-cased: equal
     exactly when dnspython's names are equal."""
 
@@ -119,8 +136,7 @@ class Record:
     value: object  # A, AAAA: the address as text; CNAME: the target's name; SOA: its MINIMUM field
 
 
-@dataclass(frozen=True)
-class ResponsePeek:
+class ResponsePeek(NamedTuple):
     """What the miss path needs of an upstream response, read by ``peek_response`` without dnspython."""
 
     id: int

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 import relay.dns.message
 import relay.dns.names
+import relay.dns.wire
 from relay.dns.message import Query, parse_query, parsed_ttl, peeked_ttl, reply_for, response_matches, ttl_of
 from relay.dns.names import NameBook, parsed_answered, peeked_answered
-from relay.dns.wire import peek_response
+from relay.dns.wire import peek_query, peek_response
 from tests.dns.support import SOA, mangled, nxdomain, positive, query, response
 
 QUESTION = "www.example.com."
@@ -163,3 +164,11 @@ def test_the_usual_answers_are_read_and_readdressed_without_dnspython(monkeypatc
 )
 def test_other_shapes_are_left_to_dnspython(wire):
     assert peek_response(wire) is None
+
+
+def test_the_names_read_once_stay_within_their_bound():
+    for number in range(relay.dns.wire.PLAIN_NAMES_KEPT + 10):
+        assert peek_query(query(f"n{number}.example.com.")).key[0] == f"n{number}.example.com."
+        assert len(relay.dns.wire._plain_names) <= relay.dns.wire.PLAIN_NAMES_KEPT
+    asked = query("N1.Example.COM.")
+    assert peek_query(asked).qname == asked[12:28] and peek_query(asked).key[0] == "n1.example.com."
