@@ -26,11 +26,22 @@ LOCAL_NETWORKS = tuple(
 IN_ADDR_ARPA = dns.name.from_text("in-addr.arpa.")
 IP6_ARPA = dns.name.from_text("ip6.arpa.")
 HEX_DIGITS = frozenset(b"0123456789abcdef")
+REVERSE_ZONES = ("in-addr.arpa.", "ip6.arpa.")  # names ending so may be reverse names: dnspython decides
 
 
 def goes_local(key: Key, local_suffixes: Iterable[str], bypass_suffixes: Iterable[str]) -> bool:
     """Whether the question ``key`` is for the local resolver: its name is under one of the suffixes, or is the
     reverse name of a LOCAL_NETWORKS address (whatever the type: PTR, or the SOA a tool asks to find the zone)."""
+    suffixes = [_suffix_text(suffix) for suffix in (*local_suffixes, *bypass_suffixes)]
+    name = key[0].lower()
+    # Without escapes, a name's text ends with a suffix's at a dot exactly when it is under it: no dnspython.
+    if "\\" not in name and not name.endswith(REVERSE_ZONES) and not any("\\" in suffix for suffix in suffixes):
+        return any(suffix == "." or name == suffix or name.endswith("." + suffix) for suffix in suffixes)
+    return parsed_goes_local(key, local_suffixes, bypass_suffixes)
+
+
+def parsed_goes_local(key: Key, local_suffixes: Iterable[str], bypass_suffixes: Iterable[str]) -> bool:
+    """goes_local by dnspython's names, for any name."""
     name = dns.name.from_text(key[0])
     for suffix in (*local_suffixes, *bypass_suffixes):
         if name.is_subdomain(_suffix_name(suffix)):
@@ -44,6 +55,12 @@ def goes_local(key: Key, local_suffixes: Iterable[str], bypass_suffixes: Iterabl
 @functools.lru_cache(maxsize=1024)  # the settings' suffixes, parsed once rather than on every question
 def _suffix_name(suffix: str) -> dns.name.Name:
     return dns.name.from_text(suffix)
+
+
+@functools.lru_cache(maxsize=1024)
+def _suffix_text(suffix: str) -> str:
+    """A suffix as a key writes its name: lower-cased, escaped, with the trailing dot."""
+    return _suffix_name(suffix).to_text().lower()
 
 
 def reverse_network(name: dns.name.Name) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.dns.split import LOCAL_NETWORKS, goes_local, reverse_network
+from relay.dns.split import LOCAL_NETWORKS, goes_local, parsed_goes_local, reverse_network
 
 PTR, A, SOA = dns.rdatatype.PTR, dns.rdatatype.A, dns.rdatatype.SOA
 LOCAL_SUFFIXES = ["lan", "home.arpa"]
@@ -157,3 +157,17 @@ def test_reverse_networks(name, network):
 def test_reverse_zones_of_the_local_ranges(name, expected):
     assert local(name, SOA) is expected
     assert local(name, PTR) is expected
+
+
+SUFFIX_LABELS = st.sampled_from(["lan", "LAN", "home", "arpa", "example", "cdn", "a", "x", "in-addr", "ip6", "1", "10"])
+KEY_LABELS = st.one_of(SUFFIX_LABELS, st.sampled_from(["xlan", "a\\.lan", "b\\046lan", "x\\032y", "168", "192"]))
+
+
+@given(
+    st.lists(KEY_LABELS, max_size=6).map(lambda labels: ".".join(labels) + "."),
+    st.lists(st.lists(SUFFIX_LABELS, max_size=3).map(lambda labels: ".".join(labels) or "."), max_size=3),
+    st.lists(st.sampled_from(["cdn.example", "lan.", "x\\.lan", "."]), max_size=2),
+)
+def test_the_text_reading_of_names_agrees_with_dnspythons(name, local_suffixes, bypass_suffixes):
+    key = (name, A, 1)
+    assert goes_local(key, local_suffixes, bypass_suffixes) is parsed_goes_local(key, local_suffixes, bypass_suffixes)
