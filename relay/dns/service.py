@@ -170,10 +170,10 @@ class DnsService:
                 except OSError as exc:  # an ICMP error for an earlier reply, reported here: not this socket's fault
                     self.warnings.warning(f"dns-receive-{exc.errno}", f"DNS receive failed: {exc}")
                     continue
-                reply = self.answer_now(wire, peer[0], over_udp=True)
+                reply = self.answer_now(wire, peer[0], True)
                 if isinstance(reply, message.Query):
                     self._nursery.start_soon(self.resolve_for_udp, sock, reply, peer, source)
-                elif reply is not None:
+                elif reply is not None and not self.sent_udp(sock, reply, peer, source):
                     await self.send_udp(sock, reply, peer, source)
             else:
                 await trio.lowlevel.checkpoint()
@@ -184,20 +184,23 @@ class DnsService:
 
     async def send_udp(self, sock: socket.socket, reply: bytes, peer, source) -> None:
         """``source``: None, or the control message that sends from the address the client asked."""
+        while not self.sent_udp(sock, reply, peer, source):
+            await trio.lowlevel.wait_writable(sock)
+
+    def sent_udp(self, sock: socket.socket, reply: bytes, peer, source) -> bool:
+        """Try once; False if the socket's buffer is full (an error is logged and counts as sent)."""
         if not reply:
-            return  # an upstream answer too large and unparsable: the client will retry over TCP or elsewhere
-        while True:
-            try:
-                if source is not None:
-                    sock.sendmsg([reply], [source], 0, peer)
-                else:
-                    sock.sendto(reply, peer)
-                return
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-            except OSError as exc:
-                self.warnings.warning(f"dns-send-{exc.errno}", f"DNS reply to {format_address(peer)} failed: {exc}")
-                return
+            return True  # an upstream answer too large and unparsable: the client will retry over TCP or elsewhere
+        try:
+            if source is not None:
+                sock.sendmsg([reply], [source], 0, peer)
+            else:
+                sock.sendto(reply, peer)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self.warnings.warning(f"dns-send-{exc.errno}", f"DNS reply to {format_address(peer)} failed: {exc}")
+        return True
 
     # -- TCP ---------------------------------------------------------------------------------------
 
