@@ -373,12 +373,14 @@ class DnsService:
 
     async def ask_upstream(self, key: message.Key, client: str) -> bytes | None:
         started = time.monotonic()
+        response = None
         try:
-            # The resolvers keep to the timeout; this makes sure, since clients wait on it.
-            with trio.fail_after(self.config.dns_timeout + ANSWER_GRACE):
+            # The resolvers keep to the timeout; this makes sure, since clients wait on it. (A plain cancel scope:
+            # fail_after's generator costs a few per cent of a miss.)
+            with trio.move_on_after(self.config.dns_timeout + ANSWER_GRACE):
                 response = await self.resolvers.resolve(key, self.config.dns_timeout)
-        except trio.TooSlowError:
-            return self.failed(key, client, started, ResolverError("no DNS upstream answered in time", "timeout"))
+            if response is None:
+                return self.failed(key, client, started, ResolverError("no DNS upstream answered in time", "timeout"))
         except ResolverError as exc:
             return self.failed(key, client, started, exc)
         except Exception:  # a bug costs one question, not the service
