@@ -33,14 +33,16 @@ PROXY_REFUSALS = frozenset({"http-407", "socks5-auth-failed", "socks5-no-accepta
 
 
 class UpstreamError(Exception):
-    """The tunnel could not be opened: ``reason`` (one short word), whose ``fault``, and
-    ``retry_by_address``: asked for a hostname, asking by IP may still work."""
+    """The tunnel could not be opened: ``reason`` (one short word), whose ``fault``,
+    ``retry_by_address``: asked for a hostname, asking by IP may still work, and ``refused``:
+    the proxy answered the request with a refusal."""
 
-    def __init__(self, message: str, reason: str, fault: Fault, retry_by_address: bool = False):
+    def __init__(self, message: str, reason: str, fault: Fault, retry_by_address: bool = False, refused: bool = False):
         super().__init__(message)
         self.reason = reason
         self.fault = fault
         self.retry_by_address = retry_by_address
+        self.refused = refused
 
     @property
     def proxy_fault(self) -> bool:
@@ -100,7 +102,7 @@ def handshake_failure(exc: Exception) -> UpstreamError:
         return UpstreamError(str(exc), exc.reason, Fault.PROXY)
     if isinstance(exc, ProxyRefused):
         fault = Fault.PROXY if exc.reason in PROXY_REFUSALS else Fault.TARGET
-        return UpstreamError(str(exc), exc.reason, fault, _retry_by_address(exc))
+        return UpstreamError(str(exc), exc.reason, fault, _retry_by_address(exc), refused=True)
     if isinstance(exc, RemoteProtocolError):
         return UpstreamError(f"malformed reply from the proxy: {exc}", "proxy-protocol-error", Fault.PROXY)
     return UpstreamError(f"proxy connection failed: {exc.strerror}", "proxy-" + errno_word(exc.errno), Fault.PROXY)

@@ -292,7 +292,7 @@ class UdpService:
         except UpstreamError as exc:
             self.proxy_failed(str(exc))
             # connect-econnrefused, proxy-closed, ... or relay-emfile when out of fds
-            return "refused" if exc.reason.startswith("socks5-") else exc.reason
+            return "refused" if exc.refused else exc.reason
         except OSError as exc:
             self.proxy_failed(exc.strerror or str(exc))
             return "connect-" + errno_word(exc.errno)

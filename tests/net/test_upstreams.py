@@ -106,6 +106,13 @@ def test_refusals_about_the_destination_are_not_proxy_faults():
     assert handshake_failure(ConnectionResetError(errno.ECONNRESET, "reset")).reason == "proxy-econnreset"
 
 
+def test_only_an_answer_from_the_proxy_is_a_refusal():
+    assert all(refused(reason).refused for reason in ("http-403", "http-407", "socks5-connection-refused"))
+    assert not handshake_failure(RemoteProtocolError("garbage")).refused
+    assert not handshake_failure(ConnectionResetError(errno.ECONNRESET, "reset")).refused
+    assert not connect_error(errno.ECONNREFUSED).refused and not handshake_timed_out(10).refused
+
+
 def test_without_a_proxy_a_failed_connect_is_the_targets_fault():
     refused_direct = connect_failure(OSError(errno.ECONNREFUSED, "refused"), "10.9.9.9:443", direct=True)
     assert refused_direct.fault is Fault.TARGET and refused_direct.reason == "connect-econnrefused"
