@@ -19,7 +19,8 @@ timed from the start of its connect() to its first response byte:
 Paths: relay and redsocks (the same upstream, intercepted by REDIRECT), and the client using the
 proxy itself as a reference ("direct": the proxy's own handshake from the client, no relay); the
 relay also once with --server-first-ports none (the sniff wait every server-first connection paid
-before), and once with --early-data on through squid (the ClientHello sent with the CONNECT). With
+before), and with --early-data on through squid (the ClientHello sent with the CONNECT), also over its
+own --ssh to far's sshd across the line (one ssh process), without and with --ssh-session on. With
 --bulk, the https case is repeated while one 4 GB download crosses the same tunnel.
 Results: JSON in bench/results/, and a table on stdout.
 """
@@ -77,12 +78,22 @@ class Path_:
     upstream: str  # http or socks5, and where the router reaches it
     proxy_port: int
     extra: list[str] = field(default_factory=list)
+    own_ssh: bool = False  # the relay's own --ssh to far's sshd across the line, not the shared ssh -L
 
 
 PATHS = [
     Path_("relay, ssh -L squid", "relay", "http", SQUID_PORT),
     Path_("relay, ssh -L squid, sniff wait", "relay", "http", SQUID_PORT, ["--server-first-ports", "none"]),
     Path_("relay, ssh -L squid, early data", "relay", "http", SQUID_PORT, ["--early-data", "on"]),
+    Path_("relay, ssh -L squid, --ssh, early data", "relay", "http", SQUID_PORT, ["--early-data", "on"], True),
+    Path_(
+        "relay, ssh -L squid, --ssh --ssh-session on, early data",
+        "relay",
+        "http",
+        SQUID_PORT,
+        ["--early-data", "on", "--ssh-session", "on"],
+        True,
+    ),
     Path_("redsocks, ssh -L squid", "redsocks", "http", SQUID_PORT),
     Path_("client to squid via ssh -L", "direct", "http", SQUID_PORT),
     Path_("relay, dante", "relay", "socks5", DANTE_LINE_PORT),
@@ -108,6 +119,7 @@ class Bench:
         start_dante(lab, listen=[(ADDR.far4, 1080)], external=ADDR.far_server_side4)
         one_way = self.args.rtt_ms / 2
         delayed, _ = sshd_across_delay_line(lab, sshd, SSH_LINE_PORT, one_way, rate_mbit=self.args.rate_mbit)
+        self.delayed_sshd = delayed
         start_delay_line(
             lab, ("0.0.0.0", DANTE_LINE_PORT), (ADDR.far4, 1080), one_way, rate_mbit=self.args.rate_mbit, name="dl2"
         )
@@ -138,6 +150,11 @@ class Bench:
         if path.kind == "relay":
             upstream = f"{path.upstream}://127.0.0.1:{path.proxy_port}"
             argv = [sys.executable, "-m", "relay", "--upstream", upstream, "--listen", f"0.0.0.0:{RELAY_PORT}"]
+            if path.own_ssh:  # one ssh, as the shared tunnel; squid's address is then far's 127.0.0.1
+                sshd = self.delayed_sshd
+                argv += ["--ssh", f"root@{sshd.address}:{sshd.port}", "--ssh-identity", str(sshd.client_key)]
+                argv += ["--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null"]
+                argv += ["--ssh-connections", "1"]
             port, argv = RELAY_PORT, [*argv, *path.extra]
         else:
             conf = directory / "redsocks.conf"
@@ -255,6 +272,7 @@ def summary(seconds: list[float]) -> dict:
 
 CASES = {
     "https-by-name": ["relay, ssh -L squid", "relay, ssh -L squid, early data", "redsocks, ssh -L squid"]
+    + ["relay, ssh -L squid, --ssh, early data", "relay, ssh -L squid, --ssh --ssh-session on, early data"]
     + ["client to squid via ssh -L"]
     + ["relay, dante", "redsocks, dante", "client to dante", "relay, ssh -D"],
     "banner-by-addr": ["relay, ssh -L squid", "relay, ssh -L squid, sniff wait", "redsocks, ssh -L squid"]
@@ -270,6 +288,9 @@ def main() -> int:
     parser.add_argument("--rate-mbit", type=float, default=None, help="cap the far link's rate each way")
     parser.add_argument("--bulk", action="store_true", help="also measure https while a download fills the tunnel")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--paths", action="append", default=[], help="only the paths whose name has this in it (repeatable)"
+    )
     args = parser.parse_args()
     if why := cannot_run(("redsocks", "squid", "danted", "sshd")):
         print(f"bench/latency.py: {why}", file=sys.stderr)
@@ -286,6 +307,8 @@ def main() -> int:
         bench = Bench(lab, args)
         bench.build()
         for path in PATHS:
+            if args.paths and not any(part in path.name for part in args.paths):
+                continue
             bench.use(path)
             for case, names in CASES.items():
                 if path.name in names:
@@ -320,8 +343,8 @@ def table(results: dict) -> str:
     ]
     for case, paths in results["cases"].items():
         for name, result in paths.items():
-            proxy = name.split(", ", 1)[1] if ", " in name else ""
-            baseline = paths.get(f"redsocks, {proxy.removesuffix(', sniff wait').removesuffix(', early data')}")
+            proxy = name.split(", ")[1] if ", " in name else ""  # a variant's name goes on after a comma
+            baseline = paths.get(f"redsocks, {proxy}")
             ratio = ""
             if baseline and not name.startswith("redsocks"):
                 ratio = f"{result['sequential']['p50_ms'] / baseline['sequential']['p50_ms']:.2f}x"

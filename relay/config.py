@@ -819,6 +819,17 @@ SETTINGS = [
         "with --ssh, this many ssh processes (each its own TCP connection) per upstream; a new connection goes to "
         f"the working one with the fewest (default: the number of cores, at most {SSH_CONNECTIONS_AUTO_MAX})",
     ),
+    Setting(
+        "ssh-session",
+        one_of("auto", "on", "off"),
+        "auto",
+        False,
+        "auto|on|off",
+        "with --ssh, hold a session running sleep instead of none (-N): OpenSSH's sshd sets TCP_NODELAY only once "
+        "a session opens, so without one the far side's small writes in a row wait a round trip for an ACK "
+        "(Nagle's algorithm). It needs an account with a shell; auto: when the session's command ends (no shell, "
+        "a forced command), ssh runs without one from then on (default: auto)",
+    ),
     Setting("user", _text, None, False, "NAME", "after binding, run as this user, keeping only CAP_NET_ADMIN"),
     Setting(
         "workers", lambda v: parse_count(v, 1), 1, False, "N", "worker processes sharing the listeners (SO_REUSEPORT)"
@@ -1057,6 +1068,7 @@ class Config:
     ssh_identity: str | None
     ssh_option: list[tuple[str, str]]
     ssh_connections: int  # ssh processes per upstream
+    ssh_session: str  # auto, on or off
     user: str | None
     workers: int
     engine: str  # "splice", or "sockmap" (relay.net.sockmap); not changed by a reload

@@ -30,8 +30,9 @@ from relay.udp.service import UdpService
 # Settings a reload cannot change on a running process (they shape sockets, processes or privileges).
 RESTART_ONLY = (
     "mode", "listen", "workers", "user", "metrics", "ssh", "ssh_identity", "ssh_option", "ssh_connections",
-    "log_format", "dns", "dns_upstream", "dns_local", "dns_ca", "dns_min_ttl", "dns_max_ttl", "dns_cache_size",
-    "dns_mode", "fake_ip_range", "state_dir", "udp", "udp_max_sessions", "udp_max_per_source", "udp_idle_timeout",
+    "ssh_session", "log_format", "dns", "dns_upstream", "dns_local", "dns_ca", "dns_min_ttl", "dns_max_ttl",
+    "dns_cache_size", "dns_mode", "fake_ip_range", "state_dir", "udp", "udp_max_sessions", "udp_max_per_source",
+    "udp_idle_timeout",
 )  # fmt: skip
 
 

@@ -74,6 +74,11 @@ REQUIRED_OPTIONS = (
     ("ControlPath", "none"),
 )
 
+# What the session runs (--ssh-session): nothing but waiting, as long as ssh is up.
+SESSION_COMMAND = "exec sleep 2147483647"
+# ssh's own failures exit 255 (as does a command killed by a signal); any other status is the session's command's.
+SESSION_ENDED = frozenset(f"exit-{status}" for status in range(255))
+
 # Host names, ssh_config aliases and IPv4 addresses; never something ssh would take for an option.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -241,6 +246,7 @@ class SshTunnel:
         local: tuple[str, int],
         identity: str | None = None,
         options: tuple[tuple[str, str], ...] = (),
+        session: Literal["auto", "on", "off"] = "off",
         ssh_binary: str = "ssh",
         alive_interval: int = 5,
         alive_count: int = 3,
@@ -262,6 +268,8 @@ class SshTunnel:
         self.local_address = (local[0], local[1] or _free_port(local[0]))
         self.identity = identity
         self.options = tuple(options)
+        self.session = session
+        self.with_session = session != "off"  # auto turns it off once a session's command ended
         self.ssh_binary = ssh_binary
         self.alive_interval = alive_interval
         self.alive_count = alive_count
@@ -302,7 +310,8 @@ class SshTunnel:
             ("ConnectTimeout", str(int(self.connect_timeout))),
             ("StrictHostKeyChecking", "accept-new"),  # no one can confirm a first key; a changed one is refused
         )
-        argv = [self.ssh_binary, "-N"]
+        # sshd sets TCP_NODELAY when a session opens (OpenSSH's ssh_packet_set_interactive); -N opens none.
+        argv = [self.ssh_binary, "-n", "-T"] if self.with_session else [self.ssh_binary, "-N"]
         for key, value in (*REQUIRED_OPTIONS, *self.options, *defaults):
             argv += ["-o", f"{key}={value}"]
         if self.identity is not None:
@@ -315,7 +324,8 @@ class SshTunnel:
             argv += ["-D", format_address(self.local_address)]
         else:
             argv += ["-L", f"{format_address(self.local_address)}:{format_address(self.remote)}"]
-        return [*argv, "--", self.target.host]  # "--": the host can never be read as an option
+        argv += ["--", self.target.host]  # "--": the host can never be read as an option
+        return [*argv, SESSION_COMMAND] if self.with_session else argv
 
     async def wait_up(self, timeout: float) -> bool:
         """Whether the tunnel is up, waiting at most ``timeout`` seconds for it."""
@@ -362,6 +372,15 @@ class SshTunnel:
             self._last_uptime = 0.0
             kind, reason = await self._run_ssh_once(announce_started)
             announce_started()
+            if self.session == "auto" and self.with_session and kind in SESSION_ENDED:
+                self.with_session = False
+                log.warning(
+                    "ssh tunnel %s: the session's command ended (%s): the account may have no shell or a forced "
+                    "command; going on without a session, so sshd may hold the far side's small writes for a round "
+                    "trip (--ssh-session off says so, on insists)",
+                    self.description,
+                    reason,
+                )
             if self._last_uptime >= self.backoff_max:
                 delays = backoff_delays(self.backoff_start, self.backoff_max)
             delay = next(delays)
@@ -502,6 +521,7 @@ def make_tunnels(config: Config, metrics=None, *, own_ports: bool = False, lanes
                 local=local,
                 identity=config.ssh_identity,
                 options=tuple(config.ssh_option),
+                session=config.ssh_session,
             )
             tunnel.upstream = upstream
             tunnel.label = str(upstream) if lanes == 1 else f"{upstream}#{lane + 1}"

@@ -3,6 +3,7 @@ inside the router (a small Trio program per test, printing each change of
 ``up``), logs in to sshd on far, and reaches squid, dante and a server behind far.
 Broken by SIGKILL and by silently dropping ssh's packets."""
 
+import ctypes
 import json
 import os
 import re
@@ -73,9 +74,10 @@ def tunnel_lab():
 class Runner:
     """An SshTunnel supervising real ssh inside the router namespace."""
 
-    def __init__(self, lab, name, forward, remote=None):
+    def __init__(self, lab, name, forward, remote=None, **extra):
         self.lab, self.name = lab, name
         settings = {
+            **extra,
             "target": {"host": lab.sshd.address, "user": "root"},
             "forward": forward,
             "remote": remote,
@@ -127,6 +129,43 @@ class Runner:
         assert not any(Path(f"/proc/{pid}").exists() for pid in ssh), "ssh outlived the tunnel, or was not reaped"
 
 
+def tcp_nodelay_of(pids) -> dict[tuple, bool]:
+    """Whether each connected TCP socket the processes hold has TCP_NODELAY, by (its address, its peer's): read
+    from a copy of the descriptor (pidfd_getfd), as the socket option is the socket's, not the process's."""
+    found = {}
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+            entries = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # exited meanwhile
+            continue
+        try:
+            for entry in entries:
+                try:
+                    if not os.readlink(entry).startswith("socket:"):
+                        continue
+                except OSError:
+                    continue
+                copy = LIBC.syscall(PIDFD_GETFD, pidfd, int(entry.name), 0)
+                if copy < 0:
+                    continue
+                with socket.socket(fileno=copy) as sock:
+                    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                        continue
+                    try:
+                        key = (sock.getsockname()[:2], sock.getpeername()[:2])
+                    except OSError:  # a listener
+                        continue
+                    found[key] = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        finally:
+            os.close(pidfd)
+    return found
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+PIDFD_GETFD = 438  # the syscall's number on x86_64 and arm64 (Linux 5.6)
+
+
 def processes():
     """(pid, parent pid, command name) of every process."""
     for entry in Path("/proc").iterdir():
@@ -144,8 +183,8 @@ def processes():
 def start_runner(tunnel_lab, request):
     runners = []
 
-    def start(forward, remote=None):
-        runner = Runner(tunnel_lab, f"{request.node.name}-{len(runners)}", forward, remote)
+    def start(forward, remote=None, **extra):
+        runner = Runner(tunnel_lab, f"{request.node.name}-{len(runners)}", forward, remote, **extra)
         runners.append(runner)
         runner.wait_up(0, timeout=10)
         return runner
@@ -238,3 +277,15 @@ def test_silently_dropped_link_is_noticed_and_the_tunnel_comes_back(tunnel_lab, 
     healed = len(runner.log())
     runner.wait_up(healed, timeout=CONNECT_TIMEOUT + BACKOFF_MAX + 3)
     assert_echo_through(tunnel_lab, runner, via_http_proxy)
+
+
+def test_a_session_makes_sshd_send_small_writes_at_once(tunnel_lab, start_runner):
+    """OpenSSH's sshd sets TCP_NODELAY on the connection only once a session opens: with -N, the far side's
+    small writes in a row wait for an acknowledgement (Nagle). --ssh-session opens one."""
+    without, with_session = start_runner("socks", session="off"), start_runner("socks", session="on")
+    assert_echo_through(tunnel_lab, with_session, via_socks5)
+    sshd_side = tcp_nodelay_of([pid for pid, _, command in processes() if command == "sshd"])
+    for runner, expected in ((without, False), (with_session, True)):
+        (client_side,) = tcp_nodelay_of(runner.ssh_pids())  # ssh's one connection, to sshd
+        address, peer = client_side
+        assert sshd_side[(peer, address)] is expected, runner.name

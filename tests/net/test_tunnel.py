@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from relay.config import ConfigError
-from relay.net.tunnel import SshTarget, SshTunnel, backoff_delays, parse_ssh_target
+from relay.net.tunnel import SESSION_COMMAND, SshTarget, SshTunnel, backoff_delays, parse_ssh_target
 
 # What every fake ssh shares: where it would listen, a record of each start, and serve().
 FAKE_SSH_PRELUDE = """\
@@ -203,6 +203,13 @@ def test_argv_for_a_socks_forward_over_ipv6():
     assert "-i" not in argv and "-p" not in argv and "-l" not in argv
 
 
+def test_with_a_session_it_runs_sleep_instead_of_none():
+    tunnel = SshTunnel(SshTarget("far"), forward="socks", remote=None, local=("127.0.0.1", 1080), session="on")
+    argv = tunnel.argv
+    assert argv[:3] == ["ssh", "-n", "-T"] and "-N" not in argv  # stdin never read, no terminal
+    assert argv[-3:] == ["--", "far", SESSION_COMMAND]
+
+
 def test_port_0_means_a_free_port_chosen_at_once():
     tunnel = SshTunnel(SshTarget("far"), forward="local", remote=("10.0.0.1", 3128), local=("127.0.0.1", 0))
     host, port = tunnel.local_address
@@ -250,6 +257,34 @@ async def test_ssh_that_exits_is_restarted_with_capped_backoff(tmp_path, caplog)
     assert "ssh exited with status 3 (ssh said: Permission denied (publickey).); restarting in 0.05 s" in messages[0]
     assert [message.rsplit(" in ", 1)[1] for message in messages[:4]] == ["0.05 s", "0.1 s", "0.2 s", "0.2 s"]
     assert not any(exists(pid) for pid, _ in starts(tmp_path))  # every one reaped
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+async def test_a_session_whose_command_ends_is_given_up_in_auto_mode_only(tmp_path, caplog, mode):
+    """As sshd with an account whose shell is nologin: the session's command exits 1 at once, and so does ssh."""
+    body = f'if {SESSION_COMMAND!r} in sys.argv:\n    sys.exit(1)\nserve(60, "socks")\n'
+    tunnel = socks_tunnel(fake_ssh(tmp_path, body), session=mode)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tunnel.run)
+        if mode == "auto":
+            assert await tunnel.wait_up(5)
+            assert "-N" in tunnel.argv and SESSION_COMMAND not in tunnel.argv
+        else:
+            await wait_for_starts(tmp_path, 3)
+            assert not tunnel.up and SESSION_COMMAND in tunnel.argv
+        nursery.cancel_scope.cancel()
+    given_up = [r.getMessage() for r in caplog.records if "going on without a session" in r.getMessage()]
+    assert len(given_up) == (1 if mode == "auto" else 0)
+    assert len(starts(tmp_path)) == 2 if mode == "auto" else len(starts(tmp_path)) >= 3
+
+
+async def test_an_ssh_failure_keeps_the_session(tmp_path):
+    tunnel = socks_tunnel(fake_ssh(tmp_path, "sys.exit(255)\n"), session="auto")  # the link, not the session
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tunnel.run)
+        await wait_for_starts(tmp_path, 2)
+        nursery.cancel_scope.cancel()
+    assert tunnel.with_session and SESSION_COMMAND in tunnel.argv
 
 
 async def test_up_goes_false_as_soon_as_ssh_exits(tmp_path):
