@@ -827,8 +827,9 @@ SETTINGS = [
         "auto|on|off",
         "with --ssh, hold a session running sleep instead of none (-N): OpenSSH's sshd sets TCP_NODELAY only once "
         "a session opens, so without one the far side's small writes in a row wait a round trip for an ACK "
-        "(Nagle's algorithm). It needs an account with a shell; auto: when the session's command ends (no shell, "
-        "a forced command), ssh runs without one from then on (default: auto)",
+        "(Nagle's algorithm). It needs an account with a shell that allows sessions; auto: when the session's "
+        "command ends (no shell, a forced command), or ssh comes up only without one (MaxSessions 0), ssh runs "
+        "without one from then on (default: auto)",
     ),
     Setting("user", _text, None, False, "NAME", "after binding, run as this user, keeping only CAP_NET_ADMIN"),
     Setting(

@@ -653,8 +653,9 @@ def _generate_key(path: Path) -> None:
     )
 
 
-def start_sshd(lab: Lab, host: str = "far", port: int = 22, name: str = "sshd") -> Sshd:
-    """OpenSSH sshd accepting root by a key made for this lab, forwarding allowed."""
+def start_sshd(lab: Lab, host: str = "far", port: int = 22, name: str = "sshd", settings: tuple[str, ...] = ()) -> Sshd:
+    """OpenSSH sshd accepting root by a key made for this lab, forwarding allowed; ``settings``: more
+    sshd_config lines."""
     directory = _service_dir(lab, name)
     host_key = directory / "ssh_host_ed25519_key"
     client_key = directory / "client_ed25519"
@@ -679,6 +680,7 @@ def start_sshd(lab: Lab, host: str = "far", port: int = 22, name: str = "sshd") 
                 "AllowTcpForwarding yes",
                 "UseDNS no",
                 "PrintMotd no",
+                *settings,
                 "",
             ]
         )

@@ -269,7 +269,8 @@ class SshTunnel:
         self.identity = identity
         self.options = tuple(options)
         self.session = session
-        self.with_session = session != "off"  # auto turns it off once a session's command ended
+        self.with_session = session != "off"  # auto turns it off when the session stands in the way
+        self._session_doubted: str | None = None  # auto: why the session may be what failed, while ssh tries -N
         self.ssh_binary = ssh_binary
         self.alive_interval = alive_interval
         self.alive_count = alive_count
@@ -370,17 +371,11 @@ class SshTunnel:
 
         while True:
             self._last_uptime = 0.0
+            started_at = trio.current_time()
             kind, reason = await self._run_ssh_once(announce_started)
             announce_started()
-            if self.session == "auto" and self.with_session and kind in SESSION_ENDED:
-                self.with_session = False
-                log.warning(
-                    "ssh tunnel %s: the session's command ended (%s): the account may have no shell or a forced "
-                    "command; going on without a session, so sshd may hold the far side's small writes for a round "
-                    "trip (--ssh-session off says so, on insists)",
-                    self.description,
-                    reason,
-                )
+            if self.session == "auto":
+                self._judge_session(kind, reason, came_up=self._up_since >= started_at)
             if self._last_uptime >= self.backoff_max:
                 delays = backoff_delays(self.backoff_start, self.backoff_max)
             delay = next(delays)
@@ -390,6 +385,33 @@ class SshTunnel:
             if self.on_restart is not None:
                 self.on_restart(kind)
             await trio.sleep(delay)
+
+    def _judge_session(self, kind: str, reason: str, came_up: bool) -> None:
+        """--ssh-session auto, after each ssh: a session whose command ended (no shell, a forced command) is given
+        up; one with which ssh never opened its forward (sshd's MaxSessions 0 refuses the session, and ssh exits
+        255 as for any failure) is doubted: the next ssh runs without, and if that one comes up, the session is
+        given up, else the next tries it again."""
+        if self._session_doubted is not None:  # without a session, ssh failed too: the session was not it
+            self.with_session, self._session_doubted = True, None
+        elif self.with_session and kind in SESSION_ENDED:
+            self._give_up_session(f"the session's command ended ({reason})")
+        elif self.with_session and not came_up:
+            self.with_session, self._session_doubted = False, reason
+
+    def _came_up(self) -> None:
+        if self._session_doubted is not None:  # without the session it works
+            self._give_up_session(f"with a session, ssh did not open its forward ({self._session_doubted})")
+            self._session_doubted = None
+
+    def _give_up_session(self, why: str) -> None:
+        self.with_session = False
+        log.warning(
+            "ssh tunnel %s: %s: the account may have no shell, a forced command or no sessions allowed; going on "
+            "without a session, so sshd may hold the far side's small writes for a round trip (--ssh-session off "
+            "says so, on insists)",
+            self.description,
+            why,
+        )
 
     async def _run_ssh_once(self, announce_started: Callable[[], None]) -> tuple[str, str]:
         """Start ssh and watch it until it exits or stops answering: (short word, log phrase) saying why."""
@@ -442,6 +464,7 @@ class SshTunnel:
         except ProbeFailed as exc:
             return "probe-failed", f"the new forward does not answer: {exc}"
         self._set_up(True)
+        self._came_up()
         log.info("ssh tunnel %s is up", self.description)
         announce_started()
         while True:

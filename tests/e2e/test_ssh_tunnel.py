@@ -61,6 +61,8 @@ def tunnel_lab():
     require_root()
     with Lab() as lab:
         lab.sshd = start_sshd(lab)
+        # Forwarding only: sshd refuses every session (ssh then exits 255, as for any failure).
+        lab.sshd_without_sessions = start_sshd(lab, port=2222, name="sshd-no-sessions", settings=("MaxSessions 0",))
         start_squid(lab)  # 127.0.0.1:3128 on far: only reachable through the tunnel
         start_dante(lab)  # 10.77.2.2:1080 on far
         TrafficServer(lab, "server", "::", TRAFFIC_PORT)
@@ -77,7 +79,6 @@ class Runner:
     def __init__(self, lab, name, forward, remote=None, **extra):
         self.lab, self.name = lab, name
         settings = {
-            **extra,
             "target": {"host": lab.sshd.address, "user": "root"},
             "forward": forward,
             "remote": remote,
@@ -95,6 +96,7 @@ class Runner:
             "probe_interval": 0.5,
             "backoff_start": 0.2,
             "backoff_max": BACKOFF_MAX,
+            **extra,
         }
         self.process = lab.spawn("router", [sys.executable, "-c", RUNNER, json.dumps(settings)], name=name)
         self.port = int(self.wait_for(r"^local (\d+)$", 0, timeout=10).group(1))
@@ -289,3 +291,12 @@ def test_a_session_makes_sshd_send_small_writes_at_once(tunnel_lab, start_runner
         (client_side,) = tcp_nodelay_of(runner.ssh_pids())  # ssh's one connection, to sshd
         address, peer = client_side
         assert sshd_side[(peer, address)] is expected, runner.name
+
+
+def test_auto_goes_on_without_a_session_where_sshd_allows_none(tunnel_lab, start_runner):
+    sshd = tunnel_lab.sshd_without_sessions
+    target = {"host": sshd.address, "port": sshd.port, "user": "root"}
+    runner = start_runner("socks", session="auto", target=target, identity=str(sshd.client_key))
+    assert_echo_through(tunnel_lab, runner, via_socks5)
+    assert "going on without a session" in runner.log()
+    assert "restarts=1" in runner.log()  # one ssh with a session, refused; the next without

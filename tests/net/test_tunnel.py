@@ -259,32 +259,58 @@ async def test_ssh_that_exits_is_restarted_with_capped_backoff(tmp_path, caplog)
     assert not any(exists(pid) for pid, _ in starts(tmp_path))  # every one reaped
 
 
-@pytest.mark.parametrize("mode", ["auto", "on"])
-async def test_a_session_whose_command_ends_is_given_up_in_auto_mode_only(tmp_path, caplog, mode):
-    """As sshd with an account whose shell is nologin: the session's command exits 1 at once, and so does ssh."""
-    body = f'if {SESSION_COMMAND!r} in sys.argv:\n    sys.exit(1)\nserve(60, "socks")\n'
-    tunnel = socks_tunnel(fake_ssh(tmp_path, body), session=mode)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(tunnel.run)
-        if mode == "auto":
-            assert await tunnel.wait_up(5)
-            assert "-N" in tunnel.argv and SESSION_COMMAND not in tunnel.argv
-        else:
-            await wait_for_starts(tmp_path, 3)
-            assert not tunnel.up and SESSION_COMMAND in tunnel.argv
-        nursery.cancel_scope.cancel()
-    given_up = [r.getMessage() for r in caplog.records if "going on without a session" in r.getMessage()]
-    assert len(given_up) == (1 if mode == "auto" else 0)
-    assert len(starts(tmp_path)) == 2 if mode == "auto" else len(starts(tmp_path)) >= 3
+def session_starts(tmp_path: Path) -> list[bool]:
+    """Whether each start of the fake ssh so far asked for a session (the fake writes it down)."""
+    path = tmp_path / "sessions"
+    return [line == "session" for line in path.read_text().splitlines()] if path.exists() else []
 
 
-async def test_an_ssh_failure_keeps_the_session(tmp_path):
-    tunnel = socks_tunnel(fake_ssh(tmp_path, "sys.exit(255)\n"), session="auto")  # the link, not the session
+def session_record(tmp_path: Path) -> str:
+    """The line of a fake ssh that writes down whether it was asked for a session."""
+    sessions = str(tmp_path / "sessions")
+    return f'open({sessions!r}, "a").write("session\\n" if {SESSION_COMMAND!r} in sys.argv else "none\\n")\n'
+
+
+def fake_sshd_refusing(tmp_path: Path, status: int) -> str:
+    """A fake ssh whose session ends at once with ``status`` (1: the account's shell is nologin; 255: sshd
+    refuses the session, as with MaxSessions 0), and that serves the forward without a session (-N)."""
+    refusing = f"if {SESSION_COMMAND!r} in sys.argv:\n    sys.exit({status})\n"
+    return fake_ssh(tmp_path, session_record(tmp_path) + refusing + 'serve(60, "socks")\n')
+
+
+def given_up(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "going on without a session" in record.getMessage()]
+
+
+@pytest.mark.parametrize("status", [1, 255], ids=["command-ended", "session-refused"])
+async def test_auto_gives_up_a_session_that_stands_in_the_way(tmp_path, caplog, status):
+    tunnel = socks_tunnel(fake_sshd_refusing(tmp_path, status), session="auto")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tunnel.run)
-        await wait_for_starts(tmp_path, 2)
+        assert await tunnel.wait_up(5)
         nursery.cancel_scope.cancel()
-    assert tunnel.with_session and SESSION_COMMAND in tunnel.argv
+    assert session_starts(tmp_path) == [True, False]  # then up without one, and it stays so
+    assert "-N" in tunnel.argv and SESSION_COMMAND not in tunnel.argv
+    assert len(given_up(caplog)) == 1
+
+
+async def test_on_keeps_the_session_whatever_happens(tmp_path, caplog):
+    tunnel = socks_tunnel(fake_sshd_refusing(tmp_path, 1), session="on")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tunnel.run)
+        await wait_for_starts(tmp_path, 3)
+        nursery.cancel_scope.cancel()
+    assert not tunnel.up and set(session_starts(tmp_path)) == {True} and not given_up(caplog)
+
+
+async def test_an_ssh_that_fails_with_and_without_a_session_keeps_trying_both(tmp_path, caplog):
+    """The link or the key, not the session: auto does not give the session up for a failure -N shares."""
+    tunnel = socks_tunnel(fake_ssh(tmp_path, session_record(tmp_path) + "sys.exit(255)\n"), session="auto")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tunnel.run)
+        await wait_for_starts(tmp_path, 5)
+        nursery.cancel_scope.cancel()
+    assert session_starts(tmp_path)[:5] == [True, False, True, False, True] and not given_up(caplog)
 
 
 async def test_up_goes_false_as_soon_as_ssh_exits(tmp_path):
