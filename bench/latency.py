@@ -20,7 +20,7 @@ Paths: relay and redsocks (the same upstream, intercepted by REDIRECT), and the 
 proxy itself as a reference ("direct": the proxy's own handshake from the client, no relay); the
 relay also once with --server-first-ports none (the sniff wait every server-first connection paid
 before), and with --early-data on through squid (the ClientHello sent with the CONNECT), also over its
-own --ssh to far's sshd across the line (one ssh process), with its session (the default) and without. With
+own --ssh to far's sshd across the line (one ssh process), without a session (the default) and with one. With
 --bulk, the https case is repeated while one 4 GB download crosses the same tunnel.
 Results: JSON in bench/results/, and a table on stdout.
 """
@@ -87,11 +87,11 @@ PATHS = [
     Path_("relay, ssh -L squid, early data", "relay", "http", SQUID_PORT, ["--early-data", "on"]),
     Path_("relay, ssh -L squid, --ssh, early data", "relay", "http", SQUID_PORT, ["--early-data", "on"], True),
     Path_(
-        "relay, ssh -L squid, --ssh --ssh-session off, early data",
+        "relay, ssh -L squid, --ssh --ssh-session on, early data",
         "relay",
         "http",
         SQUID_PORT,
-        ["--early-data", "on", "--ssh-session", "off"],
+        ["--early-data", "on", "--ssh-session", "on"],
         True,
     ),
     Path_("redsocks, ssh -L squid", "redsocks", "http", SQUID_PORT),
@@ -272,7 +272,7 @@ def summary(seconds: list[float]) -> dict:
 
 CASES = {
     "https-by-name": ["relay, ssh -L squid", "relay, ssh -L squid, early data", "redsocks, ssh -L squid"]
-    + ["relay, ssh -L squid, --ssh, early data", "relay, ssh -L squid, --ssh --ssh-session off, early data"]
+    + ["relay, ssh -L squid, --ssh, early data", "relay, ssh -L squid, --ssh --ssh-session on, early data"]
     + ["client to squid via ssh -L"]
     + ["relay, dante", "redsocks, dante", "client to dante", "relay, ssh -D"],
     "banner-by-addr": ["relay, ssh -L squid", "relay, ssh -L squid, sniff wait", "redsocks, ssh -L squid"]

@@ -35,6 +35,7 @@ from relay.rules_command import RULE_OPTIONS, add_rule_options, settings_for
 
 DEFAULT_CHECK_HOST = "cloudflare.com"  # a CDN's name: any proxy that works at all reaches it
 DEFAULT_CHECK_TARGET = f"{DEFAULT_CHECK_HOST}:443"
+SESSION_SETTLE = 2.0  # --ssh-session auto: how long a tunnel that came up with a session is watched before judging
 NON_TLS_PORT = 22  # what git over ssh needs, and stock squid refuses
 COMMAND_TIMEOUT = 20.0
 METRICS_TIMEOUT = 3.0
@@ -314,8 +315,12 @@ async def _network_checks(config: Config, target: tuple[str, int], name: str, sa
             tunnel.start_timeout = SSH_START_TIMEOUT
             started = trio.current_time()
             await nursery.start(tunnel.run)
+            if tunnel.session == "auto" and tunnel.with_session:
+                await tunnel.wait_down(SESSION_SETTLE)  # a refused session ends ssh just after its forward opened
+            if not tunnel.up and tunnel.doubting_session:  # the next ssh tries without a session: wait for it
+                await tunnel.wait_up(SSH_START_TIMEOUT)
             up = trio.current_time() - started if tunnel.up else None
-            say(checks.ssh_tunnel(tunnel.description, up, tunnel.last_failure))
+            say(checks.ssh_tunnel(tunnel.description, up, tunnel.last_failure, tunnel.session_given_up))
         target_text = f"{bracketed(target[0])}:{target[1]}"
         for upstream, tunnel in zip(config.upstreams, tunnels):
             if upstream.scheme == "direct":

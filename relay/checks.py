@@ -310,8 +310,17 @@ def non_tls_port(name: str, target: str, reason: str | None) -> Verdict:
     )
 
 
-def ssh_tunnel(description: str, up_seconds: float | None, failure: str | None) -> Verdict:
+def ssh_tunnel(description: str, up_seconds: float | None, failure: str | None, without_session=False) -> Verdict:
+    """``without_session``: --ssh-session auto gave the session up (the account or sshd allows none)."""
     what = "ssh tunnel"
+    if up_seconds is not None and without_session:
+        return Verdict(
+            WARN,
+            what,
+            f"{description} up in {up_seconds * 1000:.0f} ms, but without a session ({failure}), so sshd may hold "
+            "the far side's small writes for a round trip (Nagle): an account with a shell that allows a session "
+            "lets it send at once; --ssh-session off says this is meant",
+        )
     if up_seconds is not None:
         return Verdict(OK, what, f"{description} up in {up_seconds * 1000:.0f} ms")
     return Verdict(

@@ -822,14 +822,14 @@ SETTINGS = [
     Setting(
         "ssh-session",
         one_of("auto", "on", "off"),
-        "auto",
+        "off",
         False,
-        "auto|on|off",
+        "off|auto|on",
         "with --ssh, hold a session running sleep instead of none (-N): OpenSSH's sshd sets TCP_NODELAY only once "
         "a session opens, so without one the far side's small writes in a row wait a round trip for an ACK "
         "(Nagle's algorithm). It needs an account with a shell that allows sessions; auto: when the session's "
-        "command ends (no shell, a forced command), or ssh comes up only without one (MaxSessions 0), ssh runs "
-        "without one from then on (default: auto)",
+        "command ends (no shell, a forced command), or ssh with a session ends at once and without one does not "
+        "(MaxSessions 0), ssh runs without one from then on (default: off)",
     ),
     Setting("user", _text, None, False, "NAME", "after binding, run as this user, keeping only CAP_NET_ADMIN"),
     Setting(

@@ -171,6 +171,8 @@ def test_a_403_to_port_22_is_stock_squids_ssl_ports():
 
 def test_ssh_and_dns():
     assert checks.ssh_tunnel("-L x via far", 0.3, None).level == OK
+    without = checks.ssh_tunnel("-L x via far", 0.3, "ssh exited with status 255", without_session=True)
+    assert without.level == WARN and "without a session" in without.detail and "--ssh-session off" in without.detail
     failed = checks.ssh_tunnel("-L x via far", None, "ssh exited with status 255 (ssh said: Permission denied)")
     assert failed.level == FAIL and "Permission denied" in failed.detail
     assert checks.dns("127.0.0.1:53", "a.example", 0.01, "NOERROR", ["192.0.2.1"]).level == OK

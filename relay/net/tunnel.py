@@ -78,6 +78,9 @@ REQUIRED_OPTIONS = (
 SESSION_COMMAND = "exec sleep 2147483647"
 # ssh's own failures exit 255 (as does a command killed by a signal); any other status is the session's command's.
 SESSION_ENDED = frozenset(f"exit-{status}" for status in range(255))
+# auto: an ssh with a session that ends sooner than this after its start is doubted (MaxSessions 0 refuses the
+# session just after ssh opened its forward, so even "came up" does not tell).
+SESSION_TRIAL_SECONDS = 10.0
 
 # Host names, ssh_config aliases and IPv4 addresses; never something ssh would take for an option.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -375,7 +378,7 @@ class SshTunnel:
             kind, reason = await self._run_ssh_once(announce_started)
             announce_started()
             if self.session == "auto":
-                self._judge_session(kind, reason, came_up=self._up_since >= started_at)
+                self._judge_session(kind, reason, lived=trio.current_time() - started_at)
             if self._last_uptime >= self.backoff_max:
                 delays = backoff_delays(self.backoff_start, self.backoff_max)
             delay = next(delays)
@@ -386,21 +389,31 @@ class SshTunnel:
                 self.on_restart(kind)
             await trio.sleep(delay)
 
-    def _judge_session(self, kind: str, reason: str, came_up: bool) -> None:
+    @property
+    def doubting_session(self) -> bool:
+        """auto: an ssh with a session never came up; the next one tries without."""
+        return self._session_doubted is not None
+
+    @property
+    def session_given_up(self) -> bool:
+        """auto: ssh runs without a session from now on, as the session stood in the way."""
+        return self.session == "auto" and not self.with_session and not self.doubting_session
+
+    def _judge_session(self, kind: str, reason: str, lived: float) -> None:
         """--ssh-session auto, after each ssh: a session whose command ended (no shell, a forced command) is given
-        up; one with which ssh never opened its forward (sshd's MaxSessions 0 refuses the session, and ssh exits
-        255 as for any failure) is doubted: the next ssh runs without, and if that one comes up, the session is
-        given up, else the next tries it again."""
+        up; an ssh with a session that ended within SESSION_TRIAL_SECONDS (sshd's MaxSessions 0 refuses the
+        session, and ssh exits 255 as for any failure) is doubted: the next ssh runs without, and if that one
+        comes up, the session is given up, else the next tries it again."""
         if self._session_doubted is not None:  # without a session, ssh failed too: the session was not it
             self.with_session, self._session_doubted = True, None
         elif self.with_session and kind in SESSION_ENDED:
             self._give_up_session(f"the session's command ended ({reason})")
-        elif self.with_session and not came_up:
+        elif self.with_session and lived < SESSION_TRIAL_SECONDS:
             self.with_session, self._session_doubted = False, reason
 
     def _came_up(self) -> None:
         if self._session_doubted is not None:  # without the session it works
-            self._give_up_session(f"with a session, ssh did not open its forward ({self._session_doubted})")
+            self._give_up_session(f"with a session, ssh ended at once ({self._session_doubted})")
             self._session_doubted = None
 
     def _give_up_session(self, why: str) -> None:

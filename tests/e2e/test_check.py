@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from relay.lab import ADDR, start_squid
+from relay.lab import ADDR, start_squid, start_sshd
 from tests.e2e.conftest import DANTE_PASSWORD, DANTE_USER, RELAY_PORT, UPSTREAMS, ssh_args
 
 SQUID_PORT = 3140  # a squid of this module's own, on far, that a test may stop
@@ -200,6 +200,20 @@ def test_stock_squid_refusing_port_22_through_ssh(lab, unbound, squids):
     status, lines = check(lab, options(unbound, *broken, upstream=f"127.0.0.1:{STOCK_SQUID_PORT}"), "iptables")
     assert status == 1 and lines["ssh tunnel"][0] == "FAIL"
     assert "did not come up: ssh exited with status 255" in lines["ssh tunnel"][1]
+
+
+def test_an_sshd_allowing_no_session_is_a_warning(lab, unbound, squids):
+    """MaxSessions 0: the first ssh, asking for a session, is refused; the next, without one, comes up."""
+    sshd = start_sshd(lab, port=2223, name="check-sshd-no-sessions", settings=("MaxSessions 0",))
+    try:
+        ssh = [*ssh_args(lab), "--ssh-session", "auto"]
+        ssh[1], ssh[3] = f"root@{sshd.address}:{sshd.port}", str(sshd.client_key)
+        status, lines = check(lab, options(unbound, *ssh, upstream=f"127.0.0.1:{STOCK_SQUID_PORT}"), "iptables")
+    finally:
+        sshd.stop()
+    level, line = lines["ssh tunnel"]
+    assert level == "warn" and " up in " in line and "without a session" in line, line
+    assert levels(lines)[f"upstream http://127.0.0.1:{STOCK_SQUID_PORT}"] == "ok"
 
 
 def test_relay_not_running(lab, router, unbound, relays):
