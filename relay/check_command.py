@@ -315,9 +315,11 @@ async def _network_checks(config: Config, target: tuple[str, int], name: str, sa
             tunnel.start_timeout = SSH_START_TIMEOUT
             started = trio.current_time()
             await nursery.start(tunnel.run)
-            if tunnel.session == "auto" and tunnel.with_session:
-                await tunnel.wait_down(SESSION_SETTLE)  # a refused session ends ssh just after its forward opened
-            if not tunnel.up and tunnel.doubting_session:  # the next ssh tries without a session: wait for it
+            if tunnel.up and tunnel.session == "auto" and tunnel.with_session:
+                # A refused session ends ssh just after its forward opened; the next ssh goes without one.
+                if await tunnel.wait_down(SESSION_SETTLE):
+                    await tunnel.wait_up(SSH_START_TIMEOUT)
+            elif not tunnel.up and tunnel.doubting_session:  # the next ssh tries without a session: wait for it
                 await tunnel.wait_up(SSH_START_TIMEOUT)
             up = trio.current_time() - started if tunnel.up else None
             say(checks.ssh_tunnel(tunnel.description, up, tunnel.last_failure, tunnel.session_given_up))
