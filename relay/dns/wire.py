@@ -209,22 +209,13 @@ def peek_response(wire: bytes) -> ResponsePeek | None:
         id=id_,
         flags=flags,
         key=key,
-        question=qname_text(qname),
+        question=_plain_name_text(qname),  # plain: read as its lowered twin was
         qname=qname,
         records_end=offset if records_end is None else records_end,
         counts=(answers, authorities, additionals - (records_end is not None)),
         answer=tuple(sections[0]),
         authority=tuple(sections[1]),
     )
-
-
-def qname_text(qname: bytes) -> str:
-    """A plain name's wire bytes as text, with its trailing dot."""
-    labels, offset = [], 0
-    while qname[offset]:
-        labels.append(qname[offset + 1 : offset + 1 + qname[offset]])
-        offset += 1 + qname[offset]
-    return b".".join(labels).decode("ascii") + "."
 
 
 def _rdata(wire: bytes, offset: int, end: int, rdtype: int) -> object | None:
