@@ -14,8 +14,9 @@ server, curl on the client. Three ways from client to server:
 
 Each run moves ``--size-mib`` in all (split between the streams), downloads (GET) and uploads
 (PUT, with a Content-Length); each round runs every way once, in turn. Reported: throughput,
-the relay's CPU seconds per GB moved (its process tree) and the whole machine's (/proc/stat,
-softirq included), medians of the rounds, with the targets of issue 20: the relay's CPU per GB
+the relay's CPU seconds per GB moved (its process tree; of it, user time apart: the rest is the
+kernel's work in its context, splice and the TCP of what it sends) and the whole machine's
+(/proc/stat, softirq included), medians of the rounds, with the targets of issue 20: the relay's CPU per GB
 at most 1.2x the tunnel's, throughput at least 0.95x squid's.
 """
 
@@ -68,7 +69,7 @@ def curl_all(bed: Testbed, way: str, streams: int, size: int, upload: Path | Non
 def one_run(bed: Testbed, way: str, case: Case, streams: int, total: int, direction: str, files: dict) -> dict:
     size = total // streams
     bed.use(case)
-    relay_cpu = case.relay.cpu_seconds() if case.relay else 0.0
+    relay_cpu = case.relay.user_and_kernel_seconds() if case.relay else (0.0, 0.0)
     busy, started = machine_busy_seconds(), time.monotonic()
     curl_all(bed, way, streams, size, files.get(size) if direction == "up" else None)
     seconds = time.monotonic() - started
@@ -78,7 +79,9 @@ def one_run(bed: Testbed, way: str, case: Case, streams: int, total: int, direct
         "machine_cpu_s_per_gb": round((machine_busy_seconds() - busy) / gigabytes, 3),
     }
     if case.relay:
-        run["relay_cpu_s_per_gb"] = round((case.relay.cpu_seconds() - relay_cpu) / gigabytes, 3)
+        user, kernel = (after - before for after, before in zip(case.relay.user_and_kernel_seconds(), relay_cpu))
+        run["relay_cpu_s_per_gb"] = round((user + kernel) / gigabytes, 3)
+        run["relay_user_s_per_gb"] = round(user / gigabytes, 3)
     return run
 
 
@@ -132,20 +135,23 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def print_table(results: dict, tests: list) -> None:
-    print("\n| test | way | Mbit/s (median) | relay CPU s/GB | machine CPU s/GB | targets |")
+    print("\n| test | way | Mbit/s (median) | relay CPU s/GB (of it user) | machine CPU s/GB | targets |")
     print("|---|---|---|---|---|---|")
     for streams, direction in tests:
         runs = {way: results["runs"][f"{streams}x {direction} {way}"] for way in WAYS}
         for way in WAYS:
             rate = median_of(runs[way], "mbit_s")
-            relay_cpu = median_of(runs[way], "relay_cpu_s_per_gb") if way != "squid" else None
+            relay_cpu = "-"
+            if way != "squid":
+                user = median_of(runs[way], "relay_user_s_per_gb")
+                relay_cpu = f"{median_of(runs[way], 'relay_cpu_s_per_gb')} ({user})"
             note = ""
             if way == "relay":
                 throughput = rate / median_of(runs["squid"], "mbit_s")
-                cpu = relay_cpu / median_of(runs["tunnel"], "relay_cpu_s_per_gb")
+                cpu = median_of(runs[way], "relay_cpu_s_per_gb") / median_of(runs["tunnel"], "relay_cpu_s_per_gb")
                 note = f"{throughput:.2f}x squid's throughput (≥ 0.95), {cpu:.2f}x the tunnel's CPU (≤ 1.2)"
             print(
-                f"| {streams}x {direction} | {way} | {rate} | {'-' if relay_cpu is None else relay_cpu} | "
+                f"| {streams}x {direction} | {way} | {rate} | {relay_cpu} | "
                 f"{median_of(runs[way], 'machine_cpu_s_per_gb')} | {note} |"
             )
 

@@ -170,14 +170,22 @@ def machine_busy_seconds() -> float:
 
 def cpu_seconds(pids: list[int]) -> float:
     """user + sys of ``pids`` so far."""
-    ticks = 0
+    return sum(user_and_kernel_seconds(pids))
+
+
+def user_and_kernel_seconds(pids: list[int]) -> tuple[float, float]:
+    """user and sys of ``pids`` so far, apart: sys holds the kernel's work done in their context
+    (splice, and the TCP of the packets they send, softirq included)."""
+    user = kernel = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])
+        kernel += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, kernel / tick
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -270,6 +278,9 @@ class RelayUnderTest:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pids())
+
+    def user_and_kernel_seconds(self) -> tuple[float, float]:
+        return user_and_kernel_seconds(self.pids())
 
     def rss_kib(self) -> int:
         return rss_kib(self.pids())
