@@ -10,16 +10,20 @@
  *   benchtool short HOST PORT COUNT CONCURRENCY TIMEOUT_S [PROXY_KIND PROXY_HOST PROXY_PORT]
  *   benchtool hold HOST PORT COUNT LIFETIME_S
  *   benchtool bulk HOST PORT SECONDS STREAMS up|down [PROXY_KIND PROXY_HOST PROXY_PORT]
+ *   benchtool dns HOST PORT ZONE NAMES|miss SECONDS CONCURRENCY COUNT TIMEOUT_S SOURCES|- EXPECT|-
  *
  * PROXY_KIND is "http" (CONNECT) or "socks5" (no auth): the client then opens
  * its tunnel to HOST:PORT itself. Clients print one JSON object on stdout.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <stdint.h>
+#include <sys/resource.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -549,6 +553,317 @@ static void bulk(int argc, char **argv)
            error ? "\"" : "");
 }
 
+/* -- DNS queries over UDP ------------------------------------------------------- */
+
+/* CONCURRENCY workers, each with one query of type A in flight at a time (a closed loop), for SECONDS or
+ * until COUNT were sent (0: no limit); then the last answers are waited for, TIMEOUT_S at most each. NAMES
+ * names h0.ZONE .. h(NAMES-1).ZONE are asked over and over (cache hits once each was asked); "miss" asks a
+ * name never asked before every time (mNUMBER-TOKEN.ZONE). Worker i sends from SOURCES[i::CONCURRENCY]
+ * (comma-separated addresses, one socket each) in turn. An answer counts when its ID, question and RCODE
+ * (NOERROR) match and it has an answer record; one in DNS_SAMPLE_EVERY must also hold the A record EXPECT.
+ * Prints one JSON object: queries, answered, timeouts, bad answers by reason, qps, p50/p99/max latency in ms,
+ * its own CPU seconds (load_cpu_s) and the whole machine's share of busy CPU time (machine_busy, /proc/stat),
+ * both over the timed part alone. */
+
+#define DNS_MAX_QUERY 300
+#define DNS_RECEIVE_SIZE 4096
+#define DNS_SAMPLE_EVERY 64
+#define DNS_MAX_SOURCES 256
+#define DNS_BAD_KINDS 24
+
+struct dns_worker {
+    int first_socket, sockets, turn;
+    int waiting; /* a query is out, not yet answered nor given up */
+    double started;
+    unsigned char query[DNS_MAX_QUERY];
+    int query_size;
+};
+
+struct dns_run {
+    const char *zone;
+    int names; /* 0: misses */
+    char token[9];
+    unsigned char **pool; /* the hit names' queries, ID 0 */
+    int *pool_size;
+    long long sent, answered, timeouts, count;
+    double deadline, timeout, last_answer;
+    double *latencies;
+    long long latency_room;
+    unsigned char expect[4];
+    int has_expect;
+    const char *bad_reason[DNS_BAD_KINDS];
+    long long bad_count[DNS_BAD_KINDS];
+    int *socket_fd, *socket_worker;
+    struct dns_worker *workers;
+    uint32_t random_state;
+};
+
+static uint32_t dns_random(struct dns_run *run)
+{
+    uint32_t x = run->random_state; /* xorshift32: IDs need no more */
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return run->random_state = x;
+}
+
+/* The query for NAME (dotted, ending with a dot), type A, class IN, RD set, no EDNS, ID 0; its size. */
+static int dns_query(const char *name, unsigned char *out)
+{
+    static const unsigned char header[12] = {0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0};
+    int size = 12;
+    memcpy(out, header, sizeof header);
+    while (*name && *name != '.') {
+        const char *dot = strchr(name, '.');
+        int length = dot ? (int)(dot - name) : (int)strlen(name);
+        if (length > 63 || size + 1 + length + 5 > DNS_MAX_QUERY) {
+            fprintf(stderr, "name too long: %s\n", name);
+            exit(2);
+        }
+        out[size++] = (unsigned char)length;
+        memcpy(out + size, name, length);
+        size += length;
+        name += length + (dot ? 1 : 0);
+    }
+    out[size++] = 0;
+    out[size++] = 0, out[size++] = 1; /* A */
+    out[size++] = 0, out[size++] = 1; /* IN */
+    return size;
+}
+
+static void dns_bad(struct dns_run *run, const char *reason)
+{
+    int i;
+    for (i = 0; i < DNS_BAD_KINDS && run->bad_reason[i]; i++)
+        if (!strcmp(run->bad_reason[i], reason)) break;
+    if (i == DNS_BAD_KINDS) i--; /* more kinds than room: the last one counts the rest */
+    run->bad_reason[i] = run->bad_reason[i] ? run->bad_reason[i] : reason;
+    run->bad_count[i]++;
+}
+
+/* The offset past the name at ``at`` in ``reply`` (labels, or a compression pointer), or -1. */
+static int dns_skip_name(const unsigned char *reply, int size, int at)
+{
+    while (at < size) {
+        if (reply[at] == 0) return at + 1;
+        if ((reply[at] & 0xC0) == 0xC0) return at + 2 <= size ? at + 2 : -1;
+        if (reply[at] & 0xC0) return -1;
+        at += 1 + reply[at];
+    }
+    return -1;
+}
+
+static int dns_holds_expected(const struct dns_run *run, const unsigned char *reply, int size, int at)
+{
+    int records = reply[6] << 8 | reply[7];
+    for (int i = 0; i < records; i++) {
+        at = dns_skip_name(reply, size, at);
+        if (at < 0 || at + 10 > size) return 0;
+        int type = reply[at] << 8 | reply[at + 1], length = reply[at + 8] << 8 | reply[at + 9];
+        at += 10;
+        if (at + length > size) return 0;
+        if (type == 1 && length == 4 && !memcmp(reply + at, run->expect, 4)) return 1;
+        at += length;
+    }
+    return 0;
+}
+
+/* Why ``reply`` is not a good answer to ``query`` (same ID already), or NULL. */
+static const char *dns_check(struct dns_run *run, const struct dns_worker *worker, const unsigned char *reply,
+                             int size)
+{
+    static const char *rcodes[16] = {"rcode-0", "rcode-1", "rcode-2", "rcode-3", "rcode-4", "rcode-5",
+                                     "rcode-6", "rcode-7", "rcode-8", "rcode-9", "rcode-10", "rcode-11",
+                                     "rcode-12", "rcode-13", "rcode-14", "rcode-15"};
+    if (size < worker->query_size || !(reply[2] & 0x80)) return "not-a-response";
+    if (reply[2] & 0x02) return "truncated";
+    if (reply[3] & 0x0F) return rcodes[reply[3] & 0x0F];
+    for (int i = 12; i < worker->query_size; i++) /* no EDNS: the query is header + question */
+        if (tolower(reply[i]) != tolower(worker->query[i])) return "other-question";
+    if (!reply[6] && !reply[7]) return "no-answer";
+    if (run->has_expect && run->answered % DNS_SAMPLE_EVERY == 0 &&
+        !dns_holds_expected(run, reply, size, worker->query_size))
+        return "wrong-address";
+    return NULL;
+}
+
+/* Send a worker's next query, unless the run is over. */
+static void dns_send_next(struct dns_run *run, int number)
+{
+    struct dns_worker *worker = &run->workers[number];
+    char name[DNS_MAX_QUERY];
+    worker->waiting = 0;
+    if (now() >= run->deadline || (run->count && run->sent >= run->count)) return;
+    if (run->names) {
+        int which = (int)(run->sent % run->names);
+        worker->query_size = run->pool_size[which];
+        memcpy(worker->query, run->pool[which], worker->query_size);
+    } else {
+        snprintf(name, sizeof name, "m%lld-%s.%s", run->sent, run->token, run->zone);
+        worker->query_size = dns_query(name, worker->query);
+    }
+    run->sent++;
+    uint32_t id = dns_random(run);
+    worker->query[0] = id >> 8 & 0xFF, worker->query[1] = id & 0xFF;
+    int fd = run->socket_fd[worker->first_socket + worker->turn++ % worker->sockets];
+    worker->waiting = 1;
+    worker->started = now();
+    if (send(fd, worker->query, worker->query_size, 0) < 0) { /* counts as lost at its timeout */ }
+}
+
+static void dns_answered(struct dns_run *run, int number, const unsigned char *reply, int size)
+{
+    struct dns_worker *worker = &run->workers[number];
+    if (!worker->waiting || size < 2 || reply[0] != worker->query[0] || reply[1] != worker->query[1])
+        return; /* late, for a query given up on */
+    const char *why = dns_check(run, worker, reply, size);
+    if (why) {
+        dns_bad(run, why);
+    } else {
+        double t = now();
+        if (run->answered == run->latency_room) {
+            run->latency_room = run->latency_room ? run->latency_room * 2 : 1 << 16;
+            run->latencies = realloc(run->latencies, run->latency_room * sizeof *run->latencies);
+            if (!run->latencies) die("realloc");
+        }
+        run->latencies[run->answered++] = t - worker->started;
+        run->last_answer = t;
+    }
+    dns_send_next(run, number);
+}
+
+static void machine_ticks(long long *busy, long long *total)
+{
+    long long fields[8] = {0};
+    FILE *stat = fopen("/proc/stat", "r");
+    if (!stat || fscanf(stat, "cpu %lld %lld %lld %lld %lld %lld %lld %lld", &fields[0], &fields[1], &fields[2],
+                        &fields[3], &fields[4], &fields[5], &fields[6], &fields[7]) != 8)
+        die("/proc/stat");
+    fclose(stat);
+    *total = 0;
+    for (int i = 0; i < 8; i++) *total += fields[i];
+    *busy = *total - fields[3] - fields[4]; /* idle, iowait */
+}
+
+static double own_cpu(void)
+{
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    return usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 + usage.ru_stime.tv_sec +
+           usage.ru_stime.tv_usec / 1e6;
+}
+
+static double dns_percentile(const struct dns_run *run, double share)
+{
+    long long at = (long long)(share * run->answered);
+    return run->latencies[at < run->answered ? at : run->answered - 1] * 1e3;
+}
+
+static void dns_load(char **argv)
+{
+    struct sockaddr_in server = ipv4(argv[2], argv[3]);
+    struct dns_run run = {.zone = argv[4], .names = strcmp(argv[5], "miss") ? atoi(argv[5]) : 0,
+                          .count = atoll(argv[8]), .timeout = atof(argv[9])};
+    int concurrency = atoi(argv[7]);
+    char *sources[DNS_MAX_SOURCES], *list = strcmp(argv[10], "-") ? strdup(argv[10]) : NULL;
+    int source_count = 0;
+    if (concurrency < 1 || (strcmp(argv[5], "miss") && run.names < 1) || run.zone[strlen(run.zone) - 1] != '.') {
+        fprintf(stderr, "dns: CONCURRENCY and NAMES must be at least 1, ZONE must end with a dot\n");
+        exit(2);
+    }
+    for (char *next = list ? strtok(list, ",") : NULL; next; next = strtok(NULL, ","))
+        if (source_count < DNS_MAX_SOURCES) sources[source_count++] = next;
+    if (strcmp(argv[11], "-")) {
+        if (inet_pton(AF_INET, argv[11], run.expect) != 1) {
+            fprintf(stderr, "not an IPv4 address: %s\n", argv[11]);
+            exit(2);
+        }
+        run.has_expect = 1;
+    }
+    run.random_state = (uint32_t)getpid() * 2654435761u ^ (uint32_t)(now() * 1e6);
+    if (!run.random_state) run.random_state = 1;
+    snprintf(run.token, sizeof run.token, "%08x", dns_random(&run));
+    if (run.names) {
+        run.pool = calloc(run.names, sizeof *run.pool);
+        run.pool_size = calloc(run.names, sizeof *run.pool_size);
+        for (int i = 0; i < run.names; i++) {
+            char name[DNS_MAX_QUERY];
+            snprintf(name, sizeof name, "h%d.%s", i, run.zone);
+            run.pool[i] = malloc(DNS_MAX_QUERY);
+            run.pool_size[i] = dns_query(name, run.pool[i]);
+        }
+    }
+    /* Worker i's sources: sources[i::concurrency], or one of them if that is none. */
+    int sockets = 0;
+    run.workers = calloc(concurrency, sizeof *run.workers);
+    for (int i = 0; i < concurrency; i++) {
+        run.workers[i].first_socket = sockets;
+        run.workers[i].sockets = source_count > i ? (source_count - i + concurrency - 1) / concurrency : 1;
+        sockets += run.workers[i].sockets;
+    }
+    run.socket_fd = calloc(sockets, sizeof *run.socket_fd);
+    run.socket_worker = calloc(sockets, sizeof *run.socket_worker);
+    int epoll_fd = epoll_create1(0);
+    for (int i = 0; i < concurrency; i++) {
+        for (int k = 0; k < run.workers[i].sockets; k++) {
+            int index = run.workers[i].first_socket + k;
+            int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+            if (fd < 0) die("socket");
+            if (source_count) {
+                const char *source = source_count > i ? sources[i + k * concurrency] : sources[i % source_count];
+                struct sockaddr_in local = ipv4(source, "0");
+                if (bind(fd, (struct sockaddr *)&local, sizeof local) < 0) die("bind");
+            }
+            if (connect(fd, (struct sockaddr *)&server, sizeof server) < 0) die("connect");
+            run.socket_fd[index] = fd;
+            run.socket_worker[index] = i;
+            epoll_add(epoll_fd, fd, EPOLLIN, (uint64_t)index);
+        }
+    }
+    long long busy_before, total_before, busy_after, total_after;
+    double cpu_before = own_cpu(), start = now();
+    machine_ticks(&busy_before, &total_before);
+    run.deadline = start + atof(argv[6]);
+    for (int i = 0; i < concurrency; i++) dns_send_next(&run, i);
+    struct epoll_event events[MAX_EVENTS];
+    unsigned char reply[DNS_RECEIVE_SIZE];
+    for (;;) {
+        int waiting = 0;
+        double t = now();
+        for (int i = 0; i < concurrency; i++) {
+            if (run.workers[i].waiting && t - run.workers[i].started > run.timeout) {
+                run.timeouts++;
+                dns_send_next(&run, i);
+            }
+            waiting += run.workers[i].waiting;
+        }
+        if (!waiting) break;
+        int ready = epoll_wait(epoll_fd, events, MAX_EVENTS, 10);
+        for (int i = 0; i < ready; i++) {
+            int index = (int)events[i].data.u64;
+            ssize_t n;
+            while ((n = recv(run.socket_fd[index], reply, sizeof reply, 0)) >= 0)
+                dns_answered(&run, run.socket_worker[index], reply, (int)n);
+        }
+    }
+    double cpu = own_cpu() - cpu_before;
+    machine_ticks(&busy_after, &total_after);
+    double seconds = (run.last_answer > start ? run.last_answer : start + 1e-9) - start;
+    qsort(run.latencies, run.answered, sizeof *run.latencies, compare_doubles);
+    printf("{\"queries\": %lld, \"answered\": %lld, \"timeouts\": %lld, \"bad\": {", run.sent, run.answered,
+           run.timeouts);
+    for (int i = 0; i < DNS_BAD_KINDS && run.bad_reason[i]; i++)
+        printf("%s\"%s\": %lld", i ? ", " : "", run.bad_reason[i], run.bad_count[i]);
+    printf("}, \"seconds\": %.6f, \"qps\": %.1f, ", seconds, run.answered / seconds);
+    if (run.answered)
+        printf("\"p50_ms\": %.4f, \"p99_ms\": %.4f, \"max_ms\": %.4f, ", dns_percentile(&run, 0.50),
+               dns_percentile(&run, 0.99), run.latencies[run.answered - 1] * 1e3);
+    else
+        printf("\"p50_ms\": null, \"p99_ms\": null, \"max_ms\": null, ");
+    printf("\"load_cpu_s\": %.4f, \"machine_busy\": %.4f}\n", cpu,
+           (double)(busy_after - busy_before) / (total_after > total_before ? total_after - total_before : 1));
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "";
@@ -560,6 +875,7 @@ int main(int argc, char **argv)
     else if (!strcmp(mode, "short") && (argc == 7 || argc == 10)) short_connections(argc, argv);
     else if (!strcmp(mode, "hold") && argc == 6) hold(argv);
     else if (!strcmp(mode, "bulk") && (argc == 7 || argc == 10)) bulk(argc, argv);
+    else if (!strcmp(mode, "dns") && argc == 12) dns_load(argv);
     else {
         fprintf(stderr, "usage: see the comment at the top of benchtool.c\n");
         return 2;

@@ -13,8 +13,9 @@ name under bench.example. with one A record. The SSH connection and the proxy co
 TCP delay line on the router (relay/lab/delayline.py: --rtt-ms, half each way; this kernel has no
 netem), so a miss costs that round trip plus unbound's own time, for relay and sshuttle alike.
 
-Cases, each run by bench/dnsload.py (dnspython, UDP, --concurrency queries in flight, for
---seconds) in the client namespace, from --sources addresses in turn:
+Cases, each run by bench/benchtool.c's dns client (C, so that the load is not the limit: UDP,
+--concurrency queries in flight, for --seconds) in the client namespace, from --sources addresses
+in turn:
   hit   relay, dnsmasq: 200 names, each asked once just before the run (not measured), then
         over and over
   miss  relay, relay-tcp, sshuttle: a name never asked before every time; relay's metrics
@@ -50,13 +51,13 @@ HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path.append(sys.path.pop(0))
 
-from testbed import BenchError, cannot_run, cpu_seconds, first_line, process_tree  # noqa: E402
+from testbed import BenchError, cannot_run, compile_benchtool, cpu_seconds, first_line, process_tree  # noqa: E402
 
 from relay.lab import ADDR, Lab, start_dante, start_delay_line, start_sshd, start_unbound  # noqa: E402
 from relay.lab.services import RelayProcess  # noqa: E402
 
 RESULTS = HERE / "results"
-NEEDED_COMMANDS = ("sshuttle", "dnsmasq", "unbound", "danted", "sshd", "ssh", "iptables")
+NEEDED_COMMANDS = ("sshuttle", "dnsmasq", "unbound", "danted", "sshd", "ssh", "iptables", "gcc")
 ZONE = "bench.example."
 ANSWER = ADDR.server4  # what unbound answers for every name in ZONE
 TTL = 3600  # longer than any run: a primed name stays a hit
@@ -153,6 +154,7 @@ class DnsBench:
 
     def build(self) -> None:
         lab = self.lab
+        self.tool = compile_benchtool(lab.tmpdir)
         # sshuttle's server (run by sshd on far) asks far's resolv.conf's resolver; sshuttle --dns on the
         # router intercepts queries to the router's resolv.conf's: both set before those start.
         lab.set_resolver("far", ADDR.far_server_side4)
@@ -173,7 +175,7 @@ class DnsBench:
         self.start_dnsmasq()
         self.start_sshuttle()
         for contender in self.contenders.values():
-            result = self.load(contender, ["--hit-names", "1", "--count", "1", "--concurrency", "1", "--timeout", "5"])
+            result = self.load(contender, names=1, count=1, timeout=5)
             if result["answered"] != 1:
                 raise BenchError(f"{contender.name} does not answer: {result}")
 
@@ -279,22 +281,35 @@ class DnsBench:
 
     # -- measuring --------------------------------------------------------------------------
 
-    def load(self, contender: Contender, options: list[str], timeout: float = 60) -> dict:
+    def load(
+        self,
+        contender: Contender,
+        *,
+        names: int | None,
+        count: int = 0,
+        seconds: float = 60,
+        concurrency: int = 1,
+        sources: list[str] = (),
+        timeout: float = 2.0,
+    ) -> dict:
+        """benchtool's dns client against ``contender``: ``names`` hit names asked over and over, or with
+        None a new name every time; until ``count`` queries were sent (0: no limit) or ``seconds`` passed."""
         argv = [
-            sys.executable,
-            "-P",  # not bench/ first on sys.path: its dns.py would hide dnspython
-            str(HERE / "dnsload.py"),
-            "--server",
-            f"{contender.server[0]}:{contender.server[1]}",
-            "--zone",
+            self.tool,
+            "dns",
+            *map(str, contender.server),
             ZONE,
-            "--expect",
+            "miss" if names is None else str(names),
+            str(seconds),
+            str(concurrency),
+            str(count),
+            str(timeout),
+            ",".join(sources) or "-",
             ANSWER,
-            *options,
         ]
-        result = self.lab.run("client", argv, check=False, timeout=timeout + self.args.seconds)
+        result = self.lab.run("client", argv, check=False, timeout=seconds + timeout + 30)
         if result.returncode != 0:
-            raise BenchError(f"dnsload against {contender.name} failed: {result.stderr.strip()[-500:]}")
+            raise BenchError(f"the dns load against {contender.name} failed: {result.stderr.strip()[-500:]}")
         return json.loads(result.stdout)
 
     def relay_queries(self, name: str) -> dict[str, float]:
@@ -304,21 +319,22 @@ class DnsBench:
         return {outcome: float(value) for outcome, value in found}
 
     def run(self, case: str, contender: Contender) -> dict:
-        common = ["--seconds", str(self.args.seconds), "--concurrency", str(self.args.concurrency)]
-        common += ["--sources", ",".join(self.sources)]
+        names = None
         if case == "hit":
-            primed = self.load(
-                contender, ["--hit-names", str(self.args.hit_names), "--count", str(self.args.hit_names)]
-            )
-            if primed["answered"] != self.args.hit_names:
+            names = self.args.hit_names
+            primed = self.load(contender, names=names, count=names, concurrency=self.args.concurrency)
+            if primed["answered"] != names:
                 raise BenchError(f"priming {contender.name}: {primed}")
-            names = ["--hit-names", str(self.args.hit_names)]
-        else:
-            names = ["--miss"]
         relay_before = self.relay_queries(contender.name) if contender.name.startswith("relay") else None
         cpu_before, far_before = cpu_seconds(contender.pids()), cpu_seconds(contender.far())
         delay_before = cpu_seconds(self.delay_pids())
-        run = self.load(contender, [*names, *common])
+        run = self.load(
+            contender,
+            names=names,
+            seconds=self.args.seconds,
+            concurrency=self.args.concurrency,
+            sources=self.sources,
+        )
         answered = run["answered"] or 1
         run["cpu_s"] = cpu_seconds(contender.pids()) - cpu_before
         run["cpu_ms_per_1000"] = run["cpu_s"] * 1e6 / answered
@@ -471,12 +487,12 @@ def make_notes(summary: dict, runs: dict, args: argparse.Namespace, checks: dict
                 )
     load = [figures.get("load_cpu_ms_per_1000") for by_name in summary.values() for figures in by_name.values()]
     if present := [value for value in load if value]:
-        notes.append(f"the load generator (Python) costs {min(present):.0f}-{max(present):.0f} CPU ms/1000 q itself")
+        notes.append(f"the load generator (C) costs {min(present):.0f}-{max(present):.0f} CPU ms/1000 q itself")
     busy = [figures.get("machine_busy") or 0 for figures in summary.get("hit", {}).values()]
     if busy and max(busy) > 0.9:
         notes.append(
-            f"hits: the machine was {max(busy) * 100:.0f}% busy: the load generator, the contender and "
-            "the lab share the cores, so the hit figures are partly the generator's limit"
+            f"hits: the machine was {max(busy) * 100:.0f}% busy: the contender, the load generator and the lab "
+            f"share its {cpus} cores"
         )
     for name, by_run in ((name, runs.get("miss", {}).get(name, [])) for name in ("relay", "relay-tcp")):
         upstream = sum(run.get("relay_outcomes", {}).get("upstream", 0) for run in by_run)

@@ -168,6 +168,19 @@ def machine_busy_seconds() -> float:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def compile_benchtool(directory: Path) -> str:
+    """benchtool.c built into ``directory``: the path of the binary."""
+    binary = directory / "benchtool"
+    subprocess.run(
+        ["gcc", "-O2", "-pthread", "-o", str(binary), str(Path(__file__).with_name("benchtool.c"))],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return str(binary)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """user + sys of ``pids`` so far."""
     return sum(user_and_kernel_seconds(pids))
@@ -292,7 +305,7 @@ class Testbed:
     def __init__(self, lab: Lab, upstreams: list[str], squid_lines: tuple[str, ...] = ()) -> None:
         self.lab = lab
         self.squid_lines = squid_lines  # more squid.conf lines, e.g. tuning
-        self.tool = self._compile_tool()
+        self.tool = compile_benchtool(lab.tmpdir)
         self._intercepting: int | None = None
         self._probed: set[str] = set()
         self._route_everything()
@@ -301,17 +314,6 @@ class Testbed:
             self._start_upstream(upstream)
 
     # -- building -------------------------------------------------------------------
-
-    def _compile_tool(self) -> str:
-        binary = self.lab.tmpdir / "benchtool"
-        subprocess.run(
-            ["gcc", "-O2", "-pthread", "-o", str(binary), str(Path(__file__).with_name("benchtool.c"))],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        return str(binary)
 
     def _route_everything(self) -> None:
         # The proxies on the router reach the server themselves, and the routed
