@@ -199,6 +199,7 @@ cdef extern from "<sys/socket.h>" nogil:
         msghdr msg_hdr
         unsigned int msg_len
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
+    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t sendto(int fd, const void *buf, size_t length, int flags, const sockaddr *dest, socklen_t addrlen)
 
@@ -263,3 +264,40 @@ cdef struct Handoff:
     Addr destination
     Py_ssize_t size
     char *data
+
+
+# -- DNS answers from the cache ------------------------------------------------------------------
+
+# One cached answer the DnsHits table can give: a reply template for one question, with or without EDNS.
+cdef struct HitEntry:
+    bint in_use
+    unsigned int generation  # bumped whenever the slot is emptied or refilled
+    int next  # the next in its hash chain, or in the free list
+    unsigned char qname[255]  # the question's name in wire form, lower-cased
+    int qname_size
+    unsigned short qtype
+    unsigned short qclass
+    bint edns
+    PyObject *wire  # the template (bytes)
+    unsigned short flags  # the template's header flags
+    int ttl_count
+    int *ttl_offsets
+    unsigned int *ttls
+    double stored_at
+    double lifetime
+    PyObject *token  # what Python is told the entry by
+
+
+# A client told an entry lately: told() again only after RETELL_AFTER.
+cdef struct Told:
+    unsigned int client  # its IPv4 address
+    int entry
+    unsigned int generation
+    double at
+
+
+# One network of --dns-allow.
+cdef struct Network:
+    int family
+    unsigned char ip[16]
+    int prefix

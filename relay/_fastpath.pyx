@@ -1372,3 +1372,399 @@ cdef class UdpEngine:
         free(st.buffer)
         free(st)
         self.st = NULL
+
+
+# -- DNS: cache hits answered without Python -------------------------------------------------------
+
+DEF HIT_BATCH = 64  # datagrams one answer() reads at most (one recvmmsg)
+DEF HIT_RECEIVE_SIZE = 4096  # as relay.dns.service reads a query: more is not a query
+DEF HIT_MAX_REPLY = 4096  # a reply sent from here fits the client's UDP limit, which is at most this
+DEF TOLD_SLOTS = 4096  # a power of two
+DEF DNS_HEADER = 12
+DEF COPIED_FLAGS = 0x0110  # RD and CD: the client's, in the reply
+DEF OPT_TYPE = 41
+DEF COOKIE = 10
+cdef double RETELL_AFTER = 1.0  # a client told an entry is told it again after this long at the soonest
+
+
+cdef struct QueryPeek:
+    unsigned short id
+    unsigned short flags
+    unsigned short qtype
+    unsigned short qclass
+    int qname_size
+    unsigned char lowered[255]
+    bint edns
+    int udp_limit
+
+
+cdef inline bint plain_octet(unsigned char c) noexcept nogil:
+    return (97 <= c <= 122) or (65 <= c <= 90) or (48 <= c <= 57) or c == 45 or c == 95  # a-z A-Z 0-9 - _
+
+
+cdef bint peek_dns_query(const unsigned char *w, Py_ssize_t size, QueryPeek *q) noexcept nogil:
+    """relay.dns.wire.peek_query in C: the same shapes taken, the same read of them; False for any other."""
+    cdef Py_ssize_t at = DNS_HEADER
+    cdef int length, labels = 0, additionals, option_size, i
+    cdef unsigned int payload
+    if size < DNS_HEADER + 5:
+        return False
+    q.flags = w[2] << 8 | w[3]
+    additionals = w[10] << 8 | w[11]
+    if q.flags & 0xF800 or (w[4] << 8 | w[5]) != 1 or w[6] or w[7] or w[8] or w[9] or additionals > 1:
+        return False
+    while True:
+        if at >= size:
+            return False
+        length = w[at]
+        if length == 0:
+            break
+        if length > 63 or at + 1 + length > size:
+            return False
+        for i in range(length):
+            if not plain_octet(w[at + 1 + i]):
+                return False
+        at += 1 + length
+        labels += 1
+    q.qname_size = <int>(at + 1 - DNS_HEADER)
+    if labels == 0 or q.qname_size > 255 or at + 5 > size:
+        return False
+    q.qtype = w[at + 1] << 8 | w[at + 2]
+    q.qclass = w[at + 3] << 8 | w[at + 4]
+    at += 5
+    if not additionals:
+        if at != size:
+            return False
+        q.edns, q.udp_limit = False, 512
+    else:
+        if at + 11 > size:
+            return False
+        payload = w[at + 3] << 8 | w[at + 4]
+        if w[at] or (w[at + 1] << 8 | w[at + 2]) != OPT_TYPE or w[at + 6] or at + 11 + (w[at + 9] << 8 | w[at + 10]) != size:
+            return False
+        at += 11
+        while at < size:
+            if at + 4 > size:
+                return False
+            option_size = w[at + 2] << 8 | w[at + 3]
+            if (w[at] << 8 | w[at + 1]) != COOKIE or not (option_size == 8 or 16 <= option_size <= 40):
+                return False
+            at += 4 + option_size
+        if at != size:
+            return False
+        q.edns, q.udp_limit = True, min(max(payload, 512), 4096)
+    q.id = w[0] << 8 | w[1]
+    for i in range(q.qname_size):
+        q.lowered[i] = w[DNS_HEADER + i] + 32 if 65 <= w[DNS_HEADER + i] <= 90 else w[DNS_HEADER + i]
+    return True
+
+
+cdef inline unsigned int hit_hash(const unsigned char *qname, int size, unsigned short qtype, unsigned short qclass,
+                                  bint edns) noexcept nogil:
+    """FNV-1a over the question and whether the client has EDNS."""
+    cdef unsigned int h = 2166136261u
+    cdef int i
+    for i in range(size):
+        h = (h ^ qname[i]) * 16777619u
+    h = (h ^ (qtype & 0xFF)) * 16777619u
+    h = (h ^ (qtype >> 8)) * 16777619u
+    h = (h ^ (qclass & 0xFF)) * 16777619u
+    h = (h ^ (qclass >> 8)) * 16777619u
+    return (h ^ edns) * 16777619u
+
+
+cdef inline void datagram(mmsghdr *message, iovec *part, unsigned char *data, size_t size,
+                          sockaddr_in *peer) noexcept nogil:
+    """Point one message of a recvmmsg/sendmmsg batch at ``size`` bytes at ``data``, from or to ``peer``."""
+    part.iov_base = data
+    part.iov_len = size
+    memset(&message.msg_hdr, 0, sizeof(msghdr))
+    message.msg_hdr.msg_name = peer
+    message.msg_hdr.msg_namelen = sizeof(sockaddr_in)
+    message.msg_hdr.msg_iov = part
+    message.msg_hdr.msg_iovlen = 1
+
+
+cdef class DnsHits:
+    """Cache hits of the usual shape answered in C, a batch of datagrams at a time, on an IPv4 UDP socket.
+
+    Python decides what may be answered here and puts it in (a reply template of relay.dns.message, with its
+    cache entry's times); answer() reads what the socket holds, answers each query whose fresh template is
+    here, from a client in the allowed networks, as ReplyTemplate.render would, and hands back everything
+    else. It tells which client was given which entry, once per RETELL_AFTER at most per client and entry,
+    so that Python can keep its books (relay.dns.names, the cache's recency) without a call per answer.
+    """
+
+    cdef HitEntry *entries
+    cdef int capacity
+    cdef int *buckets
+    cdef unsigned int mask
+    cdef int free_entry
+    cdef int count
+    cdef Told *told
+    cdef Network *networks
+    cdef int network_count
+    cdef mmsghdr batch[HIT_BATCH]
+    cdef iovec parts[HIT_BATCH]
+    cdef sockaddr_in sources[HIT_BATCH]
+    cdef mmsghdr replies[HIT_BATCH]
+    cdef iovec reply_parts[HIT_BATCH]
+    cdef unsigned char *buffer  # HIT_BATCH queries, then HIT_BATCH replies
+
+    def __cinit__(self, int capacity, networks=()):
+        cdef int i
+        cdef unsigned int buckets = 1
+        if capacity < 1:
+            raise ValueError("a DnsHits table holds at least one entry")
+        while buckets < <unsigned int>capacity * 2:
+            buckets <<= 1
+        self.entries = <HitEntry *>calloc(capacity, sizeof(HitEntry))
+        self.buckets = <int *>malloc(buckets * sizeof(int))
+        self.told = <Told *>calloc(TOLD_SLOTS, sizeof(Told))
+        self.buffer = <unsigned char *>malloc(HIT_BATCH * (HIT_RECEIVE_SIZE + HIT_MAX_REPLY))
+        if self.entries == NULL or self.buckets == NULL or self.told == NULL or self.buffer == NULL:
+            raise MemoryError()
+        self.capacity, self.mask = capacity, buckets - 1
+        for i in range(buckets):
+            self.buckets[i] = -1
+        for i in range(capacity):
+            self.entries[i].next = i + 1 if i + 1 < capacity else -1
+        for i in range(TOLD_SLOTS):
+            self.told[i].entry = -1
+        self.allow(networks)
+
+    def __init__(self, int capacity, networks=()):
+        """``capacity`` entries at most; ``networks`` as allow() takes them."""
+
+    def __dealloc__(self):
+        if self.entries != NULL:
+            self.clear()
+        free(self.entries)
+        free(self.buckets)
+        free(self.told)
+        free(self.networks)
+        free(self.buffer)
+
+    def __len__(self):
+        return self.count
+
+    def allow(self, networks):
+        """Answer clients in ``networks`` only: (address bytes, 4 or 16 long, prefix length) each."""
+        cdef Network *chosen = <Network *>calloc(max(len(networks), 1), sizeof(Network))
+        cdef int i = 0
+        if chosen == NULL:
+            raise MemoryError()
+        try:
+            for packed, prefix in networks:
+                if len(packed) not in (4, 16) or not 0 <= prefix <= len(packed) * 8:
+                    raise ValueError(f"not a network: {packed!r}/{prefix}")
+                chosen[i].family = AF_INET if len(packed) == 4 else AF_INET6
+                memcpy(chosen[i].ip, <const char *>packed, len(packed))
+                chosen[i].prefix = prefix
+                i += 1
+        except BaseException:
+            free(chosen)
+            raise
+        free(self.networks)
+        self.networks, self.network_count = chosen, i
+
+    cdef int find(self, const unsigned char *qname, int size, unsigned short qtype, unsigned short qclass,
+                  bint edns) noexcept nogil:
+        cdef int slot = self.buckets[hit_hash(qname, size, qtype, qclass, edns) & self.mask]
+        cdef HitEntry *e
+        while slot >= 0:
+            e = &self.entries[slot]
+            if (e.qname_size == size and e.qtype == qtype and e.qclass == qclass and e.edns == edns
+                    and memcmp(e.qname, qname, size) == 0):
+                return slot
+            slot = e.next
+        return -1
+
+    cdef void unlink(self, int slot) noexcept:
+        """Take an entry out of its chain and onto the free list, dropping what it holds."""
+        cdef HitEntry *e = &self.entries[slot]
+        cdef int *link = &self.buckets[hit_hash(e.qname, e.qname_size, e.qtype, e.qclass, e.edns) & self.mask]
+        while link[0] != slot:
+            link = &self.entries[link[0]].next
+        link[0] = e.next
+        Py_XDECREF(e.wire)
+        Py_XDECREF(e.token)
+        free(e.ttl_offsets)
+        free(e.ttls)
+        e.wire = e.token = NULL
+        e.ttl_offsets, e.ttls = NULL, NULL
+        e.in_use = False
+        e.generation += 1
+        e.next = self.free_entry
+        self.free_entry = slot
+        self.count -= 1
+
+    def put(self, bytes qname not None, int qtype, int qclass, bint edns, bytes wire not None, ttl_offsets, ttls,
+            double stored_at, double lifetime, token):
+        """Answer the question (``qname`` lower-cased, in wire form) asked with EDNS or without from ``wire`` (a
+        ReplyTemplate's, TTLs at ``ttl_offsets``) while ``stored_at`` + ``lifetime`` has not passed. False when
+        there is no room: every entry is in use and fresh at ``stored_at``."""
+        cdef int size = len(qname), slot, i, count = len(ttl_offsets)
+        cdef HitEntry *e
+        cdef unsigned int bucket
+        if not 0 < size <= 255 or len(ttls) != count or len(wire) < DNS_HEADER + size:
+            raise ValueError("not a template for this question")
+        for i in range(count):
+            if not DNS_HEADER <= ttl_offsets[i] <= len(wire) - 4:
+                raise ValueError("a TTL offset outside the template")
+        slot = self.find(<const unsigned char *>qname, size, qtype, qclass, edns)
+        if slot >= 0:
+            self.unlink(slot)
+        elif self.free_entry < 0:
+            for i in range(self.capacity):
+                if not stored_at - self.entries[i].stored_at < self.entries[i].lifetime:
+                    self.unlink(i)  # expired: the slow path answers it now
+                    break
+            else:
+                return False
+        slot = self.free_entry
+        e = &self.entries[slot]
+        e.ttl_offsets = <int *>malloc(max(count, 1) * sizeof(int))
+        e.ttls = <unsigned int *>malloc(max(count, 1) * sizeof(unsigned int))
+        if e.ttl_offsets == NULL or e.ttls == NULL:
+            free(e.ttl_offsets)
+            free(e.ttls)
+            e.ttl_offsets, e.ttls = NULL, NULL
+            raise MemoryError()
+        for i in range(count):
+            e.ttl_offsets[i] = ttl_offsets[i]
+            e.ttls[i] = ttls[i]
+        self.free_entry = e.next
+        memcpy(e.qname, <const char *>qname, size)
+        e.qname_size, e.qtype, e.qclass, e.edns, e.ttl_count = size, qtype, qclass, edns, count
+        e.flags = (<const unsigned char *>PyBytes_AS_STRING(wire))[2] << 8 | (<const unsigned char *>PyBytes_AS_STRING(wire))[3]
+        e.stored_at, e.lifetime = stored_at, lifetime
+        Py_INCREF(wire)
+        Py_INCREF(token)
+        e.wire, e.token = <PyObject *>wire, <PyObject *>token
+        e.in_use = True
+        e.generation += 1
+        bucket = hit_hash(e.qname, size, qtype, qclass, edns) & self.mask
+        e.next = self.buckets[bucket]
+        self.buckets[bucket] = slot
+        self.count += 1
+        return True
+
+    def forget(self, bytes qname not None, int qtype, int qclass):
+        """Answer that question (with EDNS or without) no more."""
+        cdef int slot
+        cdef bint edns
+        if not 0 < len(qname) <= 255:
+            return
+        for edns in (False, True):
+            slot = self.find(<const unsigned char *>qname, len(qname), qtype, qclass, edns)
+            if slot >= 0:
+                self.unlink(slot)
+
+    def clear(self):
+        cdef int slot
+        for slot in range(self.capacity):
+            if self.entries[slot].in_use:
+                self.unlink(slot)
+
+    cdef bint allowed(self, const sockaddr_in *source) noexcept nogil:
+        cdef const unsigned char *ip = <const unsigned char *>&source.sin_addr
+        cdef Network *n
+        cdef int i, whole, rest
+        for i in range(self.network_count):
+            n = &self.networks[i]
+            if n.family != AF_INET:
+                continue
+            whole, rest = n.prefix >> 3, n.prefix & 7
+            if memcmp(n.ip, ip, whole) == 0 and (rest == 0 or ((n.ip[whole] ^ ip[whole]) & (0xFF00 >> rest) & 0xFF) == 0):
+                return True
+        return False
+
+    cdef bint tell(self, const sockaddr_in *source, int slot, double now) noexcept nogil:
+        """Whether to tell Python that this client was given this entry: not if it was told within RETELL_AFTER.
+        Remembered in a table indexed by client and entry, where a newer pair takes an older one's place."""
+        cdef const unsigned char *ip = <const unsigned char *>&source.sin_addr
+        cdef unsigned int client = <unsigned int>ip[0] << 24 | ip[1] << 16 | ip[2] << 8 | ip[3]
+        cdef Told *t = &self.told[(client * 2654435761u + <unsigned int>slot * 40503u) & (TOLD_SLOTS - 1)]
+        if (t.entry == slot and t.generation == self.entries[slot].generation and t.client == client
+                and now - t.at < RETELL_AFTER):
+            return False
+        t.client, t.entry, t.generation, t.at = client, slot, self.entries[slot].generation, now
+        return True
+
+    cdef int render(self, const QueryPeek *q, const unsigned char *query, int slot, double now,
+                    unsigned char *out) noexcept:
+        """The reply to ``q`` from entry ``slot`` into ``out``: its size, or 0 if the entry cannot give it (stale,
+        or larger than the client takes over UDP)."""
+        cdef HitEntry *e = &self.entries[slot]
+        cdef double elapsed = now - e.stored_at, left
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(<object>e.wire)
+        cdef unsigned int flags, aged
+        cdef int i
+        if not (0 <= elapsed < e.lifetime) or size > q.udp_limit or size > HIT_MAX_REPLY:
+            return 0
+        memcpy(out, PyBytes_AS_STRING(<object>e.wire), size)
+        flags = (e.flags & ~COPIED_FLAGS) | (q.flags & COPIED_FLAGS)
+        out[0], out[1], out[2], out[3] = q.id >> 8, q.id & 0xFF, flags >> 8, flags & 0xFF
+        memcpy(out + DNS_HEADER, query + DNS_HEADER, q.qname_size)
+        for i in range(e.ttl_count):
+            left = e.ttls[i] if e.ttls[i] < e.lifetime else e.lifetime
+            left -= elapsed
+            aged = <unsigned int>left if left > 0 else 0
+            out[e.ttl_offsets[i]] = aged >> 24
+            out[e.ttl_offsets[i] + 1] = (aged >> 16) & 0xFF
+            out[e.ttl_offsets[i] + 2] = (aged >> 8) & 0xFF
+            out[e.ttl_offsets[i] + 3] = aged & 0xFF
+        return <int>size
+
+    def answer(self, int fd, double now, int limit=HIT_BATCH):
+        """Read at most ``limit`` datagrams (up to HIT_BATCH) from ``fd`` (a non-blocking IPv4 UDP socket) and
+        answer those this table can. Returns (datagrams read, [(query, client)] left to Python, [(reply,
+        client)] the socket had no room for, [(client host, token)] to tell, {qtype: answers}); clients as
+        (host, port). OSError if the read failed before any datagram came (BlockingIOError: none waits)."""
+        cdef int received, i, slot, length, size, sending = 0, sent = 0
+        cdef QueryPeek q
+        cdef unsigned char *query
+        cdef unsigned char *replies = self.buffer + HIT_BATCH * HIT_RECEIVE_SIZE
+        cdef int replied[HIT_BATCH]
+        left, unsent, told, counts = [], [], [], {}
+        limit = min(max(limit, 1), HIT_BATCH)
+        for i in range(limit):
+            datagram(&self.batch[i], &self.parts[i], self.buffer + i * HIT_RECEIVE_SIZE, HIT_RECEIVE_SIZE,
+                     &self.sources[i])
+        received = recvmmsg(fd, self.batch, limit, MSG_DONTWAIT, NULL)
+        if received < 0:
+            PyErr_SetFromErrno(OSError)
+        for i in range(received):
+            query = self.buffer + i * HIT_RECEIVE_SIZE
+            length = min(<int>self.batch[i].msg_len, HIT_RECEIVE_SIZE)  # a longer one was cut, as recvfrom cuts it
+            slot, size = -1, 0
+            if (self.sources[i].sin_family == AF_INET and peek_dns_query(query, length, &q)
+                    and self.allowed(&self.sources[i])):
+                slot = self.find(q.lowered, q.qname_size, q.qtype, q.qclass, q.edns)
+            if slot >= 0:
+                size = self.render(&q, query, slot, now, replies + sending * HIT_MAX_REPLY)
+            if size == 0:
+                left.append((query[:length], self.source_of(i)))
+                continue
+            datagram(&self.replies[sending], &self.reply_parts[sending], replies + sending * HIT_MAX_REPLY, size,
+                     &self.sources[i])
+            replied[sending] = i
+            sending += 1
+            counts[q.qtype] = counts.get(q.qtype, 0) + 1
+            if self.tell(&self.sources[i], slot, now):
+                told.append((self.source_of(i)[0], <object>self.entries[slot].token))
+        while sent < sending:
+            size = sendmmsg(fd, self.replies + sent, sending - sent, MSG_DONTWAIT)
+            if size <= 0:
+                break  # full, or an error: Python sends the rest (and tells the error)
+            sent += size
+        for i in range(sent, sending):
+            unsent.append(((<unsigned char *>self.reply_parts[i].iov_base)[:self.reply_parts[i].iov_len],
+                           self.source_of(replied[i])))
+        return received, left, unsent, told, counts
+
+    cdef object source_of(self, int i):
+        cdef char text[16]
+        inet_ntop(AF_INET, &self.sources[i].sin_addr, text, sizeof(text))
+        return text.decode("ascii"), ntohs(self.sources[i].sin_port)

@@ -16,6 +16,7 @@ import struct
 import threading
 
 from relay import ends
+from relay.dns.wire import peek_query as _peek_query
 from relay.udp import datagram
 
 NAME = "python"
@@ -967,3 +968,165 @@ class UdpEngine:
         if not held[1]:
             del self._replies[remote]
             held[0].close()
+
+
+# -- DNS: cache hits answered without Python's service in between ------------------------------------
+
+_HIT_BATCH = 64
+_HIT_RECEIVE_SIZE = 4096
+_HIT_MAX_REPLY = 4096
+_TOLD_SLOTS = 4096
+_COPIED_FLAGS = 0x0110  # RD and CD
+_RETELL_AFTER = 1.0
+_ID_FLAGS = struct.Struct("!HH")
+_TTL = struct.Struct("!I")
+
+
+class _HitEntry:
+    __slots__ = ("key", "wire", "flags", "ttl_offsets", "ttls", "stored_at", "lifetime", "token", "generation")
+
+    def __init__(self):
+        self.key = self.wire = self.token = None
+        self.stored_at = self.lifetime = 0.0
+        self.generation = 0
+
+
+class DnsHits:
+    """See relay/_fastpath.pyx: the same table, slot for slot, and the same answers."""
+
+    def __init__(self, capacity, networks=()):
+        capacity = _c_int(capacity)
+        if capacity < 1:
+            raise ValueError("a DnsHits table holds at least one entry")
+        self._entries = [_HitEntry() for _ in range(capacity)]
+        self._free = list(range(capacity))[::-1]  # pop() takes the lowest first, as the extension's list does
+        self._slots = {}  # (qname, qtype, qclass, edns) -> slot
+        self._told = [None] * _TOLD_SLOTS  # (client, slot, generation, at)
+        self._networks = []
+        self.allow(networks)
+
+    def __len__(self):
+        return len(self._slots)
+
+    def allow(self, networks):
+        chosen = []
+        for packed, prefix in networks:
+            if len(packed) not in (4, 16) or not 0 <= prefix <= len(packed) * 8:
+                raise ValueError(f"not a network: {packed!r}/{prefix}")
+            chosen.append((bytes(packed), prefix))
+        self._networks = chosen
+
+    def _unlink(self, slot):
+        entry = self._entries[slot]
+        del self._slots[entry.key]
+        entry.key = entry.wire = entry.token = None
+        entry.generation += 1
+        self._free.append(slot)
+
+    def put(self, qname, qtype, qclass, edns, wire, ttl_offsets, ttls, stored_at, lifetime, token):
+        _exactly(bytes, qname, "qname", False)
+        _exactly(bytes, wire, "wire", False)
+        qtype, qclass = _c_int(qtype), _c_int(qclass)
+        stored_at, lifetime = _c_double(stored_at), _c_double(lifetime)
+        if not 0 < len(qname) <= 255 or len(ttls) != len(ttl_offsets) or len(wire) < 12 + len(qname):
+            raise ValueError("not a template for this question")
+        if any(not 12 <= offset <= len(wire) - 4 for offset in ttl_offsets):
+            raise ValueError("a TTL offset outside the template")
+        key = (qname, qtype & 0xFFFF, qclass & 0xFFFF, bool(edns))
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._unlink(slot)
+        elif not self._free:
+            for slot, entry in enumerate(self._entries):
+                if not stored_at - entry.stored_at < entry.lifetime:
+                    self._unlink(slot)
+                    break
+            else:
+                return False
+        slot = self._free.pop()
+        entry = self._entries[slot]
+        entry.key, entry.wire, entry.token = key, wire, token
+        entry.flags = _ID_FLAGS.unpack_from(wire)[1]
+        entry.ttl_offsets, entry.ttls = [int(offset) for offset in ttl_offsets], [int(ttl) for ttl in ttls]
+        entry.stored_at, entry.lifetime = stored_at, lifetime
+        entry.generation += 1
+        self._slots[key] = slot
+        return True
+
+    def forget(self, qname, qtype, qclass):
+        _exactly(bytes, qname, "qname", False)
+        for edns in (False, True):
+            slot = self._slots.get((qname, _c_int(qtype) & 0xFFFF, _c_int(qclass) & 0xFFFF, edns))
+            if slot is not None:
+                self._unlink(slot)
+
+    def clear(self):
+        for slot in sorted(self._slots.values()):
+            self._unlink(slot)
+
+    def _allowed(self, packed: bytes) -> bool:
+        address = int.from_bytes(packed, "big")
+        for network, prefix in self._networks:
+            if len(network) == 4 and (address ^ int.from_bytes(network, "big")) >> (32 - prefix) == 0:
+                return True
+        return False
+
+    def _tell(self, packed: bytes, slot: int, now: float) -> bool:
+        client = int.from_bytes(packed, "big")
+        index = (client * 2654435761 + slot * 40503) & (_TOLD_SLOTS - 1)
+        told = self._told[index]
+        generation = self._entries[slot].generation
+        if told is not None and told[:3] == (client, slot, generation) and now - told[3] < _RETELL_AFTER:
+            return False
+        self._told[index] = (client, slot, generation, now)
+        return True
+
+    def _render(self, peek, slot: int, now: float) -> bytes | None:
+        entry = self._entries[slot]
+        elapsed = now - entry.stored_at
+        if not 0 <= elapsed < entry.lifetime or len(entry.wire) > min(peek.udp_limit, _HIT_MAX_REPLY):
+            return None
+        reply = bytearray(entry.wire)
+        _ID_FLAGS.pack_into(reply, 0, peek.id, (entry.flags & ~_COPIED_FLAGS) | (peek.flags & _COPIED_FLAGS))
+        reply[12 : 12 + len(peek.qname)] = peek.qname
+        for offset, ttl in zip(entry.ttl_offsets, entry.ttls):
+            left = (ttl if ttl < entry.lifetime else entry.lifetime) - elapsed
+            _TTL.pack_into(reply, offset, int(left) if left > 0 else 0)
+        return bytes(reply)
+
+    def answer(self, fd, now, limit=_HIT_BATCH):
+        now = _c_double(now)
+        limit = min(max(_c_int(limit), 1), _HIT_BATCH)
+        received, answers, left, unsent, told, counts = 0, [], [], [], [], {}
+        sock = socket.socket(fileno=fd)
+        try:
+            for _ in range(limit):
+                try:
+                    query, source = sock.recvfrom(_HIT_RECEIVE_SIZE, socket.MSG_DONTWAIT)
+                except OSError:
+                    if received:
+                        break  # told by the next call, as recvmmsg does
+                    raise
+                received += 1
+                peek = _peek_query(query)
+                packed = socket.inet_aton(source[0])
+                slot = None
+                if peek is not None and self._allowed(packed):
+                    slot = self._slots.get((peek.qname.lower(), peek.key[1], peek.key[2], peek.edns))
+                reply = None if slot is None else self._render(peek, slot, now)
+                if reply is None:
+                    left.append((query, source))
+                    continue
+                answers.append((reply, source))
+                counts[peek.key[1]] = counts.get(peek.key[1], 0) + 1
+                if self._tell(packed, slot, now):
+                    told.append((source[0], self._entries[slot].token))
+            for number, (reply, source) in enumerate(answers):
+                try:
+                    sock.sendto(reply, socket.MSG_DONTWAIT, source)
+                except OSError:
+                    unsent.extend(answers[number:])
+                    break
+        finally:
+            sock.detach()
+        return received, left, unsent, told, counts

@@ -35,3 +35,4 @@ pooled_pipes = _twin.pooled_pipes
 set_transparent = _twin.set_transparent
 UDP_DROPS = _twin.UDP_DROPS
 UdpEngine = _twin.UdpEngine
+DnsHits = _twin.DnsHits

@@ -171,10 +171,10 @@ class Metrics:
         a plain-HTTP keep-alive connection ``kept`` for the next client, or ``reused`` by one."""
         self.preconnected[outcome] = self.preconnected.get(outcome, 0) + 1
 
-    def dns_query(self, qtype: str, outcome: str) -> None:
-        """One query answered (or dropped): ``qtype`` from message.type_label, ``outcome`` a fixed word."""
+    def dns_query(self, qtype: str, outcome: str, count: int = 1) -> None:
+        """``count`` queries answered (or dropped): ``qtype`` from message.type_label, ``outcome`` a fixed word."""
         key = (qtype, outcome)
-        self.dns_queries[key] = self.dns_queries.get(key, 0) + 1
+        self.dns_queries[key] = self.dns_queries.get(key, 0) + count
 
     def dns_upstream_answered(self, seconds: float) -> None:
         self.dns_upstream.observe(seconds)

@@ -41,9 +41,19 @@ class Cache:
         self.stale_for = stale_for
         self._clock = clock
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self.dropped = None  # called with each key whose answer is dropped or replaced (relay.dns.service's DnsHits)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def now(self) -> float:
+        """This cache's clock: the times of times() and of the TTLs' ageing."""
+        return self._clock()
+
+    def _drop(self, key: Key) -> None:
+        del self._entries[key]
+        if self.dropped is not None:
+            self.dropped(key)
 
     def get(self, key: Key) -> tuple[bytes, bool] | None:
         """(the response with every TTL lowered to the time left, True) while fresh; (with STALE_TTL, False) for
@@ -54,7 +64,7 @@ class Cache:
         now = self._clock()
         fresh = now < entry.expires
         if not fresh and now >= entry.expires + self.stale_for:
-            del self._entries[key]
+            self._drop(key)
             return None
         elapsed = max(0.0, now - entry.stored_at)
 
@@ -64,7 +74,7 @@ class Cache:
         try:
             aged = with_ttls(entry.response, aged_ttl)
         except PARSE_ERRORS:
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return aged, fresh
@@ -72,20 +82,29 @@ class Cache:
     def hit(self, peek: Peek) -> tuple[ReplyTemplate, object] | None:
         """For the hot path: the template of the fresh answer to ``peek`` and the TTL function to render it with
         (what ``get`` and ``message.reply_for`` would make of it, byte for byte); None when there is none."""
-        entry = self._entries.get(peek.key)
+        return self.template(peek.key, peek.edns)
+
+    def template(self, key: Key, edns: bool) -> tuple[ReplyTemplate, object] | None:
+        """``hit`` for a question asked with EDNS or without."""
+        entry = self._entries.get(key)
         if entry is None:
             return None
         elapsed = self._clock() - entry.stored_at
         if not 0 <= elapsed < entry.lifetime:
             return None  # stale: the slow path decides whether to serve it
-        template = entry.templates.get(peek.edns, False)
+        template = entry.templates.get(edns, False)
         if template is False:
-            template = entry.templates[peek.edns] = ReplyTemplate.build(peek.key, entry.response, peek.edns)
+            template = entry.templates[edns] = ReplyTemplate.build(key, entry.response, edns)
         if template is None:
             return None
-        self._entries.move_to_end(peek.key)
+        self._entries.move_to_end(key)
         lifetime = entry.lifetime
         return template, lambda ttl: _aged(ttl, lifetime, elapsed)
+
+    def times(self, key: Key) -> tuple[float, float] | None:
+        """(when the answer to ``key`` was stored, how long it is fresh), on this cache's clock; None if absent."""
+        entry = self._entries.get(key)
+        return None if entry is None else (entry.stored_at, entry.lifetime)
 
     def put(self, key: Key, response: bytes) -> None:
         """Keep ``response`` for its TTL (message.ttl_of) clamped to [min_ttl, max_ttl]; nothing when it may not be
@@ -98,10 +117,11 @@ class Cache:
         lifetime = min(max(ttl, self.min_ttl), self.max_ttl)
         if lifetime <= 0:
             return
+        if key in self._entries:
+            self._drop(key)
         self._entries[key] = _Entry(response, self._clock(), lifetime)
-        self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
 
 
 def _aged(ttl: int, lifetime: float, elapsed: float) -> int:

@@ -25,18 +25,17 @@ from relay.dns.wire import (
     EDNS_PAYLOAD,
     HEADER,
     HEADER_SIZE,
-    MAX_NAME,
     MAX_TTL,
     MAX_UDP_PAYLOAD,
     MIN_UDP_PAYLOAD,
     OUR_OPT,
-    PLAIN_NAME,
     TYPE_CLASS,
     Key,
     Peek,
     ResponsePeek,
     peek_query,
     peek_response,
+    plain_wire_name,
 )
 
 # dnspython caps to_wire() at a message's own EDNS payload unless told otherwise; we truncate for UDP ourselves.
@@ -183,19 +182,12 @@ def upstream_query(key: Key, *, id: int) -> bytes:
     """The query we send upstream for ``key``: RD set, EDNS0 with payload 1232, no client options copied.
     Written directly for a plain name (what peek_query takes), byte for byte what dnspython writes (tested)."""
     name, rdtype, rdclass = key
-    plain = name[:-1].encode("ascii", "replace")
-    labels = plain.split(b".")
-    if (
-        not name.endswith(".")
-        or PLAIN_NAME.fullmatch(plain) is None
-        or len(plain) + 2 > MAX_NAME
-        or max(map(len, labels)) > 63
-    ):
+    qname = plain_wire_name(name)
+    if qname is None:
         query = dns.message.make_query(
             dns.name.from_text(name), rdtype, rdclass, use_edns=0, payload=EDNS_PAYLOAD, options=[], id=id
         )
         return query.to_wire()
-    qname = b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
     return HEADER.pack(id, dns.flags.RD, 1, 0, 0, 1) + qname + TYPE_CLASS.pack(rdtype, rdclass) + OUR_OPT
 
 

@@ -18,18 +18,20 @@ import time
 import dns.rdatatype
 import trio
 
+from relay import fastpath
 from relay.addresses import format_address, plain_address
 from relay.config import DNS_ALLOW_DEFAULT, Config, ConfigError
 from relay.dns import message
 from relay.dns.cache import Cache
 from relay.dns.framing import FrameError, Framer, frame
 from relay.dns.resolvers import ResolverError
-from relay.dns.wire import peek_query
+from relay.dns.wire import peek_query, plain_wire_name
 from relay.logs import RateLimited, conn_log, log
 from relay.net.sockets import family_of
 
 UDP_RECEIVE_SIZE = 4096  # a query is far smaller; more is not a query
 UDP_BATCH = 64  # datagrams answered in a row before other tasks get a turn
+HITS_KEPT = 65536  # at most this many of the cache's answers are given by the fast path (relay.fastpath.DnsHits)
 MAX_IN_FLIGHT = 1024  # distinct questions being resolved upstream at once, all clients together
 MAX_WAITING = 4096  # client queries waiting for an upstream answer, all clients together
 MAX_TCP_CONNECTIONS = 256
@@ -100,6 +102,13 @@ class DnsService:
         if cache is None:
             cache = Cache(config.dns_cache_size, config.dns_min_ttl, config.dns_max_ttl)
         self.cache = cache
+        # Cache hits on IPv4 addresses answered without a call into Python per query (serve_udp_hits). What it
+        # may answer depends on the configuration, the allowed networks and the fake-ip exclusions: it is
+        # emptied when any of them is replaced (a reload).
+        self.hits = fastpath.DnsHits(min(cache.max_entries, HITS_KEPT)) if cache.max_entries > 0 else None
+        self._hits_for: tuple = ()
+        if self.hits is not None:
+            cache.dropped = self._forget_hit
         self.rates = SourceRates()
         self.questions: dict[message.Key, Question] = {}
         self.waiting = 0
@@ -159,6 +168,9 @@ class DnsService:
     async def serve_udp(self, sock: socket.socket) -> None:
         """Datagrams are read and answered without a wait while they keep coming (a cache hit costs no
         scheduling), up to UDP_BATCH in a row before other tasks get a turn."""
+        if self.hits is not None and sock.family == socket.AF_INET and not _is_wildcard(sock):
+            await self.serve_udp_hits(sock)
+            return
         receive = _receive_with_destination if _is_wildcard(sock) else _receive
         while True:
             for _ in range(UDP_BATCH):
@@ -167,16 +179,85 @@ class DnsService:
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
                     break
-                except OSError as exc:  # an ICMP error for an earlier reply, reported here: not this socket's fault
-                    self.warnings.warning(f"dns-receive-{exc.errno}", f"DNS receive failed: {exc}")
+                except OSError as exc:
+                    self.receive_failed(exc)
                     continue
-                reply = self.answer_now(wire, peer[0], True)
-                if isinstance(reply, message.Query):
-                    self._nursery.start_soon(self.resolve_for_udp, sock, reply, peer, source)
-                elif reply is not None and not self.sent_udp(sock, reply, peer, source):
-                    await self.send_udp(sock, reply, peer, source)
+                if (waiting := self.answer_datagram(sock, wire, peer, source)) is not None:
+                    await self.send_udp(sock, waiting, peer, source)
             else:
                 await trio.lowlevel.checkpoint()
+
+    async def serve_udp_hits(self, sock: socket.socket) -> None:
+        """serve_udp with cache hits answered by self.hits, UDP_BATCH datagrams at a time: what it leaves
+        (misses, queries of other shapes, clients it may not answer) is answered here as serve_udp would."""
+        fd = sock.fileno()
+        while True:
+            self._check_hits()
+            try:
+                received, left, unsent, told, counts = self.hits.answer(fd, self.cache.now(), UDP_BATCH)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                self.receive_failed(exc)
+                continue
+            for qtype, count in counts.items():
+                self.metrics.dns_query(message.type_label(qtype), "cache", count)
+            if told:
+                self._told(told)
+            for reply, peer in unsent:
+                await self.send_udp(sock, reply, peer, None)
+            for wire, peer in left:
+                if (waiting := self.answer_datagram(sock, wire, peer, None, fast=True)) is not None:
+                    await self.send_udp(sock, waiting, peer, None)
+            if received < UDP_BATCH:
+                await trio.lowlevel.wait_readable(sock)  # at once if more came meanwhile
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def receive_failed(self, exc: OSError) -> None:
+        """An ICMP error for an earlier reply, reported by a receive: not the socket's fault, told and ignored."""
+        self.warnings.warning(f"dns-receive-{exc.errno}", f"DNS receive failed: {exc}")
+
+    def answer_datagram(self, sock: socket.socket, wire: bytes, peer, source, fast: bool = False) -> bytes | None:
+        """Answer a query that came over UDP, or start resolving it: the reply that waits for room in the
+        socket, if any (answer_now for ``fast``)."""
+        reply = self.answer_now(wire, peer[0], True, fast)
+        if isinstance(reply, message.Query):
+            self._nursery.start_soon(self.resolve_for_udp, sock, reply, peer, source)
+        elif reply is not None and not self.sent_udp(sock, reply, peer, source):
+            return reply
+        return None
+
+    def _check_hits(self) -> None:
+        """Empty self.hits if what decides its answers was replaced (a reload), and give it the allowed networks."""
+        deciding = (self.config, self.allow, self.fake_ips.excluded if self.fake_ips is not None else None)
+        if len(self._hits_for) == 3 and all(now is then for now, then in zip(deciding, self._hits_for)):
+            return
+        self.hits.clear()
+        self.hits.allow([(net.network_address.packed, net.prefixlen) for net in self.allow if net.version == 4])
+        self._hits_for = deciding
+
+    def _install_hit(self, peek, template) -> None:
+        """Let self.hits answer ``peek``'s question from now on, while the cache's answer is fresh."""
+        times = self.cache.times(peek.key)
+        if times is not None:
+            self.hits.put(peek.qname.lower(), peek.key[1], peek.key[2], peek.edns, template.wire,
+                          template.ttl_offsets, template.ttls, *times, (peek.key, peek.edns))  # fmt: skip
+
+    def _forget_hit(self, key: message.Key) -> None:
+        qname = plain_wire_name(key[0])
+        if qname is not None:
+            self.hits.forget(qname, key[1], key[2])
+
+    def _told(self, told: list) -> None:
+        """Clients self.hits answered (each at most once a second per answer): what the hot path would have
+        learnt from them, the cache's recency and the name book, learnt now."""
+        now = trio.current_time()
+        for client, (key, edns) in told:
+            hit = self.cache.template(key, edns)
+            if hit is not None and self.names is not None:
+                self.names.learn_template(client, *hit, now)
 
     async def resolve_for_udp(self, sock: socket.socket, query: message.Query, peer, source) -> None:
         reply = await self.resolve(query, peer[0])
@@ -268,9 +349,10 @@ class DnsService:
 
     # -- answering ---------------------------------------------------------------------------------
 
-    def answer_now(self, wire: bytes, client: str, over_udp: bool):
-        """The reply to send at once (bytes), None to send nothing, or the Query to resolve upstream."""
-        hit = self.cache_hit(wire, client, over_udp)
+    def answer_now(self, wire: bytes, client: str, over_udp: bool, fast: bool = False):
+        """The reply to send at once (bytes), None to send nothing, or the Query to resolve upstream. ``fast``:
+        ``wire`` came through self.hits, which a cache hit here is then given to."""
+        hit = self.cache_hit(wire, client, over_udp, fast)
         if hit is not None:
             return hit
         try:
@@ -351,7 +433,7 @@ class DnsService:
         """Whether ``key`` is answered with no data whatever upstream says: AAAA with --dns-aaaa off."""
         return key[1] == dns.rdatatype.AAAA and not self.config.dns_aaaa
 
-    def cache_hit(self, wire: bytes, client: str, over_udp: bool) -> bytes | None:
+    def cache_hit(self, wire: bytes, client: str, over_udp: bool, fast: bool = False) -> bytes | None:
         """The hot path: the reply to a query of the usual shape (relay.dns.wire.peek_query) with a fresh answer in the
         cache, patched from its template without dnspython; None for everything else, which answer_now parses
         and judges in full. What it answers, it answers as answer_now would (tested)."""
@@ -369,6 +451,8 @@ class DnsService:
         self.metrics.dns_query(message.type_label(peek.key[1]), "cache")
         if self.names is not None:
             self.names.learn_template(client, template, ttl_of, trio.current_time())
+        if fast:
+            self._install_hit(peek, template)
         return template.render(peek, ttl_of)
 
     async def ask_upstream(self, key: message.Key, client: str) -> bytes | None:

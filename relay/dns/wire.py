@@ -92,6 +92,21 @@ def _plain_name_text(qname: bytes) -> str | None:
     return name.decode("ascii") + "."
 
 
+def plain_wire_name(name: str) -> bytes | None:
+    """The wire form of a plain name's text (with its trailing dot): what _plain_name_text reads back as that
+    text. None for any other name."""
+    plain = name[:-1].encode("ascii", "replace")
+    labels = plain.split(b".")
+    if (
+        not name.endswith(".")
+        or PLAIN_NAME.fullmatch(plain) is None
+        or len(plain) + 2 > MAX_NAME
+        or max(map(len, labels)) > 63
+    ):
+        return None
+    return b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
+
+
 def peek_query(wire: bytes) -> Peek | None:
     """The usual shape of a query read fast, for answering it from the cache: one question whose name is plain
     letters, digits, ``-`` and ``_``, no records but an optional version-0 OPT carrying at most a cookie, and

@@ -400,6 +400,49 @@ async def test_every_reply_with_addresses_is_learnt_for_its_client():
     assert service.metrics.dns_queries[("A", "cache")] == 1
 
 
+async def test_hits_go_to_the_fast_path_which_tells_the_name_book_and_the_metrics():
+    """A miss, then a hit answered by Python (which hands the answer to service.hits), then hits answered by the
+    table alone: the same answers, counted, and a client new to the answer learnt in the name book."""
+    names = NameBook()
+    async with running(names=names) as service:
+        first = await ask_udp(service)
+        second = await ask_udp(service)
+        assert len(service.hits) == 1
+        service.names = fresh = NameBook()
+        replies = [await ask_udp(service) for _ in range(3)]
+        learnt = fresh.name_for("127.0.0.1", "192.0.2.1", trio.current_time())
+    assert addresses_of(first) == addresses_of(second) == addresses_of(replies[-1]) == ["192.0.2.1"]
+    assert all(0 < reply.answer[0].ttl <= 300 for reply in replies)
+    assert learnt == "host.example"
+    assert service.metrics.dns_queries[("A", "cache")] == 4
+    assert service.metrics.dns_queries[("A", "upstream")] == 1
+
+
+async def test_a_reload_empties_the_fast_path_and_dns_allow_holds_for_it_too():
+    async with running() as service:
+        await ask_udp(service)
+        await ask_udp(service)
+        assert len(service.hits) == 1
+        service.allow = [ipaddress.ip_network("10.0.0.0/8")]  # what a reload does, 127.0.0.1 now outside
+        reply = await ask_udp(service)
+        assert len(service.hits) == 0
+    assert reply.rcode() == dns.rcode.REFUSED
+
+
+async def test_an_answer_replaced_in_the_cache_is_forgotten_by_the_fast_path():
+    cache = Cache(10, 0, 86400)
+    async with running(cache=cache) as service:
+        await ask_udp(service)
+        await ask_udp(service)
+        assert len(service.hits) == 1
+        replaced = dns.message.make_response(dns.message.make_query("host.example.", "A"))
+        replaced.answer.append(dns.rrset.from_text("host.example.", 60, "IN", "A", "192.0.2.99"))
+        cache.put(("host.example.", dns.rdatatype.A, 1), replaced.to_wire())
+        assert len(service.hits) == 0
+        reply = await ask_udp(service)
+    assert addresses_of(reply) == ["192.0.2.99"]  # the new answer, by Python, not the old one from the table
+
+
 def test_a_taken_port_is_a_clear_error():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))

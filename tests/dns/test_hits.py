@@ -1,0 +1,245 @@
+"""DnsHits (relay.fastpath): cache hits answered a batch at a time, over real UDP sockets on loopback, by both
+twins. Each answer must be the one the Python hot path renders (ReplyTemplate.render) for the same query and
+time, and everything else must come back whole to Python."""
+
+import socket
+import struct
+
+import dns.flags
+import dns.message
+import dns.rdatatype
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay import _fastpath_py
+from relay.dns.cache import Cache
+from relay.dns.wire import peek_query
+from tests.conftest import _fastpath_c
+from tests.dns.support import mangled, response
+from tests.dns.test_hot_path import cached_responses, cookie, queries
+
+LOOPBACK = (socket.inet_aton("127.0.0.0"), 8)
+STORED_AT = 1000.0
+
+
+class Pair:
+    """A non-blocking server socket (what the table reads) and a client socket that sends to it."""
+
+    def __init__(self):
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.setblocking(False)
+        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.client.bind(("127.0.0.1", 0))
+        self.client.settimeout(2)
+
+    def send(self, *wires: bytes) -> None:
+        for wire in wires:
+            self.client.sendto(wire, self.server.getsockname())
+
+    def replies(self, count: int) -> list[bytes]:
+        return [self.client.recv(65535) for _ in range(count)]
+
+    def close(self):
+        self.server.close()
+        self.client.close()
+
+
+@pytest.fixture
+def pair():
+    made = Pair()
+    yield made
+    made.close()
+
+
+def install(hits, cache: Cache, wire: bytes, token=None) -> bool:
+    """Put the template the Python hot path would render ``wire``'s answer from, as relay.dns.service does."""
+    peek = peek_query(wire)
+    template, _ = cache.hit(peek)
+    stored_at, lifetime = cache.times(peek.key)
+    return hits.put(
+        peek.qname.lower(), peek.key[1], peek.key[2], peek.edns, template.wire, template.ttl_offsets, template.ttls,
+        stored_at, lifetime, token if token is not None else peek.key,
+    )  # fmt: skip
+
+
+def cache_with(name: str, rdtype: str, cached: bytes, now: list) -> Cache:
+    cache = Cache(100, 0, 86400, clock=lambda: now[0])
+    cache.put((name.lower(), dns.rdatatype.from_text(rdtype), 1), cached)
+    return cache
+
+
+def one_record(name: str, ttl: int, now: list) -> Cache:
+    return cache_with(name, "A", response(name, answer=[(name, ttl, "A", "192.0.2.1")]), now)
+
+
+def a_query(name="www.example.com.", rdtype="A", *, id_=0x4242, edns=False) -> bytes:
+    made = dns.message.make_query(name, rdtype, use_edns=0 if edns else False, id=id_)
+    return made.to_wire()
+
+
+def test_a_hit_is_answered_as_the_python_hot_path_renders_it_and_a_miss_comes_back_whole(impl, pair):
+    now = [STORED_AT]
+    name, rdtype, cached = cached_responses()[0]
+    cache = cache_with(name, rdtype, cached, now)
+    hits = impl.DnsHits(16, [LOOPBACK])
+    hit = a_query("WWW.example.COM.", id_=7)
+    assert install(hits, cache, hit)
+    now[0] += 12.5
+    other = a_query("other.example.com.", id_=8)
+    pair.send(hit, other)
+    received, left, unsent, told, counts = hits.answer(pair.server.fileno(), now[0])
+    assert received == 2 and unsent == []
+    assert left == [(other, pair.client.getsockname())]
+    assert counts == {dns.rdatatype.A: 1}
+    assert told == [("127.0.0.1", (name, dns.rdatatype.A, 1))]
+    template, ttl_of = cache.hit(peek_query(hit))
+    reply = pair.replies(1)[0]
+    assert reply == template.render(peek_query(hit), ttl_of)
+    assert struct.unpack_from("!H", reply)[0] == 7 and reply[12:29] == hit[12:29]  # its ID, its casing
+    assert dns.message.from_wire(reply).answer[0].ttl == 300 - 13
+
+
+def test_nothing_waiting_is_blocking_io_error(impl, pair):
+    hits = impl.DnsHits(4, [LOOPBACK])
+    with pytest.raises(BlockingIOError):
+        hits.answer(pair.server.fileno(), 0.0)
+
+
+def test_clients_outside_the_networks_stale_entries_and_replies_too_big_for_udp_are_left(impl, pair):
+    now = [STORED_AT]
+    big = response(answer=[("www.example.com.", 300, "A", f"192.0.2.{i}") for i in range(1, 40)])
+    cache = cache_with("www.example.com.", "A", big, now)
+    hits = impl.DnsHits(4, [(socket.inet_aton("10.0.0.0"), 8)])
+    plain, with_edns = a_query(), a_query(edns=True)
+    assert install(hits, cache, plain) and install(hits, cache, with_edns)
+    pair.send(with_edns)  # from 127.0.0.1: not allowed
+    assert hits.answer(pair.server.fileno(), now[0])[1] == [(with_edns, pair.client.getsockname())]
+    hits.allow([LOOPBACK])
+    pair.send(plain, with_edns)  # 39 records do not fit 512 bytes; with EDNS (1232) they do
+    received, left, *_ = hits.answer(pair.server.fileno(), now[0])
+    assert received == 2 and left == [(plain, pair.client.getsockname())]
+    assert len(pair.replies(1)[0]) > 512
+    pair.send(with_edns)
+    assert hits.answer(pair.server.fileno(), now[0] + 300)[1] == [(with_edns, pair.client.getsockname())]  # stale
+
+
+def test_a_client_is_told_once_a_second_per_entry_and_again_for_a_new_one(impl, pair):
+    now = [STORED_AT]
+    name, rdtype, cached = cached_responses()[0]
+    cache = cache_with(name, rdtype, cached, now)
+    hits = impl.DnsHits(4, [LOOPBACK])
+    wire = a_query()
+    install(hits, cache, wire, token="first")
+    told = []
+    for moment in (0.0, 0.3, 0.99, 1.0, 1.5, 2.2):
+        pair.send(wire)
+        told.append(hits.answer(pair.server.fileno(), STORED_AT + moment)[3])
+    assert told == [[("127.0.0.1", "first")], [], [], [("127.0.0.1", "first")], [], [("127.0.0.1", "first")]]
+    install(hits, cache, wire, token="second")  # the same question again: a new entry
+    pair.send(wire)
+    assert hits.answer(pair.server.fileno(), STORED_AT + 2.3)[3] == [("127.0.0.1", "second")]
+    pair.replies(7)
+
+
+def test_forget_clear_and_a_full_table(impl, pair):
+    now = [STORED_AT]
+    hits = impl.DnsHits(2, [LOOPBACK])
+    wires = [a_query(f"n{i}.example.com.") for i in range(3)]
+    caches = [one_record(f"n{i}.example.com.", 60 * (i + 1), now) for i in range(3)]
+    assert install(hits, caches[0], wires[0]) and install(hits, caches[1], wires[1])
+    assert not install(hits, caches[2], wires[2]) and len(hits) == 2  # both fresh: no room
+    now[0] += 61  # n0's answer (60 s) expired: its place is taken
+    caches[2] = one_record("n2.example.com.", 60, now)
+    assert install(hits, caches[2], wires[2]) and len(hits) == 2
+    hits.forget(b"\x02n1\x07example\x03com\x00", dns.rdatatype.A, 1)
+    pair.send(wires[1], wires[2])
+    received, left, *_ = hits.answer(pair.server.fileno(), now[0])
+    assert received == 2 and left == [(wires[1], pair.client.getsockname())]
+    hits.clear()
+    assert len(hits) == 0
+    pair.send(wires[2])
+    assert hits.answer(pair.server.fileno(), now[0])[1] == [(wires[2], pair.client.getsockname())]
+
+
+def test_bad_templates_are_refused(impl):
+    hits = impl.DnsHits(2)
+    with pytest.raises(ValueError):
+        hits.put(b"\x03www\x00", 1, 1, False, b"\x00" * 20, [18], [60], 0.0, 60.0, None)  # TTL past the end
+    with pytest.raises(ValueError):
+        hits.put(b"", 1, 1, False, b"\x00" * 20, [], [], 0.0, 60.0, None)
+    with pytest.raises(ValueError):
+        impl.DnsHits(0)
+    with pytest.raises(ValueError):
+        hits.allow([(b"\x0a\x00\x00", 8)])
+
+
+@st.composite
+def asked(draw, which: int) -> bytes:
+    """The cached question as clients ask it: any casing, ID, flags, EDNS payload and cookie, then perhaps
+    mangled (junk after it, cut, a bit flipped, a count off)."""
+    name, rdtype, _ = cached_responses()[which]
+    casing = draw(st.integers(0, 2**31))
+    spelled = "".join(c.upper() if casing >> (i % 31) & 1 else c for i, c in enumerate(name))
+    edns = draw(st.booleans())
+    options = [cookie(draw(st.sampled_from([8, 16, 40, 12])))] if edns and draw(st.booleans()) else None
+    made = dns.message.make_query(
+        spelled, rdtype, use_edns=0 if edns else False, payload=draw(st.integers(0, 65535)), options=options,
+        id=draw(st.integers(0, 0xFFFF)),
+    )  # fmt: skip
+    made.flags = dns.flags.Flag(draw(st.integers(0, 0xFFFF)) & ~0x7800)
+    return mangled(draw, made.to_wire(), ["none", "none", "none", "junk", "cut", "flip", "count"])
+
+
+@pytest.mark.skipif(_fastpath_c is None, reason="compares the extension with the twin")
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    which=st.integers(0, 3),
+    elapsed=st.one_of(st.floats(0, 19), st.floats(0, 400)),
+    limit=st.integers(1, 8),
+)
+def test_both_twins_answer_and_leave_alike_and_as_the_hot_path(data, which, elapsed, limit):
+    """Whatever clients send (queries of every shape, junk, cuts), for a template of one question under both
+    casings and EDNS: the same datagrams answered, with the hot path's bytes, and the rest left whole."""
+    wires = data.draw(st.lists(st.one_of(asked(which), asked(which), queries()), min_size=1, max_size=6))
+    name, rdtype, cached = cached_responses()[which]
+    now = [STORED_AT]
+    cache = cache_with(name, rdtype, cached, now)
+    tables = [twin.DnsHits(8, [LOOPBACK]) for twin in (_fastpath_c, _fastpath_py)]
+    for edns in (False, True):
+        options = [cookie(8)] if edns else None
+        wire = dns.message.make_query(name, rdtype, use_edns=0 if edns else False, options=options).to_wire()
+        for table in tables:
+            install(table, cache, wire)
+    now[0] += elapsed
+    outcomes, answered = [], []
+    for table in tables:
+        pair = Pair()
+        try:
+            pair.send(*wires)
+            results, left_all, replies = [], [], 0
+            while True:
+                try:
+                    received, left, unsent, told, counts = table.answer(pair.server.fileno(), now[0], limit)
+                except BlockingIOError:
+                    break
+                assert unsent == []
+                replies += received - len(left)
+                left_all += [wire for wire, _ in left]
+                results.append((received, len(left), [token for _, token in told], counts))
+            outcomes.append((results, left_all))
+            answered.append(pair.replies(replies))
+        finally:
+            pair.close()
+    assert outcomes[0] == outcomes[1] and answered[0] == answered[1]
+    expected = []
+    for wire in wires:
+        peek = peek_query(wire)
+        hit = cache.hit(peek) if peek is not None else None
+        if hit is not None and len(hit[0].wire) <= peek.udp_limit:
+            expected.append(hit[0].render(peek, hit[1]))
+        else:
+            assert wire in outcomes[0][1]
+    assert answered[0] == expected
