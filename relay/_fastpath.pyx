@@ -1379,12 +1379,17 @@ cdef class UdpEngine:
 DEF HIT_BATCH = 64  # datagrams one answer() reads at most (one recvmmsg)
 DEF HIT_RECEIVE_SIZE = 4096  # as relay.dns.service reads a query: more is not a query
 DEF HIT_MAX_REPLY = 4096  # a reply sent from here fits the client's UDP limit, which is at most this
-DEF TOLD_SLOTS = 4096  # a power of two
+DEF TOLD_SET_BITS = 14  # 16384 sets of TOLD_WAYS (client, entry) pairs, 65536 in all, as many as the name book
+DEF TOLD_WAYS = 4  # holds: a LAN's pairs fit, and one evicts another rarely
 DEF DNS_HEADER = 12
 DEF COPIED_FLAGS = 0x0110  # RD and CD: the client's, in the reply
 DEF OPT_TYPE = 41
 DEF COOKIE = 10
-cdef double RETELL_AFTER = 1.0  # a client told an entry is told it again after this long at the soonest
+# A client told an entry is told it again after this long at the soonest. Telling it once is what counts: the
+# name book keeps a name as long as the first answer lasts (its TTL, aged, and no later answer from the same
+# entry lasts longer); telling it again refreshes recency (the book's, the cache's) and a long TTL cut to the
+# book's hour, both of which can wait this long.
+cdef double RETELL_AFTER = 10.0
 
 
 cdef struct QueryPeek:
@@ -1520,7 +1525,7 @@ cdef class DnsHits:
             buckets <<= 1
         self.entries = <HitEntry *>calloc(capacity, sizeof(HitEntry))
         self.buckets = <int *>malloc(buckets * sizeof(int))
-        self.told = <Told *>calloc(TOLD_SLOTS, sizeof(Told))
+        self.told = <Told *>calloc(TOLD_WAYS << TOLD_SET_BITS, sizeof(Told))
         self.buffer = <unsigned char *>malloc(HIT_BATCH * (HIT_RECEIVE_SIZE + HIT_MAX_REPLY))
         if self.entries == NULL or self.buckets == NULL or self.told == NULL or self.buffer == NULL:
             raise MemoryError()
@@ -1529,7 +1534,7 @@ cdef class DnsHits:
             self.buckets[i] = -1
         for i in range(capacity):
             self.entries[i].next = i + 1 if i + 1 < capacity else -1
-        for i in range(TOLD_SLOTS):
+        for i in range(TOLD_WAYS << TOLD_SET_BITS):
             self.told[i].entry = -1
         self.allow(networks)
 
@@ -1682,13 +1687,23 @@ cdef class DnsHits:
 
     cdef bint tell(self, const sockaddr_in *source, int slot, double now) noexcept nogil:
         """Whether to tell Python that this client was given this entry: not if it was told within RETELL_AFTER.
-        Remembered in a table indexed by client and entry, where a newer pair takes an older one's place."""
+        Remembered in sets of TOLD_WAYS pairs chosen by client and entry; a new pair takes the place of its
+        set's pair told longest ago."""
         cdef const unsigned char *ip = <const unsigned char *>&source.sin_addr
         cdef unsigned int client = <unsigned int>ip[0] << 24 | ip[1] << 16 | ip[2] << 8 | ip[3]
-        cdef Told *t = &self.told[(client * 2654435761u + <unsigned int>slot * 40503u) & (TOLD_SLOTS - 1)]
-        if (t.entry == slot and t.generation == self.entries[slot].generation and t.client == client
-                and now - t.at < RETELL_AFTER):
-            return False
+        # Fibonacci hashing: the product's top bits depend on every bit of the client and the entry.
+        cdef unsigned int mixed = (client ^ (<unsigned int>slot * 0x9E3779B9u)) * 2654435761u
+        cdef Told *ways = &self.told[(mixed >> (32 - TOLD_SET_BITS)) * TOLD_WAYS]
+        cdef Told *t = ways
+        cdef int way
+        for way in range(TOLD_WAYS):
+            if ways[way].entry == slot and ways[way].client == client:
+                t = &ways[way]
+                if t.generation == self.entries[slot].generation and now - t.at < RETELL_AFTER:
+                    return False
+                break
+            if ways[way].at < t.at:
+                t = &ways[way]
         t.client, t.entry, t.generation, t.at = client, slot, self.entries[slot].generation, now
         return True
 

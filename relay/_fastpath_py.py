@@ -975,9 +975,10 @@ class UdpEngine:
 _HIT_BATCH = 64
 _HIT_RECEIVE_SIZE = 4096
 _HIT_MAX_REPLY = 4096
-_TOLD_SLOTS = 4096
+_TOLD_SET_BITS = 14
+_TOLD_WAYS = 4
 _COPIED_FLAGS = 0x0110  # RD and CD
-_RETELL_AFTER = 1.0
+_RETELL_AFTER = 10.0
 _ID_FLAGS = struct.Struct("!HH")
 _TTL = struct.Struct("!I")
 
@@ -1001,7 +1002,7 @@ class DnsHits:
         self._entries = [_HitEntry() for _ in range(capacity)]
         self._free = list(range(capacity))[::-1]  # pop() takes the lowest first, as the extension's list does
         self._slots = {}  # (qname, qtype, qclass, edns) -> slot
-        self._told = [None] * _TOLD_SLOTS  # (client, slot, generation, at)
+        self._told = {}  # index -> [client, slot, generation, at], made as first used (the extension's start zeroed)
         self._networks = []
         self.allow(networks)
 
@@ -1073,12 +1074,20 @@ class DnsHits:
 
     def _tell(self, packed: bytes, slot: int, now: float) -> bool:
         client = int.from_bytes(packed, "big")
-        index = (client * 2654435761 + slot * 40503) & (_TOLD_SLOTS - 1)
-        told = self._told[index]
+        mixed = ((client ^ (slot * 0x9E3779B9 & 0xFFFFFFFF)) * 2654435761) & 0xFFFFFFFF
+        first = (mixed >> (32 - _TOLD_SET_BITS)) * _TOLD_WAYS
+        ways = [self._told.setdefault(first + way, [0, -1, 0, 0.0]) for way in range(_TOLD_WAYS)]
         generation = self._entries[slot].generation
-        if told is not None and told[:3] == (client, slot, generation) and now - told[3] < _RETELL_AFTER:
-            return False
-        self._told[index] = (client, slot, generation, now)
+        chosen = ways[0]
+        for told in ways:
+            if told[1] == slot and told[0] == client:
+                chosen = told
+                if told[2] == generation and now - told[3] < _RETELL_AFTER:
+                    return False
+                break
+            if told[3] < chosen[3]:
+                chosen = told
+        chosen[:] = [client, slot, generation, now]
         return True
 
     def _render(self, peek, slot: int, now: float) -> bytes | None:

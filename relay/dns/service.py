@@ -251,7 +251,7 @@ class DnsService:
             self.hits.forget(qname, key[1], key[2])
 
     def _told(self, told: list) -> None:
-        """Clients self.hits answered (each at most once a second per answer): what the hot path would have
+        """Clients self.hits answered (each at most once per 10 s per answer): what the hot path would have
         learnt from them, the cache's recency and the name book, learnt now."""
         now = trio.current_time()
         for client, (key, edns) in told:

@@ -125,7 +125,7 @@ def test_clients_outside_the_networks_stale_entries_and_replies_too_big_for_udp_
     assert hits.answer(pair.server.fileno(), now[0] + 300)[1] == [(with_edns, pair.client.getsockname())]  # stale
 
 
-def test_a_client_is_told_once_a_second_per_entry_and_again_for_a_new_one(impl, pair):
+def test_a_client_is_told_once_per_ten_seconds_per_entry_and_again_for_a_new_one(impl, pair):
     now = [STORED_AT]
     name, rdtype, cached = cached_responses()[0]
     cache = cache_with(name, rdtype, cached, now)
@@ -133,14 +133,48 @@ def test_a_client_is_told_once_a_second_per_entry_and_again_for_a_new_one(impl, 
     wire = a_query()
     install(hits, cache, wire, token="first")
     told = []
-    for moment in (0.0, 0.3, 0.99, 1.0, 1.5, 2.2):
+    for moment in (0.0, 3.0, 9.9, 10.0, 15.0, 22.0):
         pair.send(wire)
         told.append(hits.answer(pair.server.fileno(), STORED_AT + moment)[3])
     assert told == [[("127.0.0.1", "first")], [], [], [("127.0.0.1", "first")], [], [("127.0.0.1", "first")]]
     install(hits, cache, wire, token="second")  # the same question again: a new entry
     pair.send(wire)
-    assert hits.answer(pair.server.fileno(), STORED_AT + 2.3)[3] == [("127.0.0.1", "second")]
+    assert hits.answer(pair.server.fileno(), STORED_AT + 22.5)[3] == [("127.0.0.1", "second")]
     pair.replies(7)
+
+
+def colliding_clients(count: int, slot: int = 0) -> list[str]:
+    """Loopback addresses whose (client, entry ``slot``) pairs share one set of the told table."""
+    sets: dict[int, list[str]] = {}
+    for number in range(2, 1 << 16):
+        address = f"127.0.{number >> 8}.{number & 0xFF}"
+        client = int.from_bytes(socket.inet_aton(address), "big")
+        mixed = ((client ^ (slot * 0x9E3779B9 & 0xFFFFFFFF)) * 2654435761) & 0xFFFFFFFF
+        found = sets.setdefault(mixed >> (32 - _fastpath_py._TOLD_SET_BITS), [])
+        found.append(address)
+        if len(found) == count:
+            return found
+    raise AssertionError("no such addresses")
+
+
+def test_a_full_set_of_told_pairs_gives_up_the_one_told_longest_ago(impl, pair):
+    now = [STORED_AT]
+    name, rdtype, cached = cached_responses()[0]
+    cache = cache_with(name, rdtype, cached, now)
+    hits = impl.DnsHits(4, [LOOPBACK])
+    wire = a_query()
+    install(hits, cache, wire, token="entry")
+    clients = colliding_clients(5)
+    told = []
+    for moment, address in enumerate([*clients, clients[1], clients[0], clients[1], clients[2]]):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind((address, 0))
+            client.sendto(wire, pair.server.getsockname())
+            told.append(len(hits.answer(pair.server.fileno(), STORED_AT + moment * 0.01)[3]))
+    # Five clients in a set of four ways: the fifth takes the place of the first, told longest ago; the second,
+    # back, is still there (and not told again); the first, back, takes the place of the second, told before
+    # the third and the fourth; and so on.
+    assert told == [1, 1, 1, 1, 1, 0, 1, 1, 1]
 
 
 def test_forget_clear_and_a_full_table(impl, pair):
