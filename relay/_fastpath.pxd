@@ -288,7 +288,7 @@ cdef struct HitEntry:
     PyObject *token  # what Python is told the entry by
 
 
-# A client told an entry lately: told() again only after RETELL_AFTER.
+# A client told an entry lately: tell() tells it again only after RETELL_AFTER (see relay/_fastpath.pyx).
 cdef struct Told:
     unsigned int client  # its IPv4 address
     int entry

@@ -14,6 +14,8 @@ from cpython.exc cimport PyErr_SetFromErrno
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdlib cimport calloc, free, malloc, realloc
 
+from operator import index as _index
+
 from relay import ends
 
 NAME = "cython"
@@ -1379,16 +1381,20 @@ cdef class UdpEngine:
 DEF HIT_BATCH = 64  # datagrams one answer() reads at most (one recvmmsg)
 DEF HIT_RECEIVE_SIZE = 4096  # as relay.dns.service reads a query: more is not a query
 DEF HIT_MAX_REPLY = 4096  # a reply sent from here fits the client's UDP limit, which is at most this
+DEF HIT_MAX_ENTRIES = 1 << 22
+DEF HIT_SCAN = 64  # entries a put() into a full table looks at for a stale one
 DEF TOLD_SET_BITS = 14  # 16384 sets of TOLD_WAYS (client, entry) pairs, 65536 in all, as many as the name book
 DEF TOLD_WAYS = 4  # holds: a LAN's pairs fit, and one evicts another rarely
 DEF DNS_HEADER = 12
 DEF COPIED_FLAGS = 0x0110  # RD and CD: the client's, in the reply
 DEF OPT_TYPE = 41
 DEF COOKIE = 10
-# A client told an entry is told it again after this long at the soonest. Telling it once is what counts: the
-# name book keeps a name as long as the first answer lasts (its TTL, aged, and no later answer from the same
-# entry lasts longer); telling it again refreshes recency (the book's, the cache's) and a long TTL cut to the
-# book's hour, both of which can wait this long.
+# A client told an entry is told it again after this long at the soonest (unless untell() or a full set of the
+# told table made it forget). Telling it once is most of what counts: the name book keeps a name as long as the
+# first answer lasts (its TTL, aged: no later answer from the same entry lasts longer), but for a client that
+# uses an answer past its TTL, for which the book keeps a name at least 10 s after it was told (an answer near
+# its end is then kept up to this much less long than Python's path would); telling it again refreshes recency
+# (the book's, the cache's) and a long TTL cut to the book's hour, which can wait this long.
 cdef double RETELL_AFTER = 10.0
 
 
@@ -1464,6 +1470,16 @@ cdef bint peek_dns_query(const unsigned char *w, Py_ssize_t size, QueryPeek *q) 
     return True
 
 
+cdef (int, unsigned int) checked_ttl(offset, ttl, Py_ssize_t size) except *:
+    """A template's TTL field: its offset, inside a template of ``size`` bytes, and its value, 32 bits."""
+    offset, ttl = _index(offset), _index(ttl)
+    if not DNS_HEADER <= offset <= size - 4:
+        raise ValueError("a TTL offset outside the template")
+    if not 0 <= ttl <= 0xFFFFFFFF:
+        raise ValueError("a TTL outside 32 bits")
+    return offset, ttl
+
+
 cdef inline unsigned int hit_hash(const unsigned char *qname, int size, unsigned short qtype, unsigned short qclass,
                                   bint edns) noexcept nogil:
     """FNV-1a over the question and whether the client has EDNS."""
@@ -1506,6 +1522,7 @@ cdef class DnsHits:
     cdef unsigned int mask
     cdef int free_entry
     cdef int count
+    cdef int hand  # where the last search for a stale entry ended
     cdef Told *told
     cdef Network *networks
     cdef int network_count
@@ -1519,8 +1536,8 @@ cdef class DnsHits:
     def __cinit__(self, int capacity, networks=()):
         cdef int i
         cdef unsigned int buckets = 1
-        if capacity < 1:
-            raise ValueError("a DnsHits table holds at least one entry")
+        if not 1 <= capacity <= HIT_MAX_ENTRIES:
+            raise ValueError(f"a DnsHits table holds 1 to {HIT_MAX_ENTRIES} entries")
         while buckets < <unsigned int>capacity * 2:
             buckets <<= 1
         self.entries = <HitEntry *>calloc(capacity, sizeof(HitEntry))
@@ -1543,7 +1560,7 @@ cdef class DnsHits:
 
     def __dealloc__(self):
         if self.entries != NULL:
-            self.clear()
+            self.unlink_all()
         free(self.entries)
         free(self.buckets)
         free(self.told)
@@ -1554,17 +1571,18 @@ cdef class DnsHits:
         return self.count
 
     def allow(self, networks):
-        """Answer clients in ``networks`` only: (address bytes, 4 or 16 long, prefix length) each."""
+        """Answer clients in ``networks`` only: IPv4 networks, (address bytes, prefix length) each."""
+        networks = list(networks)
         cdef Network *chosen = <Network *>calloc(max(len(networks), 1), sizeof(Network))
         cdef int i = 0
         if chosen == NULL:
             raise MemoryError()
         try:
             for packed, prefix in networks:
-                if len(packed) not in (4, 16) or not 0 <= prefix <= len(packed) * 8:
-                    raise ValueError(f"not a network: {packed!r}/{prefix}")
-                chosen[i].family = AF_INET if len(packed) == 4 else AF_INET6
-                memcpy(chosen[i].ip, <const char *>packed, len(packed))
+                if not isinstance(packed, bytes) or len(packed) != 4 or not 0 <= prefix <= 32:
+                    raise ValueError(f"not an IPv4 network: {packed!r}/{prefix}")
+                chosen[i].family = AF_INET
+                memcpy(chosen[i].ip, <const char *>packed, 4)
                 chosen[i].prefix = prefix
                 i += 1
         except BaseException:
@@ -1586,14 +1604,15 @@ cdef class DnsHits:
         return -1
 
     cdef void unlink(self, int slot) noexcept:
-        """Take an entry out of its chain and onto the free list, dropping what it holds."""
+        """Take an entry out of its chain and onto the free list, dropping what it holds (last: a finalizer
+        run by the drop finds the table whole)."""
         cdef HitEntry *e = &self.entries[slot]
         cdef int *link = &self.buckets[hit_hash(e.qname, e.qname_size, e.qtype, e.qclass, e.edns) & self.mask]
+        cdef PyObject *wire = e.wire
+        cdef PyObject *token = e.token
         while link[0] != slot:
             link = &self.entries[link[0]].next
         link[0] = e.next
-        Py_XDECREF(e.wire)
-        Py_XDECREF(e.token)
         free(e.ttl_offsets)
         free(e.ttls)
         e.wire = e.token = NULL
@@ -1603,42 +1622,55 @@ cdef class DnsHits:
         e.next = self.free_entry
         self.free_entry = slot
         self.count -= 1
+        Py_XDECREF(wire)
+        Py_XDECREF(token)
+
+    cdef void unlink_all(self) noexcept:
+        cdef int slot
+        for slot in range(self.capacity):
+            if self.entries[slot].in_use:
+                self.unlink(slot)
 
     def put(self, bytes qname not None, int qtype, int qclass, bint edns, bytes wire not None, ttl_offsets, ttls,
-            double stored_at, double lifetime, token):
+            double stored_at, double lifetime, token, double now):
         """Answer the question (``qname`` lower-cased, in wire form) asked with EDNS or without from ``wire`` (a
-        ReplyTemplate's, TTLs at ``ttl_offsets``) while ``stored_at`` + ``lifetime`` has not passed. False when
-        there is no room: every entry is in use and fresh at ``stored_at``."""
+        ReplyTemplate's, TTLs ``ttls`` at ``ttl_offsets``) while ``stored_at`` + ``lifetime`` has not passed.
+        When the table is full, an entry stale at ``now`` makes room, if one of the next HIT_SCAN looked at
+        (from where the last search ended) is; else False."""
         cdef int size = len(qname), slot, i, count = len(ttl_offsets)
         cdef HitEntry *e
         cdef unsigned int bucket
+        cdef int *offsets
+        cdef unsigned int *values
         if not 0 < size <= 255 or len(ttls) != count or len(wire) < DNS_HEADER + size:
             raise ValueError("not a template for this question")
-        for i in range(count):
-            if not DNS_HEADER <= ttl_offsets[i] <= len(wire) - 4:
-                raise ValueError("a TTL offset outside the template")
+        offsets = <int *>malloc(max(count, 1) * sizeof(int))
+        values = <unsigned int *>malloc(max(count, 1) * sizeof(unsigned int))
+        try:
+            if offsets == NULL or values == NULL:
+                raise MemoryError()
+            for i in range(count):
+                offsets[i], values[i] = checked_ttl(ttl_offsets[i], ttls[i], len(wire))
+        except BaseException:
+            free(offsets)
+            free(values)
+            raise
         slot = self.find(<const unsigned char *>qname, size, qtype, qclass, edns)
         if slot >= 0:
             self.unlink(slot)
         elif self.free_entry < 0:
-            for i in range(self.capacity):
-                if not stored_at - self.entries[i].stored_at < self.entries[i].lifetime:
-                    self.unlink(i)  # expired: the slow path answers it now
+            for i in range(min(HIT_SCAN, self.capacity)):
+                self.hand = (self.hand + 1) % self.capacity
+                if not now - self.entries[self.hand].stored_at < self.entries[self.hand].lifetime:
+                    self.unlink(self.hand)  # stale: the slow path answers it now
                     break
             else:
+                free(offsets)
+                free(values)
                 return False
         slot = self.free_entry
         e = &self.entries[slot]
-        e.ttl_offsets = <int *>malloc(max(count, 1) * sizeof(int))
-        e.ttls = <unsigned int *>malloc(max(count, 1) * sizeof(unsigned int))
-        if e.ttl_offsets == NULL or e.ttls == NULL:
-            free(e.ttl_offsets)
-            free(e.ttls)
-            e.ttl_offsets, e.ttls = NULL, NULL
-            raise MemoryError()
-        for i in range(count):
-            e.ttl_offsets[i] = ttl_offsets[i]
-            e.ttls[i] = ttls[i]
+        e.ttl_offsets, e.ttls = offsets, values
         self.free_entry = e.next
         memcpy(e.qname, <const char *>qname, size)
         e.qname_size, e.qtype, e.qclass, e.edns, e.ttl_count = size, qtype, qclass, edns, count
@@ -1667,10 +1699,26 @@ cdef class DnsHits:
                 self.unlink(slot)
 
     def clear(self):
-        cdef int slot
-        for slot in range(self.capacity):
-            if self.entries[slot].in_use:
-                self.unlink(slot)
+        self.unlink_all()
+
+    def untell(self, str client not None, bytes qname not None, int qtype, int qclass):
+        """Tell ``client`` (an IPv4 address) that question's answer (with EDNS or without) again when next given."""
+        cdef unsigned char ip[4]
+        cdef unsigned int address
+        cdef int slot, way
+        cdef bint edns
+        cdef Told *ways
+        if inet_pton(AF_INET, client.encode("ascii", "replace"), ip) != 1 or not 0 < len(qname) <= 255:
+            return
+        address = <unsigned int>ip[0] << 24 | ip[1] << 16 | ip[2] << 8 | ip[3]
+        for edns in (False, True):
+            slot = self.find(<const unsigned char *>qname, len(qname), qtype, qclass, edns)
+            if slot < 0:
+                continue
+            ways = self.told_set(address, slot)
+            for way in range(TOLD_WAYS):
+                if ways[way].entry == slot and ways[way].client == address:
+                    ways[way].entry, ways[way].at = -1, 0.0
 
     cdef bint allowed(self, const sockaddr_in *source) noexcept nogil:
         cdef const unsigned char *ip = <const unsigned char *>&source.sin_addr
@@ -1685,15 +1733,19 @@ cdef class DnsHits:
                 return True
         return False
 
+    cdef Told *told_set(self, unsigned int client, int slot) noexcept nogil:
+        """The TOLD_WAYS places where the pair (client, entry) may be. Fibonacci hashing: the product's top bits
+        depend on every bit of the client and the entry."""
+        cdef unsigned int mixed = (client ^ (<unsigned int>slot * 0x9E3779B9u)) * 2654435761u
+        return &self.told[(mixed >> (32 - TOLD_SET_BITS)) * TOLD_WAYS]
+
     cdef bint tell(self, const sockaddr_in *source, int slot, double now) noexcept nogil:
         """Whether to tell Python that this client was given this entry: not if it was told within RETELL_AFTER.
         Remembered in sets of TOLD_WAYS pairs chosen by client and entry; a new pair takes the place of its
         set's pair told longest ago."""
         cdef const unsigned char *ip = <const unsigned char *>&source.sin_addr
         cdef unsigned int client = <unsigned int>ip[0] << 24 | ip[1] << 16 | ip[2] << 8 | ip[3]
-        # Fibonacci hashing: the product's top bits depend on every bit of the client and the entry.
-        cdef unsigned int mixed = (client ^ (<unsigned int>slot * 0x9E3779B9u)) * 2654435761u
-        cdef Told *ways = &self.told[(mixed >> (32 - TOLD_SET_BITS)) * TOLD_WAYS]
+        cdef Told *ways = self.told_set(client, slot)
         cdef Told *t = ways
         cdef int way
         for way in range(TOLD_WAYS):

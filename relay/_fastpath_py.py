@@ -975,6 +975,8 @@ class UdpEngine:
 _HIT_BATCH = 64
 _HIT_RECEIVE_SIZE = 4096
 _HIT_MAX_REPLY = 4096
+_HIT_MAX_ENTRIES = 1 << 22
+_HIT_SCAN = 64
 _TOLD_SET_BITS = 14
 _TOLD_WAYS = 4
 _COPIED_FLAGS = 0x0110  # RD and CD
@@ -997,11 +999,12 @@ class DnsHits:
 
     def __init__(self, capacity, networks=()):
         capacity = _c_int(capacity)
-        if capacity < 1:
-            raise ValueError("a DnsHits table holds at least one entry")
+        if not 1 <= capacity <= _HIT_MAX_ENTRIES:
+            raise ValueError(f"a DnsHits table holds 1 to {_HIT_MAX_ENTRIES} entries")
         self._entries = [_HitEntry() for _ in range(capacity)]
         self._free = list(range(capacity))[::-1]  # pop() takes the lowest first, as the extension's list does
         self._slots = {}  # (qname, qtype, qclass, edns) -> slot
+        self._hand = 0
         self._told = {}  # index -> [client, slot, generation, at], made as first used (the extension's start zeroed)
         self._networks = []
         self.allow(networks)
@@ -1011,10 +1014,10 @@ class DnsHits:
 
     def allow(self, networks):
         chosen = []
-        for packed, prefix in networks:
-            if len(packed) not in (4, 16) or not 0 <= prefix <= len(packed) * 8:
-                raise ValueError(f"not a network: {packed!r}/{prefix}")
-            chosen.append((bytes(packed), prefix))
+        for packed, prefix in list(networks):
+            if not isinstance(packed, bytes) or len(packed) != 4 or not 0 <= prefix <= 32:
+                raise ValueError(f"not an IPv4 network: {packed!r}/{prefix}")
+            chosen.append((packed, prefix))
         self._networks = chosen
 
     def _unlink(self, slot):
@@ -1024,23 +1027,32 @@ class DnsHits:
         entry.generation += 1
         self._free.append(slot)
 
-    def put(self, qname, qtype, qclass, edns, wire, ttl_offsets, ttls, stored_at, lifetime, token):
+    def put(self, qname, qtype, qclass, edns, wire, ttl_offsets, ttls, stored_at, lifetime, token, now):
         _exactly(bytes, qname, "qname", False)
         _exactly(bytes, wire, "wire", False)
         qtype, qclass = _c_int(qtype), _c_int(qclass)
-        stored_at, lifetime = _c_double(stored_at), _c_double(lifetime)
+        stored_at, lifetime, now = _c_double(stored_at), _c_double(lifetime), _c_double(now)
         if not 0 < len(qname) <= 255 or len(ttls) != len(ttl_offsets) or len(wire) < 12 + len(qname):
             raise ValueError("not a template for this question")
-        if any(not 12 <= offset <= len(wire) - 4 for offset in ttl_offsets):
-            raise ValueError("a TTL offset outside the template")
+        offsets, values = [], []
+        for offset, ttl in zip(ttl_offsets, ttls):
+            offset, ttl = operator.index(offset), operator.index(ttl)
+            if not 12 <= offset <= len(wire) - 4:
+                raise ValueError("a TTL offset outside the template")
+            if not 0 <= ttl <= 0xFFFFFFFF:
+                raise ValueError("a TTL outside 32 bits")
+            offsets.append(offset)
+            values.append(ttl)
         key = (qname, qtype & 0xFFFF, qclass & 0xFFFF, bool(edns))
         slot = self._slots.get(key)
         if slot is not None:
             self._unlink(slot)
         elif not self._free:
-            for slot, entry in enumerate(self._entries):
-                if not stored_at - entry.stored_at < entry.lifetime:
-                    self._unlink(slot)
+            for _ in range(min(_HIT_SCAN, len(self._entries))):
+                self._hand = (self._hand + 1) % len(self._entries)
+                entry = self._entries[self._hand]
+                if not now - entry.stored_at < entry.lifetime:
+                    self._unlink(self._hand)
                     break
             else:
                 return False
@@ -1048,7 +1060,7 @@ class DnsHits:
         entry = self._entries[slot]
         entry.key, entry.wire, entry.token = key, wire, token
         entry.flags = _ID_FLAGS.unpack_from(wire)[1]
-        entry.ttl_offsets, entry.ttls = [int(offset) for offset in ttl_offsets], [int(ttl) for ttl in ttls]
+        entry.ttl_offsets, entry.ttls = offsets, values
         entry.stored_at, entry.lifetime = stored_at, lifetime
         entry.generation += 1
         self._slots[key] = slot
@@ -1065,6 +1077,26 @@ class DnsHits:
         for slot in sorted(self._slots.values()):
             self._unlink(slot)
 
+    def untell(self, client, qname, qtype, qclass):
+        _exactly(str, client, "client", False)
+        _exactly(bytes, qname, "qname", False)
+        try:
+            address = int.from_bytes(socket.inet_pton(socket.AF_INET, client), "big")
+        except OSError:
+            return
+        for edns in (False, True):
+            slot = self._slots.get((qname, _c_int(qtype) & 0xFFFF, _c_int(qclass) & 0xFFFF, edns))
+            if slot is None:
+                continue
+            for told in self._told_set(address, slot):
+                if told[1] == slot and told[0] == address:
+                    told[1], told[3] = -1, 0.0
+
+    def _told_set(self, client: int, slot: int) -> list:
+        mixed = ((client ^ (slot * 0x9E3779B9 & 0xFFFFFFFF)) * 2654435761) & 0xFFFFFFFF
+        first = (mixed >> (32 - _TOLD_SET_BITS)) * _TOLD_WAYS
+        return [self._told.setdefault(first + way, [0, -1, 0, 0.0]) for way in range(_TOLD_WAYS)]
+
     def _allowed(self, packed: bytes) -> bool:
         address = int.from_bytes(packed, "big")
         for network, prefix in self._networks:
@@ -1074,9 +1106,7 @@ class DnsHits:
 
     def _tell(self, packed: bytes, slot: int, now: float) -> bool:
         client = int.from_bytes(packed, "big")
-        mixed = ((client ^ (slot * 0x9E3779B9 & 0xFFFFFFFF)) * 2654435761) & 0xFFFFFFFF
-        first = (mixed >> (32 - _TOLD_SET_BITS)) * _TOLD_WAYS
-        ways = [self._told.setdefault(first + way, [0, -1, 0, 0.0]) for way in range(_TOLD_WAYS)]
+        ways = self._told_set(client, slot)
         generation = self._entries[slot].generation
         chosen = ways[0]
         for told in ways:
@@ -1114,7 +1144,7 @@ class DnsHits:
                     query, source = sock.recvfrom(_HIT_RECEIVE_SIZE, socket.MSG_DONTWAIT)
                 except OSError:
                     if received:
-                        break  # told by the next call, as recvmmsg does
+                        break  # recvmmsg keeps the error for the next call; recvfrom has taken it (a warning less)
                     raise
                 received += 1
                 peek = _peek_query(query)

@@ -43,6 +43,8 @@ class NameBook:
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()  # -> (name, expires)
         self._next_sweep = float("-inf")
+        # Called with (client, name, address) when another name replaces ``name`` for that client and address.
+        self.displaced = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -77,8 +79,11 @@ class NameBook:
         name, addresses = answered
         for address, ttl in addresses:
             key = (client, address)
+            before = self._entries.get(key)
             self._entries[key] = (name, now + min(max(ttl_of(ttl), MIN_LIFETIME), MAX_LIFETIME))
             self._entries.move_to_end(key)
+            if before is not None and before[0] != name and self.displaced is not None:
+                self.displaced(client, before[0], address)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import time
 
+import dns.rdataclass
 import dns.rdatatype
 import trio
 
@@ -105,10 +106,13 @@ class DnsService:
         # Cache hits on IPv4 addresses answered without a call into Python per query (serve_udp_hits). What it
         # may answer depends on the configuration, the allowed networks and the fake-ip exclusions: it is
         # emptied when any of them is replaced (a reload).
-        self.hits = fastpath.DnsHits(min(cache.max_entries, HITS_KEPT)) if cache.max_entries > 0 else None
+        # Room for every answer of the cache twice (asked with EDNS and without), so that it never fills.
+        self.hits = fastpath.DnsHits(2 * min(cache.max_entries, HITS_KEPT)) if cache.max_entries > 0 else None
         self._hits_for: tuple = ()
         if self.hits is not None:
             cache.dropped = self._forget_hit
+            if names is not None:
+                names.displaced = self._untell
         self.rates = SourceRates()
         self.questions: dict[message.Key, Question] = {}
         self.waiting = 0
@@ -200,6 +204,7 @@ class DnsService:
                 continue
             except OSError as exc:
                 self.receive_failed(exc)
+                await trio.lowlevel.checkpoint()
                 continue
             for qtype, count in counts.items():
                 self.metrics.dns_query(message.type_label(qtype), "cache", count)
@@ -243,16 +248,25 @@ class DnsService:
         times = self.cache.times(peek.key)
         if times is not None:
             self.hits.put(peek.qname.lower(), peek.key[1], peek.key[2], peek.edns, template.wire,
-                          template.ttl_offsets, template.ttls, *times, (peek.key, peek.edns))  # fmt: skip
+                          template.ttl_offsets, template.ttls, *times, (peek.key, peek.edns),
+                          self.cache.now())  # fmt: skip
 
     def _forget_hit(self, key: message.Key) -> None:
         qname = plain_wire_name(key[0])
         if qname is not None:
             self.hits.forget(qname, key[1], key[2])
 
+    def _untell(self, client: str, name: str, address: str) -> None:
+        """The name book now gives ``client`` another name for ``address`` than ``name``: should ``name``'s
+        answer be given to that client again, self.hits must tell it, so that the last answer given wins."""
+        qname = plain_wire_name(name + ".")
+        if qname is not None:
+            qtype = dns.rdatatype.A if ":" not in address else dns.rdatatype.AAAA
+            self.hits.untell(client, qname, qtype, dns.rdataclass.IN)
+
     def _told(self, told: list) -> None:
-        """Clients self.hits answered (each at most once per 10 s per answer): what the hot path would have
-        learnt from them, the cache's recency and the name book, learnt now."""
+        """Clients self.hits answered, normally once per RETELL_AFTER (relay/_fastpath.pyx) per answer: what the
+        hot path would have learnt from each, the cache's recency and the name book, learnt now."""
         now = trio.current_time()
         for client, (key, edns) in told:
             hit = self.cache.template(key, edns)

@@ -60,7 +60,7 @@ def install(hits, cache: Cache, wire: bytes, token=None) -> bool:
     stored_at, lifetime = cache.times(peek.key)
     return hits.put(
         peek.qname.lower(), peek.key[1], peek.key[2], peek.edns, template.wire, template.ttl_offsets, template.ttls,
-        stored_at, lifetime, token if token is not None else peek.key,
+        stored_at, lifetime, token if token is not None else peek.key, cache.now(),
     )  # fmt: skip
 
 
@@ -77,6 +77,17 @@ def one_record(name: str, ttl: int, now: list) -> Cache:
 def a_query(name="www.example.com.", rdtype="A", *, id_=0x4242, edns=False) -> bytes:
     made = dns.message.make_query(name, rdtype, use_edns=0 if edns else False, id=id_)
     return made.to_wire()
+
+
+def table_with_one_answer(impl, token=None, capacity=4):
+    """A table holding the answer of cached_responses()[0] to a plain query, its cache and that query."""
+    now = [STORED_AT]
+    name, rdtype, cached = cached_responses()[0]
+    cache = cache_with(name, rdtype, cached, now)
+    hits = impl.DnsHits(capacity, [LOOPBACK])
+    wire = a_query()
+    assert install(hits, cache, wire, token=token)
+    return hits, cache, wire
 
 
 def test_a_hit_is_answered_as_the_python_hot_path_renders_it_and_a_miss_comes_back_whole(impl, pair):
@@ -126,12 +137,7 @@ def test_clients_outside_the_networks_stale_entries_and_replies_too_big_for_udp_
 
 
 def test_a_client_is_told_once_per_ten_seconds_per_entry_and_again_for_a_new_one(impl, pair):
-    now = [STORED_AT]
-    name, rdtype, cached = cached_responses()[0]
-    cache = cache_with(name, rdtype, cached, now)
-    hits = impl.DnsHits(4, [LOOPBACK])
-    wire = a_query()
-    install(hits, cache, wire, token="first")
+    hits, cache, wire = table_with_one_answer(impl, "first")
     told = []
     for moment in (0.0, 3.0, 9.9, 10.0, 15.0, 22.0):
         pair.send(wire)
@@ -158,12 +164,7 @@ def colliding_clients(count: int, slot: int = 0) -> list[str]:
 
 
 def test_a_full_set_of_told_pairs_gives_up_the_one_told_longest_ago(impl, pair):
-    now = [STORED_AT]
-    name, rdtype, cached = cached_responses()[0]
-    cache = cache_with(name, rdtype, cached, now)
-    hits = impl.DnsHits(4, [LOOPBACK])
-    wire = a_query()
-    install(hits, cache, wire, token="entry")
+    hits, _, wire = table_with_one_answer(impl, "entry")
     clients = colliding_clients(5)
     told = []
     for moment, address in enumerate([*clients, clients[1], clients[0], clients[1], clients[2]]):
@@ -184,8 +185,7 @@ def test_forget_clear_and_a_full_table(impl, pair):
     caches = [one_record(f"n{i}.example.com.", 60 * (i + 1), now) for i in range(3)]
     assert install(hits, caches[0], wires[0]) and install(hits, caches[1], wires[1])
     assert not install(hits, caches[2], wires[2]) and len(hits) == 2  # both fresh: no room
-    now[0] += 61  # n0's answer (60 s) expired: its place is taken
-    caches[2] = one_record("n2.example.com.", 60, now)
+    now[0] += 61  # n0's answer (60 s) is stale now: its place is taken, though the new one was stored before
     assert install(hits, caches[2], wires[2]) and len(hits) == 2
     hits.forget(b"\x02n1\x07example\x03com\x00", dns.rdatatype.A, 1)
     pair.send(wires[1], wires[2])
@@ -197,16 +197,57 @@ def test_forget_clear_and_a_full_table(impl, pair):
     assert hits.answer(pair.server.fileno(), now[0])[1] == [(wires[2], pair.client.getsockname())]
 
 
-def test_bad_templates_are_refused(impl):
+@pytest.mark.parametrize(
+    ("offsets", "ttls", "error"),
+    [([38], [60], ValueError), ([12], [-1], ValueError), ([12], [2**32], ValueError), ([12], [None], TypeError),
+     ([12.0], [60], TypeError), ([12, 16], [60, 1.5], TypeError)],
+    ids=["offset-past-the-end", "negative-ttl", "ttl-past-32-bits", "no-ttl", "float-offset", "float-ttl"],
+)  # fmt: skip
+def test_a_bad_template_is_refused_and_leaves_the_table_as_it_was(impl, pair, offsets, ttls, error):
+    hits, _, wire = table_with_one_answer(impl, capacity=1)
+    with pytest.raises(error):
+        hits.put(b"\x01x\x00", 1, 1, False, b"\x00" * 20, offsets, ttls, 0.0, 60.0, None, 0.0)
+    with pytest.raises(error):  # the same question as the entry: it stays
+        hits.put(peek_query(wire).qname.lower(), 1, 1, False, b"\x00" * 40, offsets, ttls, 0.0, 60.0, None, 0.0)
+    assert len(hits) == 1
+    pair.send(wire)
+    assert hits.answer(pair.server.fileno(), STORED_AT)[:2] == (1, [])
+
+
+def test_a_full_table_looks_at_a_bounded_number_of_entries_per_put_and_goes_on_from_there(impl):
+    hits = impl.DnsHits(100)
+    wire = b"\x00" * 12 + b"\x01x\x00" + b"\x00" * 9
+    for number in range(100):  # slot 99, the last filled, is fresh for 1 s only
+        assert hits.put(
+            b"\x02%02d\x00" % number, 1, 1, False, wire, [], [], 0.0, 1.0 if number == 99 else 60.0, None, 0.0
+        )
+    assert not hits.put(b"\x03new\x00", 1, 1, False, wire, [], [], 5.0, 60.0, None, 5.0)  # slots 1-64: all fresh
+    assert hits.put(b"\x03new\x00", 1, 1, False, wire, [], [], 5.0, 60.0, None, 5.0)  # from 65 on: 99 is stale
+    assert len(hits) == 100
+
+
+def test_bad_tables_and_networks_are_refused(impl):
+    for capacity in (0, 1 << 23):
+        with pytest.raises(ValueError):
+            impl.DnsHits(capacity)
     hits = impl.DnsHits(2)
-    with pytest.raises(ValueError):
-        hits.put(b"\x03www\x00", 1, 1, False, b"\x00" * 20, [18], [60], 0.0, 60.0, None)  # TTL past the end
-    with pytest.raises(ValueError):
-        hits.put(b"", 1, 1, False, b"\x00" * 20, [], [], 0.0, 60.0, None)
-    with pytest.raises(ValueError):
-        impl.DnsHits(0)
-    with pytest.raises(ValueError):
-        hits.allow([(b"\x0a\x00\x00", 8)])
+    for networks in ([(b"\x0a\x00\x00", 8)], [(b"\x0a\x00\x00\x00", 33)], [(bytes(16), 64)]):
+        with pytest.raises(ValueError):
+            hits.allow(networks)
+    hits.allow(network for network in [LOOPBACK])  # any iterable
+
+
+def test_untell_makes_the_next_answer_told_again(impl, pair):
+    hits, _, wire = table_with_one_answer(impl, "entry")
+    told = []
+    for moment, untell in ((0.0, None), (1.0, None), (2.0, "127.0.0.2"), (3.0, "127.0.0.1"), (4.0, None)):
+        if untell is not None:
+            hits.untell(untell, peek_query(wire).qname.lower(), dns.rdatatype.A, 1)
+        pair.send(wire)
+        told.append(len(hits.answer(pair.server.fileno(), STORED_AT + moment)[3]))
+    hits.untell("::1", b"\x01x\x00", 1, 1)  # neither an IPv4 client nor an entry: nothing to do
+    assert told == [1, 0, 0, 1, 0]  # another client untold changes nothing for this one
+    pair.replies(5)
 
 
 @st.composite

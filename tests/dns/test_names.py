@@ -185,3 +185,18 @@ def test_the_book_holds_the_last_name_per_client_and_address_within_its_bound(st
         assert book.name_for(client, address, now) in (name, None)  # evicted or expired, never another's
     for client in (CLIENT, OTHER_CLIENT):
         assert all(book.name_for(client, f"192.0.2.{i}", now) is None for i in range(21, 41))  # off every chain
+
+
+def test_a_name_replaced_for_a_client_and_address_is_told_to_displaced():
+    book = NameBook()
+    displaced = []
+    book.displaced = lambda *args: displaced.append(args)
+
+    def to_x(name):
+        return answer(name, records=[(name, 60, "A", "192.0.2.1")])
+
+    book.learn("10.0.0.2", to_x("a.example."), 0.0)
+    book.learn("10.0.0.2", to_x("a.example."), 1.0)  # the same name again: nothing replaced
+    book.learn("10.0.0.3", to_x("b.example."), 2.0)  # another client: nothing replaced
+    book.learn("10.0.0.2", to_x("b.example."), 3.0)
+    assert displaced == [("10.0.0.2", "a.example", "192.0.2.1")]

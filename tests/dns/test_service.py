@@ -418,6 +418,20 @@ async def test_hits_go_to_the_fast_path_which_tells_the_name_book_and_the_metric
     assert service.metrics.dns_queries[("A", "upstream")] == 1
 
 
+async def test_the_last_name_given_for_an_address_wins_through_the_fast_path_too():
+    """Two names with one address (a CDN's): a client given a, then b, then a again (by the table, within the
+    time it would not be told again) is known by the book to have asked for a last."""
+    names = NameBook()
+    async with running(names=names) as service:
+        for name in ("a.example.", "a.example.", "a.example.", "b.example.", "b.example.", "b.example."):
+            await ask_udp(service, name)
+        assert names.name_for("127.0.0.1", "192.0.2.1", trio.current_time()) == "b.example"
+        cache_answers = service.metrics.dns_queries[("A", "cache")]
+        await ask_udp(service, "a.example.")
+        assert service.metrics.dns_queries[("A", "cache")] == cache_answers + 1 and len(service.hits) == 2
+        assert names.name_for("127.0.0.1", "192.0.2.1", trio.current_time()) == "a.example"
+
+
 async def test_a_reload_empties_the_fast_path_and_dns_allow_holds_for_it_too():
     async with running() as service:
         await ask_udp(service)
