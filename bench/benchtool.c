@@ -560,7 +560,8 @@ static void bulk(int argc, char **argv)
  * names h0.ZONE .. h(NAMES-1).ZONE are asked over and over (cache hits once each was asked); "miss" asks a
  * name never asked before every time (mNUMBER-TOKEN.ZONE). Worker i sends from SOURCES[i::CONCURRENCY]
  * (comma-separated addresses, one socket each) in turn. An answer counts when its ID, question and RCODE
- * (NOERROR) match and it has an answer record; one in DNS_SAMPLE_EVERY must also hold the A record EXPECT.
+ * (NOERROR) match and it has an answer record; one in DNS_SAMPLE_EVERY must also hold the A record EXPECT
+ * (with a leading +, hit name i's is EXPECT + i).
  * Prints one JSON object: queries, answered, timeouts, bad answers by reason, qps, p50/p99/max latency in ms,
  * its own CPU seconds (load_cpu_s) and the whole machine's share of busy CPU time (machine_busy, /proc/stat),
  * both over the timed part alone. */
@@ -575,6 +576,7 @@ struct dns_worker {
     int first_socket, sockets, turn;
     int waiting; /* a query is out, not yet answered nor given up */
     double started;
+    unsigned char expect[4]; /* the A record its answer must hold */
     unsigned char query[DNS_MAX_QUERY];
     int query_size;
 };
@@ -589,8 +591,8 @@ struct dns_run {
     double deadline, timeout, last_answer;
     double *latencies;
     long long latency_room;
-    unsigned char expect[4];
-    int has_expect;
+    uint32_t expect; /* host order */
+    int has_expect, expect_counts; /* counts: hit name i's answer is expect + i */
     const char *bad_reason[DNS_BAD_KINDS];
     long long bad_count[DNS_BAD_KINDS];
     int *socket_fd, *socket_worker;
@@ -653,7 +655,7 @@ static int dns_skip_name(const unsigned char *reply, int size, int at)
     return -1;
 }
 
-static int dns_holds_expected(const struct dns_run *run, const unsigned char *reply, int size, int at)
+static int dns_holds_expected(const struct dns_worker *worker, const unsigned char *reply, int size, int at)
 {
     int records = reply[6] << 8 | reply[7];
     for (int i = 0; i < records; i++) {
@@ -662,7 +664,7 @@ static int dns_holds_expected(const struct dns_run *run, const unsigned char *re
         int type = reply[at] << 8 | reply[at + 1], length = reply[at + 8] << 8 | reply[at + 9];
         at += 10;
         if (at + length > size) return 0;
-        if (type == 1 && length == 4 && !memcmp(reply + at, run->expect, 4)) return 1;
+        if (type == 1 && length == 4 && !memcmp(reply + at, worker->expect, 4)) return 1;
         at += length;
     }
     return 0;
@@ -682,7 +684,7 @@ static const char *dns_check(struct dns_run *run, const struct dns_worker *worke
         if (tolower(reply[i]) != tolower(worker->query[i])) return "other-question";
     if (!reply[6] && !reply[7]) return "no-answer";
     if (run->has_expect && run->answered % DNS_SAMPLE_EVERY == 0 &&
-        !dns_holds_expected(run, reply, size, worker->query_size))
+        !dns_holds_expected(worker, reply, size, worker->query_size))
         return "wrong-address";
     return NULL;
 }
@@ -694,14 +696,18 @@ static void dns_send_next(struct dns_run *run, int number)
     char name[DNS_MAX_QUERY];
     worker->waiting = 0;
     if (now() >= run->deadline || (run->count && run->sent >= run->count)) return;
+    uint32_t expect = run->expect;
     if (run->names) {
         int which = (int)(run->sent % run->names);
         worker->query_size = run->pool_size[which];
         memcpy(worker->query, run->pool[which], worker->query_size);
+        expect += run->expect_counts ? (uint32_t)which : 0;
     } else {
         snprintf(name, sizeof name, "m%lld-%s.%s", run->sent, run->token, run->zone);
         worker->query_size = dns_query(name, worker->query);
     }
+    worker->expect[0] = expect >> 24, worker->expect[1] = expect >> 16 & 0xFF;
+    worker->expect[2] = expect >> 8 & 0xFF, worker->expect[3] = expect & 0xFF;
     run->sent++;
     uint32_t id = dns_random(run);
     worker->query[0] = id >> 8 & 0xFF, worker->query[1] = id & 0xFF;
@@ -774,10 +780,13 @@ static void dns_load(char **argv)
     for (char *next = list ? strtok(list, ",") : NULL; next; next = strtok(NULL, ","))
         if (source_count < DNS_MAX_SOURCES) sources[source_count++] = next;
     if (strcmp(argv[11], "-")) {
-        if (inet_pton(AF_INET, argv[11], run.expect) != 1) {
+        struct in_addr expect;
+        run.expect_counts = argv[11][0] == '+';
+        if (inet_pton(AF_INET, argv[11] + run.expect_counts, &expect) != 1) {
             fprintf(stderr, "not an IPv4 address: %s\n", argv[11]);
             exit(2);
         }
+        run.expect = ntohl(expect.s_addr);
         run.has_expect = 1;
     }
     run.random_state = (uint32_t)getpid() * 2654435761u ^ (uint32_t)(now() * 1e6);

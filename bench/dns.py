@@ -16,9 +16,9 @@ netem), so a miss costs that round trip plus unbound's own time, for relay and s
 Cases, each run by bench/benchtool.c's dns client (C, so that the load is not the limit: UDP,
 --concurrency queries in flight, for --seconds) in the client namespace, from --sources addresses
 in turn:
-  hit   relay, dnsmasq: 200 names, each asked twice just before the run (not measured: the
-        first fills the cache, the second gives the relay's fast path its answer), then over
-        and over
+  hit   relay, dnsmasq: 200 names (each with an address of its own, or with --hit-addresses one
+        all with the same), each asked twice just before the run (not measured: the first fills
+        the cache, the second gives the relay's fast path its answer), then over and over
   miss  relay, relay-tcp, sshuttle: a name never asked before every time; relay's metrics
         confirm that each went upstream
 Rounds interleave the contenders (the order reversed every other round), as this machine drifts
@@ -35,6 +35,7 @@ Run as root on a machine set up by scripts/setup:  .venv/bin/python bench/dns.py
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -55,12 +56,15 @@ if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
 from testbed import BenchError, cannot_run, compile_benchtool, cpu_seconds, first_line, process_tree  # noqa: E402
 
 from relay.lab import ADDR, Lab, start_dante, start_delay_line, start_sshd, start_unbound  # noqa: E402
-from relay.lab.services import RelayProcess  # noqa: E402
+from relay.lab.services import LAB_DNS_DATA, RelayProcess  # noqa: E402
 
 RESULTS = HERE / "results"
 NEEDED_COMMANDS = ("sshuttle", "dnsmasq", "unbound", "danted", "sshd", "ssh", "iptables", "gcc")
 ZONE = "bench.example."
 ANSWER = ADDR.server4  # what unbound answers for every name in ZONE
+# Hit names with an address each (--hit-addresses each): h<N> in HIT_ZONE is HIT_BASE + N.
+HIT_ZONE = "hits.example."
+HIT_BASE = ipaddress.ip_address("10.99.0.0")
 TTL = 3600  # longer than any run: a primed name stays a hit
 SOURCES_FROM = 16  # the client's extra addresses: 10.77.1.16 and up
 DNS_PORTS = {"relay": 5301, "relay-tcp": 5303, "dnsmasq": 5302}  # sshuttle: port 53, redirected
@@ -107,6 +111,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rtt-ms", type=float, default=100.0, help="round trip added to the far side (default 100)")
     parser.add_argument("--sources", type=int, default=200, help="client source addresses (default 200)")
     parser.add_argument("--hit-names", type=int, default=200, help="names asked in the hit case (default 200)")
+    parser.add_argument(
+        "--hit-addresses",
+        choices=("each", "one"),
+        default="each",
+        help="the hit names' addresses: one each (default), or one for all (a CDN's: the relay's name book then "
+        "learns a new name for the address at every answer)",
+    )
     parser.add_argument("--out", type=Path, help="where the JSON goes (default bench/results/dns-DATE.json)")
     args = parser.parse_args()
     if not 1 <= args.sources <= 254 - SOURCES_FROM:
@@ -160,7 +171,8 @@ class DnsBench:
         # router intercepts queries to the router's resolv.conf's: both set before those start.
         lab.set_resolver("far", ADDR.far_server_side4)
         lab.set_resolver("router", ADDR.router_lan4)
-        self.unbound = start_unbound(lab, wildcards={ZONE: [("A", ANSWER)]}, ttl=TTL)
+        hit_data = {f"h{n}.{HIT_ZONE}": [("A", str(HIT_BASE + n))] for n in range(self.args.hit_names)}
+        self.unbound = start_unbound(lab, data={**LAB_DNS_DATA, **hit_data}, wildcards={ZONE: [("A", ANSWER)]}, ttl=TTL)
         self.sshd = start_sshd(lab)
         self.dante = start_dante(lab, listen=[(ADDR.far4, 1080)], external=ADDR.far_server_side4)
         for name, port, target in (
@@ -295,18 +307,21 @@ class DnsBench:
     ) -> dict:
         """benchtool's dns client against ``contender``: ``names`` hit names asked over and over, or with
         None a new name every time; until ``count`` queries were sent (0: no limit) or ``seconds`` passed."""
+        zone, expect = ZONE, ANSWER
+        if names is not None and self.args.hit_addresses == "each":
+            zone, expect = HIT_ZONE, f"+{HIT_BASE}"
         argv = [
             self.tool,
             "dns",
             *map(str, contender.server),
-            ZONE,
+            zone,
             "miss" if names is None else str(names),
             str(seconds),
             str(concurrency),
             str(count),
             str(timeout),
             ",".join(sources) or "-",
-            ANSWER,
+            expect,
         ]
         result = self.lab.run("client", argv, check=False, timeout=seconds + timeout + 30)
         if result.returncode != 0:

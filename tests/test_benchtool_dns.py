@@ -1,6 +1,7 @@
 """bench/benchtool.c's DNS load generator, against a small dnspython server on loopback: the bench's hit
 and miss figures are only as good as its count of what was answered, and of what was answered wrongly."""
 
+import ipaddress
 import json
 import shutil
 import socket
@@ -57,10 +58,14 @@ class Server:
             if self.behaviour == "silent":
                 continue
             response = dns.message.make_response(query)
+            address = self.address
             if self.behaviour == "servfail":
                 response.set_rcode(dns.rcode.SERVFAIL)
             else:
-                response.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A", self.address))
+                if self.behaviour == "numbered":  # h<N>: the address plus N
+                    number = int(query.question[0].name.labels[0][1:])
+                    address = str(ipaddress.ip_address(self.address) + number)
+                response.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A", address))
             self.sock.sendto(response.to_wire(), peer)
 
     def close(self) -> None:
@@ -109,6 +114,18 @@ def test_wrong_answers_are_counted_by_reason_not_as_answered(benchtool, behaviou
         server.close()
     assert result["answered"] == 0
     assert result["bad"] == {reason: 10}
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expect", "answered"), [("numbered", "+192.0.2.7", 30), ("numbered", "+192.0.2.8", 0)]
+)
+def test_hit_names_with_an_address_each_are_checked_each_against_its_own(benchtool, behaviour, expect, answered):
+    server = Server(behaviour)
+    try:
+        result = run(benchtool, server, count="30", expect=expect)
+    finally:
+        server.close()
+    assert result["answered"] == answered and sum(result["bad"].values()) == 30 - answered
 
 
 def test_a_silent_server_costs_a_timeout_per_query_and_the_run_ends(benchtool):
