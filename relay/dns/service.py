@@ -103,10 +103,10 @@ class DnsService:
         if cache is None:
             cache = Cache(config.dns_cache_size, config.dns_min_ttl, config.dns_max_ttl)
         self.cache = cache
-        # Cache hits on IPv4 addresses answered without a call into Python per query (serve_udp_hits). What it
-        # may answer depends on the configuration, the allowed networks and the fake-ip exclusions: it is
+        # Cache hits on IPv4 addresses answered without a call into Python per query (serve_udp_hits), with
+        # room for every answer of the cache twice (asked with EDNS and without), so that it never fills. What
+        # it may answer depends on the configuration, the allowed networks and the fake-ip exclusions: it is
         # emptied when any of them is replaced (a reload).
-        # Room for every answer of the cache twice (asked with EDNS and without), so that it never fills.
         self.hits = fastpath.DnsHits(2 * min(cache.max_entries, HITS_KEPT)) if cache.max_entries > 0 else None
         self._hits_for: tuple = ()
         if self.hits is not None:
