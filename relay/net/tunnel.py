@@ -272,8 +272,10 @@ class SshTunnel:
         self.identity = identity
         self.options = tuple(options)
         self.session = session
-        self.with_session = session != "off"  # auto turns it off when the session stands in the way
-        self._session_doubted: str | None = None  # auto: why the session may be what failed, while ssh tries -N
+        # auto: why the session may be what failed, while the next ssh tries without (-N); and whether the session
+        # stood in the way, so that ssh runs without one from now on.
+        self._session_doubted: str | None = None
+        self._session_given_up = False
         self.ssh_binary = ssh_binary
         self.alive_interval = alive_interval
         self.alive_count = alive_count
@@ -390,6 +392,13 @@ class SshTunnel:
             await trio.sleep(delay)
 
     @property
+    def with_session(self) -> bool:
+        """Whether the next ssh holds a session (-n -T and a command) rather than none (-N)."""
+        if self.session == "auto":
+            return not self._session_given_up and self._session_doubted is None
+        return self.session == "on"
+
+    @property
     def doubting_session(self) -> bool:
         """auto: an ssh with a session never came up; the next one tries without."""
         return self._session_doubted is not None
@@ -397,7 +406,7 @@ class SshTunnel:
     @property
     def session_given_up(self) -> bool:
         """auto: ssh runs without a session from now on, as the session stood in the way."""
-        return self.session == "auto" and not self.with_session and not self.doubting_session
+        return self._session_given_up
 
     def _judge_session(self, kind: str, reason: str, lived: float) -> None:
         """--ssh-session auto, after each ssh: a session whose command ended (no shell, a forced command) is given
@@ -405,11 +414,11 @@ class SshTunnel:
         session, and ssh exits 255 as for any failure) is doubted: the next ssh runs without, and if that one
         comes up, the session is given up, else the next tries it again."""
         if self._session_doubted is not None:  # without a session, ssh failed too: the session was not it
-            self.with_session, self._session_doubted = True, None
+            self._session_doubted = None
         elif self.with_session and kind in SESSION_ENDED:
             self._give_up_session(f"the session's command ended ({reason})")
         elif self.with_session and lived < SESSION_TRIAL_SECONDS:
-            self.with_session, self._session_doubted = False, reason
+            self._session_doubted = reason
 
     def _came_up(self) -> None:
         if self._session_doubted is not None:  # without the session it works
@@ -417,7 +426,7 @@ class SshTunnel:
             self._session_doubted = None
 
     def _give_up_session(self, why: str) -> None:
-        self.with_session = False
+        self._session_given_up = True
         log.warning(
             "ssh tunnel %s: %s: the account may have no shell, a forced command or no sessions allowed; going on "
             "without a session, so sshd may hold the far side's small writes for a round trip (--ssh-session off "
