@@ -36,7 +36,7 @@ cdef extern from "<netinet/in.h>" nogil:
     int INET6_ADDRSTRLEN
     ctypedef unsigned short in_port_t
     struct in_addr:
-        pass
+        unsigned int s_addr  # network order
     struct in6_addr:
         pass
     struct sockaddr_in:
@@ -49,6 +49,7 @@ cdef extern from "<netinet/in.h>" nogil:
         in6_addr sin6_addr
     unsigned short ntohs(unsigned short)
     unsigned short htons(unsigned short)
+    unsigned int ntohl(unsigned int)
 
 cdef extern from "<arpa/inet.h>" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
@@ -296,8 +297,7 @@ cdef struct Told:
     double at
 
 
-# One network of --dns-allow.
+# One IPv4 network of --dns-allow.
 cdef struct Network:
-    int family
-    unsigned char ip[16]
-    int prefix
+    unsigned int address  # IPv4, host order
+    unsigned int mask

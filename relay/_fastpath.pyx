@@ -1581,9 +1581,8 @@ cdef class DnsHits:
             for packed, prefix in networks:
                 if not isinstance(packed, bytes) or len(packed) != 4 or not 0 <= prefix <= 32:
                     raise ValueError(f"not an IPv4 network: {packed!r}/{prefix}")
-                chosen[i].family = AF_INET
-                memcpy(chosen[i].ip, <const char *>packed, 4)
-                chosen[i].prefix = prefix
+                chosen[i].mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF if prefix else 0
+                chosen[i].address = int.from_bytes(packed, "big") & chosen[i].mask
                 i += 1
         except BaseException:
             free(chosen)
@@ -1721,15 +1720,10 @@ cdef class DnsHits:
                     ways[way].entry, ways[way].at = -1, 0.0
 
     cdef bint allowed(self, const sockaddr_in *source) noexcept nogil:
-        cdef const unsigned char *ip = <const unsigned char *>&source.sin_addr
-        cdef Network *n
-        cdef int i, whole, rest
+        cdef unsigned int client = ntohl(source.sin_addr.s_addr)
+        cdef int i
         for i in range(self.network_count):
-            n = &self.networks[i]
-            if n.family != AF_INET:
-                continue
-            whole, rest = n.prefix >> 3, n.prefix & 7
-            if memcmp(n.ip, ip, whole) == 0 and (rest == 0 or ((n.ip[whole] ^ ip[whole]) & (0xFF00 >> rest) & 0xFF) == 0):
+            if client & self.networks[i].mask == self.networks[i].address:
                 return True
         return False
 
@@ -1743,8 +1737,7 @@ cdef class DnsHits:
         """Whether to tell Python that this client was given this entry: not if it was told within RETELL_AFTER.
         Remembered in sets of TOLD_WAYS pairs chosen by client and entry; a new pair takes the place of its
         set's pair told longest ago."""
-        cdef const unsigned char *ip = <const unsigned char *>&source.sin_addr
-        cdef unsigned int client = <unsigned int>ip[0] << 24 | ip[1] << 16 | ip[2] << 8 | ip[3]
+        cdef unsigned int client = ntohl(source.sin_addr.s_addr)
         cdef Told *ways = self.told_set(client, slot)
         cdef Told *t = ways
         cdef int way

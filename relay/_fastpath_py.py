@@ -1017,7 +1017,8 @@ class DnsHits:
         for packed, prefix in list(networks):
             if not isinstance(packed, bytes) or len(packed) != 4 or not 0 <= prefix <= 32:
                 raise ValueError(f"not an IPv4 network: {packed!r}/{prefix}")
-            chosen.append((packed, prefix))
+            mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+            chosen.append((int.from_bytes(packed, "big") & mask, mask))
         self._networks = chosen
 
     def _unlink(self, slot):
@@ -1098,11 +1099,8 @@ class DnsHits:
         return [self._told.setdefault(first + way, [0, -1, 0, 0.0]) for way in range(_TOLD_WAYS)]
 
     def _allowed(self, packed: bytes) -> bool:
-        address = int.from_bytes(packed, "big")
-        for network, prefix in self._networks:
-            if len(network) == 4 and (address ^ int.from_bytes(network, "big")) >> (32 - prefix) == 0:
-                return True
-        return False
+        client = int.from_bytes(packed, "big")
+        return any(client & mask == network for network, mask in self._networks)
 
     def _tell(self, packed: bytes, slot: int, now: float) -> bool:
         client = int.from_bytes(packed, "big")
