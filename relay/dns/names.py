@@ -24,8 +24,10 @@ from relay.proto.sniff import valid_hostname
 MIN_LIFETIME = 10.0
 # A long TTL is kept no longer than this: the book is for connections that follow a lookup.
 MAX_LIFETIME = 3600.0
-# How often at most learn() drops every expired entry, so that they do not sit in the book until evicted.
-SWEEP_INTERVAL = 60.0
+# Each learn() drops at most this many expired entries, the least recently used first, and stops at one still
+# alive: expired entries do not sit in the book until evicted (an entry at most MAX_LIFETIME past its last use),
+# and no call walks the whole book.
+SWEEP_STEP = 64
 ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
@@ -42,7 +44,6 @@ class NameBook:
     def __init__(self, max_entries: int = 65536):
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()  # -> (name, expires)
-        self._next_sweep = float("-inf")
         # Called with (client, name, address) when another name replaces ``name`` for that client and address.
         self.displaced = None
 
@@ -72,8 +73,7 @@ class NameBook:
             client = normalized(client)
         except ValueError:  # a client that is no address
             return
-        if now >= self._next_sweep:
-            self._sweep(now)
+        self._sweep(now)
         if answered is None:
             return
         name, addresses = answered
@@ -104,9 +104,12 @@ class NameBook:
         return name
 
     def _sweep(self, now: float) -> None:
-        for key in [key for key, (_, expires) in self._entries.items() if now >= expires]:
-            del self._entries[key]
-        self._next_sweep = now + SWEEP_INTERVAL
+        entries = self._entries
+        for _ in range(SWEEP_STEP):
+            oldest = next(iter(entries), None)
+            if oldest is None or now < entries[oldest][1]:
+                return
+            del entries[oldest]
 
 
 def _answered(reply: bytes) -> tuple[str, list[tuple[str, int]]] | None:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dns.names import MAX_LIFETIME, MIN_LIFETIME, SWEEP_INTERVAL, NameBook
+from relay.dns.names import MAX_LIFETIME, MIN_LIFETIME, SWEEP_STEP, NameBook
 from tests.dns.support import query, response
 
 CLIENT, OTHER_CLIENT = "10.0.0.5", "10.0.0.6"
@@ -113,7 +113,37 @@ def test_expired_entries_are_swept_by_a_later_learn_without_being_asked_for():
         *(answer(f"n{i}.example.", records=[(f"n{i}.example.", 30, "A", f"192.0.2.{i}")]) for i in range(50))
     )
     assert len(book) == 50
-    book.learn(CLIENT, answer(records=[("www.example.com.", 300, "A", "198.51.100.1")]), NOW + SWEEP_INTERVAL)
+    book.learn(CLIENT, answer(records=[("www.example.com.", 300, "A", "198.51.100.1")]), NOW + 31)
+    assert len(book) == 1
+
+
+def test_a_learn_drops_a_bounded_number_of_expired_entries():
+    count = 3 * SWEEP_STEP
+    book = book_with(
+        *(
+            answer(f"n{i}.example.", records=[(f"n{i}.example.", 30, "A", f"10.0.{i // 250}.{i % 250}")])
+            for i in range(count)
+        )
+    )
+    fresh = answer(records=[("www.example.com.", 300, "A", "198.51.100.1")])
+    book.learn(CLIENT, fresh, NOW + 31)
+    assert len(book) == count - SWEEP_STEP + 1
+    book.learn(CLIENT, fresh, NOW + 31)
+    book.learn(CLIENT, fresh, NOW + 31)
+    assert len(book) == 1
+
+
+def test_expired_entries_behind_a_live_one_wait_for_it_and_are_never_given():
+    book = book_with(
+        answer("long.example.", records=[("long.example.", 300, "A", "198.51.100.9")]),
+        *(answer(f"n{i}.example.", records=[(f"n{i}.example.", 30, "A", f"192.0.2.{i}")]) for i in range(10)),
+    )
+    fresh = answer(records=[("www.example.com.", 3000, "A", "198.51.100.1")])
+    book.learn(CLIENT, fresh, NOW + 31)
+    assert len(book) == 12  # the oldest is alive: the sweep stops there
+    assert book.name_for(CLIENT, "192.0.2.3", NOW + 31) is None  # expired, so dropped when asked for
+    assert len(book) == 11
+    book.learn(CLIENT, fresh, NOW + 301)
     assert len(book) == 1
 
 
