@@ -13,7 +13,9 @@ server, curl on the client. Three ways from client to server:
   tunnel to squid, every byte spliced, the reference for the relay's CPU per GB.
 
 Each run moves ``--size-mib`` in all (split between the streams), downloads (GET) and uploads
-(PUT, with a Content-Length); each round runs every way once, in turn. Reported: throughput,
+(PUT, with a Content-Length); each round runs every way once, in turn. All of them share the
+machine's CPUs, unless ``--router-cpu N`` gives the relays a CPU of their own and the rest the others
+(as when the router is a machine apart from the client and the proxy). Reported: throughput,
 the relay's CPU seconds per GB moved (its process tree; of it, user time apart: the rest is the
 kernel's work in its context, splice and the TCP of what it sends) and the whole machine's
 (/proc/stat, softirq included), medians of the rounds, with the targets of issue 20: the relay's CPU per GB
@@ -23,6 +25,7 @@ at most 1.2x the tunnel's, throughput at least 0.95x squid's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -40,8 +43,10 @@ from bench.testbed import (  # noqa: E402
     RelayUnderTest,
     Testbed,
     cannot_run,
+    cpu_seconds,
     first_line,
     machine_busy_seconds,
+    process_tree,
     save_results,
 )
 from relay.lab import ADDR, Lab  # noqa: E402
@@ -70,6 +75,8 @@ def one_run(bed: Testbed, way: str, case: Case, streams: int, total: int, direct
     size = total // streams
     bed.use(case)
     relay_cpu = case.relay.user_and_kernel_seconds() if case.relay else (0.0, 0.0)
+    squid_pids = process_tree(bed.lab.process("squid").pid)
+    squid_cpu = cpu_seconds(squid_pids)
     busy, started = machine_busy_seconds(), time.monotonic()
     curl_all(bed, way, streams, size, files.get(size) if direction == "up" else None)
     seconds = time.monotonic() - started
@@ -77,12 +84,20 @@ def one_run(bed: Testbed, way: str, case: Case, streams: int, total: int, direct
     run = {
         "mbit_s": round(size * streams * 8 / seconds / 1e6, 1),
         "machine_cpu_s_per_gb": round((machine_busy_seconds() - busy) / gigabytes, 3),
+        "squid_cpu_s_per_gb": round((cpu_seconds(squid_pids) - squid_cpu) / gigabytes, 3),
     }
     if case.relay:
         user, kernel = (after - before for after, before in zip(case.relay.user_and_kernel_seconds(), relay_cpu))
         run["relay_cpu_s_per_gb"] = round((user + kernel) / gigabytes, 3)
         run["relay_user_s_per_gb"] = round(user / gigabytes, 3)
     return run
+
+
+def pin(pids: list[int], cpu: int) -> None:
+    """Every thread of ``pids`` onto ``cpu`` (threads they start later inherit it)."""
+    for pid in pids:
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(thread), {cpu})
 
 
 def main() -> int:
@@ -92,6 +107,13 @@ def main() -> int:
     parser.add_argument("--directions", default="down,up")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--squid-line", action="append", default=[], help="a squid.conf line to add (repeatable)")
+    parser.add_argument(
+        "--router-cpu",
+        type=int,
+        default=None,
+        help="run the relays on this CPU alone and everything else (curl, squid, the server) on the others: "
+        "the router as a machine of its own, as deployed, instead of all of them sharing every CPU",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if why := cannot_run(("squid", "curl", "gcc")):
@@ -102,15 +124,20 @@ def main() -> int:
     tests = [(streams, direction) for streams in stream_counts for direction in args.directions.split(",")]
     results: dict = {
         "commit": first_line(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"]),
-        **{key: getattr(args, key) for key in ("size_mib", "rounds", "squid_line")},
+        **{key: getattr(args, key) for key in ("size_mib", "rounds", "squid_line", "router_cpu")},
         "runs": {f"{streams}x {direction} {way}": [] for streams, direction in tests for way in WAYS},
     }
+    if args.router_cpu is not None:
+        # Inherited by every process the lab starts from here on; the relays are moved after they start.
+        os.sched_setaffinity(0, set(range(os.cpu_count())) - {args.router_cpu})
     with Lab() as lab:
         bed = Testbed(lab, ["squid"], tuple(args.squid_line))
         cases = {"squid": Case("squid/direct", "direct", "squid")}
         for way in ("relay", "tunnel"):
             relay = RelayUnderTest(bed, "relay", "squid", RELAY_PORTS[way], RELAY_ARGS[way], label=f"relay-{way}")
             relay.start()
+            if args.router_cpu is not None:
+                pin(relay.pids(), args.router_cpu)
             cases[way] = Case(f"squid/{way}", "relay", "squid", relay)
         files = {}
         for streams in stream_counts:  # sparse: read as zeros without a disk behind them
@@ -135,8 +162,11 @@ def median_of(runs: list[dict], key: str) -> float:
 
 
 def print_table(results: dict, tests: list) -> None:
-    print("\n| test | way | Mbit/s (median) | relay CPU s/GB (of it user) | machine CPU s/GB | targets |")
-    print("|---|---|---|---|---|---|")
+    if results["router_cpu"] is not None:
+        print(f"\nthe relays ran on CPU {results['router_cpu']} alone; curl, squid and the server on the others")
+    columns = "Mbit/s (median) | relay CPU s/GB (of it user) | squid CPU s/GB | machine CPU s/GB"
+    print(f"\n| test | way | {columns} | targets |")
+    print("|---|---|---|---|---|---|---|")
     for streams, direction in tests:
         runs = {way: results["runs"][f"{streams}x {direction} {way}"] for way in WAYS}
         for way in WAYS:
@@ -150,10 +180,9 @@ def print_table(results: dict, tests: list) -> None:
                 throughput = rate / median_of(runs["squid"], "mbit_s")
                 cpu = median_of(runs[way], "relay_cpu_s_per_gb") / median_of(runs["tunnel"], "relay_cpu_s_per_gb")
                 note = f"{throughput:.2f}x squid's throughput (≥ 0.95), {cpu:.2f}x the tunnel's CPU (≤ 1.2)"
-            print(
-                f"| {streams}x {direction} | {way} | {rate} | {relay_cpu} | "
-                f"{median_of(runs[way], 'machine_cpu_s_per_gb')} | {note} |"
-            )
+            squid_cpu = median_of(runs[way], "squid_cpu_s_per_gb")
+            machine_cpu = median_of(runs[way], "machine_cpu_s_per_gb")
+            print(f"| {streams}x {direction} | {way} | {rate} | {relay_cpu} | {squid_cpu} | {machine_cpu} | {note} |")
 
 
 if __name__ == "__main__":
