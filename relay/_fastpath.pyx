@@ -15,6 +15,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdlib cimport calloc, free, malloc, realloc
 
 from operator import index as _index
+from os import urandom as _urandom
 
 from relay import ends
 
@@ -1480,18 +1481,33 @@ cdef (int, unsigned int) checked_ttl(offset, ttl, Py_ssize_t size) except *:
     return offset, ttl
 
 
-cdef inline unsigned int hit_hash(const unsigned char *qname, int size, unsigned short qtype, unsigned short qclass,
-                                  bint edns) noexcept nogil:
-    """FNV-1a over the question and whether the client has EDNS."""
-    cdef unsigned int h = 2166136261u
+cdef inline unsigned long long hit_hash(unsigned long long seed, const unsigned char *qname, int size,
+                                        unsigned short qtype, unsigned short qclass, bint edns) noexcept nogil:
+    """FNV-1a (64 bits) over the question and whether the client has EDNS, from a start of the table's own, then
+    murmur3's finalizer, so that every bit of a bucket number depends on the seed: names a client chose to share
+    a bucket in one table spread in another, and no chain grows long enough to slow every lookup."""
+    cdef unsigned long long h = 14695981039346656037ULL ^ seed
     cdef int i
     for i in range(size):
-        h = (h ^ qname[i]) * 16777619u
-    h = (h ^ (qtype & 0xFF)) * 16777619u
-    h = (h ^ (qtype >> 8)) * 16777619u
-    h = (h ^ (qclass & 0xFF)) * 16777619u
-    h = (h ^ (qclass >> 8)) * 16777619u
-    return (h ^ edns) * 16777619u
+        h = (h ^ qname[i]) * 1099511628211ULL
+    h = (h ^ (qtype & 0xFF)) * 1099511628211ULL
+    h = (h ^ (qtype >> 8)) * 1099511628211ULL
+    h = (h ^ (qclass & 0xFF)) * 1099511628211ULL
+    h = (h ^ (qclass >> 8)) * 1099511628211ULL
+    h = (h ^ edns) * 1099511628211ULL
+    h ^= h >> 33
+    h *= 0xFF51AFD7ED558CCDULL
+    h ^= h >> 33
+    h *= 0xC4CEB9FE1A85EC53ULL
+    return h ^ (h >> 33)
+
+
+cdef inline void release(PyObject **dropped, int count) noexcept:
+    """Drop what unlink() took out of the table, once the table is whole again: a finalizer run here may use it."""
+    cdef int i
+    for i in range(count):
+        Py_XDECREF(dropped[i])
+        dropped[i] = NULL
 
 
 cdef inline void datagram(mmsghdr *message, iovec *part, unsigned char *data, size_t size,
@@ -1520,6 +1536,7 @@ cdef class DnsHits:
     cdef int capacity
     cdef int *buckets
     cdef unsigned int mask
+    cdef unsigned long long seed  # of hit_hash: random, so that nobody outside knows which names share a bucket
     cdef int free_entry
     cdef int count
     cdef int hand  # where the last search for a stale entry ended
@@ -1547,6 +1564,7 @@ cdef class DnsHits:
         if self.entries == NULL or self.buckets == NULL or self.told == NULL or self.buffer == NULL:
             raise MemoryError()
         self.capacity, self.mask = capacity, buckets - 1
+        self.seed = int.from_bytes(_urandom(8), "little")
         for i in range(buckets):
             self.buckets[i] = -1
         for i in range(capacity):
@@ -1559,8 +1577,13 @@ cdef class DnsHits:
         """``capacity`` entries at most; ``networks`` as allow() takes them."""
 
     def __dealloc__(self):
+        cdef PyObject *dropped[2]
+        cdef int slot
         if self.entries != NULL:
-            self.unlink_all()
+            for slot in range(self.capacity):
+                if self.entries[slot].in_use:
+                    self.unlink(slot, dropped)
+                    release(dropped, 2)  # nothing can reach a table being freed
         free(self.entries)
         free(self.buckets)
         free(self.told)
@@ -1592,7 +1615,7 @@ cdef class DnsHits:
 
     cdef int find(self, const unsigned char *qname, int size, unsigned short qtype, unsigned short qclass,
                   bint edns) noexcept nogil:
-        cdef int slot = self.buckets[hit_hash(qname, size, qtype, qclass, edns) & self.mask]
+        cdef int slot = self.buckets[hit_hash(self.seed, qname, size, qtype, qclass, edns) & self.mask]
         cdef HitEntry *e
         while slot >= 0:
             e = &self.entries[slot]
@@ -1602,13 +1625,14 @@ cdef class DnsHits:
             slot = e.next
         return -1
 
-    cdef void unlink(self, int slot) noexcept:
-        """Take an entry out of its chain and onto the free list, dropping what it holds (last: a finalizer
-        run by the drop finds the table whole)."""
+    cdef void unlink(self, int slot, PyObject **dropped) noexcept:
+        """Take an entry out of its chain and onto the free list. What it held goes to dropped[0] and dropped[1],
+        for the caller to release() when done with the table: a finalizer run by the release could take the
+        free slot, or the entry, from under it."""
         cdef HitEntry *e = &self.entries[slot]
-        cdef int *link = &self.buckets[hit_hash(e.qname, e.qname_size, e.qtype, e.qclass, e.edns) & self.mask]
-        cdef PyObject *wire = e.wire
-        cdef PyObject *token = e.token
+        cdef int *link = &self.buckets[hit_hash(self.seed, e.qname, e.qname_size, e.qtype, e.qclass, e.edns)
+                                       & self.mask]
+        dropped[0], dropped[1] = e.wire, e.token
         while link[0] != slot:
             link = &self.entries[link[0]].next
         link[0] = e.next
@@ -1621,14 +1645,6 @@ cdef class DnsHits:
         e.next = self.free_entry
         self.free_entry = slot
         self.count -= 1
-        Py_XDECREF(wire)
-        Py_XDECREF(token)
-
-    cdef void unlink_all(self) noexcept:
-        cdef int slot
-        for slot in range(self.capacity):
-            if self.entries[slot].in_use:
-                self.unlink(slot)
 
     def put(self, bytes qname not None, int qtype, int qclass, bint edns, bytes wire not None, ttl_offsets, ttls,
             double stored_at, double lifetime, token, double now):
@@ -1641,6 +1657,8 @@ cdef class DnsHits:
         cdef unsigned int bucket
         cdef int *offsets
         cdef unsigned int *values
+        cdef PyObject *dropped[2]
+        dropped[0] = dropped[1] = NULL
         if not 0 < size <= 255 or len(ttls) != count or len(wire) < DNS_HEADER + size:
             raise ValueError("not a template for this question")
         offsets = <int *>malloc(max(count, 1) * sizeof(int))
@@ -1656,12 +1674,12 @@ cdef class DnsHits:
             raise
         slot = self.find(<const unsigned char *>qname, size, qtype, qclass, edns)
         if slot >= 0:
-            self.unlink(slot)
+            self.unlink(slot, dropped)
         elif self.free_entry < 0:
             for i in range(min(HIT_SCAN, self.capacity)):
                 self.hand = (self.hand + 1) % self.capacity
                 if not now - self.entries[self.hand].stored_at < self.entries[self.hand].lifetime:
-                    self.unlink(self.hand)  # stale: the slow path answers it now
+                    self.unlink(self.hand, dropped)  # stale: the slow path answers it now
                     break
             else:
                 free(offsets)
@@ -1680,25 +1698,48 @@ cdef class DnsHits:
         e.wire, e.token = <PyObject *>wire, <PyObject *>token
         e.in_use = True
         e.generation += 1
-        bucket = hit_hash(e.qname, size, qtype, qclass, edns) & self.mask
+        bucket = hit_hash(self.seed, e.qname, size, qtype, qclass, edns) & self.mask
         e.next = self.buckets[bucket]
         self.buckets[bucket] = slot
         self.count += 1
+        release(dropped, 2)
         return True
+
+    def longest_chain(self):
+        """The most entries one lookup compares: the longest chain of a bucket."""
+        cdef unsigned int bucket
+        cdef int slot, length, longest = 0
+        for bucket in range(self.mask + 1):
+            length, slot = 0, self.buckets[bucket]
+            while slot >= 0:
+                length += 1
+                slot = self.entries[slot].next
+            longest = max(longest, length)
+        return longest
 
     def forget(self, bytes qname not None, int qtype, int qclass):
         """Answer that question (with EDNS or without) no more."""
         cdef int slot
         cdef bint edns
+        cdef PyObject *dropped[4]
+        dropped[0] = dropped[1] = dropped[2] = dropped[3] = NULL
         if not 0 < len(qname) <= 255:
             return
         for edns in (False, True):
             slot = self.find(<const unsigned char *>qname, len(qname), qtype, qclass, edns)
             if slot >= 0:
-                self.unlink(slot)
+                self.unlink(slot, dropped + 2 * edns)
+        release(dropped, 4)
 
     def clear(self):
-        self.unlink_all()
+        cdef PyObject *dropped[2]
+        cdef int slot
+        held = []  # released when all is gone: a finalizer it runs finds the table empty
+        for slot in range(self.capacity):
+            if self.entries[slot].in_use:
+                self.unlink(slot, dropped)
+                held.append((<object>dropped[0], <object>dropped[1]))
+                release(dropped, 2)
 
     def untell(self, str client not None, bytes qname not None, int qtype, int qclass):
         """Tell ``client`` (an IPv4 address) that question's answer (with EDNS or without) again when next given."""
@@ -1707,7 +1748,8 @@ cdef class DnsHits:
         cdef int slot, way
         cdef bint edns
         cdef Told *ways
-        if inet_pton(AF_INET, client.encode("ascii", "replace"), ip) != 1 or not 0 < len(qname) <= 255:
+        if ("\0" in client or inet_pton(AF_INET, client.encode("ascii", "replace"), ip) != 1
+                or not 0 < len(qname) <= 255):
             return
         address = <unsigned int>ip[0] << 24 | ip[1] << 16 | ip[2] << 8 | ip[3]
         for edns in (False, True):
@@ -1783,6 +1825,7 @@ cdef class DnsHits:
         client)] the socket had no room for, [(client host, token)] to tell, {qtype: answers}); clients as
         (host, port). OSError if the read failed before any datagram came (BlockingIOError: none waits)."""
         cdef int received, i, slot, length, size, sending = 0, sent = 0
+        cdef bint telling
         cdef QueryPeek q
         cdef unsigned char *query
         cdef unsigned char *replies = self.buffer + HIT_BATCH * HIT_RECEIVE_SIZE
@@ -1811,9 +1854,12 @@ cdef class DnsHits:
                      &self.sources[i])
             replied[sending] = i
             sending += 1
+            # The token is read before anything here allocates: the GC could run a finalizer that changes the table.
+            telling = self.tell(&self.sources[i], slot, now)
+            token = <object>self.entries[slot].token if telling else None
             counts[q.qtype] = counts.get(q.qtype, 0) + 1
-            if self.tell(&self.sources[i], slot, now):
-                told.append((self.source_of(i)[0], <object>self.entries[slot].token))
+            if telling:
+                told.append((self.source_of(i)[0], token))
         while sent < sending:
             size = sendmmsg(fd, self.replies + sent, sending - sent, MSG_DONTWAIT)
             if size <= 0:

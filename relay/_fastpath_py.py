@@ -1022,11 +1022,15 @@ class DnsHits:
         self._networks = chosen
 
     def _unlink(self, slot):
+        """Free an entry; what it held, for the caller to drop when done with the table (a finalizer run by
+        the drop could take the free slot, or the entry, from under it)."""
         entry = self._entries[slot]
+        held = entry.wire, entry.token
         del self._slots[entry.key]
         entry.key = entry.wire = entry.token = None
         entry.generation += 1
         self._free.append(slot)
+        return held
 
     def put(self, qname, qtype, qclass, edns, wire, ttl_offsets, ttls, stored_at, lifetime, token, now):
         _exactly(bytes, qname, "qname", False)
@@ -1045,15 +1049,15 @@ class DnsHits:
             offsets.append(offset)
             values.append(ttl)
         key = (qname, qtype & 0xFFFF, qclass & 0xFFFF, bool(edns))
-        slot = self._slots.get(key)
+        slot, held = self._slots.get(key), None
         if slot is not None:
-            self._unlink(slot)
+            held = self._unlink(slot)
         elif not self._free:
             for _ in range(min(_HIT_SCAN, len(self._entries))):
                 self._hand = (self._hand + 1) % len(self._entries)
                 entry = self._entries[self._hand]
                 if not now - entry.stored_at < entry.lifetime:
-                    self._unlink(self._hand)
+                    held = self._unlink(self._hand)
                     break
             else:
                 return False
@@ -1065,25 +1069,31 @@ class DnsHits:
         entry.stored_at, entry.lifetime = stored_at, lifetime
         entry.generation += 1
         self._slots[key] = slot
+        del held  # dropped now that the table is whole
         return True
+
+    def longest_chain(self):
+        return 1 if self._slots else 0  # a dict: one key compared, but for hash collisions Python's seed spreads
 
     def forget(self, qname, qtype, qclass):
         _exactly(bytes, qname, "qname", False)
+        held = []
         for edns in (False, True):
             slot = self._slots.get((qname, _c_int(qtype) & 0xFFFF, _c_int(qclass) & 0xFFFF, edns))
             if slot is not None:
-                self._unlink(slot)
+                held.append(self._unlink(slot))
+        del held  # dropped now that the table is whole
 
     def clear(self):
-        for slot in sorted(self._slots.values()):
-            self._unlink(slot)
+        held = [self._unlink(slot) for slot in sorted(self._slots.values())]
+        del held  # dropped when all is gone: a finalizer it runs finds the table empty
 
     def untell(self, client, qname, qtype, qclass):
         _exactly(str, client, "client", False)
         _exactly(bytes, qname, "qname", False)
         try:
             address = int.from_bytes(socket.inet_pton(socket.AF_INET, client), "big")
-        except OSError:
+        except (OSError, ValueError):  # not an IPv4 address (ValueError: a NUL in it)
             return
         for edns in (False, True):
             slot = self._slots.get((qname, _c_int(qtype) & 0xFFFF, _c_int(qclass) & 0xFFFF, edns))

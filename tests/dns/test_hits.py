@@ -318,3 +318,75 @@ def test_both_twins_answer_and_leave_alike_and_as_the_hot_path(data, which, elap
         else:
             assert wire in outcomes[0][1]
     assert answered[0] == expected
+
+
+TINY = bytes(64)  # a template the questions below fit
+
+
+def names_one_unseeded_bucket(count: int, buckets_mask: int = 0xFFFF) -> list[bytes]:
+    """Names (wire form) on which 32-bit FNV-1a without a seed agrees in its low bits, as a client could choose
+    them against such a table: a random six-letter start, then the two letters that lead to one bucket."""
+    prime, letters = 16777619, b"abcdefghijklmnopqrstuvwxyz0123456789"
+    inverse, target = pow(prime, -1, buckets_mask + 1), 0x1234
+    wanted = {}  # the state after six letters -> the two letters that take it to the target
+    for seventh in letters:
+        for eighth in letters:
+            before = ((((target * inverse) & buckets_mask) ^ eighth) * inverse & buckets_mask) ^ seventh
+            wanted.setdefault(before, bytes((seventh, eighth)))
+    state_after = {}
+    for number in range(len(letters) ** 6):
+        start = bytes(letters[number // len(letters) ** power % len(letters)] for power in range(6))
+        state = 2166136261
+        for octet in b"\x08" + start:
+            state = ((state ^ octet) * prime) & 0xFFFFFFFF
+        if state & buckets_mask in wanted and start not in state_after:
+            state_after[start] = wanted[state & buckets_mask]
+            if len(state_after) == count:
+                break
+    return [b"\x08" + start + end + b"\x07example\x03com\x00" for start, end in state_after.items()]
+
+
+def test_names_chosen_to_share_a_bucket_of_an_unseeded_hash_spread(impl):
+    names = names_one_unseeded_bucket(300)
+    hits = impl.DnsHits(20000)  # 65536 buckets
+    for name in names:
+        assert hits.put(name, 1, 1, False, TINY, [], [], 0.0, 60.0, None, 0.0)
+    assert len(hits) == 300 and hits.longest_chain() <= 8  # all 300 in one chain without the table's seed
+
+
+class Finalizer:
+    """A token whose release puts another entry in the table: the table must be whole when it runs."""
+
+    def __init__(self, hits, results: list):
+        self.hits, self.results = hits, results
+
+    def __del__(self):
+        self.results.append(self.hits.put(b"\x01b\x00", 1, 1, False, TINY, [], [], 0.0, 60.0, None, 0.0))
+
+
+@pytest.mark.parametrize("how", ["replaced", "forgotten", "cleared"])
+def test_a_token_released_by_the_table_may_use_the_table(impl, how):
+    hits, results = impl.DnsHits(1), []
+    assert hits.put(b"\x01a\x00", 1, 1, False, TINY, [], [], 0.0, 60.0, Finalizer(hits, results), 0.0)
+    if how == "replaced":
+        assert hits.put(b"\x01a\x00", 1, 1, False, TINY, [], [], 0.0, 60.0, None, 0.0)
+        assert results == [False]  # the new a fills the table: no room for b
+    elif how == "forgotten":
+        hits.forget(b"\x01a\x00", 1, 1)
+        assert results == [True]
+    else:
+        hits.clear()
+        assert results == [True]
+    assert len(hits) == 1 == hits.longest_chain()
+
+
+def test_untell_of_what_is_no_ipv4_address_does_nothing(impl, pair):
+    hits, _, wire = table_with_one_answer(impl, "entry")
+    pair.send(wire)
+    assert len(hits.answer(pair.server.fileno(), STORED_AT)[3]) == 1
+    qname = peek_query(wire).qname.lower()
+    for client in ("127.0.0.1\x00junk", "127.0.0.1 ", "127.0.0.256", "é", ""):
+        hits.untell(client, qname, dns.rdatatype.A, 1)
+    pair.send(wire)
+    assert hits.answer(pair.server.fileno(), STORED_AT + 1)[3] == []  # still told: nothing was untold
+    pair.replies(2)
