@@ -252,6 +252,10 @@ cdef struct UdpSession:
     int *remotes  # Reply slots this session holds
     int remote_count
     int remote_capacity
+    Addr *asked  # the hosts (port 0) it sent to: replies from others are dropped
+    int asked_count
+    int asked_capacity
+    int asked_next  # once MAX_REMOTES_PER_SESSION are kept, the oldest: where the next goes
     long long datagrams_up, bytes_up, datagrams_down, bytes_down  # since the last collect()
     bint active  # a datagram either way since the last collect()
     bint in_use

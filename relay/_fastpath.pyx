@@ -651,6 +651,7 @@ UDP_DROPS = (
     "remotes-full",  # the session holds MAX_REMOTES_PER_SESSION reply sockets already
     "reply-socket",  # no reply socket could be opened (out of fds, or the cap on them)
     "queue-full",  # too many datagrams of clients without a session wait for Python
+    "unasked",  # a reply from a host the client did not send to (address-dependent filtering, RFC 4787)
 )
 DEF DROP_NO_DESTINATION = 0
 DEF DROP_OVERSIZE = 1
@@ -662,7 +663,8 @@ DEF DROP_WRONG_FAMILY = 6
 DEF DROP_REMOTES_FULL = 7
 DEF DROP_REPLY_SOCKET = 8
 DEF DROP_QUEUE_FULL = 9
-DEF DROP_REASONS = 10
+DEF DROP_UNASKED = 10
+DEF DROP_REASONS = 11
 
 
 cdef struct UdpState:
@@ -795,6 +797,38 @@ cdef bint original_destination(msghdr *msg, Addr *dest) noexcept nogil:
     return False
 
 
+cdef bint asked(const UdpSession *s, const Addr *remote) noexcept nogil:
+    """Whether the session sent to ``remote``'s host (any port: a server may answer from another)."""
+    cdef Addr host = remote[0]
+    cdef int i
+    host.port = 0
+    for i in range(s.asked_count):
+        if addr_equal(&s.asked[i], &host):
+            return True
+    return False
+
+
+cdef void remember_asked(UdpSession *s, const Addr *dest) noexcept nogil:
+    """Let replies from ``dest``'s host through; past MAX_REMOTES_PER_SESSION hosts, in place of the oldest."""
+    cdef Addr host = dest[0]
+    cdef Addr *grown
+    cdef int capacity
+    host.port = 0
+    if asked(s, &host):
+        return
+    if s.asked_count == s.asked_capacity and s.asked_capacity < MAX_REMOTES_PER_SESSION:
+        capacity = min(s.asked_capacity * 2 + 4, MAX_REMOTES_PER_SESSION)
+        grown = <Addr *>realloc(s.asked, sizeof(Addr) * capacity)
+        if grown != NULL:
+            s.asked, s.asked_capacity = grown, capacity
+    if s.asked_count < s.asked_capacity:
+        s.asked[s.asked_count] = host
+        s.asked_count += 1
+    elif s.asked_count:
+        s.asked[s.asked_next] = host
+        s.asked_next = (s.asked_next + 1) % s.asked_count
+
+
 cdef void send_up(UdpState *st, UdpSession *s, const Addr *dest, const char *data, Py_ssize_t size) noexcept nogil:
     """A client's datagram to the proxy's relay address, behind its SOCKS5 UDP header (RFC 1928 §7)."""
     cdef unsigned char header[22]
@@ -824,6 +858,7 @@ cdef void send_up(UdpState *st, UdpSession *s, const Addr *dest, const char *dat
         else:
             st.drops[DROP_SEND_FAILED] += 1
         return
+    remember_asked(s, dest)
     s.datagrams_up += 1
     s.bytes_up += size
     s.active = True
@@ -984,6 +1019,9 @@ cdef int reply_socket(UdpState *st, UdpSession *s, const Addr *remote) noexcept 
     if remote.family != s.client.family:
         st.drops[DROP_WRONG_FAMILY] += 1
         return -1
+    if not asked(s, remote):
+        st.drops[DROP_UNASKED] += 1
+        return -1
     if s.remote_count >= MAX_REMOTES_PER_SESSION:
         st.drops[DROP_REMOTES_FULL] += 1
         return -1
@@ -1065,6 +1103,9 @@ cdef inline void lock(UdpState *st) noexcept:
         pthread_mutex_lock(&st.lock)
 
 
+DEF UDP_MAX_ENTRIES = 1 << 22  # sessions, or reply sockets: their hash buckets stay within an int
+
+
 cdef int power_of_two_above(int count) noexcept:
     cdef int size = 16
     while size < count * 2:
@@ -1090,8 +1131,10 @@ cdef class UdpEngine:
         cdef UdpState *st
         cdef int i
         cdef epoll_event event
-        if max_sessions < 1 or max_reply_sockets < 0 or queue_limit < 1:
-            raise ValueError("a UdpEngine needs a session, no negative count of reply sockets and a queue")
+        if not (1 <= max_sessions <= UDP_MAX_ENTRIES and 0 <= max_reply_sockets <= UDP_MAX_ENTRIES
+                and queue_limit >= 1):
+            raise ValueError(f"a UdpEngine needs 1 to {UDP_MAX_ENTRIES} sessions, 0 to {UDP_MAX_ENTRIES} reply "
+                             "sockets and a queue")
         if not -1 <= mark <= 0xFFFFFFFF:
             raise ValueError(f"{mark} is not a 32-bit mark (or -1: none)")
         st = <UdpState *>calloc(1, sizeof(UdpState))
@@ -1217,6 +1260,8 @@ cdef class UdpEngine:
             s.udp_fd = udp_fd
             s.remotes = NULL
             s.remote_count = s.remote_capacity = 0
+            s.asked = NULL
+            s.asked_count = s.asked_capacity = s.asked_next = 0
             s.datagrams_up = s.bytes_up = s.datagrams_down = s.bytes_down = 0
             s.active = False
             s.in_use = True
@@ -1265,7 +1310,8 @@ cdef class UdpEngine:
             for i in range(s.remote_count):
                 release_reply(st, s.remotes[i])
             free(s.remotes)
-            s.remotes = NULL
+            free(s.asked)
+            s.remotes, s.asked = NULL, NULL
             result = (s.datagrams_up, s.bytes_up, s.datagrams_down, s.bytes_down, s.remote_count)
             s.in_use = False
             s.generation = (s.generation + 1) & 0x7FFFFFFF
@@ -1350,7 +1396,8 @@ cdef class UdpEngine:
         if st.sessions != NULL:
             for i in range(st.session_capacity):
                 free(st.sessions[i].remotes)
-                st.sessions[i].remotes = NULL
+                free(st.sessions[i].asked)
+                st.sessions[i].remotes, st.sessions[i].asked = NULL, NULL
                 st.sessions[i].in_use = False
         if st.handoffs != NULL:
             for i in range(st.handoff_count):

@@ -5,6 +5,7 @@ pipe, each direction copies through one bounded buffer, drained before the
 next read, so it behaves exactly like the splice version, one copy slower.
 """
 
+import contextlib
 import errno
 import math
 import mmap
@@ -611,6 +612,7 @@ class Conduit:
 _UDP_BATCH = 32  # datagrams read from one socket before the others get a turn
 _MAX_DATAGRAM = 65535
 _MAX_REMOTES_PER_SESSION = 256
+_UDP_MAX_ENTRIES = 1 << 22
 _IP_ORIGDSTADDR = 20
 _IPV6_ORIGDSTADDR = 74
 _CONTROL_SPACE = 128
@@ -628,6 +630,7 @@ UDP_DROPS = (
     "remotes-full",
     "reply-socket",
     "queue-full",
+    "unasked",
 )
 
 
@@ -665,6 +668,8 @@ class _UdpSession:
         "client_python",
         "sock",
         "remotes",
+        "asked",
+        "asked_next",
         "counts",
         "active",
         "generation",
@@ -680,8 +685,11 @@ class UdpEngine:
     """The datagrams of associated UDP sessions, relayed by a thread of its own (see the extension's)."""
 
     def __init__(self, max_sessions, max_reply_sockets, mark=-1, queue_limit=256):
-        if max_sessions < 1 or max_reply_sockets < 0 or queue_limit < 1:
-            raise ValueError("a UdpEngine needs a session, no negative count of reply sockets and a queue")
+        bounded = 1 <= max_sessions <= _UDP_MAX_ENTRIES and 0 <= max_reply_sockets <= _UDP_MAX_ENTRIES
+        if not bounded or queue_limit < 1:
+            raise ValueError(
+                f"a UdpEngine needs 1 to {_UDP_MAX_ENTRIES} sessions, 0 to {_UDP_MAX_ENTRIES} reply sockets and a queue"
+            )
         if not -1 <= mark <= 0xFFFFFFFF:
             raise ValueError(f"{mark} is not a 32-bit mark (or -1: none)")
         self._max_reply_sockets = max_reply_sockets
@@ -744,6 +752,7 @@ class UdpEngine:
             s.client, s.client_python = client_addr, _python(client_addr)
             s.sock = socket.socket(fileno=udp_fd)
             s.remotes = []
+            s.asked, s.asked_next = [], 0
             s.counts = [0, 0, 0, 0]
             s.active = False
             s.in_use = True
@@ -769,14 +778,15 @@ class UdpEngine:
             s = self._sessions[slot]
             if not s.in_use or s.generation != handle >> 32:
                 raise KeyError(handle)
-            self._epoll.unregister(s.sock.fileno())
+            with contextlib.suppress(OSError):  # closed already: as epoll_ctl's error in the extension
+                self._epoll.unregister(s.sock.fileno())
             del self._by_fd[s.sock.detach()]
             del self._by_client[s.client]
             for remote in s.remotes:
                 self._release_reply(remote)
             result = (*s.counts, len(s.remotes))
             s.in_use = False
-            s.sock = s.remotes = None
+            s.sock = s.remotes = s.asked = None
             s.generation = (s.generation + 1) & 0x7FFFFFFF
             self._free.append(slot)
             return result
@@ -889,9 +899,21 @@ class UdpEngine:
         except OSError as exc:
             self._drops["oversize" if exc.errno == errno.EMSGSIZE else "send-failed"] += 1
             return
+        self._remember_asked(s, dest)
         s.counts[0] += 1
         s.counts[1] += len(payload)
         s.active = True
+
+    @staticmethod
+    def _remember_asked(s, dest):
+        host = dest[:2]
+        if host in s.asked:
+            return
+        if len(s.asked) < _MAX_REMOTES_PER_SESSION:
+            s.asked.append(host)
+        else:
+            s.asked[s.asked_next] = host
+            s.asked_next = (s.asked_next + 1) % len(s.asked)
 
     def _from_proxy(self, fd):
         slot = self._by_fd.get(fd)
@@ -927,6 +949,9 @@ class UdpEngine:
             return self._replies[remote][0]
         if remote[0] != s.client[0]:
             self._drops["wrong-family"] += 1
+            return None
+        if remote[:2] not in s.asked:
+            self._drops["unasked"] += 1
             return None
         if len(s.remotes) >= _MAX_REMOTES_PER_SESSION:
             self._drops["remotes-full"] += 1

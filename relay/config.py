@@ -421,6 +421,7 @@ def parse_count(value, minimum: int = 0, maximum: int | None = None) -> int:
 
 
 PRECONNECT_MAX = 64
+UDP_MAX_SESSIONS = 1 << 20  # each holds a TCP control connection and a UDP socket: fds run out first
 SSH_CONNECTIONS_AUTO_MAX = 4  # ssh encrypts on one core per process; beyond the cores more only share them
 SSH_CONNECTIONS_MAX = 16
 SSH_CONNECTIONS_DEFAULT = max(1, min(os.cpu_count() or 1, SSH_CONNECTIONS_AUTO_MAX))
@@ -893,7 +894,7 @@ SETTINGS = [
     ),
     Setting(
         "udp-max-sessions",
-        lambda v: parse_count(v, 1),
+        lambda v: parse_count(v, 1, UDP_MAX_SESSIONS),
         1024,
         False,
         "N",

@@ -55,6 +55,11 @@ class Lab:
     def register(self, first=()):
         return self.engine.add_session(self.client_address, self.upstream.fileno(), first)
 
+    def register_asking(self, *remotes):
+        """A session that has sent to ``remotes``' hosts (a datagram each, as the client's first ones), whose
+        replies it may then take."""
+        return self.register(first=[(remote, b"asking") for remote in remotes])
+
     def wait_handoff(self, count: int) -> list:
         taken = []
         while len(taken) < count:
@@ -118,8 +123,9 @@ def test_replies_come_back_from_the_remote_address_and_are_counted(lab):
     require_root("reply sockets are transparent (IP_TRANSPARENT)")
     lab = lab()
     base = open_fds()
-    handle = lab.register()
+    handle = lab.register_asking(REMOTE)
     lab.client.sendto(b"x" * 100, lab.destination)
+    assert lab.proxy.recvfrom(70000)[0] == header(*REMOTE) + b"asking"
     assert lab.proxy.recvfrom(70000)[0] == header(*lab.destination) + b"x" * 100
     for payload in (b"one", b"", bytes(range(256)) * 200):
         lab.proxy.sendto(header(*REMOTE) + payload, lab.upstream.getsockname())
@@ -127,7 +133,7 @@ def test_replies_come_back_from_the_remote_address_and_are_counted(lab):
     assert open_fds() == base + 1  # one reply socket, held for the session
     drops, active, reply_errno = lab.engine.collect()
     assert drops == {} and reply_errno == 0
-    assert active == [(handle, 1, 100, 3, 3 + 51200)]
+    assert active == [(handle, 2, 106, 3, 3 + 51200)]
     assert lab.engine.collect()[1] == []  # counted once
     lab.client.sendto(b"more", lab.destination)
     lab.proxy.recvfrom(70000)
@@ -145,8 +151,8 @@ def test_two_sessions_share_one_reply_socket_per_remote(lab, impl):
     other_upstream.connect(lab.proxy.getsockname())
     try:
         base = open_fds()
-        first = lab.register()
-        second = lab.engine.add_session(other_client.getsockname(), other_upstream.fileno())
+        first = lab.register_asking(REMOTE)
+        second = lab.engine.add_session(other_client.getsockname(), other_upstream.fileno(), [(REMOTE, b"asking")])
         lab.proxy.sendto(header(*REMOTE) + b"to first", lab.upstream.getsockname())
         lab.proxy.sendto(header(*REMOTE) + b"to second", other_upstream.getsockname())
         assert lab.client.recvfrom(100) == (b"to first", REMOTE)
@@ -179,7 +185,7 @@ def test_only_well_formed_replies_from_the_relay_address_reach_the_client(lab):
     """A stranger's datagram never reaches the engine (the socket is connected); the rest are counted."""
     require_root("reply sockets are transparent (IP_TRANSPARENT)")
     lab = lab()
-    lab.register()
+    lab.register_asking(REMOTE)
     stranger = udp_socket()
     try:
         stranger.sendto(header(*REMOTE) + b"from a stranger", lab.upstream.getsockname())
@@ -224,7 +230,7 @@ def test_past_the_queue_limit_datagrams_without_a_session_are_dropped(lab):
 def test_the_reply_socket_cap_drops_replies_and_says_why(lab):
     require_root("reply sockets are transparent (IP_TRANSPARENT)")
     lab = lab(max_reply=1)
-    lab.register()
+    lab.register_asking(REMOTE, ("127.0.0.8", 53))
     lab.proxy.sendto(header(*REMOTE) + b"first remote", lab.upstream.getsockname())
     assert lab.client.recvfrom(100) == (b"first remote", REMOTE)
     lab.proxy.sendto(header("127.0.0.8", 53) + b"second remote", lab.upstream.getsockname())
@@ -277,7 +283,7 @@ def test_reply_sockets_carry_a_mark_with_the_top_bit_set(impl, lab):
     """The mark is what keeps replies out of the relay's own TPROXY rules; high marks are common."""
     require_root("reply sockets are transparent (IP_TRANSPARENT)")
     lab = lab(mark=0x80000001)
-    lab.register()
+    lab.register_asking(REMOTE)
     lab.proxy.sendto(header(*REMOTE) + b"marked", lab.upstream.getsockname())
     assert lab.client.recvfrom(100) == (b"marked", REMOTE)
     assert lab.engine.collect()[0] == {}  # no reply-socket drop: SO_MARK with the top bit set was taken
@@ -317,7 +323,7 @@ def test_sessions_come_and_go_under_traffic_both_ways_and_leave_no_fd(lab):
     for turn in range(300):
         upstream = udp_socket(blocking=False)
         upstream.connect(lab.proxy.getsockname())
-        handle = lab.engine.add_session(lab.client_address, upstream.fileno())
+        handle = lab.engine.add_session(lab.client_address, upstream.fileno(), [(REMOTE, b"asking")])
         for _ in range(3):
             lab.client.sendto(b"up %d" % turn, lab.destination)
             lab.proxy.sendto(header(*REMOTE) + b"down %d" % turn, upstream.getsockname())
@@ -333,3 +339,46 @@ def test_sessions_come_and_go_under_traffic_both_ways_and_leave_no_fd(lab):
         except BlockingIOError:
             break
     assert all(data.startswith(b"down ") for data in received)
+
+
+def test_replies_come_only_from_hosts_the_session_sent_to(lab):
+    """Address-dependent filtering: any port of a host asked, nothing from another host, the router's own
+    listener included (a reply socket bound there would take the listener's datagrams)."""
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab()
+    lab.register_asking(REMOTE)
+    for source in (("127.0.0.9", 5353), lab.destination):
+        lab.proxy.sendto(header(*source) + b"unasked", lab.upstream.getsockname())
+    other_port = (REMOTE[0], 7777)
+    lab.proxy.sendto(header(*other_port) + b"another port", lab.upstream.getsockname())
+    assert lab.client.recvfrom(100) == (b"another port", other_port)
+    assert lab.engine.collect()[0] == {"unasked": 2}
+    lab.proxy.recvfrom(100)  # the session's own first datagram
+    lab.client.sendto(b"still relayed", lab.destination)
+    assert lab.proxy.recvfrom(100)[0] == header(*lab.destination) + b"still relayed"
+
+
+def test_a_session_takes_replies_from_the_last_256_hosts_it_sent_to(lab):
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab()
+    hosts = [(f"127.1.{number // 200}.{number % 200 + 1}", 53) for number in range(257)]
+    lab.register_asking(*hosts)
+    lab.proxy.sendto(header(*hosts[0]) + b"forgotten", lab.upstream.getsockname())
+    lab.proxy.sendto(header(*hosts[1]) + b"kept", lab.upstream.getsockname())
+    assert lab.client.recvfrom(100) == (b"kept", hosts[1])
+    assert lab.engine.collect()[0] == {"unasked": 1}
+
+
+def test_sizes_past_the_engines_bounds_are_refused(impl):
+    for sessions, replies in ((1 << 23, 1), (1, 600_000_000)):  # the second once looped for ever in C
+        with pytest.raises(ValueError):
+            impl.UdpEngine(sessions, replies)
+
+
+def test_a_session_whose_socket_was_closed_first_is_removed_alike(lab):
+    lab = lab()
+    upstream = udp_socket(blocking=False)
+    handle = lab.engine.add_session(("127.0.0.1", 9), upstream.fileno())
+    upstream.close()
+    assert lab.engine.remove_session(handle)[:4] == (0, 0, 0, 0)
+    lab.engine.add_session(("127.0.0.1", 9), lab.upstream.fileno())  # its slot and client are free again
