@@ -120,7 +120,8 @@ class HttpForwarder:
         self.idle_timeout = idle_timeout
         self.forward_upgrades = forward_upgrades  # --http-upgrade forward
         self.pipe_size = pipe_size
-        self.batching = 0  # the SO_RCVLOWAT set on the source of the body being spliced (0: none)
+        # The SO_RCVLOWAT set on the source of the body being spliced, down and up (0: none): both may be at once.
+        self.batching = [0, 0]
         self.switched = False  # the proxy answered an upgrade with 101: the connection is a tunnel now
         self.from_client = self.empty_lines = None
         self._next_request(first, closed=False)
@@ -217,6 +218,7 @@ class HttpForwarder:
         source_reset, sink_reset = ends.RESET_BY if up else ends.RESET_BY[::-1]
         await self._write(sink, before, sink_reset, up)
         left = count
+        written = 0  # what reached the sink, as of the last move() that returned
         conduit = fastpath.Conduit(source.fileno(), sink.fileno(), self.pipe_size)
         try:
             while True:
@@ -227,23 +229,23 @@ class HttpForwarder:
                         raise self.fail(ends.local_failure(exc.errno)) from None
                     raise self.fail(sink_reset if conduit.failed_side else source_reset) from None
                 left -= taken
+                written = count - left - conduit.pending
                 if taken:
                     self.touch()
                 if conduit.pending:
                     await trio.lowlevel.wait_writable(sink)
                 elif left and not conduit.eof:
-                    await self._wait_for_a_batch(source, left)
+                    await self._wait_for_a_batch(source, left, up)
                 else:
                     break
         finally:
-            # Counted even when the splice is cut short (the log line's up= and down=): what reached the
-            # sink, all but the bytes of a move() that raised, which cannot say how many it wrote.
-            written = count - left - conduit.pending
+            # Counted even when the splice is cut short (the log line's up= and down=): all but what a move()
+            # that raised wrote, which it cannot say.
             self.spliced += written
             self._count(written, up)
             conduit.close()
-            if self.batching:
-                self.batching = 0
+            if self.batching[up]:
+                self.batching[up] = 0
                 with contextlib.suppress(OSError):  # a socket already failed has no reads left anyway
                     source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         passed(receiving, count - left)
@@ -255,15 +257,15 @@ class HttpForwarder:
             await self._write(sink, after, sink_reset, up)
         return True
 
-    async def _wait_for_a_batch(self, source, left: int) -> None:
+    async def _wait_for_a_batch(self, source, left: int, up: bool) -> None:
         """Wait until ``source`` holds a batch of the body (BATCH bytes, or all that is left), or
         BATCH_WAIT went by: a body forwarded by squid comes in small pieces (one splice per 36 KiB,
         against 230 KiB in a tunnel), and moving each as it came cost a wakeup and a splice pair
         per piece. A splice takes what there is."""
         wanted = min(BATCH, left)
-        if wanted != self.batching:
+        if wanted != self.batching[up]:
             source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
-            self.batching = wanted
+            self.batching[up] = wanted
         with trio.move_on_after(BATCH_WAIT):
             await trio.lowlevel.wait_readable(source)
 

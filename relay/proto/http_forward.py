@@ -58,12 +58,17 @@ def needs_tunnel(request: h11.Request) -> bool:
 
 def forwardable_upgrade(request: h11.Request) -> bool:
     """An Upgrade request (WebSocket over ws://) that absolute form can carry to a proxy that
-    forwards upgrades (squid 5 with http_upgrade_request_protocols): HTTP/1.1, origin form."""
+    forwards upgrades (squid 5 with http_upgrade_request_protocols): HTTP/1.1, origin form, no body
+    (a 101 could come before the body is all sent, and the bytes after the switch would then mix the
+    body's rest with the new protocol's)."""
+    fields = dict(request.headers)  # h11 lower-cases names; a repeated Content-Length it has refused
     return (
         request.http_version == b"1.1"
         and request.method != b"CONNECT"
         and request.target.startswith(b"/")
-        and any(name == b"upgrade" for name, _ in request.headers)
+        and b"upgrade" in fields
+        and b"transfer-encoding" not in fields
+        and fields.get(b"content-length", b"0") == b"0"
     )
 
 

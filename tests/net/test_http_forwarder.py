@@ -4,6 +4,7 @@ HEAD, early responses, the proxy ending keep-alive, and when to fall back to a t
 import hashlib
 import math
 import os
+import socket
 from functools import partial
 
 import h11
@@ -1007,3 +1008,72 @@ async def test_a_proxy_closing_mid_spliced_upload_resets_the_client_and_counts_w
     if splicing == "every-byte":
         assert forwarder.spliced >= taken - len(head) - READ_SIZE
     client.close()
+
+
+async def test_a_splice_whose_write_fails_counts_what_reached_the_client_never_less_than_nothing():
+    """The client resets while the response body is spliced: the first move() reads 64 KiB and fails writing
+    them, which it cannot count."""
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+    await client.send(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, ended := [])
+            await until(proxy, b"\r\n\r\n")
+            await client.send(b"G")  # the watch peeks it and returns: nobody reads the client now
+            await trio.sleep(0.05)
+            await proxy.send(head)
+            await until(client, b"\r\n\r\n")  # the head went: the response splice waits for body
+            await trio.sleep(0.05)
+            hard_close(client)
+            await trio.sleep(0.05)
+            await proxy.send(b"x" * 65536)
+    assert ended == ["client-reset"]
+    assert forwarder.sent_down >= len(head), (forwarder.sent_down, forwarder.spliced)
+    assert forwarder.spliced >= 0, forwarder.spliced
+    proxy.close()
+
+
+def receive_low_water_mark(sock) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+
+async def test_an_upload_and_its_response_spliced_at_once_leave_no_so_rcvlowat_behind():
+    """Each splice resets the low-water mark it set on its own source: one left on the kept-alive proxy
+    connection would hold the next, small response until the idle timeout."""
+    client, relay_client = trio_pair()
+    relay_proxy, proxy = trio_pair()
+    forwarder = forwarder_to(relay_proxy, relay_client)
+    request_len, response_len = 500_000, 300_000
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relayed, forwarder, relay_client, [])
+            await client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % request_len)
+            await trio.sleep(0.05)
+            nursery.start_soon(write_all, client, b"q" * 200_000)
+            got = len(await until(proxy, b"\r\n\r\n"))
+            while got < 200_000:
+                got += len(await proxy.recv(1 << 20))
+            await trio.sleep(0.2)  # the upload splice waits for a batch, RCVLOWAT set on the client
+            await proxy.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % response_len + b"r" * 100_000)
+            seen = len(await until(client, b"\r\n\r\n"))
+            await trio.sleep(0.005)  # the response splice waits for a batch: RCVLOWAT on the proxy socket
+            await write_all(client, b"q" * 300_000)  # the rest of the upload, all at once
+            while got < request_len:
+                got += len(await proxy.recv(1 << 20))
+            await write_all(proxy, b"r" * 200_000)  # the rest of the response, within the 50 ms batch wait
+            while seen < response_len + 43:
+                seen += len(await client.recv(1 << 20))
+            # The next request on the kept-alive proxy connection: a small answer, a moment later.
+            await client.send(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+            await until(proxy, b"/next")
+            await trio.sleep(0.1)
+            await proxy.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            with trio.move_on_after(2) as waited:
+                await until(client, b"ok")
+            assert not waited.cancelled_caught, (
+                f"next response stuck; proxy SO_RCVLOWAT={receive_low_water_mark(relay_proxy)}"
+            )
+            nursery.cancel_scope.cancel()

@@ -209,6 +209,9 @@ def test_an_upgrade_goes_on_with_its_offer_and_a_101_keeps_what_it_switched_to()
     assert forwardable_upgrade(request) and needs_tunnel(request)
     assert not forwardable_upgrade(h11.Request(method="GET", target="/", headers=[("Host", "h")]))
     assert not forwardable_upgrade(h11.Request(method="GET", target="/", headers=headers, http_version="1.0"))
+    for body in ([("Content-Length", "5")], [("Transfer-Encoding", "chunked")]):  # a 101 could cut it short
+        assert not forwardable_upgrade(h11.Request(method="POST", target="/ws", headers=headers + body))
+    assert forwardable_upgrade(h11.Request(method="POST", target="/ws", headers=[*headers, ("Content-Length", "0")]))
     forwarded = absolute_form(request, b"h", None, upgrade=True)
     assert (b"upgrade", b"websocket") in forwarded.headers and (b"connection", b"Upgrade") in forwarded.headers
     assert (b"sec-websocket-key", b"k") in forwarded.headers
