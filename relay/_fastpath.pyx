@@ -786,12 +786,16 @@ cdef bint original_destination(msghdr *msg, Addr *dest) noexcept nogil:
     """The address a client's datagram was sent to, from IP_ORIGDSTADDR / IPV6_ORIGDSTADDR."""
     cdef cmsghdr *c = CMSG_FIRSTHDR(msg)
     cdef SockAddr sa
+    cdef size_t needed, size
     while c != NULL:
+        needed, size = 0, 0
         if c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_ORIGDSTADDR:
-            memcpy(&sa, CMSG_DATA(c), sizeof(sockaddr_in))
-            return addr_from_sockaddr(&sa, dest) and dest.port != 0
-        if c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_ORIGDSTADDR:
-            memcpy(&sa, CMSG_DATA(c), sizeof(sockaddr_in6))
+            needed, size = 8, sizeof(sockaddr_in)  # family, port and address: what is read of it
+        elif c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_ORIGDSTADDR:
+            needed, size = 24, sizeof(sockaddr_in6)
+        if needed and c.cmsg_len >= CMSG_LEN(needed):  # a control message cut short is not read past its end
+            memset(&sa, 0, sizeof(sa))
+            memcpy(&sa, CMSG_DATA(c), min(c.cmsg_len - CMSG_LEN(0), size))
             return addr_from_sockaddr(&sa, dest) and dest.port != 0
         c = CMSG_NXTHDR(msg, c)
     return False
