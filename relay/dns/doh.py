@@ -203,8 +203,8 @@ class DohClient:
     def _reset(self, stream_id: int) -> None:
         try:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        except h2.exceptions.StreamClosedError:
-            pass  # it ended meanwhile: nothing to reset
+        except h2.exceptions.ProtocolError:  # StreamClosedError among them
+            pass  # it ended meanwhile, or the whole connection did (a GOAWAY read with it): nothing to reset
 
     def _goaway(self, event: h2.events.ConnectionTerminated, outcomes) -> None:
         """No new streams, and none still open is answered: h2 takes no frame after a GOAWAY."""

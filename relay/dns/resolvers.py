@@ -506,7 +506,10 @@ class DohSession(Session):
             await self.wait_for_room()
         if not self.accepting:
             raise ResolverError(f"{self.url} closed the connection", "closed")
-        stream_id = self.client.start_query(wire)
+        try:
+            stream_id = self.client.start_query(wire)
+        except doh.DohError as exc:  # out of stream IDs: the next query opens another connection
+            raise ResolverError(f"{self.url}: {exc}", exc.reason) from None
         waiter = self.waiters[stream_id] = Waiter()
         self.wake()
         asked_at = trio.current_time()

@@ -7,6 +7,7 @@ waiting on them, TCP connections, queries in flight per TCP connection, and
 TCP idle time (RFC 7766). Identical questions asked at once go upstream once.
 """
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -160,12 +161,22 @@ class DnsService:
             self._allowed, self._allowed_by = {}, self.allow
         allowed = self._allowed.get(host)
         if allowed is None:
-            address = plain_address(host.split("%", 1)[0])
-            allowed = any(address in network for network in self.allow)
+            text, _, scope = host.partition("%")
+            address = plain_address(text)
+            allowed = any(address in network for network in self.allow) and self._on_the_lan(address, scope)
             if len(self._allowed) >= SOURCES_KEPT:
                 self._allowed.clear()
             self._allowed[host] = allowed
         return allowed
+
+    def _on_the_lan(self, address, scope: str) -> bool:
+        """A link-local address is on every link: with --lan-iface, one counts only on those interfaces (a
+        neighbour on the WAN link has fe80::/64 too)."""
+        if not (scope and address.is_link_local and self.config.lan_iface):
+            return True
+        with contextlib.suppress(ValueError, OSError):
+            scope = socket.if_indextoname(int(scope))  # a scope given by number
+        return scope in self.config.lan_iface
 
     # -- UDP ---------------------------------------------------------------------------------------
 
@@ -313,20 +324,26 @@ class DnsService:
             except BaseException:
                 self.tcp_slots.release()
                 raise
+            if not self.allowed(peer[0]):  # not even a slot for the time it takes to say REFUSED
+                conn.close()
+                self.tcp_slots.release()
+                continue
             self._nursery.start_soon(self.converse, conn, peer)
 
     async def converse(self, conn, peer) -> None:
         """One TCP client: queries in, each answer out when ready (so out of order), until the client closes,
-        is idle for TCP_IDLE_TIMEOUT, or sends what cannot be DNS; answers owed are sent before the close."""
+        sends no whole query for TCP_IDLE_TIMEOUT (bytes trickled into one count for nothing), or sends what
+        cannot be DNS; answers owed are sent before the close."""
         stream = trio.SocketStream(conn)
         framer, writing, pipeline = Framer(), trio.Lock(), trio.Semaphore(MAX_TCP_PIPELINE)
+        idle_at = trio.current_time() + TCP_IDLE_TIMEOUT
         try:
             async with trio.open_nursery() as answers:
                 while True:
                     # Caught here, not around the nursery, which would wrap it in an ExceptionGroup: a
                     # reset would then escape to serve() and end the service and the relay with it.
                     try:
-                        with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
+                        with trio.move_on_at(idle_at) as idle:
                             data = await stream.receive_some(TCP_RECEIVE_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         break  # reset by the client: the answers owed fail the same way
@@ -336,6 +353,8 @@ class DnsService:
                         wires = framer.receive_data(data)
                     except FrameError:
                         break
+                    if wires:
+                        idle_at = trio.current_time() + TCP_IDLE_TIMEOUT
                     for wire in wires:
                         await pipeline.acquire()  # no reading while MAX_TCP_PIPELINE are unanswered
                         answers.start_soon(self.answer_tcp, stream, wire, peer[0], writing, pipeline)

@@ -540,3 +540,58 @@ async def test_on_a_wildcard_address_the_reply_comes_from_the_address_asked(aske
                     reply = dns.message.from_wire(await client.recv(4096))
                 assert addresses_of(reply) == ["192.0.2.1"]
         nursery.cancel_scope.cancel()
+
+
+def test_a_link_local_client_counts_only_on_a_lan_interface():
+    """fe80::/64 is on every link: with --lan-iface, a neighbour on the WAN link is no LAN client."""
+    lan = (
+        '[{"ifname": "br-lan", "addr_info": [{"local": "192.168.1.1", "prefixlen": 24},'
+        ' {"local": "fe80::1", "prefixlen": 64, "scope": "link"}]}]'
+    )
+    service = DnsService(
+        config_for(**{"lan-iface": ["br-lan"]}), ScriptedResolvers(), Metrics(version="t", fast_path="t")
+    )
+    service.allow = service_module.interface_networks(lan)
+    assert service.allowed("fe80::99%br-lan") and service.allowed("192.168.1.7")
+    assert not service.allowed("fe80::99%wan0")
+    assert not service.allowed("fe80::99%1")  # a scope by number: lo, not br-lan
+
+
+async def stranger_connection(service) -> trio.SocketStream:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await sock.bind(("127.0.0.2", 0))  # outside --dns-allow
+    await sock.connect(service.addresses[0])
+    return trio.SocketStream(sock)
+
+
+async def test_clients_outside_dns_allow_hold_no_tcp_slot(monkeypatch):
+    monkeypatch.setattr(service_module, "MAX_TCP_CONNECTIONS", 2)
+    async with running(**{"dns-allow": ["127.0.0.1/32"]}) as service:
+        strangers = [await stranger_connection(service) for _ in range(3)]  # never send a byte
+        for stranger in strangers:
+            with trio.fail_after(3):
+                assert await stranger.receive_some(10) == b""  # closed at once
+        allowed = await trio.open_tcp_stream(*service.addresses[0])
+        await allowed.send_all(framed(dns.message.make_query("host.example.", "A")))
+        [reply] = await read_frames(allowed, 1, timeout=3.0)
+        assert reply.rcode() == dns.rcode.NOERROR
+        for stream in [*strangers, allowed]:
+            await stream.aclose()
+
+
+async def test_bytes_trickled_into_one_query_do_not_keep_a_connection_past_the_idle_timeout(monkeypatch):
+    monkeypatch.setattr(service_module, "TCP_IDLE_TIMEOUT", 0.5)
+    async with running() as service:
+        stream = await trio.open_tcp_stream(*service.addresses[0])
+        await stream.send_all(b"\xff\xff")  # a 65535-byte query announced
+        closed = False
+        with trio.move_on_after(3):
+            for _ in range(10):  # one byte every 0.3 s, for six idle timeouts
+                await trio.sleep(0.3)
+                try:
+                    await stream.send_all(b"x")
+                except trio.BrokenResourceError:
+                    closed = True
+                    break
+        await stream.aclose()
+    assert closed

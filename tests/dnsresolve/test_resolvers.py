@@ -250,6 +250,19 @@ async def test_doh_bad_answers_are_errors_and_the_connection_goes_on(ca, ca_file
     assert addresses_in(answer) == [ANSWER_ADDRESS]
 
 
+async def test_doh_stream_ids_run_out_is_a_resolver_error_and_the_next_query_opens_a_new_connection(ca, ca_file):
+    async with doh_server(ca) as server:
+        async with resolver_for(f"https://127.0.0.1:{server.port}/dns-query", ca_file) as resolver:
+            await resolver.resolve(KEY, 5)
+            resolver.sessions.session.client._h2.highest_outbound_stream_id = 2**31 - 1  # the last one used
+            with pytest.raises(ResolverError) as error:  # one the next resolver in line is asked instead of
+                await resolver.resolve(KEY, 5)
+            answer = await resolver.resolve(KEY, 5)
+        assert server.connections == 2
+    assert error.value.reason == "h2-exhausted"
+    assert addresses_in(answer) == [ANSWER_ADDRESS]
+
+
 async def test_doh_goaway_fails_the_queries_in_flight_and_the_next_opens_a_new_connection(ca, ca_file):
     async with doh_server(ca) as server:
         server.goaway_after = 1
