@@ -253,7 +253,7 @@ class Engine:
         hold_upstream_eof = bool(hold_upstream_eof)
         if not self._free:
             self._conns.append(_Conn())
-            self._conns[-1].generation = 0
+            self._conns[-1].generation, self._conns[-1].in_use = 0, False
             self._free.append(len(self._conns) - 1)
         slot = self._free[-1]
         self._epoll.register(client_fd, _SOCKET_EVENTS)

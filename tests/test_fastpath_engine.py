@@ -9,6 +9,7 @@ import hashlib
 import os
 import select
 import socket
+import tempfile
 import threading
 import time
 from fractions import Fraction
@@ -500,3 +501,13 @@ def test_moved_counts_the_bytes_of_the_last_run(engine):
     assert app_server.recv(2000) == data[:1000]
     engine.run(0.0, 1 << 20)
     assert engine.moved == 0  # nothing was ready
+
+
+def test_a_failed_add_leaves_the_engine_usable(impl):
+    """add() of an fd epoll refuses raises OSError (the caller resets and goes on): the slot made for it stays free."""
+    engine = impl.Engine()
+    with tempfile.TemporaryFile() as regular:  # epoll refuses regular files: EPERM
+        with pytest.raises(OSError):
+            engine.add(regular.fileno(), regular.fileno(), "bad", 0.0, 10.0, 5.0)
+    assert engine.counts() == [] and engine.expire(100.0) == [] and engine.reclaim("reclaimed") == []
+    assert engine.close() == []
