@@ -72,6 +72,11 @@ cdef extern from "<sys/socket.h>" nogil:
         int l_linger
     int shutdown(int fd, int how)
     ssize_t send(int fd, const void *buf, size_t length, int flags)
+    ssize_t recv(int fd, void *buf, size_t length, int flags)
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    unsigned long SIOCATMARK
 
 cdef extern from "<sys/epoll.h>" nogil:
     int EPOLLIN

@@ -276,7 +276,7 @@ cdef class Engine:
         cdef Way *way = &conn.way[side]
         cdef int src = conn.fd[side]
         cdef int dst = conn.fd[1 - side]
-        cdef ssize_t n
+        cdef ssize_t n, marked
         cdef object first
         if way.shut:
             return FINISHED
@@ -332,6 +332,10 @@ cdef class Engine:
             if way.pipe_r < 0 and take_pipe(way, conn.pipe_size) != 0:
                 return self.fail(LOCAL, errno)
             n = splice(src, NULL, way.pipe_w, NULL, way.capacity, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n == 0 or (n < 0 and errno == EAGAIN):
+                marked = read_past_urgent(src, way.pipe_w, way.capacity)
+                if marked != -2:
+                    n = marked
             if n > 0:
                 way.pending = n
             elif n == 0:
@@ -556,6 +560,26 @@ cdef class Engine:
         return finished
 
 
+DEF PAST_MARK = 4096  # bytes read past an urgent byte at once: PIPE_BUF, so the write to the empty pipe is whole
+
+
+cdef ssize_t read_past_urgent(int src, int pipe_w, size_t limit) noexcept nogil:
+    """splice() stops before an urgent (MSG_OOB) byte and never reads past it: it says EAGAIN, or 0 once the
+    peer's FIN came, with the rest of the stream still waiting. At such a mark, recv() reads on past it, into
+    the empty pipe, as the twin's read() does: with SO_OOBINLINE (the relay's sockets) the urgent byte in its
+    place, else without it. Returns the bytes put in the pipe; 0 at the end of the stream; -2 when the source
+    is at no mark (the caller's reading stands); -1 with errno on a failure (EAGAIN: nothing past the mark yet)."""
+    cdef int at_mark = 0
+    cdef char buffer[PAST_MARK]
+    cdef ssize_t n
+    if ioctl(src, SIOCATMARK, &at_mark) != 0 or not at_mark:
+        return -2
+    n = recv(src, buffer, min(limit, <size_t>PAST_MARK), MSG_DONTWAIT)
+    if n > 0 and write(pipe_w, buffer, n) != n:
+        return -1
+    return n
+
+
 cdef class Conduit:
     """One direction, src -> pipe -> dst, for a counted run of bytes: an HTTP body or chunk whose
     length its head told. The caller says how many bytes may still be read; the pipe is drained
@@ -592,7 +616,7 @@ cdef class Conduit:
         """Write what is pending, then read at most ``limit`` bytes and write them, until the source
         is empty, the destination full, or the count read; returns the bytes read from the source."""
         cdef Py_ssize_t taken = 0
-        cdef ssize_t n
+        cdef ssize_t n, marked
         while True:
             while self.way.pending > 0:
                 n = splice(self.way.pipe_r, NULL, self.dst, NULL, self.way.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
@@ -611,6 +635,10 @@ cdef class Conduit:
                 PyErr_SetFromErrno(OSError)
             n = splice(self.src, NULL, self.way.pipe_w, NULL, min(limit - taken, <Py_ssize_t>self.way.capacity),
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n == 0 or (n < 0 and errno == EAGAIN):
+                marked = read_past_urgent(self.src, self.way.pipe_w, limit - taken)
+                if marked != -2:
+                    n = marked
             if n > 0:
                 self.way.pending = n
                 taken += n

@@ -146,3 +146,18 @@ def test_the_pipe_goes_back_to_the_pool_only_empty(impl, sockets):
     holding = impl.pooled_pipes()
     conduit.close()  # with bytes in it: dropped, never pooled stale
     assert impl.pooled_pipes() == holding
+
+
+def test_a_body_with_an_urgent_byte_goes_through_whole_and_counted(impl, sockets):
+    """splice() stops at an urgent (MSG_OOB) byte for good: the conduit reads past it, the byte in its place
+    (the relay's sockets have SO_OOBINLINE), so the body's length still frames what follows it."""
+    sender, source, sink, receiver = sockets
+    source.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    sender.send(b"abc!", socket.MSG_OOB)
+    sender.sendall(b"def" + b"next request")
+    conduit = impl.Conduit(source.fileno(), sink.fileno())
+    assert drive(conduit, source, sink, 7, deadline=5) == 7
+    receiver.settimeout(5)
+    assert read_exactly(receiver, 7) == b"abc!def"
+    conduit.close()
+    assert source.recv(100) == b"next request"

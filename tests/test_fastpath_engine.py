@@ -511,3 +511,32 @@ def test_a_failed_add_leaves_the_engine_usable(impl):
             engine.add(regular.fileno(), regular.fileno(), "bad", 0.0, 10.0, 5.0)
     assert engine.counts() == [] and engine.expire(100.0) == [] and engine.reclaim("reclaimed") == []
     assert engine.close() == []
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["oobinline", "urgent-left-out"])
+@pytest.mark.parametrize("upstream_sends", [False, True], ids=["client-sends", "upstream-sends"])
+def test_bytes_after_an_urgent_byte_are_relayed_and_the_end_after_them(impl, inline, upstream_sends):
+    """splice() stops at an urgent (MSG_OOB) byte for good: the engine reads past it, with the byte in place
+    when the source has SO_OOBINLINE (as the relay's sockets have), rather than stall or end the stream there."""
+    engine = impl.Engine()
+    app_client, relay_client = tcp_pair()
+    relay_upstream, app_server = tcp_pair()
+    for sock in (relay_client, relay_upstream):
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, int(inline))
+    engine.add(relay_client.detach(), relay_upstream.detach(), "t", 0.0, IDLE, HALF_CLOSED)
+    sender, receiver = (app_server, app_client) if upstream_sends else (app_client, app_server)
+    receiver.settimeout(10)
+    sender.send(b"abc!", socket.MSG_OOB)
+    sender.sendall(b"def")
+    run(engine, seconds=0.3)  # no FIN yet: what follows the mark must not wait for one
+    expected = b"abc!def" if inline else b"abcdef"
+    assert read_exactly(receiver, len(expected)) == expected
+    sender.shutdown(socket.SHUT_WR)
+    receiver.shutdown(socket.SHUT_WR)
+    moved = (0, len(expected)) if upstream_sends else (len(expected), 0)
+    assert run(engine, count_of(1), seconds=5) == [("t", "closed", *moved)]
+    assert read_to_eof(receiver) == b""
+    engine.close()
+    app_client.close()
+    app_server.close()

@@ -88,6 +88,7 @@ def new_socket(family: int, mark: int | None) -> socket.socket:
         if mark is not None:
             apply_mark(sock, mark)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # as the listener: urgent bytes in place
     except BaseException:
         sock.close()
         raise

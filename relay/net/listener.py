@@ -34,6 +34,8 @@ async def open_listener(host: str, port: int, transparent: bool, reuse_port: boo
     sock = trio.socket.from_stdlib_socket(listener)  # for its bind(), which resolves the address in a thread
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # An urgent (MSG_OOB) byte stays in the stream, relayed in its place (accepted sockets inherit this).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         if reuse_port:  # --workers: each process has its own listener, the kernel spreads connections
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
