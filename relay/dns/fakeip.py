@@ -119,8 +119,10 @@ class FakeIps:
 
     # -- DNS -------------------------------------------------------------------------------------------------------
 
-    def answer(self, query: message.Query) -> tuple[str, bytes] | None:
-        """(the metric's outcome, the reply) for a query fake-ip mode answers itself; None: resolve it as usual."""
+    def answer(self, query: message.Query, may_add=lambda: True) -> tuple[str, bytes | None] | None:
+        """(the metric's outcome, the reply) for a query fake-ip mode answers itself; None: resolve it as usual.
+        A name that holds no address yet gets one only if ``may_add()`` says so, else ("dropped", None): new
+        names recycle the addresses others hold, so a flood of them is limited like questions upstream."""
         hostname = self.takes(query.key)
         if hostname is None:
             return None
@@ -128,6 +130,8 @@ class FakeIps:
         family = self.families.get(ADDRESS_TYPES.get(rdtype))
         if family is None:  # HTTPS/SVCB, or no fake range of this family: no address at all, rather than a real one
             return "no-data", message.no_data(query)
+        if hostname not in family.by_name and not may_add():
+            return "dropped", None
         address, new = family.address_of(hostname)
         self.changes += new
         return "fake-ip", message.address_reply(query, address, ANSWER_TTL)

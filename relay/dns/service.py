@@ -401,11 +401,13 @@ class DnsService:
             self.metrics.dns_query(qtype, "no-data")
             return message.no_data(query)
         if self.fake_ips is not None:
-            faked = self.fake_ips.answer(query)  # the pool's own answer: not for `answered`, it maps addresses itself
+            # The pool's own answer: not for `answered`, it maps addresses itself. A new name takes an address
+            # another may still be using: limited as a question upstream is.
+            faked = self.fake_ips.answer(query, lambda: self.rates.allow(client))
             if faked is not None:
                 outcome, reply = faked
                 self.metrics.dns_query(qtype, outcome)
-                return reply  # one record at most: always fits 512 bytes
+                return reply  # one record at most: always fits 512 bytes (None: a flood gets nothing)
         cached = self.cache.get(query.key)
         if cached is not None and cached[1]:
             self.metrics.dns_query(qtype, "cache")

@@ -9,6 +9,7 @@ import trio
 from relay.dns.fakeip import FakeIps
 from relay.dns.message import parse_query
 from relay.dns.names import NameBook
+from relay.dns.service import SourceRates
 from relay.metrics import Metrics
 from tests.dns.support import query
 from tests.dns.test_service import (
@@ -111,3 +112,18 @@ def test_the_pool_use_is_a_metric():
     text = metrics.render()
     assert 'relay_dns_fake_ips_in_use{family="ipv4"} 2' in text
     assert "relay_dns_fake_ips_recycled_total 1" in text
+
+
+async def test_new_names_are_limited_as_questions_upstream_are_and_held_ones_are_not():
+    """A new name takes an address another may still be using (the pool recycles the least recently used):
+    a client's flood of new names is limited by its rate, as questions that go upstream are."""
+    async with running(ScriptedResolvers(), **FAKE_IP) as service:
+        service.rates = SourceRates(burst=2, rate=0.0)
+        replies = [
+            service.answer_now(query(f"n{number}.example.com."), "127.0.0.1", over_udp=True) for number in range(4)
+        ]
+        again = service.answer_now(query("n0.example.com."), "127.0.0.1", over_udp=True)
+    assert [reply is not None for reply in replies] == [True, True, False, False]
+    assert addresses_of(dns.message.from_wire(again)) == ["198.18.0.1"]  # held already: answered all the same
+    assert service.metrics.dns_queries == {("A", "fake-ip"): 3, ("A", "dropped"): 2}
+    assert service.fake_ips.name_for("198.18.0.3") is None
