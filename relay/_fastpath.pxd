@@ -80,6 +80,7 @@ cdef extern from "<sys/ioctl.h>" nogil:
 
 cdef extern from "<sys/epoll.h>" nogil:
     int EPOLLIN
+    int EPOLLPRI
     int EPOLLOUT
     int EPOLLERR
     int EPOLLHUP
@@ -112,6 +113,7 @@ cdef struct Way:
     bint queued  # in the backlog: its share of a run's budget ran out
     bint paused  # EPOLLIN is off on the source while write_blocked: its data would only wake us in vain
     bint held  # the FIN is kept from the destination until release() or abort()
+    bint urgent  # EPOLLPRI came: the source may hold an urgent byte, which splice() stops at
     Py_ssize_t pending  # bytes in the pipe
     PyObject *first  # bytes read before the engine took over, sent before the pipe's; NULL once sent
     Py_ssize_t first_sent

@@ -124,8 +124,9 @@ cdef inline long long handle_of(Conn *conn, int slot) noexcept:
     return (<long long>(conn.generation & 0x7fffffff) << 32) | slot
 
 
-cdef unsigned int SOCKET_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-cdef unsigned int PAUSED_EVENTS = EPOLLOUT | EPOLLET  # errors and hangups are reported anyway
+# EPOLLPRI: an urgent (MSG_OOB) byte came, which splice() will not read past (read_past_urgent).
+cdef unsigned int SOCKET_EVENTS = EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP | EPOLLET
+cdef unsigned int PAUSED_EVENTS = EPOLLPRI | EPOLLOUT | EPOLLET  # errors and hangups are reported anyway
 
 
 cdef class Engine:
@@ -244,7 +245,7 @@ cdef class Engine:
             way = &conn.way[side]
             way.pipe_r = way.pipe_w = -1
             way.capacity = way.pending = way.first_sent = way.moved = 0
-            way.eof = way.shut = way.write_blocked = way.queued = way.paused = way.held = False
+            way.eof = way.shut = way.write_blocked = way.queued = way.paused = way.held = way.urgent = False
             first = to_upstream_first if side == 0 else to_client_first
             way.first = NULL
             if first:
@@ -332,9 +333,11 @@ cdef class Engine:
             if way.pipe_r < 0 and take_pipe(way, conn.pipe_size) != 0:
                 return self.fail(LOCAL, errno)
             n = splice(src, NULL, way.pipe_w, NULL, way.capacity, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            if n == 0 or (n < 0 and errno == EAGAIN):
+            if way.urgent and (n == 0 or (n < 0 and errno == EAGAIN)):
                 marked = read_past_urgent(src, way.pipe_w, way.capacity)
-                if marked != -2:
+                if marked == -2:
+                    way.urgent = False  # past it: splice() reads on
+                else:
                     n = marked
             if n > 0:
                 way.pending = n
@@ -447,6 +450,8 @@ cdef class Engine:
             if not conn.in_use:
                 continue  # it ended earlier in this batch
             ready = events[i].events
+            if ready & EPOLLPRI:
+                conn.way[side].urgent = True
             if ready & EPOLLERR:
                 size = sizeof(error)
                 error = 0
@@ -454,7 +459,7 @@ cdef class Engine:
                 if error:
                     self.finish(slot, ends.RESET_BY[side], False, finished)
                     continue
-            if ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR) and not conn.way[side].write_blocked:
+            if ready & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLHUP | EPOLLERR) and not conn.way[side].write_blocked:
                 self.step(slot, side, budget, now, finished)
             if (ready & (EPOLLOUT | EPOLLERR) and conn.in_use
                     and (conn.way[1 - side].write_blocked or conn.way[1 - side].first != NULL)):
@@ -569,10 +574,12 @@ cdef ssize_t read_past_urgent(int src, int pipe_w, size_t limit) noexcept nogil:
     the empty pipe, as the twin's read() does: with SO_OOBINLINE (the relay's sockets) the urgent byte in its
     place, else without it. Returns the bytes put in the pipe; 0 at the end of the stream; -2 when the source
     is at no mark (the caller's reading stands); -1 with errno on a failure (EAGAIN: nothing past the mark yet)."""
-    cdef int at_mark = 0
+    global errno
+    cdef int at_mark = 0, saved = errno
     cdef char buffer[PAST_MARK]
     cdef ssize_t n
     if ioctl(src, SIOCATMARK, &at_mark) != 0 or not at_mark:
+        errno = saved  # the caller's reading stands, and its errno with it
         return -2
     n = recv(src, buffer, min(limit, <size_t>PAST_MARK), MSG_DONTWAIT)
     if n > 0 and write(pipe_w, buffer, n) != n:
