@@ -39,6 +39,10 @@ MAX_WAITING = 4096  # client queries waiting for an upstream answer, all clients
 MAX_TCP_CONNECTIONS = 256
 MAX_TCP_PIPELINE = 32  # queries in flight on one TCP connection
 TCP_IDLE_TIMEOUT = 10.0  # RFC 7766 6.2.3: seconds, not minutes
+# Clients outside --dns-allow get REFUSED over TCP too, on connections of their own: this many at once, each
+# closed this long after it opened, whatever it sends. None of them takes one of the LAN's slots.
+STRANGER_TCP_CONNECTIONS = 16
+STRANGER_TCP_TIMEOUT = 2.0
 TCP_WRITE_TIMEOUT = 10.0
 TCP_RECEIVE_SIZE = 65536
 TCP_BACKLOG = 128
@@ -118,6 +122,7 @@ class DnsService:
         self.questions: dict[message.Key, Question] = {}
         self.waiting = 0
         self.tcp_slots = trio.Semaphore(MAX_TCP_CONNECTIONS)
+        self.stranger_slots = trio.Semaphore(STRANGER_TCP_CONNECTIONS)
         self.warnings = RateLimited()
         self.sockets: list[socket.socket] = []
         self._nursery: trio.Nursery | None = None
@@ -324,19 +329,26 @@ class DnsService:
             except BaseException:
                 self.tcp_slots.release()
                 raise
-            if not self.allowed(peer[0]):  # not even a slot for the time it takes to say REFUSED
-                conn.close()
+            slots = self.tcp_slots
+            if not self.allowed(peer[0]):
                 self.tcp_slots.release()
-                continue
-            self._nursery.start_soon(self.converse, conn, peer)
+                try:
+                    self.stranger_slots.acquire_nowait()
+                except trio.WouldBlock:
+                    conn.close()
+                    continue
+                slots = self.stranger_slots
+            self._nursery.start_soon(self.converse, conn, peer, slots)
 
-    async def converse(self, conn, peer) -> None:
+    async def converse(self, conn, peer, slots: trio.Semaphore) -> None:
         """One TCP client: queries in, each answer out when ready (so out of order), until the client closes,
         sends no whole query for TCP_IDLE_TIMEOUT (bytes trickled into one count for nothing), or sends what
-        cannot be DNS; answers owed are sent before the close."""
+        cannot be DNS; answers owed are sent before the close. A stranger (``slots``: theirs) is answered
+        REFUSED and closed STRANGER_TCP_TIMEOUT after it came, whatever it sends."""
         stream = trio.SocketStream(conn)
         framer, writing, pipeline = Framer(), trio.Lock(), trio.Semaphore(MAX_TCP_PIPELINE)
-        idle_at = trio.current_time() + TCP_IDLE_TIMEOUT
+        stranger = slots is self.stranger_slots
+        idle_at = trio.current_time() + (STRANGER_TCP_TIMEOUT if stranger else TCP_IDLE_TIMEOUT)
         try:
             async with trio.open_nursery() as answers:
                 while True:
@@ -353,14 +365,14 @@ class DnsService:
                         wires = framer.receive_data(data)
                     except FrameError:
                         break
-                    if wires:
+                    if wires and not stranger:
                         idle_at = trio.current_time() + TCP_IDLE_TIMEOUT
                     for wire in wires:
                         await pipeline.acquire()  # no reading while MAX_TCP_PIPELINE are unanswered
                         answers.start_soon(self.answer_tcp, stream, wire, peer[0], writing, pipeline)
         finally:
             conn.close()
-            self.tcp_slots.release()
+            slots.release()
 
     async def answer_tcp(self, stream, wire: bytes, client: str, writing: trio.Lock, pipeline: trio.Semaphore) -> None:
         try:

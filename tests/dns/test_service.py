@@ -564,18 +564,26 @@ async def stranger_connection(service) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-async def test_clients_outside_dns_allow_hold_no_tcp_slot(monkeypatch):
+async def test_clients_outside_dns_allow_get_refused_over_tcp_without_holding_the_lans_slots(monkeypatch):
     monkeypatch.setattr(service_module, "MAX_TCP_CONNECTIONS", 2)
+    monkeypatch.setattr(service_module, "STRANGER_TCP_CONNECTIONS", 2)
+    monkeypatch.setattr(service_module, "STRANGER_TCP_TIMEOUT", 0.5)
     async with running(**{"dns-allow": ["127.0.0.1/32"]}) as service:
-        strangers = [await stranger_connection(service) for _ in range(3)]  # never send a byte
-        for stranger in strangers:
-            with trio.fail_after(3):
-                assert await stranger.receive_some(10) == b""  # closed at once
-        allowed = await trio.open_tcp_stream(*service.addresses[0])
-        await allowed.send_all(framed(dns.message.make_query("host.example.", "A")))
-        [reply] = await read_frames(allowed, 1, timeout=3.0)
-        assert reply.rcode() == dns.rcode.NOERROR
-        for stream in [*strangers, allowed]:
+        strangers = [await stranger_connection(service) for _ in range(3)]
+        await strangers[0].send_all(framed(dns.message.make_query("host.example.", "A")))
+        [refused] = await read_frames(strangers[0], 1)
+        assert refused.rcode() == dns.rcode.REFUSED
+        with trio.fail_after(3):
+            assert await strangers[2].receive_some(10) == b""  # past their own slots: closed at once
+            for stranger in strangers[:2]:  # closed STRANGER_TCP_TIMEOUT after they came, answered or not
+                assert await stranger.receive_some(10) == b""
+        allowed = await trio.open_tcp_stream(*service.addresses[0])  # both LAN slots were free all along
+        other = await trio.open_tcp_stream(*service.addresses[0])
+        for stream in (allowed, other):
+            await stream.send_all(framed(dns.message.make_query("host.example.", "A")))
+            [reply] = await read_frames(stream, 1, timeout=3.0)
+            assert reply.rcode() == dns.rcode.NOERROR
+        for stream in [*strangers, allowed, other]:
             await stream.aclose()
 
 
