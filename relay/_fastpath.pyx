@@ -717,6 +717,7 @@ cdef struct UdpState:
     unsigned int session_mask
     Reply *replies
     int reply_capacity
+    int replies_open
     int free_reply
     int *reply_buckets
     unsigned int reply_mask
@@ -1022,6 +1023,7 @@ cdef int open_reply(UdpState *st, const Addr *remote) noexcept nogil:
         errno = one
         return -1
     st.free_reply = st.replies[slot].next
+    st.replies_open += 1
     st.replies[slot].remote = remote[0]
     st.replies[slot].fd = fd
     st.replies[slot].users = 0
@@ -1046,6 +1048,7 @@ cdef void release_reply(UdpState *st, int slot) noexcept nogil:
     r.fd = -1
     r.next = st.free_reply
     st.free_reply = slot
+    st.replies_open -= 1
 
 
 cdef int reply_socket(UdpState *st, UdpSession *s, const Addr *remote) noexcept nogil:
@@ -1073,6 +1076,12 @@ cdef int reply_socket(UdpState *st, UdpSession *s, const Addr *remote) noexcept 
         s.remote_capacity = s.remote_capacity * 2 + 2
     slot = find_reply(st, remote)
     if slot < 0:
+        # Past a session's first remote, a new socket only while more stay free than there are sessions:
+        # one client's sessions talking to many remotes cannot take what others' first remotes need.
+        if s.remote_count and st.reply_capacity - st.replies_open <= st.session_capacity:
+            st.reply_errno = ENFILE
+            st.drops[DROP_REPLY_SOCKET] += 1
+            return -1
         slot = open_reply(st, remote)
         if slot < 0:
             st.reply_errno = errno
@@ -1432,6 +1441,7 @@ cdef class UdpEngine:
                 if st.replies[i].fd >= 0:
                     close(st.replies[i].fd)
                     st.replies[i].fd = -1
+            st.replies_open = 0
         if st.sessions != NULL:
             for i in range(st.session_capacity):
                 free(st.sessions[i].remotes)

@@ -240,6 +240,35 @@ def test_the_reply_socket_cap_drops_replies_and_says_why(lab):
     assert drops == {"reply-socket": 1} and reply_errno == 23  # ENFILE
 
 
+def test_one_session_talking_to_many_remotes_leaves_reply_sockets_for_others_first_remotes(lab):
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab(max_sessions=2, max_reply=4)  # two sockets stay free for the two sessions' first remotes
+    many = [(f"127.0.0.{host}", 53) for host in range(7, 11)]
+    lab.register_asking(*many)
+    for remote in many:
+        lab.proxy.sendto(header(*remote) + b"to the first", lab.upstream.getsockname())
+    assert [lab.client.recvfrom(100) for _ in range(2)] == [(b"to the first", remote) for remote in many[:2]]
+    other, other_proxy, other_upstream = udp_socket(), udp_socket(), udp_socket(blocking=False)
+    try:
+        other_upstream.connect(other_proxy.getsockname())
+        first, shared, third = ("127.0.0.11", 53), many[0], ("127.0.0.12", 53)
+        lab.engine.add_session(
+            other.getsockname(), other_upstream.fileno(), [(r, b"asking") for r in (first, shared, third)]
+        )
+        # In order on each socket, each drop before a datagram received after it: the counts are whole.
+        for remote in (first, third, shared):
+            other_proxy.sendto(header(*remote) + b"to the other", other_upstream.getsockname())
+        # Its first remote has a socket, one already open is shared; a third would eat into the reserve.
+        assert [other.recvfrom(100) for _ in range(2)] == [(b"to the other", first), (b"to the other", shared)]
+        lab.proxy.sendto(header(*many[1]) + b"still held", lab.upstream.getsockname())
+        assert lab.client.recvfrom(100) == (b"still held", many[1])
+        drops, _, reply_errno = lab.engine.collect()
+        assert drops == {"reply-socket": 3} and reply_errno == 23  # ENFILE
+    finally:
+        for sock in (other, other_proxy, other_upstream):
+            sock.close()
+
+
 def test_handles_and_bounds(lab):
     lab = lab(max_sessions=1)
     handle = lab.register()
