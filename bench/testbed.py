@@ -181,6 +181,22 @@ def compile_benchtool(directory: Path) -> str:
     return str(binary)
 
 
+def io_calls(pids: list[int]) -> dict[str, int]:
+    """Bytes read and written by ``pids`` so far, sockets included, and the system calls that did it
+    (/proc/PID/io: rchar, wchar, syscr, syscw)."""
+    totals = dict.fromkeys(("rchar", "wchar", "syscr", "syscw"), 0)
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/io").read_text().splitlines()
+        except OSError:
+            continue  # exited meanwhile
+        for line in lines:
+            key, value = line.split(":")
+            if key in totals:
+                totals[key] += int(value)
+    return totals
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """user + sys of ``pids`` so far."""
     return sum(user_and_kernel_seconds(pids))
