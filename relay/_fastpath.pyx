@@ -1074,14 +1074,15 @@ cdef int reply_socket(UdpState *st, UdpSession *s, const Addr *remote) noexcept 
             return -1
         s.remotes = grown
         s.remote_capacity = s.remote_capacity * 2 + 2
+    # Past a session's first remote, a socket only while more stay free than there are sessions: one
+    # client's sessions talking to many remotes cannot take what others' first remotes need. A shared one
+    # too, since it stays open for this session after the one that opened it ends.
+    if s.remote_count and st.reply_capacity - st.replies_open <= st.session_capacity:
+        st.reply_errno = ENFILE
+        st.drops[DROP_REPLY_SOCKET] += 1
+        return -1
     slot = find_reply(st, remote)
     if slot < 0:
-        # Past a session's first remote, a new socket only while more stay free than there are sessions:
-        # one client's sessions talking to many remotes cannot take what others' first remotes need.
-        if s.remote_count and st.reply_capacity - st.replies_open <= st.session_capacity:
-            st.reply_errno = ENFILE
-            st.drops[DROP_REPLY_SOCKET] += 1
-            return -1
         slot = open_reply(st, remote)
         if slot < 0:
             st.reply_errno = errno

@@ -956,13 +956,12 @@ class UdpEngine:
         if len(s.remotes) >= _MAX_REMOTES_PER_SESSION:
             self._drops["remotes-full"] += 1
             return None
-        held = self._replies.get(remote)
-        free = self._max_reply_sockets - len(self._replies)
-        # Past a session's first remote, a new socket only while more stay free than there are sessions.
-        if held is None and s.remotes and free <= len(self._sessions):
+        # Past a session's first remote, a socket (new or shared) only while more stay free than there are sessions.
+        if s.remotes and self._max_reply_sockets - len(self._replies) <= len(self._sessions):
             self._reply_errno = errno.ENFILE
             self._drops["reply-socket"] += 1
             return None
+        held = self._replies.get(remote)
         if held is None:
             try:
                 held = self._replies[remote] = [self._open_reply(remote), 0]

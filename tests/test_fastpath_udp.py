@@ -240,33 +240,77 @@ def test_the_reply_socket_cap_drops_replies_and_says_why(lab):
     assert drops == {"reply-socket": 1} and reply_errno == 23  # ENFILE
 
 
-def test_one_session_talking_to_many_remotes_leaves_reply_sockets_for_others_first_remotes(lab):
+class OtherClient:
+    """One more client with its session's socket to the proxy and the proxy's relay address, on the lab's engine."""
+
+    def __init__(self, lab, remotes):
+        self.client, self.proxy, self.upstream = udp_socket(), udp_socket(), udp_socket(blocking=False)
+        self.upstream.connect(self.proxy.getsockname())
+        self.handle = lab.engine.add_session(
+            self.client.getsockname(), self.upstream.fileno(), [(remote, b"asking") for remote in remotes]
+        )
+
+    def replies(self, *remotes) -> list:
+        """Replies from each of ``remotes`` in turn, then what reached the client: the last remote's reply
+        must, so that every reply before it on the same socket has been relayed or dropped."""
+        for number, remote in enumerate(remotes):
+            self.proxy.sendto(header(*remote) + b"%d" % number, self.upstream.getsockname())
+        received = []
+        while not received or received[-1][0] != b"%d" % (len(remotes) - 1):
+            received.append(self.client.recvfrom(100))
+        return [source for _, source in received]
+
+    def close(self):
+        for sock in (self.client, self.proxy, self.upstream):
+            sock.close()
+
+
+@pytest.fixture
+def other_clients(lab):
+    made = []
+
+    def make(lab, *remotes):
+        made.append(OtherClient(lab, remotes))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def remotes(first: int, count: int) -> list:
+    return [(f"127.0.0.{host}", 53) for host in range(first, first + count)]
+
+
+def test_one_session_talking_to_many_remotes_leaves_reply_sockets_for_others_first_remotes(lab, other_clients):
     require_root("reply sockets are transparent (IP_TRANSPARENT)")
     lab = lab(max_sessions=2, max_reply=4)  # two sockets stay free for the two sessions' first remotes
-    many = [(f"127.0.0.{host}", 53) for host in range(7, 11)]
-    lab.register_asking(*many)
-    for remote in many:
-        lab.proxy.sendto(header(*remote) + b"to the first", lab.upstream.getsockname())
-    assert [lab.client.recvfrom(100) for _ in range(2)] == [(b"to the first", remote) for remote in many[:2]]
-    other, other_proxy, other_upstream = udp_socket(), udp_socket(), udp_socket(blocking=False)
-    try:
-        other_upstream.connect(other_proxy.getsockname())
-        first, shared, third = ("127.0.0.11", 53), many[0], ("127.0.0.12", 53)
-        lab.engine.add_session(
-            other.getsockname(), other_upstream.fileno(), [(r, b"asking") for r in (first, shared, third)]
-        )
-        # In order on each socket, each drop before a datagram received after it: the counts are whole.
-        for remote in (first, third, shared):
-            other_proxy.sendto(header(*remote) + b"to the other", other_upstream.getsockname())
-        # Its first remote has a socket, one already open is shared; a third would eat into the reserve.
-        assert [other.recvfrom(100) for _ in range(2)] == [(b"to the other", first), (b"to the other", shared)]
-        lab.proxy.sendto(header(*many[1]) + b"still held", lab.upstream.getsockname())
-        assert lab.client.recvfrom(100) == (b"still held", many[1])
-        drops, _, reply_errno = lab.engine.collect()
-        assert drops == {"reply-socket": 3} and reply_errno == 23  # ENFILE
-    finally:
-        for sock in (other, other_proxy, other_upstream):
-            sock.close()
+    many = remotes(7, 4)
+    greedy = other_clients(lab, *many)
+    assert greedy.replies(*many, many[0]) == [*many[:2], many[0]]  # its 3rd and 4th remotes got none
+    new, shared = remotes(11, 2), many[0]
+    other = other_clients(lab, *new, shared)
+    # Its first remote has a socket; past the reserve, neither a new one nor one open already.
+    assert other.replies(*new, shared, new[0]) == [new[0], new[0]]
+    assert greedy.replies(many[1]) == [many[1]]  # still held
+    drops, _, reply_errno = lab.engine.collect()
+    assert drops == {"reply-socket": 4} and reply_errno == 23  # ENFILE
+
+
+def test_shared_reply_sockets_outliving_their_sessions_leave_one_for_a_first_remote(lab, other_clients):
+    require_root("reply sockets are transparent (IP_TRANSPARENT)")
+    lab = lab(max_sessions=2, max_reply=4)
+    r0, r1, r2, r3, r4 = remotes(7, 5)
+    first = other_clients(lab, r0, r1)
+    assert first.replies(r0, r1) == [r0, r1]
+    second = other_clients(lab, r2, r0, r1)
+    second.replies(r2, r0, r1, r2)  # r0 and r1 would be shared, staying open for it after the first ends
+    lab.engine.remove_session(first.handle)
+    third = other_clients(lab, r3, r0, r1, r2)
+    third.replies(r3, r0, r1, r2, r3)
+    lab.engine.remove_session(second.handle)
+    last = other_clients(lab, r4)
+    assert last.replies(r4) == [r4]
 
 
 def test_handles_and_bounds(lab):
