@@ -51,7 +51,7 @@ async def _serve(config: Config, reload, worker: int) -> None:
         async with trio.open_nursery() as nursery:
             if config.metrics:
                 host, port = config.metrics
-                status = Status(metrics, server.connections, server.dns)
+                status = Status(metrics, server.connections, server.dns, udp=server.udp is not None)
                 await nursery.start(serve_metrics, metrics, host, port + worker, status)
             await server.serve(signals)
             nursery.cancel_scope.cancel()

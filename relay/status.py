@@ -164,10 +164,11 @@ def _number(fields: dict, key: str, default: int, low: int, high: int) -> int:
 
 
 class Status:
-    """What the page shows, read from the running relay: its Connections, metrics and DNS service."""
+    """What the page shows, read from the running relay: its Connections, metrics, DNS service and
+    whether it relays UDP."""
 
-    def __init__(self, metrics, connections, dns=None, *, clock=time.monotonic, wall=time.time):
-        self.metrics, self.connections, self.dns = metrics, connections, dns
+    def __init__(self, metrics, connections, dns=None, *, udp=False, clock=time.monotonic, wall=time.time):
+        self.metrics, self.connections, self.dns, self.udp = metrics, connections, dns, udp
         self.clock, self.wall = clock, wall  # clock: the one Connection.started is on
         self.started = wall()
         self.taken = -math.inf
@@ -346,6 +347,19 @@ class Status:
             answer["fake_ips_recycled"] = fake_ips.recycled()
         return answer
 
+    def udp_json(self) -> dict:
+        if not self.udp:
+            return {"enabled": False}
+        metrics = self.metrics
+        return {
+            "enabled": True,
+            "sessions": metrics.udp_sessions_active,
+            "ended": dict(sorted(metrics.udp_sessions_ended.items())),
+            "datagrams": dict(metrics.udp_datagrams),
+            "bytes": dict(metrics.udp_bytes),
+            "dropped": dict(sorted(metrics.udp_drops.items())),
+        }
+
     def failures_json(self) -> dict:
         wall = self.wall()
         latest = list(self.connections.failures)[-FAILURES_SHOWN:]
@@ -382,6 +396,7 @@ class Status:
             "/api/connections": lambda: self.connections_json(query),
             "/api/upstreams": self.upstreams_json,
             "/api/dns": self.dns_json,
+            "/api/udp": self.udp_json,
             "/api/failures": self.failures_json,
             "/api/summary": self.summary_json,
         }  # each an async or a plain function

@@ -39,6 +39,7 @@ button, select { font: inherit; }
 <table id="connections"><thead><tr><th>client</th><th>name</th><th>destination</th><th>upstream</th><th>state</th>
 <th>up</th><th>down</th><th>rate up</th><th>rate down</th><th>age</th></tr></thead><tbody></tbody></table>
 <div id="dns-section" hidden><h2>DNS</h2><p id="dns"></p></div>
+<div id="udp-section" hidden><h2>UDP</h2><p id="udp"></p></div>
 <h2>Latest failures</h2>
 <table id="failures"><thead><tr><th>ago</th><th>client</th><th>name</th><th>destination</th><th>upstream</th>
 <th>reason</th><th>fault</th><th>error</th></tr></thead><tbody></tbody></table>
@@ -167,6 +168,17 @@ function showDns(d) {
   }
   $("dns").textContent = parts.join(" \xc2\xb7 ");
 }
+function showUdp(d) {
+  $("udp-section").hidden = !d.enabled;
+  if (!d.enabled) return;
+  const counts = (o) => Object.entries(o).map(([k, v]) => k + " " + v).join(", ");
+  const parts = ["sessions " + d.sessions,
+    "datagrams up " + d.datagrams.up + " (" + bytes(d.bytes.up) + "), down " + d.datagrams.down +
+      " (" + bytes(d.bytes.down) + ")"];
+  if (Object.keys(d.ended).length) parts.push("ended " + counts(d.ended));
+  if (Object.keys(d.dropped).length) parts.push("dropped " + counts(d.dropped));
+  $("udp").textContent = parts.join(" \xc2\xb7 ");
+}
 function showFailures(f) {
   fill($("failures"), f.failures, (row, x) => {
     cell(row, seconds(x.ago), "n"); cell(row, x.client); cell(row, x.name); cell(row, x.destination);
@@ -176,9 +188,9 @@ function showFailures(f) {
 async function tick() {
   try {
     const query = "?sort=" + $("sort").value + "&limit=" + PAGE_SIZE + "&offset=" + offset;
-    const [s, u, c, d, f] = await Promise.all([get("api/summary"), get("api/upstreams"),
-      get("api/connections" + query), get("api/dns"), get("api/failures")]);
-    showSummary(s); showUpstreams(u); showConnections(c); showDns(d); showFailures(f);
+    const [s, u, c, d, p, f] = await Promise.all([get("api/summary"), get("api/upstreams"),
+      get("api/connections" + query), get("api/dns"), get("api/udp"), get("api/failures")]);
+    showSummary(s); showUpstreams(u); showConnections(c); showDns(d); showUdp(p); showFailures(f);
     $("status").textContent = "updated " + new Date().toLocaleTimeString() + ", every " + POLL_MS / 1000 + " s";
     $("status").className = "dim";
   } catch (error) {

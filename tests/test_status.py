@@ -80,11 +80,11 @@ class Clock:
         return self.now
 
 
-def new_status(*upstreams, dns=None):
+def new_status(*upstreams, dns=None, udp=False):
     metrics = Metrics(version="test", fast_path="python")
     connections = FakeConnections(*(upstreams or (PLAIN_UPSTREAM,)))
     clock, wall = Clock(), Clock(1_700_000_000.0)
-    return Status(metrics, connections, dns, clock=clock, wall=wall), connections, clock
+    return Status(metrics, connections, dns, udp=udp, clock=clock, wall=wall), connections, clock
 
 
 def rows(count):
@@ -210,7 +210,15 @@ async def test_no_password_in_any_answer():
         (1_699_999_990.0, conn.peer, conn.dst, "example.org", AUTH_UPSTREAM, "refused:socks-auth", error, Fault.PROXY)
     )
     status.sample()
-    targets = (b"/api/connections", b"/api/upstreams", b"/api/failures", b"/api/summary", b"/api/dns", b"/")
+    targets = (
+        b"/api/connections",
+        b"/api/upstreams",
+        b"/api/failures",
+        b"/api/summary",
+        b"/api/dns",
+        b"/api/udp",
+        b"/",
+    )
     bodies = [(await status.respond(target))[2] for target in targets]
     assert all(PASSWORD.encode() not in body for body in bodies)
     [row] = json.loads(bodies[0])["connections"]
@@ -275,6 +283,28 @@ def test_dns_use_only_when_enabled():
         "upstream_failures": {"timeout": 1},
         "fake_ips": {"ipv4": {"in_use": 1, "capacity": 2}},
         "fake_ips_recycled": 0,
+    }
+
+
+def test_udp_sessions_datagrams_and_drops_only_when_relayed():
+    status, _, _ = new_status()
+    assert status.udp_json() == {"enabled": False}
+    status, _, _ = new_status(udp=True)
+    metrics = status.metrics
+    metrics.udp_session_opened()
+    metrics.udp_session_opened()
+    metrics.udp_session_ended("idle")
+    metrics.udp_relayed("up", 3, 300)
+    metrics.udp_relayed("down", 2, 1200)
+    metrics.udp_dropped("unasked", 4)
+    metrics.udp_dropped("reply-socket")
+    assert status.udp_json() == {
+        "enabled": True,
+        "sessions": 1,
+        "ended": {"idle": 1},
+        "datagrams": {"up": 3, "down": 2},
+        "bytes": {"up": 300, "down": 1200},
+        "dropped": {"reply-socket": 1, "unasked": 4},
     }
 
 

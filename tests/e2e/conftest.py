@@ -4,6 +4,7 @@ Each test starts its own relay on the router with the interception it needs."""
 
 import os
 import shlex
+import shutil
 
 import pytest
 
@@ -169,3 +170,10 @@ def relays(lab):
 def run_relay(relays):
     """Start a relay on the router: run_relay(upstream, *extra_args, mode=..., pure=...)."""
     return relays.run
+
+
+@pytest.fixture
+def chromium():
+    path = shutil.which("chromium")
+    assert path, "chromium is not installed: scripts/setup installs Debian's chromium"
+    return path

@@ -28,13 +28,6 @@ LOAD_CONNECTIONS = 150
 LOAD_SIZE = 256 * 1024
 
 
-@pytest.fixture
-def chromium():
-    path = shutil.which("chromium")
-    assert path, "chromium is not installed: scripts/setup installs Debian's chromium"
-    return path
-
-
 def browse(lab, chromium, profile, *options, budget_ms=8000):
     """Load the page in headless Chromium on the router, its script running for ``budget_ms`` of
     virtual time (it waits for the fetches it makes); the completed run's stdout."""

@@ -259,6 +259,18 @@ def test_only_well_formed_datagrams_from_the_relay_address_reach_the_client(lab,
     assert metric(lab, "relay_udp_sessions_active") == {"": 1.0}
 
 
+def test_the_status_page_shows_udp_sessions_datagrams_and_drops(lab, udp_relay, fake_udp_proxy, chromium, tmp_path):
+    from tests.e2e.test_status_page import METRICS_PORT as PAGE_PORT
+    from tests.e2e.test_status_page import browse, element
+
+    udp_relay(fake_udp_proxy.url, "--metrics", f"127.0.0.1:{PAGE_PORT}")
+    sock = client_socket(lab)
+    assert round_trip(sock, b"echo") == (b"echo", (ADDR.server4, ECHO_PORT))  # after a fragment and 4 malformed
+    udp = element(browse(lab, chromium, tmp_path / "profile", "--dump-dom", budget_ms=4000), "udp", "</p>")
+    assert "sessions 1 " in udp and "datagrams up 1 (" in udp and ", down 1 (" in udp, udp
+    assert "dropped fragment 1, malformed 4" in udp, udp
+
+
 @pytest.mark.parametrize(("how", "end"), [("close", "proxy-closed"), ("reset", "proxy-econnreset")])
 def test_the_proxy_closing_the_control_connection_ends_the_session(lab, udp_relay, fake_udp_proxy, how, end):
     relay = udp_relay(fake_udp_proxy.url, "--udp-idle-timeout", "60")
