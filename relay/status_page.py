@@ -67,6 +67,9 @@ function cell(row, value, className) {
   if (className) td.className = className;
   return td;
 }
+function counts(o) {
+  return Object.entries(o).map(([k, v]) => k + " " + v).join(", ");
+}
 function fill(table, items, render) {
   const body = document.createElement("tbody");
   for (const item of items) render(body.insertRow(), item);
@@ -134,7 +137,7 @@ function showUpstreams(u) {
     cell(row, x.connections, "n");
     cell(row, x.handshakes, "n");
     cell(row, x.handshake_mean_ms === null ? null : x.handshake_mean_ms + " ms", "n");
-    cell(row, Object.entries(x.attempts_failed).map(([k, v]) => k + " " + v).join(", "));
+    cell(row, counts(x.attempts_failed));
     const chart = row.insertCell();
     chart.appendChild(spark(x.history));
     const latest = x.history.map((p) => p[2]).filter((v) => v !== null);
@@ -156,11 +159,10 @@ function showDns(d) {
   const parts = [];
   if (d.cache) {
     parts.push("mode " + d.mode, "cache " + d.cache.entries + " / " + d.cache.max + " entries",
-      "queries " + Object.entries(d.queries).map(([k, v]) => k + " " + v).join(", "),
+      "queries " + counts(d.queries),
       "upstream answers " + d.upstream_answers +
         (d.upstream_mean_ms === null ? "" : ", mean " + d.upstream_mean_ms + " ms"));
-    const failed = Object.entries(d.upstream_failures);
-    if (failed.length) parts.push("upstream failures " + failed.map(([k, v]) => k + " " + v).join(", "));
+    if (Object.keys(d.upstream_failures).length) parts.push("upstream failures " + counts(d.upstream_failures));
   }
   if (d.fake_ips) {
     const pools = Object.entries(d.fake_ips).map(([k, v]) => k + " " + v.in_use + " / " + v.capacity);
@@ -171,7 +173,6 @@ function showDns(d) {
 function showUdp(d) {
   $("udp-section").hidden = !d.enabled;
   if (!d.enabled) return;
-  const counts = (o) => Object.entries(o).map(([k, v]) => k + " " + v).join(", ");
   const parts = ["sessions " + d.sessions,
     "datagrams up " + d.datagrams.up + " (" + bytes(d.bytes.up) + "), down " + d.datagrams.down +
       " (" + bytes(d.bytes.down) + ")"];
