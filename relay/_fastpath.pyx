@@ -1067,13 +1067,6 @@ cdef int reply_socket(UdpState *st, UdpSession *s, const Addr *remote) noexcept 
     if s.remote_count >= MAX_REMOTES_PER_SESSION:
         st.drops[DROP_REMOTES_FULL] += 1
         return -1
-    if s.remote_count == s.remote_capacity:
-        grown = <int *>realloc(s.remotes, sizeof(int) * (s.remote_capacity * 2 + 2))
-        if grown == NULL:
-            st.drops[DROP_REPLY_SOCKET] += 1
-            return -1
-        s.remotes = grown
-        s.remote_capacity = s.remote_capacity * 2 + 2
     # Past a session's first remote, a socket only while more stay free than there are sessions: one
     # client's sessions talking to many remotes cannot take what others' first remotes need. A shared one
     # too, since it stays open for this session after the one that opened it ends.
@@ -1081,6 +1074,13 @@ cdef int reply_socket(UdpState *st, UdpSession *s, const Addr *remote) noexcept 
         st.reply_errno = ENFILE
         st.drops[DROP_REPLY_SOCKET] += 1
         return -1
+    if s.remote_count == s.remote_capacity:
+        grown = <int *>realloc(s.remotes, sizeof(int) * (s.remote_capacity * 2 + 2))
+        if grown == NULL:
+            st.drops[DROP_REPLY_SOCKET] += 1
+            return -1
+        s.remotes = grown
+        s.remote_capacity = s.remote_capacity * 2 + 2
     slot = find_reply(st, remote)
     if slot < 0:
         slot = open_reply(st, remote)
