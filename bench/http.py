@@ -17,8 +17,8 @@ Each run moves ``--size-mib`` in all (split between the streams), downloads (GET
 machine's CPUs, unless ``--router-cpu N`` gives the relays a CPU of their own and the rest the others
 (as when the router is a machine apart from the client and the proxy), or ``--squid-cpu N`` gives
 squid one (as when squid runs on the far host, as deployed). squid forwards bodies on one thread,
-and the CPU it spends on the same reads and writes (64 KiB each, whichever way) varies 1.5-4 s per
-GB with what shares its CPU: with every CPU shared, that, not the relay, sets the upload figures.
+and the CPU it spends on the same reads and writes (64 KiB each, whichever way) swings 1.5-5 s per
+GB from run to run: with every CPU shared, that, not the relay, sets the upload figures.
 Reported: throughput,
 the relay's CPU seconds per GB moved (its process tree; of it, user time apart: the rest is the
 kernel's work in its context, splice and the TCP of what it sends) and the whole machine's
