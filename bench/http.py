@@ -16,7 +16,9 @@ Each run moves ``--size-mib`` in all (split between the streams), downloads (GET
 (PUT, with a Content-Length); each round runs every way once, in turn. All of them share the
 machine's CPUs, unless ``--router-cpu N`` gives the relays a CPU of their own and the rest the others
 (as when the router is a machine apart from the client and the proxy), or ``--squid-cpu N`` gives
-squid one (as when squid runs on the far host, as deployed). squid forwards bodies on one thread,
+squid one (as when squid runs on the far host, as deployed). ``--ssh`` puts squid behind ``ssh -L``, as
+deployed: the relays and curl reach it through an ssh on the router to an sshd beside squid (with
+``--squid-cpu``, on squid's CPU), and read ssh's writes instead of squid's own. squid forwards bodies on one thread,
 and the CPU it spends on the same reads and writes (64 KiB each, whichever way) swings 1.5-5 s per
 GB from run to run: with every CPU shared, that, not the relay, sets the upload figures.
 Reported: throughput,
@@ -35,6 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
@@ -55,17 +58,19 @@ from bench.testbed import (  # noqa: E402
     process_tree,
     save_results,
 )
-from relay.lab import ADDR, Lab  # noqa: E402
+from relay.lab import ADDR, Lab, start_ssh_tunnel, start_sshd  # noqa: E402
 
 WAYS = ("squid", "relay", "tunnel")
 RELAY_ARGS = {"relay": [], "tunnel": ["--http-mode", "connect"]}
 RELAY_PORTS = {"relay": 12345, "tunnel": 12346}
 RUN_TIMEOUT = 300
+SSHD_PORT = 2222
+SSH_FORWARD_PORT = 3129  # on the router, loopback and LAN: ssh -L to squid's port
 
 
-def curl_all(bed: Testbed, way: str, streams: int, size: int, upload: Path | None) -> None:
+def curl_all(bed: Testbed, way: str, streams: int, size: int, upload: Path | None, squid_port: int) -> None:
     """``streams`` curl processes at once on the client, each moving ``size`` bytes; fails unless all did."""
-    proxy = f"-x http://{ADDR.router_lan4}:{UPSTREAMS['squid'][1]} " if way == "squid" else ""
+    proxy = f"-x http://{ADDR.router_lan4}:{squid_port} " if way == "squid" else ""
     if upload is None:
         one = f"curl -sS -o /dev/null -w '%{{http_code}} %{{size_download}}\\n' {proxy}http://{SERVER}:{HTTP_PORT}/bytes/{size}"
     else:
@@ -77,14 +82,25 @@ def curl_all(bed: Testbed, way: str, streams: int, size: int, upload: Path | Non
         raise RuntimeError(f"{way}: curl said {lines} {result.stderr[-300:]}")
 
 
-def one_run(bed: Testbed, way: str, case: Case, streams: int, total: int, direction: str, files: dict) -> dict:
+class Squid(NamedTuple):
+    """Where curl finds squid when it uses it directly, and the processes of the ssh in between (--ssh):
+    ssh on the router, sshd and its session beside squid."""
+
+    port: int
+    ssh_pids: list[int]
+
+
+def one_run(
+    bed: Testbed, way: str, case: Case, streams: int, total: int, direction: str, files: dict, squid: Squid
+) -> dict:
     size = total // streams
     bed.use(case)
     relay_cpu = case.relay.user_and_kernel_seconds() if case.relay else (0.0, 0.0)
     squid_pids = process_tree(bed.lab.process("squid").pid)
     squid_cpu, squid_io = cpu_seconds(squid_pids), io_calls(squid_pids)
+    ssh_cpu = cpu_seconds(squid.ssh_pids)
     busy, started = machine_busy_seconds(), time.monotonic()
-    curl_all(bed, way, streams, size, files.get(size) if direction == "up" else None)
+    curl_all(bed, way, streams, size, files.get(size) if direction == "up" else None, squid.port)
     seconds = time.monotonic() - started
     gigabytes = size * streams / 1e9
     run = {
@@ -92,6 +108,8 @@ def one_run(bed: Testbed, way: str, case: Case, streams: int, total: int, direct
         "machine_cpu_s_per_gb": round((machine_busy_seconds() - busy) / gigabytes, 3),
         "squid_cpu_s_per_gb": round((cpu_seconds(squid_pids) - squid_cpu) / gigabytes, 3),
     }
+    if squid.ssh_pids:
+        run["ssh_cpu_s_per_gb"] = round((cpu_seconds(squid.ssh_pids) - ssh_cpu) / gigabytes, 3)
     # squid's CPU per GB follows the size of its reads and writes: a few bytes a call cost as much as many.
     squid_io = {key: value - squid_io[key] for key, value in io_calls(squid_pids).items()}
     run["squid_kib_per_read"] = round(squid_io["rchar"] / max(squid_io["syscr"], 1) / 1024, 1)
@@ -131,11 +149,16 @@ def main() -> int:
         help="run squid on this CPU alone and everything else (curl, the relays, the server) on the others: "
         "squid on a far host of its own, as deployed",
     )
+    parser.add_argument(
+        "--ssh",
+        action="store_true",
+        help="reach squid through ssh -L, as deployed, instead of on the router's loopback",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.router_cpu is not None and args.squid_cpu is not None:
         parser.error("--router-cpu and --squid-cpu each take a CPU for one party: give one of them")
-    if why := cannot_run(("squid", "curl", "gcc")):
+    if why := cannot_run(("squid", "curl", "gcc", *(("sshd", "ssh") if args.ssh else ()))):
         print(f"bench/http.py: {why}", file=sys.stderr)
         return 2
     stream_counts = [int(text) for text in args.streams.split(",")]
@@ -143,7 +166,7 @@ def main() -> int:
     tests = [(streams, direction) for streams in stream_counts for direction in args.directions.split(",")]
     results: dict = {
         "commit": first_line(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"]),
-        **{key: getattr(args, key) for key in ("size_mib", "rounds", "squid_line", "router_cpu", "squid_cpu")},
+        **{key: getattr(args, key) for key in ("size_mib", "rounds", "squid_line", "router_cpu", "squid_cpu", "ssh")},
         "runs": {f"{streams}x {direction} {way}": [] for streams, direction in tests for way in WAYS},
     }
     apart = args.router_cpu if args.router_cpu is not None else args.squid_cpu
@@ -152,11 +175,28 @@ def main() -> int:
         os.sched_setaffinity(0, set(range(os.cpu_count())) - {apart})
     with Lab() as lab:
         bed = Testbed(lab, ["squid"], tuple(args.squid_line))
+        squid = Squid(UPSTREAMS["squid"][1], [])
+        far_side = [lab.process("squid").pid]
+        if args.ssh:
+            # sshd on the router stands for the far host's: the same work, one hop less.
+            sshd = start_sshd(lab, host="router", port=SSHD_PORT)
+            forwards = [
+                f"{address}:{SSH_FORWARD_PORT}:127.0.0.1:{squid.port}" for address in ("127.0.0.1", ADDR.router_lan4)
+            ]
+            start_ssh_tunnel(lab, sshd, forwards=("-L", forwards[0], "-L", forwards[1]))
+            # sshd's session exists now: it forked when ssh logged in.
+            sshd_pids = process_tree(lab.process("sshd").pid)
+            far_side += sshd_pids
+            squid = Squid(SSH_FORWARD_PORT, [lab.process("ssh-tunnel").pid, *sshd_pids])
         if args.squid_cpu is not None:
-            pin(process_tree(lab.process("squid").pid), args.squid_cpu)
+            pin([pid for root in far_side for pid in process_tree(root)], args.squid_cpu)
+        if args.router_cpu is not None and args.ssh:
+            pin(squid.ssh_pids[:1], args.router_cpu)  # ssh's own end is the router's
         cases = {"squid": Case("squid/direct", "direct", "squid")}
         for way in ("relay", "tunnel"):
-            relay = RelayUnderTest(bed, "relay", "squid", RELAY_PORTS[way], RELAY_ARGS[way], label=f"relay-{way}")
+            relay = RelayUnderTest(
+                bed, "relay", "squid", RELAY_PORTS[way], RELAY_ARGS[way], label=f"relay-{way}", upstream_port=squid.port
+            )
             relay.start()
             if args.router_cpu is not None:
                 pin(relay.pids(), args.router_cpu)
@@ -171,7 +211,7 @@ def main() -> int:
             for streams, direction in tests:
                 order = WAYS if round_number % 2 == 0 else WAYS[::-1]
                 for way in order:
-                    run = one_run(bed, way, cases[way], streams, total, direction, files)
+                    run = one_run(bed, way, cases[way], streams, total, direction, files, squid)
                     results["runs"][f"{streams}x {direction} {way}"].append(run)
                     print(f"round {round_number + 1}, {streams}x {direction}, {way}: {run}", flush=True)
     print_table(results, tests)
@@ -196,11 +236,16 @@ def paired_ratios(runs: list[dict], baselines: list[dict], key: str) -> str:
 def print_table(results: dict, tests: list) -> None:
     if results["router_cpu"] is not None:
         print(f"\nthe relays ran on CPU {results['router_cpu']} alone; curl, squid and the server on the others")
+    if results["ssh"]:
+        print("\nsquid was behind ssh -L, its sshd beside it")
     if results["squid_cpu"] is not None:
-        print(f"\nsquid ran on CPU {results['squid_cpu']} alone; curl, the relays and the server on the others")
+        far_side = "squid and sshd" if results["ssh"] else "squid"
+        print(f"\n{far_side} ran on CPU {results['squid_cpu']} alone; curl, the relays and the server on the others")
     columns = "Mbit/s (median) | relay CPU s/GB (of it user) | squid CPU s/GB | machine CPU s/GB"
+    if results["ssh"]:
+        columns += " | ssh and sshd CPU s/GB"
     print(f"\n| test | way | {columns} | targets |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---" * (columns.count("|") + 4) + "|")
     for streams, direction in tests:
         runs = {way: results["runs"][f"{streams}x {direction} {way}"] for way in WAYS}
         for way in WAYS:
@@ -214,9 +259,15 @@ def print_table(results: dict, tests: list) -> None:
                 throughput = paired_ratios(runs[way], runs["squid"], "mbit_s")
                 cpu = paired_ratios(runs[way], runs["tunnel"], "relay_cpu_s_per_gb")
                 note = f"{throughput} squid's throughput (≥ 0.95), {cpu} the tunnel's CPU (≤ 1.2)"
-            squid_cpu = median_of(runs[way], "squid_cpu_s_per_gb")
-            machine_cpu = median_of(runs[way], "machine_cpu_s_per_gb")
-            print(f"| {streams}x {direction} | {way} | {rate} | {relay_cpu} | {squid_cpu} | {machine_cpu} | {note} |")
+            cells = [
+                rate,
+                relay_cpu,
+                median_of(runs[way], "squid_cpu_s_per_gb"),
+                median_of(runs[way], "machine_cpu_s_per_gb"),
+            ]
+            if results["ssh"]:
+                cells.append(median_of(runs[way], "ssh_cpu_s_per_gb"))
+            print(f"| {streams}x {direction} | {way} | {' | '.join(map(str, cells))} | {note} |")
 
 
 if __name__ == "__main__":

@@ -253,6 +253,9 @@ class RelayUnderTest:
     label: str = ""
     # The command that runs the relay's Python; bench/ab.py gives each version its own.
     python: list[str] = field(default_factory=lambda: [sys.executable])
+    # Where on the router's loopback the relay finds its upstream, if not where the bed started it
+    # (bench/http.py --ssh: the local end of an ssh -L).
+    upstream_port: int | None = None
     pid: int = 0
     name: str = ""  # of the current process in the lab
     _starts: int = 0
@@ -264,6 +267,7 @@ class RelayUnderTest:
         lab = self.bed.lab
         if self.kind == "relay":
             scheme, upstream_port = UPSTREAMS[self.upstream]
+            upstream_port = self.upstream_port or upstream_port
             # No -v: one log line per connection would cost the relay CPU in the short test.
             argv = [
                 *RAISE_NOFILE,
