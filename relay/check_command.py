@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -35,11 +36,15 @@ from relay.rules_command import RULE_OPTIONS, add_rule_options, settings_for
 
 DEFAULT_CHECK_HOST = "cloudflare.com"  # a CDN's name: any proxy that works at all reaches it
 DEFAULT_CHECK_TARGET = f"{DEFAULT_CHECK_HOST}:443"
+DEFAULT_UDP_CHECK_TARGET = "1.1.1.1:53"  # the same CDN's resolver: answers any proxy's UDP relay
+UDP_CHECK_TIMEOUT = 5.0  # for the answer to the UDP check's query, once associated
+UDP_CHECK_RESEND = 1.0  # a datagram may be lost either way: the query goes again this often
 SESSION_SETTLE = 2.0  # --ssh-session auto: how long a tunnel that came up with a session is watched before judging
 NON_TLS_PORT = 22  # what git over ssh needs, and stock squid refuses
 COMMAND_TIMEOUT = 20.0
 METRICS_TIMEOUT = 3.0
 SSH_START_TIMEOUT = 15.0
+MAX_DATAGRAM = 65535
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
 
@@ -47,8 +52,9 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser = build_parser("relay check")
     parser.description = (
         "Check this router for a relay with these options: the relay running, its firewall rules installed and "
-        "first, forwarding, IPv6, conntrack, each upstream (through --ssh), and --dns. One line per check: ok, "
-        "warn or FAIL with what to do; exit status 0 when nothing failed, 1 otherwise, 2 for bad options."
+        "first, forwarding, IPv6, conntrack, each upstream (through --ssh), UDP through those that carry it "
+        "(--udp), and --dns. One line per check: ok, warn or FAIL with what to do; exit status 0 when nothing "
+        "failed, 1 otherwise, 2 for bad options."
     )
     add_rule_options(parser, "the rules' backend (default: whichever is installed)")
     parser.add_argument(
@@ -57,7 +63,15 @@ def build_check_parser() -> argparse.ArgumentParser:
         help=f"where each upstream is asked to open a tunnel (default: {DEFAULT_CHECK_TARGET})",
     )
     parser.add_argument(
-        "--check-name", metavar="NAME", help="the name asked of --dns (default: the check target's, if a name)"
+        "--check-name",
+        metavar="NAME",
+        help="the name asked of --dns and through UDP (default: the check target's, if a name)",
+    )
+    parser.add_argument(
+        "--check-udp-target",
+        metavar="IP:PORT",
+        help="a DNS server each upstream that carries UDP (--udp) is asked to relay a query to "
+        f"(default: {DEFAULT_UDP_CHECK_TARGET})",
     )
     return parser
 
@@ -81,11 +95,15 @@ def _is_address(host: str) -> bool:
 
 def main(argv: list[str]) -> int:
     args = build_check_parser().parse_args(argv)
-    options = {key: vars(args).pop(key, None) for key in (*RULE_OPTIONS, "check_target", "check_name")}
+    own_options = (*RULE_OPTIONS, "check_target", "check_name", "check_udp_target")
+    options = {key: vars(args).pop(key, None) for key in own_options}
     try:
         config = load_config(args)
         target = parse_target(options["check_target"] or DEFAULT_CHECK_TARGET)
         name = options["check_name"] or (DEFAULT_CHECK_HOST if _is_address(target[0]) else target[0])
+        udp_target = parse_target(options["check_udp_target"] or DEFAULT_UDP_CHECK_TARGET)
+        if not _is_address(udp_target[0]):  # a client's datagram always names an address (TPROXY)
+            raise ConfigError(f"--check-udp-target {options['check_udp_target']}: give an IP address, not a name")
     except ConfigError as exc:
         print(f"relay check: error: {exc}", file=sys.stderr)
         return 2
@@ -111,7 +129,7 @@ def main(argv: list[str]) -> int:
         say(verdict)
     say(checks.ipv6_bypass(lan_v6, ipv6_intercepted))
     say(checks.conntrack(*(read_conntrack() or (None, None))))
-    trio.run(_network_checks, config, target, name, say, strict_exception_groups=True)  # as in Trio >= 0.25
+    trio.run(_network_checks, config, target, udp_target, name, say, strict_exception_groups=True)  # as in Trio >= 0.25
     return checks.exit_status(verdicts)
 
 
@@ -303,7 +321,7 @@ def _lan_ipv6(lan_ifaces: list[str]) -> dict[str, list[str]]:
 # -- through the network ---------------------------------------------------------
 
 
-async def _network_checks(config: Config, target: tuple[str, int], name: str, say) -> None:
+async def _network_checks(config: Config, target: tuple[str, int], udp_target: tuple[str, int], name: str, say) -> None:
     from relay.net.dial import Dialer, resolve
     from relay.net.tunnel import make_tunnels
 
@@ -338,6 +356,8 @@ async def _network_checks(config: Config, target: tuple[str, int], name: str, sa
             if upstream.protocol == "http" and fault != "proxy":  # a proxy that is not there refuses nothing
                 _, reason, _ = await _attempt(dialer, config, upstream, addresses, (target[0], NON_TLS_PORT))
                 say(checks.non_tls_port(str(upstream), f"{bracketed(target[0])}:{NON_TLS_PORT}", reason))
+        for upstream in config.udp_upstreams:
+            say(await _ask_through_udp(dialer, config, upstream, udp_target, name))
         for host, port in config.dns:
             say(await trio.to_thread.run_sync(_ask_dns, host, port, name, config.dns_timeout + 1))
         nursery.cancel_scope.cancel()
@@ -363,6 +383,88 @@ async def _attempt(dialer, config: Config, upstream, addresses, destination) -> 
         return None, exc.reason, exc.fault.value
     reset(sock)
     return trio.current_time() - started, None, None
+
+
+async def _ask_through_udp(dialer, config: Config, upstream, target: tuple[str, int], name: str) -> checks.Verdict:
+    """A DNS query for ``name`` to ``target`` through ``upstream``'s UDP ASSOCIATE, as a UDP session of the
+    relay would send it: whether the proxy associates, and whether an answer comes back through it."""
+    from relay.net.dial import resolve
+    from relay.net.faults import UpstreamError
+    from relay.net.sockets import reset
+    from relay.proto.errors import ProtocolError
+    from relay.udp.service import relay_address_of
+
+    target_text = f"{bracketed(target[0])}:{target[1]}"
+    mark = config.mark if os.geteuid() == 0 else None  # SO_MARK needs CAP_NET_ADMIN
+    control = None
+    try:
+        with trio.fail_after(config.connect_timeout + config.handshake_timeout):
+            addresses = await resolve(upstream.host, upstream.port)
+            control, bound = await dialer.associate_udp(
+                upstream,
+                addresses,
+                mark=mark,
+                connect_timeout=config.connect_timeout,
+                handshake_timeout=config.handshake_timeout,
+            )
+        relay_address = relay_address_of(bound, control)
+    except trio.TooSlowError:
+        failure = "timed out"
+    except UpstreamError as exc:
+        failure = exc.reason
+    except (OSError, ProtocolError) as exc:
+        failure = getattr(exc, "strerror", None) or str(exc)
+    else:
+        seconds, problem = await _query_relay_address(relay_address, target, name, mark)
+        return checks.udp_upstream(str(upstream), target_text, relay_address, seconds, problem)
+    finally:
+        if control is not None:  # the association lives as long as its control connection
+            reset(control)
+    return checks.udp_upstream(str(upstream), target_text, None, None, failure)
+
+
+async def _query_relay_address(
+    relay_address: tuple[str, int], target: tuple[str, int], name: str, mark: int | None
+) -> tuple[float | None, str | None]:
+    """(seconds until the answer, None), or (None, what came back instead of one, if anything)."""
+    import dns.exception
+    import dns.message
+    import dns.rdatatype
+
+    from relay.net.dial import apply_mark
+    from relay.net.sockets import family_of
+    from relay.udp import datagram
+
+    query = dns.message.make_query(name, dns.rdatatype.A)
+    request = datagram.encode(*target, query.to_wire())
+    problem = None
+    started = trio.current_time()
+    with trio.socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM) as udp:
+        try:
+            if mark is not None:
+                apply_mark(udp, mark)
+            await udp.connect(relay_address)
+        except OSError as exc:  # no route to the relay address
+            return None, exc.strerror or str(exc)
+        with trio.move_on_after(UDP_CHECK_TIMEOUT):
+            while True:
+                with trio.move_on_after(UDP_CHECK_RESEND):
+                    try:
+                        await udp.send(request)
+                        while True:
+                            try:
+                                payload = datagram.decode(await udp.recv(MAX_DATAGRAM))[2]
+                                if dns.message.from_wire(bytes(payload)).id == query.id:
+                                    return trio.current_time() - started, None
+                            except datagram.BadDatagram as exc:
+                                problem = f"a datagram that is not a SOCKS5 UDP reply ({exc})"
+                            except dns.exception.DNSException as exc:
+                                problem = f"a datagram that is not a DNS answer ({exc})"
+                    except OSError as exc:  # refused: an ICMP port unreachable, the proxy closed its relay port
+                        refused = isinstance(exc, ConnectionRefusedError)
+                        problem = "a port unreachable from the relay address" if refused else exc.strerror or str(exc)
+                        await trio.sleep_forever()  # until the next time the query goes
+    return None, problem
 
 
 def _ask_dns(host: str, port: int, name: str, timeout: float) -> checks.Verdict:

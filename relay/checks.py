@@ -5,6 +5,8 @@ gathers the facts."""
 import re
 from dataclasses import dataclass
 
+from relay.addresses import bracketed
+
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 CONNTRACK_WARN, CONNTRACK_FAIL = 0.75, 0.95  # when full, the kernel drops new connections' packets
 # iptables targets that end a packet's way through the chain, so a jump after them is never reached.
@@ -329,6 +331,33 @@ def ssh_tunnel(description: str, up_seconds: float | None, failure: str | None, 
         f"{description} did not come up: {failure or 'no answer'}: "
         "check --ssh, --ssh-identity and that the far host accepts the key",
     )
+
+
+def udp_upstream(
+    name: str, target: str, relay_address: tuple[str, int] | None, seconds: float | None, problem: str | None
+) -> Verdict:
+    """A DNS query to ``target`` through the proxy's UDP ASSOCIATE. ``relay_address``: where the proxy said
+    to send datagrams, None if it did not associate (``problem`` says why); ``seconds`` until the answer,
+    None if none came (``problem``: what came instead, if anything)."""
+    what = f"upstream {name} UDP"
+    if relay_address is None:
+        return Verdict(
+            FAIL,
+            what,
+            f"no UDP ASSOCIATE ({problem}): the proxy must allow it (dante: 'command: udpassociate udpreply' in "
+            'a socks pass rule; ssh -D has none), or this upstream must not carry UDP (udp = "off")',
+        )
+    where = f"{bracketed(relay_address[0])}:{relay_address[1]}"
+    if seconds is None:
+        return Verdict(
+            FAIL,
+            what,
+            f"associated (relay address {where}), but no answer from {target} came back"
+            + (f" (got {problem})" if problem else "")
+            + f": UDP to {where} may be filtered on the way, or the proxy cannot reach {target} "
+            "(try --check-udp-target with a DNS server it can reach)",
+        )
+    return Verdict(OK, what, f"a DNS query to {target} answered in {seconds * 1000:.0f} ms (relay address {where})")
 
 
 def dns(where: str, name: str, seconds: float | None, rcode: str | None, answers: list[str]) -> Verdict:

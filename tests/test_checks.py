@@ -181,6 +181,18 @@ def test_ssh_and_dns():
     assert checks.dns("127.0.0.1:53", "a.example", None, None, []).level == FAIL
 
 
+def test_udp_upstream():
+    dante = "socks5://p:1080"
+    ok = checks.udp_upstream(dante, "192.0.2.53:53", ("2001:db8::1", 40000), 0.031, None)
+    assert ok.level == OK and "answered in 31 ms (relay address [2001:db8::1]:40000)" in ok.detail
+    refused = checks.udp_upstream(dante, "192.0.2.53:53", None, None, "socks-not-allowed")
+    assert refused.level == FAIL and "no UDP ASSOCIATE (socks-not-allowed)" in refused.detail
+    silent = checks.udp_upstream(dante, "192.0.2.53:53", ("192.0.2.1", 40000), None, None)
+    assert silent.level == FAIL and "no answer from 192.0.2.53:53 came back: UDP to 192.0.2.1:40000" in silent.detail
+    garbage = checks.udp_upstream(dante, "192.0.2.53:53", ("192.0.2.1", 40000), None, "a datagram that is not X")
+    assert garbage.level == FAIL and "came back (got a datagram that is not X)" in garbage.detail
+
+
 def test_check_target():
     assert parse_target("cdn.example:443") == ("cdn.example", 443)
     assert parse_target("[2001:db8::1]:8443") == ("2001:db8::1", 8443)
@@ -193,6 +205,8 @@ def test_bad_options_are_status_2_without_the_password(capsys):
     assert main(["--upstream", "http://u:Secret-42@p:3128", "--check-target", "nowhere"]) == 2
     err = capsys.readouterr().err
     assert err == "relay check: error: --check-target 'nowhere': expected HOST:PORT\n"
+    assert main(["--upstream", "http://u:Secret-42@p:3128", "--check-udp-target", "dns.example:53"]) == 2
+    assert "--check-udp-target dns.example:53: give an IP address" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main(["--upstream", "http://u:Secret-42@p:3128", "--no-such-option"])
     assert exited.value.code == 2 and "Secret-42" not in capsys.readouterr().err

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
-from relay.lab import ADDR, start_squid, start_sshd
+from relay.lab import ADDR, start_dante, start_squid, start_sshd
 from tests.e2e.conftest import DANTE_PASSWORD, DANTE_USER, RELAY_PORT, UPSTREAMS, ssh_args
 
 SQUID_PORT = 3140  # a squid of this module's own, on far, that a test may stop
 STOCK_SQUID_PORT = 3141  # Debian's squid.conf, on far's loopback: reached through --ssh
 METRICS = "127.0.0.1:9414"
+NO_UDP_DANTE_PORT = 1084  # a dante of this module's own that refuses UDP ASSOCIATE
+UDP = ("--mode", "tproxy", "--udp", "on", "--upstream", UPSTREAMS["dante"])  # squid first, UDP through dante
 
 
 @pytest.fixture(scope="module")
@@ -245,11 +247,43 @@ def test_dns_down(lab, router, unbound):
     assert level == "FAIL" and "far-only.example: SERVFAIL" in line
 
 
+def test_udp_through_dante(lab, router, unbound):
+    """--udp on: a DNS query to far's unbound through dante's UDP ASSOCIATE, answered; to a port where nothing
+    answers, and through a dante that refuses UDP ASSOCIATE, a FAIL that says which."""
+    router("nft", *UDP)
+    what = f"upstream {UPSTREAMS['dante']} UDP"
+    dns_server = f"{ADDR.far_server_side4}:53"
+    status, lines = check(lab, [*options(unbound, *UDP), "--check-udp-target", dns_server], "nft")
+    assert status == 0 and set(levels(lines).values()) == {"ok"}, lines
+    assert re.search(rf"a DNS query to {re.escape(dns_server)} answered in \d+ ms \(relay address", lines[what][1])
+
+    silent = f"{ADDR.far_server_side4}:5399"
+    status, lines = check(lab, [*options(unbound, *UDP), "--check-udp-target", silent], "nft")
+    assert status == 1 and lines[what][0] == "FAIL"
+    assert f"associated (relay address {ADDR.far4}:" in lines[what][1]
+    assert f"but no answer from {silent} came back" in lines[what][1]
+    # dante closes the relay port when the target's port unreachable comes: the query's next copy meets that
+    assert "(got a port unreachable from the relay address)" in lines[what][1]
+    assert {level for other, level in levels(lines).items() if other != what} == {"ok"}
+
+    dante = start_dante(lab, listen=[(ADDR.far4, NO_UDP_DANTE_PORT)], deny_udp=True, name="check-dante-no-udp")
+    try:
+        refusing = f"socks5://{ADDR.far4}:{NO_UDP_DANTE_PORT}"
+        udp_through_it = [*UDP[:-1], refusing]
+        status, lines = check(lab, [*options(unbound, *udp_through_it), "--check-udp-target", dns_server], "nft")
+    finally:
+        dante.stop()
+    level, line = lines[f"upstream {refusing} UDP"]
+    assert status == 1 and level == "FAIL" and "no UDP ASSOCIATE (" in line
+
+
 def test_no_password_in_the_output(lab, unbound):
     upstream = UPSTREAMS["dante-auth"]
-    result = relay_command(lab, "check", *options(unbound, upstream=upstream), *CHECK, check=False)
+    udp = ("--mode", "tproxy", "--udp", "on", "--check-udp-target", f"{ADDR.far_server_side4}:53")
+    result = relay_command(lab, "check", *options(unbound, *udp, upstream=upstream), *CHECK, check=False)
     assert re.search(
         rf"ok\s+upstream socks5://{DANTE_USER}:\*\*\*@{ADDR.far4}:1082: opened a tunnel to 10\.77\.3\.1:443",
         result.stdout,
     ), result.stdout
+    assert f"upstream socks5://{DANTE_USER}:***@{ADDR.far4}:1082 UDP" in result.stdout
     assert DANTE_PASSWORD not in result.stdout + result.stderr
