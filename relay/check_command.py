@@ -76,13 +76,25 @@ def build_check_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_target(text: str) -> tuple[str, int]:
+def parse_target(text: str, option: str = "--check-target") -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT``, HOST a name or an address."""
     host, colon, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--check-target {text!r}: expected HOST:PORT")
+        raise ConfigError(f"{option} {text!r}: expected HOST:PORT")
     return host, int(port)
+
+
+def check_name(name: str) -> str:
+    """``name`` if a DNS query can ask it; raises ConfigError."""
+    import dns.exception
+    import dns.name
+
+    try:
+        dns.name.from_text(name)
+    except dns.exception.DNSException as exc:
+        raise ConfigError(f"--check-name {name!r}: not a DNS name ({exc})") from None
+    return name
 
 
 def _is_address(host: str) -> bool:
@@ -100,8 +112,8 @@ def main(argv: list[str]) -> int:
     try:
         config = load_config(args)
         target = parse_target(options["check_target"] or DEFAULT_CHECK_TARGET)
-        name = options["check_name"] or (DEFAULT_CHECK_HOST if _is_address(target[0]) else target[0])
-        udp_target = parse_target(options["check_udp_target"] or DEFAULT_UDP_CHECK_TARGET)
+        name = check_name(options["check_name"] or (DEFAULT_CHECK_HOST if _is_address(target[0]) else target[0]))
+        udp_target = parse_target(options["check_udp_target"] or DEFAULT_UDP_CHECK_TARGET, "--check-udp-target")
         if not _is_address(udp_target[0]):  # a client's datagram always names an address (TPROXY)
             raise ConfigError(f"--check-udp-target {options['check_udp_target']}: give an IP address, not a name")
     except ConfigError as exc:
@@ -397,6 +409,7 @@ async def _ask_through_udp(dialer, config: Config, upstream, target: tuple[str, 
     target_text = f"{bracketed(target[0])}:{target[1]}"
     mark = config.mark if os.geteuid() == 0 else None  # SO_MARK needs CAP_NET_ADMIN
     control = None
+    refused = False
     try:
         with trio.fail_after(config.connect_timeout + config.handshake_timeout):
             addresses = await resolve(upstream.host, upstream.port)
@@ -411,24 +424,25 @@ async def _ask_through_udp(dialer, config: Config, upstream, target: tuple[str, 
     except trio.TooSlowError:
         failure = "timed out"
     except UpstreamError as exc:
-        failure = exc.reason
+        failure, refused = exc.reason, exc.refused
     except (OSError, ProtocolError) as exc:
         failure = getattr(exc, "strerror", None) or str(exc)
     else:
-        seconds, problem = await _query_relay_address(relay_address, target, name, mark)
-        return checks.udp_upstream(str(upstream), target_text, relay_address, seconds, problem)
+        seconds, answer = await _query_relay_address(relay_address, target, name, mark)
+        return checks.udp_upstream(str(upstream), target_text, relay_address, seconds, answer)
     finally:
         if control is not None:  # the association lives as long as its control connection
             reset(control)
-    return checks.udp_upstream(str(upstream), target_text, None, None, failure)
+    return checks.udp_upstream(str(upstream), target_text, None, None, failure, refused=refused)
 
 
 async def _query_relay_address(
     relay_address: tuple[str, int], target: tuple[str, int], name: str, mark: int | None
 ) -> tuple[float | None, str | None]:
-    """(seconds until the answer, None), or (None, what came back instead of one, if anything)."""
+    """(seconds until the answer, its rcode), or (None, what came back instead of one, if anything)."""
     import dns.exception
     import dns.message
+    import dns.rcode
     import dns.rdatatype
 
     from relay.net.dial import apply_mark
@@ -437,9 +451,14 @@ async def _query_relay_address(
 
     query = dns.message.make_query(name, dns.rdatatype.A)
     request = datagram.encode(*target, query.to_wire())
+    asked = (ipaddress.ip_address(target[0]), target[1])
     problem = None
     started = trio.current_time()
-    with trio.socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM) as udp:
+    try:
+        udp = trio.socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
+    except OSError as exc:  # out of fds, or no IPv6 here for an IPv6 relay address
+        return None, f"no socket for the relay address ({exc.strerror or exc})"
+    with udp:
         try:
             if mark is not None:
                 apply_mark(udp, mark)
@@ -453,13 +472,20 @@ async def _query_relay_address(
                         await udp.send(request)
                         while True:
                             try:
-                                payload = datagram.decode(await udp.recv(MAX_DATAGRAM))[2]
-                                if dns.message.from_wire(bytes(payload)).id == query.id:
-                                    return trio.current_time() - started, None
+                                host, port, payload = datagram.decode(await udp.recv(MAX_DATAGRAM))
+                                response = dns.message.from_wire(bytes(payload))
                             except datagram.BadDatagram as exc:
                                 problem = f"a datagram that is not a SOCKS5 UDP reply ({exc})"
+                                continue
                             except dns.exception.DNSException as exc:
                                 problem = f"a datagram that is not a DNS answer ({exc})"
+                                continue
+                            if (ipaddress.ip_address(host), port) != asked:
+                                problem = f"a datagram from {bracketed(host)}:{port}, not from the server asked"
+                            elif not query.is_response(response):  # the query itself echoed, say
+                                problem = "a DNS message that does not answer the query"
+                            else:
+                                return trio.current_time() - started, dns.rcode.to_text(response.rcode())
                     except OSError as exc:  # refused: an ICMP port unreachable, the proxy closed its relay port
                         refused = isinstance(exc, ConnectionRefusedError)
                         problem = "a port unreachable from the relay address" if refused else exc.strerror or str(exc)

@@ -334,30 +334,40 @@ def ssh_tunnel(description: str, up_seconds: float | None, failure: str | None, 
 
 
 def udp_upstream(
-    name: str, target: str, relay_address: tuple[str, int] | None, seconds: float | None, problem: str | None
+    name: str,
+    target: str,
+    relay_address: tuple[str, int] | None,
+    seconds: float | None,
+    found: str | None,
+    refused: bool = False,
 ) -> Verdict:
     """A DNS query to ``target`` through the proxy's UDP ASSOCIATE. ``relay_address``: where the proxy said
-    to send datagrams, None if it did not associate (``problem`` says why); ``seconds`` until the answer,
-    None if none came (``problem``: what came instead, if anything)."""
+    to send datagrams, None if it did not associate (``found``: why; ``refused``: by the proxy's answer, not
+    for want of reaching it); ``seconds`` until the answer (``found``: its rcode), None if none came
+    (``found``: what came instead, if anything)."""
     what = f"upstream {name} UDP"
-    if relay_address is None:
+    if relay_address is None and refused:
         return Verdict(
             FAIL,
             what,
-            f"no UDP ASSOCIATE ({problem}): the proxy must allow it (dante: 'command: udpassociate udpreply' in "
-            'a socks pass rule; ssh -D has none), or this upstream must not carry UDP (udp = "off")',
+            f"the proxy refused UDP ASSOCIATE ({found}): it must allow it (dante: 'command: udpassociate udpreply' "
+            'in a socks pass rule; ssh -D has none), or this upstream must not carry UDP (udp = "off")',
         )
+    if relay_address is None:
+        return Verdict(FAIL, what, f"no UDP ASSOCIATE ({found}): check that the proxy runs and is reachable from here")
     where = f"{bracketed(relay_address[0])}:{relay_address[1]}"
     if seconds is None:
         return Verdict(
             FAIL,
             what,
             f"associated (relay address {where}), but no answer from {target} came back"
-            + (f" (got {problem})" if problem else "")
+            + (f" (got {found})" if found else "")
             + f": UDP to {where} may be filtered on the way, or the proxy cannot reach {target} "
             "(try --check-udp-target with a DNS server it can reach)",
         )
-    return Verdict(OK, what, f"a DNS query to {target} answered in {seconds * 1000:.0f} ms (relay address {where})")
+    return Verdict(
+        OK, what, f"a DNS query to {target} answered {found} in {seconds * 1000:.0f} ms (relay address {where})"
+    )
 
 
 def dns(where: str, name: str, seconds: float | None, rcode: str | None, answers: list[str]) -> Verdict:

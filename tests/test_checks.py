@@ -1,11 +1,17 @@
 """relay.checks: the verdicts of `relay check` on facts given here, and its command line."""
 
-import pytest
+import socket
 
-from relay import checks
+import dns.message
+import dns.rcode
+import pytest
+import trio
+
+from relay import check_command, checks
 from relay.check_command import main, parse_target
 from relay.checks import FAIL, OK, WARN
 from relay.config import ConfigError
+from relay.udp import datagram
 
 LAN = ["lan0"]
 JUMP = "-A PREROUTING -i lan0 -p tcp -m tcp ! --dport 53 -j RELAY"
@@ -183,14 +189,84 @@ def test_ssh_and_dns():
 
 def test_udp_upstream():
     dante = "socks5://p:1080"
-    ok = checks.udp_upstream(dante, "192.0.2.53:53", ("2001:db8::1", 40000), 0.031, None)
-    assert ok.level == OK and "answered in 31 ms (relay address [2001:db8::1]:40000)" in ok.detail
-    refused = checks.udp_upstream(dante, "192.0.2.53:53", None, None, "socks-not-allowed")
-    assert refused.level == FAIL and "no UDP ASSOCIATE (socks-not-allowed)" in refused.detail
+    ok = checks.udp_upstream(dante, "192.0.2.53:53", ("2001:db8::1", 40000), 0.031, "NOERROR")
+    assert ok.level == OK and "answered NOERROR in 31 ms (relay address [2001:db8::1]:40000)" in ok.detail
+    refused = checks.udp_upstream(dante, "192.0.2.53:53", None, None, "socks5-not-allowed", refused=True)
+    assert refused.level == FAIL and "the proxy refused UDP ASSOCIATE (socks5-not-allowed)" in refused.detail
+    assert "udpassociate" in refused.detail
+    down = checks.udp_upstream(dante, "192.0.2.53:53", None, None, "connect-econnrefused")
+    assert down.level == FAIL and "no UDP ASSOCIATE (connect-econnrefused)" in down.detail
+    assert "udpassociate" not in down.detail  # the proxy's rules are not what is wrong
     silent = checks.udp_upstream(dante, "192.0.2.53:53", ("192.0.2.1", 40000), None, None)
     assert silent.level == FAIL and "no answer from 192.0.2.53:53 came back: UDP to 192.0.2.1:40000" in silent.detail
     garbage = checks.udp_upstream(dante, "192.0.2.53:53", ("192.0.2.1", 40000), None, "a datagram that is not X")
     assert garbage.level == FAIL and "came back (got a datagram that is not X)" in garbage.detail
+
+
+class FakeUdpRelay:
+    """A proxy's UDP relay address on loopback: answers each datagram as ``reply`` says."""
+
+    def __init__(self, family, address, reply):
+        self.sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        self.address = address
+        self.reply = reply
+        self.received = 0
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        with self.sock:
+            await self.sock.bind((self.address, 0))
+            task_status.started(self.sock.getsockname()[:2])
+            while True:
+                data, client = await self.sock.recvfrom(65535)
+                self.received += 1
+                for answer in self.reply(data):
+                    await self.sock.sendto(answer, client)
+
+
+def answered(data, rcode=dns.rcode.NOERROR, source=None):
+    host, port, payload = datagram.decode(data)  # a request's header reads as a reply's
+    response = dns.message.make_response(dns.message.from_wire(bytes(payload)))
+    response.set_rcode(rcode)
+    return datagram.encode(*(source or (host, port)), response.to_wire())
+
+
+TARGET = ("192.0.2.53", 53)
+CASES = {
+    "answered": (lambda data: [answered(data)], "NOERROR"),
+    "refused-rcode": (lambda data: [answered(data, dns.rcode.REFUSED)], "REFUSED"),  # UDP got through all the same
+    "echo": (lambda data: [data], "a DNS message that does not answer the query"),
+    "garbage": (lambda data: [b"\x00\x00\x00\x09junk"], "not a SOCKS5 UDP reply"),
+    "not-dns": (lambda data: [datagram.encode(*TARGET, b"\x01")], "not a DNS answer"),
+    "stranger": (lambda data: [answered(data, source=("192.0.2.99", 53))], "from 192.0.2.99:53, not from the server"),
+    "garbage-then-answer": (lambda data: [b"\x00", answered(data)], "NOERROR"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("family,address", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+async def test_a_query_through_a_relay_address(monkeypatch, case, family, address):
+    monkeypatch.setattr(check_command, "UDP_CHECK_TIMEOUT", 0.5)
+    monkeypatch.setattr(check_command, "UDP_CHECK_RESEND", 0.1)
+    reply, expected = CASES[case]
+    relay = FakeUdpRelay(family, address, reply)
+    async with trio.open_nursery() as nursery:
+        relay_address = await nursery.start(relay.run)
+        seconds, found = await check_command._query_relay_address(relay_address, TARGET, "a.example", None)
+        nursery.cancel_scope.cancel()
+    assert expected in found
+    assert (seconds is not None) == (found in ("NOERROR", "REFUSED"))
+    if seconds is None:
+        assert 2 <= relay.received <= 6  # resent every 0.1 s for 0.5 s, then given up
+
+
+async def test_a_closed_relay_port_is_said(monkeypatch):
+    monkeypatch.setattr(check_command, "UDP_CHECK_TIMEOUT", 0.5)
+    monkeypatch.setattr(check_command, "UDP_CHECK_RESEND", 0.1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        relay_address = closed.getsockname()
+    seconds, found = await check_command._query_relay_address(relay_address, TARGET, "a.example", None)
+    assert seconds is None and found == "a port unreachable from the relay address"
 
 
 def test_check_target():
@@ -207,6 +283,10 @@ def test_bad_options_are_status_2_without_the_password(capsys):
     assert err == "relay check: error: --check-target 'nowhere': expected HOST:PORT\n"
     assert main(["--upstream", "http://u:Secret-42@p:3128", "--check-udp-target", "dns.example:53"]) == 2
     assert "--check-udp-target dns.example:53: give an IP address" in capsys.readouterr().err
+    assert main(["--upstream", "http://p:3128", "--check-udp-target", "1.1.1.1"]) == 2
+    assert "--check-udp-target '1.1.1.1': expected HOST:PORT" in capsys.readouterr().err
+    assert main(["--upstream", "http://p:3128", "--check-name", "a..example"]) == 2
+    assert "--check-name 'a..example': not a DNS name" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main(["--upstream", "http://u:Secret-42@p:3128", "--no-such-option"])
     assert exited.value.code == 2 and "Secret-42" not in capsys.readouterr().err
