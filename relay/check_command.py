@@ -140,6 +140,7 @@ def main(argv: list[str]) -> int:
     ):
         say(verdict)
     say(checks.ipv6_bypass(lan_v6, ipv6_intercepted))
+    say(checks.quic(config.udp_reject, [str(upstream) for upstream in config.udp_upstreams]))
     say(checks.conntrack(*(read_conntrack() or (None, None))))
     trio.run(_network_checks, config, target, udp_target, name, say, strict_exception_groups=True)  # as in Trio >= 0.25
     return checks.exit_status(verdicts)

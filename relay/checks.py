@@ -259,6 +259,22 @@ def ipv6_bypass(addresses: dict[str, list[str]], intercepted: bool) -> Verdict:
     )
 
 
+def quic(udp_reject: str, udp_upstreams: list[str]) -> Verdict:
+    """What becomes of the LAN's UDP to port 443 (QUIC, HTTP/3) with these options: relayed (``udp_upstreams``,
+    their names), rejected by relay's rules (``udp_reject`` quic or all), or neither."""
+    what = "QUIC (UDP 443) from the LAN"
+    if udp_upstreams:
+        return Verdict(OK, what, f"relayed through {udp_upstreams[0]} (--udp)")
+    if udp_reject != "off":
+        return Verdict(OK, what, f"rejected by relay's rules (--udp-reject {udp_reject}): clients fall back to TCP")
+    return Verdict(
+        WARN,
+        what,
+        "neither relayed nor rejected (--udp-reject off): browsers reach servers around the relay, or wait seconds "
+        "where the router drops it, unless the router's own policy rejects it: --udp-reject quic (the default)",
+    )
+
+
 def conntrack(count: int | None, maximum: int | None) -> Verdict:
     what = "conntrack"
     if count is None or not maximum:

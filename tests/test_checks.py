@@ -148,6 +148,14 @@ def test_ipv6_bypass():
     assert bypass.level == WARN and "2001:db8::1 on lan0" in bypass.detail
 
 
+def test_quic():
+    assert checks.quic("quic", []).level == OK and "rejected" in checks.quic("all", []).detail
+    relayed = checks.quic("off", ["socks5://p:1080"])
+    assert relayed.level == OK and "relayed through socks5://p:1080" in relayed.detail
+    around = checks.quic("off", [])
+    assert around.level == WARN and "--udp-reject quic" in around.detail
+
+
 @pytest.mark.parametrize(
     "count,maximum,level", [(None, None, OK), (10, 1000, OK), (749, 1000, OK), (750, 1000, WARN), (950, 1000, FAIL)]
 )

@@ -112,6 +112,7 @@ def test_a_healthy_router_is_all_ok(lab, router, unbound, backend, mode):
     assert "not refused" in lines[f"{upstream} CONNECT to other ports"][1]
     assert re.search(rf"far-only\.example is {ADDR.server4}, answered in \d+ ms", lines["DNS 127.0.0.1:53"][1])
     assert f"rules ({backend})" in lines and "relay running" in lines and f"metrics {METRICS}" in lines
+    assert "rejected by relay's rules (--udp-reject quic)" in lines["QUIC (UDP 443) from the LAN"][1]
 
 
 def test_rules_removed_or_shadowed(lab, router, unbound):
@@ -255,6 +256,7 @@ def test_udp_through_dante(lab, router, unbound):
     dns_server = f"{ADDR.far_server_side4}:53"
     status, lines = check(lab, [*options(unbound, *UDP), "--check-udp-target", dns_server], "nft")
     assert status == 0 and set(levels(lines).values()) == {"ok"}, lines
+    assert f"relayed through {UPSTREAMS['dante']} (--udp)" in lines["QUIC (UDP 443) from the LAN"][1]
     assert re.search(
         rf"a DNS query to {re.escape(dns_server)} answered NOERROR in \d+ ms \(relay address", lines[what][1]
     )
