@@ -133,14 +133,14 @@ def main(argv: list[str]) -> int:
             host, metrics_port = config.metrics[0], config.metrics[1] + worker
             for verdict in checks.metrics(f"{bracketed(host)}:{metrics_port}", *_scrape(host, metrics_port)):
                 say(verdict)
-    ipv6_intercepted = _check_rules(config, options, say)
+    rules_in_place, ipv6_intercepted = _check_rules(config, options, say)
     lan_v6 = _lan_ipv6(config.lan_iface)
     for verdict in checks.forwarding(
         _sysctl("net/ipv4/ip_forward"), _sysctl("net/ipv6/conf/all/forwarding"), ipv6_intercepted and bool(lan_v6)
     ):
         say(verdict)
     say(checks.ipv6_bypass(lan_v6, ipv6_intercepted))
-    say(checks.quic(config.udp_reject, [str(upstream) for upstream in config.udp_upstreams]))
+    say(checks.quic(config.udp_reject, [str(upstream) for upstream in config.udp_upstreams], rules_in_place))
     say(checks.conntrack(*(read_conntrack() or (None, None))))
     trio.run(_network_checks, config, target, udp_target, name, say, strict_exception_groups=True)  # as in Trio >= 0.25
     return checks.exit_status(verdicts)
@@ -224,16 +224,17 @@ def _in_scratch_netns(script: str, stdin: str) -> str:
 COUNTERS = re.compile(r"\s*counter packets \d+ bytes \d+|^\s*# handle \d+|\[\d+:\d+\]")
 
 
-def _check_rules(config: Config, options: dict, say) -> bool:
-    """The rules verdicts; whether IPv6 TCP is intercepted."""
+def _check_rules(config: Config, options: dict, say) -> tuple[bool | None, bool]:
+    """The rules verdicts; whether the rules are as expected (None: not known), and whether IPv6 TCP is
+    intercepted."""
     try:
         settings = settings_for(config, bool(options["redirect_output"]), bool(options["keep_private"]))
     except ConfigError as exc:
         say(checks.Verdict(checks.WARN, "rules", f"cannot tell which rules this config needs: {exc}"))
-        return False
+        return None, False
     if os.geteuid() != 0:
         say(checks.Verdict(checks.WARN, "rules", "not checked: reading the firewall needs root"))
-        return False
+        return None, False
     if settings.mode == "tproxy":
         say(checks.tproxy_routing(_missing_routes(settings)))
     nft = _run(["nft", "list", "table", *NFT_TABLE.split()])
@@ -244,12 +245,13 @@ def _check_rules(config: Config, options: dict, say) -> bool:
     try:
         if backend == "nft":
             expected = _in_scratch_netns(f"nft -f - && nft list table {NFT_TABLE}", nft_script(settings))
-            say(checks.rules("nft", COUNTERS.sub("", nft.stdout) if nft_installed else None, expected))
+            verdict = checks.rules("nft", COUNTERS.sub("", nft.stdout) if nft_installed else None, expected)
+            say(verdict)
             ruleset = _run(["nft", "list", "ruleset"])
             hook_priority = checks.NFT_PRIORITIES["dstnat" if settings.mode == "redirect" else "mangle"]
             chains = checks.nft_base_chains(ruleset.stdout if ruleset else "")
             say(checks.nft_shadowing(chains, tuple(NFT_TABLE.split()), "prerouting", hook_priority))
-            return nft_installed
+            return verdict.level == checks.OK, nft_installed
         expected = "\n".join(
             f"{_tool(version)} {line}"
             for version in (4, 6)
@@ -262,12 +264,14 @@ def _check_rules(config: Config, options: dict, say) -> bool:
         )
     except RulesError as exc:
         say(checks.Verdict(checks.WARN, f"rules ({backend})", str(exc)))
-        return False
+        return None, False
     installed = "\n".join(f"{_tool(version)} {line}" for version in (4, 6) for line in ours[version])
-    say(checks.rules("iptables", installed or None, expected))
+    verdict = checks.rules("iptables", installed or None, expected)
+    say(verdict)
     for version in (4, 6):
         _check_iptables_order(settings, version, saved[version].stdout if saved[version] else "", say)
-    return any(checks.jump_target(line.split()) == CHAIN for line in ours[6])  # IPv6 TCP jumps to the relay
+    ipv6_intercepted = any(checks.jump_target(line.split()) == CHAIN for line in ours[6])  # IPv6 TCP jumps to us
+    return verdict.level == checks.OK, ipv6_intercepted
 
 
 def _missing_routes(settings: RuleSettings) -> list[str]:

@@ -259,19 +259,33 @@ def ipv6_bypass(addresses: dict[str, list[str]], intercepted: bool) -> Verdict:
     )
 
 
-def quic(udp_reject: str, udp_upstreams: list[str]) -> Verdict:
+def quic(udp_reject: str, udp_upstreams: list[str], rules_in_place: bool | None) -> Verdict:
     """What becomes of the LAN's UDP to port 443 (QUIC, HTTP/3) with these options: relayed (``udp_upstreams``,
-    their names), rejected by relay's rules (``udp_reject`` quic or all), or neither."""
+    their names), rejected by relay's rules (``udp_reject`` quic or all), or neither. Either needs the rules:
+    ``rules_in_place`` says whether the rules check found them as expected (None: it could not look)."""
     what = "QUIC (UDP 443) from the LAN"
+    if not udp_upstreams and udp_reject == "off":
+        return Verdict(
+            WARN,
+            what,
+            "neither relayed nor rejected (--udp-reject off): browsers reach servers around the relay, or wait "
+            "seconds where the router drops it, unless the router's own policy rejects it: --udp-reject quic "
+            "(the default)",
+        )
     if udp_upstreams:
-        return Verdict(OK, what, f"relayed through {udp_upstreams[0]} (--udp)")
-    if udp_reject != "off":
-        return Verdict(OK, what, f"rejected by relay's rules (--udp-reject {udp_reject}): clients fall back to TCP")
+        fate = (
+            f"taken by the relay (--udp) through {udp_upstreams[0]}: its UDP line below says if that proxy carries it"
+        )
+        rules_do = "take it to the relay (--udp)"
+    else:
+        fate = f"rejected by relay's rules (--udp-reject {udp_reject}): clients fall back to TCP"
+        rules_do = f"reject it (--udp-reject {udp_reject})"
+    if rules_in_place:
+        return Verdict(OK, what, fate)
+    if rules_in_place is None:
+        return Verdict(OK, what, f"relay's rules {rules_do}, if they are in place (not checked)")
     return Verdict(
-        WARN,
-        what,
-        "neither relayed nor rejected (--udp-reject off): browsers reach servers around the relay, or wait seconds "
-        "where the router drops it, unless the router's own policy rejects it: --udp-reject quic (the default)",
+        WARN, what, f"relay's rules {rules_do}, but they are not as expected (above): until they are, it goes around"
     )
 
 

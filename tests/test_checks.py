@@ -149,11 +149,16 @@ def test_ipv6_bypass():
 
 
 def test_quic():
-    assert checks.quic("quic", []).level == OK and "rejected" in checks.quic("all", []).detail
-    relayed = checks.quic("off", ["socks5://p:1080"])
-    assert relayed.level == OK and "relayed through socks5://p:1080" in relayed.detail
-    around = checks.quic("off", [])
+    assert checks.quic("quic", [], True).level == OK and "rejected" in checks.quic("all", [], True).detail
+    relayed = checks.quic("off", ["socks5://p:1080"], True)
+    assert relayed.level == OK and "taken by the relay (--udp) through socks5://p:1080" in relayed.detail
+    around = checks.quic("off", [], True)
     assert around.level == WARN and "--udp-reject quic" in around.detail
+    missing = checks.quic("quic", [], False)
+    assert missing.level == WARN and "relay's rules reject it (--udp-reject quic), but they are not" in missing.detail
+    assert (
+        "rules reject it (--udp-reject all), if they are in place (not checked)" in checks.quic("all", [], None).detail
+    )
 
 
 @pytest.mark.parametrize(

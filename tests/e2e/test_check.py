@@ -121,6 +121,8 @@ def test_rules_removed_or_shadowed(lab, router, unbound):
     status, lines = check(lab, options(unbound), "iptables")
     assert status == 1 and lines["rules (iptables)"][0] == "FAIL"
     assert "not installed: run 'relay rules --apply --backend iptables'" in lines["rules (iptables)"][1]
+    level, line = lines["QUIC (UDP 443) from the LAN"]
+    assert level == "warn" and "relay's rules reject it (--udp-reject quic), but they are not as expected" in line
 
     relay_command(lab, "rules", "--apply", "--backend", "iptables", *options(unbound))
     accept = ["-t", "nat", "-I", "PREROUTING", "-i", ADDR.router_lan_if, "-p", "tcp", "-j", "ACCEPT"]
@@ -256,7 +258,7 @@ def test_udp_through_dante(lab, router, unbound):
     dns_server = f"{ADDR.far_server_side4}:53"
     status, lines = check(lab, [*options(unbound, *UDP), "--check-udp-target", dns_server], "nft")
     assert status == 0 and set(levels(lines).values()) == {"ok"}, lines
-    assert f"relayed through {UPSTREAMS['dante']} (--udp)" in lines["QUIC (UDP 443) from the LAN"][1]
+    assert f"taken by the relay (--udp) through {UPSTREAMS['dante']}" in lines["QUIC (UDP 443) from the LAN"][1]
     assert re.search(
         rf"a DNS query to {re.escape(dns_server)} answered NOERROR in \d+ ms \(relay address", lines[what][1]
     )
