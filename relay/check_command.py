@@ -52,7 +52,7 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser = build_parser("relay check")
     parser.description = (
         "Check this router for a relay with these options: the relay running, its firewall rules installed and "
-        "first, forwarding, IPv6, conntrack, each upstream (through --ssh), UDP through those that carry it "
+        "first, forwarding, IPv6, QUIC, conntrack, each upstream (through --ssh), UDP through those that carry it "
         "(--udp), and --dns. One line per check: ok, warn or FAIL with what to do; exit status 0 when nothing "
         "failed, 1 otherwise, 2 for bad options."
     )
