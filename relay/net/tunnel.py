@@ -61,6 +61,8 @@ STDERR_DRAIN_SECONDS = 1.0  # ssh's last words may still be in the pipe when it 
 EXIT_AFTER_PROBE_SECONDS = 0.2  # after a failed probe, how long an exiting ssh gets to be seen exiting
 STDERR_TAIL_BYTES = 4096
 STDERR_TAIL_LINES = 3  # of those, what goes into a log line
+# What StrictHostKeyChecking=accept-new prints on a first connection: news, not a reason ssh failed.
+KNOWN_HOSTS_NOTICE = re.compile(r"^Warning: Permanently added .* to the list of known hosts\.$")
 
 SOCKS5_NO_AUTH_GREETING = b"\x05\x01\x00"
 SOCKS5_NO_AUTH_ACCEPTED = b"\x05\x00"
@@ -168,7 +170,8 @@ class _Tail:
 
     def last_lines(self) -> str:
         lines = [line.strip() for line in self._data.decode(errors="replace").splitlines()]
-        return " | ".join([line for line in lines if line][-STDERR_TAIL_LINES:])
+        said = [line for line in lines if line and not KNOWN_HOSTS_NOTICE.match(line)]
+        return " | ".join(said[-STDERR_TAIL_LINES:])
 
 
 def _describe_exit(returncode: int) -> tuple[str, str]:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from relay.config import ConfigError
-from relay.net.tunnel import SESSION_COMMAND, SshTarget, SshTunnel, backoff_delays, parse_ssh_target
+from relay.net.tunnel import SESSION_COMMAND, SshTarget, SshTunnel, _Tail, backoff_delays, parse_ssh_target
 
 # What every fake ssh shares: where it would listen, a record of each start, and serve().
 FAKE_SSH_PRELUDE = """\
@@ -448,3 +449,16 @@ async def test_missing_ssh_binary_is_retried_and_logged(tmp_path, caplog):
         nursery.cancel_scope.cancel()
     assert set(kinds) == {"spawn-failed"}
     assert "cannot run " + str(tmp_path / "no-such-ssh") + ": No such file or directory" in restart_messages(caplog)[0]
+
+
+async def test_what_ssh_said_leaves_out_its_known_hosts_notice():
+    """accept-new's first-connection notice is printed before the real reason, and would push it out."""
+    stderr = trio.testing.MemoryReceiveStream()
+    stderr.put_data(
+        b"Warning: Permanently added '[10.0.0.1]:2223' (ED25519) to the list of known hosts.\r\n"
+        b"channel 1: open failed: connect failed: open failed\r\n\r\n"
+    )
+    stderr.put_eof()
+    tail = _Tail()
+    await tail.collect(stderr)
+    assert tail.last_lines() == "channel 1: open failed: connect failed: open failed"
