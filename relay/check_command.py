@@ -7,12 +7,12 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 
 import trio
 
@@ -445,57 +445,60 @@ async def _query_relay_address(
     relay_address: tuple[str, int], target: tuple[str, int], name: str, mark: int | None
 ) -> tuple[float | None, str | None]:
     """(seconds until the answer, its rcode), or (None, what came back instead of one, if anything)."""
-    import dns.exception
     import dns.message
-    import dns.rcode
     import dns.rdatatype
 
-    from relay.net.dial import apply_mark
-    from relay.net.sockets import family_of
     from relay.udp import datagram
+    from relay.udp.service import association_socket
 
     query = dns.message.make_query(name, dns.rdatatype.A)
     request = datagram.encode(*target, query.to_wire())
-    asked = (ipaddress.ip_address(target[0]), target[1])
-    problem = None
+    instead: deque[str] = deque(maxlen=1)  # the latest thing that came back and was not the answer
     started = trio.current_time()
-    try:
-        udp = trio.socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
-    except OSError as exc:  # out of fds, or no IPv6 here for an IPv6 relay address
-        return None, f"no socket for the relay address ({exc.strerror or exc})"
+    try:  # the socket a UDP session of the relay would use
+        udp = trio.socket.from_stdlib_socket(association_socket(relay_address, mark))
+    except OSError as exc:  # out of fds, no IPv6 here for an IPv6 relay address, no route to it
+        return None, f"no socket to the relay address ({exc.strerror or exc})"
     with udp:
-        try:
-            if mark is not None:
-                apply_mark(udp, mark)
-            await udp.connect(relay_address)
-        except OSError as exc:  # no route to the relay address
-            return None, exc.strerror or str(exc)
         with trio.move_on_after(UDP_CHECK_TIMEOUT):
             while True:
                 with trio.move_on_after(UDP_CHECK_RESEND):
                     try:
                         await udp.send(request)
-                        while True:
-                            try:
-                                host, port, payload = datagram.decode(await udp.recv(MAX_DATAGRAM))
-                                response = dns.message.from_wire(bytes(payload))
-                            except datagram.BadDatagram as exc:
-                                problem = f"a datagram that is not a SOCKS5 UDP reply ({exc})"
-                                continue
-                            except dns.exception.DNSException as exc:
-                                problem = f"a datagram that is not a DNS answer ({exc})"
-                                continue
-                            if (ipaddress.ip_address(host), port) != asked:
-                                problem = f"a datagram from {bracketed(host)}:{port}, not from the server asked"
-                            elif not query.is_response(response):  # the query itself echoed, say
-                                problem = "a DNS message that does not answer the query"
-                            else:
-                                return trio.current_time() - started, dns.rcode.to_text(response.rcode())
+                        rcode = await _answer(udp, query, target, instead)
+                        return trio.current_time() - started, rcode
                     except OSError as exc:  # refused: an ICMP port unreachable, the proxy closed its relay port
                         refused = isinstance(exc, ConnectionRefusedError)
-                        problem = "a port unreachable from the relay address" if refused else exc.strerror or str(exc)
+                        instead.append("a port unreachable from the relay address" if refused else exc.strerror)
                         await trio.sleep_forever()  # until the next time the query goes
-    return None, problem
+    return None, instead[-1] if instead else None
+
+
+async def _answer(udp, query, target: tuple[str, int], instead: deque[str]) -> str:
+    """The rcode of the first datagram from ``target`` that answers ``query``; what else comes goes into
+    ``instead``."""
+    import dns.exception
+    import dns.message
+    import dns.rcode
+
+    from relay.udp import datagram
+
+    asked = (ipaddress.ip_address(target[0]), target[1])
+    while True:
+        try:
+            host, port, payload = datagram.decode(await udp.recv(MAX_DATAGRAM))
+            response = dns.message.from_wire(bytes(payload))
+        except datagram.BadDatagram as exc:
+            instead.append(f"a datagram that is not a SOCKS5 UDP reply ({exc})")
+        except dns.exception.DNSException as exc:
+            instead.append(f"a datagram that is not a DNS answer ({exc})")
+        else:
+            if (ipaddress.ip_address(host), port) != asked:
+                instead.append(f"a datagram from {bracketed(host)}:{port}, not from the server asked")
+            elif not query.is_response(response):  # the query itself echoed, say
+                instead.append("a DNS message that does not answer the query")
+            else:
+                return dns.rcode.to_text(response.rcode())
 
 
 def _ask_dns(host: str, port: int, name: str, timeout: float) -> checks.Verdict:

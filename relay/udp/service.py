@@ -51,6 +51,23 @@ def enlarge_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
+def association_socket(relay_address: tuple[str, int], mark: int | None) -> socket.socket:
+    """A session's non-blocking UDP socket to the relay address the proxy named; raises OSError (and closes it)."""
+    sock = socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
+    try:
+        if mark is not None:
+            apply_mark(sock, mark)
+        enlarge_receive_buffer(sock)
+        # Connected: the kernel takes datagrams from the relay address only (a stranger's gets a port
+        # unreachable), and looks its route up once.
+        sock.connect(relay_address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 CONTROL_RECEIVE = 512  # a control connection carries nothing after the reply: anything is a fault
 REPLY_SOCKETS_PER_SESSION = 4  # reply sockets in all, per --udp-max-sessions: most sessions talk to one remote
 # After a failed association, a client's datagrams are dropped this long (or until idle) before another try:
@@ -300,14 +317,7 @@ class UdpService:
             self.proxy_failed(str(exc))
             return "proxy-protocol-error"
         try:
-            association.udp = udp = socket.socket(family_of(relay_address[0]), socket.SOCK_DGRAM)
-            if config.mark is not None:
-                apply_mark(udp, config.mark)
-            enlarge_receive_buffer(udp)
-            # Connected: the kernel takes datagrams from the relay address only (a stranger's gets a port
-            # unreachable), and looks its route up once.
-            udp.connect(relay_address)
-            udp.setblocking(False)
+            association.udp = udp = association_socket(relay_address, config.mark)
             # The datagrams kept until now go first, then any the engine still holds for this client.
             association.handle = self.engine.add_session(session.client, udp.fileno(), session.queued)
         except OSError as exc:  # out of fds: this session fails, the others go on
