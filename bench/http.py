@@ -176,7 +176,7 @@ def main() -> int:
     with Lab() as lab:
         bed = Testbed(lab, ["squid"], tuple(args.squid_line))
         squid = Squid(UPSTREAMS["squid"][1], [])
-        far_side = [lab.process("squid").pid]
+        far_side = [lab.process("squid").pid]  # the roots of the far host's process trees
         if args.ssh:
             # sshd on the router stands for the far host's: the same work, one hop less.
             sshd = start_sshd(lab, host="router", port=SSHD_PORT)
@@ -185,9 +185,8 @@ def main() -> int:
             ]
             start_ssh_tunnel(lab, sshd, forwards=("-L", forwards[0], "-L", forwards[1]))
             # sshd's session exists now: it forked when ssh logged in.
-            sshd_pids = process_tree(lab.process("sshd").pid)
-            far_side += sshd_pids
-            squid = Squid(SSH_FORWARD_PORT, [lab.process("ssh-tunnel").pid, *sshd_pids])
+            far_side.append(lab.process("sshd").pid)
+            squid = Squid(SSH_FORWARD_PORT, [lab.process("ssh-tunnel").pid, *process_tree(far_side[-1])])
         if args.squid_cpu is not None:
             pin([pid for root in far_side for pid in process_tree(root)], args.squid_cpu)
         if args.router_cpu is not None and args.ssh:
